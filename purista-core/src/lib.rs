@@ -1,0 +1,45 @@
+//! # purista-core
+//!
+//! PURISTA's programming model for Rust, independent of any broker.
+//!
+//! * [`Envelope`] is the wire format, compatible with PURISTA's TypeScript services.
+//! * [`SubscriptionFilter::matches`] is the reference matcher every bridge's routing must equal.
+//! * [`EventBridge`] and [`QueueBridge`] are the small traits a broker adapter implements.
+//! * [`Capabilities`] and the strict startup check make a deployment refuse to start when a
+//!   registration asks for something its bridge cannot do.
+//! * [`Service`] runs commands, subscriptions, streams and queue workers on any bridge.
+//!
+//! Semantics live here once: adapters translate them onto a broker and never re-decide what a
+//! timeout, a retry or a filter means.
+#![warn(missing_docs)]
+
+pub mod bridge;
+pub mod capabilities;
+pub mod envelope;
+pub mod error;
+pub mod filter;
+pub mod ids;
+pub mod inflight;
+pub mod outcome;
+pub mod queue;
+
+pub use bridge::{
+    BridgeHealth, CommandHandler, Delivery, DeliveryHandler, DrainReport, EventBridge,
+    PausedConsumer, SettleOnce, Settler, StreamConsumerEnd, StreamHandler, StreamProducerEnd,
+    SubscriptionSpec,
+};
+pub use capabilities::{
+    Capabilities, DeliveryGuarantee, FilterSupport, Limits, Mismatch, Need, QueueCapabilities,
+    Requirement, StrictCheckError,
+};
+pub use envelope::{Address, Envelope, MessageType, SenderAddress};
+pub use error::{
+    BridgeError, CommandError, DecodeError, ErrorPayload, HandledError, SettleError, StatusCode,
+};
+pub use filter::{AddressFilter, SubscriptionFilter};
+pub use inflight::{InFlight, InFlightTracker, WorkKind};
+pub use outcome::{DeadLetterEntry, DeadLetterNote, FailurePolicy, Outcome, Settlement};
+pub use queue::{
+    DeadLetteredJob, JobDisposition, JobSettlement, LeasedJob, NewJob, QueueBridge, QueueConfig,
+    QueueError, QueueMetrics, RetryStrategy,
+};
