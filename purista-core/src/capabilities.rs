@@ -159,7 +159,7 @@ impl Need {
         match self {
             Need::Commands => caps.commands,
             Need::ComplexFilter => caps.filters == FilterSupport::Complex,
-            Need::EventName => true,
+            Need::EventName => caps.filters == FilterSupport::Complex,
             Need::Streams => caps.streams,
             Need::SharedSubscription => caps.shared_subscriptions,
             Need::BroadcastSubscription => caps.broadcast_subscriptions,
@@ -204,7 +204,9 @@ impl Need {
             Need::BoundedRetry { max_attempts } => {
                 format!("bounded retry (max_attempts = {max_attempts})")
             }
-            Need::DelayedRetry { delay_ms } => format!("delayed retry (retry_delay_ms = {delay_ms})"),
+            Need::DelayedRetry { delay_ms } => {
+                format!("delayed retry (retry_delay_ms = {delay_ms})")
+            }
             Need::DeadLetter => "a dead-letter target".into(),
             Need::PauseResume => "pausing and resuming consumers".into(),
             Need::AtLeastOnce => "at-least-once delivery".into(),
@@ -362,9 +364,15 @@ impl Capabilities {
             ("dead letter", yn(self.dead_letter)),
             ("pause/resume", yn(self.pause_resume)),
             ("command delivery", self.command_delivery.to_string()),
-            ("subscription delivery", self.subscription_delivery.to_string()),
+            (
+                "subscription delivery",
+                self.subscription_delivery.to_string(),
+            ),
             ("max payload bytes", limit(self.limits.max_payload_bytes)),
-            ("max targets per event", limit(self.limits.max_targets_per_event)),
+            (
+                "max targets per event",
+                limit(self.limits.max_targets_per_event),
+            ),
         ]
     }
 

@@ -332,7 +332,12 @@ impl Envelope {
     /// assert_eq!(cmd.payload["payload"]["sku"], "A-1");
     /// assert!(cmd.correlation_id.is_some());
     /// ```
-    pub fn command(sender: SenderAddress, receiver: Address, payload: Value, parameter: Value) -> Self {
+    pub fn command(
+        sender: SenderAddress,
+        receiver: Address,
+        payload: Value,
+        parameter: Value,
+    ) -> Self {
         let mut e = Envelope::new(MessageType::Command, sender);
         e.correlation_id = Some(ids::new_id());
         e.trace_id = Some(ids::new_id());
@@ -446,7 +451,11 @@ impl Envelope {
     }
 }
 
-fn require_str<'a>(obj: &'a Map<String, Value>, field: &str, path: &str) -> Result<&'a str, DecodeError> {
+fn require_str<'a>(
+    obj: &'a Map<String, Value>,
+    field: &str,
+    path: &str,
+) -> Result<&'a str, DecodeError> {
     match obj.get(field) {
         None | Some(Value::Null) => Err(DecodeError::MissingField(format!("{path}{field}"))),
         Some(Value::String(s)) => Ok(s),
@@ -457,7 +466,11 @@ fn require_str<'a>(obj: &'a Map<String, Value>, field: &str, path: &str) -> Resu
     }
 }
 
-fn optional_str(obj: &Map<String, Value>, field: &str, path: &str) -> Result<Option<String>, DecodeError> {
+fn optional_str(
+    obj: &Map<String, Value>,
+    field: &str,
+    path: &str,
+) -> Result<Option<String>, DecodeError> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),

@@ -37,7 +37,13 @@ impl AddressFilter {
             && self.instance_id.is_none()
     }
 
-    fn matches_parts(&self, name: &str, version: &str, target: &str, instance: Option<&str>) -> bool {
+    fn matches_parts(
+        &self,
+        name: &str,
+        version: &str,
+        target: &str,
+        instance: Option<&str>,
+    ) -> bool {
         eq(&self.service_name, Some(name))
             && eq(&self.service_version, Some(version))
             && eq(&self.service_target, Some(target))

@@ -18,10 +18,13 @@ pub mod capabilities;
 pub mod envelope;
 pub mod error;
 pub mod filter;
+pub mod idempotency;
 pub mod ids;
 pub mod inflight;
 pub mod outcome;
 pub mod queue;
+pub mod service;
+pub mod stream;
 
 pub use bridge::{
     BridgeHealth, CommandHandler, Delivery, DeliveryHandler, DrainReport, EventBridge,
@@ -37,9 +40,16 @@ pub use error::{
     BridgeError, CommandError, DecodeError, ErrorPayload, HandledError, SettleError, StatusCode,
 };
 pub use filter::{AddressFilter, SubscriptionFilter};
+pub use idempotency::{IdempotencyGuard, IdempotencyStore, MemoryIdempotencyStore};
 pub use inflight::{InFlight, InFlightTracker, WorkKind};
 pub use outcome::{DeadLetterEntry, DeadLetterNote, FailurePolicy, Outcome, Settlement};
 pub use queue::{
     DeadLetteredJob, JobDisposition, JobSettlement, LeasedJob, NewJob, QueueBridge, QueueConfig,
     QueueError, QueueMetrics, RetryStrategy,
 };
+pub use service::{
+    CommandDef, Context, Empty, HealthState, InvokeOptions, JobContext, QueueWorkerDef, Reply,
+    RunningService, Service, ServiceBuilder, ServiceHealth, StartError, StreamDef,
+    SubscriptionContext, SubscriptionDef, WorkerMode,
+};
+pub use stream::{StreamItem, StreamReader, StreamWriter};

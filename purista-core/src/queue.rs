@@ -42,7 +42,9 @@ impl Default for RetryStrategy {
 impl RetryStrategy {
     /// The delay before retry number `attempt` (1 = first retry), without jitter.
     pub fn base_delay(&self, attempt: u32) -> Duration {
-        let exp = self.multiplier.powi(attempt.saturating_sub(1).min(64) as i32);
+        let exp = self
+            .multiplier
+            .powi(attempt.saturating_sub(1).min(64) as i32);
         let ms = (self.initial_delay_ms as f64 * exp).min(self.max_delay_ms as f64);
         Duration::from_millis(ms.max(0.0) as u64)
     }
@@ -365,11 +367,7 @@ pub trait QueueBridge: Send + Sync + 'static {
 
     /// Extends a lease by the queue's visibility timeout (or `by`), up to the extension cap.
     /// Returns the new expiry (epoch ms).
-    async fn extend_lease(
-        &self,
-        job: &LeasedJob,
-        by: Option<Duration>,
-    ) -> Result<u64, QueueError>;
+    async fn extend_lease(&self, job: &LeasedJob, by: Option<Duration>) -> Result<u64, QueueError>;
 
     /// Settles a leased job (see [`QueueConfig::plan`]).
     async fn settle(&self, job: &LeasedJob, settlement: JobSettlement) -> Result<(), QueueError>;

@@ -1,0 +1,417 @@
+//! What a handler can do: read the message it runs for, invoke commands, emit events, open
+//! streams and enqueue jobs — with trace, principal and tenant ids carried along.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+use tokio::sync::{Notify, watch};
+
+use crate::bridge::{EventBridge, SettleOnce};
+use crate::envelope::{Address, Envelope, SenderAddress};
+use crate::error::{BridgeError, CommandError, ErrorPayload, SettleError, StatusCode};
+use crate::ids;
+use crate::inflight::InFlightTracker;
+use crate::outcome::{FailurePolicy, Outcome};
+use crate::queue::{LeasedJob, NewJob, QueueBridge, QueueError};
+use crate::stream::{FrameType, StreamReader, frame};
+
+/// State shared by a running service and every context it hands out.
+pub(crate) struct Shared {
+    pub name: String,
+    pub version: String,
+    pub bridge: Arc<dyn EventBridge>,
+    pub queues: Option<Arc<dyn QueueBridge>>,
+    pub inflight: InFlightTracker,
+    pub closing: AtomicBool,
+    /// Flips to true when pending invocations must fail with 503.
+    pub reject_pending: watch::Sender<bool>,
+    pub pending_invocations: AtomicUsize,
+    /// Paused queue workers: queue → reason.
+    pub paused_workers: Mutex<std::collections::BTreeMap<String, String>>,
+    pub workers_resumed: Notify,
+}
+
+impl Shared {
+    pub fn sender(&self, target: &str) -> SenderAddress {
+        SenderAddress {
+            service_name: self.name.clone(),
+            service_version: self.version.clone(),
+            service_target: target.to_string(),
+            instance_id: self.bridge.instance_id().to_string(),
+        }
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+}
+
+/// Per-call options of an invocation.
+#[derive(Debug, Clone, Default)]
+pub struct InvokeOptions {
+    /// Time to wait for the response; default: the bridge's `default_command_timeout`.
+    pub ttl: Option<Duration>,
+    /// Overrides the propagated trace id.
+    pub trace_id: Option<String>,
+    /// Overrides the propagated principal.
+    pub principal_id: Option<String>,
+    /// Overrides the propagated tenant.
+    pub tenant_id: Option<String>,
+}
+
+impl InvokeOptions {
+    /// Options with a ttl.
+    pub fn ttl(ttl: Duration) -> Self {
+        InvokeOptions {
+            ttl: Some(ttl),
+            ..Default::default()
+        }
+    }
+}
+
+struct PendingGuard<'a>(&'a AtomicUsize);
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A handler's view of the service: the message it runs for and the operations it may call.
+#[derive(Clone)]
+pub struct Context {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) origin: Option<Arc<Envelope>>,
+    pub(crate) target: Arc<str>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("service", &self.shared.name)
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    /// The message this handler runs for (absent outside handlers).
+    pub fn envelope(&self) -> Option<&Envelope> {
+        self.origin.as_deref()
+    }
+
+    /// Trace id of the current flow.
+    pub fn trace_id(&self) -> Option<&str> {
+        self.origin.as_deref().and_then(|e| e.trace_id.as_deref())
+    }
+
+    /// Principal of the current flow.
+    pub fn principal_id(&self) -> Option<&str> {
+        self.origin
+            .as_deref()
+            .and_then(|e| e.principal_id.as_deref())
+    }
+
+    /// Tenant of the current flow.
+    pub fn tenant_id(&self) -> Option<&str> {
+        self.origin.as_deref().and_then(|e| e.tenant_id.as_deref())
+    }
+
+    /// The service's bridge.
+    pub fn bridge(&self) -> &Arc<dyn EventBridge> {
+        &self.shared.bridge
+    }
+
+    /// Invokes a command and deserializes its result.
+    pub async fn invoke<O: DeserializeOwned>(
+        &self,
+        receiver: Address,
+        payload: impl Serialize,
+        parameter: impl Serialize,
+    ) -> Result<O, CommandError> {
+        self.invoke_with(receiver, payload, parameter, InvokeOptions::default())
+            .await
+    }
+
+    /// Invokes a command with options.
+    pub async fn invoke_with<O: DeserializeOwned>(
+        &self,
+        receiver: Address,
+        payload: impl Serialize,
+        parameter: impl Serialize,
+        opts: InvokeOptions,
+    ) -> Result<O, CommandError> {
+        let trace = opts
+            .trace_id
+            .clone()
+            .or_else(|| self.trace_id().map(str::to_string));
+        let payload = to_value(payload, &trace)?;
+        let parameter = to_value(parameter, &trace)?;
+        let result = self
+            .invoke_value(receiver, payload, parameter, opts)
+            .await?;
+        serde_json::from_value(result).map_err(|e| {
+            CommandError::local(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the response does not match the expected type: {e}"),
+                trace,
+            )
+        })
+    }
+
+    /// Invokes a command with JSON values and returns the raw result.
+    pub async fn invoke_value(
+        &self,
+        receiver: Address,
+        payload: Value,
+        parameter: Value,
+        opts: InvokeOptions,
+    ) -> Result<Value, CommandError> {
+        let shared = &self.shared;
+        let mut cmd = Envelope::command(shared.sender(&self.target), receiver, payload, parameter);
+        if let Some(o) = &self.origin {
+            cmd.propagate_from(o);
+        }
+        if opts.trace_id.is_some() {
+            cmd.trace_id = opts.trace_id;
+        }
+        if opts.principal_id.is_some() {
+            cmd.principal_id = opts.principal_id;
+        }
+        if opts.tenant_id.is_some() {
+            cmd.tenant_id = opts.tenant_id;
+        }
+        let ttl = opts
+            .ttl
+            .unwrap_or_else(|| shared.bridge.default_command_timeout());
+        let trace = cmd.trace_id.clone();
+        let mut reject = shared.reject_pending.subscribe();
+        if *reject.borrow() {
+            return Err(shutting_down(trace));
+        }
+        shared.pending_invocations.fetch_add(1, Ordering::AcqRel);
+        let _pending = PendingGuard(&shared.pending_invocations);
+        // The bridge enforces the ttl; core bounds it too (with a little grace so the bridge's
+        // own timeout normally wins) so that no bridge can make a caller hang past its ttl.
+        let bounded = tokio::time::timeout(
+            ttl + Duration::from_millis(50),
+            shared.bridge.invoke(cmd, ttl),
+        );
+        let response = tokio::select! {
+            r = bounded => match r {
+                Ok(r) => r,
+                Err(_) => Err(BridgeError::Timeout(ttl.as_millis() as u64)),
+            },
+            _ = reject.wait_for(|v| *v) => return Err(shutting_down(trace)),
+        };
+        let response = response.map_err(|e| CommandError::from_bridge(&e, trace.clone()))?;
+        response_result(response, trace)
+    }
+
+    /// Emits a custom event named `event_name`, with this flow's trace, principal and tenant.
+    pub async fn emit(&self, event_name: &str, payload: impl Serialize) -> Result<(), BridgeError> {
+        let payload = serde_json::to_value(payload)
+            .map_err(|e| BridgeError::InvalidRequest(e.to_string()))?;
+        let mut e = Envelope::custom(self.shared.sender(&self.target), event_name, payload);
+        match &self.origin {
+            Some(o) => e.propagate_from(o),
+            None => e.trace_id = Some(ids::new_id()),
+        }
+        self.shared.bridge.emit(e).await
+    }
+
+    /// Opens a stream session with a producer; `timeout` defaults to the command timeout.
+    pub async fn open_stream(
+        &self,
+        receiver: Address,
+        payload: impl Serialize,
+        parameter: impl Serialize,
+        timeout: Option<Duration>,
+    ) -> Result<StreamReader, CommandError> {
+        let trace = self.trace_id().map(str::to_string);
+        let mut body = Map::new();
+        body.insert("payload".into(), to_value(payload, &trace)?);
+        body.insert("parameter".into(), to_value(parameter, &trace)?);
+        let correlation_id = ids::new_id();
+        let mut open = frame(
+            self.shared.sender(&self.target),
+            &correlation_id,
+            FrameType::Open,
+            0,
+            None,
+        );
+        if let Value::Object(p) = &mut open.payload {
+            p.extend(body);
+        }
+        open.receiver = Some(receiver);
+        match &self.origin {
+            Some(o) => open.propagate_from(o),
+            None => open.trace_id = Some(ids::new_id()),
+        }
+        let timeout = timeout.unwrap_or_else(|| self.shared.bridge.default_command_timeout());
+        let deadline = tokio::time::Instant::now() + timeout;
+        let end = self
+            .shared
+            .bridge
+            .open_stream(open)
+            .await
+            .map_err(|e| CommandError::from_bridge(&e, trace))?;
+        Ok(StreamReader::new(end, correlation_id, deadline))
+    }
+
+    /// Enqueues a job on `queue`.
+    pub async fn enqueue(
+        &self,
+        queue: &str,
+        payload: impl Serialize,
+        parameter: impl Serialize,
+    ) -> Result<String, QueueError> {
+        let job = NewJob {
+            payload: serde_json::to_value(payload)
+                .map_err(|e| QueueError::InvalidRequest(e.to_string()))?,
+            parameter: serde_json::to_value(parameter)
+                .map_err(|e| QueueError::InvalidRequest(e.to_string()))?,
+            ..Default::default()
+        };
+        self.enqueue_job(queue, job).await
+    }
+
+    /// Enqueues a fully specified job (idempotency key, run-at, attempts).
+    pub async fn enqueue_job(&self, queue: &str, mut job: NewJob) -> Result<String, QueueError> {
+        let q =
+            self.shared.queues.as_ref().ok_or_else(|| {
+                QueueError::Unavailable("this service has no queue bridge".into())
+            })?;
+        if let Some(o) = &self.origin {
+            job.trace_id = job.trace_id.or_else(|| o.trace_id.clone());
+            job.principal_id = job.principal_id.or_else(|| o.principal_id.clone());
+            job.tenant_id = job.tenant_id.or_else(|| o.tenant_id.clone());
+        }
+        q.enqueue(queue, job).await
+    }
+}
+
+fn to_value(v: impl Serialize, trace: &Option<String>) -> Result<Value, CommandError> {
+    serde_json::to_value(v).map_err(|e| {
+        CommandError::local(
+            StatusCode::BAD_REQUEST,
+            format!("input could not be serialized: {e}"),
+            trace.clone(),
+        )
+    })
+}
+
+fn shutting_down(trace: Option<String>) -> CommandError {
+    CommandError::local(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "service is shutting down",
+        trace,
+    )
+}
+
+/// Turns a response envelope into the caller's result.
+pub(crate) fn response_result(
+    response: Envelope,
+    trace: Option<String>,
+) -> Result<Value, CommandError> {
+    use crate::envelope::MessageType;
+    match response.message_type {
+        MessageType::CommandSuccessResponse => Ok(response.payload),
+        MessageType::CommandErrorResponse => {
+            let handled = response.is_handled_error.unwrap_or(false);
+            let payload =
+                serde_json::from_value::<ErrorPayload>(response.payload).unwrap_or_else(|_| {
+                    ErrorPayload {
+                        status: StatusCode::INTERNAL_SERVER_ERROR,
+                        message: StatusCode::INTERNAL_SERVER_ERROR.generic_text().into(),
+                        data: None,
+                        trace_id: trace,
+                    }
+                });
+            Err(CommandError::from_payload(payload, handled))
+        }
+        other => Err(CommandError::local(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("expected a command response, got {other}"),
+            trace,
+        )),
+    }
+}
+
+/// The context of a subscription handler: a [`Context`] plus the delivery's attempt number and
+/// the ability to settle early.
+pub struct SubscriptionContext {
+    pub(crate) ctx: Context,
+    pub(crate) attempt: u32,
+    pub(crate) settle: Arc<SettleOnce>,
+    pub(crate) policy: FailurePolicy,
+    pub(crate) key: Arc<str>,
+}
+
+impl std::ops::Deref for SubscriptionContext {
+    type Target = Context;
+    fn deref(&self) -> &Context {
+        &self.ctx
+    }
+}
+
+impl SubscriptionContext {
+    /// 1 for the first delivery, incremented per redelivery.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The subscription's registration key (`service@version/name`).
+    pub fn registration_key(&self) -> &str {
+        &self.key
+    }
+
+    /// Settles the delivery now, before the handler returns (the returned outcome is then
+    /// ignored). Settling a second time is [`SettleError::AlreadySettled`].
+    pub async fn settle(&self, outcome: Outcome) -> Result<(), SettleError> {
+        let settlement = self.policy.settle(self.attempt, &outcome, &self.key);
+        self.settle.settle(settlement).await
+    }
+}
+
+/// The context of a queue job handler: a [`Context`] plus the job and its lease.
+pub struct JobContext {
+    pub(crate) ctx: Context,
+    pub(crate) job: LeasedJob,
+    pub(crate) queues: Arc<dyn QueueBridge>,
+    pub(crate) lease: Arc<Mutex<LeasedJob>>,
+}
+
+impl std::ops::Deref for JobContext {
+    type Target = Context;
+    fn deref(&self) -> &Context {
+        &self.ctx
+    }
+}
+
+impl JobContext {
+    /// The leased job.
+    pub fn job(&self) -> &LeasedJob {
+        &self.job
+    }
+
+    /// 1 for the first lease, incremented per retry.
+    pub fn attempt(&self) -> u32 {
+        self.job.attempt
+    }
+
+    /// Extends the lease (up to the queue's `max_lease_extensions`). Returns the new expiry.
+    pub async fn extend_lease(&self, by: Option<Duration>) -> Result<u64, QueueError> {
+        let current = self.lease.lock().clone();
+        let until = self.queues.extend_lease(&current, by).await?;
+        let mut l = self.lease.lock();
+        l.lease_expires_at_ms = until;
+        l.extensions += 1;
+        Ok(until)
+    }
+}

@@ -1,0 +1,727 @@
+//! The service runtime: define commands, subscriptions, streams and queue workers, start them on
+//! a bridge with the strict capability check, observe health and in-flight work, and drain.
+//!
+//! ```no_run
+//! # async fn demo(bridge: std::sync::Arc<dyn purista_core::EventBridge>) -> anyhow::Result<()> {
+//! use purista_core::service::{CommandDef, Context, Empty, Service};
+//! let running = Service::builder("greeter", "1")
+//!     .command(CommandDef::new("hello", |_ctx: Context, name: String, _p: Empty| async move {
+//!         Ok(format!("hello {name}"))
+//!     }))
+//!     .build()
+//!     .start(bridge)
+//!     .await?;
+//! let reply: String = running
+//!     .invoke(purista_core::Address::new("greeter", "1", "hello"), "ada", Empty)
+//!     .await?;
+//! assert_eq!(reply, "hello ada");
+//! running.shutdown(tokio::time::Instant::now() + std::time::Duration::from_secs(5)).await;
+//! # Ok(()) }
+//! ```
+
+mod command;
+mod context;
+mod queue_worker;
+mod stream;
+mod subscription;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use parking_lot::Mutex;
+use serde::de::{Deserialize, Deserializer, IgnoredAny};
+use serde::{Serialize, Serializer};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+pub use command::CommandDef;
+pub use context::{Context, InvokeOptions, JobContext, SubscriptionContext};
+pub use queue_worker::{IntoJobSettlement, QueueWorkerDef, WorkerMode};
+pub use stream::StreamDef;
+pub use subscription::{IntoReply, Reply, SubscriptionDef, registration_key};
+
+use crate::bridge::{BridgeHealth, DrainReport, EventBridge, PausedConsumer};
+use crate::capabilities::{Need, Requirement, StrictCheckError, check};
+use crate::envelope::{Address, Envelope, MessageType};
+use crate::error::{BridgeError, CommandError};
+use crate::filter::SubscriptionFilter;
+use crate::inflight::{InFlight, InFlightTracker};
+use crate::queue::{NewJob, QueueBridge, QueueConfig, QueueError};
+use crate::stream::StreamReader;
+
+/// A parameter or payload type that accepts any JSON and serializes as `{}`: for handlers that
+/// take no input.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Empty;
+
+impl<'de> Deserialize<'de> for Empty {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        IgnoredAny::deserialize(d).map(|_| Empty)
+    }
+}
+
+impl Serialize for Empty {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        s.serialize_map(Some(0))?.end()
+    }
+}
+
+/// Why a service did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The bridge is not healthy (503).
+    #[error("event bridge `{bridge}` is not healthy: {reason}")]
+    BridgeUnavailable {
+        /// Bridge name.
+        bridge: String,
+        /// Why.
+        reason: String,
+    },
+    /// Registrations need capabilities the bridge lacks (strict mode).
+    #[error(transparent)]
+    StrictCheck(#[from] StrictCheckError),
+    /// The bridge refused a registration.
+    #[error("registering {registration} failed: {source}")]
+    Registration {
+        /// Which registration.
+        registration: String,
+        /// Bridge error.
+        source: BridgeError,
+    },
+    /// Queue workers were defined but no queue bridge was given.
+    #[error(
+        "queue workers for {queues:?} need a queue bridge; pass one with ServiceBuilder::queue_bridge"
+    )]
+    NoQueueBridge {
+        /// Queues without a bridge.
+        queues: Vec<String>,
+    },
+    /// Declaring a queue failed.
+    #[error("declaring queue `{queue}` failed: {source}")]
+    Queue {
+        /// Queue.
+        queue: String,
+        /// Error.
+        source: QueueError,
+    },
+}
+
+/// Overall health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthState {
+    /// All good.
+    Ok,
+    /// Serving, but a consumer or worker is paused.
+    Warn,
+    /// The bridge is unhealthy.
+    Error,
+}
+
+/// A service's health with the reasons.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceHealth {
+    /// `ok`, `warn` or `error`.
+    pub state: HealthState,
+    /// The bridge's own health.
+    pub bridge: BridgeHealth,
+    /// This service's paused subscription consumers.
+    pub paused_consumers: Vec<PausedConsumer>,
+    /// This service's paused queue workers: `(queue, reason)`.
+    pub paused_workers: Vec<(String, String)>,
+    /// Work in flight.
+    pub in_flight: InFlight,
+}
+
+/// A service definition. Build it with [`Service::builder`], then [`Service::start`] it.
+pub struct Service {
+    name: String,
+    version: String,
+    description: String,
+    strict: bool,
+    commands: Vec<CommandDef>,
+    subscriptions: Vec<SubscriptionDef>,
+    streams: Vec<StreamDef>,
+    workers: Vec<QueueWorkerDef>,
+    queues_declared: Vec<(String, QueueConfig)>,
+    queue_bridge: Option<Arc<dyn QueueBridge>>,
+}
+
+/// Builds a [`Service`].
+pub struct ServiceBuilder {
+    service: Service,
+}
+
+impl Service {
+    /// Starts defining service `name` at `version`.
+    pub fn builder(name: impl Into<String>, version: impl Into<String>) -> ServiceBuilder {
+        ServiceBuilder {
+            service: Service {
+                name: name.into(),
+                version: version.into(),
+                description: String::new(),
+                strict: true,
+                commands: Vec::new(),
+                subscriptions: Vec::new(),
+                streams: Vec::new(),
+                workers: Vec::new(),
+                queues_declared: Vec::new(),
+                queue_bridge: None,
+            },
+        }
+    }
+}
+
+impl ServiceBuilder {
+    /// A description (sent in `infoServiceInit`).
+    pub fn description(mut self, d: impl Into<String>) -> Self {
+        self.service.description = d.into();
+        self
+    }
+
+    /// Strict mode (default `true`): start fails on any capability mismatch. With `false` each
+    /// mismatch is a warning and the registration degrades as [`Need`] documents.
+    pub fn strict(mut self, strict: bool) -> Self {
+        self.service.strict = strict;
+        self
+    }
+
+    /// Adds a command.
+    pub fn command(mut self, def: CommandDef) -> Self {
+        self.service.commands.push(def);
+        self
+    }
+
+    /// Adds a subscription.
+    pub fn subscription(mut self, def: SubscriptionDef) -> Self {
+        self.service.subscriptions.push(def);
+        self
+    }
+
+    /// Adds a stream producer.
+    pub fn stream(mut self, def: StreamDef) -> Self {
+        self.service.streams.push(def);
+        self
+    }
+
+    /// Adds a queue worker (needs a queue bridge).
+    pub fn queue_worker(mut self, def: QueueWorkerDef) -> Self {
+        self.service.workers.push(def);
+        self
+    }
+
+    /// Declares a queue this service enqueues to without working it.
+    pub fn declare_queue(mut self, queue: impl Into<String>, config: QueueConfig) -> Self {
+        self.service.queues_declared.push((queue.into(), config));
+        self
+    }
+
+    /// The queue bridge for workers and `enqueue`.
+    pub fn queue_bridge(mut self, queues: Arc<dyn QueueBridge>) -> Self {
+        self.service.queue_bridge = Some(queues);
+        self
+    }
+
+    /// Finishes the definition.
+    pub fn build(self) -> Service {
+        self.service
+    }
+}
+
+/// What non-strict mode changes about one subscription.
+fn degrade(def: &mut SubscriptionDef, need: &Need, event_only: bool) -> Option<SubscriptionFilter> {
+    match need {
+        Need::SharedSubscription => def.shared = false,
+        Need::BroadcastSubscription => def.shared = true,
+        Need::DurableSubscription => def.durable = false,
+        Need::BoundedRetry { .. } => def.policy.max_attempts = 1,
+        Need::DelayedRetry { .. } => def.policy.retry_delay_ms = 0,
+        Need::DeadLetter => def.policy.dead_letter_target = None,
+        Need::PauseResume => def.pausable = false,
+        Need::ComplexFilter if event_only => {
+            // Route by eventName on the broker, apply the rest here.
+            let full = def.filter.clone();
+            def.filter = SubscriptionFilter {
+                event_name: full.event_name.clone(),
+                ..Default::default()
+            };
+            return Some(full);
+        }
+        _ => {}
+    }
+    None
+}
+
+impl Service {
+    /// The service name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Every requirement of every registration, in registration order.
+    pub fn requirements(&self) -> Vec<Requirement> {
+        let mut reqs = Vec::new();
+        for c in &self.commands {
+            reqs.push(Requirement {
+                registration: format!("command {}@{}/{}", self.name, self.version, c.name),
+                need: Need::Commands,
+            });
+        }
+        for s in &self.streams {
+            reqs.push(Requirement {
+                registration: format!("stream {}@{}/{}", self.name, self.version, s.name),
+                need: Need::Streams,
+            });
+        }
+        for s in &self.subscriptions {
+            for need in s.needs() {
+                reqs.push(Requirement {
+                    registration: format!("subscription {}@{}/{}", self.name, self.version, s.name),
+                    need,
+                });
+            }
+        }
+        for w in &self.workers {
+            for need in w.needs() {
+                reqs.push(Requirement {
+                    registration: format!("queue worker {}", w.queue),
+                    need,
+                });
+            }
+        }
+        reqs
+    }
+
+    /// Starts on `bridge`: health check, strict check, `infoServiceInit`, commands (each
+    /// followed by `infoServiceFunctionAdded`), streams, subscriptions, queue workers,
+    /// `infoServiceReady`.
+    pub async fn start(
+        mut self,
+        bridge: Arc<dyn EventBridge>,
+    ) -> Result<RunningService, StartError> {
+        bridge
+            .start()
+            .await
+            .map_err(|e| StartError::BridgeUnavailable {
+                bridge: bridge.name().to_string(),
+                reason: e.to_string(),
+            })?;
+        if let BridgeHealth::Unhealthy { reason } = bridge.health().await {
+            return Err(StartError::BridgeUnavailable {
+                bridge: bridge.name().to_string(),
+                reason,
+            });
+        }
+        if !self.workers.is_empty() && self.queue_bridge.is_none() {
+            return Err(StartError::NoQueueBridge {
+                queues: self.workers.iter().map(|w| w.queue.clone()).collect(),
+            });
+        }
+        let caps = bridge.capabilities().clone();
+        let queue_caps = self.queue_bridge.as_ref().map(|q| q.capabilities().clone());
+        let mismatches = check(&self.requirements(), Some(&caps), queue_caps.as_ref());
+        let mut skipped_commands = false;
+        let mut skipped_streams = false;
+        let mut local_filters: BTreeMap<String, SubscriptionFilter> = BTreeMap::new();
+        let mut skipped_subscriptions = Vec::new();
+        if !mismatches.is_empty() {
+            if self.strict {
+                return Err(StrictCheckError { mismatches }.into());
+            }
+            let event_only = caps.filters == crate::FilterSupport::EventOnly;
+            for m in &mismatches {
+                tracing::warn!(registration = %m.registration, need = %m.need.describe(), bridge = %m.bridge, "capability mismatch; degrading (non-strict mode)");
+                match &m.need {
+                    Need::Commands => skipped_commands = true,
+                    Need::Streams => skipped_streams = true,
+                    Need::EventName => skipped_subscriptions.push(m.registration.clone()),
+                    need => {
+                        for s in &mut self.subscriptions {
+                            let reg =
+                                format!("subscription {}@{}/{}", self.name, self.version, s.name);
+                            if reg == m.registration
+                                && let Some(f) = degrade(s, need, event_only)
+                            {
+                                local_filters.insert(s.name.clone(), f);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        let (reject_tx, _) = watch::channel(false);
+        let shared = Arc::new(context::Shared {
+            name: self.name.clone(),
+            version: self.version.clone(),
+            bridge: bridge.clone(),
+            queues: self.queue_bridge.clone(),
+            inflight: InFlightTracker::new(),
+            closing: AtomicBool::new(false),
+            reject_pending: reject_tx,
+            pending_invocations: AtomicUsize::new(0),
+            paused_workers: Mutex::new(BTreeMap::new()),
+            workers_resumed: Notify::new(),
+        });
+        let emit_info = |t: MessageType, target: &str, payload: Value| {
+            let mut e = Envelope::info(t, shared.sender(target), payload);
+            e.trace_id = Some(crate::ids::new_id());
+            let bridge = bridge.clone();
+            async move {
+                if let Err(err) = bridge.emit(e).await {
+                    tracing::warn!(error = %err, message_type = %t, "emitting info message failed");
+                }
+            }
+        };
+        emit_info(
+            MessageType::InfoServiceInit,
+            "",
+            json!({ "serviceName": self.name, "serviceVersion": self.version, "description": self.description }),
+        )
+        .await;
+
+        let mut registered = Registered::default();
+        let reg_err = |registration: String| {
+            move |source| StartError::Registration {
+                registration,
+                source,
+            }
+        };
+        if !skipped_commands {
+            for c in &self.commands {
+                let address = Address::new(&self.name, &self.version, &c.name);
+                let registration: Arc<str> = address.to_string().into();
+                let runtime = command::CommandRuntime {
+                    shared: shared.clone(),
+                    registration: registration.clone(),
+                    target: c.name.clone().into(),
+                    success_event: c.success_event.clone(),
+                    handler: c.handler.clone(),
+                };
+                bridge
+                    .register_command(address.clone(), Arc::new(runtime))
+                    .await
+                    .map_err(reg_err(format!("command {registration}")))?;
+                registered.commands.push(address);
+                emit_info(
+                    MessageType::InfoServiceFunctionAdded,
+                    &c.name,
+                    json!({
+                        "name": c.name,
+                        "description": c.description,
+                        "successEventName": c.success_event,
+                        "metadata": c.metadata,
+                    }),
+                )
+                .await;
+            }
+        }
+        if !skipped_streams {
+            for s in &self.streams {
+                let address = Address::new(&self.name, &self.version, &s.name);
+                let registration: Arc<str> = address.to_string().into();
+                let runtime = stream::StreamRuntime {
+                    shared: shared.clone(),
+                    registration: registration.clone(),
+                    target: s.name.clone().into(),
+                    handler: s.handler.clone(),
+                };
+                bridge
+                    .register_stream(address.clone(), Arc::new(runtime))
+                    .await
+                    .map_err(reg_err(format!("stream {registration}")))?;
+                registered.streams.push(address);
+            }
+        }
+        for s in &self.subscriptions {
+            let reg = format!("subscription {}@{}/{}", self.name, self.version, s.name);
+            if skipped_subscriptions.contains(&reg) {
+                continue;
+            }
+            let spec = subscription::spec_for(s, &self.name, &self.version);
+            let key: Arc<str> = spec.key.clone().into();
+            let runtime = subscription::SubscriptionRuntime {
+                shared: shared.clone(),
+                spec: spec.clone(),
+                key: key.clone(),
+                target: s.name.clone().into(),
+                emit_event: s.emit_event.clone(),
+                pausable: s.pausable,
+                guard: s.guard.clone(),
+                local_filter: local_filters.get(&s.name).cloned(),
+                handler: s.handler.clone(),
+            };
+            bridge
+                .register_subscription(spec, Arc::new(runtime))
+                .await
+                .map_err(reg_err(reg))?;
+            registered.subscriptions.push(key.to_string());
+        }
+        let (stop_tx, _) = watch::channel(false);
+        let mut worker_tasks = Vec::new();
+        if let Some(q) = &self.queue_bridge {
+            for (queue, config) in &self.queues_declared {
+                q.declare_queue(queue, config.clone())
+                    .await
+                    .map_err(|source| StartError::Queue {
+                        queue: queue.clone(),
+                        source,
+                    })?;
+            }
+            for w in &self.workers {
+                q.declare_queue(&w.queue, w.config.clone())
+                    .await
+                    .map_err(|source| StartError::Queue {
+                        queue: w.queue.clone(),
+                        source,
+                    })?;
+                let runtime = Arc::new(queue_worker::WorkerRuntime {
+                    shared: shared.clone(),
+                    queues: q.clone(),
+                    queue: w.queue.clone(),
+                    registration: format!("queue {}", w.queue).into(),
+                    config: w.config.clone(),
+                    mode: w.mode,
+                    lease_wait: w.lease_wait,
+                    handler: w.handler.clone(),
+                });
+                worker_tasks.push(tokio::spawn(runtime.run(stop_tx.subscribe())));
+            }
+        }
+        emit_info(
+            MessageType::InfoServiceReady,
+            "",
+            json!({ "serviceName": self.name, "serviceVersion": self.version }),
+        )
+        .await;
+        tracing::info!(service = %self.name, version = %self.version, bridge = %bridge.name(), "service ready");
+        Ok(RunningService {
+            shared,
+            registered: Mutex::new(registered),
+            stop_workers: stop_tx,
+            worker_tasks: Mutex::new(worker_tasks),
+            shutdown_report: tokio::sync::Mutex::new(None),
+        })
+    }
+}
+
+#[derive(Default)]
+struct Registered {
+    commands: Vec<Address>,
+    streams: Vec<Address>,
+    subscriptions: Vec<String>,
+}
+
+/// A started service. Dropping it does not stop it: call [`RunningService::shutdown`].
+pub struct RunningService {
+    shared: Arc<context::Shared>,
+    registered: Mutex<Registered>,
+    stop_workers: watch::Sender<bool>,
+    worker_tasks: Mutex<Vec<JoinHandle<()>>>,
+    shutdown_report: tokio::sync::Mutex<Option<DrainReport>>,
+}
+
+impl RunningService {
+    /// A context outside any handler (fresh trace id per call).
+    pub fn context(&self) -> Context {
+        Context {
+            shared: self.shared.clone(),
+            origin: None,
+            target: "".into(),
+        }
+    }
+
+    /// The bridge.
+    pub fn bridge(&self) -> &Arc<dyn EventBridge> {
+        &self.shared.bridge
+    }
+
+    /// Invokes a command (default ttl) and deserializes the result.
+    pub async fn invoke<O: serde::de::DeserializeOwned>(
+        &self,
+        receiver: Address,
+        payload: impl Serialize,
+        parameter: impl Serialize,
+    ) -> Result<O, CommandError> {
+        self.context().invoke(receiver, payload, parameter).await
+    }
+
+    /// Invokes a command with options.
+    pub async fn invoke_with<O: serde::de::DeserializeOwned>(
+        &self,
+        receiver: Address,
+        payload: impl Serialize,
+        parameter: impl Serialize,
+        opts: InvokeOptions,
+    ) -> Result<O, CommandError> {
+        self.context()
+            .invoke_with(receiver, payload, parameter, opts)
+            .await
+    }
+
+    /// Emits a custom event.
+    pub async fn emit(&self, event_name: &str, payload: impl Serialize) -> Result<(), BridgeError> {
+        self.context().emit(event_name, payload).await
+    }
+
+    /// Opens a stream session.
+    pub async fn open_stream(
+        &self,
+        receiver: Address,
+        payload: impl Serialize,
+        parameter: impl Serialize,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<StreamReader, CommandError> {
+        self.context()
+            .open_stream(receiver, payload, parameter, timeout)
+            .await
+    }
+
+    /// Enqueues a job.
+    pub async fn enqueue(
+        &self,
+        queue: &str,
+        payload: impl Serialize,
+        parameter: impl Serialize,
+    ) -> Result<String, QueueError> {
+        self.context().enqueue(queue, payload, parameter).await
+    }
+
+    /// Enqueues a fully specified job.
+    pub async fn enqueue_job(&self, queue: &str, job: NewJob) -> Result<String, QueueError> {
+        self.context().enqueue_job(queue, job).await
+    }
+
+    /// The queue bridge, if any (for metrics and dead-letter operations).
+    pub fn queue_bridge(&self) -> Option<&Arc<dyn QueueBridge>> {
+        self.shared.queues.as_ref()
+    }
+
+    /// Handlers running now, by kind.
+    pub fn in_flight(&self) -> InFlight {
+        self.shared.inflight.snapshot()
+    }
+
+    /// This service's paused subscription consumers.
+    pub fn paused_subscription_consumers(&self) -> Vec<PausedConsumer> {
+        let mine = self.registered.lock().subscriptions.clone();
+        self.shared
+            .bridge
+            .paused_subscription_consumers()
+            .into_iter()
+            .filter(|p| mine.contains(&p.key))
+            .collect()
+    }
+
+    /// Resumes a paused consumer by registration key. `Ok(false)` when it was not paused.
+    pub async fn resume_subscription_consumer(&self, key: &str) -> Result<bool, BridgeError> {
+        let resumed = self.shared.bridge.resume_subscription_consumer(key).await?;
+        if resumed {
+            tracing::info!(registration = key, "subscription consumer resumed");
+        }
+        Ok(resumed)
+    }
+
+    /// Pauses the worker of `queue` (it finishes its current job, then takes no more).
+    pub fn pause_queue_worker(&self, queue: &str, reason: impl Into<String>) {
+        self.shared
+            .paused_workers
+            .lock()
+            .insert(queue.to_string(), reason.into());
+    }
+
+    /// Resumes the worker of `queue`. `false` when it was not paused.
+    pub fn resume_queue_worker(&self, queue: &str) -> bool {
+        let was = self.shared.paused_workers.lock().remove(queue).is_some();
+        self.shared.workers_resumed.notify_waiters();
+        was
+    }
+
+    /// `error` when the bridge is unhealthy, `warn` when a consumer or worker is paused, else `ok`.
+    pub async fn health(&self) -> ServiceHealth {
+        let bridge = self.shared.bridge.health().await;
+        let paused_consumers = self.paused_subscription_consumers();
+        let paused_workers: Vec<(String, String)> = self
+            .shared
+            .paused_workers
+            .lock()
+            .iter()
+            .map(|(q, r)| (q.clone(), r.clone()))
+            .collect();
+        let state = if !bridge.is_healthy() {
+            HealthState::Error
+        } else if !paused_consumers.is_empty() || !paused_workers.is_empty() {
+            HealthState::Warn
+        } else {
+            HealthState::Ok
+        };
+        ServiceHealth {
+            state,
+            bridge,
+            paused_consumers,
+            paused_workers,
+            in_flight: self.in_flight(),
+        }
+    }
+
+    /// Graceful shutdown: `infoServiceDrain`, stop intake (unregister, stop workers), wait for
+    /// running handlers until `deadline`, reject pending invocations with 503,
+    /// `infoServiceShutdown`. Returns what was still running at the deadline. Idempotent.
+    /// The bridge is not shut down (other services may share it).
+    pub async fn shutdown(&self, deadline: Instant) -> DrainReport {
+        let mut cached = self.shutdown_report.lock().await;
+        if let Some(r) = cached.as_ref() {
+            return r.clone();
+        }
+        let started = Instant::now();
+        let shared = &self.shared;
+        let bridge = &shared.bridge;
+        let info = |t: MessageType| {
+            let mut e = Envelope::info(t, shared.sender(""), Value::Null);
+            e.trace_id = Some(crate::ids::new_id());
+            e
+        };
+        let _ = bridge.emit(info(MessageType::InfoServiceDrain)).await;
+        shared.closing.store(true, Ordering::Release);
+        let _ = self.stop_workers.send(true);
+        let registered = std::mem::take(&mut *self.registered.lock());
+        for key in &registered.subscriptions {
+            if let Err(e) = bridge.unregister_subscription(key).await {
+                tracing::warn!(registration = %key, error = %e, "unregistering subscription failed");
+            }
+        }
+        for a in &registered.commands {
+            if let Err(e) = bridge.unregister_command(a).await {
+                tracing::warn!(registration = %a, error = %e, "unregistering command failed");
+            }
+        }
+        let completed = shared.inflight.wait_idle(deadline).await;
+        let still_running = shared.inflight.running();
+        let rejected = shared.pending_invocations.load(Ordering::Acquire);
+        let _ = shared.reject_pending.send(true);
+        // Workers that are still inside a job past the deadline are stopped; their leases expire
+        // and the jobs reappear for another worker.
+        for t in self.worker_tasks.lock().drain(..) {
+            if completed {
+                drop(t);
+            } else {
+                t.abort();
+            }
+        }
+        let _ = bridge.emit(info(MessageType::InfoServiceShutdown)).await;
+        let report = DrainReport {
+            completed,
+            still_running,
+            rejected_invocations: rejected,
+            waited_ms: started.elapsed().as_millis() as u64,
+        };
+        tracing::info!(service = %shared.name, completed, rejected, "service shut down");
+        *cached = Some(report.clone());
+        report
+    }
+}

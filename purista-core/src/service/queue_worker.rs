@@ -1,0 +1,337 @@
+//! Queue workers: typed definitions, worker modes and the lease → handle → settle loop.
+//!
+//! Each worker is one task that leases jobs and runs the handler (sequentially, at an interval,
+//! or continuously with a concurrency limit). The handler's result becomes a [`JobSettlement`]:
+//! `Ok(())` completes, a returned settlement is used as is, a [`HandledError`](crate::HandledError)
+//! is a non-fatal failure with its message as reason, any other error or a panic is a retry.
+//! The queue bridge applies [`QueueConfig::plan`](crate::QueueConfig::plan) to it. Stopping is
+//! explicit: a watch flag ends the loop, and the runtime keeps the task handles to await them.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio::sync::{Semaphore, watch};
+use tracing::Instrument;
+
+use super::context::{Context, JobContext, Shared};
+use crate::capabilities::Need;
+use crate::error::HandledError;
+use crate::inflight::WorkKind;
+use crate::queue::{JobSettlement, LeasedJob, QueueBridge, QueueConfig};
+
+/// How a worker takes jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerMode {
+    /// One job at a time; the next lease only after the handler finished (default).
+    Sequential,
+    /// One job per period.
+    Interval(Duration),
+    /// Up to `concurrency` jobs at once, leasing as soon as a slot is free.
+    Continuous {
+        /// Jobs handled at once.
+        concurrency: usize,
+    },
+}
+
+/// Anything a job handler may return inside `Ok`.
+pub trait IntoJobSettlement {
+    /// Converts to a settlement.
+    fn into_settlement(self) -> JobSettlement;
+}
+
+impl IntoJobSettlement for () {
+    fn into_settlement(self) -> JobSettlement {
+        JobSettlement::Complete
+    }
+}
+
+impl IntoJobSettlement for JobSettlement {
+    fn into_settlement(self) -> JobSettlement {
+        self
+    }
+}
+
+pub(crate) type ErasedJobFn = dyn Fn(JobContext, Value, Value) -> BoxFuture<'static, anyhow::Result<JobSettlement>>
+    + Send
+    + Sync;
+
+/// Marks a job payload that does not deserialize: dead-lettered at once.
+#[derive(Debug, thiserror::Error)]
+#[error("job payload does not match the worker's type: {0}")]
+struct JobPayloadMismatch(String);
+
+/// A queue worker definition.
+///
+/// ```
+/// use purista_core::service::{JobContext, QueueWorkerDef, WorkerMode, Empty};
+/// let def = QueueWorkerDef::new("emails", |_ctx: JobContext, to: String, _p: Empty| async move {
+///     println!("sending to {to}");
+///     Ok(())
+/// })
+/// .mode(WorkerMode::Continuous { concurrency: 4 });
+/// assert_eq!(def.queue(), "emails");
+/// ```
+pub struct QueueWorkerDef {
+    pub(crate) queue: String,
+    pub(crate) config: QueueConfig,
+    pub(crate) mode: WorkerMode,
+    pub(crate) idempotency_enforced: bool,
+    pub(crate) delayed_jobs: bool,
+    pub(crate) lease_wait: Duration,
+    pub(crate) handler: Arc<ErasedJobFn>,
+}
+
+impl QueueWorkerDef {
+    /// A worker for `queue`; the handler gets the job payload as `I` and parameter as `P`.
+    pub fn new<I, P, R, F, Fut>(queue: impl Into<String>, handler: F) -> Self
+    where
+        I: DeserializeOwned + Send + 'static,
+        P: DeserializeOwned + Send + 'static,
+        R: IntoJobSettlement + Send + 'static,
+        F: Fn(JobContext, I, P) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<R>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let erased = move |ctx: JobContext, payload: Value, parameter: Value| {
+            let handler = handler.clone();
+            async move {
+                let input: I = serde_json::from_value(payload)
+                    .map_err(|e| anyhow::Error::new(JobPayloadMismatch(e.to_string())))?;
+                let param: P = serde_json::from_value(parameter)
+                    .map_err(|e| anyhow::Error::new(JobPayloadMismatch(e.to_string())))?;
+                Ok(handler(ctx, input, param).await?.into_settlement())
+            }
+            .boxed()
+        };
+        QueueWorkerDef {
+            queue: queue.into(),
+            config: QueueConfig::default(),
+            mode: WorkerMode::Sequential,
+            idempotency_enforced: false,
+            delayed_jobs: false,
+            lease_wait: Duration::from_secs(1),
+            handler: Arc::new(erased),
+        }
+    }
+
+    /// The queue name.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// Lifecycle settings (visibility timeout, attempts, backoff, …).
+    pub fn config(mut self, config: QueueConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Worker mode.
+    pub fn mode(mut self, mode: WorkerMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Requires the bridge to enforce idempotency keys (strict mode).
+    pub fn enforce_idempotency(mut self) -> Self {
+        self.idempotency_enforced = true;
+        self
+    }
+
+    /// Declares that jobs will be scheduled for later (needs delayed delivery).
+    pub fn delayed_jobs(mut self) -> Self {
+        self.delayed_jobs = true;
+        self
+    }
+
+    /// How long one lease call waits for a job before the loop checks for stop (default 1 s).
+    pub fn lease_wait(mut self, wait: Duration) -> Self {
+        self.lease_wait = wait;
+        self
+    }
+
+    pub(crate) fn needs(&self) -> Vec<Need> {
+        let mut needs = Vec::new();
+        if self.config.auto_heartbeat {
+            needs.push(Need::QueueLeaseExtension);
+        }
+        if self.idempotency_enforced {
+            needs.push(Need::QueueIdempotency);
+        }
+        if self.delayed_jobs {
+            needs.push(Need::QueueDelayedDelivery);
+        }
+        needs
+    }
+}
+
+pub(crate) struct WorkerRuntime {
+    pub shared: Arc<Shared>,
+    pub queues: Arc<dyn QueueBridge>,
+    pub queue: String,
+    pub registration: Arc<str>,
+    pub config: QueueConfig,
+    pub mode: WorkerMode,
+    pub lease_wait: Duration,
+    pub handler: Arc<ErasedJobFn>,
+}
+
+impl WorkerRuntime {
+    /// The worker loop. Ends when `stop` becomes true.
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let slots = match self.mode {
+            WorkerMode::Continuous { concurrency } => concurrency.max(1),
+            _ => 1,
+        };
+        let semaphore = Arc::new(Semaphore::new(slots));
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            if self.shared.paused_workers.lock().contains_key(&self.queue) {
+                let resumed = self.shared.workers_resumed.notified();
+                tokio::select! {
+                    _ = resumed => continue,
+                    _ = stop.changed() => continue,
+                    // Re-check periodically in case the notification raced the check above.
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                }
+            }
+            let permit = tokio::select! {
+                p = semaphore.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = stop.changed() => continue,
+            };
+            let leased = tokio::select! {
+                r = self.queues.lease(&self.queue, self.lease_wait) => r,
+                _ = stop.changed() => continue,
+            };
+            match leased {
+                Ok(Some(job)) => {
+                    let this = self.clone();
+                    if slots == 1 {
+                        this.handle(job).await;
+                        drop(permit);
+                    } else {
+                        tokio::spawn(async move {
+                            this.handle(job).await;
+                            drop(permit);
+                        });
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(queue = %self.queue, error = %e, "leasing failed; retrying in 1 s");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+            }
+            if let WorkerMode::Interval(period) = self.mode {
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+        // Wait for spawned jobs of a continuous worker to finish.
+        let _ = semaphore.acquire_many(slots as u32).await;
+    }
+
+    async fn handle(&self, job: LeasedJob) {
+        let _guard = self
+            .shared
+            .inflight
+            .start(WorkKind::Queue, &self.registration);
+        let span = tracing::info_span!(
+            "purista.job",
+            queue = %self.queue,
+            job_id = %job.id,
+            attempt = job.attempt,
+            trace_id = job.trace_id.as_deref().unwrap_or(""),
+        );
+        let lease = Arc::new(Mutex::new(job.clone()));
+        let ctx = JobContext {
+            ctx: Context {
+                shared: self.shared.clone(),
+                origin: None,
+                target: self.registration.clone(),
+            },
+            job: job.clone(),
+            queues: self.queues.clone(),
+            lease: lease.clone(),
+        };
+        let heartbeat = self.config.auto_heartbeat.then(|| {
+            let queues = self.queues.clone();
+            let lease = lease.clone();
+            let every = self.config.heartbeat_interval;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let current = lease.lock().clone();
+                    match queues.extend_lease(&current, None).await {
+                        Ok(until) => {
+                            let mut l = lease.lock();
+                            l.lease_expires_at_ms = until;
+                            l.extensions += 1;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "automatic lease extension stopped");
+                            break;
+                        }
+                    }
+                }
+            })
+        });
+        let result = AssertUnwindSafe((self.handler)(
+            ctx,
+            job.payload.clone(),
+            job.parameter.clone(),
+        ))
+        .catch_unwind()
+        .instrument(span.clone())
+        .await;
+        if let Some(h) = heartbeat {
+            h.abort();
+        }
+        let _enter = span.enter();
+        let settlement = match result {
+            Ok(Ok(s)) => s,
+            Ok(Err(err)) => {
+                if let Some(m) = err.downcast_ref::<JobPayloadMismatch>() {
+                    tracing::warn!(error = %m, "poison job dead-lettered");
+                    JobSettlement::DeadLetter {
+                        reason: m.to_string(),
+                    }
+                } else if let Some(h) = err.downcast_ref::<HandledError>() {
+                    JobSettlement::Fail {
+                        fatal: false,
+                        reason: h.message.clone(),
+                    }
+                } else {
+                    tracing::warn!(error = %format!("{err:#}"), "job failed; retry per policy");
+                    JobSettlement::Retry {
+                        delay: None,
+                        reason: Some(format!("{err:#}")),
+                    }
+                }
+            }
+            Err(_) => {
+                tracing::error!("job handler panicked; retry per policy");
+                JobSettlement::Retry {
+                    delay: None,
+                    reason: Some("handler panicked".into()),
+                }
+            }
+        };
+        let current = lease.lock().clone();
+        if let Err(e) = self.queues.settle(&current, settlement).await {
+            tracing::warn!(error = %e, "settling the job failed; the lease will expire and the job reappear");
+        }
+    }
+}

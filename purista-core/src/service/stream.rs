@@ -1,0 +1,173 @@
+//! Stream producers: typed definitions and the runtime that owns a session's terminal frame.
+//!
+//! The handler writes chunks through a [`StreamWriter`] and returns its final value. The runtime
+//! sends `start` before the handler runs and guarantees exactly one terminal frame after it:
+//! `complete` with the returned value, `error` for a returned error (handled errors keep their
+//! text, others become a generic 500), or `cancel` when the consumer cancelled.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tracing::Instrument;
+
+use super::command::{decode_input, split_body};
+use super::context::{Context, Shared};
+use crate::bridge::{StreamHandler, StreamProducerEnd};
+use crate::envelope::Envelope;
+use crate::error::{ErrorPayload, StatusCode, error_payload_for};
+use crate::inflight::WorkKind;
+use crate::stream::StreamWriter;
+
+pub(crate) type ErasedStreamFn = dyn Fn(Context, Value, Value, StreamWriter) -> BoxFuture<'static, anyhow::Result<Value>>
+    + Send
+    + Sync;
+
+/// A stream producer definition.
+///
+/// ```
+/// use purista_core::service::{Context, Empty, StreamDef};
+/// use purista_core::stream::StreamWriter;
+/// let def = StreamDef::new("count", |_ctx: Context, to: u32, _p: Empty, out: StreamWriter| async move {
+///     for i in 0..to {
+///         out.write(i).await?;
+///     }
+///     Ok(to)
+/// });
+/// assert_eq!(def.name(), "count");
+/// ```
+pub struct StreamDef {
+    pub(crate) name: String,
+    pub(crate) handler: Arc<ErasedStreamFn>,
+}
+
+impl StreamDef {
+    /// A stream endpoint named `name`. The handler's `Ok` value is the session's final value
+    /// (`()` / `null` = none).
+    pub fn new<I, P, O, F, Fut>(name: impl Into<String>, handler: F) -> Self
+    where
+        I: DeserializeOwned + Send + 'static,
+        P: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(Context, I, P, StreamWriter) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<O>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let erased = move |ctx: Context, payload: Value, parameter: Value, w: StreamWriter| {
+            let handler = handler.clone();
+            async move {
+                let input: I = decode_input(payload, "payload")?;
+                let param: P = decode_input(parameter, "parameter")?;
+                let out = handler(ctx, input, param, w).await?;
+                serde_json::to_value(out)
+                    .map_err(|e| anyhow::anyhow!("final value could not be serialized: {e}"))
+            }
+            .boxed()
+        };
+        StreamDef {
+            name: name.into(),
+            handler: Arc::new(erased),
+        }
+    }
+
+    /// The stream name (`serviceTarget`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+pub(crate) struct StreamRuntime {
+    pub shared: Arc<Shared>,
+    pub registration: Arc<str>,
+    pub target: Arc<str>,
+    pub handler: Arc<ErasedStreamFn>,
+}
+
+#[async_trait]
+impl StreamHandler for StreamRuntime {
+    async fn open(&self, open: Arc<Envelope>, producer: StreamProducerEnd) {
+        let _guard = self
+            .shared
+            .inflight
+            .start(WorkKind::Stream, &self.registration);
+        let writer = StreamWriter::new(producer, &open, self.shared.sender(&self.target));
+        let span = tracing::info_span!(
+            "purista.stream",
+            registration = %self.registration,
+            trace_id = open.trace_id.as_deref().unwrap_or(""),
+            correlation_id = open.correlation_id.as_deref().unwrap_or(""),
+        );
+        async {
+            if self.shared.is_closing() {
+                let status = StatusCode::SERVICE_UNAVAILABLE;
+                let _ = writer
+                    .fail(
+                        ErrorPayload {
+                            status,
+                            message: status.generic_text().into(),
+                            data: None,
+                            trace_id: open.trace_id.clone(),
+                        },
+                        false,
+                    )
+                    .await;
+                return;
+            }
+            if writer.start().await.is_err() {
+                return;
+            }
+            let (payload, parameter) = split_body(&open);
+            let ctx = Context {
+                shared: self.shared.clone(),
+                origin: Some(open.clone()),
+                target: self.target.clone(),
+            };
+            let result = AssertUnwindSafe((self.handler)(ctx, payload, parameter, writer.clone()))
+                .catch_unwind()
+                .await;
+            if writer.is_closed().await {
+                return;
+            }
+            if let Some(reason) = writer.cancelled() {
+                let _ = writer.cancel(reason).await;
+                return;
+            }
+            let _ = match result {
+                Ok(Ok(final_value)) => {
+                    writer
+                        .complete(Some(final_value).filter(|v| !v.is_null()))
+                        .await
+                }
+                Ok(Err(err)) => {
+                    let (payload, handled) = error_payload_for(&err, open.trace_id.clone());
+                    if !handled {
+                        tracing::error!(error = %format!("{err:#}"), "stream producer failed");
+                    }
+                    writer.fail(payload, handled).await
+                }
+                Err(_) => {
+                    tracing::error!("stream producer panicked");
+                    let status = StatusCode::INTERNAL_SERVER_ERROR;
+                    writer
+                        .fail(
+                            ErrorPayload {
+                                status,
+                                message: status.generic_text().into(),
+                                data: None,
+                                trace_id: open.trace_id.clone(),
+                            },
+                            false,
+                        )
+                        .await
+                }
+            };
+        }
+        .instrument(span)
+        .await
+    }
+}
