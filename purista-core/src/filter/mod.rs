@@ -191,3 +191,6 @@ impl SubscriptionFilter {
             && self.receiver.matches_receiver(msg.receiver.as_ref())
     }
 }
+
+mod cases;
+pub use cases::{FilterCase, filter_table};
