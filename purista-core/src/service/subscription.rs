@@ -66,6 +66,15 @@ impl Reply {
     }
 }
 
+impl From<Outcome> for Reply {
+    fn from(outcome: Outcome) -> Self {
+        Reply {
+            outcome,
+            emit: None,
+        }
+    }
+}
+
 /// Anything a subscription handler may return inside `Ok`.
 pub trait IntoReply {
     /// Converts to a [`Reply`].
