@@ -198,7 +198,8 @@ pub trait EventBridge: Send + Sync + 'static {
     async fn health(&self) -> BridgeHealth;
 
     /// Publishes a non-command message (events, info, responses). Stamps id, timestamp and
-    /// `sender.instanceId`.
+    /// `sender.instanceId`. Commands and stream frames are refused (`InvalidRequest`): they
+    /// travel through [`invoke`](EventBridge::invoke) and [`open_stream`](EventBridge::open_stream).
     async fn emit(&self, message: Envelope) -> Result<(), BridgeError>;
 
     /// Sends a command and waits for its response, at most `ttl`. Stamps like `emit`.
@@ -245,6 +246,9 @@ pub trait EventBridge: Send + Sync + 'static {
         address: Address,
         handler: Arc<dyn StreamHandler>,
     ) -> Result<(), BridgeError>;
+
+    /// Stops serving stream sessions for `address` on this instance (running sessions go on).
+    async fn unregister_stream(&self, address: &Address) -> Result<(), BridgeError>;
 
     /// Opens a stream session with an open frame (a `stream` envelope with a receiver).
     async fn open_stream(&self, open: Envelope) -> Result<StreamConsumerEnd, BridgeError>;

@@ -230,6 +230,16 @@ impl QueueConfig {
             .unwrap_or_else(|| dead_letter_queue_name(queue))
     }
 
+    /// What an expired lease means: a retry without delay, so the attempt and window budgets
+    /// apply exactly as for an explicit retry.
+    pub fn plan_lease_expiry(&self, job: &LeasedJob, now_ms: u64) -> JobDisposition {
+        let expired = JobSettlement::Retry {
+            delay: Some(Duration::ZERO),
+            reason: Some("lease expired".into()),
+        };
+        self.plan(job, &expired, now_ms)
+    }
+
     /// Maps a settlement of `job` at `now_ms` to what the bridge does.
     ///
     /// A retry (explicit, or a non-fatal fail) becomes a dead-letter when the job has had
@@ -369,13 +379,15 @@ pub trait QueueBridge: Send + Sync + 'static {
     /// Returns the new expiry (epoch ms).
     async fn extend_lease(&self, job: &LeasedJob, by: Option<Duration>) -> Result<u64, QueueError>;
 
-    /// Settles a leased job (see [`QueueConfig::plan`]).
+    /// Settles a leased job (see [`QueueConfig::plan`]). Bridges plan with the job as they stored
+    /// it (attempt, first enqueue time, attempts override), never with the caller's copy.
     async fn settle(&self, job: &LeasedJob, settlement: JobSettlement) -> Result<(), QueueError>;
 
     /// Counts.
     async fn metrics(&self, queue: &str) -> Result<QueueMetrics, QueueError>;
 
-    /// Lists up to `limit` dead-lettered jobs, oldest first.
+    /// Lists up to `limit` dead-lettered jobs of `queue` (the origin queue, not the dead-letter
+    /// queue's name), oldest first.
     async fn inspect_dead_letters(
         &self,
         queue: &str,

@@ -80,7 +80,10 @@ async fn main() -> anyhow::Result<()> {
         .init();
 
     let conn = purista::connect("memory://quickstart").await?;
-    let queues = conn.queues.clone().expect("the in-memory bridge has a queue bridge");
+    let queues = conn
+        .queues
+        .clone()
+        .expect("the in-memory bridge has a queue bridge");
     say(format!(
         "Connected to bridge `{}` (instance {}), delivery: commands {}, subscriptions {}.",
         conn.events.name(),
@@ -130,7 +133,9 @@ async fn main() -> anyhow::Result<()> {
         Ok(_) => say("unexpected: the large order went through"),
     }
 
-    step("3. An event: `orderPlaced` reaches billing.onOrderPlaced, which emits `invoiceRequested`");
+    step(
+        "3. An event: `orderPlaced` reaches billing.onOrderPlaced, which emits `invoiceRequested`",
+    );
     // The subscription notes arrive in the order the handlers ran.
     for _ in 0..2 {
         if let Some(line) = next_note(&mut sub_notes).await {
@@ -163,7 +168,10 @@ async fn main() -> anyhow::Result<()> {
     if let Some(line) = next_note(&mut sub_notes).await {
         say(line);
     }
-    say(format!("orders health now: {:?}", orders.health().await.state));
+    say(format!(
+        "orders health now: {:?}",
+        orders.health().await.state
+    ));
 
     step("5. A queue job fails once and succeeds on retry");
     for _ in 0..2 {
@@ -212,7 +220,10 @@ async fn main() -> anyhow::Result<()> {
     while let Some(item) = history.next().await {
         match item {
             StreamItem::Chunk(c) => say(format!("  chunk: {c}")),
-            StreamItem::Complete(f) => say(format!("  complete, final value: {}", f.unwrap_or_default())),
+            StreamItem::Complete(f) => say(format!(
+                "  complete, final value: {}",
+                f.unwrap_or_default()
+            )),
             other => say(format!("  ended: {other:?}")),
         }
     }
@@ -223,7 +234,11 @@ async fn main() -> anyhow::Result<()> {
         let report = svc.shutdown(deadline).await;
         say(format!(
             "{name}: drained {} in {} ms; still running: {:?}; pending invocations rejected: {}",
-            if report.completed { "completely" } else { "partially" },
+            if report.completed {
+                "completely"
+            } else {
+                "partially"
+            },
             report.waited_ms,
             report.still_running,
             report.rejected_invocations
@@ -271,9 +286,11 @@ async fn start_billing(
         "chargeCard",
         |_ctx: Context, charge: Charge, _p: Empty| async move {
             if charge.amount_cents > 100_000 {
-                return Err(HandledError::new(StatusCode(402), "card declined: amount over limit")
-                    .with_data(json!({ "limitCents": 100_000 }))
-                    .into());
+                return Err(
+                    HandledError::new(StatusCode(402), "card declined: amount over limit")
+                        .with_data(json!({ "limitCents": 100_000 }))
+                        .into(),
+                );
             }
             Ok(Receipt {
                 receipt_id: format!("r-{}", &charge.order_id[2..]),
@@ -406,7 +423,8 @@ async fn start_orders(
         "orderHistory",
         |_ctx: Context, req: serde_json::Value, _p: Empty, out: StreamWriter| async move {
             for status in ["created", "charged", "invoiced", "packed", "shipped"] {
-                out.write(json!({ "orderId": req["orderId"], "status": status })).await?;
+                out.write(json!({ "orderId": req["orderId"], "status": status }))
+                    .await?;
             }
             Ok(json!({ "events": 5 }))
         },

@@ -72,7 +72,10 @@ impl std::fmt::Debug for Connection {
         f.debug_struct("Connection")
             .field("bridge", &self.events.name())
             .field("instance_id", &self.events.instance_id())
-            .field("queues", &self.queues.as_ref().map(|q| q.name().to_string()))
+            .field(
+                "queues",
+                &self.queues.as_ref().map(|q| q.name().to_string()),
+            )
             .field("url", &self.redacted_url)
             .finish()
     }
@@ -96,7 +99,9 @@ pub enum ConnectError {
         scheme: String,
     },
     /// The bridge exists but its cargo feature is off.
-    #[error("bridge URL scheme `{scheme}` needs the cargo feature `{feature}` of crate `purista` (e.g. `purista = {{ version = \"*\", features = [\"{feature}\"] }}`)")]
+    #[error(
+        "bridge URL scheme `{scheme}` needs the cargo feature `{feature}` of crate `purista` (e.g. `purista = {{ version = \"*\", features = [\"{feature}\"] }}`)"
+    )]
     FeatureDisabled {
         /// The scheme.
         scheme: String,
@@ -138,7 +143,10 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-type MemoryHub = (purista_bridge_default::MemoryBroker, purista_bridge_default::MemoryQueueBridge);
+type MemoryHub = (
+    purista_bridge_default::MemoryBroker,
+    purista_bridge_default::MemoryQueueBridge,
+);
 
 fn memory_hub(name: &str) -> MemoryHub {
     static HUBS: OnceLock<Mutex<HashMap<String, MemoryHub>>> = OnceLock::new();

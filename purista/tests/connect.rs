@@ -4,7 +4,9 @@ use purista::{ConnectError, connect, redact_url};
 
 #[tokio::test]
 async fn memory_url_connects_to_the_in_process_bridge_with_a_queue_bridge() {
-    let conn = connect("memory://connect-test").await.expect("memory connects");
+    let conn = connect("memory://connect-test")
+        .await
+        .expect("memory connects");
     assert_eq!(conn.events.name(), "default");
     assert!(conn.queues.is_some());
     assert!(conn.events.health().await.is_healthy());
@@ -17,13 +19,23 @@ async fn two_connections_to_one_memory_url_are_two_instances_on_one_hub() {
     let b = connect("memory://shared-hub").await.unwrap();
     assert_ne!(a.events.instance_id(), b.events.instance_id());
     let server = Service::builder("echo", "1")
-        .command(CommandDef::new("echo", |_c: Context, v: u32, _p: Empty| async move { Ok(v) }))
+        .command(CommandDef::new(
+            "echo",
+            |_c: Context, v: u32, _p: Empty| async move { Ok(v) },
+        ))
         .build()
         .start(a.events.clone())
         .await
         .unwrap();
-    let client = Service::builder("client", "1").build().start(b.events.clone()).await.unwrap();
-    let v: u32 = client.invoke(Address::new("echo", "1", "echo"), 7, Empty).await.unwrap();
+    let client = Service::builder("client", "1")
+        .build()
+        .start(b.events.clone())
+        .await
+        .unwrap();
+    let v: u32 = client
+        .invoke(Address::new("echo", "1", "echo"), 7, Empty)
+        .await
+        .unwrap();
     assert_eq!(v, 7);
     server.shutdown(tokio::time::Instant::now()).await;
 }
@@ -34,12 +46,19 @@ async fn different_memory_urls_are_isolated() {
     let a = connect("memory://iso-a").await.unwrap();
     let b = connect("memory://iso-b").await.unwrap();
     let _server = Service::builder("echo", "1")
-        .command(CommandDef::new("echo", |_c: Context, v: u32, _p: Empty| async move { Ok(v) }))
+        .command(CommandDef::new(
+            "echo",
+            |_c: Context, v: u32, _p: Empty| async move { Ok(v) },
+        ))
         .build()
         .start(a.events.clone())
         .await
         .unwrap();
-    let client = Service::builder("client", "1").build().start(b.events.clone()).await.unwrap();
+    let client = Service::builder("client", "1")
+        .build()
+        .start(b.events.clone())
+        .await
+        .unwrap();
     let err = client
         .invoke::<u32>(Address::new("echo", "1", "echo"), 7, Empty)
         .await
@@ -50,7 +69,9 @@ async fn different_memory_urls_are_isolated() {
 #[tokio::test]
 async fn unknown_scheme_is_a_clear_error() {
     let err = connect("carrier-pigeon://coop").await.unwrap_err();
-    assert!(matches!(err, ConnectError::UnknownScheme { ref scheme } if scheme == "carrier-pigeon"));
+    assert!(
+        matches!(err, ConnectError::UnknownScheme { ref scheme } if scheme == "carrier-pigeon")
+    );
     assert!(err.to_string().contains("known: memory"));
 }
 
@@ -68,7 +89,10 @@ async fn a_scheme_whose_feature_is_off_names_the_feature_to_enable() {
             other => panic!("{url}: expected FeatureDisabled, got {other:?}"),
         }
         assert!(err.to_string().contains(&format!("`{feature}`")));
-        assert!(!err.to_string().contains("guest:guest"), "credentials leaked: {err}");
+        assert!(
+            !err.to_string().contains("guest:guest"),
+            "credentials leaked: {err}"
+        );
     }
 }
 

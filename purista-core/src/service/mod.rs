@@ -695,6 +695,11 @@ impl RunningService {
                 tracing::warn!(registration = %key, error = %e, "unregistering subscription failed");
             }
         }
+        for a in &registered.streams {
+            if let Err(e) = bridge.unregister_stream(a).await {
+                tracing::warn!(registration = %a, error = %e, "unregistering stream failed");
+            }
+        }
         for a in &registered.commands {
             if let Err(e) = bridge.unregister_command(a).await {
                 tracing::warn!(registration = %a, error = %e, "unregistering command failed");

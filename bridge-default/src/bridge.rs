@@ -1,0 +1,637 @@
+//! [`MemoryBridge`]: one bridge instance (one "process") on an in-process hub.
+//!
+//! This file is the [`EventBridge`] surface: it validates and stamps what goes out, keeps this
+//! instance's registrations, counts its in-flight work and runs its shutdown. Routing lives in
+//! the hub (`broker.rs`), the per-concern mechanics in `commands.rs`, `subscriptions.rs` and
+//! `streams.rs`.
+//!
+//! Shutdown is one explicit sequence: stop intake and leave the hub (so no new work arrives),
+//! wait until the in-flight counters and this instance's tasks are idle or the deadline passes,
+//! then fail every still-pending invocation with 503 and abort what is left.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use purista_core::envelope::{DEFAULT_MAX_ENVELOPE_BYTES, now_ms};
+use purista_core::{
+    Address, BridgeError, BridgeHealth, Capabilities, CommandHandler, DeadLetterEntry, DecodeError,
+    DeliveryGuarantee, DeliveryHandler, DrainReport, Envelope, EventBridge, FilterSupport,
+    InFlight, InFlightTracker, MessageType, PausedConsumer, StreamConsumerEnd, StreamHandler,
+    SubscriptionSpec, WorkKind, ids,
+};
+use tokio::sync::{OnceCell, watch};
+use tokio::time::Instant;
+
+use crate::broker::{Hub, MemoryBroker};
+use crate::commands::{self, CommandMember, Inbox, ReplyTo};
+use crate::config::MemoryBridgeConfig;
+use crate::streams::{self, StreamMember};
+use crate::subscriptions::{self, Consumer};
+use crate::tasks::TaskSet;
+
+/// The bridge name reported by [`EventBridge::name`] and in the capabilities.
+pub const BRIDGE_NAME: &str = "default";
+
+/// One in-process bridge instance. Make it with [`MemoryBroker::bridge`].
+///
+/// Several instances on one [`MemoryBroker`] behave like several service instances on one
+/// broker: commands and shared subscriptions compete, broadcast subscriptions fan out.
+///
+/// Delivery is at most once: nothing survives the process, messages buffered for a consumer
+/// are dropped when it unregisters, and redeliveries still waiting for their delay are dropped
+/// when the bridge that delivered them shuts down. Publishing applies backpressure: `emit` (and `invoke`, which
+/// offers the command to subscriptions) waits while a matching consumer's buffer
+/// ([`MemoryBridgeConfig::consumer_buffer`]) is full, except when that consumer is paused: then
+/// the newest message is dropped with a warning and counted in
+/// [`MemoryBridge::dropped_while_paused`], so publishing never blocks forever. A subscription
+/// handler that emits into its own full buffer can therefore wait on itself; keep buffers larger
+/// than any such burst.
+///
+/// In-flight counters ([`EventBridge::in_flight`]) hold this instance's pending invocations
+/// (`command`) and the stream sessions its registered producers are serving (`stream`);
+/// subscription and command handlers are counted by the service that runs them.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use async_trait::async_trait;
+/// use purista_bridge_default::MemoryBroker;
+/// use purista_core::{Address, CommandHandler, Envelope, EventBridge, SenderAddress};
+///
+/// struct Echo;
+///
+/// #[async_trait]
+/// impl CommandHandler for Echo {
+///     async fn handle(&self, command: Arc<Envelope>) -> Envelope {
+///         command.success_response(command.payload["payload"].clone(), None)
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), purista_core::BridgeError> {
+/// let broker = MemoryBroker::new();
+/// let (server, client) = (broker.bridge(), broker.bridge());
+/// let echo = Address::new("echo", "1", "say");
+/// server.register_command(echo.clone(), Arc::new(Echo)).await?;
+///
+/// let command = Envelope::command(
+///     SenderAddress::default(),
+///     echo,
+///     serde_json::json!("hi"),
+///     serde_json::json!({}),
+/// );
+/// let response = client.invoke(command, Duration::from_secs(1)).await?;
+/// assert_eq!(response.payload, "hi");
+/// assert_eq!(response.sender.instance_id, server.instance_id());
+/// # Ok(())
+/// # }
+/// ```
+pub struct MemoryBridge {
+    hub: Arc<Hub>,
+    instance_id: String,
+    instance: Arc<str>,
+    config: MemoryBridgeConfig,
+    capabilities: Capabilities,
+    inbox: Arc<Inbox>,
+    tracker: InFlightTracker,
+    tasks: Arc<TaskSet>,
+    started: AtomicBool,
+    closed: AtomicBool,
+    closing: watch::Sender<bool>,
+    registrations: Mutex<Registrations>,
+    poison: AtomicU64,
+    dropped_while_paused: Arc<AtomicU64>,
+    drained: OnceCell<DrainReport>,
+}
+
+/// What this instance has registered on the hub.
+#[derive(Default)]
+struct Registrations {
+    commands: Vec<Address>,
+    streams: Vec<Address>,
+    subscriptions: HashMap<String, Arc<Consumer>>,
+}
+
+/// The capabilities of the in-process bridge with this config.
+fn capabilities(config: &MemoryBridgeConfig) -> Capabilities {
+    let mut caps = Capabilities::none(BRIDGE_NAME);
+    caps.commands = true;
+    caps.filters = FilterSupport::Complex;
+    caps.streams = true;
+    caps.shared_subscriptions = true;
+    caps.broadcast_subscriptions = true;
+    // Process memory: nothing waits for a consumer that is not there.
+    caps.durable_subscriptions = false;
+    caps.manual_ack = true;
+    caps.bounded_retry = true;
+    caps.delayed_retry = true;
+    caps.dead_letter = true;
+    caps.pause_resume = true;
+    caps.command_delivery = DeliveryGuarantee::AtMostOnce;
+    caps.subscription_delivery = DeliveryGuarantee::AtMostOnce;
+    caps.limits.max_payload_bytes = config.max_payload_bytes;
+    caps
+}
+
+/// Counts serialized bytes without keeping them.
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl MemoryBridge {
+    pub(crate) fn new(hub: Arc<Hub>, config: MemoryBridgeConfig) -> Self {
+        let instance_id = config.instance_id.clone().unwrap_or_else(ids::new_id);
+        let instance: Arc<str> = instance_id.as_str().into();
+        let inbox = Arc::new(Inbox::default());
+        hub.add_inbox(instance.clone(), &inbox);
+        MemoryBridge {
+            capabilities: capabilities(&config),
+            hub,
+            instance_id,
+            instance,
+            config,
+            inbox,
+            tracker: InFlightTracker::new(),
+            tasks: TaskSet::new(),
+            started: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            closing: watch::Sender::new(false),
+            registrations: Mutex::new(Registrations::default()),
+            poison: AtomicU64::new(0),
+            dropped_while_paused: Arc::new(AtomicU64::new(0)),
+            drained: OnceCell::new(),
+        }
+    }
+
+    /// A handle to the hub this bridge is on, e.g. to add sibling instances.
+    pub fn broker(&self) -> MemoryBroker {
+        MemoryBroker::from_hub(self.hub.clone())
+    }
+
+    /// This bridge's settings.
+    pub fn config(&self) -> &MemoryBridgeConfig {
+        &self.config
+    }
+
+    /// Publishes raw bytes as if they had arrived from a broker.
+    ///
+    /// Bytes that are not an envelope (see [`Envelope::decode`]) are logged, counted in
+    /// [`MemoryBridge::poison_messages`] and returned as the error; nothing else is affected.
+    /// A valid envelope is routed like [`EventBridge::emit`] but *not* re-stamped, so a test can
+    /// publish one message id twice. A raw command goes to one handler and its response to the
+    /// inbox named by the command's `sender.instanceId`.
+    pub async fn publish_raw(&self, bytes: &[u8]) -> Result<(), DecodeError> {
+        let limit = self
+            .config
+            .max_payload_bytes
+            .unwrap_or(DEFAULT_MAX_ENVELOPE_BYTES);
+        let envelope = match Envelope::decode_with_limit(bytes, limit) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                self.poison.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    instance_id = %self.instance_id,
+                    bytes = bytes.len(),
+                    %error,
+                    "undecodable message dropped"
+                );
+                return Err(error);
+            }
+        };
+        if self.closed.load(Ordering::Acquire) {
+            tracing::warn!(message_id = %envelope.id, "bridge shut down: raw message dropped");
+            return Ok(());
+        }
+        self.hub.publish(Arc::new(envelope)).await;
+        Ok(())
+    }
+
+    /// Raw messages that could not be decoded (see [`MemoryBridge::publish_raw`]).
+    pub fn poison_messages(&self) -> u64 {
+        self.poison.load(Ordering::Relaxed)
+    }
+
+    /// Responses that reached this instance after their invocation timed out, or with a
+    /// `correlationId` nobody waits for; each was ignored with a warning.
+    pub fn unmatched_responses(&self) -> u64 {
+        self.inbox.unmatched()
+    }
+
+    /// Messages dropped because one of this instance's consumers was paused with a full buffer.
+    pub fn dropped_while_paused(&self) -> u64 {
+        self.dropped_while_paused.load(Ordering::Relaxed)
+    }
+
+    fn ensure_open(&self) -> Result<(), BridgeError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(BridgeError::Unavailable("bridge shut down".into()));
+        }
+        Ok(())
+    }
+
+    /// Stamps what this instance sends: fresh id, timestamp, `sender.instanceId`.
+    fn stamp(&self, envelope: &mut Envelope) {
+        envelope.id = ids::new_id();
+        envelope.timestamp = now_ms();
+        envelope.sender.instance_id.clone_from(&self.instance_id);
+    }
+
+    fn check_size(&self, envelope: &Envelope) -> Result<(), BridgeError> {
+        let Some(limit) = self.config.max_payload_bytes else {
+            return Ok(());
+        };
+        let mut counter = ByteCounter(0);
+        serde_json::to_writer(&mut counter, envelope)
+            .map_err(|e| BridgeError::InvalidRequest(format!("envelope cannot be encoded: {e}")))?;
+        if counter.0 > limit {
+            return Err(BridgeError::InvalidRequest(format!(
+                "encoded message of {} bytes exceeds the limit of {limit} bytes",
+                counter.0
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stops intake and takes this instance off the hub. Idempotent.
+    fn close_intake(&self) {
+        let registrations = {
+            let mut registrations = self.registrations.lock();
+            self.closed.store(true, Ordering::Release);
+            std::mem::take(&mut *registrations)
+        };
+        self.closing.send_replace(true);
+        for address in &registrations.commands {
+            self.hub.commands.leave(address, &self.instance_id);
+        }
+        for address in &registrations.streams {
+            self.hub.streams.leave(address, &self.instance_id);
+        }
+        for consumer in registrations.subscriptions.values() {
+            self.hub.subscriptions.leave(consumer);
+            consumer.close();
+        }
+        self.tasks.close();
+    }
+
+    async fn drain(&self, deadline: Instant) -> DrainReport {
+        let began = Instant::now();
+        self.close_intake();
+        let idle = self.tracker.wait_idle(deadline).await;
+        let tasks_done = self.tasks.wait_empty(deadline).await;
+        let mut still_running = self.tracker.running();
+        let rejected = self
+            .inbox
+            .close(&BridgeError::Unavailable("bridge shutting down".into()));
+        let aborted = self.tasks.abort_all();
+        if !aborted.is_empty() {
+            tracing::warn!(
+                instance_id = %self.instance_id,
+                aborted = aborted.len(),
+                "shutdown deadline passed: remaining bridge tasks aborted"
+            );
+        }
+        still_running.extend(aborted);
+        self.hub.remove_inbox(&self.instance_id, &self.inbox);
+        DrainReport {
+            completed: idle && tasks_done,
+            still_running,
+            rejected_invocations: rejected,
+            waited_ms: u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+impl Drop for MemoryBridge {
+    fn drop(&mut self) {
+        // Dropped without (or after) shutdown: leave the hub and stop every task.
+        self.close_intake();
+        self.inbox
+            .close(&BridgeError::Unavailable("bridge dropped".into()));
+        self.tasks.abort_all();
+        self.hub.remove_inbox(&self.instance_id, &self.inbox);
+    }
+}
+
+impl std::fmt::Debug for MemoryBridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBridge")
+            .field("instance_id", &self.instance_id)
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The far future for ttls too large to add to `now`.
+fn deadline_after(ttl: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(ttl)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+#[async_trait]
+impl EventBridge for MemoryBridge {
+    fn name(&self) -> &str {
+        BRIDGE_NAME
+    }
+
+    fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
+    }
+
+    fn default_command_timeout(&self) -> Duration {
+        self.config.default_command_timeout
+    }
+
+    /// Nothing to connect; operations work before `start` too. Fails only after shutdown.
+    async fn start(&self) -> Result<(), BridgeError> {
+        self.ensure_open()?;
+        self.started.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    async fn health(&self) -> BridgeHealth {
+        if self.closed.load(Ordering::Acquire) {
+            BridgeHealth::Unhealthy {
+                reason: "shut down".into(),
+            }
+        } else if !self.started.load(Ordering::Acquire) {
+            BridgeHealth::Unhealthy {
+                reason: "not started".into(),
+            }
+        } else {
+            BridgeHealth::Healthy
+        }
+    }
+
+    async fn emit(&self, mut message: Envelope) -> Result<(), BridgeError> {
+        self.ensure_open()?;
+        match message.message_type {
+            MessageType::Command => {
+                return Err(BridgeError::InvalidRequest(
+                    "commands are sent with invoke, not emit".into(),
+                ));
+            }
+            MessageType::Stream => {
+                return Err(BridgeError::InvalidRequest(
+                    "stream frames travel in a stream session, not through emit".into(),
+                ));
+            }
+            _ => {}
+        }
+        self.stamp(&mut message);
+        self.check_size(&message)?;
+        self.hub.publish(Arc::new(message)).await;
+        Ok(())
+    }
+
+    async fn invoke(&self, mut command: Envelope, ttl: Duration) -> Result<Envelope, BridgeError> {
+        self.ensure_open()?;
+        if command.message_type != MessageType::Command {
+            return Err(BridgeError::InvalidRequest(format!(
+                "invoke needs a command, got {}",
+                command.message_type
+            )));
+        }
+        let Some(receiver) = command.receiver.as_ref() else {
+            return Err(BridgeError::InvalidRequest(
+                "a command needs a receiver".into(),
+            ));
+        };
+        let member = self
+            .hub
+            .commands
+            .pick(receiver)
+            .ok_or_else(|| BridgeError::NoHandler(receiver.to_string()))?;
+        self.stamp(&mut command);
+        let correlation_id = command
+            .correlation_id
+            .get_or_insert_with(ids::new_id)
+            .clone();
+        self.check_size(&command)?;
+
+        let deadline = deadline_after(ttl);
+        let (_pending, reply) = self.inbox.wait_for(&correlation_id)?;
+        let _in_flight = self.tracker.start(WorkKind::Command, &member.label);
+        let command = Arc::new(command);
+        let waited = tokio::time::timeout_at(deadline, async {
+            // Subscriptions see the command before its response.
+            self.hub.subscriptions.offer(&command).await;
+            commands::dispatch(
+                &self.hub,
+                member,
+                command.clone(),
+                ReplyTo::Caller(self.inbox.clone()),
+            );
+            reply.await
+        })
+        .await;
+        match waited {
+            Ok(Ok(Ok(response))) => {
+                Ok(Arc::try_unwrap(response).unwrap_or_else(|shared| (*shared).clone()))
+            }
+            Ok(Ok(Err(error))) => Err(error),
+            Ok(Err(_)) => Err(BridgeError::Unavailable("bridge shutting down".into())),
+            Err(_) => {
+                tracing::debug!(
+                    correlation_id = %correlation_id,
+                    receiver = %command.receiver.as_ref().map(ToString::to_string).unwrap_or_default(),
+                    "invocation timed out"
+                );
+                Err(BridgeError::Timeout(
+                    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+                ))
+            }
+        }
+    }
+
+    async fn register_command(
+        &self,
+        address: Address,
+        handler: Arc<dyn CommandHandler>,
+    ) -> Result<(), BridgeError> {
+        let mut registrations = self.registrations.lock();
+        self.ensure_open()?;
+        let member = Arc::new(CommandMember {
+            instance_id: self.instance.clone(),
+            label: address.to_string().into(),
+            handler,
+            tasks: self.tasks.clone(),
+        });
+        self.hub.commands.join(&address, member)?;
+        registrations.commands.push(address);
+        Ok(())
+    }
+
+    async fn unregister_command(&self, address: &Address) -> Result<(), BridgeError> {
+        self.registrations
+            .lock()
+            .commands
+            .retain(|a| !a.same_endpoint(address));
+        self.hub.commands.leave(address, &self.instance_id);
+        Ok(())
+    }
+
+    async fn register_subscription(
+        &self,
+        spec: SubscriptionSpec,
+        handler: Arc<dyn DeliveryHandler>,
+    ) -> Result<(), BridgeError> {
+        let mut registrations = self.registrations.lock();
+        self.ensure_open()?;
+        if registrations.subscriptions.contains_key(&spec.key) {
+            return Err(BridgeError::AlreadyRegistered(spec.key));
+        }
+        if spec.durable {
+            tracing::debug!(
+                registration = %spec.key,
+                "durable subscription on the in-process bridge: messages do not wait for absent consumers"
+            );
+        }
+        let key = spec.key.clone();
+        let consumer = Consumer::new(
+            spec,
+            &self.instance_id,
+            self.config.consumer_buffer,
+            self.dropped_while_paused.clone(),
+            self.closing.subscribe(),
+        );
+        let run = subscriptions::run_consumer(
+            consumer.clone(),
+            handler,
+            self.hub.clone(),
+            self.tasks.clone(),
+        );
+        if !self
+            .tasks
+            .spawn(WorkKind::Subscription, consumer.label.clone(), run)
+        {
+            return Err(BridgeError::Unavailable("bridge shut down".into()));
+        }
+        self.hub.subscriptions.join(consumer.clone());
+        registrations.subscriptions.insert(key, consumer);
+        Ok(())
+    }
+
+    async fn unregister_subscription(&self, key: &str) -> Result<(), BridgeError> {
+        let consumer = self.registrations.lock().subscriptions.remove(key);
+        if let Some(consumer) = consumer {
+            self.hub.subscriptions.leave(&consumer);
+            consumer.close();
+        }
+        Ok(())
+    }
+
+    fn paused_subscription_consumers(&self) -> Vec<PausedConsumer> {
+        let mut paused: Vec<PausedConsumer> = self
+            .registrations
+            .lock()
+            .subscriptions
+            .values()
+            .filter_map(|c| c.queue.paused())
+            .collect();
+        paused.sort_by(|a, b| a.key.cmp(&b.key));
+        paused
+    }
+
+    async fn resume_subscription_consumer(&self, key: &str) -> Result<bool, BridgeError> {
+        let consumer = self.registrations.lock().subscriptions.get(key).cloned();
+        let resumed = consumer.is_some_and(|c| c.queue.resume());
+        if resumed {
+            tracing::info!(registration = %key, "subscription consumer resumed");
+        }
+        Ok(resumed)
+    }
+
+    async fn inspect_dead_letters(
+        &self,
+        target: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetterEntry>, BridgeError> {
+        Ok(self.hub.dead_letters.read(target, limit))
+    }
+
+    async fn unregister_stream(&self, address: &Address) -> Result<(), BridgeError> {
+        self.registrations
+            .lock()
+            .streams
+            .retain(|a| !a.same_endpoint(address));
+        self.hub.streams.leave(address, &self.instance_id);
+        Ok(())
+    }
+
+    async fn register_stream(
+        &self,
+        address: Address,
+        handler: Arc<dyn StreamHandler>,
+    ) -> Result<(), BridgeError> {
+        let mut registrations = self.registrations.lock();
+        self.ensure_open()?;
+        let member = Arc::new(StreamMember {
+            instance_id: self.instance.clone(),
+            label: address.to_string().into(),
+            handler,
+            tasks: self.tasks.clone(),
+            tracker: self.tracker.clone(),
+        });
+        self.hub.streams.join(&address, member)?;
+        registrations.streams.push(address);
+        Ok(())
+    }
+
+    /// Stamps `sender.instanceId` on the open frame (id and timestamp stay as core built them)
+    /// and runs the session on one producer instance.
+    async fn open_stream(&self, mut open: Envelope) -> Result<StreamConsumerEnd, BridgeError> {
+        self.ensure_open()?;
+        if open.message_type != MessageType::Stream {
+            return Err(BridgeError::InvalidRequest(format!(
+                "a stream opens with a stream frame, got {}",
+                open.message_type
+            )));
+        }
+        if open.correlation_id.is_none() {
+            return Err(BridgeError::InvalidRequest(
+                "a stream open frame needs a correlationId".into(),
+            ));
+        }
+        let Some(receiver) = open.receiver.as_ref() else {
+            return Err(BridgeError::InvalidRequest(
+                "a stream open frame needs a receiver".into(),
+            ));
+        };
+        let member = self
+            .hub
+            .streams
+            .pick(receiver)
+            .ok_or_else(|| BridgeError::NoHandler(receiver.to_string()))?;
+        open.sender.instance_id.clone_from(&self.instance_id);
+        streams::open(member, open)
+    }
+
+    fn in_flight(&self) -> InFlight {
+        self.tracker.snapshot()
+    }
+
+    async fn shutdown(&self, deadline: Instant) -> DrainReport {
+        self.drained
+            .get_or_init(|| self.drain(deadline))
+            .await
+            .clone()
+    }
+}

@@ -1,0 +1,188 @@
+//! The bounded buffer in front of one subscription consumer.
+//!
+//! A plain `mpsc` channel cannot do two things the semantics need: put a delivery back at the
+//! *front* when its handler pauses the consumer, and stop handing out deliveries while paused
+//! without losing what waits. So the buffer is a `VecDeque` behind a short lock plus two
+//! [`Notify`]s (one for the consumer waiting for work, one for publishers waiting for space).
+//!
+//! Backpressure: [`ConsumerQueue::push`] waits while the buffer is full and the consumer is
+//! running. While the consumer is paused, nobody would ever make room, so a full buffer drops
+//! the newest message instead (logged and counted): publishing never blocks forever.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+use purista_core::envelope::now_ms;
+use purista_core::{Envelope, PausedConsumer};
+use tokio::sync::Notify;
+
+/// A message waiting for its consumer, with the attempt number it will be delivered as.
+pub(crate) struct Queued {
+    pub(crate) envelope: Arc<Envelope>,
+    pub(crate) attempt: u32,
+}
+
+/// What became of a pushed message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    /// It waits in the buffer.
+    Queued,
+    /// The consumer is paused and its buffer full: the message was dropped.
+    DroppedWhilePaused,
+    /// The consumer is gone.
+    Closed,
+}
+
+struct State {
+    items: VecDeque<Queued>,
+    paused: Option<PausedConsumer>,
+    closed: bool,
+}
+
+/// Bounded, pausable buffer with a single consumer.
+pub(crate) struct ConsumerQueue {
+    state: Mutex<State>,
+    capacity: usize,
+    readable: Notify,
+    writable: Notify,
+    paused: AtomicBool,
+    dropped: Arc<AtomicU64>,
+}
+
+impl ConsumerQueue {
+    /// A buffer of `capacity` (at least 1); drops are also counted in `dropped`.
+    pub(crate) fn new(capacity: usize, dropped: Arc<AtomicU64>) -> Self {
+        ConsumerQueue {
+            state: Mutex::new(State {
+                items: VecDeque::new(),
+                paused: None,
+                closed: false,
+            }),
+            capacity: capacity.max(1),
+            readable: Notify::new(),
+            writable: Notify::new(),
+            paused: AtomicBool::new(false),
+            dropped,
+        }
+    }
+
+    /// Appends `item`, waiting for space while the consumer runs (see the module docs).
+    pub(crate) async fn push(&self, item: Queued, key: &str) -> Pushed {
+        let mut item = Some(item);
+        loop {
+            let notified = self.writable.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut state = self.state.lock();
+                if state.closed {
+                    return Pushed::Closed;
+                }
+                if state.items.len() < self.capacity {
+                    if let Some(item) = item.take() {
+                        state.items.push_back(item);
+                    }
+                    drop(state);
+                    self.readable.notify_one();
+                    return Pushed::Queued;
+                }
+                if state.paused.is_some() {
+                    drop(state);
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    let message_id = item.as_ref().map(|i| i.envelope.id.as_str()).unwrap_or("");
+                    tracing::warn!(
+                        registration = %key,
+                        message_id,
+                        capacity = self.capacity,
+                        "subscription consumer is paused and its buffer is full: message dropped"
+                    );
+                    return Pushed::DroppedWhilePaused;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// The next delivery; waits while empty or paused. `None` once closed.
+    pub(crate) async fn next(&self) -> Option<Queued> {
+        loop {
+            let notified = self.readable.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut state = self.state.lock();
+                if state.closed {
+                    return None;
+                }
+                if state.paused.is_none()
+                    && let Some(item) = state.items.pop_front()
+                {
+                    drop(state);
+                    self.writable.notify_one();
+                    return Some(item);
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Pauses the consumer and puts `item` back at the front, attempt unchanged.
+    pub(crate) fn pause(&self, item: Queued, key: &str, reason: String) {
+        {
+            let mut state = self.state.lock();
+            if state.closed {
+                return;
+            }
+            state.items.push_front(item);
+            if state.paused.is_none() {
+                state.paused = Some(PausedConsumer {
+                    key: key.to_string(),
+                    reason,
+                    paused_at: now_ms(),
+                });
+            }
+            self.paused.store(true, Ordering::Release);
+        }
+        // Publishers waiting for space must re-check: they now drop instead of waiting.
+        self.writable.notify_waiters();
+    }
+
+    /// Resumes a paused consumer. False when it was not paused.
+    pub(crate) fn resume(&self) -> bool {
+        let was_paused = {
+            let mut state = self.state.lock();
+            self.paused.store(false, Ordering::Release);
+            state.paused.take().is_some()
+        };
+        if was_paused {
+            self.readable.notify_one();
+        }
+        was_paused
+    }
+
+    /// The pause record, when paused.
+    pub(crate) fn paused(&self) -> Option<PausedConsumer> {
+        self.state.lock().paused.clone()
+    }
+
+    /// Cheap check for routing: prefer running members of a shared group.
+    pub(crate) fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    /// Closes the buffer: the consumer stops, publishers stop waiting. Returns what was dropped.
+    pub(crate) fn close(&self) -> usize {
+        let dropped = {
+            let mut state = self.state.lock();
+            state.closed = true;
+            let n = state.items.len();
+            state.items.clear();
+            n
+        };
+        self.readable.notify_one();
+        self.writable.notify_waiters();
+        dropped
+    }
+}

@@ -1,0 +1,340 @@
+//! The in-process queue bridge: [`MemoryQueueBridge`] keeps jobs, leases, retries, delays and
+//! dead-letter queues in this process's memory.
+//!
+//! It is the queue half of the `default` bridge, for tests, development and single-process
+//! deployments. Everything is lost when the process exits, so it declares at-most-once delivery.
+//!
+//! How it is built:
+//!
+//! * One `parking_lot` mutex guards all queues. Every operation is a short critical section that
+//!   never spans an `.await`; the only waiting is in [`QueueBridge::lease`], outside the lock.
+//! * Each queue is a `JobStore` (`store.rs`): pending jobs ordered by `(visible-at, enqueue order)`
+//!   (FIFO) and leases ordered by expiry. Expired leases are applied lazily at the start of every
+//!   operation; what a settlement or an expiry *means* is decided by core's
+//!   [`QueueConfig::plan`], never here.
+//! * A waiting `lease` sleeps on the queue's [`tokio::sync::Notify`] (woken when a job becomes
+//!   visible sooner than planned: an enqueue, a retry, a replay, a shutdown) and on a timer set
+//!   to the earliest delayed job or lease expiry, capped by its own deadline. It never polls,
+//!   and it is cancel safe: a job is leased and returned within one critical section.
+//! * An expired lease counts as `Retry { delay: 0, reason: "lease expired" }` settled at the
+//!   expiry time, so core's plan decides whether the job is visible again or dead-lettered.
+//! * Dead letters are kept under `QueueConfig::dead_letter_queue_for(queue)`. Inspect, replay and
+//!   purge take the *origin* queue and see only its jobs, even when queues share a dead-letter
+//!   queue.
+//! * Time: epoch milliseconds are derived from `tokio::time::Instant` relative to one
+//!   `(Instant, epoch ms)` pair taken in [`MemoryQueueBridge::new`] (see `clock.rs`), so
+//!   `tokio::time::pause()` / `advance()` move the queue's clock in tests. Timestamps start at
+//!   the wall-clock time of construction and then follow tokio's clock.
+
+mod clock;
+mod dead_letter;
+mod idempotency;
+mod store;
+
+use std::collections::{HashMap, HashSet};
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use purista_core::capabilities::{DeliveryGuarantee, QueueCapabilities};
+use purista_core::queue::{
+    DeadLetteredJob, JobSettlement, LeasedJob, NewJob, QueueBridge, QueueConfig, QueueError,
+    QueueMetrics,
+};
+use tokio::time::Instant;
+
+use self::clock::Clock;
+use self::dead_letter::DeadLetters;
+use self::store::JobStore;
+
+/// The bridge name reported by [`QueueBridge::name`] and in the capabilities.
+const BRIDGE_NAME: &str = "default";
+
+/// An in-process [`QueueBridge`]: jobs live in this process's memory and are lost on exit.
+///
+/// Cloning is cheap and every clone shares the same queues.
+///
+/// ```
+/// use std::time::Duration;
+/// use purista_bridge_default::MemoryQueueBridge;
+/// use purista_core::queue::{JobSettlement, NewJob, QueueBridge, QueueConfig};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), purista_core::queue::QueueError> {
+/// let queues = MemoryQueueBridge::new();
+/// queues.declare_queue("emails", QueueConfig::default()).await?;
+/// let job = NewJob { payload: serde_json::json!({ "to": "ada@example.com" }), ..Default::default() };
+/// let id = queues.enqueue("emails", job).await?;
+///
+/// let leased = queues.lease("emails", Duration::from_secs(1)).await?;
+/// let leased = leased.expect("the job is visible");
+/// assert_eq!(leased.id, id);
+/// assert_eq!(leased.attempt, 1);
+/// queues.settle(&leased, JobSettlement::Complete).await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct MemoryQueueBridge {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    clock: Clock,
+    capabilities: QueueCapabilities,
+}
+
+/// Everything behind the lock.
+#[derive(Default)]
+struct State {
+    closed: bool,
+    queues: HashMap<String, JobStore>,
+    dead_letters: DeadLetters,
+}
+
+impl State {
+    /// The declared queue `queue`, brought up to date with `now_ms`, and the dead letters.
+    fn open(
+        &mut self,
+        queue: &str,
+        now_ms: u64,
+    ) -> Result<(&mut JobStore, &mut DeadLetters), QueueError> {
+        if self.closed {
+            return Err(shut_down());
+        }
+        check_name(queue)?;
+        let store = self
+            .queues
+            .get_mut(queue)
+            .ok_or_else(|| QueueError::UnknownQueue(queue.to_owned()))?;
+        store.maintain(now_ms, &mut self.dead_letters);
+        Ok((store, &mut self.dead_letters))
+    }
+}
+
+impl MemoryQueueBridge {
+    /// An empty bridge with no queues declared. Its clock is anchored here (see the module docs).
+    pub fn new() -> Self {
+        MemoryQueueBridge {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                clock: Clock::new(),
+                capabilities: QueueCapabilities {
+                    bridge: BRIDGE_NAME.to_owned(),
+                    delayed_delivery: true,
+                    lease_extension: true,
+                    dead_letter_inspect: true,
+                    dead_letter_replay: true,
+                    dead_letter_purge: true,
+                    idempotency_enforcement: true,
+                    delivery: DeliveryGuarantee::AtMostOnce,
+                },
+            }),
+        }
+    }
+
+    /// Runs `f` on the declared queue `queue` (brought up to date) under the lock.
+    fn with_queue<T>(
+        &self,
+        queue: &str,
+        f: impl FnOnce(&mut JobStore, &mut DeadLetters, u64) -> Result<T, QueueError>,
+    ) -> Result<T, QueueError> {
+        let mut state = self.shared.state.lock();
+        let now_ms = self.shared.clock.now_ms();
+        let (store, dead_letters) = state.open(queue, now_ms)?;
+        f(store, dead_letters, now_ms)
+    }
+}
+
+impl Default for MemoryQueueBridge {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for MemoryQueueBridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryQueueBridge")
+            .field("bridge", &BRIDGE_NAME)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl QueueBridge for MemoryQueueBridge {
+    fn name(&self) -> &str {
+        BRIDGE_NAME
+    }
+
+    fn capabilities(&self) -> &QueueCapabilities {
+        &self.shared.capabilities
+    }
+
+    async fn declare_queue(&self, queue: &str, config: QueueConfig) -> Result<(), QueueError> {
+        let mut state = self.shared.state.lock();
+        if state.closed {
+            return Err(shut_down());
+        }
+        check_name(queue)?;
+        if config.visibility_timeout.is_zero() {
+            return Err(QueueError::InvalidRequest(format!(
+                "queue `{queue}`: visibility_timeout must be greater than zero"
+            )));
+        }
+        match state.queues.get_mut(queue) {
+            Some(store) => store.set_config(config),
+            None => {
+                state
+                    .queues
+                    .insert(queue.to_owned(), JobStore::new(queue, config));
+            }
+        }
+        Ok(())
+    }
+
+    async fn enqueue(&self, queue: &str, job: NewJob) -> Result<String, QueueError> {
+        self.with_queue(queue, |store, _, now_ms| {
+            let (id, created) = store.enqueue(job, now_ms);
+            if created {
+                store.wake_waiters();
+            }
+            Ok(id)
+        })
+    }
+
+    async fn lease(&self, queue: &str, wait: Duration) -> Result<Option<LeasedJob>, QueueError> {
+        // `None` = a wait too long to represent: wait until woken.
+        let deadline = Instant::now().checked_add(wait);
+        let notify = self.with_queue(queue, |store, _, _| Ok(store.notify()))?;
+        loop {
+            // Registered before looking, so a wake-up between the look and the sleep is not lost.
+            let woken = notify.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+
+            // Break with a leased job, or continue with when something may become visible.
+            let look = self.with_queue(queue, |store, _, now_ms| {
+                Ok(match store.lease_next(now_ms) {
+                    Some(job) => ControlFlow::Break(job),
+                    None => ControlFlow::Continue(store.next_change_ms()),
+                })
+            })?;
+            let next_change_ms = match look {
+                ControlFlow::Break(job) => return Ok(Some(job)),
+                ControlFlow::Continue(next_change_ms) => next_change_ms,
+            };
+
+            if deadline.is_some_and(|deadline| deadline <= Instant::now()) {
+                return Ok(None);
+            }
+            let next_change = next_change_ms.and_then(|ms| self.shared.clock.instant_at(ms));
+            let sleep_until = match (deadline, next_change) {
+                (Some(deadline), Some(change)) => Some(deadline.min(change)),
+                (deadline, change) => deadline.or(change),
+            };
+            match sleep_until {
+                Some(until) => {
+                    tokio::select! {
+                        () = &mut woken => {}
+                        () = tokio::time::sleep_until(until) => {}
+                    }
+                }
+                None => woken.await,
+            }
+        }
+    }
+
+    async fn extend_lease(&self, job: &LeasedJob, by: Option<Duration>) -> Result<u64, QueueError> {
+        self.with_queue(&job.queue, |store, _, now_ms| store.extend(job, by, now_ms))
+    }
+
+    async fn settle(&self, job: &LeasedJob, settlement: JobSettlement) -> Result<(), QueueError> {
+        self.with_queue(&job.queue, |store, dead_letters, now_ms| {
+            if store.settle(job, &settlement, now_ms, dead_letters)? {
+                store.wake_waiters();
+            }
+            Ok(())
+        })
+    }
+
+    async fn metrics(&self, queue: &str) -> Result<QueueMetrics, QueueError> {
+        self.with_queue(queue, |store, dead_letters, now_ms| {
+            let counts = store.counts(now_ms);
+            Ok(QueueMetrics {
+                depth: counts.ready,
+                leased: counts.leased,
+                delayed: counts.delayed,
+                dead_lettered: dead_letters.count(&store.dead_letter_queue(), queue),
+            })
+        })
+    }
+
+    async fn inspect_dead_letters(
+        &self,
+        queue: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetteredJob>, QueueError> {
+        self.with_queue(queue, |store, dead_letters, _| {
+            Ok(dead_letters.list(&store.dead_letter_queue(), queue, limit))
+        })
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        queue: &str,
+        ids: Option<Vec<String>>,
+    ) -> Result<usize, QueueError> {
+        let ids: Option<HashSet<String>> = ids.map(|ids| ids.into_iter().collect());
+        self.with_queue(queue, |store, dead_letters, now_ms| {
+            let replayed = dead_letters.take(&store.dead_letter_queue(), queue, ids.as_ref());
+            let count = replayed.len();
+            for dead in replayed {
+                store.requeue(dead, now_ms);
+            }
+            if count > 0 {
+                store.wake_waiters();
+            }
+            Ok(count)
+        })
+    }
+
+    async fn purge_dead_letters(&self, queue: &str) -> Result<usize, QueueError> {
+        self.with_queue(queue, |store, dead_letters, _| {
+            Ok(dead_letters
+                .take(&store.dead_letter_queue(), queue, None)
+                .len())
+        })
+    }
+
+    async fn shutdown(&self) {
+        let queues = {
+            let mut state = self.shared.state.lock();
+            state.closed = true;
+            state.dead_letters = DeadLetters::default();
+            std::mem::take(&mut state.queues)
+        };
+        // Waiting `lease` calls wake up, look again and find the bridge closed.
+        for store in queues.values() {
+            store.wake_waiters();
+        }
+        tracing::debug!(
+            bridge = BRIDGE_NAME,
+            queues = queues.len(),
+            "queue bridge shut down"
+        );
+    }
+}
+
+fn check_name(queue: &str) -> Result<(), QueueError> {
+    if queue.is_empty() {
+        return Err(QueueError::InvalidRequest("empty queue name".to_owned()));
+    }
+    Ok(())
+}
+
+fn shut_down() -> QueueError {
+    QueueError::Unavailable(format!("queue bridge `{BRIDGE_NAME}` is shut down"))
+}
