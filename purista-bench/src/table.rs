@@ -1,0 +1,153 @@
+//! The human summary on stderr: each scenario next to its raw baseline, the ratio, and the
+//! performance targets.
+
+use crate::measurement::Measurement;
+use crate::workload::Scenario;
+
+/// Peak RSS the whole bench may reach, in kB (64 MB).
+pub const PEAK_RSS_TARGET_KB: u64 = 64 * 1024;
+
+/// What a scenario should reach on the in-process bridge.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Target {
+    /// At least this fraction of the raw baseline's ops/s.
+    Ratio(f64),
+    /// At least this many ops/s.
+    OpsPerSecond(f64),
+}
+
+impl Target {
+    /// The target of `scenario`.
+    pub fn of(scenario: Scenario) -> Target {
+        match scenario {
+            Scenario::CmdSeq => Target::Ratio(0.5),
+            Scenario::CmdConc => Target::Ratio(0.4),
+            Scenario::Fanout => Target::Ratio(0.25),
+            Scenario::Queue => Target::OpsPerSecond(200_000.0),
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Target::Ratio(r) => format!("ratio ≥ {r:.2}"),
+            Target::OpsPerSecond(n) => format!("≥ {} ops/s", thousands(n)),
+        }
+    }
+
+    /// `Some(true)` when met, `None` when it cannot be judged (no baseline for a ratio).
+    fn met(self, measured: &Measurement, ratio: Option<f64>) -> Option<bool> {
+        match self {
+            Target::Ratio(r) => ratio.map(|x| x >= r),
+            Target::OpsPerSecond(n) => Some(measured.ops_per_s() >= n),
+        }
+    }
+}
+
+/// One line per measurement, as it finishes.
+pub fn progress_line(m: &Measurement) -> String {
+    let latency = m
+        .latency
+        .map(|l| format!(", p50 {:.1} µs, p99 {:.1} µs", l.p50_us, l.p99_us))
+        .unwrap_or_default();
+    format!(
+        "  {} on {}: {} ops in {:.3} s = {} ops/s{latency}",
+        m.scenario,
+        m.bridge,
+        m.ops,
+        m.elapsed.as_secs_f64(),
+        thousands(m.ops_per_s()),
+    )
+}
+
+/// The summary table: bridge figures, raw figures, ratios and targets.
+pub fn summary(bridge: &[Measurement], raw: &[Measurement]) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{:<9} {:>13} {:>9} {:>9} {:>13} {:>7}  {:<24} {}\n",
+        "scenario", "ops/s", "p50 µs", "p99 µs", "raw ops/s", "ratio", "target", "note"
+    ));
+    for m in bridge {
+        let baseline = raw.iter().find(|r| r.scenario == m.scenario);
+        let ratio = baseline
+            .map(|r| r.ops_per_s())
+            .filter(|raw| *raw > 0.0)
+            .map(|raw| m.ops_per_s() / raw);
+        let target = Target::of(m.scenario);
+        let verdict = match target.met(m, ratio) {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "n/a",
+        };
+        let (p50, p99) = match m.latency {
+            Some(l) => (format!("{:.1}", l.p50_us), format!("{:.1}", l.p99_us)),
+            None => ("-".to_string(), "-".to_string()),
+        };
+        out.push_str(&format!(
+            "{:<9} {:>13} {:>9} {:>9} {:>13} {:>7}  {:<24} {}\n",
+            m.scenario.name(),
+            thousands(m.ops_per_s()),
+            p50,
+            p99,
+            baseline
+                .map(|r| thousands(r.ops_per_s()))
+                .unwrap_or("-".into()),
+            ratio.map(|r| format!("{r:.3}")).unwrap_or("-".into()),
+            format!("{} {verdict}", target.describe()),
+            m.note.as_deref().unwrap_or(""),
+        ));
+    }
+    out
+}
+
+/// The peak RSS line.
+pub fn rss_line(peak_kb: Option<u64>) -> String {
+    match peak_kb {
+        Some(kb) => format!(
+            "peak RSS of the whole bench: {:.1} MB (target ≤ {} MB) {}",
+            kb as f64 / 1024.0,
+            PEAK_RSS_TARGET_KB / 1024,
+            if kb <= PEAK_RSS_TARGET_KB {
+                "met"
+            } else {
+                "MISSED"
+            }
+        ),
+        None => "peak RSS of the whole bench: unknown (no /proc/self/status)".to_string(),
+    }
+}
+
+/// `1234567.8` as `1 234 568`.
+fn thousands(x: f64) -> String {
+    let digits = format!("{:.0}", x.max(0.0));
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn thousands_are_grouped() {
+        assert_eq!(thousands(1_234_567.8), "1 234 568");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(thousands(0.0), "0");
+    }
+
+    #[test]
+    fn summary_shows_the_ratio_to_the_baseline() {
+        let bridge = Measurement::new("default", Scenario::CmdSeq, 100, Duration::from_secs(1));
+        let raw = Measurement::new("raw-tokio", Scenario::CmdSeq, 200, Duration::from_secs(1));
+        let table = summary(&[bridge], &[raw]);
+        assert!(table.contains("0.500"), "{table}");
+        assert!(table.contains("ratio ≥ 0.50 met"), "{table}");
+    }
+}
