@@ -4,11 +4,11 @@
 //! [`InFlightGuard`]; dropping it (including on panic or cancellation) decrements the counter,
 //! so drain can simply wait for the total to reach zero.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use parking_lot::Mutex;
+use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -53,12 +53,19 @@ pub struct InFlightByKind {
     pub generic: usize,
 }
 
+/// The running count of one registration.
+struct Slot {
+    kind: WorkKind,
+    name: Arc<str>,
+    running: AtomicUsize,
+}
+
 #[derive(Default)]
 struct Inner {
     counts: [AtomicUsize; 5],
-    // Which registrations are running, for the drain report. Keyed by an increasing ticket.
-    running: Mutex<BTreeMap<u64, (WorkKind, Arc<str>)>>,
-    next_ticket: std::sync::atomic::AtomicU64,
+    // One slot per (kind, registration), created on first use and kept: a registration's
+    // counter is then a lock-free atomic on the hot path.
+    slots: RwLock<HashMap<(WorkKind, Arc<str>), Arc<Slot>>>,
     zero: Notify,
 }
 
@@ -78,25 +85,63 @@ fn idx(kind: WorkKind) -> usize {
     }
 }
 
+/// A registration's counter: [`InFlightCounter::start`] is lock-free.
+#[derive(Clone)]
+pub struct InFlightCounter {
+    tracker: InFlightTracker,
+    slot: Arc<Slot>,
+}
+
+impl InFlightCounter {
+    /// Counts one unit of work until the guard is dropped.
+    pub fn start(&self) -> InFlightGuard {
+        self.slot.running.fetch_add(1, Ordering::AcqRel);
+        self.tracker.inner.counts[idx(self.slot.kind)].fetch_add(1, Ordering::AcqRel);
+        InFlightGuard {
+            tracker: self.tracker.clone(),
+            slot: self.slot.clone(),
+        }
+    }
+}
+
 impl InFlightTracker {
     /// A tracker with all counts at zero.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Counts one unit of `kind` work for `registration` until the guard is dropped.
-    pub fn start(&self, kind: WorkKind, registration: &Arc<str>) -> InFlightGuard {
-        self.inner.counts[idx(kind)].fetch_add(1, Ordering::AcqRel);
-        let ticket = self.inner.next_ticket.fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .running
-            .lock()
-            .insert(ticket, (kind, registration.clone()));
-        InFlightGuard {
-            tracker: self.clone(),
-            kind,
-            ticket,
+    /// The counter of `registration`'s `kind` work (create it once, at registration).
+    pub fn counter(&self, kind: WorkKind, registration: &Arc<str>) -> InFlightCounter {
+        let key = (kind, registration.clone());
+        if let Some(slot) = self.inner.slots.read().get(&key) {
+            return InFlightCounter {
+                tracker: self.clone(),
+                slot: slot.clone(),
+            };
         }
+        let slot = self
+            .inner
+            .slots
+            .write()
+            .entry(key)
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    kind,
+                    name: registration.clone(),
+                    running: AtomicUsize::new(0),
+                })
+            })
+            .clone();
+        InFlightCounter {
+            tracker: self.clone(),
+            slot,
+        }
+    }
+
+    /// Counts one unit of `kind` work for `registration` until the guard is dropped.
+    /// Where the same registration runs often, keep an [`InFlightCounter`] instead.
+    pub fn start(&self, kind: WorkKind, registration: &Arc<str>) -> InFlightGuard {
+        self.counter(kind, registration).start()
     }
 
     /// Current counts.
@@ -119,14 +164,17 @@ impl InFlightTracker {
         }
     }
 
-    /// What is running now: `(kind, registration)` per unit, oldest first.
+    /// What is running now: `(kind, registration)` once per running unit, sorted.
     pub fn running(&self) -> Vec<(WorkKind, String)> {
-        self.inner
-            .running
-            .lock()
-            .values()
-            .map(|(k, r)| (*k, r.to_string()))
-            .collect()
+        let mut out = Vec::new();
+        for slot in self.inner.slots.read().values() {
+            let n = slot.running.load(Ordering::Acquire);
+            for _ in 0..n {
+                out.push((slot.kind, slot.name.to_string()));
+            }
+        }
+        out.sort();
+        out
     }
 
     /// Waits until nothing is in flight or `deadline` passes. True when it reached zero.
@@ -148,16 +196,15 @@ impl InFlightTracker {
 /// Decrements its counter when dropped.
 pub struct InFlightGuard {
     tracker: InFlightTracker,
-    kind: WorkKind,
-    ticket: u64,
+    slot: Arc<Slot>,
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         let inner = &self.tracker.inner;
-        inner.running.lock().remove(&self.ticket);
-        inner.counts[idx(self.kind)].fetch_sub(1, Ordering::AcqRel);
-        if self.tracker.snapshot().total == 0 {
+        self.slot.running.fetch_sub(1, Ordering::AcqRel);
+        let before = inner.counts[idx(self.slot.kind)].fetch_sub(1, Ordering::AcqRel);
+        if before == 1 && self.tracker.snapshot().total == 0 {
             inner.zero.notify_waiters();
         }
     }

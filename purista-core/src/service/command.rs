@@ -5,7 +5,6 @@
 //! a tracing span, catches panics, and answers with a success or error response. An unhandled
 //! error reaches the caller only as a generic 500; its text goes to the log.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -17,13 +16,14 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use super::context::{Context, Shared};
+use super::run_guarded;
 use crate::bridge::CommandHandler;
 use crate::envelope::Envelope;
 use crate::error::{ErrorPayload, HandledError, StatusCode, error_payload_for};
-use crate::inflight::WorkKind;
+use crate::inflight::InFlightCounter;
 
 pub(crate) type ErasedCommandFn =
-    dyn Fn(Context, Value, Value) -> BoxFuture<'static, anyhow::Result<Value>> + Send + Sync;
+    dyn Fn(Context, &Value, &Value) -> BoxFuture<'static, anyhow::Result<Value>> + Send + Sync;
 
 /// A command definition: name, handler and metadata.
 ///
@@ -56,12 +56,13 @@ impl CommandDef {
         Fut: Future<Output = anyhow::Result<O>> + Send + 'static,
     {
         let handler = Arc::new(handler);
-        let erased = move |ctx: Context, payload: Value, parameter: Value| {
-            let handler = handler.clone();
+        let erased = move |ctx: Context, payload: &Value, parameter: &Value| {
+            // Decode from references before the future exists: no copy of the payload.
+            let decoded = decode_input::<I>(payload, "payload")
+                .and_then(|i| Ok((i, decode_input::<P>(parameter, "parameter")?)));
+            let fut = decoded.map(|(input, param)| handler(ctx, input, param));
             async move {
-                let input: I = decode_input(payload, "payload")?;
-                let param: P = decode_input(parameter, "parameter")?;
-                let out = handler(ctx, input, param).await?;
+                let out = fut?.await?;
                 serde_json::to_value(out).map_err(|e| {
                     anyhow::anyhow!("the command's output could not be serialized: {e}")
                 })
@@ -102,25 +103,27 @@ impl CommandDef {
 }
 
 /// Deserializes handler input; a mismatch is a handled 400 naming the part.
-pub(crate) fn decode_input<T: DeserializeOwned>(v: Value, part: &str) -> anyhow::Result<T> {
-    serde_json::from_value(v)
+pub(crate) fn decode_input<T: DeserializeOwned>(v: &Value, part: &str) -> anyhow::Result<T> {
+    T::deserialize(v)
         .map_err(|e| anyhow::Error::new(HandledError::bad_request(format!("invalid {part}: {e}"))))
 }
 
-/// Splits a command's `{payload, parameter}` body.
-pub(crate) fn split_body(e: &Envelope) -> (Value, Value) {
+/// Splits a command's `{payload, parameter}` body (missing parts read as `null`).
+pub(crate) fn split_body(e: &Envelope) -> (&Value, &Value) {
+    const NULL: &Value = &Value::Null;
     match &e.payload {
         Value::Object(o) => (
-            o.get("payload").cloned().unwrap_or(Value::Null),
-            o.get("parameter").cloned().unwrap_or(Value::Null),
+            o.get("payload").unwrap_or(NULL),
+            o.get("parameter").unwrap_or(NULL),
         ),
-        _ => (Value::Null, Value::Null),
+        _ => (NULL, NULL),
     }
 }
 
 pub(crate) struct CommandRuntime {
     pub shared: Arc<Shared>,
     pub registration: Arc<str>,
+    pub in_flight: InFlightCounter,
     pub target: Arc<str>,
     pub success_event: Option<String>,
     pub handler: Arc<ErasedCommandFn>,
@@ -139,10 +142,7 @@ impl CommandHandler for CommandRuntime {
             };
             return command.error_response(&p, false);
         }
-        let _guard = self
-            .shared
-            .inflight
-            .start(WorkKind::Command, &self.registration);
+        let _guard = self.in_flight.start();
         let span = tracing::info_span!(
             "purista.command",
             registration = %self.registration,
@@ -155,8 +155,9 @@ impl CommandHandler for CommandRuntime {
             origin: Some(command.clone()),
             target: self.target.clone(),
         };
-        let run = AssertUnwindSafe((self.handler)(ctx, payload, parameter)).catch_unwind();
-        let result = run.instrument(span.clone()).await;
+        let result = run_guarded(|| (self.handler)(ctx, payload, parameter))
+            .instrument(span.clone())
+            .await;
         let _enter = span.enter();
         match result {
             Ok(Ok(value)) => command.success_response(value, self.success_event.clone()),

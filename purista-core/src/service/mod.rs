@@ -48,9 +48,22 @@ use crate::capabilities::{Need, Requirement, StrictCheckError, check};
 use crate::envelope::{Address, Envelope, MessageType};
 use crate::error::{BridgeError, CommandError};
 use crate::filter::SubscriptionFilter;
-use crate::inflight::{InFlight, InFlightTracker};
+use crate::inflight::{InFlight, InFlightTracker, WorkKind};
 use crate::queue::{NewJob, QueueBridge, QueueConfig, QueueError};
 use crate::stream::StreamReader;
+
+/// Runs a handler: both the call that builds its future and the future itself are guarded, so
+/// a panic anywhere in user code becomes `Err(())` instead of reaching a consumer loop.
+pub(crate) async fn run_guarded<T>(
+    make: impl FnOnce() -> futures::future::BoxFuture<'static, T>,
+) -> Result<T, ()> {
+    use futures::FutureExt;
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    match catch_unwind(AssertUnwindSafe(make)) {
+        Ok(fut) => AssertUnwindSafe(fut).catch_unwind().await.map_err(|_| ()),
+        Err(_) => Err(()),
+    }
+}
 
 /// A parameter or payload type that accepts any JSON and serializes as `{}`: for handlers that
 /// take no input.
@@ -398,6 +411,7 @@ impl Service {
                 let registration: Arc<str> = address.to_string().into();
                 let runtime = command::CommandRuntime {
                     shared: shared.clone(),
+                    in_flight: shared.inflight.counter(WorkKind::Command, &registration),
                     registration: registration.clone(),
                     target: c.name.clone().into(),
                     success_event: c.success_event.clone(),
@@ -427,6 +441,7 @@ impl Service {
                 let registration: Arc<str> = address.to_string().into();
                 let runtime = stream::StreamRuntime {
                     shared: shared.clone(),
+                    in_flight: shared.inflight.counter(WorkKind::Stream, &registration),
                     registration: registration.clone(),
                     target: s.name.clone().into(),
                     handler: s.handler.clone(),
@@ -448,6 +463,7 @@ impl Service {
             let runtime = subscription::SubscriptionRuntime {
                 shared: shared.clone(),
                 spec: spec.clone(),
+                in_flight: shared.inflight.counter(WorkKind::Subscription, &key),
                 key: key.clone(),
                 target: s.name.clone().into(),
                 emit_event: s.emit_event.clone(),
@@ -480,11 +496,13 @@ impl Service {
                         queue: w.queue.clone(),
                         source,
                     })?;
+                let registration: Arc<str> = format!("queue {}", w.queue).into();
                 let runtime = Arc::new(queue_worker::WorkerRuntime {
                     shared: shared.clone(),
                     queues: q.clone(),
                     queue: w.queue.clone(),
-                    registration: format!("queue {}", w.queue).into(),
+                    in_flight: shared.inflight.counter(WorkKind::Queue, &registration),
+                    registration,
                     config: w.config.clone(),
                     mode: w.mode,
                     lease_wait: w.lease_wait,
@@ -517,13 +535,21 @@ struct Registered {
     subscriptions: Vec<String>,
 }
 
-/// A started service. Dropping it does not stop it: call [`RunningService::shutdown`].
+/// A started service. Call [`RunningService::shutdown`] to stop it gracefully; dropping it only
+/// stops its queue workers (its commands and subscriptions stay registered on the bridge until
+/// the bridge shuts down).
 pub struct RunningService {
     shared: Arc<context::Shared>,
     registered: Mutex<Registered>,
     stop_workers: watch::Sender<bool>,
     worker_tasks: Mutex<Vec<JoinHandle<()>>>,
     shutdown_report: tokio::sync::Mutex<Option<DrainReport>>,
+}
+
+impl Drop for RunningService {
+    fn drop(&mut self) {
+        let _ = self.stop_workers.send(true);
+    }
 }
 
 impl RunningService {

@@ -7,22 +7,21 @@
 //! The queue bridge applies [`QueueConfig::plan`](crate::QueueConfig::plan) to it. Stopping is
 //! explicit: a watch flag ends the loop, and the runtime keeps the task handles to await them.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::{Semaphore, watch};
 use tracing::Instrument;
 
 use super::context::{Context, JobContext, Shared};
+use super::run_guarded;
 use crate::capabilities::Need;
 use crate::error::HandledError;
-use crate::inflight::WorkKind;
+use crate::inflight::InFlightCounter;
 use crate::queue::{JobSettlement, LeasedJob, QueueBridge, QueueConfig};
 
 /// How a worker takes jobs.
@@ -57,7 +56,7 @@ impl IntoJobSettlement for JobSettlement {
     }
 }
 
-pub(crate) type ErasedJobFn = dyn Fn(JobContext, Value, Value) -> BoxFuture<'static, anyhow::Result<JobSettlement>>
+pub(crate) type ErasedJobFn = dyn Fn(JobContext, &Value, &Value) -> BoxFuture<'static, anyhow::Result<JobSettlement>>
     + Send
     + Sync;
 
@@ -98,16 +97,14 @@ impl QueueWorkerDef {
         Fut: Future<Output = anyhow::Result<R>> + Send + 'static,
     {
         let handler = Arc::new(handler);
-        let erased = move |ctx: JobContext, payload: Value, parameter: Value| {
-            let handler = handler.clone();
-            async move {
-                let input: I = serde_json::from_value(payload)
-                    .map_err(|e| anyhow::Error::new(JobPayloadMismatch(e.to_string())))?;
-                let param: P = serde_json::from_value(parameter)
-                    .map_err(|e| anyhow::Error::new(JobPayloadMismatch(e.to_string())))?;
-                Ok(handler(ctx, input, param).await?.into_settlement())
-            }
-            .boxed()
+        let erased = move |ctx: JobContext, payload: &Value, parameter: &Value| {
+            let mismatch =
+                |e: serde_json::Error| anyhow::Error::new(JobPayloadMismatch(e.to_string()));
+            let decoded = I::deserialize(payload)
+                .map_err(mismatch)
+                .and_then(|i| Ok((i, P::deserialize(parameter).map_err(mismatch)?)));
+            let fut = decoded.map(|(input, param)| handler(ctx, input, param));
+            async move { Ok(fut?.await?.into_settlement()) }.boxed()
         };
         QueueWorkerDef {
             queue: queue.into(),
@@ -175,6 +172,7 @@ pub(crate) struct WorkerRuntime {
     pub queues: Arc<dyn QueueBridge>,
     pub queue: String,
     pub registration: Arc<str>,
+    pub in_flight: InFlightCounter,
     pub config: QueueConfig,
     pub mode: WorkerMode,
     pub lease_wait: Duration,
@@ -244,10 +242,7 @@ impl WorkerRuntime {
     }
 
     async fn handle(&self, job: LeasedJob) {
-        let _guard = self
-            .shared
-            .inflight
-            .start(WorkKind::Queue, &self.registration);
+        let _guard = self.in_flight.start();
         let span = tracing::info_span!(
             "purista.job",
             queue = %self.queue,
@@ -255,7 +250,7 @@ impl WorkerRuntime {
             attempt = job.attempt,
             trace_id = job.trace_id.as_deref().unwrap_or(""),
         );
-        let lease = Arc::new(Mutex::new(job.clone()));
+        let job = Arc::new(job);
         let ctx = JobContext {
             ctx: Context {
                 shared: self.shared.clone(),
@@ -264,38 +259,24 @@ impl WorkerRuntime {
             },
             job: job.clone(),
             queues: self.queues.clone(),
-            lease: lease.clone(),
         };
         let heartbeat = self.config.auto_heartbeat.then(|| {
             let queues = self.queues.clone();
-            let lease = lease.clone();
+            let job = job.clone();
             let every = self.config.heartbeat_interval;
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(every).await;
-                    let current = lease.lock().clone();
-                    match queues.extend_lease(&current, None).await {
-                        Ok(until) => {
-                            let mut l = lease.lock();
-                            l.lease_expires_at_ms = until;
-                            l.extensions += 1;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "automatic lease extension stopped");
-                            break;
-                        }
+                    if let Err(e) = queues.extend_lease(&job, None).await {
+                        tracing::warn!(error = %e, "automatic lease extension stopped");
+                        break;
                     }
                 }
             })
         });
-        let result = AssertUnwindSafe((self.handler)(
-            ctx,
-            job.payload.clone(),
-            job.parameter.clone(),
-        ))
-        .catch_unwind()
-        .instrument(span.clone())
-        .await;
+        let result = run_guarded(|| (self.handler)(ctx, &job.payload, &job.parameter))
+            .instrument(span.clone())
+            .await;
         if let Some(h) = heartbeat {
             h.abort();
         }
@@ -321,7 +302,7 @@ impl WorkerRuntime {
                     }
                 }
             }
-            Err(_) => {
+            Err(()) => {
                 tracing::error!("job handler panicked; retry per policy");
                 JobSettlement::Retry {
                     delay: None,
@@ -329,8 +310,7 @@ impl WorkerRuntime {
                 }
             }
         };
-        let current = lease.lock().clone();
-        if let Err(e) = self.queues.settle(&current, settlement).await {
+        if let Err(e) = self.queues.settle(&job, settlement).await {
             tracing::warn!(error = %e, "settling the job failed; the lease will expire and the job reappear");
         }
     }

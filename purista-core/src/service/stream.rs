@@ -5,7 +5,6 @@
 //! `complete` with the returned value, `error` for a returned error (handled errors keep their
 //! text, others become a generic 500), or `cancel` when the consumer cancelled.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -18,13 +17,14 @@ use tracing::Instrument;
 
 use super::command::{decode_input, split_body};
 use super::context::{Context, Shared};
+use super::run_guarded;
 use crate::bridge::{StreamHandler, StreamProducerEnd};
 use crate::envelope::Envelope;
 use crate::error::{ErrorPayload, StatusCode, error_payload_for};
-use crate::inflight::WorkKind;
+use crate::inflight::InFlightCounter;
 use crate::stream::StreamWriter;
 
-pub(crate) type ErasedStreamFn = dyn Fn(Context, Value, Value, StreamWriter) -> BoxFuture<'static, anyhow::Result<Value>>
+pub(crate) type ErasedStreamFn = dyn Fn(Context, &Value, &Value, StreamWriter) -> BoxFuture<'static, anyhow::Result<Value>>
     + Send
     + Sync;
 
@@ -58,12 +58,12 @@ impl StreamDef {
         Fut: Future<Output = anyhow::Result<O>> + Send + 'static,
     {
         let handler = Arc::new(handler);
-        let erased = move |ctx: Context, payload: Value, parameter: Value, w: StreamWriter| {
-            let handler = handler.clone();
+        let erased = move |ctx: Context, payload: &Value, parameter: &Value, w: StreamWriter| {
+            let decoded = decode_input::<I>(payload, "payload")
+                .and_then(|i| Ok((i, decode_input::<P>(parameter, "parameter")?)));
+            let fut = decoded.map(|(input, param)| handler(ctx, input, param, w));
             async move {
-                let input: I = decode_input(payload, "payload")?;
-                let param: P = decode_input(parameter, "parameter")?;
-                let out = handler(ctx, input, param, w).await?;
+                let out = fut?.await?;
                 serde_json::to_value(out)
                     .map_err(|e| anyhow::anyhow!("final value could not be serialized: {e}"))
             }
@@ -84,6 +84,7 @@ impl StreamDef {
 pub(crate) struct StreamRuntime {
     pub shared: Arc<Shared>,
     pub registration: Arc<str>,
+    pub in_flight: InFlightCounter,
     pub target: Arc<str>,
     pub handler: Arc<ErasedStreamFn>,
 }
@@ -91,10 +92,7 @@ pub(crate) struct StreamRuntime {
 #[async_trait]
 impl StreamHandler for StreamRuntime {
     async fn open(&self, open: Arc<Envelope>, producer: StreamProducerEnd) {
-        let _guard = self
-            .shared
-            .inflight
-            .start(WorkKind::Stream, &self.registration);
+        let _guard = self.in_flight.start();
         let writer = StreamWriter::new(producer, &open, self.shared.sender(&self.target));
         let span = tracing::info_span!(
             "purista.stream",
@@ -127,9 +125,8 @@ impl StreamHandler for StreamRuntime {
                 origin: Some(open.clone()),
                 target: self.target.clone(),
             };
-            let result = AssertUnwindSafe((self.handler)(ctx, payload, parameter, writer.clone()))
-                .catch_unwind()
-                .await;
+            let result =
+                run_guarded(|| (self.handler)(ctx, payload, parameter, writer.clone())).await;
             if writer.is_closed().await {
                 return;
             }

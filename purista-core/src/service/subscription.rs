@@ -7,7 +7,6 @@
 //! (or dropped with a warning when there is no target). With `emit_event` set, a reply's value is
 //! emitted as one `customMessage` before the delivery is acked.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -19,13 +18,14 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use super::context::{Context, Shared, SubscriptionContext};
+use super::run_guarded;
 use crate::bridge::{Delivery, DeliveryHandler, SubscriptionSpec};
 use crate::capabilities::Need;
 use crate::envelope::{Address, Envelope};
 use crate::error::HandledError;
 use crate::filter::SubscriptionFilter;
 use crate::idempotency::{Claim, IdempotencyGuard};
-use crate::inflight::WorkKind;
+use crate::inflight::InFlightCounter;
 use crate::outcome::{FailurePolicy, Outcome, Settlement};
 
 /// What a subscription handler returns: an outcome and, optionally, a value to emit.
@@ -108,7 +108,7 @@ impl IntoReply for Reply {
 pub(crate) struct PayloadMismatch(String);
 
 pub(crate) type ErasedSubscriptionFn =
-    dyn Fn(SubscriptionContext, Value) -> BoxFuture<'static, anyhow::Result<Reply>> + Send + Sync;
+    dyn Fn(SubscriptionContext, &Value) -> BoxFuture<'static, anyhow::Result<Reply>> + Send + Sync;
 
 /// A subscription definition.
 ///
@@ -149,14 +149,12 @@ impl SubscriptionDef {
         Fut: Future<Output = anyhow::Result<R>> + Send + 'static,
     {
         let handler = Arc::new(handler);
-        let erased = move |ctx: SubscriptionContext, payload: Value| {
-            let handler = handler.clone();
-            async move {
-                let input: T = serde_json::from_value(payload)
-                    .map_err(|e| anyhow::Error::new(PayloadMismatch(e.to_string())))?;
-                Ok(handler(ctx, input).await?.into_reply())
-            }
-            .boxed()
+        let erased = move |ctx: SubscriptionContext, payload: &Value| {
+            // Decode from the shared envelope before the future exists: no payload copy.
+            let fut = T::deserialize(payload)
+                .map_err(|e| anyhow::Error::new(PayloadMismatch(e.to_string())))
+                .map(|input| handler(ctx, input));
+            async move { Ok(fut?.await?.into_reply()) }.boxed()
         };
         SubscriptionDef {
             name: name.into(),
@@ -303,6 +301,7 @@ pub(crate) struct SubscriptionRuntime {
     pub shared: Arc<Shared>,
     pub spec: SubscriptionSpec,
     pub key: Arc<str>,
+    pub in_flight: InFlightCounter,
     pub target: Arc<str>,
     pub emit_event: Option<String>,
     pub pausable: bool,
@@ -314,9 +313,7 @@ pub(crate) struct SubscriptionRuntime {
 
 impl SubscriptionRuntime {
     async fn run_handler(&self, ctx: SubscriptionContext, envelope: &Envelope) -> Reply {
-        let result = AssertUnwindSafe((self.handler)(ctx, envelope.payload.clone()))
-            .catch_unwind()
-            .await;
+        let result = run_guarded(|| (self.handler)(ctx, &envelope.payload)).await;
         match result {
             Ok(Ok(reply)) => reply,
             Ok(Err(err)) => {
@@ -331,7 +328,7 @@ impl SubscriptionRuntime {
                     Outcome::retry().into_reply()
                 }
             }
-            Err(_) => {
+            Err(()) => {
                 tracing::error!("subscription handler panicked; retry per policy");
                 Outcome::retry().into_reply()
             }
@@ -387,7 +384,7 @@ impl DeliveryHandler for SubscriptionRuntime {
                     .await;
                 return;
             }
-            let _guard = self.shared.inflight.start(WorkKind::Subscription, &self.key);
+            let _guard = self.in_flight.start();
             let claimed_key = match &self.guard {
                 Some(g) => match g.key_of(&envelope) {
                     Some(k) if g.claim(&k).await == Claim::Duplicate => {
