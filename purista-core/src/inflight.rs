@@ -60,12 +60,14 @@ struct Slot {
     running: AtomicUsize,
 }
 
+type SlotMap = HashMap<(WorkKind, Arc<str>), Arc<Slot>>;
+
 #[derive(Default)]
 struct Inner {
     counts: [AtomicUsize; 5],
     // One slot per (kind, registration), created on first use and kept: a registration's
     // counter is then a lock-free atomic on the hot path.
-    slots: RwLock<HashMap<(WorkKind, Arc<str>), Arc<Slot>>>,
+    slots: RwLock<SlotMap>,
     zero: Notify,
 }
 
