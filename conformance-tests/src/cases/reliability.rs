@@ -1,0 +1,224 @@
+//! Reliability under broker faults (DESIGN §4: reconnect, re-establish topology and consumers,
+//! fail in-flight invocations with 503). Runs only for harnesses with broker-control hooks.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use purista_core::{
+    Address, CommandDef, Context, Empty, InvokeOptions, Need, Service, StatusCode,
+    SubscriptionContext, SubscriptionDef,
+};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::env::TestEnv;
+use crate::gate::require;
+use crate::harness::{BrokerControl, Harness};
+use crate::runner::Verdict;
+use crate::support::{Collector, LATE_SLACK, eventually};
+
+const NO_CONTROL: &str = "the harness has no broker-control hooks (drop connections, restart)";
+
+/// How long the suite gives a bridge to ride out one fault.
+const RECOVERY: Duration = Duration::from_secs(50);
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    DropConnections,
+    Restart,
+}
+
+async fn inject(control: &Arc<dyn BrokerControl>, fault: Fault) {
+    match fault {
+        Fault::DropConnections => control.drop_connections().await,
+        Fault::Restart => control.restart().await,
+    }
+}
+
+/// 10 000 at-least-once events from 4 publishers; `fault` strikes after a third was published.
+/// Every event must arrive (duplicates allowed), consumed by the service that was running
+/// before the fault.
+async fn events_survive(h: Arc<dyn Harness>, fault: Fault) -> Verdict {
+    const PUBLISHERS: usize = 4;
+    const PER_PUBLISHER: u64 = 2_500;
+    const TOTAL: usize = PUBLISHERS * PER_PUBLISHER as usize;
+    let Some(control) = h.control() else {
+        return Verdict::NotApplicable(NO_CONTROL);
+    };
+    let needs = [
+        Need::SharedSubscription,
+        Need::DurableSubscription,
+        Need::AtLeastOnce,
+    ];
+    if let Some(v) = require(&h, &needs).await {
+        return v;
+    }
+    let mut env = TestEnv::new(&h, PUBLISHERS + 1).await;
+    let event = env.name("reliable");
+    let received: Arc<Collector<(u64, u64)>> = Collector::new();
+    let sink = received.clone();
+    let consumer = SubscriptionDef::new("reliable", move |_ctx: SubscriptionContext, v: Value| {
+        let sink = sink.clone();
+        async move {
+            sink.push((v["p"].as_u64().unwrap_or(0), v["n"].as_u64().unwrap_or(0)));
+            Ok(())
+        }
+    })
+    .event_name(&event)
+    .durable(true)
+    .require(Need::AtLeastOnce)
+    .prefetch(64);
+    env.start(
+        PUBLISHERS,
+        Service::builder(env.name("consumer"), "1").subscription(consumer),
+    )
+    .await;
+    let mut publishers = Vec::new();
+    for i in 0..PUBLISHERS {
+        publishers.push(
+            env.start(i, Service::builder(env.name("publisher"), "1"))
+                .await,
+        );
+    }
+
+    let published = Arc::new(AtomicUsize::new(0));
+    let deadline = Instant::now() + RECOVERY;
+    let tasks: Vec<_> = publishers
+        .into_iter()
+        .enumerate()
+        .map(|(p, service)| {
+            let (event, published) = (event.clone(), published.clone());
+            tokio::spawn(async move {
+                for n in 0..PER_PUBLISHER {
+                    // Like a real publisher: retry until the broker takes it (duplicates are
+                    // the consumer's business, losses are the bridge's).
+                    while let Err(e) = service.emit(&event, json!({ "p": p, "n": n })).await {
+                        assert!(
+                            Instant::now() < deadline,
+                            "publishing still fails {RECOVERY:?} after the fault: {e}"
+                        );
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    published.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    eventually("a third of the events is published", RECOVERY, || {
+        let n = published.load(Ordering::Relaxed);
+        async move { n >= TOTAL / 3 }
+    })
+    .await;
+    inject(&control, fault).await;
+    for t in futures::future::join_all(tasks).await {
+        t.expect("a publisher task panicked");
+    }
+    let got = received
+        .wait_until(RECOVERY, |r| {
+            r.iter().collect::<BTreeSet<_>>().len() >= TOTAL
+        })
+        .await;
+    let distinct: BTreeSet<(u64, u64)> = match got {
+        Ok(r) | Err(r) => r.into_iter().collect(),
+    };
+    let lost = TOTAL - distinct.len();
+    assert_eq!(
+        lost, 0,
+        "{lost} of {TOTAL} at-least-once events were lost across a {fault:?}"
+    );
+    env.finish().await;
+    Verdict::Passed
+}
+
+/// A dropped connection in the middle of 10 000 events loses none of them.
+pub async fn connection_drop_loses_no_events(h: Arc<dyn Harness>) -> Verdict {
+    events_survive(h, Fault::DropConnections).await
+}
+
+/// A broker restart in the middle of 10 000 events loses none of them.
+pub async fn broker_restart_loses_no_events(h: Arc<dyn Harness>) -> Verdict {
+    events_survive(h, Fault::Restart).await
+}
+
+/// Invocations made while the broker is away fail with 503 (or 504 at their ttl) or complete;
+/// none hangs past its ttl, and invocations succeed again afterwards without a restart.
+pub async fn invocations_during_an_outage_fail_or_complete_within_ttl(
+    h: Arc<dyn Harness>,
+) -> Verdict {
+    const TTL: Duration = Duration::from_millis(500);
+    let Some(control) = h.control() else {
+        return Verdict::NotApplicable(NO_CONTROL);
+    };
+    if let Some(v) = require(&h, &[Need::Commands]).await {
+        return v;
+    }
+    let mut env = TestEnv::new(&h, 2).await;
+    let echo = CommandDef::new(
+        "echo",
+        |_ctx: Context, n: u64, _p: Empty| async move { Ok(n) },
+    );
+    env.start(1, Service::builder(env.name("server"), "1").command(echo))
+        .await;
+    let client = env
+        .start(0, Service::builder(env.name("client"), "1"))
+        .await;
+    let to = Address::new(env.name("server"), "1", "echo");
+
+    for fault in [Fault::DropConnections, Fault::Restart] {
+        let faulted = Arc::new(AtomicUsize::new(0));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let caller = {
+            let (client, to, faulted) = (client.clone(), to.clone(), faulted.clone());
+            let calls = calls.clone();
+            tokio::spawn(async move {
+                let deadline = Instant::now() + RECOVERY;
+                let mut successes_after = 0;
+                let mut n = 0u64;
+                while successes_after < 20 {
+                    assert!(
+                        Instant::now() < deadline,
+                        "invocations do not succeed again {RECOVERY:?} after a {fault:?}"
+                    );
+                    n += 1;
+                    let started = Instant::now();
+                    let r = client
+                        .invoke_with::<u64>(to.clone(), n, Empty, InvokeOptions::ttl(TTL))
+                        .await;
+                    let took = started.elapsed();
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    assert!(
+                        took <= TTL + LATE_SLACK,
+                        "an invocation during a {fault:?} hung for {took:?} (ttl {TTL:?})"
+                    );
+                    match r {
+                        Ok(v) => {
+                            assert_eq!(v, n, "an invocation got another invocation's answer");
+                            if faulted.load(Ordering::Acquire) == 1 {
+                                successes_after += 1;
+                            }
+                        }
+                        Err(e) => assert!(
+                            matches!(
+                                e.status,
+                                StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+                            ),
+                            "an invocation during a {fault:?} failed with {e}, not 503/504"
+                        ),
+                    }
+                }
+            })
+        };
+        eventually("invocations run before the fault", RECOVERY, || {
+            let n = calls.load(Ordering::Relaxed);
+            async move { n >= 10 }
+        })
+        .await;
+        inject(&control, fault).await;
+        faulted.store(1, Ordering::Release);
+        caller.await.expect("the invoking task panicked");
+    }
+    env.finish().await;
+    Verdict::Passed
+}

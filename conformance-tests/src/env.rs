@@ -1,0 +1,104 @@
+//! A case's world: a fresh deployment under a unique prefix, the services the case started on
+//! it, and one call that takes all of it down again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use purista_core::{
+    Capabilities, EventBridge, QueueBridge, RunningService, ServiceBuilder, StartError,
+};
+use tokio::time::Instant;
+
+use crate::harness::{Deployment, Harness, RawPublisher};
+use crate::support::new_prefix;
+
+/// One case's deployment and services.
+pub struct TestEnv {
+    /// The harness.
+    pub harness: Arc<dyn Harness>,
+    /// Unique resource prefix of this case.
+    pub prefix: String,
+    /// The bridge instances.
+    pub deployment: Deployment,
+    services: Vec<Arc<RunningService>>,
+}
+
+impl TestEnv {
+    /// A deployment of `instances` bridge instances under a fresh prefix.
+    pub async fn new(harness: &Arc<dyn Harness>, instances: usize) -> Self {
+        let prefix = new_prefix();
+        let deployment = harness.deployment(&prefix, instances).await;
+        assert_eq!(
+            deployment.bridges.len(),
+            instances,
+            "the harness made the wrong number of bridge instances"
+        );
+        TestEnv {
+            harness: harness.clone(),
+            prefix,
+            deployment,
+            services: Vec::new(),
+        }
+    }
+
+    /// A name unique to this case: `<prefix>-<name>`.
+    pub fn name(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    /// Bridge instance `i`.
+    pub fn bridge(&self, i: usize) -> Arc<dyn EventBridge> {
+        self.deployment.bridge(i)
+    }
+
+    /// The declared capabilities.
+    pub fn caps(&self) -> Capabilities {
+        self.harness.capabilities()
+    }
+
+    /// The queue bridge; panics when there is none (queue cases check first).
+    pub fn queues(&self) -> Arc<dyn QueueBridge> {
+        self.deployment
+            .queues
+            .clone()
+            .expect("this deployment has a queue bridge")
+    }
+
+    /// The raw publisher, if the harness has one.
+    pub fn raw(&self) -> Option<Arc<dyn RawPublisher>> {
+        self.deployment.raw.clone()
+    }
+
+    /// Starts `service` on instance `i` (with the queue bridge, if any) and keeps it for
+    /// [`TestEnv::finish`]. Panics with the start error: a case only starts what must start.
+    pub async fn start(&mut self, i: usize, service: ServiceBuilder) -> Arc<RunningService> {
+        match self.try_start(i, service).await {
+            Ok(s) => s,
+            Err(e) => panic!("a service the bridge declares support for did not start: {e}"),
+        }
+    }
+
+    /// Like [`TestEnv::start`] but returns the start error.
+    pub async fn try_start(
+        &mut self,
+        i: usize,
+        service: ServiceBuilder,
+    ) -> Result<Arc<RunningService>, StartError> {
+        let service = match &self.deployment.queues {
+            Some(q) => service.queue_bridge(q.clone()),
+            None => service,
+        };
+        let running = Arc::new(service.build().start(self.bridge(i)).await?);
+        self.services.push(running.clone());
+        Ok(running)
+    }
+
+    /// Shuts every started service down, then the deployment (bridges, broker resources).
+    pub async fn finish(mut self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        for s in std::mem::take(&mut self.services) {
+            s.shutdown(deadline).await;
+        }
+        self.deployment.cleanup().await;
+    }
+}

@@ -1,0 +1,193 @@
+//! What a bridge hands the suite: its declared capabilities, a factory for deployments (N bridge
+//! instances on one broker) and, where it can, hooks that break the broker on purpose.
+//!
+//! The suite never names a bridge type. Each case asks the [`Harness`] for a fresh
+//! [`Deployment`] under a unique resource prefix, runs one behaviour on it and cleans up, so
+//! cases can run in parallel on one real broker exactly as they do on the in-process one.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use purista_core::{Capabilities, Envelope, EventBridge, QueueBridge, QueueCapabilities};
+
+/// How a bridge is exercised, as printed in the capability matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TestMode {
+    /// The bridge is its own broker (the in-process bridge).
+    InProcess,
+    /// A real broker process (RabbitMQ, moto, …).
+    RealBroker,
+    /// An in-repo fake that speaks the broker's real protocol.
+    ProtocolDouble,
+}
+
+impl TestMode {
+    /// The wording used in the matrix.
+    pub fn describe(self) -> &'static str {
+        match self {
+            TestMode::InProcess => "in process (the bridge is its own broker)",
+            TestMode::RealBroker => "against a real broker",
+            TestMode::ProtocolDouble => {
+                "against a protocol double (an in-repo fake speaking the broker's real protocol)"
+            }
+        }
+    }
+}
+
+/// Publishes bytes straight to the broker, bypassing a bridge's encoding and stamping: the way
+/// to put poison messages and duplicate message ids on the wire.
+#[async_trait]
+pub trait RawPublisher: Send + Sync + 'static {
+    /// Publishes `bytes`, an encoded envelope, as one message, routed by what it contains.
+    /// `Err` when the broker refused it; the text says why.
+    async fn publish(&self, bytes: &[u8]) -> Result<(), String>;
+
+    /// Publishes `bytes` that are *not* an envelope, routed as `route_as` would be (brokers that
+    /// route on headers or attributes need them), so that the poison reaches the consumers of
+    /// `route_as`. `Err` when the broker (or the in-process hub, which decodes on publish)
+    /// refused the bytes.
+    async fn publish_undecodable(&self, bytes: &[u8], route_as: &Envelope) -> Result<(), String> {
+        let _ = route_as;
+        self.publish(bytes).await
+    }
+}
+
+/// Breaks the broker on purpose, for the reliability cases.
+#[async_trait]
+pub trait BrokerControl: Send + Sync + 'static {
+    /// Closes every client connection; the broker keeps running.
+    async fn drop_connections(&self);
+    /// Stops the broker and starts it again; returns once it accepts connections.
+    async fn restart(&self);
+}
+
+/// One bridge under test. Implement it once per bridge; [`crate::suite!`] turns the suite into
+/// one test per behaviour for it.
+#[async_trait]
+pub trait Harness: Send + Sync + 'static {
+    /// Bridge name as it appears in test names and the matrix, e.g. `default`.
+    fn name(&self) -> &'static str;
+
+    /// How the bridge is exercised here.
+    fn mode(&self) -> TestMode;
+
+    /// The event bridge's declared capabilities (the suite checks they are the bridge's own).
+    fn capabilities(&self) -> Capabilities;
+
+    /// The queue bridge's declared capabilities, when the bridge has a queue half.
+    fn queue_capabilities(&self) -> Option<QueueCapabilities>;
+
+    /// `instances` independent bridge instances on one broker, all resources named under
+    /// `prefix` (unique per test). Instances are not started; services start them.
+    async fn deployment(&self, prefix: &str, instances: usize) -> Deployment;
+
+    /// Hooks that drop connections or restart the broker; `None` skips the reliability cases.
+    fn control(&self) -> Option<Arc<dyn BrokerControl>> {
+        None
+    }
+}
+
+type Teardown = Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// N bridge instances of one deployment on one broker, plus what the suite needs besides.
+pub struct Deployment {
+    /// The event bridge instances (one per service instance).
+    pub bridges: Vec<Arc<dyn EventBridge>>,
+    /// The queue bridge, when the bridge has a queue half.
+    pub queues: Option<Arc<dyn QueueBridge>>,
+    /// Raw access to the broker, when the harness can offer it.
+    pub raw: Option<Arc<dyn RawPublisher>>,
+    teardown: Vec<Teardown>,
+    cleaned: bool,
+    /// Set on the copy that cleans up in the background: it must never spawn another copy (a
+    /// runtime that is shutting down drops spawned tasks at once, which would recurse).
+    background: bool,
+}
+
+impl Deployment {
+    /// A deployment of `bridges` with optional queue bridge and raw publisher.
+    pub fn new(
+        bridges: Vec<Arc<dyn EventBridge>>,
+        queues: Option<Arc<dyn QueueBridge>>,
+        raw: Option<Arc<dyn RawPublisher>>,
+    ) -> Self {
+        Deployment {
+            bridges,
+            queues,
+            raw,
+            teardown: Vec::new(),
+            cleaned: false,
+            background: false,
+        }
+    }
+
+    /// Adds a step that removes broker resources after the bridges are shut down (queues,
+    /// exchanges, rules named under the test's prefix).
+    pub fn on_cleanup<F>(mut self, step: F) -> Self
+    where
+        F: FnOnce() -> BoxFuture<'static, ()> + Send + Sync + 'static,
+    {
+        self.teardown.push(Box::new(step));
+        self
+    }
+
+    /// The same deployment with every bridge instance replaced by `wrap(instance)`: for
+    /// harnesses that decorate another bridge (and for the suite's own mutant tests).
+    pub fn map_bridges(
+        mut self,
+        wrap: impl FnMut(Arc<dyn EventBridge>) -> Arc<dyn EventBridge>,
+    ) -> Self {
+        self.bridges = std::mem::take(&mut self.bridges)
+            .into_iter()
+            .map(wrap)
+            .collect();
+        self
+    }
+
+    /// Instance `i`.
+    pub fn bridge(&self, i: usize) -> Arc<dyn EventBridge> {
+        self.bridges[i].clone()
+    }
+
+    /// Shuts every bridge and the queue bridge down, then runs the cleanup steps. Idempotent.
+    pub async fn cleanup(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        self.cleaned = true;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        for b in &self.bridges {
+            b.shutdown(deadline).await;
+        }
+        if let Some(q) = &self.queues {
+            q.shutdown().await;
+        }
+        for step in std::mem::take(&mut self.teardown) {
+            step().await;
+        }
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        // A case that panicked never reached its cleanup: do it in the background, best effort,
+        // so a failing test does not leave queues behind on a shared broker.
+        if self.cleaned || self.background {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut rest = Deployment {
+            bridges: std::mem::take(&mut self.bridges),
+            queues: self.queues.take(),
+            raw: self.raw.take(),
+            teardown: std::mem::take(&mut self.teardown),
+            cleaned: false,
+            background: true,
+        };
+        self.cleaned = true;
+        rt.spawn(async move { rest.cleanup().await });
+    }
+}

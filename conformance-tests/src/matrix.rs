@@ -1,0 +1,279 @@
+//! The capability matrix: run every case against every harness and report, per bridge and
+//! behaviour group, what actually happened — passed, rejected at startup as undeclared, not
+//! applicable, or failed — plus each bridge's test mode and declared capabilities.
+//!
+//! The output is deterministic (suite order, no timings), so the README can carry it and CI can
+//! compare the committed copy with a fresh run.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::harness::Harness;
+use crate::runner::{Case, Verdict};
+
+/// Marks the start of the generated section in a markdown file.
+pub const START_MARKER: &str = "<!-- matrix:start -->";
+/// Marks its end.
+pub const END_MARKER: &str = "<!-- matrix:end -->";
+
+/// What happened to one case on one bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The behaviour holds.
+    Passed,
+    /// Undeclared; the strict check refused it as it must.
+    Rejected(String),
+    /// Not exercised with this harness.
+    NotApplicable(String),
+    /// Panicked or timed out; the message says why.
+    Failed(String),
+}
+
+/// One case on one bridge.
+#[derive(Debug, Clone)]
+pub struct CaseResult {
+    /// Bridge (harness) name.
+    pub bridge: &'static str,
+    /// Behaviour group.
+    pub group: &'static str,
+    /// Behaviour.
+    pub name: &'static str,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panicked".to_string()
+    }
+}
+
+/// Runs every case on every harness, at most `jobs` at once, each in its own task bounded by
+/// `timeout`. `progress` sees each result as it comes. Results come back in suite order.
+pub async fn run(
+    harnesses: &[Arc<dyn Harness>],
+    cases: &[Case],
+    jobs: usize,
+    timeout: Duration,
+    progress: impl Fn(&CaseResult),
+) -> Vec<CaseResult> {
+    let slots = Arc::new(Semaphore::new(jobs.max(1)));
+    let mut running = Vec::new();
+    for h in harnesses {
+        for case in cases {
+            let (h, case, slots) = (h.clone(), *case, slots.clone());
+            running.push(tokio::spawn(async move {
+                let _slot = slots.acquire_owned().await.expect("never closed");
+                let bridge = h.name();
+                let task = tokio::spawn((case.run)(h));
+                let abort = task.abort_handle();
+                let outcome = match tokio::time::timeout(timeout, task).await {
+                    Ok(Ok(Verdict::Passed)) => Outcome::Passed,
+                    Ok(Ok(Verdict::RejectedAsUndeclared(need))) => Outcome::Rejected(need),
+                    Ok(Ok(Verdict::NotApplicable(why))) => Outcome::NotApplicable(why.into()),
+                    Ok(Err(e)) if e.is_panic() => Outcome::Failed(panic_text(&*e.into_panic())),
+                    Ok(Err(e)) => Outcome::Failed(e.to_string()),
+                    Err(_) => {
+                        abort.abort();
+                        Outcome::Failed(format!("did not finish within {timeout:?}"))
+                    }
+                };
+                CaseResult {
+                    bridge,
+                    group: case.group,
+                    name: case.name,
+                    outcome,
+                }
+            }));
+        }
+    }
+    let mut results = Vec::new();
+    for r in running {
+        let r = r.await.expect("the case runner task itself does not panic");
+        progress(&r);
+        results.push(r);
+    }
+    results
+}
+
+#[derive(Default)]
+struct Cell {
+    total: usize,
+    passed: usize,
+    rejected: usize,
+    not_applicable: usize,
+    failed: Vec<&'static str>,
+}
+
+impl Cell {
+    fn render(&self) -> String {
+        if !self.failed.is_empty() {
+            let mut names = self.failed.clone();
+            names.sort_unstable();
+            return format!("failed: {}", names.join(", "));
+        }
+        let mut parts = Vec::new();
+        if self.passed > 0 {
+            parts.push(format!("passed {}/{}", self.passed, self.total));
+        }
+        if self.rejected > 0 {
+            parts.push(format!("rejected as undeclared ({})", self.rejected));
+        }
+        if self.not_applicable > 0 {
+            parts.push(format!("not applicable ({})", self.not_applicable));
+        }
+        parts.join(", ")
+    }
+}
+
+/// The matrix as markdown: one row per behaviour group, one column per bridge; then each
+/// bridge's test mode, the undeclared needs the strict check rejected, and the declared
+/// capabilities.
+pub fn render(harnesses: &[Arc<dyn Harness>], cases: &[Case], results: &[CaseResult]) -> String {
+    let mut groups: Vec<&'static str> = Vec::new();
+    for c in cases {
+        if !groups.contains(&c.group) {
+            groups.push(c.group);
+        }
+    }
+    let mut cells: BTreeMap<(&str, &str), Cell> = BTreeMap::new();
+    let mut rejected: BTreeMap<&str, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for r in results {
+        let cell = cells.entry((r.bridge, r.group)).or_default();
+        cell.total += 1;
+        match &r.outcome {
+            Outcome::Passed => cell.passed += 1,
+            Outcome::Rejected(need) => {
+                cell.rejected += 1;
+                rejected.entry(r.bridge).or_default().insert(need.clone());
+            }
+            Outcome::NotApplicable(_) => cell.not_applicable += 1,
+            Outcome::Failed(_) => cell.failed.push(r.name),
+        }
+    }
+
+    let mut out = String::from("| behaviour group |");
+    for h in harnesses {
+        out.push_str(&format!(" {} |", h.name()));
+    }
+    out.push_str("\n|---|");
+    for _ in harnesses {
+        out.push_str("---|");
+    }
+    out.push('\n');
+    for g in &groups {
+        out.push_str(&format!("| {g} |"));
+        for h in harnesses {
+            let cell = cells
+                .get(&(h.name(), *g))
+                .map(Cell::render)
+                .unwrap_or_default();
+            out.push_str(&format!(" {cell} |"));
+        }
+        out.push('\n');
+    }
+    out.push('\n');
+    for h in harnesses {
+        out.push_str(&format!("- `{}`: tested {}", h.name(), h.mode().describe()));
+        match rejected.get(h.name()) {
+            Some(needs) if !needs.is_empty() => {
+                let needs: Vec<&str> = needs.iter().map(String::as_str).collect();
+                out.push_str(&format!(
+                    "; undeclared and rejected at startup: {}",
+                    needs.join("; ")
+                ));
+            }
+            _ => {}
+        }
+        out.push('\n');
+    }
+    out.push_str("\nDeclared capabilities:\n\n");
+    let caps: Vec<_> = harnesses.iter().map(|h| h.capabilities()).collect();
+    let refs: Vec<_> = caps.iter().collect();
+    out.push_str(&purista_core::Capabilities::markdown_table(&refs));
+    out
+}
+
+/// The text between the markers in `doc`, trimmed; `None` when the markers are missing.
+pub fn section(doc: &str) -> Option<&str> {
+    let start = doc.find(START_MARKER)? + START_MARKER.len();
+    let end = start + doc[start..].find(END_MARKER)?;
+    Some(doc[start..end].trim())
+}
+
+/// `doc` with the text between the markers replaced by `matrix`; `None` without markers.
+pub fn replace_section(doc: &str, matrix: &str) -> Option<String> {
+    let start = doc.find(START_MARKER)? + START_MARKER.len();
+    let end = start + doc[start..].find(END_MARKER)?;
+    Some(format!(
+        "{}\n{}\n{}",
+        &doc[..start],
+        matrix.trim(),
+        &doc[end..]
+    ))
+}
+
+/// A line diff good enough to show what changed in a small table.
+pub fn line_diff(old: &str, new: &str) -> String {
+    let old_lines: Vec<&str> = old.lines().collect();
+    let new_lines: Vec<&str> = new.lines().collect();
+    let mut out = String::new();
+    for l in &old_lines {
+        if !new_lines.contains(l) {
+            out.push_str(&format!("- {l}\n"));
+        }
+    }
+    for l in &new_lines {
+        if !old_lines.contains(l) {
+            out.push_str(&format!("+ {l}\n"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_only_the_marked_section() {
+        let doc = format!("# T\n{START_MARKER}\nold\n{END_MARKER}\ntail\n");
+        let new = replace_section(&doc, "new table").expect("markers");
+        assert_eq!(
+            new,
+            format!("# T\n{START_MARKER}\nnew table\n{END_MARKER}\ntail\n")
+        );
+        assert_eq!(section(&new), Some("new table"));
+        assert_eq!(replace_section("no markers", "x"), None);
+    }
+
+    #[test]
+    fn a_cell_names_failures_before_anything_else() {
+        let cell = Cell {
+            total: 4,
+            passed: 2,
+            rejected: 1,
+            not_applicable: 0,
+            failed: vec!["b_case", "a_case"],
+        };
+        assert_eq!(cell.render(), "failed: a_case, b_case");
+        let cell = Cell {
+            total: 4,
+            passed: 2,
+            rejected: 1,
+            not_applicable: 1,
+            failed: vec![],
+        };
+        assert_eq!(
+            cell.render(),
+            "passed 2/4, rejected as undeclared (1), not applicable (1)"
+        );
+    }
+}

@@ -1,0 +1,199 @@
+//! Waiting and bookkeeping helpers the cases share.
+//!
+//! Cases never sleep to wait for something to happen: they wait on a condition with a deadline
+//! ([`Collector::wait_for_len`], [`eventually`]). The only fixed waits are the explicit
+//! [`quiet_period`] after everything expected has arrived (to catch extra deliveries) and a
+//! handler that is slow on purpose.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// How late a timer-driven event (a ttl, a retry delay, a visibility timeout) may fire on a
+/// loaded 2-core machine before the suite calls it broken.
+pub const LATE_SLACK: Duration = Duration::from_millis(300);
+
+/// How early such an event may fire (clock granularity of brokers that count in ms).
+pub const EARLY_SLACK: Duration = Duration::from_millis(5);
+
+/// Deadline for "this should arrive soon" waits. Generous: it only bounds a failing case.
+pub const ARRIVAL: Duration = Duration::from_secs(10);
+
+/// How long to keep listening after everything expected arrived, to catch extra deliveries.
+pub const QUIET: Duration = Duration::from_millis(150);
+
+/// A unique resource prefix for one test: `t` and 8 hex characters.
+pub fn new_prefix() -> String {
+    format!("t{}", &purista_core::ids::new_id()[..8])
+}
+
+/// Values pushed by handlers, awaited by the case. Cheap to share behind an `Arc`.
+pub struct Collector<T> {
+    items: Mutex<Vec<T>>,
+    changed: Notify,
+}
+
+impl<T: Clone + Send + 'static> Collector<T> {
+    /// An empty collector.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Collector {
+            items: Mutex::new(Vec::new()),
+            changed: Notify::new(),
+        })
+    }
+
+    /// Records one value and wakes waiters.
+    pub fn push(&self, value: T) {
+        self.items.lock().push(value);
+        self.changed.notify_waiters();
+    }
+
+    /// Number of values so far.
+    pub fn len(&self) -> usize {
+        self.items.lock().len()
+    }
+
+    /// True when nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A copy of everything recorded so far, in arrival order.
+    pub fn snapshot(&self) -> Vec<T> {
+        self.items.lock().clone()
+    }
+
+    /// Waits until `done` holds for the recorded values or `timeout` passes. `Ok` with the
+    /// values when it held, `Err` with what had arrived otherwise.
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&[T]) -> bool,
+    ) -> Result<Vec<T>, Vec<T>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let items = self.items.lock();
+                if done(&items) {
+                    return Ok(items.clone());
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let items = self.items.lock();
+                return if done(&items) {
+                    Ok(items.clone())
+                } else {
+                    Err(items.clone())
+                };
+            }
+        }
+    }
+
+    /// Waits for at least `n` values; panics naming `what` when they do not arrive in time.
+    pub async fn wait_for_len(&self, n: usize, timeout: Duration, what: &str) -> Vec<T> {
+        match self.wait_until(timeout, |items| items.len() >= n).await {
+            Ok(items) => items,
+            Err(items) => panic!(
+                "{what}: expected {n} within {timeout:?}, only {} arrived",
+                items.len()
+            ),
+        }
+    }
+}
+
+/// Waits until the async condition holds, polling every few ms; panics naming `what` when the
+/// deadline passes first. For conditions nobody can notify (broker-side state).
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("{what}: still not true after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Like [`eventually`] for a condition that yields a value.
+pub async fn eventually_some<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("{what}: still nothing after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Keeps listening for [`QUIET`] after everything expected arrived, so that extra deliveries
+/// have a chance to show up before the case counts.
+pub async fn quiet_period() {
+    tokio::time::sleep(QUIET).await;
+}
+
+/// Deliveries per message id.
+pub fn count_by_id<'a>(ids: impl IntoIterator<Item = &'a String>) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for id in ids {
+        *counts.entry(id.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Asserts that `elapsed` is `expected` within the suite's slack.
+pub fn assert_on_time(what: &str, elapsed: Duration, expected: Duration) {
+    assert!(
+        elapsed + EARLY_SLACK >= expected,
+        "{what} happened after {elapsed:?}, before the {expected:?} it must wait"
+    );
+    assert!(
+        elapsed <= expected + LATE_SLACK,
+        "{what} happened after {elapsed:?}, more than {LATE_SLACK:?} later than {expected:?}"
+    );
+}
+
+/// A subscription named `name` whose handler records every envelope it gets and acks.
+pub fn recording(
+    name: &str,
+    sink: Arc<Collector<purista_core::Envelope>>,
+) -> purista_core::SubscriptionDef {
+    purista_core::SubscriptionDef::new(
+        name,
+        move |ctx: purista_core::SubscriptionContext, _payload: serde_json::Value| {
+            let sink = sink.clone();
+            async move {
+                if let Some(e) = ctx.envelope() {
+                    sink.push(e.clone());
+                }
+                Ok(())
+            }
+        },
+    )
+}
+
+/// True when the bridge may deliver a message more than once (the suite then de-duplicates by
+/// message id before counting).
+pub fn may_duplicate(caps: &purista_core::Capabilities) -> bool {
+    caps.subscription_delivery == purista_core::DeliveryGuarantee::AtLeastOnce
+}

@@ -1,0 +1,288 @@
+//! Tests of the suite itself, on the in-process bridge wrapped in a decorator:
+//!
+//! * the suite catches broken bridges: each mutant has one deliberate fault, and the case that
+//!   pins that behaviour must fail;
+//! * the reliability cases, which need broker-control hooks no in-process broker has, run end to
+//!   end against hooks that do nothing (a dry run of the cases' own machinery).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use purista_conformance::harnesses::DefaultHarness;
+use purista_conformance::runner::CaseFn;
+use purista_conformance::{BrokerControl, Deployment, Harness, TestMode, Verdict, cases};
+use purista_core::{
+    Address, BridgeError, BridgeHealth, Capabilities, CommandHandler, DeadLetterEntry,
+    DeliveryGuarantee, DeliveryHandler, DrainReport, Envelope, EventBridge, InFlight,
+    PausedConsumer, QueueCapabilities, StreamConsumerEnd, StreamHandler, SubscriptionSpec,
+};
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// `emit` loses fields the envelope does not define.
+    DropsUnknownFields,
+    /// Declares durable subscriptions it does not have.
+    OverclaimsDurable,
+    /// Routes as if the subscription had no tenant filter.
+    IgnoresTenantFilter,
+    /// Treats shared subscriptions as broadcast.
+    SharedAsBroadcast,
+    /// Reports no in-flight work.
+    ReportsNothingInFlight,
+    /// Hands out dead letters with their payload replaced.
+    CorruptsDeadLetters,
+    /// No fault, but claims durable at-least-once subscriptions so the reliability cases run
+    /// (harmless: nothing is ever lost when the broker-control hooks do nothing).
+    None,
+}
+
+struct Mutant {
+    inner: Arc<dyn EventBridge>,
+    caps: Capabilities,
+    fault: Fault,
+}
+
+fn mutate_caps(mut caps: Capabilities, fault: Fault) -> Capabilities {
+    match fault {
+        Fault::OverclaimsDurable => caps.durable_subscriptions = true,
+        Fault::None => {
+            caps.durable_subscriptions = true;
+            caps.subscription_delivery = DeliveryGuarantee::AtLeastOnce;
+        }
+        _ => {}
+    }
+    caps
+}
+
+/// Broker-control hooks that do nothing.
+struct NoOpControl;
+
+#[async_trait]
+impl BrokerControl for NoOpControl {
+    async fn drop_connections(&self) {}
+    async fn restart(&self) {}
+}
+
+#[async_trait]
+impl EventBridge for Mutant {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn instance_id(&self) -> &str {
+        self.inner.instance_id()
+    }
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+    fn default_command_timeout(&self) -> Duration {
+        self.inner.default_command_timeout()
+    }
+    async fn start(&self) -> Result<(), BridgeError> {
+        self.inner.start().await
+    }
+    async fn health(&self) -> BridgeHealth {
+        self.inner.health().await
+    }
+    async fn emit(&self, mut message: Envelope) -> Result<(), BridgeError> {
+        if let Fault::DropsUnknownFields = self.fault {
+            message.extra.clear();
+        }
+        self.inner.emit(message).await
+    }
+    async fn invoke(&self, command: Envelope, ttl: Duration) -> Result<Envelope, BridgeError> {
+        self.inner.invoke(command, ttl).await
+    }
+    async fn register_command(
+        &self,
+        address: Address,
+        handler: Arc<dyn CommandHandler>,
+    ) -> Result<(), BridgeError> {
+        self.inner.register_command(address, handler).await
+    }
+    async fn unregister_command(&self, address: &Address) -> Result<(), BridgeError> {
+        self.inner.unregister_command(address).await
+    }
+    async fn register_subscription(
+        &self,
+        mut spec: SubscriptionSpec,
+        handler: Arc<dyn DeliveryHandler>,
+    ) -> Result<(), BridgeError> {
+        match self.fault {
+            Fault::IgnoresTenantFilter => spec.filter.tenant_id = None,
+            Fault::SharedAsBroadcast => spec.shared = false,
+            _ => {}
+        }
+        self.inner.register_subscription(spec, handler).await
+    }
+    async fn unregister_subscription(&self, key: &str) -> Result<(), BridgeError> {
+        self.inner.unregister_subscription(key).await
+    }
+    fn paused_subscription_consumers(&self) -> Vec<PausedConsumer> {
+        self.inner.paused_subscription_consumers()
+    }
+    async fn resume_subscription_consumer(&self, key: &str) -> Result<bool, BridgeError> {
+        self.inner.resume_subscription_consumer(key).await
+    }
+    async fn inspect_dead_letters(
+        &self,
+        target: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetterEntry>, BridgeError> {
+        let mut entries = self.inner.inspect_dead_letters(target, limit).await?;
+        if let Fault::CorruptsDeadLetters = self.fault {
+            for e in &mut entries {
+                if let Some(env) = e.envelope.as_mut() {
+                    env.payload = serde_json::json!({});
+                }
+            }
+        }
+        Ok(entries)
+    }
+    async fn register_stream(
+        &self,
+        address: Address,
+        handler: Arc<dyn StreamHandler>,
+    ) -> Result<(), BridgeError> {
+        self.inner.register_stream(address, handler).await
+    }
+    async fn unregister_stream(&self, address: &Address) -> Result<(), BridgeError> {
+        self.inner.unregister_stream(address).await
+    }
+    async fn open_stream(&self, open: Envelope) -> Result<StreamConsumerEnd, BridgeError> {
+        self.inner.open_stream(open).await
+    }
+    fn in_flight(&self) -> InFlight {
+        match self.fault {
+            Fault::ReportsNothingInFlight => InFlight::default(),
+            _ => self.inner.in_flight(),
+        }
+    }
+    async fn shutdown(&self, deadline: tokio::time::Instant) -> DrainReport {
+        self.inner.shutdown(deadline).await
+    }
+}
+
+struct MutantHarness(Fault);
+
+#[async_trait]
+impl Harness for MutantHarness {
+    fn name(&self) -> &'static str {
+        "mutant"
+    }
+    fn mode(&self) -> TestMode {
+        TestMode::InProcess
+    }
+    fn capabilities(&self) -> Capabilities {
+        mutate_caps(DefaultHarness::new().capabilities(), self.0)
+    }
+    fn queue_capabilities(&self) -> Option<QueueCapabilities> {
+        DefaultHarness::new().queue_capabilities()
+    }
+    fn control(&self) -> Option<Arc<dyn BrokerControl>> {
+        matches!(self.0, Fault::None).then(|| Arc::new(NoOpControl) as Arc<dyn BrokerControl>)
+    }
+    async fn deployment(&self, prefix: &str, instances: usize) -> Deployment {
+        let fault = self.0;
+        DefaultHarness::new()
+            .deployment(prefix, instances)
+            .await
+            .map_bridges(|inner| {
+                let caps = mutate_caps(inner.capabilities().clone(), fault);
+                Arc::new(Mutant { inner, caps, fault }) as Arc<dyn EventBridge>
+            })
+    }
+}
+
+/// Runs `case` against a bridge with `fault`; the case must fail.
+async fn catches(fault: Fault, case: CaseFn) {
+    purista_conformance::logs::install();
+    let harness: Arc<dyn Harness> = Arc::new(MutantHarness(fault));
+    let outcome = tokio::time::timeout(Duration::from_secs(60), tokio::spawn(case(harness)))
+        .await
+        .unwrap_or_else(|_| panic!("the case hung on a bridge that {fault:?}"));
+    match outcome {
+        Err(e) if e.is_panic() => {}
+        other => panic!("the suite did not notice a bridge that {fault:?}: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_unknown_fields_are_caught() {
+    catches(Fault::DropsUnknownFields, |h| {
+        Box::pin(cases::envelope::unknown_fields_survive_a_round_trip(h))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overclaimed_capability_is_caught() {
+    catches(Fault::OverclaimsDurable, |h| {
+        Box::pin(cases::subscriptions::durable_subscription_keeps_messages_while_no_consumer(h))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_that_ignores_a_filter_field_is_caught() {
+    catches(Fault::IgnoresTenantFilter, |h| {
+        Box::pin(cases::subscriptions::filter_table_routes_like_the_reference_matcher(h))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_delivered_as_broadcast_is_caught() {
+    catches(Fault::SharedAsBroadcast, |h| {
+        Box::pin(cases::subscriptions::shared_delivers_each_message_to_exactly_one_instance(h))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_in_flight_counts_are_caught() {
+    catches(Fault::ReportsNothingInFlight, |h| {
+        Box::pin(cases::lifecycle::in_flight_counts_running_handlers_by_kind(
+            h,
+        ))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_dead_letters_are_caught() {
+    catches(Fault::CorruptsDeadLetters, |h| {
+        Box::pin(cases::outcomes::retry_up_to_max_attempts_then_dead_letter(
+            h,
+        ))
+    })
+    .await;
+}
+
+/// Runs `case` against the wrapped bridge without fault; it must pass.
+async fn dry_run(case: CaseFn) {
+    purista_conformance::logs::install();
+    let harness: Arc<dyn Harness> = Arc::new(MutantHarness(Fault::None));
+    let verdict = tokio::time::timeout(Duration::from_secs(60), case(harness))
+        .await
+        .expect("the dry run finishes");
+    assert_eq!(verdict, Verdict::Passed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_drop_case_runs_end_to_end() {
+    dry_run(|h| Box::pin(cases::reliability::connection_drop_loses_no_events(h))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_case_runs_end_to_end() {
+    dry_run(|h| Box::pin(cases::reliability::broker_restart_loses_no_events(h))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_invocation_case_runs_end_to_end() {
+    dry_run(|h| {
+        Box::pin(cases::reliability::invocations_during_an_outage_fail_or_complete_within_ttl(h))
+    })
+    .await;
+}
