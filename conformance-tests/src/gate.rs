@@ -91,6 +91,7 @@ pub fn probe_needs() -> Vec<Need> {
         Need::QueueDelayedDelivery,
         Need::QueueLeaseExtension,
         Need::QueueIdempotency,
+        Need::QueueDeadLetterOps,
     ]
 }
 
@@ -159,11 +160,7 @@ pub fn probe(need: &Need, service: &str, name: &str, queue: &str) -> (String, Pr
             auto_heartbeat: true,
             ..QueueConfig::default()
         })),
-        Need::QueueDeadLetterOps => {
-            // No registration can declare this need (QueueWorkerDef has no setter for it), so
-            // there is nothing a strict start could reject; see the queue cases.
-            unreachable!("QueueDeadLetterOps has no probe")
-        }
+        Need::QueueDeadLetterOps => worker(QueueWorkerDef::new(queue, job).dead_letter_ops()),
     }
 }
 
@@ -202,11 +199,6 @@ pub async fn expect_mismatch_warning(registration: &str, need: &Need) {
 /// The strict check for an undeclared `need`. Panics (fails the case) when a strict start
 /// accepts the need, names it wrongly, or a non-strict start fails or does not warn.
 pub async fn rejects_at_startup(h: &Arc<dyn Harness>, need: Need) -> Verdict {
-    if need == Need::QueueDeadLetterOps {
-        return Verdict::NotApplicable(
-            "dead-letter inspect/replay/purge is undeclared, and no registration can declare a need for it",
-        );
-    }
     let mut env = TestEnv::new(h, 1).await;
     let service = env.name("probe");
     let queue = format!("{}.probe", env.prefix);

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::env::TestEnv;
-use crate::gate::{declares, require};
+use crate::gate::{declares, rejects_at_startup, require};
 use crate::harness::Harness;
 use crate::runner::Verdict;
 use crate::support::{ARRIVAL, Collector, EARLY_SLACK, LATE_SLACK, assert_on_time, eventually};
@@ -409,9 +409,7 @@ pub async fn dead_letters_inspect_replay_purge(h: Arc<dyn Harness>) -> Verdict {
             "undeclared dead-letter operations must fail with Unsupported, got {listed:?}"
         );
         env.finish().await;
-        return Verdict::NotApplicable(
-            "dead-letter inspect/replay/purge undeclared; the calls fail with Unsupported",
-        );
+        return rejects_at_startup(&h, Need::QueueDeadLetterOps).await;
     }
     let mut ids = Vec::new();
     for n in 0..3 {

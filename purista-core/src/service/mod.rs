@@ -519,6 +519,7 @@ impl Service {
         .await;
         tracing::info!(service = %self.name, version = %self.version, bridge = %bridge.name(), "service ready");
         Ok(RunningService {
+            degradations: mismatches,
             shared,
             registered: Mutex::new(registered),
             stop_workers: stop_tx,
@@ -539,6 +540,7 @@ struct Registered {
 /// stops its queue workers (its commands and subscriptions stay registered on the bridge until
 /// the bridge shuts down).
 pub struct RunningService {
+    degradations: Vec<crate::capabilities::Mismatch>,
     shared: Arc<context::Shared>,
     registered: Mutex<Registered>,
     stop_workers: watch::Sender<bool>,
@@ -560,6 +562,17 @@ impl RunningService {
             origin: None,
             target: "".into(),
         }
+    }
+
+    /// What a non-strict start degraded (empty after a strict start): registration, need and
+    /// bridge per mismatch, as warned at start.
+    pub fn degradations(&self) -> &[crate::capabilities::Mismatch] {
+        &self.degradations
+    }
+
+    /// Invocations this service has sent that await their response.
+    pub fn pending_invocations(&self) -> usize {
+        self.shared.pending_invocations.load(Ordering::Acquire)
     }
 
     /// The bridge.

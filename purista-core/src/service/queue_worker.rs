@@ -82,6 +82,7 @@ pub struct QueueWorkerDef {
     pub(crate) mode: WorkerMode,
     pub(crate) idempotency_enforced: bool,
     pub(crate) delayed_jobs: bool,
+    pub(crate) dead_letter_ops: bool,
     pub(crate) lease_wait: Duration,
     pub(crate) handler: Arc<ErasedJobFn>,
 }
@@ -112,6 +113,7 @@ impl QueueWorkerDef {
             mode: WorkerMode::Sequential,
             idempotency_enforced: false,
             delayed_jobs: false,
+            dead_letter_ops: false,
             lease_wait: Duration::from_secs(1),
             handler: Arc::new(erased),
         }
@@ -146,6 +148,13 @@ impl QueueWorkerDef {
         self
     }
 
+    /// Declares that operators will inspect, replay and purge this queue's dead letters
+    /// (needs the bridge's dead-letter operations).
+    pub fn dead_letter_ops(mut self) -> Self {
+        self.dead_letter_ops = true;
+        self
+    }
+
     /// How long one lease call waits for a job before the loop checks for stop (default 1 s).
     pub fn lease_wait(mut self, wait: Duration) -> Self {
         self.lease_wait = wait;
@@ -162,6 +171,9 @@ impl QueueWorkerDef {
         }
         if self.delayed_jobs {
             needs.push(Need::QueueDelayedDelivery);
+        }
+        if self.dead_letter_ops {
+            needs.push(Need::QueueDeadLetterOps);
         }
         needs
     }
