@@ -23,6 +23,8 @@
 #![warn(missing_docs)]
 
 pub mod cases;
+#[cfg(feature = "testcontainers")]
+pub mod containers;
 pub mod env;
 pub mod gate;
 pub mod harness;
