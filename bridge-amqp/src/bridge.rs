@@ -1,0 +1,714 @@
+//! [`AmqpBridge`]: the [`EventBridge`] surface over RabbitMQ.
+//!
+//! This file validates and stamps what goes out, publishes it (commands mandatory, everything
+//! with confirms), keeps registrations, and runs start and shutdown. The per-concern mechanics
+//! live next door: names and declarations in `topology.rs`, the header projection in
+//! `headers.rs`, confirms in `publish.rs`, consumers and settlements in `consume.rs`, responses
+//! in `reply.rs`, and the connection supervisor in `reconnect.rs`.
+//!
+//! Shutdown is one explicit sequence: stop intake (cancel every consumer but the reply
+//! consumer, so pending invocations can still complete), wait until in-flight work and this
+//! instance's tasks are done or the deadline passes, fail what is still pending with 503, delete
+//! this instance's queues and close the connection.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lapin::options::QueueDeleteOptions;
+use parking_lot::Mutex;
+use purista_core::envelope::now_ms;
+use purista_core::{
+    Address, BridgeError, BridgeHealth, Capabilities, CommandHandler, DeadLetterEntry,
+    DeliveryGuarantee, DeliveryHandler, DrainReport, Envelope, EventBridge, FilterSupport,
+    InFlight, InFlightTracker, MessageType, PausedConsumer, StreamConsumerEnd, StreamHandler,
+    SubscriptionSpec, WorkKind, ids,
+};
+use tokio::sync::{OnceCell, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::config::AmqpConfig;
+use crate::consume;
+use crate::headers;
+use crate::publish::{self, Outgoing, Verdict};
+use crate::reconnect::{self, Session};
+use crate::registry::{Kind, Registration, Registry};
+use crate::reply::ReplyInbox;
+use crate::tasks::TaskSet;
+use crate::topology::{self, MAX_NAME_LEN, Topology, millis};
+
+/// The bridge name reported by [`EventBridge::name`] and in the capabilities.
+pub const BRIDGE_NAME: &str = "amqp";
+
+/// State shared by the bridge, its supervisor, consumers and settlers.
+pub(crate) struct Shared {
+    pub config: AmqpConfig,
+    pub topology: Topology,
+    pub instance_id: String,
+    /// The live session; `None` while disconnected.
+    pub session: watch::Sender<Option<Arc<Session>>>,
+    pub inbox: ReplyInbox,
+    pub registry: Registry,
+    /// Serializes consumer changes that talk to the broker (start, restore, pause, resume,
+    /// stop). An async mutex on purpose: those changes are sequences of broker round trips that
+    /// must not interleave; nothing waits for handlers while holding it.
+    pub topology_lock: tokio::sync::Mutex<()>,
+    pub tasks: Arc<TaskSet>,
+    pub tracker: InFlightTracker,
+    pub closing: AtomicBool,
+    last_error: Mutex<Option<String>>,
+    /// Every queue this instance declared, for operators and test cleanup.
+    declared: Mutex<BTreeSet<String>>,
+    poison: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+impl Shared {
+    /// The live session, if connected.
+    pub(crate) fn current(&self) -> Option<Arc<Session>> {
+        self.session.borrow().clone().filter(|s| s.is_live())
+    }
+
+    /// Remembers a queue this instance declared.
+    pub(crate) fn record(&self, queue: &str) {
+        let mut declared = self.declared.lock();
+        if !declared.contains(queue) {
+            declared.insert(queue.to_string());
+        }
+    }
+
+    pub(crate) fn count_poison(&self) {
+        self.poison.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_reconnect(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_last_error(&self, error: String) {
+        *self.last_error.lock() = Some(self.config.scrub(&error));
+    }
+
+    fn connected(&self) -> Result<Arc<Session>, BridgeError> {
+        self.current().ok_or_else(|| {
+            BridgeError::Unavailable(match self.last_error.lock().as_deref() {
+                Some(e) => format!("not connected to the broker ({e})"),
+                None => "not connected to the broker".into(),
+            })
+        })
+    }
+
+    /// Publishes a command's response to the exchange: subscriptions see it through the header
+    /// projection, the caller's reply queue through the `replyTo` header.
+    pub(crate) async fn publish_response(
+        &self,
+        response: &Envelope,
+        reply_to: Option<&str>,
+    ) -> Result<(), BridgeError> {
+        let session = self.connected()?;
+        let body = response.encode();
+        let verdict = session
+            .publish(Outgoing {
+                exchange: self.topology.exchange(),
+                routing_key: "",
+                mandatory: false,
+                body: &body,
+                properties: publish::response_properties(response, reply_to),
+            })
+            .await?;
+        match verdict {
+            Verdict::Nacked => Err(BridgeError::Broker(
+                "the broker refused the response".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// One bridge instance on a RabbitMQ broker. Make it with [`AmqpBridge::new`], then
+/// [`start`](EventBridge::start) it (a service's start does that).
+///
+/// Routing is the broker's: a headers exchange, one queue per command endpoint, per shared
+/// subscription and per broadcast subscription instance, bound with the subscription's filter
+/// (see the crate docs for the full mapping). Durable subscriptions are at-least-once:
+/// messages are persistent, publishes confirmed, and deliveries acked only once their
+/// settlement is done. Commands are at-most-once and fail fast with 502 when no instance serves
+/// them.
+///
+/// In-flight counters ([`EventBridge::in_flight`]) hold this instance's pending invocations
+/// (`command`); handlers are counted by the service that runs them.
+pub struct AmqpBridge {
+    shared: Arc<Shared>,
+    capabilities: Capabilities,
+    supervisor: Mutex<Option<JoinHandle<()>>>,
+    stop: watch::Sender<bool>,
+    drained: OnceCell<DrainReport>,
+}
+
+/// The capabilities of the RabbitMQ bridge with this config.
+fn capabilities(config: &AmqpConfig) -> Capabilities {
+    let mut caps = Capabilities::none(BRIDGE_NAME);
+    caps.commands = true;
+    caps.filters = FilterSupport::Complex;
+    caps.streams = false;
+    caps.shared_subscriptions = true;
+    caps.broadcast_subscriptions = true;
+    caps.durable_subscriptions = true;
+    caps.manual_ack = true;
+    caps.bounded_retry = true;
+    caps.delayed_retry = true;
+    caps.dead_letter = true;
+    caps.pause_resume = true;
+    caps.command_delivery = DeliveryGuarantee::AtMostOnce;
+    caps.subscription_delivery = DeliveryGuarantee::AtLeastOnce;
+    caps.limits.max_payload_bytes = Some(config.max_payload_bytes);
+    caps.limits.max_name_len = Some(MAX_NAME_LEN);
+    caps
+}
+
+/// The far future for ttls too large to add to `now`.
+fn deadline_after(ttl: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(ttl)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+impl AmqpBridge {
+    /// A bridge with `config`; nothing connects until [`EventBridge::start`].
+    pub fn new(config: AmqpConfig) -> Result<Self, crate::ConfigError> {
+        config.validate()?;
+        let instance_id = config.instance_id.clone().unwrap_or_else(ids::new_id);
+        let topology = Topology::new(&config, &instance_id);
+        let (stop, _) = watch::channel(false);
+        Ok(AmqpBridge {
+            capabilities: capabilities(&config),
+            shared: Arc::new(Shared {
+                topology,
+                instance_id,
+                session: watch::Sender::new(None),
+                inbox: ReplyInbox::default(),
+                registry: Registry::default(),
+                topology_lock: tokio::sync::Mutex::new(()),
+                tasks: TaskSet::new(),
+                tracker: InFlightTracker::new(),
+                closing: AtomicBool::new(false),
+                last_error: Mutex::new(None),
+                declared: Mutex::new(BTreeSet::new()),
+                poison: AtomicU64::new(0),
+                reconnects: AtomicU64::new(0),
+                config,
+            }),
+            supervisor: Mutex::new(None),
+            stop,
+            drained: OnceCell::new(),
+        })
+    }
+
+    /// A bridge configured from the environment ([`AmqpConfig::from_env`]).
+    pub fn from_env() -> Result<Self, crate::ConfigError> {
+        AmqpBridge::new(AmqpConfig::from_env()?)
+    }
+
+    /// This bridge's settings.
+    pub fn config(&self) -> &AmqpConfig {
+        &self.shared.config
+    }
+
+    /// The names of this instance's broker resources.
+    pub fn topology(&self) -> &Topology {
+        &self.shared.topology
+    }
+
+    /// Every queue this instance has declared so far (its own and shared ones, retry and
+    /// dead-letter queues included), sorted. Command and reply queues delete themselves; the
+    /// others outlive the instance by design, so a test that wants a clean broker deletes
+    /// these and [`Topology::exchange`].
+    pub fn declared_queues(&self) -> Vec<String> {
+        self.shared.declared.lock().iter().cloned().collect()
+    }
+
+    /// True while connected to the broker.
+    pub fn is_connected(&self) -> bool {
+        self.shared.current().is_some()
+    }
+
+    /// How often the connection was re-established after a loss.
+    pub fn reconnects(&self) -> u64 {
+        self.shared.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries that could not be decoded (dead-lettered or dropped, each with a warning).
+    pub fn poison_messages(&self) -> u64 {
+        self.shared.poison.load(Ordering::Relaxed)
+    }
+
+    /// Responses that reached this instance after their invocation ended, or with a
+    /// `correlationId` nobody waits for; each was ignored with a warning.
+    pub fn unmatched_responses(&self) -> u64 {
+        self.shared.inbox.unmatched()
+    }
+
+    /// Publishes raw bytes as if another PURISTA process had sent them: a valid envelope is
+    /// routed by its header projection *without* re-stamping (so a test can send a fixed
+    /// sender, or one message id twice); bytes that are not an envelope are refused.
+    pub async fn publish_raw(&self, bytes: &[u8]) -> Result<(), BridgeError> {
+        self.ensure_open()?;
+        let envelope = Envelope::decode_with_limit(bytes, self.shared.config.max_payload_bytes)?;
+        let session = self.shared.connected()?;
+        let properties = publish::properties(&envelope, headers::project(&envelope));
+        let verdict = session
+            .publish(Outgoing {
+                exchange: self.shared.topology.exchange(),
+                routing_key: "",
+                mandatory: false,
+                body: bytes,
+                properties,
+            })
+            .await?;
+        match verdict {
+            Verdict::Nacked => Err(BridgeError::Broker(format!(
+                "the broker refused message {}",
+                envelope.id
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn ensure_open(&self) -> Result<(), BridgeError> {
+        if self.shared.closing.load(Ordering::Acquire) {
+            return Err(BridgeError::Unavailable("bridge shut down".into()));
+        }
+        Ok(())
+    }
+
+    fn stamp(&self, envelope: &mut Envelope) {
+        envelope.id = ids::new_id();
+        envelope.timestamp = now_ms();
+        envelope
+            .sender
+            .instance_id
+            .clone_from(&self.shared.instance_id);
+    }
+
+    fn encode_checked(&self, envelope: &Envelope) -> Result<Vec<u8>, BridgeError> {
+        let body = envelope.encode();
+        let limit = self.shared.config.max_payload_bytes;
+        if body.len() > limit {
+            return Err(BridgeError::InvalidRequest(format!(
+                "encoded message of {} bytes exceeds the limit of {limit} bytes",
+                body.len()
+            )));
+        }
+        Ok(body)
+    }
+
+    /// Adds a registration and, when connected, starts its consumer at once so that broker
+    /// errors (a conflicting queue, a name too long) reach the caller.
+    async fn register(&self, reg: Arc<Registration>) -> Result<(), BridgeError> {
+        let _topology = self.shared.topology_lock.lock().await;
+        self.ensure_open()?;
+        let added = match reg.kind {
+            Kind::Command { .. } => self.shared.registry.add_command(reg.clone()),
+            Kind::Subscription { .. } => self.shared.registry.add_subscription(reg.clone()),
+        };
+        if !added {
+            return Err(BridgeError::AlreadyRegistered(reg.label.to_string()));
+        }
+        if let Some(session) = self.shared.current()
+            && let Err(error) = consume::start_locked(&self.shared, &reg, &session).await
+        {
+            match reg.kind {
+                Kind::Command { .. } => self.shared.registry.remove_command(&reg.label),
+                Kind::Subscription { .. } => self.shared.registry.remove_subscription(&reg.label),
+            };
+            reg.state.lock().removed = true;
+            consume::cancel_locked(&reg).await;
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    async fn drain(&self, deadline: Instant) -> DrainReport {
+        let began = Instant::now();
+        self.shared.closing.store(true, Ordering::Release);
+        let registrations = self.shared.registry.drain();
+        {
+            let _topology = self.shared.topology_lock.lock().await;
+            for reg in &registrations {
+                reg.state.lock().removed = true;
+                consume::cancel_locked(reg).await;
+            }
+        }
+        let idle = self.shared.tracker.wait_idle(deadline).await;
+        self.shared.tasks.close();
+        let tasks_done = self.shared.tasks.wait_empty(deadline).await;
+        let mut still_running = self.shared.tracker.running();
+        let rejected = self
+            .shared
+            .inbox
+            .close(&BridgeError::Unavailable("bridge shutting down".into()));
+        let aborted = self.shared.tasks.abort_all();
+        if !aborted.is_empty() {
+            tracing::warn!(
+                instance_id = %self.shared.instance_id,
+                aborted = aborted.len(),
+                "shutdown deadline passed: remaining bridge tasks aborted"
+            );
+        }
+        still_running.extend(aborted);
+        let _ = self.stop.send(true);
+        let supervisor = self.supervisor.lock().take();
+        if let Some(supervisor) = supervisor {
+            let _ = tokio::time::timeout(Duration::from_secs(1), supervisor).await;
+        }
+        if let Some(session) = self.shared.session.send_replace(None) {
+            self.delete_instance_queues(&session, &registrations).await;
+            session.close().await;
+        }
+        DrainReport {
+            completed: idle && tasks_done,
+            still_running,
+            rejected_invocations: rejected,
+            waited_ms: millis(began.elapsed()),
+        }
+    }
+
+    /// Deletes what belongs to this instance alone: its reply queue and its non-durable
+    /// broadcast queues.
+    async fn delete_instance_queues(&self, session: &Session, registrations: &[Arc<Registration>]) {
+        if !session.is_live() {
+            return;
+        }
+        let Ok(channel) = session.admin_channel().await else {
+            return;
+        };
+        let mut queues = vec![self.shared.topology.reply_queue()];
+        queues.extend(
+            registrations
+                .iter()
+                .filter(|r| r.spec().is_some_and(|s| !s.shared && !s.durable))
+                .map(|r| r.queue.to_string()),
+        );
+        for queue in queues {
+            let Ok(queue_name) = topology::name(&queue) else {
+                continue;
+            };
+            if let Err(error) = channel
+                .queue_delete(queue_name, QueueDeleteOptions::default())
+                .await
+            {
+                tracing::debug!(%queue, %error, "deleting an instance queue failed");
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for AmqpBridge {
+    fn drop(&mut self) {
+        // Dropped without (or after) shutdown: stop the supervisor and every task; the
+        // connection closes when its last handle goes.
+        self.shared.closing.store(true, Ordering::Release);
+        let _ = self.stop.send(true);
+        if let Some(supervisor) = self.supervisor.lock().take() {
+            supervisor.abort();
+        }
+        self.shared.tasks.close();
+        self.shared.tasks.abort_all();
+        self.shared
+            .inbox
+            .close(&BridgeError::Unavailable("bridge dropped".into()));
+        self.shared.session.send_replace(None);
+    }
+}
+
+impl std::fmt::Debug for AmqpBridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpBridge")
+            .field("instance_id", &self.shared.instance_id)
+            .field("config", &self.shared.config)
+            .field("connected", &self.is_connected())
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl EventBridge for AmqpBridge {
+    fn name(&self) -> &str {
+        BRIDGE_NAME
+    }
+
+    fn instance_id(&self) -> &str {
+        &self.shared.instance_id
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
+    }
+
+    fn default_command_timeout(&self) -> Duration {
+        self.shared.config.default_command_timeout
+    }
+
+    /// Starts the connection supervisor and waits for the first connection (at most the
+    /// connect timeout). Idempotent; after a failed start the supervisor keeps trying.
+    async fn start(&self) -> Result<(), BridgeError> {
+        self.ensure_open()?;
+        {
+            let mut supervisor = self.supervisor.lock();
+            if supervisor.is_none() {
+                let shared = self.shared.clone();
+                *supervisor = Some(tokio::spawn(reconnect::supervise(
+                    shared,
+                    self.stop.subscribe(),
+                )));
+            }
+        }
+        let mut session = self.shared.session.subscribe();
+        let wait = self.shared.config.connect_timeout + Duration::from_secs(1);
+        match tokio::time::timeout(wait, session.wait_for(|s| s.is_some())).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => {
+                Err(self.shared.connected().err().unwrap_or_else(|| {
+                    BridgeError::Unavailable("not connected to the broker".into())
+                }))
+            }
+        }
+    }
+
+    async fn health(&self) -> BridgeHealth {
+        if self.shared.closing.load(Ordering::Acquire) {
+            return BridgeHealth::Unhealthy {
+                reason: "shut down".into(),
+            };
+        }
+        if self.supervisor.lock().is_none() {
+            return BridgeHealth::Unhealthy {
+                reason: "not started".into(),
+            };
+        }
+        match self.shared.connected() {
+            Ok(_) => BridgeHealth::Healthy,
+            Err(error) => BridgeHealth::Unhealthy {
+                reason: error.to_string(),
+            },
+        }
+    }
+
+    async fn emit(&self, mut message: Envelope) -> Result<(), BridgeError> {
+        self.ensure_open()?;
+        publish::emittable(message.message_type)?;
+        self.stamp(&mut message);
+        let body = self.encode_checked(&message)?;
+        let session = self.shared.connected()?;
+        let verdict = session
+            .publish(Outgoing {
+                exchange: self.shared.topology.exchange(),
+                routing_key: "",
+                mandatory: false,
+                body: &body,
+                properties: publish::properties(&message, headers::project(&message)),
+            })
+            .await?;
+        match verdict {
+            Verdict::Nacked => Err(BridgeError::Broker(format!(
+                "the broker refused message {}",
+                message.id
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    async fn invoke(&self, mut command: Envelope, ttl: Duration) -> Result<Envelope, BridgeError> {
+        self.ensure_open()?;
+        if command.message_type != MessageType::Command {
+            return Err(BridgeError::InvalidRequest(format!(
+                "invoke needs a command, got {}",
+                command.message_type
+            )));
+        }
+        let Some(receiver) = command.receiver.clone() else {
+            return Err(BridgeError::InvalidRequest(
+                "a command needs a receiver".into(),
+            ));
+        };
+        let deadline = deadline_after(ttl);
+        let ttl_ms = millis(ttl);
+        self.stamp(&mut command);
+        let correlation_id = command
+            .correlation_id
+            .get_or_insert_with(ids::new_id)
+            .clone();
+        let body = self.encode_checked(&command)?;
+        let session = self.shared.connected()?;
+        let (_pending, reply) = self.shared.inbox.wait_for(&correlation_id)?;
+        let label: Arc<str> = receiver.to_string().into();
+        let _in_flight = self.shared.tracker.start(WorkKind::Command, &label);
+        let reply_queue = self.shared.topology.reply_queue();
+        let waited = tokio::time::timeout_at(deadline, async {
+            let verdict = session
+                .publish(Outgoing {
+                    exchange: self.shared.topology.exchange(),
+                    routing_key: "",
+                    mandatory: true,
+                    body: &body,
+                    properties: publish::command_properties(&command, &reply_queue, ttl_ms),
+                })
+                .await?;
+            match verdict {
+                Verdict::Confirmed => {}
+                Verdict::Returned { .. } => {
+                    return Err(BridgeError::NoHandler(receiver.to_string()));
+                }
+                Verdict::Nacked => {
+                    return Err(BridgeError::NoHandler(format!(
+                        "{receiver} (the broker refused the command)"
+                    )));
+                }
+            }
+            reply
+                .await
+                .unwrap_or_else(|_| Err(BridgeError::Unavailable("bridge shutting down".into())))
+        })
+        .await;
+        match waited {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::debug!(%correlation_id, %receiver, ttl_ms, "invocation timed out");
+                Err(BridgeError::Timeout(ttl_ms))
+            }
+        }
+    }
+
+    async fn register_command(
+        &self,
+        address: Address,
+        handler: Arc<dyn CommandHandler>,
+    ) -> Result<(), BridgeError> {
+        let queue = self.shared.topology.command_queue(&address);
+        topology::name(&queue)?;
+        let label = Address::new(
+            &address.service_name,
+            &address.service_version,
+            &address.service_target,
+        )
+        .to_string();
+        self.register(Registration::new(
+            &label,
+            &queue,
+            Kind::Command { address, handler },
+        ))
+        .await
+    }
+
+    async fn unregister_command(&self, address: &Address) -> Result<(), BridgeError> {
+        let label = Address::new(
+            &address.service_name,
+            &address.service_version,
+            &address.service_target,
+        )
+        .to_string();
+        if let Some(reg) = self.shared.registry.remove_command(&label) {
+            let deadline = deadline_after(self.shared.config.default_command_timeout);
+            consume::stop(&self.shared, reg, deadline).await;
+        }
+        Ok(())
+    }
+
+    async fn register_subscription(
+        &self,
+        spec: SubscriptionSpec,
+        handler: Arc<dyn DeliveryHandler>,
+    ) -> Result<(), BridgeError> {
+        let queue = self.shared.topology.subscription_queue(&spec);
+        topology::name(&queue)?;
+        if let Some(target) = &spec.policy.dead_letter_target {
+            topology::name(&self.shared.topology.dead_letter_queue(target))?;
+        }
+        let key = spec.key.clone();
+        self.register(Registration::new(
+            &key,
+            &queue,
+            Kind::Subscription {
+                spec: Box::new(spec),
+                handler,
+            },
+        ))
+        .await
+    }
+
+    async fn unregister_subscription(&self, key: &str) -> Result<(), BridgeError> {
+        if let Some(reg) = self.shared.registry.remove_subscription(key) {
+            let deadline = deadline_after(self.shared.config.default_command_timeout);
+            consume::stop(&self.shared, reg, deadline).await;
+        }
+        Ok(())
+    }
+
+    fn paused_subscription_consumers(&self) -> Vec<PausedConsumer> {
+        self.shared.registry.paused()
+    }
+
+    async fn resume_subscription_consumer(&self, key: &str) -> Result<bool, BridgeError> {
+        match self.shared.registry.subscription(key) {
+            Some(reg) => consume::resume(&self.shared, &reg).await,
+            None => Ok(false),
+        }
+    }
+
+    async fn inspect_dead_letters(
+        &self,
+        target: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetterEntry>, BridgeError> {
+        let session = self.shared.connected()?;
+        let queue = self.shared.topology.dead_letter_queue(target);
+        consume::peek_dead_letters(
+            &session,
+            &queue,
+            target,
+            limit,
+            self.shared.config.max_payload_bytes,
+        )
+        .await
+    }
+
+    async fn register_stream(
+        &self,
+        address: Address,
+        _handler: Arc<dyn StreamHandler>,
+    ) -> Result<(), BridgeError> {
+        Err(BridgeError::Unsupported(format!(
+            "streams (stream {address}) are not available on the amqp bridge yet"
+        )))
+    }
+
+    async fn unregister_stream(&self, _address: &Address) -> Result<(), BridgeError> {
+        Ok(())
+    }
+
+    async fn open_stream(&self, open: Envelope) -> Result<StreamConsumerEnd, BridgeError> {
+        let receiver = open
+            .receiver
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        Err(BridgeError::Unsupported(format!(
+            "streams (to {receiver}) are not available on the amqp bridge yet"
+        )))
+    }
+
+    fn in_flight(&self) -> InFlight {
+        self.shared.tracker.snapshot()
+    }
+
+    async fn shutdown(&self, deadline: Instant) -> DrainReport {
+        self.drained
+            .get_or_init(|| self.drain(deadline))
+            .await
+            .clone()
+    }
+}

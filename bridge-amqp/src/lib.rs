@@ -1,0 +1,65 @@
+//! # purista-bridge-amqp
+//!
+//! The `amqp` bridge: PURISTA's semantics on RabbitMQ (AMQP 0-9-1, via `lapin`).
+//!
+//! ## The mapping
+//!
+//! * **One headers exchange** (`x-match: all`) carries every message. The body is the full
+//!   JSON envelope; the AMQP headers are PURISTA's header projection (`messageType`,
+//!   `senderServiceName`, `senderServiceVersion`, `senderServiceTarget`, `senderInstanceId`,
+//!   `receiverServiceName`, `receiverServiceVersion`, `receiverServiceTarget`,
+//!   `receiverInstanceId`, `eventName`, `principalId`, `tenantId`); the properties carry
+//!   `message_id`, `correlation_id`, `reply_to`, `timestamp`, `type`, `content_type`,
+//!   `content_encoding` and persistent delivery. See [`headers`].
+//! * **Commands**: a queue per command endpoint with competing consumers, manual ack and a
+//!   prefetch. Commands are published `mandatory` with publisher confirms, so a command no
+//!   instance serves comes back at once as 502 instead of a 504 later; they expire after their
+//!   ttl, so no command is served after its caller gave up. Responses go through the exchange
+//!   (subscriptions see them, e.g. a success event) to the caller's exclusive reply queue.
+//! * **Subscriptions**: shared = one named queue per subscription (durable when asked),
+//!   broadcast = one queue per instance; each bound with its filter, where an unset filter part
+//!   is simply absent from the binding.
+//! * **Outcomes**: the attempt count travels in a header; delayed retries wait in a TTL queue
+//!   that dead-letters back to the source queue; dead letters go to `<prefix>.<target>.dead-letter`
+//!   with reason, attempts and origin headers; pause cancels the consumer and resume consumes
+//!   again. No message is ever requeued to a running consumer: no hot redelivery loop.
+//! * **Connection**: a supervisor reconnects with backoff and re-declares every queue, binding
+//!   and consumer; invocations in flight when the connection drops fail with 503; health is
+//!   an error while disconnected. `amqps://` URLs use TLS (rustls); the URL's password never
+//!   reaches a log.
+//!
+//! [`Topology`] lists every resource name; they all live under [`AmqpConfig::prefix`].
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use purista_bridge_amqp::{AmqpBridge, AmqpConfig};
+//! use purista_core::EventBridge;
+//!
+//! # async fn demo() -> anyhow::Result<()> {
+//! let bridge = Arc::new(AmqpBridge::new(AmqpConfig::new("amqp://guest:guest@127.0.0.1:5672/%2f"))?);
+//! bridge.start().await?;
+//! assert!(bridge.health().await.is_healthy());
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+mod bridge;
+mod config;
+mod consume;
+pub mod headers;
+mod publish;
+mod reconnect;
+mod registry;
+mod reply;
+mod tasks;
+mod topology;
+
+pub use bridge::{AmqpBridge, BRIDGE_NAME};
+pub use config::{
+    AmqpConfig, ConfigError, DEFAULT_COMMAND_PREFETCH, DEFAULT_COMMAND_TIMEOUT, DEFAULT_PREFIX,
+    PREFIX_ENV, URL_ENV, redact_url,
+};
+pub use topology::{MAX_NAME_LEN, Topology};
+
+/// The `lapin` this bridge is built on, for tests and tools that talk to the broker directly.
+pub use lapin;

@@ -1,0 +1,255 @@
+//! The connection supervisor: connect, prepare, watch, and after a loss do it all again.
+//!
+//! One task per bridge instance owns the broker connection. Each successful connect opens a
+//! [`Session`] (a new *generation*): the confirm-mode publishing channel, the exchange, this
+//! instance's reply queue and its consumer, then every registration's queues, bindings and
+//! consumers. While a session is current the bridge is healthy.
+//!
+//! When the connection is lost the session is withdrawn at once (health turns to error, new
+//! invocations fail with 503), every pending invocation fails with 503, and the supervisor
+//! reconnects with exponential backoff. Deliveries received on the old connection can no
+//! longer be settled there; the broker redelivers them, which is why settlements check the
+//! generation they were received on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::BasicConsumeOptions;
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties, Event};
+use parking_lot::Mutex;
+use purista_core::BridgeError;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::bridge::Shared;
+use crate::consume;
+use crate::publish::{self, ChannelSlot, Outgoing, Verdict};
+use crate::reply;
+use crate::topology::{self, name};
+
+/// How often the supervisor looks at the connection state besides listening to its events.
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// One live connection and what hangs off it.
+pub(crate) struct Session {
+    /// Increases by one per successful connect.
+    pub generation: u64,
+    pub connection: Connection,
+    publisher: ChannelSlot,
+    admin: ChannelSlot,
+    reply_consumer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Session {
+    /// True while the connection is up.
+    pub(crate) fn is_live(&self) -> bool {
+        self.connection.status().connected()
+    }
+
+    /// Publishes with confirms on this connection.
+    pub(crate) async fn publish(&self, out: Outgoing<'_>) -> Result<Verdict, BridgeError> {
+        let channel = self
+            .publisher
+            .get(&self.connection)
+            .await
+            .map_err(|e| BridgeError::Unavailable(format!("no publishing channel: {e}")))?;
+        publish::publish(&channel, out).await
+    }
+
+    /// A plain channel for declarations that are not tied to a registration.
+    pub(crate) async fn admin_channel(&self) -> Result<Channel, BridgeError> {
+        self.admin
+            .get(&self.connection)
+            .await
+            .map_err(|e| BridgeError::Unavailable(format!("no channel: {e}")))
+    }
+
+    /// Closes the connection politely (shutdown).
+    pub(crate) async fn close(&self) {
+        if let Some(task) = self.reply_consumer.lock().take() {
+            task.abort();
+        }
+        if self.is_live()
+            && let Err(error) = self.connection.close(200, "OK".into()).await
+        {
+            tracing::debug!(%error, "closing the connection failed");
+        }
+    }
+
+    /// Resolves when the connection is gone, with a reason.
+    async fn lost(&self) -> String {
+        let mut events = self.connection.events_listener();
+        let mut tick = tokio::time::interval(WATCH_INTERVAL);
+        loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    // Channel-level errors surface here too; only a dead connection counts.
+                    Some(Event::Error(error)) if !self.is_live() => return error.to_string(),
+                    Some(_) => {}
+                    None => return "connection closed".into(),
+                },
+                _ = tick.tick() => {
+                    if !self.is_live() {
+                        return "connection closed".into();
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(task) = self.reply_consumer.lock().take() {
+            task.abort();
+        }
+    }
+}
+
+/// Connects, prepares the base topology and starts the reply consumer.
+async fn open_session(shared: &Arc<Shared>, generation: u64) -> Result<Arc<Session>, BridgeError> {
+    let config = &shared.config;
+    let properties = ConnectionProperties::default().with_connection_name(
+        format!(
+            "purista {} {}",
+            shared.topology.prefix(),
+            shared.instance_id
+        )
+        .into(),
+    );
+    let connection = tokio::time::timeout(
+        config.connect_timeout,
+        Connection::connect(&config.url, properties),
+    )
+    .await
+    .map_err(|_| {
+        BridgeError::Unavailable(format!(
+            "connecting to {} timed out after {:?}",
+            config.redacted_url(),
+            config.connect_timeout
+        ))
+    })?
+    .map_err(|e| {
+        BridgeError::Unavailable(config.scrub(&format!(
+            "connecting to {} failed: {e}",
+            config.redacted_url()
+        )))
+    })?;
+    let lapin_err =
+        |e: lapin::Error| BridgeError::Unavailable(format!("opening a channel failed: {e}"));
+    let publisher = ChannelSlot::open(&connection, true)
+        .await
+        .map_err(lapin_err)?;
+    let admin = ChannelSlot::open(&connection, false)
+        .await
+        .map_err(lapin_err)?;
+    let session = Arc::new(Session {
+        generation,
+        connection,
+        publisher,
+        admin,
+        reply_consumer: Mutex::new(None),
+    });
+    let admin = session.admin_channel().await?;
+    topology::declare_exchange(&admin, &shared.topology).await?;
+
+    // The reply queue gets its own channel: it is exclusive to this connection and consumed
+    // with auto-ack, independent of everything else.
+    let replies = session
+        .connection
+        .create_channel()
+        .await
+        .map_err(lapin_err)?;
+    topology::declare_reply_queue(&replies, &shared.topology).await?;
+    let reply_queue = shared.topology.reply_queue();
+    shared.record(&reply_queue);
+    let consumer = replies
+        .basic_consume(
+            name(&reply_queue)?,
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| topology::broker_error("consuming reply queue", &reply_queue, &e))?;
+    let reply_shared = shared.clone();
+    let task = tokio::spawn(async move {
+        // The channel lives as long as its consumer.
+        let _channel = replies;
+        reply::run_reply_consumer(
+            consumer,
+            &reply_shared.inbox,
+            reply_shared.config.max_payload_bytes,
+        )
+        .await;
+    });
+    *session.reply_consumer.lock() = Some(task);
+    Ok(session)
+}
+
+/// Runs until `stop` turns true: keeps one session current, reconnecting with backoff.
+///
+/// The current session is published in `shared.session` (start waits for the first one); it
+/// is published under the topology lock together with restoring every registration, so a
+/// concurrent register either is restored here or starts itself on the new session.
+pub(crate) async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let config = shared.config.clone();
+    let mut generation = 0u64;
+    let mut delay = config.reconnect_initial_delay;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        generation += 1;
+        let session = match open_session(&shared, generation).await {
+            Ok(session) => session,
+            Err(error) => {
+                shared.set_last_error(error.to_string());
+                tracing::warn!(
+                    url = %config.redacted_url(),
+                    %error,
+                    retry_in = ?delay,
+                    "cannot connect to the broker"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                delay = (delay * 2).min(config.reconnect_max_delay);
+                continue;
+            }
+        };
+        delay = config.reconnect_initial_delay;
+        {
+            let _topology = shared.topology_lock.lock().await;
+            shared.session.send_replace(Some(session.clone()));
+            for reg in shared.registry.all() {
+                if let Err(error) = consume::start_locked(&shared, &reg, &session).await {
+                    tracing::error!(registration = %reg.label, %error, "re-establishing a consumer failed");
+                }
+            }
+        }
+        if generation > 1 {
+            shared.count_reconnect();
+            tracing::info!(url = %config.redacted_url(), generation, "reconnected to the broker");
+        } else {
+            tracing::info!(url = %config.redacted_url(), "connected to the broker");
+        }
+        tokio::select! {
+            reason = session.lost() => {
+                shared.session.send_replace(None);
+                shared.set_last_error(reason.clone());
+                let failed = shared
+                    .inbox
+                    .fail_all(&BridgeError::Unavailable("connection to the broker lost".into()));
+                tracing::warn!(%reason, failed_invocations = failed, "connection to the broker lost; reconnecting");
+            }
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}

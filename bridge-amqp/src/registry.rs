@@ -1,0 +1,161 @@
+//! This instance's command and subscription registrations, and the consumer state of each.
+//!
+//! A registration outlives connections: it is what the reconnect supervisor re-declares and
+//! re-consumes after every reconnect. Its [`ConsumerState`] says which connection generation
+//! its channel belongs to, whether a consumer is running on it, and whether it is paused.
+//!
+//! Changes to consumer state that talk to the broker (start, pause, resume, stop) are
+//! serialized by the bridge's topology lock, so a restore after a reconnect never races a
+//! resume or a pause into two consumers or a running consumer on a paused registration.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use lapin::Channel;
+use lapin::types::ShortString;
+use parking_lot::Mutex;
+use purista_core::{Address, CommandHandler, DeliveryHandler, PausedConsumer, SubscriptionSpec};
+
+use crate::tasks::Activity;
+
+/// What a registration serves.
+pub(crate) enum Kind {
+    /// A command endpoint.
+    Command {
+        address: Address,
+        handler: Arc<dyn CommandHandler>,
+    },
+    /// A subscription.
+    Subscription {
+        spec: Box<SubscriptionSpec>,
+        handler: Arc<dyn DeliveryHandler>,
+    },
+}
+
+/// The broker side of a registration right now.
+#[derive(Default)]
+pub(crate) struct ConsumerState {
+    /// The registration's channel and the connection generation it belongs to.
+    pub channel: Option<(u64, Channel)>,
+    /// The consumer tag while consuming.
+    pub tag: Option<ShortString>,
+    /// Set while paused by `stop_consumer`.
+    pub paused: Option<PausedConsumer>,
+    /// Set once unregistered; nothing starts it again.
+    pub removed: bool,
+}
+
+/// One command or subscription registration.
+pub(crate) struct Registration {
+    /// `service@version/target` for commands, the registration key for subscriptions.
+    pub label: Arc<str>,
+    /// The queue it consumes.
+    pub queue: Arc<str>,
+    pub kind: Kind,
+    /// Its running handlers.
+    pub activity: Arc<Activity>,
+    pub state: Mutex<ConsumerState>,
+}
+
+impl Registration {
+    pub(crate) fn new(label: &str, queue: &str, kind: Kind) -> Arc<Self> {
+        Arc::new(Registration {
+            label: label.into(),
+            queue: queue.into(),
+            kind,
+            activity: Arc::default(),
+            state: Mutex::new(ConsumerState::default()),
+        })
+    }
+
+    /// Deliveries it takes at once: the subscription's prefetch, or the command prefetch.
+    pub(crate) fn prefetch(&self, command_prefetch: u16) -> u16 {
+        match &self.kind {
+            Kind::Command { .. } => command_prefetch.max(1),
+            Kind::Subscription { spec, .. } => spec.prefetch.max(1),
+        }
+    }
+
+    /// True while deliveries must go back to the queue instead of a handler.
+    pub(crate) fn refuses_deliveries(&self) -> bool {
+        let state = self.state.lock();
+        state.removed || state.paused.is_some()
+    }
+
+    /// The subscription spec, for subscriptions.
+    pub(crate) fn spec(&self) -> Option<&SubscriptionSpec> {
+        match &self.kind {
+            Kind::Subscription { spec, .. } => Some(spec.as_ref()),
+            Kind::Command { .. } => None,
+        }
+    }
+}
+
+/// All registrations of the instance.
+#[derive(Default)]
+pub(crate) struct Registry {
+    /// Commands by endpoint (`service@version/target`).
+    commands: Mutex<HashMap<String, Arc<Registration>>>,
+    /// Subscriptions by registration key.
+    subscriptions: Mutex<HashMap<String, Arc<Registration>>>,
+}
+
+impl Registry {
+    /// Adds a command registration; `false` when the endpoint is already served here.
+    pub(crate) fn add_command(&self, reg: Arc<Registration>) -> bool {
+        let mut commands = self.commands.lock();
+        if commands.contains_key(&*reg.label) {
+            return false;
+        }
+        commands.insert(reg.label.to_string(), reg);
+        true
+    }
+
+    /// Adds a subscription registration; `false` when the key is taken.
+    pub(crate) fn add_subscription(&self, reg: Arc<Registration>) -> bool {
+        let mut subscriptions = self.subscriptions.lock();
+        if subscriptions.contains_key(&*reg.label) {
+            return false;
+        }
+        subscriptions.insert(reg.label.to_string(), reg);
+        true
+    }
+
+    pub(crate) fn remove_command(&self, label: &str) -> Option<Arc<Registration>> {
+        self.commands.lock().remove(label)
+    }
+
+    pub(crate) fn remove_subscription(&self, key: &str) -> Option<Arc<Registration>> {
+        self.subscriptions.lock().remove(key)
+    }
+
+    pub(crate) fn subscription(&self, key: &str) -> Option<Arc<Registration>> {
+        self.subscriptions.lock().get(key).cloned()
+    }
+
+    /// Every registration, commands first.
+    pub(crate) fn all(&self) -> Vec<Arc<Registration>> {
+        let mut all: Vec<_> = self.commands.lock().values().cloned().collect();
+        all.extend(self.subscriptions.lock().values().cloned());
+        all
+    }
+
+    /// Paused subscription consumers, sorted by key.
+    pub(crate) fn paused(&self) -> Vec<PausedConsumer> {
+        let mut paused: Vec<PausedConsumer> = self
+            .subscriptions
+            .lock()
+            .values()
+            .filter_map(|r| r.state.lock().paused.clone())
+            .collect();
+        paused.sort_by(|a, b| a.key.cmp(&b.key));
+        paused
+    }
+
+    /// Removes and returns everything (shutdown).
+    pub(crate) fn drain(&self) -> Vec<Arc<Registration>> {
+        let mut all: Vec<_> = self.commands.lock().drain().map(|(_, r)| r).collect();
+        all.extend(self.subscriptions.lock().drain().map(|(_, r)| r));
+        all
+    }
+}

@@ -1,0 +1,376 @@
+//! Shared support of the integration tests: the broker gate, bridges under a unique prefix per
+//! test, recording handlers, and cleanup of everything a test declared.
+//!
+//! Every test runs against the real RabbitMQ at `amqp://guest:guest@127.0.0.1:5672/%2f`
+//! (override with `PURISTA_AMQP_TEST_URL`). When it cannot be reached a test prints a loud SKIP
+//! line and passes, unless `PURISTA_REQUIRE_BROKERS=1`, which turns that into a failure.
+#![allow(dead_code)]
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::{Connection, ConnectionProperties};
+use parking_lot::Mutex;
+use purista_bridge_amqp::{AmqpBridge, AmqpConfig};
+use purista_core::{
+    Address, CommandHandler, Delivery, DeliveryHandler, Envelope, EventBridge, FailurePolicy,
+    Outcome, SubscriptionFilter, SubscriptionSpec,
+};
+
+/// The broker the tests use.
+pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+pub fn broker_url() -> String {
+    std::env::var("PURISTA_AMQP_TEST_URL").unwrap_or_else(|_| DEFAULT_URL.to_string())
+}
+
+/// `host:port` of an amqp URL.
+fn host_port(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if host.contains(':') {
+        host.to_string()
+    } else {
+        format!("{host}:5672")
+    }
+}
+
+/// True when the broker accepts TCP connections; otherwise SKIP (or panic when required).
+pub fn broker_reachable(test: &str) -> bool {
+    let url = broker_url();
+    let reachable = host_port(&url)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|addr| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok());
+    if reachable {
+        return true;
+    }
+    let shown = purista_bridge_amqp::redact_url(&url);
+    if std::env::var("PURISTA_REQUIRE_BROKERS").as_deref() == Ok("1") {
+        panic!("RabbitMQ is not reachable at {shown} and PURISTA_REQUIRE_BROKERS=1");
+    }
+    eprintln!(
+        "\n*** SKIP {test}: RabbitMQ is not reachable at {shown} (set PURISTA_REQUIRE_BROKERS=1 to fail instead) ***\n"
+    );
+    false
+}
+
+/// Returns early from a test when the broker is unreachable.
+#[macro_export]
+macro_rules! broker_or_skip {
+    ($test:expr) => {
+        match common::TestBroker::new($test) {
+            Some(broker) => broker,
+            None => return,
+        }
+    };
+}
+
+/// Logs to the test output, filtered by `RUST_LOG` (default: warnings).
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// One test's corner of the broker: a unique prefix, the bridges made for it, and cleanup.
+pub struct TestBroker {
+    pub url: String,
+    pub prefix: String,
+    bridges: Mutex<Vec<Arc<AmqpBridge>>>,
+    extra_queues: Mutex<Vec<String>>,
+    finished: bool,
+}
+
+impl TestBroker {
+    pub fn new(test: &str) -> Option<Self> {
+        init_logs();
+        if !broker_reachable(test) {
+            return None;
+        }
+        let unique = format!(
+            "{:x}{:x}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0)
+                ^ (NEXT.fetch_add(1, Ordering::Relaxed) as u32)
+        );
+        Some(TestBroker {
+            url: broker_url(),
+            prefix: format!("t.{test}.{unique}"),
+            bridges: Mutex::new(Vec::new()),
+            extra_queues: Mutex::new(Vec::new()),
+            finished: false,
+        })
+    }
+
+    /// A config under this test's prefix, with test-friendly timings.
+    pub fn config(&self) -> AmqpConfig {
+        let mut config = AmqpConfig::new(&self.url).with_prefix(&self.prefix);
+        config.default_command_timeout = Duration::from_secs(5);
+        config.reconnect_initial_delay = Duration::from_millis(50);
+        config.reconnect_max_delay = Duration::from_millis(500);
+        config.connect_timeout = Duration::from_secs(5);
+        config
+    }
+
+    /// A started bridge.
+    pub async fn bridge(&self) -> Arc<AmqpBridge> {
+        self.bridge_with(|_| {}).await
+    }
+
+    /// A started bridge with an adjusted config.
+    pub async fn bridge_with(&self, adjust: impl FnOnce(&mut AmqpConfig)) -> Arc<AmqpBridge> {
+        let mut config = self.config();
+        adjust(&mut config);
+        let bridge = Arc::new(AmqpBridge::new(config).expect("valid config"));
+        bridge.start().await.expect("bridge starts");
+        self.bridges.lock().push(bridge.clone());
+        bridge
+    }
+
+    /// A plain lapin connection for raw publishes and inspection.
+    pub async fn raw_connection(&self) -> Connection {
+        Connection::connect(&self.url, ConnectionProperties::default())
+            .await
+            .expect("raw connection")
+    }
+
+    /// A queue the test declared itself, deleted at cleanup.
+    pub fn track_queue(&self, queue: impl Into<String>) {
+        self.extra_queues.lock().push(queue.into());
+    }
+
+    fn resources(&self) -> (Vec<String>, String) {
+        let mut queues: Vec<String> = self.extra_queues.lock().clone();
+        for b in self.bridges.lock().iter() {
+            queues.extend(b.declared_queues());
+        }
+        queues.sort();
+        queues.dedup();
+        (queues, self.prefix.clone())
+    }
+
+    /// Shuts every bridge down and deletes every queue and the exchange the test declared.
+    pub async fn finish(mut self) {
+        let bridges: Vec<_> = self.bridges.lock().clone();
+        for b in &bridges {
+            b.shutdown(tokio::time::Instant::now() + Duration::from_secs(5))
+                .await;
+        }
+        let (queues, exchange) = self.resources();
+        delete_resources(&self.url, &queues, &exchange).await;
+        self.finished = true;
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // The test failed before `finish`: still leave the broker clean.
+        let (queues, exchange) = self.resources();
+        let url = self.url.clone();
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(delete_resources(&url, &queues, &exchange));
+            }
+        })
+        .join();
+    }
+}
+
+async fn delete_resources(url: &str, queues: &[String], exchange: &str) {
+    let Ok(Ok(conn)) = tokio::time::timeout(
+        Duration::from_secs(5),
+        Connection::connect(url, ConnectionProperties::default()),
+    )
+    .await
+    else {
+        return;
+    };
+    for queue in queues {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+    }
+    if let Ok(ch) = conn.create_channel().await {
+        let _ = ch
+            .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+    let _ = conn.close(200, "OK".into()).await;
+}
+
+/// Polls `check` until it holds or `within` passes.
+pub async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + within;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A command handler that echoes `payload` and counts its calls.
+pub struct Echo {
+    pub calls: AtomicUsize,
+    pub delay: Duration,
+}
+
+impl Echo {
+    pub fn new() -> Arc<Self> {
+        Echo::slow(Duration::ZERO)
+    }
+
+    pub fn slow(delay: Duration) -> Arc<Self> {
+        Arc::new(Echo {
+            calls: AtomicUsize::new(0),
+            delay,
+        })
+    }
+
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl CommandHandler for Echo {
+    async fn handle(&self, command: Arc<Envelope>) -> Envelope {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        command.success_response(command.payload["payload"].clone(), None)
+    }
+}
+
+/// One recorded delivery.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub envelope: Arc<Envelope>,
+    pub attempt: u32,
+    pub at: Instant,
+}
+
+type Decide = dyn Fn(&Envelope, u32) -> Outcome + Send + Sync;
+
+/// A subscription handler that records deliveries and settles each with core's failure policy
+/// applied to the outcome `decide` returns (what the service runtime does).
+pub struct Recorder {
+    pub key: String,
+    pub policy: FailurePolicy,
+    pub seen: Mutex<Vec<Seen>>,
+    decide: Box<Decide>,
+}
+
+impl Recorder {
+    pub fn acking(spec: &SubscriptionSpec) -> Arc<Self> {
+        Recorder::deciding(spec, |_, _| Outcome::Ack)
+    }
+
+    pub fn deciding(
+        spec: &SubscriptionSpec,
+        decide: impl Fn(&Envelope, u32) -> Outcome + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Recorder {
+            key: spec.key.clone(),
+            policy: spec.policy.clone(),
+            seen: Mutex::new(Vec::new()),
+            decide: Box::new(decide),
+        })
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().len()
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        self.seen
+            .lock()
+            .iter()
+            .map(|s| s.envelope.id.clone())
+            .collect()
+    }
+}
+
+#[async_trait]
+impl DeliveryHandler for Recorder {
+    async fn deliver(&self, delivery: Delivery) {
+        self.seen.lock().push(Seen {
+            envelope: delivery.envelope.clone(),
+            attempt: delivery.attempt,
+            at: Instant::now(),
+        });
+        let outcome = (self.decide)(&delivery.envelope, delivery.attempt);
+        let settlement = self.policy.settle(delivery.attempt, &outcome, &self.key);
+        delivery
+            .settle
+            .settle(settlement)
+            .await
+            .expect("settlement carried out");
+    }
+}
+
+/// A subscription spec for `service@1/name`.
+pub fn spec(name: &str, filter: SubscriptionFilter) -> SubscriptionSpec {
+    SubscriptionSpec {
+        key: format!("listener@1/{name}"),
+        subscriber: Address::new("listener", "1", name),
+        filter,
+        shared: true,
+        durable: false,
+        policy: FailurePolicy::default(),
+        prefetch: 8,
+    }
+}
+
+/// A bridge as the trait object services take.
+pub fn dyn_bridge(b: &Arc<AmqpBridge>) -> Arc<dyn EventBridge> {
+    b.clone()
+}
+
+/// Reads a dead-letter target until it holds `n` entries or 5 s pass.
+pub async fn dead_letters(
+    bridge: &AmqpBridge,
+    target: &str,
+    n: usize,
+) -> Vec<purista_core::DeadLetterEntry> {
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let entries = bridge
+            .inspect_dead_letters(target, n + 10)
+            .await
+            .expect("dead letters readable");
+        if entries.len() >= n || Instant::now() >= end {
+            return entries;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

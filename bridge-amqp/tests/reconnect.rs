@@ -1,0 +1,178 @@
+//! Connection loss: the broker closes the bridge's connection; in-flight invocations fail with
+//! 503, health is an error while disconnected, and the bridge reconnects, re-declares its
+//! topology and consumers, and delivers again — without losing durable messages.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use purista_bridge_amqp::AmqpBridge;
+use purista_core::{Address, Envelope, EventBridge, SenderAddress, StatusCode, SubscriptionFilter};
+use serde_json::json;
+
+use common::{Echo, Recorder, eventually, spec};
+
+const RABBITMQCTL: &str = "rabbitmqctl";
+
+/// Closes the broker connection of `bridge` (found by its connection name), as an operator or a
+/// network fault would. Only this bridge's connection: other tests share the broker.
+fn close_connection_of(bridge: &AmqpBridge) -> Result<(), String> {
+    let name = format!(
+        "purista {} {}",
+        bridge.topology().prefix(),
+        bridge.instance_id()
+    );
+    // Table output: one connection per line, `pid<TAB>client_properties`; the pid is in the
+    // `<node.x.y.z>` form `close_connection` takes (the JSON formatter renders it differently).
+    let listing = Command::new(RABBITMQCTL)
+        .args(["list_connections", "pid", "client_properties", "-q"])
+        .output()
+        .map_err(|e| format!("{RABBITMQCTL} not runnable: {e}"))?;
+    if !listing.status.success() {
+        return Err(String::from_utf8_lossy(&listing.stderr).into_owned());
+    }
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    let pid = listing
+        .lines()
+        .find(|line| line.contains(&name))
+        .and_then(|line| line.split('\t').next())
+        .map(str::trim)
+        .ok_or_else(|| format!("no connection named `{name}` in:\n{listing}"))?
+        .to_string();
+    let closed = Command::new(RABBITMQCTL)
+        .args(["close_connection", &pid, "test"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if closed.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&closed.stderr).into_owned())
+    }
+}
+
+fn rabbitmqctl_usable() -> bool {
+    let usable = Command::new(RABBITMQCTL)
+        .args(["list_connections", "pid", "-q"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !usable {
+        if std::env::var("PURISTA_REQUIRE_BROKERS").as_deref() == Ok("1") {
+            panic!("rabbitmqctl is needed to close connections and PURISTA_REQUIRE_BROKERS=1");
+        }
+        eprintln!("\n*** SKIP reconnect test: rabbitmqctl cannot reach the broker node ***\n");
+    }
+    usable
+}
+
+fn sold(n: usize) -> Envelope {
+    let sender = SenderAddress {
+        service_name: "shop".into(),
+        service_version: "1".into(),
+        service_target: "sell".into(),
+        instance_id: String::new(),
+    };
+    Envelope::custom(sender, "sold", json!({ "n": n }))
+}
+
+#[tokio::test]
+async fn the_bridge_reconnects_after_the_broker_closes_its_connection() {
+    let broker = broker_or_skip!("reconnect");
+    if !rabbitmqctl_usable() {
+        broker.finish().await;
+        return;
+    }
+    let server = broker.bridge().await;
+    let client = broker.bridge().await;
+    let slow = Address::new("slow", "1", "work");
+    let echo = Address::new("echo", "1", "say");
+    server
+        .register_command(slow.clone(), Echo::slow(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    server
+        .register_command(echo.clone(), Echo::new())
+        .await
+        .unwrap();
+    let mut spec = spec("onSold", SubscriptionFilter::new().event_name("sold"));
+    spec.durable = true;
+    let recorder = Recorder::acking(&spec);
+    client
+        .register_subscription(spec.clone(), recorder.clone())
+        .await
+        .unwrap();
+
+    let saw_unhealthy = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (client, flag) = (client.clone(), saw_unhealthy.clone());
+        tokio::spawn(async move {
+            loop {
+                if !client.health().await.is_healthy() {
+                    flag.store(true, Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let pending = {
+        let client = client.clone();
+        let cmd = Envelope::command(SenderAddress::default(), slow.clone(), json!(1), json!({}));
+        tokio::spawn(async move { client.invoke(cmd, Duration::from_secs(10)).await })
+    };
+    assert!(eventually(Duration::from_secs(2), || client.in_flight().total == 1).await);
+
+    close_connection_of(&client).expect("connection closed by the broker");
+    // rabbitmqctl itself takes a second or two; the clock starts once the broker closed it.
+    let closed_at = Instant::now();
+    // Published while the subscriber is (or is about to be) disconnected: durable, so kept.
+    for n in 0..5 {
+        server.emit(sold(n)).await.unwrap();
+    }
+    let err = pending.await.unwrap().unwrap_err();
+    assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE, "{err:?}");
+    assert!(
+        closed_at.elapsed() < Duration::from_secs(2),
+        "failed at once (503), not at the 10 s ttl (504)"
+    );
+
+    assert!(
+        eventually(Duration::from_secs(10), || client.reconnects() >= 1
+            && client.is_connected())
+        .await,
+        "reconnected"
+    );
+    watcher.abort();
+    assert!(
+        saw_unhealthy.load(Ordering::SeqCst),
+        "health was an error while disconnected"
+    );
+    assert!(client.health().await.is_healthy());
+
+    // Consumers and the reply queue are back.
+    assert!(eventually(Duration::from_secs(5), || recorder.count() >= 5).await);
+    server.emit(sold(5)).await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || recorder.count() >= 6).await);
+    let ns: std::collections::BTreeSet<u64> = recorder
+        .seen()
+        .iter()
+        .map(|s| s.envelope.payload["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ns, (0..=5).collect(), "nothing lost");
+    let cmd = Envelope::command(
+        SenderAddress::default(),
+        echo.clone(),
+        json!("again"),
+        json!({}),
+    );
+    assert_eq!(
+        client
+            .invoke(cmd, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .payload,
+        "again"
+    );
+    broker.finish().await;
+}
