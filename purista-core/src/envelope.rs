@@ -236,11 +236,14 @@ pub struct Envelope {
     pub timestamp: u64,
     /// The message family.
     pub message_type: MessageType,
-    /// Payload content type, `application/json` by default.
-    #[serde(default = "default_content_type")]
+    /// Payload content type, `application/json` by default (also when `null` on the wire).
+    #[serde(default = "default_content_type", deserialize_with = "content_type_or_default")]
     pub content_type: String,
-    /// Payload content encoding, `utf-8` by default.
-    #[serde(default = "default_content_encoding")]
+    /// Payload content encoding, `utf-8` by default (also when `null` on the wire).
+    #[serde(
+        default = "default_content_encoding",
+        deserialize_with = "content_encoding_or_default"
+    )]
     pub content_encoding: String,
     /// One id for a whole distributed flow.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -283,6 +286,16 @@ fn default_content_type() -> String {
 
 fn default_content_encoding() -> String {
     DEFAULT_CONTENT_ENCODING.to_string()
+}
+
+fn content_type_or_default<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_else(default_content_type))
+}
+
+fn content_encoding_or_default<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_else(default_content_encoding))
 }
 
 /// Current time as Unix epoch milliseconds.
