@@ -564,9 +564,7 @@ impl EventBridge for AmqpBridge {
                     return Err(BridgeError::NoHandler(receiver.to_string()));
                 }
                 Verdict::Nacked => {
-                    return Err(BridgeError::NoHandler(format!(
-                        "{receiver} (the broker refused the command)"
-                    )));
+                    return Err(BridgeError::Refused(receiver.to_string()));
                 }
             }
             reply

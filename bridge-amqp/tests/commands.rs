@@ -288,6 +288,7 @@ async fn a_command_the_broker_refuses_fails_at_once_with_502() {
         )
         .await
         .unwrap_err();
+    assert!(matches!(err, BridgeError::Refused(_)), "{err:?}");
     assert_eq!(err.status(), StatusCode::BAD_GATEWAY, "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(2));
     let _ = conn.close(200, "OK".into()).await;

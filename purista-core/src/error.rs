@@ -251,6 +251,9 @@ pub enum BridgeError {
     /// Nobody serves the command (502).
     #[error("no handler is registered for {0}")]
     NoHandler(String),
+    /// The broker refused the message (a negative publisher confirm) (502).
+    #[error("the broker refused the message for {0}")]
+    Refused(String),
     /// The invocation timed out (504).
     #[error("invocation timed out after {0} ms")]
     Timeout(u64),
@@ -278,7 +281,7 @@ impl BridgeError {
     /// The status code a caller sees for this failure. The single mapping for bridge errors.
     pub fn status(&self) -> StatusCode {
         match self {
-            BridgeError::NoHandler(_) => StatusCode::BAD_GATEWAY,
+            BridgeError::NoHandler(_) | BridgeError::Refused(_) => StatusCode::BAD_GATEWAY,
             BridgeError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             BridgeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             BridgeError::InvalidRequest(_) | BridgeError::Decode(_) => StatusCode::BAD_REQUEST,
