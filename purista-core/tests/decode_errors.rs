@@ -136,7 +136,10 @@ fn missing_id_is_a_missing_field() {
 
 #[test]
 fn missing_timestamp_is_a_missing_field() {
-    assert_eq!(decode(&without(event(), &["timestamp"])), missing("timestamp"));
+    assert_eq!(
+        decode(&without(event(), &["timestamp"])),
+        missing("timestamp")
+    );
 }
 
 #[test]
@@ -183,7 +186,10 @@ fn missing_receiver_parts_name_the_nested_path() {
 #[test]
 fn null_required_field_counts_as_missing() {
     assert_eq!(decode(&with(event(), "id", Value::Null)), missing("id"));
-    assert_eq!(decode(&with(event(), "sender", Value::Null)), missing("sender"));
+    assert_eq!(
+        decode(&with(event(), "sender", Value::Null)),
+        missing("sender")
+    );
 }
 
 #[test]
@@ -226,7 +232,10 @@ fn string_receiver_is_the_wrong_type() {
 fn numeric_sender_instance_id_names_the_nested_path() {
     let mut doc = event();
     doc["sender"]["instanceId"] = json!(7);
-    assert_eq!(wrong_type_field(decode(&doc)), wrong_type("sender.instanceId"));
+    assert_eq!(
+        wrong_type_field(decode(&doc)),
+        wrong_type("sender.instanceId")
+    );
 }
 
 #[test]
@@ -268,12 +277,18 @@ fn command_without_correlation_id_is_a_missing_field() {
 
 #[test]
 fn command_without_receiver_is_a_missing_field() {
-    assert_eq!(decode(&without(command(), &["receiver"])), missing("receiver"));
+    assert_eq!(
+        decode(&without(command(), &["receiver"])),
+        missing("receiver")
+    );
 }
 
 #[test]
 fn command_without_payload_is_a_missing_field() {
-    assert_eq!(decode(&without(command(), &["payload"])), missing("payload"));
+    assert_eq!(
+        decode(&without(command(), &["payload"])),
+        missing("payload")
+    );
 }
 
 #[test]
@@ -292,13 +307,19 @@ fn responses_without_correlation_id_are_a_missing_field() {
 
 #[test]
 fn stream_frame_without_correlation_id_is_a_missing_field() {
-    let doc = without(with(command(), "messageType", json!("stream")), &["correlationId"]);
+    let doc = without(
+        with(command(), "messageType", json!("stream")),
+        &["correlationId"],
+    );
     assert_eq!(decode(&doc), missing("correlationId"));
 }
 
 #[test]
 fn custom_message_without_event_name_is_a_missing_field() {
-    assert_eq!(decode(&without(event(), &["eventName"])), missing("eventName"));
+    assert_eq!(
+        decode(&without(event(), &["eventName"])),
+        missing("eventName")
+    );
 }
 
 #[test]
@@ -361,7 +382,9 @@ fn every_truncation_of_a_golden_document_is_a_typed_error() {
 #[test]
 fn deeply_nested_payload_is_a_typed_error_not_a_stack_overflow() {
     let depth = 100_000;
-    let mut doc = String::from(r#"{"id":"m","timestamp":1,"messageType":"infoServiceReady","sender":{"serviceName":"s","serviceVersion":"1","serviceTarget":"","instanceId":"i"},"payload":"#);
+    let mut doc = String::from(
+        r#"{"id":"m","timestamp":1,"messageType":"infoServiceReady","sender":{"serviceName":"s","serviceVersion":"1","serviceTarget":"","instanceId":"i"},"payload":"#,
+    );
     doc.push_str(&"[".repeat(depth));
     doc.push_str(&"]".repeat(depth));
     doc.push('}');
@@ -378,7 +401,12 @@ fn every_single_field_deletion_from_a_command_is_ok_or_a_typed_error() {
     for key in doc.as_object().expect("object").keys() {
         let _ = decode(&without(doc.clone(), &[key]));
     }
-    for key in ["serviceName", "serviceVersion", "serviceTarget", "instanceId"] {
+    for key in [
+        "serviceName",
+        "serviceVersion",
+        "serviceTarget",
+        "instanceId",
+    ] {
         let _ = decode(&without(doc.clone(), &["sender", key]));
         let _ = decode(&without(doc.clone(), &["receiver", key]));
     }

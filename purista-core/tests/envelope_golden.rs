@@ -249,7 +249,10 @@ fn every_fixture_is_stable_under_encode_then_decode() {
         let first = decode(doc);
         let bytes = first.encode();
         let second = Envelope::decode(&bytes).expect("re-decode");
-        assert_eq!(second, first, "{family}: encode → decode changed the envelope");
+        assert_eq!(
+            second, first,
+            "{family}: encode → decode changed the envelope"
+        );
         assert_eq!(second.encode(), bytes, "{family}: second encode differs");
     }
 }
@@ -282,7 +285,12 @@ fn encode_writes_camel_case_field_names() {
     ] {
         assert!(obj.contains_key(key), "missing `{key}` in {v}");
     }
-    for key in ["serviceName", "serviceVersion", "serviceTarget", "instanceId"] {
+    for key in [
+        "serviceName",
+        "serviceVersion",
+        "serviceTarget",
+        "instanceId",
+    ] {
         assert!(v["sender"].get(key).is_some(), "missing sender.{key}");
     }
 }
@@ -344,9 +352,8 @@ fn explicit_content_type_and_encoding_are_kept() {
     assert_eq!(as_json(&decoded.encode()), doc);
 }
 
-// BUG: `validate_object` accepts `contentType: null` (via `optional_str`, as for every optional
-// field), but the serde step then rejects null for the non-Option `content_type: String` with
-// `DecodeError::Invalid`. Null must mean "absent" here as it does for traceId & co.
+// Regression: null meant "absent" for every optional field except these two, which failed with
+// `DecodeError::Invalid` (fixed in 7127a1b).
 #[test]
 fn null_content_type_and_encoding_decode_as_defaults() {
     let mut doc = fixture_json(CUSTOM);
@@ -356,6 +363,45 @@ fn null_content_type_and_encoding_decode_as_defaults() {
         .expect("null contentType/contentEncoding must decode as the defaults");
     assert_eq!(decoded.content_type, "application/json");
     assert_eq!(decoded.content_encoding, "utf-8");
+}
+
+// Regression: without serde_json's `float_roundtrip` feature its fast float parser is off by one
+// ULP for some inputs. These are shortest representations of doubles, exactly as JavaScript's
+// JSON.stringify writes them; they used to decode as a neighbouring double, so a TypeScript
+// service's numbers changed in transit (fixed in 7127a1b by enabling the feature workspace-wide).
+#[test]
+fn payload_numbers_decode_to_exactly_the_double_that_was_written() {
+    for (text, exact) in [
+        ("1.4314079466631915", 1.431_407_946_663_191_5_f64),
+        ("8.507884153453773e-8", 8.507_884_153_453_773e-8),
+        ("5.4201864552738075e20", 5.420_186_455_273_807_5e20),
+        ("5.263372547936668e-9", 5.263_372_547_936_668e-9),
+    ] {
+        let doc = format!(
+            r#"{{"id":"m","timestamp":1,"messageType":"customMessage","eventName":"e","sender":{{"serviceName":"s","serviceVersion":"1","serviceTarget":"t","instanceId":"i"}},"payload":{{"amount":{text}}}}}"#
+        );
+        let decoded = Envelope::decode(doc.as_bytes()).expect("decode");
+        let got = decoded.payload["amount"].as_f64().expect("number");
+        assert_eq!(got.to_bits(), exact.to_bits(), "{text} decoded as {got}");
+        assert_eq!(Envelope::decode(&decoded.encode()), Ok(decoded), "{text}");
+    }
+}
+
+// Regression: the `envelope_decode` fuzzer's crash, minimized. The unknown field `o` holds an
+// integer beyond u64, which serde_json reads as a float; without `float_roundtrip` it read as a
+// neighbouring double and changed again on encode → decode, so an unknown field did not pass
+// through untouched (fixed in 7127a1b).
+#[test]
+fn fuzz_regression_large_integer_in_an_unknown_field_round_trips() {
+    let input = br#"{"id":"","timestamp":3,
+"eventName": "n","o": 377777777773284002000, "messageType":"customMessage","sender":{"serviceName": "s","serviceVersion": "1","serviceTarget": "r", "instanceId":""}}"#;
+    let first = Envelope::decode(input).expect("decode");
+    assert_eq!(
+        first.extra["o"].as_f64().map(f64::to_bits),
+        Some(377_777_777_773_284_002_000_f64.to_bits())
+    );
+    let second = Envelope::decode(&first.encode()).expect("re-decode");
+    assert_eq!(second, first, "encode → decode changed the envelope");
 }
 
 #[test]
@@ -374,13 +420,19 @@ fn null_optional_fields_decode_as_absent() {
 
 const WIRE_TYPES: [(&str, MessageType); 13] = [
     ("command", MessageType::Command),
-    ("commandSuccessResponse", MessageType::CommandSuccessResponse),
+    (
+        "commandSuccessResponse",
+        MessageType::CommandSuccessResponse,
+    ),
     ("commandErrorResponse", MessageType::CommandErrorResponse),
     ("customMessage", MessageType::CustomMessage),
     ("infoServiceInit", MessageType::InfoServiceInit),
     ("infoServiceReady", MessageType::InfoServiceReady),
     ("infoServiceNotReady", MessageType::InfoServiceNotReady),
-    ("infoServiceFunctionAdded", MessageType::InfoServiceFunctionAdded),
+    (
+        "infoServiceFunctionAdded",
+        MessageType::InfoServiceFunctionAdded,
+    ),
     ("infoServiceDrain", MessageType::InfoServiceDrain),
     ("infoServiceShutdown", MessageType::InfoServiceShutdown),
     ("infoInvokeTimeout", MessageType::InfoInvokeTimeout),
