@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use purista_core::envelope::{DEFAULT_MAX_ENVELOPE_BYTES, now_ms};
 use purista_core::{
@@ -380,85 +381,108 @@ impl EventBridge for MemoryBridge {
         }
     }
 
-    async fn emit(&self, mut message: Envelope) -> Result<(), BridgeError> {
-        self.ensure_open()?;
-        match message.message_type {
-            MessageType::Command => {
-                return Err(BridgeError::InvalidRequest(
-                    "commands are sent with invoke, not emit".into(),
-                ));
+    // `emit` and `invoke` are written out instead of as `async fn`: `#[async_trait]` rebinds
+    // every argument inside the future it boxes, so the envelope argument would take its space
+    // twice in a future that is allocated for every message.
+    fn emit<'life0, 'async_trait>(
+        &'life0 self,
+        mut message: Envelope,
+    ) -> BoxFuture<'async_trait, Result<(), BridgeError>>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            self.ensure_open()?;
+            match message.message_type {
+                MessageType::Command => {
+                    return Err(BridgeError::InvalidRequest(
+                        "commands are sent with invoke, not emit".into(),
+                    ));
+                }
+                MessageType::Stream => {
+                    return Err(BridgeError::InvalidRequest(
+                        "stream frames travel in a stream session, not through emit".into(),
+                    ));
+                }
+                _ => {}
             }
-            MessageType::Stream => {
-                return Err(BridgeError::InvalidRequest(
-                    "stream frames travel in a stream session, not through emit".into(),
-                ));
-            }
-            _ => {}
-        }
-        self.stamp(&mut message);
-        self.check_size(&message)?;
-        self.hub.publish(Arc::new(message)).await;
-        Ok(())
+            self.stamp(&mut message);
+            self.check_size(&message)?;
+            self.hub.publish(Arc::new(message)).await;
+            Ok(())
+        })
     }
 
-    async fn invoke(&self, mut command: Envelope, ttl: Duration) -> Result<Envelope, BridgeError> {
-        self.ensure_open()?;
-        if command.message_type != MessageType::Command {
-            return Err(BridgeError::InvalidRequest(format!(
-                "invoke needs a command, got {}",
-                command.message_type
-            )));
-        }
-        let Some(receiver) = command.receiver.as_ref() else {
-            return Err(BridgeError::InvalidRequest(
-                "a command needs a receiver".into(),
-            ));
-        };
-        let member = self
-            .hub
-            .commands
-            .pick(receiver)
-            .ok_or_else(|| BridgeError::NoHandler(receiver.to_string()))?;
-        self.stamp(&mut command);
-        let correlation_id = command
-            .correlation_id
-            .get_or_insert_with(ids::new_id)
-            .clone();
-        self.check_size(&command)?;
+    fn invoke<'life0, 'async_trait>(
+        &'life0 self,
+        mut command: Envelope,
+        ttl: Duration,
+    ) -> BoxFuture<'async_trait, Result<Envelope, BridgeError>>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            self.ensure_open()?;
+            if command.message_type != MessageType::Command {
+                return Err(BridgeError::InvalidRequest(format!(
+                    "invoke needs a command, got {}",
+                    command.message_type
+                )));
+            }
+            let Some(receiver) = command.receiver.as_ref() else {
+                return Err(BridgeError::InvalidRequest(
+                    "a command needs a receiver".into(),
+                ));
+            };
+            let member = self
+                .hub
+                .commands
+                .pick(receiver)
+                .ok_or_else(|| BridgeError::NoHandler(receiver.to_string()))?;
+            self.stamp(&mut command);
+            if command.correlation_id.is_none() {
+                command.correlation_id = Some(ids::new_id());
+            }
+            self.check_size(&command)?;
 
-        let deadline = deadline_after(ttl);
-        let (_pending, reply) = self.inbox.wait_for(&correlation_id)?;
-        let _in_flight = self.tracker.start(WorkKind::Command, &member.label);
-        let command = Arc::new(command);
-        let waited = tokio::time::timeout_at(deadline, async {
-            // Subscriptions see the command before its response.
-            self.hub.subscriptions.offer(&command).await;
-            commands::dispatch(
-                &self.hub,
-                member,
-                command.clone(),
-                ReplyTo::Caller(self.inbox.clone()),
-            );
-            reply.await
-        })
-        .await;
-        match waited {
-            Ok(Ok(Ok(response))) => {
-                Ok(Arc::try_unwrap(response).unwrap_or_else(|shared| (*shared).clone()))
-            }
-            Ok(Ok(Err(error))) => Err(error),
-            Ok(Err(_)) => Err(BridgeError::Unavailable("bridge shutting down".into())),
-            Err(_) => {
-                tracing::debug!(
-                    correlation_id = %correlation_id,
-                    receiver = %command.receiver.as_ref().map(ToString::to_string).unwrap_or_default(),
-                    "invocation timed out"
+            let deadline = deadline_after(ttl);
+            let (pending, reply) = self
+                .inbox
+                .wait_for(command.correlation_id.as_deref().unwrap_or_default())?;
+            let _in_flight = self.tracker.start(WorkKind::Command, &member.label);
+            let command = Arc::new(command);
+            let waited = tokio::time::timeout_at(deadline, async {
+                // Subscriptions see the command before its response.
+                self.hub.subscriptions.offer(&command).await;
+                commands::dispatch(
+                    &self.hub,
+                    member,
+                    command.clone(),
+                    ReplyTo::Caller(self.inbox.clone()),
                 );
-                Err(BridgeError::Timeout(
-                    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
-                ))
+                reply.await
+            })
+            .await;
+            match waited {
+                Ok(Ok(Ok(response))) => {
+                    Ok(Arc::try_unwrap(response).unwrap_or_else(|shared| (*shared).clone()))
+                }
+                Ok(Ok(Err(error))) => Err(error),
+                Ok(Err(_)) => Err(BridgeError::Unavailable("bridge shutting down".into())),
+                Err(_) => {
+                    tracing::debug!(
+                        correlation_id = pending.correlation_id(),
+                        receiver = %command.receiver.as_ref().map(ToString::to_string).unwrap_or_default(),
+                        "invocation timed out"
+                    );
+                    Err(BridgeError::Timeout(
+                        u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+                    ))
+                }
             }
-        }
+        })
     }
 
     async fn register_command(
@@ -507,17 +531,13 @@ impl EventBridge for MemoryBridge {
         let key = spec.key.clone();
         let consumer = Consumer::new(
             spec,
+            &self.hub,
             &self.instance_id,
             self.config.consumer_buffer,
             self.dropped_while_paused.clone(),
             self.closing.subscribe(),
         );
-        let run = subscriptions::run_consumer(
-            consumer.clone(),
-            handler,
-            self.hub.clone(),
-            self.tasks.clone(),
-        );
+        let run = subscriptions::run_consumer(consumer.clone(), handler);
         if !self
             .tasks
             .spawn(WorkKind::Subscription, consumer.label.clone(), run)

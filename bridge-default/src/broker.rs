@@ -22,6 +22,7 @@ use crate::bridge::MemoryBridge;
 use crate::commands::{self, CommandMember, Inbox, ReplyTo};
 use crate::config::MemoryBridgeConfig;
 use crate::dead_letters::DeadLetters;
+use crate::fast_hash::FastMap;
 use crate::streams::StreamMember;
 use crate::subscriptions::SubscriptionRoutes;
 
@@ -113,7 +114,7 @@ pub(crate) struct Hub {
     pub(crate) streams: EndpointGroups<StreamMember>,
     pub(crate) subscriptions: SubscriptionRoutes,
     pub(crate) dead_letters: DeadLetters,
-    inboxes: RwLock<HashMap<Arc<str>, Weak<Inbox>>>,
+    inboxes: RwLock<FastMap<Arc<str>, Weak<Inbox>>>,
 }
 
 impl Hub {
@@ -124,7 +125,7 @@ impl Hub {
             streams: EndpointGroups::default(),
             subscriptions: SubscriptionRoutes::default(),
             dead_letters: DeadLetters::default(),
-            inboxes: RwLock::new(HashMap::new()),
+            inboxes: RwLock::new(FastMap::default()),
         }
     }
 
@@ -154,7 +155,7 @@ impl Hub {
     }
 
     /// Hands a response to the reply inbox of `receiver.instanceId`.
-    pub(crate) fn deliver_reply(&self, response: &Arc<Envelope>) {
+    pub(crate) fn deliver_reply(&self, response: Arc<Envelope>) {
         let Some(instance_id) = response
             .receiver
             .as_ref()
@@ -168,7 +169,7 @@ impl Hub {
         };
         let inbox = self.inboxes.read().get(instance_id).and_then(Weak::upgrade);
         match inbox {
-            Some(inbox) => inbox.resolve(response.clone()),
+            Some(inbox) => inbox.resolve(response),
             None => tracing::warn!(
                 instance_id,
                 correlation_id = response.correlation_id.as_deref().unwrap_or(""),
@@ -207,7 +208,7 @@ impl Hub {
                     ),
                 }
             }
-            t if t.is_response() => self.deliver_reply(&envelope),
+            t if t.is_response() => self.deliver_reply(envelope.clone()),
             _ => {}
         }
         self.subscriptions.offer(&envelope).await;
@@ -222,7 +223,7 @@ pub(crate) trait EndpointMember {
 
 /// Competing-consumer groups per endpoint (service name, version, target).
 pub(crate) struct EndpointGroups<M> {
-    groups: RwLock<HashMap<Address, EndpointGroup<M>>>,
+    groups: RwLock<FastMap<Address, EndpointGroup<M>>>,
 }
 
 struct EndpointGroup<M> {
@@ -233,7 +234,7 @@ struct EndpointGroup<M> {
 impl<M> Default for EndpointGroups<M> {
     fn default() -> Self {
         EndpointGroups {
-            groups: RwLock::new(HashMap::new()),
+            groups: RwLock::new(FastMap::default()),
         }
     }
 }

@@ -9,7 +9,6 @@
 //! The pending entry is removed when the caller stops waiting (response, timeout, or the caller
 //! dropping its future); a response that finds no entry is ignored with a warning and counted.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -24,6 +23,7 @@ use purista_core::{
 use tokio::sync::oneshot;
 
 use crate::broker::{EndpointMember, Hub};
+use crate::fast_hash::FastMap;
 use crate::tasks::TaskSet;
 
 /// What a pending invocation receives: the response, or why none will come.
@@ -60,32 +60,40 @@ pub(crate) fn dispatch(
     command: Arc<Envelope>,
     reply_to: ReplyTo,
 ) {
-    let hub = hub.clone();
-    let tasks = member.tasks.clone();
-    let label = member.label.clone();
-    let correlation_id = command.correlation_id.clone();
-    let refused_reply_to = match &reply_to {
-        ReplyTo::Caller(inbox) => Some(inbox.clone()),
-        ReplyTo::Receiver => None,
-    };
-    let spawned = tasks.spawn(WorkKind::Command, label, async move {
-        let response = Arc::new(run_handler(&member, &command).await);
-        match reply_to {
-            ReplyTo::Caller(inbox) => inbox.resolve(response.clone()),
-            ReplyTo::Receiver => hub.deliver_reply(&response),
-        }
-        hub.subscriptions.offer(&response).await;
-    });
-    if !spawned {
+    let Some(reservation) = member
+        .tasks
+        .reserve(WorkKind::Command, member.label.clone())
+    else {
         // The responder is shutting down between being picked and running the handler.
-        match (refused_reply_to, correlation_id) {
-            (Some(inbox), Some(correlation_id)) => inbox.fail(
-                &correlation_id,
+        match (&reply_to, command.correlation_id.as_deref()) {
+            (ReplyTo::Caller(inbox), Some(correlation_id)) => inbox.fail(
+                correlation_id,
                 BridgeError::Unavailable("the handling bridge instance is shutting down".into()),
             ),
             _ => tracing::warn!("command dropped: the handling bridge instance is shutting down"),
         }
-    }
+        return;
+    };
+    let hub = hub.clone();
+    reservation.spawn(async move {
+        let response = Arc::new(run_handler(&member, &command).await);
+        drop(command);
+        let routes = hub.subscriptions.snapshot();
+        if !routes.wants(&response) {
+            // Nobody else reads it: the caller gets the only reference and takes the envelope
+            // without copying it.
+            match reply_to {
+                ReplyTo::Caller(inbox) => inbox.resolve(response),
+                ReplyTo::Receiver => hub.deliver_reply(response),
+            }
+            return;
+        }
+        match reply_to {
+            ReplyTo::Caller(inbox) => inbox.resolve(response.clone()),
+            ReplyTo::Receiver => hub.deliver_reply(response.clone()),
+        }
+        routes.offer(&response).await;
+    });
 }
 
 /// Runs the handler, turning a panic into a 500, and stamps the response as the responder's.
@@ -111,7 +119,9 @@ async fn run_handler(member: &CommandMember, command: &Arc<Envelope>) -> Envelop
     });
     response.id = ids::new_id();
     response.timestamp = now_ms();
-    response.sender.instance_id = member.instance_id.to_string();
+    // Reuses the handler's string buffer.
+    response.sender.instance_id.clear();
+    response.sender.instance_id.push_str(&member.instance_id);
     if response.correlation_id.is_none() {
         response.correlation_id = command.correlation_id.clone();
     }
@@ -124,7 +134,7 @@ async fn run_handler(member: &CommandMember, command: &Arc<Envelope>) -> Envelop
 /// One bridge instance's reply inbox: pending invocations by `correlationId`.
 #[derive(Default)]
 pub(crate) struct Inbox {
-    pending: Mutex<HashMap<String, oneshot::Sender<Reply>>>,
+    pending: Mutex<FastMap<Arc<str>, oneshot::Sender<Reply>>>,
     closed: AtomicBool,
     unmatched: AtomicU64,
 }
@@ -136,20 +146,22 @@ impl Inbox {
         correlation_id: &str,
     ) -> Result<(PendingSlot<'_>, oneshot::Receiver<Reply>), BridgeError> {
         let (tx, rx) = oneshot::channel();
+        let key: Arc<str> = correlation_id.into();
         let mut pending = self.pending.lock();
         if self.closed.load(Ordering::Acquire) {
             return Err(BridgeError::Unavailable("bridge shutting down".into()));
         }
-        match pending.entry(correlation_id.to_string()) {
+        match pending.entry(key) {
             Entry::Occupied(_) => Err(BridgeError::InvalidRequest(format!(
                 "an invocation with correlationId {correlation_id} is already pending"
             ))),
             Entry::Vacant(slot) => {
+                let correlation_id = slot.key().clone();
                 slot.insert(tx);
                 Ok((
                     PendingSlot {
                         inbox: self,
-                        correlation_id: correlation_id.to_string(),
+                        correlation_id,
                     },
                     rx,
                 ))
@@ -159,20 +171,24 @@ impl Inbox {
 
     /// Completes the pending invocation the response belongs to, or warns and counts.
     pub(crate) fn resolve(&self, response: Arc<Envelope>) {
-        let correlation_id = response.correlation_id.as_deref().unwrap_or("");
-        let waiting = self.pending.lock().remove(correlation_id);
-        let delivered = match waiting {
-            Some(tx) => tx.send(Ok(response.clone())).is_ok(),
-            None => false,
+        let waiting = self
+            .pending
+            .lock()
+            .remove(response.correlation_id.as_deref().unwrap_or(""));
+        let undelivered = match waiting {
+            Some(tx) => match tx.send(Ok(response)) {
+                Ok(()) => return,
+                Err(Ok(response)) => response,
+                Err(Err(_)) => return,
+            },
+            None => response,
         };
-        if !delivered {
-            self.unmatched.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                correlation_id,
-                message_id = %response.id,
-                "response for an unknown or expired invocation ignored"
-            );
-        }
+        self.unmatched.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            correlation_id = undelivered.correlation_id.as_deref().unwrap_or(""),
+            message_id = %undelivered.id,
+            "response for an unknown or expired invocation ignored"
+        );
     }
 
     /// Fails one pending invocation.
@@ -205,7 +221,14 @@ impl Inbox {
 /// Removes a pending entry when the invocation stops waiting, however it stops.
 pub(crate) struct PendingSlot<'a> {
     inbox: &'a Inbox,
-    correlation_id: String,
+    correlation_id: Arc<str>,
+}
+
+impl PendingSlot<'_> {
+    /// The `correlationId` the invocation waits for.
+    pub(crate) fn correlation_id(&self) -> &str {
+        &self.correlation_id
+    }
 }
 
 impl Drop for PendingSlot<'_> {

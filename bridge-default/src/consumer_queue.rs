@@ -70,62 +70,79 @@ impl ConsumerQueue {
 
     /// Appends `item`, waiting for space while the consumer runs (see the module docs).
     pub(crate) async fn push(&self, item: Queued, key: &str) -> Pushed {
-        let mut item = Some(item);
+        // Without waiting first: registering for a wake-up costs a lock of its own.
+        let mut item = match self.try_push(item, key) {
+            Ok(pushed) => return pushed,
+            Err(item) => item,
+        };
         loop {
+            // Registered before looking again, so space made in between is not missed.
             let notified = self.writable.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
-                let mut state = self.state.lock();
-                if state.closed {
-                    return Pushed::Closed;
-                }
-                if state.items.len() < self.capacity {
-                    if let Some(item) = item.take() {
-                        state.items.push_back(item);
-                    }
-                    drop(state);
-                    self.readable.notify_one();
-                    return Pushed::Queued;
-                }
-                if state.paused.is_some() {
-                    drop(state);
-                    self.dropped.fetch_add(1, Ordering::Relaxed);
-                    let message_id = item.as_ref().map(|i| i.envelope.id.as_str()).unwrap_or("");
-                    tracing::warn!(
-                        registration = %key,
-                        message_id,
-                        capacity = self.capacity,
-                        "subscription consumer is paused and its buffer is full: message dropped"
-                    );
-                    return Pushed::DroppedWhilePaused;
-                }
+            item = match self.try_push(item, key) {
+                Ok(pushed) => return pushed,
+                Err(item) => item,
+            };
+            notified.await;
+        }
+    }
+
+    /// Appends `item` unless the buffer is full while the consumer runs; then gives it back.
+    pub(crate) fn try_push(&self, item: Queued, key: &str) -> Result<Pushed, Queued> {
+        let mut state = self.state.lock();
+        if state.closed {
+            return Ok(Pushed::Closed);
+        }
+        if state.items.len() < self.capacity {
+            state.items.push_back(item);
+            drop(state);
+            self.readable.notify_one();
+            return Ok(Pushed::Queued);
+        }
+        if state.paused.is_none() {
+            return Err(item);
+        }
+        drop(state);
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            registration = %key,
+            message_id = %item.envelope.id,
+            capacity = self.capacity,
+            "subscription consumer is paused and its buffer is full: message dropped"
+        );
+        Ok(Pushed::DroppedWhilePaused)
+    }
+
+    /// The next delivery; waits while empty or paused. `None` once closed.
+    pub(crate) async fn next(&self) -> Option<Queued> {
+        if let Some(next) = self.try_next() {
+            return next;
+        }
+        loop {
+            let notified = self.readable.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(next) = self.try_next() {
+                return next;
             }
             notified.await;
         }
     }
 
-    /// The next delivery; waits while empty or paused. `None` once closed.
-    pub(crate) async fn next(&self) -> Option<Queued> {
-        loop {
-            let notified = self.readable.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let mut state = self.state.lock();
-                if state.closed {
-                    return None;
-                }
-                if state.paused.is_none()
-                    && let Some(item) = state.items.pop_front()
-                {
-                    drop(state);
-                    self.writable.notify_one();
-                    return Some(item);
-                }
-            }
-            notified.await;
+    /// `Some(None)` once closed, `Some(item)` when one is ready, `None` to wait.
+    fn try_next(&self) -> Option<Option<Queued>> {
+        let mut state = self.state.lock();
+        if state.closed {
+            return Some(None);
         }
+        if state.paused.is_some() {
+            return None;
+        }
+        let item = state.items.pop_front()?;
+        drop(state);
+        self.writable.notify_one();
+        Some(Some(item))
     }
 
     /// Pauses the consumer and puts `item` back at the front, attempt unchanged.

@@ -26,6 +26,7 @@ mod commands;
 mod config;
 mod consumer_queue;
 mod dead_letters;
+mod fast_hash;
 pub mod queue;
 mod streams;
 mod subscriptions;

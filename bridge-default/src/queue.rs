@@ -6,16 +6,22 @@
 //!
 //! How it is built:
 //!
-//! * One `parking_lot` mutex guards all queues. Every operation is a short critical section that
-//!   never spans an `.await`; the only waiting is in [`QueueBridge::lease`], outside the lock.
+//! * Each queue has its own `parking_lot` mutex, so producers and workers of different queues
+//!   never wait for each other; the map of queues sits behind a read-write lock that only
+//!   `declare_queue` and `shutdown` write. Dead letters, which queues may share, have a lock of
+//!   their own, taken only when a job is dead-lettered or the lists are read. Every operation
+//!   is one short critical section that never spans an `.await`; the only waiting is in
+//!   [`QueueBridge::lease`], outside the locks.
 //! * Each queue is a `JobStore` (`store.rs`): pending jobs ordered by `(visible-at, enqueue order)`
 //!   (FIFO) and leases ordered by expiry. Expired leases are applied lazily at the start of every
-//!   operation; what a settlement or an expiry *means* is decided by core's
-//!   [`QueueConfig::plan`], never here.
-//! * A waiting `lease` sleeps on the queue's [`tokio::sync::Notify`] (woken when a job becomes
-//!   visible sooner than planned: an enqueue, a retry, a replay, a shutdown) and on a timer set
-//!   to the earliest delayed job or lease expiry, capped by its own deadline. It never polls,
-//!   and it is cancel safe: a job is leased and returned within one critical section.
+//!   operation that comes after the earliest expiry; what a settlement or an expiry *means* is
+//!   decided by core's [`QueueConfig::plan`], never here.
+//! * A `lease` first just looks (one critical section). Only when nothing is visible does it
+//!   wait, on the queue's [`tokio::sync::Notify`] (woken when a job becomes visible sooner than
+//!   planned: an enqueue, a retry, a replay, a shutdown) and on a timer set to the earliest
+//!   delayed job or lease expiry, capped by its own deadline. Waiters are counted, so an enqueue
+//!   with nobody waiting wakes nobody. It never polls, and it is cancel safe: a job is leased
+//!   and returned within one critical section.
 //! * An expired lease counts as `Retry { delay: 0, reason: "lease expired" }` settled at the
 //!   expiry time, so core's plan decides whether the job is visible again or dead-lettered.
 //! * Dead letters are kept under `QueueConfig::dead_letter_queue_for(queue)`. Inspect, replay and
@@ -31,23 +37,26 @@ mod dead_letter;
 mod idempotency;
 mod store;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use purista_core::capabilities::{DeliveryGuarantee, QueueCapabilities};
 use purista_core::queue::{
     DeadLetteredJob, JobSettlement, LeasedJob, NewJob, QueueBridge, QueueConfig, QueueError,
     QueueMetrics,
 };
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use self::clock::Clock;
 use self::dead_letter::DeadLetters;
 use self::store::JobStore;
+use crate::fast_hash::FastMap;
 
 /// The bridge name reported by [`QueueBridge::name`] and in the capabilities.
 const BRIDGE_NAME: &str = "default";
@@ -82,36 +91,71 @@ pub struct MemoryQueueBridge {
 }
 
 struct Shared {
-    state: Mutex<State>,
+    queues: RwLock<Queues>,
+    /// Locked after a queue's store, never before.
+    dead_letters: Mutex<DeadLetters>,
     clock: Clock,
     capabilities: QueueCapabilities,
 }
 
-/// Everything behind the lock.
+/// The declared queues.
 #[derive(Default)]
-struct State {
+struct Queues {
     closed: bool,
-    queues: HashMap<String, JobStore>,
-    dead_letters: DeadLetters,
+    by_name: FastMap<String, Queue>,
 }
 
-impl State {
-    /// The declared queue `queue`, brought up to date with `now_ms`, and the dead letters.
-    fn open(
-        &mut self,
-        queue: &str,
-        now_ms: u64,
-    ) -> Result<(&mut JobStore, &mut DeadLetters), QueueError> {
+impl Queues {
+    /// The declared queue `queue`, while the bridge is open.
+    fn get(&self, queue: &str) -> Result<&Queue, QueueError> {
         if self.closed {
             return Err(shut_down());
         }
         check_name(queue)?;
-        let store = self
-            .queues
-            .get_mut(queue)
-            .ok_or_else(|| QueueError::UnknownQueue(queue.to_owned()))?;
-        store.maintain(now_ms, &mut self.dead_letters);
-        Ok((store, &mut self.dead_letters))
+        self.by_name
+            .get(queue)
+            .ok_or_else(|| QueueError::UnknownQueue(queue.to_owned()))
+    }
+}
+
+/// One declared queue: its jobs under their own lock, and the `lease` calls waiting for them.
+struct Queue {
+    store: Mutex<JobStore>,
+    waiters: Arc<Waiters>,
+}
+
+/// The `lease` calls waiting on one queue.
+#[derive(Default)]
+struct Waiters {
+    notify: Notify,
+    count: AtomicUsize,
+}
+
+impl Waiters {
+    /// Wakes every waiting `lease` call so it looks again; nothing to do when none waits.
+    ///
+    /// A waiter counts itself before its look under the store lock, and a wake follows a
+    /// change under that lock, so a waiter that missed the change is always counted here.
+    fn wake(&self) {
+        if self.count.load(Ordering::SeqCst) > 0 {
+            self.notify.notify_waiters();
+        }
+    }
+}
+
+/// One `lease` call counted as waiting, until dropped.
+struct Waiting(Arc<Waiters>);
+
+impl Waiting {
+    fn new(waiters: Arc<Waiters>) -> Self {
+        waiters.count.fetch_add(1, Ordering::SeqCst);
+        Waiting(waiters)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -120,7 +164,8 @@ impl MemoryQueueBridge {
     pub fn new() -> Self {
         MemoryQueueBridge {
             shared: Arc::new(Shared {
-                state: Mutex::new(State::default()),
+                queues: RwLock::new(Queues::default()),
+                dead_letters: Mutex::new(DeadLetters::default()),
                 clock: Clock::new(),
                 capabilities: QueueCapabilities {
                     bridge: BRIDGE_NAME.to_owned(),
@@ -136,16 +181,38 @@ impl MemoryQueueBridge {
         }
     }
 
-    /// Runs `f` on the declared queue `queue` (brought up to date) under the lock.
+    /// Runs `f` on the declared queue `queue` (brought up to date) under its lock, then wakes
+    /// the queue's waiters if `f` made a job visible.
     fn with_queue<T>(
         &self,
         queue: &str,
-        f: impl FnOnce(&mut JobStore, &mut DeadLetters, u64) -> Result<T, QueueError>,
+        f: impl FnOnce(&mut JobStore, &Mutex<DeadLetters>, u64) -> Result<T, QueueError>,
     ) -> Result<T, QueueError> {
-        let mut state = self.shared.state.lock();
-        let now_ms = self.shared.clock.now_ms();
-        let (store, dead_letters) = state.open(queue, now_ms)?;
-        f(store, dead_letters, now_ms)
+        self.with_queue_and_waiters(queue, |store, dead_letters, now_ms, _| {
+            f(store, dead_letters, now_ms)
+        })
+    }
+
+    /// [`MemoryQueueBridge::with_queue`], also handing `f` the queue's waiters.
+    fn with_queue_and_waiters<T>(
+        &self,
+        queue: &str,
+        f: impl FnOnce(&mut JobStore, &Mutex<DeadLetters>, u64, &Arc<Waiters>) -> Result<T, QueueError>,
+    ) -> Result<T, QueueError> {
+        let queues = self.shared.queues.read();
+        let queue = queues.get(queue)?;
+        let (result, wake) = {
+            let mut store = queue.store.lock();
+            let now_ms = self.shared.clock.now_ms();
+            let dead_letters = &self.shared.dead_letters;
+            store.maintain(now_ms, dead_letters);
+            let result = f(&mut store, dead_letters, now_ms, &queue.waiters);
+            (result, store.take_wake())
+        };
+        if wake {
+            queue.waiters.wake();
+        }
+        result
     }
 }
 
@@ -174,8 +241,8 @@ impl QueueBridge for MemoryQueueBridge {
     }
 
     async fn declare_queue(&self, queue: &str, config: QueueConfig) -> Result<(), QueueError> {
-        let mut state = self.shared.state.lock();
-        if state.closed {
+        let mut queues = self.shared.queues.write();
+        if queues.closed {
             return Err(shut_down());
         }
         check_name(queue)?;
@@ -184,34 +251,43 @@ impl QueueBridge for MemoryQueueBridge {
                 "queue `{queue}`: visibility_timeout must be greater than zero"
             )));
         }
-        match state.queues.get_mut(queue) {
-            Some(store) => store.set_config(config),
+        match queues.by_name.get(queue) {
+            Some(existing) => existing.store.lock().set_config(config),
             None => {
-                state
-                    .queues
-                    .insert(queue.to_owned(), JobStore::new(queue, config));
+                queues.by_name.insert(
+                    queue.to_owned(),
+                    Queue {
+                        store: Mutex::new(JobStore::new(queue, config)),
+                        waiters: Arc::default(),
+                    },
+                );
             }
         }
         Ok(())
     }
 
     async fn enqueue(&self, queue: &str, job: NewJob) -> Result<String, QueueError> {
-        self.with_queue(queue, |store, _, now_ms| {
-            let (id, created) = store.enqueue(job, now_ms);
-            if created {
-                store.wake_waiters();
-            }
-            Ok(id)
-        })
+        self.with_queue(queue, |store, _, now_ms| Ok(store.enqueue(job, now_ms)))
     }
 
     async fn lease(&self, queue: &str, wait: Duration) -> Result<Option<LeasedJob>, QueueError> {
+        // The fast path: one look, one critical section.
+        let first = self.with_queue_and_waiters(queue, |store, _, now_ms, waiters| {
+            Ok(match store.lease_next(now_ms) {
+                Some(job) => ControlFlow::Break(job),
+                None => ControlFlow::Continue(waiters.clone()),
+            })
+        })?;
+        let waiters = match first {
+            ControlFlow::Break(job) => return Ok(Some(job)),
+            ControlFlow::Continue(waiters) => waiters,
+        };
         // `None` = a wait too long to represent: wait until woken.
         let deadline = Instant::now().checked_add(wait);
-        let notify = self.with_queue(queue, |store, _, _| Ok(store.notify()))?;
+        let waiting = Waiting::new(waiters);
         loop {
             // Registered before looking, so a wake-up between the look and the sleep is not lost.
-            let woken = notify.notified();
+            let woken = waiting.0.notify.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
 
@@ -253,10 +329,7 @@ impl QueueBridge for MemoryQueueBridge {
 
     async fn settle(&self, job: &LeasedJob, settlement: JobSettlement) -> Result<(), QueueError> {
         self.with_queue(&job.queue, |store, dead_letters, now_ms| {
-            if store.settle(job, &settlement, now_ms, dead_letters)? {
-                store.wake_waiters();
-            }
-            Ok(())
+            store.settle(job, &settlement, now_ms, dead_letters)
         })
     }
 
@@ -267,7 +340,7 @@ impl QueueBridge for MemoryQueueBridge {
                 depth: counts.ready,
                 leased: counts.leased,
                 delayed: counts.delayed,
-                dead_lettered: dead_letters.count(&store.dead_letter_queue(), queue),
+                dead_lettered: dead_letters.lock().count(store.dead_letter_queue(), queue),
             })
         })
     }
@@ -278,7 +351,9 @@ impl QueueBridge for MemoryQueueBridge {
         limit: usize,
     ) -> Result<Vec<DeadLetteredJob>, QueueError> {
         self.with_queue(queue, |store, dead_letters, _| {
-            Ok(dead_letters.list(&store.dead_letter_queue(), queue, limit))
+            Ok(dead_letters
+                .lock()
+                .list(store.dead_letter_queue(), queue, limit))
         })
     }
 
@@ -289,13 +364,12 @@ impl QueueBridge for MemoryQueueBridge {
     ) -> Result<usize, QueueError> {
         let ids: Option<HashSet<String>> = ids.map(|ids| ids.into_iter().collect());
         self.with_queue(queue, |store, dead_letters, now_ms| {
-            let replayed = dead_letters.take(&store.dead_letter_queue(), queue, ids.as_ref());
+            let replayed = dead_letters
+                .lock()
+                .take(store.dead_letter_queue(), queue, ids.as_ref());
             let count = replayed.len();
             for dead in replayed {
                 store.requeue(dead, now_ms);
-            }
-            if count > 0 {
-                store.wake_waiters();
             }
             Ok(count)
         })
@@ -304,21 +378,22 @@ impl QueueBridge for MemoryQueueBridge {
     async fn purge_dead_letters(&self, queue: &str) -> Result<usize, QueueError> {
         self.with_queue(queue, |store, dead_letters, _| {
             Ok(dead_letters
-                .take(&store.dead_letter_queue(), queue, None)
+                .lock()
+                .take(store.dead_letter_queue(), queue, None)
                 .len())
         })
     }
 
     async fn shutdown(&self) {
         let queues = {
-            let mut state = self.shared.state.lock();
-            state.closed = true;
-            state.dead_letters = DeadLetters::default();
-            std::mem::take(&mut state.queues)
+            let mut queues = self.shared.queues.write();
+            queues.closed = true;
+            *self.shared.dead_letters.lock() = DeadLetters::default();
+            std::mem::take(&mut queues.by_name)
         };
         // Waiting `lease` calls wake up, look again and find the bridge closed.
-        for store in queues.values() {
-            store.wake_waiters();
+        for queue in queues.values() {
+            queue.waiters.wake();
         }
         tracing::debug!(
             bridge = BRIDGE_NAME,

@@ -17,22 +17,23 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::FutureExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use parking_lot::{Mutex, RwLock};
 use purista_core::{
     BridgeError, Delivery, DeliveryHandler, Envelope, SettleOnce, Settlement, Settler,
-    SubscriptionSpec, WorkKind,
+    SubscriptionSpec,
 };
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use crate::broker::Hub;
 use crate::consumer_queue::{ConsumerQueue, Pushed, Queued};
-use crate::tasks::TaskSet;
 
 /// One bridge instance's consumer of one subscription.
 pub(crate) struct Consumer {
@@ -42,13 +43,15 @@ pub(crate) struct Consumer {
     /// The registration key, as a cheap label for tasks and logs.
     pub(crate) label: Arc<str>,
     pub(crate) queue: ConsumerQueue,
-    prefetch: Arc<Semaphore>,
+    /// Where settlements go. Weak: the hub holds its consumers.
+    hub: Weak<Hub>,
     closing: watch::Receiver<bool>,
 }
 
 impl Consumer {
     pub(crate) fn new(
         spec: SubscriptionSpec,
+        hub: &Arc<Hub>,
         instance_id: &str,
         buffer: usize,
         dropped: Arc<AtomicU64>,
@@ -59,12 +62,11 @@ impl Consumer {
         } else {
             format!("{}#{}", spec.key, instance_id).into()
         };
-        let prefetch = usize::from(spec.prefetch.max(1));
         Arc::new(Consumer {
             label: spec.key.as_str().into(),
             group,
             queue: ConsumerQueue::new(buffer, dropped),
-            prefetch: Arc::new(Semaphore::new(prefetch)),
+            hub: Arc::downgrade(hub),
             closing,
             spec,
         })
@@ -72,7 +74,6 @@ impl Consumer {
 
     /// Stops the consumer task; buffered messages are dropped (nothing here is durable).
     pub(crate) fn close(&self) {
-        self.prefetch.close();
         let dropped = self.queue.close();
         if dropped > 0 {
             tracing::warn!(
@@ -84,69 +85,65 @@ impl Consumer {
     }
 }
 
-/// The consumer task: takes deliveries while a prefetch permit is free and runs the handler
-/// for each. Ends when the consumer is closed.
+/// The consumer task: takes deliveries while fewer than `prefetch` are in hand and runs the
+/// handler for each. Ends when the consumer is closed and the deliveries in hand are done.
 ///
-/// With a prefetch of 1 (the default) the handler runs inline in this task, which saves a task
-/// per delivery; with more, each delivery gets its own task in the bridge's [`TaskSet`].
-pub(crate) async fn run_consumer(
-    consumer: Arc<Consumer>,
-    handler: Arc<dyn DeliveryHandler>,
-    hub: Arc<Hub>,
-    tasks: Arc<TaskSet>,
-) {
-    if consumer.spec.prefetch <= 1 {
+/// Deliveries run concurrently inside this one task (a task per delivery would cost a spawn
+/// and the bookkeeping of the bridge's task set on every message). With a prefetch of 1 (the
+/// default) the handler simply runs inline.
+pub(crate) async fn run_consumer(consumer: Arc<Consumer>, handler: Arc<dyn DeliveryHandler>) {
+    let prefetch = usize::from(consumer.spec.prefetch.max(1));
+    if prefetch == 1 {
         while let Some(item) = consumer.queue.next().await {
-            let delivery = delivery_for(&consumer, &hub, item);
-            let outcome = AssertUnwindSafe(handler.deliver(delivery))
-                .catch_unwind()
-                .await;
-            if outcome.is_err() {
-                tracing::error!(registration = %consumer.label, "subscription handler panicked");
-            }
+            deliver(&consumer, &*handler, item).await;
         }
     } else {
+        let mut in_hand = FuturesUnordered::new();
+        let next = consumer.queue.next();
+        tokio::pin!(next);
         loop {
-            // Permit first, then the message: a handler that pauses the consumer has settled
-            // before its permit returns, so no further message is taken in between.
-            let Ok(permit) = consumer.prefetch.clone().acquire_owned().await else {
-                break;
-            };
-            let Some(item) = consumer.queue.next().await else {
-                break;
-            };
-            let delivery = delivery_for(&consumer, &hub, item);
-            let handler = handler.clone();
-            let spawned = tasks.spawn(WorkKind::Subscription, consumer.label.clone(), async move {
-                handler.deliver(delivery).await;
-                drop(permit);
-            });
-            if !spawned {
-                break;
+            // A slot first, then the message: a handler that pauses the consumer has settled
+            // before its slot frees, so no further message is taken in between.
+            tokio::select! {
+                biased;
+                Some(()) = in_hand.next(), if !in_hand.is_empty() => {}
+                item = &mut next, if in_hand.len() < prefetch => {
+                    let Some(item) = item else { break };
+                    in_hand.push(deliver(&consumer, &*handler, item));
+                    next.set(consumer.queue.next());
+                }
             }
         }
+        while in_hand.next().await.is_some() {}
     }
     tracing::debug!(registration = %consumer.label, "subscription consumer stopped");
 }
 
-fn delivery_for(consumer: &Arc<Consumer>, hub: &Arc<Hub>, item: Queued) -> Delivery {
-    let settler = QueueSettler {
-        consumer: consumer.clone(),
-        hub: hub.clone(),
-        envelope: item.envelope.clone(),
-        attempt: item.attempt,
-    };
-    Delivery {
-        settle: SettleOnce::new(item.envelope.id.clone(), Box::new(settler)),
+/// Runs the handler for one delivery; a panic is logged and ends only this delivery.
+async fn deliver(consumer: &Arc<Consumer>, handler: &dyn DeliveryHandler, item: Queued) {
+    let delivery = Delivery {
+        settle: SettleOnce::new(
+            item.envelope.id.as_str(),
+            Box::new(QueueSettler {
+                consumer: consumer.clone(),
+                envelope: item.envelope.clone(),
+                attempt: item.attempt,
+            }),
+        ),
         envelope: item.envelope,
         attempt: item.attempt,
+    };
+    let outcome = AssertUnwindSafe(handler.deliver(delivery))
+        .catch_unwind()
+        .await;
+    if outcome.is_err() {
+        tracing::error!(registration = %consumer.label, "subscription handler panicked");
     }
 }
 
 /// Carries out one delivery's settlement in memory.
 struct QueueSettler {
     consumer: Arc<Consumer>,
-    hub: Arc<Hub>,
     envelope: Arc<Envelope>,
     attempt: u32,
 }
@@ -156,7 +153,6 @@ impl Settler for QueueSettler {
     async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), BridgeError> {
         let QueueSettler {
             consumer,
-            hub,
             envelope,
             attempt,
         } = *self;
@@ -165,8 +161,14 @@ impl Settler for QueueSettler {
             Settlement::Redeliver {
                 delay,
                 next_attempt,
-            } => schedule_redelivery(hub, &consumer, envelope, next_attempt, delay),
-            Settlement::DeadLetter(note) => hub.dead_letters.push(note, &envelope),
+            } => match consumer.hub.upgrade() {
+                Some(hub) => schedule_redelivery(hub, &consumer, envelope, next_attempt, delay),
+                None => hub_gone(&consumer, &envelope),
+            },
+            Settlement::DeadLetter(note) => match consumer.hub.upgrade() {
+                Some(hub) => hub.dead_letters.push(note, &envelope),
+                None => hub_gone(&consumer, &envelope),
+            },
             Settlement::Pause { reason } => {
                 tracing::warn!(registration = %consumer.label, %reason, "subscription consumer paused");
                 consumer
@@ -176,6 +178,15 @@ impl Settler for QueueSettler {
         }
         Ok(())
     }
+}
+
+/// Every bridge on the hub is gone: there is nobody left to redeliver or dead-letter to.
+fn hub_gone(consumer: &Consumer, envelope: &Envelope) {
+    tracing::debug!(
+        registration = %consumer.label,
+        message_id = %envelope.id,
+        "settlement dropped: the hub is gone"
+    );
 }
 
 /// Puts a message back into its subscription group after `delay`, without blocking anything.
@@ -244,9 +255,60 @@ impl Group {
 
 /// An immutable snapshot of all groups, swapped whole on every change.
 #[derive(Default)]
-struct RouteTable {
+pub(crate) struct RouteTable {
     groups: Vec<Group>,
     by_id: HashMap<Arc<str>, usize>,
+}
+
+impl RouteTable {
+    /// True when some group's filter matches, i.e. [`RouteTable::offer`] would deliver it.
+    pub(crate) fn wants(&self, envelope: &Envelope) -> bool {
+        self.groups.iter().any(|group| {
+            group
+                .members
+                .iter()
+                .any(|member| member.spec.filter.matches(envelope))
+        })
+    }
+
+    /// See [`SubscriptionRoutes::offer`].
+    pub(crate) async fn offer(self: Arc<Self>, envelope: &Arc<Envelope>) {
+        if let Some(rest) = self.offer_now(envelope) {
+            rest.await;
+        }
+    }
+
+    /// Offers to every matching group in order without waiting, until a buffer is full. Then
+    /// returns the rest of the offer, which waits for space: boxed, so that publishing, whose
+    /// future is allocated per message, stays small in the usual case of no waiting at all.
+    fn offer_now(self: Arc<Self>, envelope: &Arc<Envelope>) -> Option<BoxFuture<'static, ()>> {
+        for (i, group) in self.groups.iter().enumerate() {
+            let Some(member) = group.pick(envelope, true) else {
+                continue;
+            };
+            let item = Queued {
+                envelope: envelope.clone(),
+                attempt: 1,
+            };
+            if let Err(item) = member.queue.try_push(item, &member.spec.key) {
+                let member = member.clone();
+                let envelope = envelope.clone();
+                return Some(Box::pin(async move {
+                    member.queue.push(item, &member.spec.key).await;
+                    for group in &self.groups[i + 1..] {
+                        if let Some(member) = group.pick(&envelope, true) {
+                            let item = Queued {
+                                envelope: envelope.clone(),
+                                attempt: 1,
+                            };
+                            member.queue.push(item, &member.spec.key).await;
+                        }
+                    }
+                }));
+            }
+        }
+        None
+    }
 }
 
 /// All subscription consumers of one hub.
@@ -291,19 +353,15 @@ impl SubscriptionRoutes {
         *self.table.write() = Arc::new(table);
     }
 
+    /// The current routes, for a caller that looks at them before offering.
+    pub(crate) fn snapshot(&self) -> Arc<RouteTable> {
+        self.table.read().clone()
+    }
+
     /// Offers a message to every group whose filter it matches, one member per group. Waits for
     /// buffer space (backpressure) unless the chosen member is paused.
     pub(crate) async fn offer(&self, envelope: &Arc<Envelope>) {
-        let table = self.table.read().clone();
-        for group in &table.groups {
-            if let Some(member) = group.pick(envelope, true) {
-                let item = Queued {
-                    envelope: envelope.clone(),
-                    attempt: 1,
-                };
-                member.queue.push(item, &member.spec.key).await;
-            }
-        }
+        self.snapshot().offer(envelope).await;
     }
 
     /// Puts a redelivery back into group `group`, to any member.
@@ -325,5 +383,141 @@ impl SubscriptionRoutes {
                 "redelivery dropped: subscription no longer registered"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use purista_core::{
+        Address, Delivery, DeliveryHandler, Envelope, EventBridge, FailurePolicy, SenderAddress,
+        Settlement, SubscriptionFilter, SubscriptionSpec,
+    };
+    use tokio::sync::Semaphore;
+    use tokio::time::Instant;
+
+    use crate::MemoryBroker;
+
+    /// Holds every delivery until the test adds a permit; counts how many run at once.
+    struct Held {
+        gate: Semaphore,
+        running: AtomicUsize,
+        most_at_once: AtomicUsize,
+        done: AtomicUsize,
+    }
+
+    impl Held {
+        fn new() -> Arc<Self> {
+            Arc::new(Held {
+                gate: Semaphore::new(0),
+                running: AtomicUsize::new(0),
+                most_at_once: AtomicUsize::new(0),
+                done: AtomicUsize::new(0),
+            })
+        }
+    }
+
+    struct Holding(Arc<Held>);
+
+    #[async_trait]
+    impl DeliveryHandler for Holding {
+        async fn deliver(&self, delivery: Delivery) {
+            let held = &self.0;
+            let now = held.running.fetch_add(1, Ordering::SeqCst) + 1;
+            held.most_at_once.fetch_max(now, Ordering::SeqCst);
+            if let Ok(permit) = held.gate.acquire().await {
+                permit.forget();
+            }
+            held.running.fetch_sub(1, Ordering::SeqCst);
+            delivery.settle.settle(Settlement::Ack).await.unwrap();
+            held.done.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn spec(prefetch: u16) -> SubscriptionSpec {
+        SubscriptionSpec {
+            key: "listener@1/onTick".into(),
+            subscriber: Address::new("listener", "1", "onTick"),
+            filter: SubscriptionFilter::new().event_name("tick"),
+            shared: false,
+            durable: false,
+            policy: FailurePolicy::default(),
+            prefetch,
+        }
+    }
+
+    async fn eventually(what: &str, condition: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    fn tick() -> Envelope {
+        Envelope::custom(SenderAddress::default(), "tick", serde_json::json!(1))
+    }
+
+    #[tokio::test]
+    async fn a_consumer_runs_up_to_prefetch_deliveries_at_once() {
+        let bridge = MemoryBroker::new().bridge();
+        let held = Held::new();
+        bridge
+            .register_subscription(spec(3), Arc::new(Holding(held.clone())))
+            .await
+            .unwrap();
+        for _ in 0..7 {
+            bridge.emit(tick()).await.unwrap();
+        }
+
+        eventually("three deliveries in hand", || {
+            held.running.load(Ordering::SeqCst) == 3
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(held.most_at_once.load(Ordering::SeqCst), 3);
+
+        held.gate.add_permits(7);
+        eventually("every delivery handled", || {
+            held.done.load(Ordering::SeqCst) == 7
+        })
+        .await;
+        assert_eq!(held.most_at_once.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn shutdown_waits_for_the_deliveries_a_consumer_has_in_hand() {
+        let bridge = MemoryBroker::new().bridge();
+        let held = Held::new();
+        bridge
+            .register_subscription(spec(4), Arc::new(Holding(held.clone())))
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            bridge.emit(tick()).await.unwrap();
+        }
+        eventually("both deliveries in hand", || {
+            held.running.load(Ordering::SeqCst) == 2
+        })
+        .await;
+
+        let release = {
+            let held = held.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                held.gate.add_permits(2);
+            }
+        };
+        let (report, ()) = tokio::join!(
+            bridge.shutdown(Instant::now() + Duration::from_secs(5)),
+            release
+        );
+
+        assert!(report.completed, "{report:?}");
+        assert_eq!(held.done.load(Ordering::SeqCst), 2);
     }
 }

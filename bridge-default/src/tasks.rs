@@ -1,13 +1,19 @@
 //! The set of tasks one bridge instance has spawned, so that shutdown can wait for them and
 //! stop what is left.
 //!
-//! Every task the bridge starts for a registration (a subscription consumer, a delivery, a
-//! command handler run, a stream producer) goes through [`TaskSet::spawn`]. Shutdown closes the
-//! set, waits until it is empty or the deadline passes, and then aborts the rest and names them
-//! in the drain report. A task panicking is caught and logged here; it never takes anything
-//! else down.
+//! Every task the bridge starts for a registration (a subscription consumer, a command handler
+//! run, a stream producer) goes through [`TaskSet::spawn`] or [`TaskSet::reserve`]. Shutdown
+//! closes the set, waits until it is empty or the deadline passes, and then aborts the rest and
+//! names them in the drain report. A task panicking is caught and logged here; it never takes
+//! anything else down.
+//!
+//! Tasks are started on every command, so the bookkeeping is a slab: a task owns one slot (its
+//! kind, label and abort handle) for as long as it runs. Taking and freeing a slot is an index
+//! operation under a short lock, with no hashing and no allocation once the slab has grown to
+//! the number of tasks that run at once. A slot carries a ticket, so a stale index (a task
+//! finishing after `abort_all` emptied the slab) never frees somebody else's slot, and tickets
+//! give the drain report its oldest-first order.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -27,13 +33,28 @@ pub(crate) struct TaskSet {
 struct State {
     open: bool,
     next_ticket: u64,
-    running: HashMap<u64, Running>,
+    /// `None` = a free slot, listed in `free`.
+    slots: Vec<Option<Running>>,
+    free: Vec<usize>,
+    running: usize,
 }
 
 struct Running {
+    ticket: u64,
     kind: WorkKind,
     label: Arc<str>,
-    abort: AbortHandle,
+    /// `None` between [`TaskSet::reserve`] and the spawn.
+    abort: Option<AbortHandle>,
+}
+
+impl State {
+    /// The slot `index` when it still belongs to `ticket`.
+    fn slot_of(&mut self, index: usize, ticket: u64) -> Option<&mut Running> {
+        self.slots
+            .get_mut(index)
+            .and_then(Option::as_mut)
+            .filter(|running| running.ticket == ticket)
+    }
 }
 
 impl TaskSet {
@@ -42,7 +63,9 @@ impl TaskSet {
             state: Mutex::new(State {
                 open: true,
                 next_ticket: 0,
-                running: HashMap::new(),
+                slots: Vec::new(),
+                free: Vec::new(),
+                running: 0,
             }),
             empty: Notify::new(),
         })
@@ -53,31 +76,53 @@ impl TaskSet {
     where
         F: Future<Output = ()> + Send + 'static,
     {
+        match self.reserve(kind, label) {
+            Some(reservation) => {
+                reservation.spawn(fut);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Takes a slot for a task about to be spawned; `None` once the set is closed. The caller
+    /// keeps everything it would move into the task until it knows the task will run.
+    pub(crate) fn reserve(
+        self: &Arc<Self>,
+        kind: WorkKind,
+        label: Arc<str>,
+    ) -> Option<Reservation> {
         let mut state = self.state.lock();
         if !state.open {
-            return false;
+            return None;
         }
         let ticket = state.next_ticket;
         state.next_ticket += 1;
-        let set = Arc::clone(self);
-        let task_label = label.clone();
-        // The guard is created inside the task: dropping a never-polled future must not try to
-        // take the lock that is held right here.
-        let handle = tokio::spawn(async move {
-            let _finished = Finished { set, ticket };
-            if AssertUnwindSafe(fut).catch_unwind().await.is_err() {
-                tracing::error!(registration = %task_label, kind = ?kind, "bridge task panicked");
-            }
-        });
-        state.running.insert(
+        let running = Running {
             ticket,
-            Running {
-                kind,
-                label,
-                abort: handle.abort_handle(),
+            kind,
+            label,
+            abort: None,
+        };
+        let index = match state.free.pop() {
+            Some(index) => {
+                state.slots[index] = Some(running);
+                index
+            }
+            None => {
+                state.slots.push(Some(running));
+                state.slots.len() - 1
+            }
+        };
+        state.running += 1;
+        drop(state);
+        Some(Reservation {
+            finished: Finished {
+                set: Arc::clone(self),
+                index,
+                ticket,
             },
-        );
-        true
+        })
     }
 
     /// Refuses new tasks from now on.
@@ -91,44 +136,166 @@ impl TaskSet {
             let notified = self.empty.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.state.lock().running.is_empty() {
+            if self.state.lock().running == 0 {
                 return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.state.lock().running.is_empty();
+                return self.state.lock().running == 0;
             }
         }
     }
 
     /// Aborts every running task and returns what they were, oldest first.
     pub(crate) fn abort_all(&self) -> Vec<(WorkKind, String)> {
-        let mut running: Vec<(u64, Running)> = self.state.lock().running.drain().collect();
-        running.sort_by_key(|(ticket, _)| *ticket);
+        let mut running: Vec<Running> = {
+            let mut state = self.state.lock();
+            state.free.clear();
+            state.running = 0;
+            std::mem::take(&mut state.slots)
+                .into_iter()
+                .flatten()
+                .collect()
+        };
+        self.empty.notify_waiters();
+        running.sort_by_key(|r| r.ticket);
         running
             .into_iter()
-            .map(|(_, r)| {
-                r.abort.abort();
+            .map(|r| {
+                // A task without handle is being spawned: its spawner sees the slot gone and
+                // aborts it (see `Reservation::spawn`).
+                if let Some(abort) = &r.abort {
+                    abort.abort();
+                }
                 (r.kind, r.label.to_string())
             })
             .collect()
     }
+
+    /// Kind and label of a running task, for its panic log.
+    fn describe(&self, index: usize, ticket: u64) -> Option<(WorkKind, Arc<str>)> {
+        self.state
+            .lock()
+            .slot_of(index, ticket)
+            .map(|running| (running.kind, running.label.clone()))
+    }
 }
 
-/// Removes a task's entry when the task ends, however it ends.
+/// A slot of a [`TaskSet`] taken for one task; freed again if the task is never spawned.
+pub(crate) struct Reservation {
+    finished: Finished,
+}
+
+impl Reservation {
+    /// Spawns `fut` as the task of this slot.
+    pub(crate) fn spawn<F>(self, fut: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let Reservation { finished } = self;
+        let set = finished.set.clone();
+        let (index, ticket) = (finished.index, finished.ticket);
+        let handle = tokio::spawn(async move {
+            // Moved in (not created inside), so a task aborted before its first poll still
+            // frees its slot when its future is dropped.
+            let finished = finished;
+            if AssertUnwindSafe(fut).catch_unwind().await.is_err() {
+                match finished.set.describe(finished.index, finished.ticket) {
+                    Some((kind, label)) => {
+                        tracing::error!(registration = %label, kind = ?kind, "bridge task panicked");
+                    }
+                    None => tracing::error!("bridge task panicked"),
+                }
+            }
+        });
+        let mut state = set.state.lock();
+        match state.slot_of(index, ticket) {
+            Some(running) => running.abort = Some(handle.abort_handle()),
+            // Either the task already finished (aborting it is a no-op) or `abort_all` emptied
+            // the set meanwhile and reported this task: it must not outlive that.
+            None => {
+                drop(state);
+                handle.abort();
+            }
+        }
+    }
+}
+
+/// Frees a task's slot when the task ends, however it ends.
 struct Finished {
     set: Arc<TaskSet>,
+    index: usize,
     ticket: u64,
 }
 
 impl Drop for Finished {
     fn drop(&mut self) {
-        let now_empty = {
+        let (freed, now_empty) = {
             let mut state = self.set.state.lock();
-            state.running.remove(&self.ticket);
-            state.running.is_empty()
+            let freed = state
+                .slot_of(self.index, self.ticket)
+                .is_some()
+                .then(|| state.slots[self.index].take())
+                .flatten();
+            if freed.is_some() {
+                state.free.push(self.index);
+                state.running -= 1;
+            }
+            (freed, state.running == 0)
         };
-        if now_empty {
+        // Label and abort handle are released outside the lock.
+        if freed.is_some() && now_empty {
             self.set.empty.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use purista_core::WorkKind;
+    use tokio::time::Instant;
+
+    use super::TaskSet;
+
+    #[tokio::test]
+    async fn abort_all_stops_and_names_what_still_runs_oldest_first() {
+        let set = TaskSet::new();
+        assert!(set.spawn(WorkKind::Command, "a".into(), std::future::pending()));
+        assert!(set.spawn(WorkKind::Subscription, "done".into(), async {}));
+        assert!(set.spawn(WorkKind::Stream, "b".into(), std::future::pending()));
+        set.close();
+        assert!(!set.spawn(WorkKind::Command, "late".into(), async {}));
+
+        let soon = Instant::now() + Duration::from_millis(20);
+        assert!(!set.wait_empty(soon).await, "two tasks never end");
+        assert_eq!(
+            set.abort_all(),
+            vec![
+                (WorkKind::Command, "a".to_string()),
+                (WorkKind::Stream, "b".to_string())
+            ]
+        );
+        assert!(set.wait_empty(Instant::now()).await);
+        assert!(set.abort_all().is_empty());
+    }
+
+    #[tokio::test]
+    async fn finished_tasks_free_their_slots_for_later_ones() {
+        let set = TaskSet::new();
+        for round in 0..3 {
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            assert!(
+                set.spawn(WorkKind::Command, format!("r{round}").into(), async {
+                    let _ = rx.await;
+                })
+            );
+            drop(tx);
+            assert!(
+                set.wait_empty(Instant::now() + Duration::from_secs(5))
+                    .await
+            );
+        }
+        assert_eq!(set.state.lock().slots.len(), 1);
     }
 }

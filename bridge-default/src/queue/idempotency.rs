@@ -27,6 +27,11 @@ impl IdempotencyKeys {
         self.by_key.insert(key, (job_id, expires_at_ms));
     }
 
+    /// When the first remembered key expires.
+    pub(crate) fn first_expiry(&self) -> Option<u64> {
+        self.by_expiry.first().map(|&(expiry, _)| expiry)
+    }
+
     /// Forgets every key whose window ended at or before `now_ms`.
     pub(crate) fn forget_expired(&mut self, now_ms: u64) {
         while let Some((expiry, _)) = self.by_expiry.first() {

@@ -7,23 +7,27 @@
 //!
 //! Lease expiry is applied lazily at the start of every operation ([`JobStore::maintain`]),
 //! using the expiry time as the decision time, so *when* it is applied never changes *what*
-//! happens. What a settlement or an expiry means is decided by [`QueueConfig::plan`] in core;
-//! this file only carries out the resulting [`JobDisposition`].
+//! happens; the store remembers the earliest time anything can expire, so operations before it
+//! skip the look. What a settlement or an expiry means is decided by [`QueueConfig::plan`] in
+//! core; this file only carries out the resulting [`JobDisposition`]. The plan reads a job's
+//! attempt counts and enqueue time, so it is handed a view with just those (see
+//! [`StoredJob::planning_view`]) instead of a copy of the payload; a full [`LeasedJob`] is built,
+//! by moving the stored job, only when the job goes to the dead-letter queue.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::collections::BTreeSet;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use purista_core::ids::new_id;
 use purista_core::queue::{
     DeadLetteredJob, JobDisposition, JobSettlement, LeasedJob, NewJob, QueueConfig, QueueError,
 };
 use serde_json::Value;
-use tokio::sync::Notify;
 
 use super::clock::millis;
 use super::dead_letter::DeadLetters;
 use super::idempotency::IdempotencyKeys;
+use crate::fast_hash::FastMap;
 
 /// A job's place in its lifecycle.
 #[derive(Debug, Clone)]
@@ -81,6 +85,55 @@ impl StoredJob {
     }
 }
 
+impl StoredJob {
+    /// What [`QueueConfig::plan`] reads of the job under `lease`: attempts, the per-job
+    /// attempt limit and the enqueue time. Everything else is left empty, so planning a
+    /// settlement copies nothing (the `plan_reads_only_what_the_planning_view_keeps` test pins
+    /// this down).
+    fn planning_view(&self, lease: &Lease) -> LeasedJob {
+        LeasedJob {
+            id: String::new(),
+            queue: String::new(),
+            payload: Value::Null,
+            parameter: Value::Null,
+            attempt: self.attempt,
+            lease_token: String::new(),
+            lease_expires_at_ms: lease.expires_at_ms,
+            extensions: lease.extensions,
+            enqueued_at_ms: self.enqueued_at_ms,
+            idempotency_key: None,
+            trace_id: None,
+            principal_id: None,
+            tenant_id: None,
+            max_attempts: self.max_attempts,
+        }
+    }
+
+    /// The job as a worker last saw it under its lease, taking the stored data instead of
+    /// copying it. `None` when it is not leased.
+    fn into_leased(self, queue: &str) -> Option<LeasedJob> {
+        let JobState::Leased(lease) = self.state else {
+            return None;
+        };
+        Some(LeasedJob {
+            id: self.id,
+            queue: queue.to_owned(),
+            payload: self.payload,
+            parameter: self.parameter,
+            attempt: self.attempt,
+            lease_token: lease.token,
+            lease_expires_at_ms: lease.expires_at_ms,
+            extensions: lease.extensions,
+            enqueued_at_ms: self.enqueued_at_ms,
+            idempotency_key: self.idempotency_key,
+            trace_id: self.trace_id,
+            principal_id: self.principal_id,
+            tenant_id: self.tenant_id,
+            max_attempts: self.max_attempts,
+        })
+    }
+}
+
 /// Counts of one queue's live jobs at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct JobCounts {
@@ -92,19 +145,24 @@ pub(crate) struct JobCounts {
     pub(crate) delayed: usize,
 }
 
-/// One declared queue: its settings, its jobs and the waiters for new work.
+/// One declared queue: its settings and its jobs.
 #[derive(Debug)]
 pub(crate) struct JobStore {
     name: String,
     config: QueueConfig,
-    /// Woken whenever a job may have become visible earlier than waiters planned for.
-    notify: Arc<Notify>,
-    jobs: HashMap<u64, StoredJob>,
-    by_id: HashMap<String, u64>,
+    /// `config.dead_letter_queue_for(name)`, kept with the config.
+    dead_letter_queue: String,
+    jobs: FastMap<u64, StoredJob>,
+    by_id: FastMap<String, u64>,
     pending: BTreeSet<(u64, u64)>,
     leases: BTreeSet<(u64, u64)>,
     idempotency: IdempotencyKeys,
     next_seq: u64,
+    /// No lease and no idempotency key expires before this time (it may be earlier than the
+    /// first expiry; then [`JobStore::maintain`] looks once for nothing and moves it on).
+    maintain_due_ms: u64,
+    /// A job became visible sooner than waiters planned for: they should look again.
+    wake: bool,
 }
 
 impl JobStore {
@@ -112,58 +170,67 @@ impl JobStore {
     pub(crate) fn new(name: &str, config: QueueConfig) -> Self {
         JobStore {
             name: name.to_owned(),
+            dead_letter_queue: config.dead_letter_queue_for(name),
             config,
-            notify: Arc::new(Notify::new()),
-            jobs: HashMap::new(),
-            by_id: HashMap::new(),
+            jobs: FastMap::default(),
+            by_id: FastMap::default(),
             pending: BTreeSet::new(),
             leases: BTreeSet::new(),
             idempotency: IdempotencyKeys::default(),
             next_seq: 0,
+            maintain_due_ms: u64::MAX,
+            wake: false,
         }
+    }
+
+    /// Whether waiting `lease` calls should look again since the last call; resets the flag.
+    pub(crate) fn take_wake(&mut self) -> bool {
+        std::mem::take(&mut self.wake)
     }
 
     /// Replaces the settings; jobs and their leases stay as they are.
     pub(crate) fn set_config(&mut self, config: QueueConfig) {
+        self.dead_letter_queue = config.dead_letter_queue_for(&self.name);
         self.config = config;
     }
 
     /// The name of this queue's dead-letter queue.
-    pub(crate) fn dead_letter_queue(&self) -> String {
-        self.config.dead_letter_queue_for(&self.name)
-    }
-
-    /// The notifier lease waiters listen on.
-    pub(crate) fn notify(&self) -> Arc<Notify> {
-        Arc::clone(&self.notify)
-    }
-
-    /// Wakes every waiting `lease` call so it looks again.
-    pub(crate) fn wake_waiters(&self) {
-        self.notify.notify_waiters();
+    pub(crate) fn dead_letter_queue(&self) -> &str {
+        &self.dead_letter_queue
     }
 
     /// Applies what time has done by `now_ms`: expired leases and expired idempotency keys.
-    pub(crate) fn maintain(&mut self, now_ms: u64, dead_letters: &mut DeadLetters) {
+    pub(crate) fn maintain(&mut self, now_ms: u64, dead_letters: &Mutex<DeadLetters>) {
+        if now_ms < self.maintain_due_ms {
+            return;
+        }
         self.idempotency.forget_expired(now_ms);
         self.expire_leases(now_ms, dead_letters);
+        let lease = self.leases.first().map_or(u64::MAX, |&(at, _)| at);
+        let key = self.idempotency.first_expiry().unwrap_or(u64::MAX);
+        self.maintain_due_ms = lease.min(key);
+    }
+
+    /// Something will expire at `at_ms`: maintenance is due then at the latest.
+    fn expires_at(&mut self, at_ms: u64) {
+        self.maintain_due_ms = self.maintain_due_ms.min(at_ms);
     }
 
     /// Adds a job, or returns the first job's id for a remembered idempotency key.
-    /// The flag is true when a job was created.
-    pub(crate) fn enqueue(&mut self, job: NewJob, now_ms: u64) -> (String, bool) {
+    pub(crate) fn enqueue(&mut self, job: NewJob, now_ms: u64) -> String {
         if let Some(id) = job
             .idempotency_key
             .as_deref()
             .and_then(|key| self.idempotency.job_id(key))
         {
-            return (id.to_owned(), false);
+            return id.to_owned();
         }
         let id = new_id();
         if let Some(key) = &job.idempotency_key {
             let expires_at = now_ms.saturating_add(millis(self.config.retry_window));
             self.idempotency
                 .remember(key.clone(), id.clone(), expires_at);
+            self.expires_at(expires_at);
         }
         let visible_at_ms = job.run_at_ms.map_or(now_ms, |at| at.max(now_ms));
         self.insert(StoredJob {
@@ -179,7 +246,8 @@ impl JobStore {
             enqueued_at_ms: now_ms,
             state: JobState::Pending { visible_at_ms },
         });
-        (id, true)
+        self.wake = true;
+        id
     }
 
     /// Puts a dead-lettered job back as a fresh job: attempts start over and the retry window
@@ -206,6 +274,7 @@ impl JobStore {
                 visible_at_ms: now_ms,
             },
         });
+        self.wake = true;
     }
 
     /// Leases the first job visible at `now_ms`, if any.
@@ -224,7 +293,9 @@ impl JobStore {
         job.attempt = job.attempt.saturating_add(1);
         self.leases.insert((lease.expires_at_ms, seq));
         let leased = job.leased(&self.name, &lease);
+        let expires_at_ms = lease.expires_at_ms;
         job.state = JobState::Leased(lease);
+        self.expires_at(expires_at_ms);
         Some(leased)
     }
 
@@ -261,15 +332,15 @@ impl JobStore {
         Ok(expires_at_ms)
     }
 
-    /// Settles the lease `held` as core's plan says. Returns true when the job went back to
-    /// pending (waiters may want to look again).
+    /// Settles the lease `held` as core's plan says. A job that goes back to pending asks
+    /// waiters to look again (see [`JobStore::take_wake`]).
     pub(crate) fn settle(
         &mut self,
         held: &LeasedJob,
         settlement: &JobSettlement,
         now_ms: u64,
-        dead_letters: &mut DeadLetters,
-    ) -> Result<bool, QueueError> {
+        dead_letters: &Mutex<DeadLetters>,
+    ) -> Result<(), QueueError> {
         let seq = self.held_lease(held, now_ms)?;
         let Some(job) = self.jobs.get(&seq) else {
             return Err(lease_lost(held));
@@ -278,9 +349,13 @@ impl JobStore {
             return Err(lease_lost(held));
         };
         // Plan on the stored job, not on the caller's copy, which it may have edited.
-        let snapshot = job.leased(&self.name, lease);
-        let disposition = self.config.plan(&snapshot, settlement, now_ms);
-        Ok(self.apply(seq, snapshot, disposition, now_ms, dead_letters))
+        let disposition = self
+            .config
+            .plan(&job.planning_view(lease), settlement, now_ms);
+        if self.apply(seq, disposition, now_ms, dead_letters) {
+            self.wake = true;
+        }
+        Ok(())
     }
 
     /// Counts the live jobs at `now_ms`.
@@ -330,27 +405,27 @@ impl JobStore {
     }
 
     /// Leases that ran out by `now_ms` count as a retry without delay at their expiry time.
-    fn expire_leases(&mut self, now_ms: u64, dead_letters: &mut DeadLetters) {
+    fn expire_leases(&mut self, now_ms: u64, dead_letters: &Mutex<DeadLetters>) {
         while let Some(&(expires_at_ms, seq)) = self.leases.first() {
             if expires_at_ms > now_ms {
                 break;
             }
-            let snapshot = match self.jobs.get(&seq) {
+            let disposition = match self.jobs.get(&seq) {
                 Some(
                     job @ StoredJob {
                         state: JobState::Leased(lease),
                         ..
                     },
-                ) => Some(job.leased(&self.name, lease)),
-                _ => None,
+                ) => self
+                    .config
+                    .plan_lease_expiry(&job.planning_view(lease), expires_at_ms),
+                _ => {
+                    // An index entry without its job: nothing left to expire.
+                    self.leases.pop_first();
+                    continue;
+                }
             };
-            let Some(snapshot) = snapshot else {
-                // An index entry without its job: nothing left to expire.
-                self.leases.pop_first();
-                continue;
-            };
-            let disposition = self.config.plan_lease_expiry(&snapshot, expires_at_ms);
-            self.apply(seq, snapshot, disposition, expires_at_ms, dead_letters);
+            self.apply(seq, disposition, expires_at_ms, dead_letters);
         }
     }
 
@@ -359,12 +434,17 @@ impl JobStore {
     fn apply(
         &mut self,
         seq: u64,
-        snapshot: LeasedJob,
         disposition: JobDisposition,
         at_ms: u64,
-        dead_letters: &mut DeadLetters,
+        dead_letters: &Mutex<DeadLetters>,
     ) -> bool {
-        self.leases.remove(&(snapshot.lease_expires_at_ms, seq));
+        if let Some(StoredJob {
+            state: JobState::Leased(lease),
+            ..
+        }) = self.jobs.get(&seq)
+        {
+            self.leases.remove(&(lease.expires_at_ms, seq));
+        }
         match disposition {
             JobDisposition::RetryAfter { delay, .. } => {
                 let visible_at_ms = at_ms.saturating_add(millis(delay));
@@ -380,25 +460,26 @@ impl JobStore {
                 false
             }
             JobDisposition::DeadLetter { reason } => {
-                self.remove(seq);
-                let dlq = self.dead_letter_queue();
-                dead_letters.push(
-                    &dlq,
-                    DeadLetteredJob {
-                        job: snapshot,
-                        reason,
-                        dead_lettered_at_ms: at_ms,
-                    },
-                );
+                let leased = self.remove(seq).and_then(|job| job.into_leased(&self.name));
+                if let Some(job) = leased {
+                    dead_letters.lock().push(
+                        &self.dead_letter_queue,
+                        DeadLetteredJob {
+                            job,
+                            reason,
+                            dead_lettered_at_ms: at_ms,
+                        },
+                    );
+                }
                 false
             }
         }
     }
 
-    fn remove(&mut self, seq: u64) {
-        if let Some(job) = self.jobs.remove(&seq) {
-            self.by_id.remove(&job.id);
-        }
+    fn remove(&mut self, seq: u64) -> Option<StoredJob> {
+        let job = self.jobs.remove(&seq)?;
+        self.by_id.remove(&job.id);
+        Some(job)
     }
 }
 
@@ -406,5 +487,95 @@ fn lease_lost(held: &LeasedJob) -> QueueError {
     QueueError::LeaseLost {
         job_id: held.id.clone(),
         lease_token: held.lease_token.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use purista_core::queue::{JobSettlement, QueueConfig, RetryStrategy};
+    use serde_json::json;
+
+    use super::{JobState, Lease, StoredJob};
+
+    fn job(attempt: u32, max_attempts: Option<u32>, enqueued_at_ms: u64) -> StoredJob {
+        StoredJob {
+            id: "job-1".into(),
+            payload: json!({ "n": 1 }),
+            parameter: json!({ "p": true }),
+            idempotency_key: Some("key".into()),
+            trace_id: Some("trace".into()),
+            principal_id: Some("principal".into()),
+            tenant_id: Some("tenant".into()),
+            max_attempts,
+            attempt,
+            enqueued_at_ms,
+            state: JobState::Pending { visible_at_ms: 0 },
+        }
+    }
+
+    #[test]
+    fn plan_reads_only_what_the_planning_view_keeps() {
+        let config = QueueConfig {
+            max_attempts: 3,
+            retry_window: Duration::from_secs(60),
+            // Without jitter, so two plans of one retry are equal.
+            retry: RetryStrategy {
+                jitter_factor: 0.0,
+                ..RetryStrategy::default()
+            },
+            ..QueueConfig::default()
+        };
+        let lease = Lease {
+            token: "token".into(),
+            expires_at_ms: 90_000,
+            extensions: 1,
+        };
+        let settlements = [
+            JobSettlement::Complete,
+            JobSettlement::Retry {
+                delay: None,
+                reason: Some("again".into()),
+            },
+            JobSettlement::Retry {
+                delay: Some(Duration::from_millis(5)),
+                reason: None,
+            },
+            JobSettlement::Fail {
+                fatal: false,
+                reason: "flaky".into(),
+            },
+            JobSettlement::Fail {
+                fatal: true,
+                reason: "broken".into(),
+            },
+            JobSettlement::DeadLetter {
+                reason: "no".into(),
+            },
+        ];
+        let jobs = [
+            job(1, None, 10_000),
+            job(3, None, 10_000),
+            job(2, Some(2), 10_000),
+            job(1, Some(9), 10_000),
+            job(1, None, 0),
+        ];
+        for stored in &jobs {
+            let full = stored.leased("q", &lease);
+            let view = stored.planning_view(&lease);
+            for settlement in &settlements {
+                assert_eq!(
+                    config.plan(&view, settlement, 61_000),
+                    config.plan(&full, settlement, 61_000),
+                    "{settlement:?} of a job at attempt {}",
+                    stored.attempt
+                );
+            }
+            assert_eq!(
+                config.plan_lease_expiry(&view, 61_000),
+                config.plan_lease_expiry(&full, 61_000)
+            );
+        }
     }
 }
