@@ -47,7 +47,8 @@ pub const USAGE: &str = "\
 usage: purista-bench <BRIDGE_URL> [--scenario NAME]... [--raw | --no-raw] [--quick]
                      [--queue-mode sequential|continuous=N]
 
-  BRIDGE_URL          e.g. memory://bench (anything purista::connect accepts)
+  BRIDGE_URL          e.g. memory://bench or amqp://guest:guest@127.0.0.1:5672/%2f
+                      (anything purista::connect accepts)
   --scenario NAME     cmd-seq, cmd-conc, fanout or queue; repeatable (default: all)
   --raw               run only the raw baselines (bare broker / tokio primitives)
   --no-raw            skip the raw baselines (and so the ratio table)

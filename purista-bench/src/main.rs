@@ -8,16 +8,22 @@
 //! Every scenario prints one JSON line on stdout,
 //! `{"bridge","scenario","ops","seconds","ops_per_s","p50_us","p99_us","peak_rss_kb"}`;
 //! progress and the summary table (ratio of each scenario to its raw baseline) go to stderr.
-//! Without `--raw` the bridge scenarios run first, then (unless `--no-raw`) the raw baselines;
-//! `--raw` runs only the baselines.
+//! Without `--raw` each bridge scenario runs and then (unless `--no-raw`) its raw baseline, so
+//! both sides of a ratio run under the same machine load; `--raw` runs only the baselines.
 //!
 //! The layout: [`scenarios`] drives a [`purista::Connection`] and knows no broker; [`raw`] has
 //! one baseline per broker; [`drive`] is the timing harness both share, so the harness's own
-//! cost is on both sides of every ratio.
+//! cost is on both sides of every ratio. A scenario a bridge cannot run (`queue` on a bridge
+//! without a queue bridge, e.g. RabbitMQ) is skipped with a line on stderr and a row in the
+//! table, and prints no JSON line.
+//!
+//! Each run names its broker resources under a prefix of its own (`purista-bench-<id>`) and
+//! deletes them at the end ([`cleanup`]).
 //!
 //! No tracing subscriber is installed, so the runtime's logging costs what it costs a user who
 //! turned logging off.
 
+mod cleanup;
 mod cli;
 mod drive;
 mod measurement;
@@ -30,12 +36,14 @@ mod workload;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use purista::ConnectOptions;
 use tokio::time::Instant;
 
 use crate::cli::{CliError, Options};
 use crate::measurement::{Measurement, peak_rss_kb};
 use crate::raw::Baseline;
-use crate::workload::Workload;
+use crate::table::Skipped;
+use crate::workload::{Scenario, Workload};
 
 fn main() -> ExitCode {
     let options = match Options::parse(std::env::args().skip(1)) {
@@ -83,11 +91,15 @@ async fn bench(options: Options) -> anyhow::Result<()> {
         Workload::FULL
     };
     let url = purista::redact_url(&options.url);
-    if options.bridge {
-        check_connect(&options.url).await?;
-    }
+    let prefix = format!("purista-bench-{}", &purista::ids::new_id()[..8]);
+    let target = ConnectOptions::new(&options.url).prefix(&prefix);
+    let bridge = if options.bridge {
+        Some(probe(&target).await?)
+    } else {
+        None
+    };
     let baseline = if options.raw {
-        match Baseline::for_url(&options.url) {
+        match Baseline::for_url(&options.url, &prefix) {
             Ok(baseline) => Some(baseline),
             // A full run still measures the bridge; only the ratios are missing.
             Err(e) if options.bridge => {
@@ -101,7 +113,7 @@ async fn bench(options: Options) -> anyhow::Result<()> {
     };
     let began = Instant::now();
     eprintln!(
-        "purista-bench: {url}, {} workload, {} tokio workers",
+        "purista-bench: {url}, {} workload, {} tokio workers, broker resources under `{prefix}`",
         if options.quick {
             "quick (1/10)"
         } else {
@@ -111,32 +123,46 @@ async fn bench(options: Options) -> anyhow::Result<()> {
     );
 
     let mut measured = Vec::new();
-    if options.bridge {
-        for &scenario in &options.scenarios {
-            eprintln!("running {scenario} on {url} …");
-            let m = scenarios::run(scenario, &options.url, &workload, options.queue_mode)
-                .await
-                .with_context(|| format!("scenario {scenario} on {url}"))?;
-            report(&m);
-            measured.push(m);
-        }
-    }
     let mut raw = Vec::new();
-    if let Some(baseline) = baseline {
+    let mut skipped = Vec::new();
+    // Each scenario's raw baseline runs right after it, so both sides of a ratio see the same
+    // machine load (on a busy machine the load drifts over minutes).
+    let run = async {
         for &scenario in &options.scenarios {
-            eprintln!("running {scenario} on {} …", baseline.label());
-            let m = baseline
-                .run(scenario, &workload)
-                .await
-                .with_context(|| format!("raw baseline {scenario} ({})", baseline.label()))?;
-            report(&m);
-            raw.push(m);
+            if let Some(bridge) = &bridge {
+                match run_bridge(bridge, scenario, &target, &options, &workload).await? {
+                    Ran::Measured(m) => measured.push(m),
+                    Ran::Skipped(s) => skipped.push(s),
+                }
+            }
+            if let Some(baseline) = &baseline {
+                if let Some(reason) = baseline.lacks(scenario) {
+                    eprintln!("skipping {scenario} on {}: {reason}", baseline.label());
+                    continue;
+                }
+                eprintln!("running {scenario} on {} …", baseline.label());
+                let m = baseline
+                    .run(scenario, &workload)
+                    .await
+                    .with_context(|| format!("raw baseline {scenario} ({})", baseline.label()))?;
+                report(&m);
+                raw.push(m);
+            }
+        }
+        anyhow::Ok(())
+    };
+    let result = run.await;
+    if bridge.is_some() {
+        // Whatever happened, leave the broker as it was.
+        if let Err(e) = cleanup::after_bridge_run(&options.url, &prefix).await {
+            eprintln!("purista-bench: warning: cleaning up `{prefix}` failed: {e:#}");
         }
     }
+    result?;
 
     eprintln!();
-    if !measured.is_empty() {
-        eprint!("{}", table::summary(&measured, &raw));
+    if !measured.is_empty() || !skipped.is_empty() {
+        eprint!("{}", table::summary(&measured, &raw, &skipped));
     }
     eprintln!("{}", table::rss_line(peak_rss_kb()));
     eprintln!(
@@ -146,14 +172,55 @@ async fn bench(options: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What became of one bridge scenario.
+enum Ran {
+    Measured(Measurement),
+    Skipped(Skipped),
+}
+
+/// Runs one bridge scenario, or skips it when the bridge cannot run it.
+async fn run_bridge(
+    bridge: &Probe,
+    scenario: Scenario,
+    target: &ConnectOptions,
+    options: &Options,
+    workload: &Workload,
+) -> anyhow::Result<Ran> {
+    let url = purista::redact_url(&options.url);
+    if scenario == Scenario::Queue && !bridge.has_queue_bridge {
+        let reason = format!(
+            "bridge `{}` has no queue bridge (DESIGN §4: none on RabbitMQ); nothing measured",
+            bridge.name
+        );
+        eprintln!("skipping {scenario} on {url}: {reason}");
+        return Ok(Ran::Skipped(Skipped { scenario, reason }));
+    }
+    eprintln!("running {scenario} on {url} …");
+    let m = scenarios::run(scenario, target, workload, options.queue_mode)
+        .await
+        .with_context(|| format!("scenario {scenario} on {url}"))?;
+    report(&m);
+    Ok(Ran::Measured(m))
+}
+
+/// What the bench needs to know about a bridge before running scenarios on it.
+struct Probe {
+    name: String,
+    has_queue_bridge: bool,
+}
+
 /// Connects once before any scenario, so a bad URL fails with the facade's own message.
-async fn check_connect(url: &str) -> anyhow::Result<()> {
-    let connection = purista::connect(url).await?;
+async fn probe(target: &ConnectOptions) -> anyhow::Result<Probe> {
+    let connection = purista::connect_with(target).await?;
+    let probe = Probe {
+        name: connection.events.name().to_string(),
+        has_queue_bridge: connection.queues.is_some(),
+    };
     connection
         .events
         .shutdown(Instant::now() + std::time::Duration::from_secs(1))
         .await;
-    Ok(())
+    Ok(probe)
 }
 
 fn report(m: &Measurement) {

@@ -15,6 +15,10 @@
 //! | `dapr://…` | Dapr sidecar | `dapr` |
 //! | `kubemq://…` | KubeMQ | `kubemq` |
 //!
+//! Bridges that create broker resources name them under a prefix: by default each bridge's own
+//! (`purista` on RabbitMQ, or `PURISTA_AMQP_PREFIX`), or the one given with
+//! [`ConnectOptions::prefix`], so deployments and test runs sharing a broker never collide.
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> anyhow::Result<()> {
 //! use purista::prelude::*;
@@ -40,6 +44,11 @@ use parking_lot::Mutex;
 
 pub use purista_bridge_default as default_bridge;
 pub use purista_core::*;
+
+/// The RabbitMQ bridge (cargo feature `amqp`): its config, topology names and the `lapin` it
+/// uses, for deployments that need more than [`connect`] sets (timeouts, prefetch, exchange).
+#[cfg(feature = "amqp")]
+pub use purista_bridge_amqp as amqp;
 
 /// The names most programs need, for `use purista::prelude::*`.
 pub mod prelude {
@@ -111,6 +120,12 @@ pub enum ConnectError {
     /// [`from_env`] found no URL.
     #[error("environment variable {BRIDGE_URL_ENV} is not set")]
     MissingEnv,
+    /// The bridge's settings are invalid (e.g. a resource prefix with spaces or slashes).
+    #[error("invalid bridge configuration: {reason}")]
+    InvalidConfig {
+        /// What is wrong (with any password removed).
+        reason: String,
+    },
     /// The bridge failed to start.
     #[error("bridge failed to start: {0}")]
     Bridge(#[from] BridgeError),
@@ -162,12 +177,67 @@ fn memory_hub(name: &str) -> MemoryHub {
         .clone()
 }
 
+/// What [`connect_with`] connects to: a bridge URL and the settings every bridge understands.
+///
+/// ```
+/// let options = purista::ConnectOptions::new("amqp://guest:guest@127.0.0.1:5672/%2f").prefix("orders-staging");
+/// assert_eq!(options.url(), "amqp://guest:guest@127.0.0.1:5672/%2f");
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConnectOptions {
+    url: String,
+    prefix: Option<String>,
+}
+
+impl ConnectOptions {
+    /// Options for `url` with every bridge's defaults.
+    pub fn new(url: impl Into<String>) -> Self {
+        ConnectOptions {
+            url: url.into(),
+            prefix: None,
+        }
+    }
+
+    /// Names every broker resource (exchange, queues) under `prefix` instead of the bridge's
+    /// default or its environment variable (`PURISTA_AMQP_PREFIX`). Bridges that create no
+    /// broker resources (`memory://`) ignore it.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = Some(prefix.into());
+        self
+    }
+
+    /// The bridge URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("url", &redact_url(&self.url))
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
 /// Connects to the bridge a URL names and starts it.
 ///
 /// `memory://NAME` gives a new bridge instance on the process-wide hub `NAME` (`memory://` is
 /// the hub with the empty name), so two `connect` calls with one URL act like two service
 /// instances on one broker. Every instance on a hub shares one in-memory queue bridge.
+///
+/// `amqp://user:password@host:port/vhost` (or `amqps://…` for TLS) gives a new RabbitMQ bridge
+/// instance with its own connection (cargo feature `amqp`); its resources are named under
+/// `PURISTA_AMQP_PREFIX` (default `purista`). It has no queue bridge. Connecting waits for the
+/// first connection, at most the bridge's connect timeout (10 s).
 pub async fn connect(url: &str) -> Result<Connection, ConnectError> {
+    connect_with(&ConnectOptions::new(url)).await
+}
+
+/// [`connect`] with options, e.g. a resource prefix per deployment or test run.
+pub async fn connect_with(options: &ConnectOptions) -> Result<Connection, ConnectError> {
+    let url = options.url.as_str();
     let redacted = redact_url(url);
     let Some((scheme, rest)) = url.split_once("://") else {
         return Err(ConnectError::InvalidUrl {
@@ -187,6 +257,18 @@ pub async fn connect(url: &str) -> Result<Connection, ConnectError> {
                 redacted_url: redacted,
             })
         }
+        #[cfg(feature = "amqp")]
+        scheme @ ("amqp" | "amqps") => {
+            // The bridge wants the scheme in lower case; the rest of the URL is lapin's to read.
+            let url = format!("{scheme}://{rest}");
+            let events = amqp_bridge::start(&url, options.prefix.as_deref()).await?;
+            Ok(Connection {
+                events,
+                queues: None,
+                redacted_url: redacted,
+            })
+        }
+        #[cfg(not(feature = "amqp"))]
         "amqp" | "amqps" => Err(ConnectError::FeatureDisabled {
             scheme: scheme.to_string(),
             feature: "amqp",
@@ -209,7 +291,47 @@ pub async fn connect(url: &str) -> Result<Connection, ConnectError> {
     }
 }
 
-/// Connects to the URL in `PURISTA_BRIDGE_URL`.
+/// How `connect` builds a RabbitMQ bridge.
+#[cfg(feature = "amqp")]
+mod amqp_bridge {
+    use std::sync::Arc;
+
+    use purista_bridge_amqp::{AmqpBridge, AmqpConfig, PREFIX_ENV, URL_ENV};
+    use purista_core::EventBridge;
+
+    use crate::ConnectError;
+
+    /// A started bridge on `url`, configured by the bridge's own environment reader so that
+    /// `connect` and `AmqpBridge::from_env` agree: the URL given here stands in for
+    /// `PURISTA_BRIDGE_URL`, `prefix` (when given) for `PURISTA_AMQP_PREFIX`.
+    pub(crate) async fn start(
+        url: &str,
+        prefix: Option<&str>,
+    ) -> Result<Arc<dyn EventBridge>, ConnectError> {
+        let config = AmqpConfig::from_lookup(|name| match name {
+            URL_ENV => Some(url.to_string()),
+            PREFIX_ENV => prefix
+                .map(str::to_string)
+                .or_else(|| std::env::var(PREFIX_ENV).ok()),
+            other => std::env::var(other).ok(),
+        })
+        .map_err(invalid)?;
+        let bridge = AmqpBridge::new(config).map_err(invalid)?;
+        let events: Arc<dyn EventBridge> = Arc::new(bridge);
+        // On failure the bridge is dropped here, which stops its reconnect supervisor.
+        events.start().await?;
+        Ok(events)
+    }
+
+    fn invalid(error: purista_bridge_amqp::ConfigError) -> ConnectError {
+        ConnectError::InvalidConfig {
+            reason: error.to_string(),
+        }
+    }
+}
+
+/// Connects to the URL in `PURISTA_BRIDGE_URL`; the bridge reads its other variables itself
+/// (RabbitMQ: `PURISTA_AMQP_PREFIX`).
 pub async fn from_env() -> Result<Connection, ConnectError> {
     let url = std::env::var(BRIDGE_URL_ENV).map_err(|_| ConnectError::MissingEnv)?;
     connect(&url).await

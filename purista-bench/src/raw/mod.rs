@@ -3,10 +3,13 @@
 //! on this machine in this run.
 //!
 //! One module per broker; [`Baseline::for_url`] picks by URL scheme. The in-process bridge's
-//! "broker" is tokio itself, so its baseline is bare tokio channels ([`tokio`](self::tokio)). A
-//! broker adapter brings its own module (e.g. `raw::lapin`: bare publish/consume with the same
-//! confirm and ack settings) and one arm in [`Baseline`].
+//! "broker" is tokio itself, so its baseline is bare tokio channels ([`tokio`](self::tokio));
+//! RabbitMQ's is bare `lapin` publish/consume with the bridge's confirm, ack and prefetch
+//! settings (`lapin`, cargo feature `amqp`). A further broker brings its own module and one arm
+//! in [`Baseline`].
 
+#[cfg(feature = "amqp")]
+mod lapin;
 mod tokio;
 
 use anyhow::bail;
@@ -15,21 +18,40 @@ use crate::measurement::Measurement;
 use crate::workload::{Scenario, Workload};
 
 /// The raw baseline for one broker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Baseline {
     /// Bare tokio channels and tasks in this process (for `memory://`).
     Tokio,
+    /// Bare lapin on the RabbitMQ broker at `url`, with resources named `<prefix>.raw…`.
+    #[cfg(feature = "amqp")]
+    Lapin {
+        /// The broker URL.
+        url: String,
+        /// The run's resource prefix.
+        prefix: String,
+    },
 }
 
 impl Baseline {
-    /// The baseline for the broker `url` names.
-    pub fn for_url(url: &str) -> anyhow::Result<Baseline> {
+    /// The baseline for the broker `url` names; a broker baseline names what it creates on
+    /// the broker under `prefix`.
+    #[cfg_attr(not(feature = "amqp"), allow(unused_variables))]
+    pub fn for_url(url: &str, prefix: &str) -> anyhow::Result<Baseline> {
         let scheme = url
             .split_once("://")
             .map(|(scheme, _)| scheme.to_ascii_lowercase())
             .unwrap_or_default();
         match scheme.as_str() {
             "memory" => Ok(Baseline::Tokio),
+            #[cfg(feature = "amqp")]
+            "amqp" | "amqps" => Ok(Baseline::Lapin {
+                url: url.to_string(),
+                prefix: prefix.to_string(),
+            }),
+            #[cfg(not(feature = "amqp"))]
+            "amqp" | "amqps" => bail!(
+                "the raw baseline for `{scheme}://` needs the cargo feature `amqp` of purista-bench"
+            ),
             other => bail!(
                 "no raw baseline for `{other}://` yet; it is added together with that bridge's adapter"
             ),
@@ -37,16 +59,38 @@ impl Baseline {
     }
 
     /// The `bridge` field of the baseline's JSON lines.
-    pub fn label(self) -> &'static str {
+    pub fn label(&self) -> &'static str {
         match self {
             Baseline::Tokio => "raw-tokio",
+            #[cfg(feature = "amqp")]
+            Baseline::Lapin { .. } => "raw-lapin",
+        }
+    }
+
+    /// Why the baseline has no equivalent of `scenario`, if it has none.
+    #[cfg_attr(not(feature = "amqp"), allow(clippy::match_single_binding))]
+    pub fn lacks(&self, scenario: Scenario) -> Option<&'static str> {
+        match (self, scenario) {
+            #[cfg(feature = "amqp")]
+            (Baseline::Lapin { .. }, Scenario::Queue) => {
+                Some("RabbitMQ has no queue bridge, so there is nothing to compare")
+            }
+            _ => None,
         }
     }
 
     /// Runs `scenario`'s raw equivalent and measures it.
-    pub async fn run(self, scenario: Scenario, workload: &Workload) -> anyhow::Result<Measurement> {
+    pub async fn run(
+        &self,
+        scenario: Scenario,
+        workload: &Workload,
+    ) -> anyhow::Result<Measurement> {
         let measured = match self {
             Baseline::Tokio => self::tokio::run(scenario, workload).await?,
+            #[cfg(feature = "amqp")]
+            Baseline::Lapin { url, prefix } => {
+                self::lapin::run(scenario, workload, url, prefix).await?
+            }
         };
         Ok(measured)
     }
@@ -59,15 +103,27 @@ mod tests {
     #[test]
     fn memory_urls_use_the_tokio_baseline() {
         assert_eq!(
-            Baseline::for_url("memory://bench").ok(),
+            Baseline::for_url("memory://bench", "p").ok(),
             Some(Baseline::Tokio)
         );
-        assert_eq!(Baseline::for_url("MEMORY://").ok(), Some(Baseline::Tokio));
+        assert_eq!(
+            Baseline::for_url("MEMORY://", "p").ok(),
+            Some(Baseline::Tokio)
+        );
+    }
+
+    #[cfg(feature = "amqp")]
+    #[test]
+    fn amqp_urls_use_the_lapin_baseline_which_has_no_queue_scenario() {
+        let baseline = Baseline::for_url("amqps://mq:5671/%2f", "bench-1").expect("amqp baseline");
+        assert_eq!(baseline.label(), "raw-lapin");
+        assert!(baseline.lacks(Scenario::Queue).is_some());
+        assert!(baseline.lacks(Scenario::Fanout).is_none());
     }
 
     #[test]
     fn brokers_without_a_baseline_say_so() {
-        let err = Baseline::for_url("amqp://localhost").expect_err("no baseline yet");
-        assert!(err.to_string().contains("amqp://"), "{err}");
+        let err = Baseline::for_url("kubemq://localhost", "p").expect_err("no baseline yet");
+        assert!(err.to_string().contains("kubemq://"), "{err}");
     }
 }

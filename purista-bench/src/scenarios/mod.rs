@@ -7,7 +7,8 @@
 //! share the hub `NAME`; with a broker URL they share the broker).
 //!
 //! Names are suffixed with a per-run id so that scenarios never see each other's services,
-//! queues or events, even on a broker that keeps state between runs.
+//! queues or events, even on a broker that keeps state between runs; on a broker, every
+//! resource is also named under the bench run's prefix ([`purista::ConnectOptions::prefix`]).
 
 mod commands;
 mod fanout;
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use purista::prelude::*;
-use purista::{Connection, RunningService};
+use purista::{ConnectOptions, Connection, RunningService};
 use tokio::time::Instant;
 
 use crate::measurement::Measurement;
@@ -30,14 +31,14 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long one scenario may run at all; waits inside it give up sooner when stuck.
 const SCENARIO_LIMIT: Duration = Duration::from_secs(600);
 
-/// Runs `scenario` against `url` and measures it.
+/// Runs `scenario` against the bridge `target` names and measures it.
 pub async fn run(
     scenario: Scenario,
-    url: &str,
+    target: &ConnectOptions,
     workload: &Workload,
     queue_mode: QueueMode,
 ) -> anyhow::Result<Measurement> {
-    let mut deployment = Deployment::new(url, scenario);
+    let mut deployment = Deployment::new(target, scenario);
     let work = async {
         match scenario {
             Scenario::CmdSeq => commands::sequential(&mut deployment, workload).await,
@@ -60,7 +61,7 @@ pub async fn run(
 
 /// The connections and services one scenario started, shut down together at its end.
 pub struct Deployment {
-    url: String,
+    target: ConnectOptions,
     /// Unique suffix for this scenario's names.
     run_id: String,
     connections: Vec<Connection>,
@@ -68,9 +69,9 @@ pub struct Deployment {
 }
 
 impl Deployment {
-    fn new(url: &str, scenario: Scenario) -> Self {
+    fn new(target: &ConnectOptions, scenario: Scenario) -> Self {
         Deployment {
-            url: url.to_string(),
+            target: target.clone(),
             run_id: format!("{}-{}", scenario.name(), &purista::ids::new_id()[..8]),
             connections: Vec::new(),
             services: Vec::new(),
@@ -84,9 +85,9 @@ impl Deployment {
 
     /// Opens one more bridge instance on the URL.
     pub async fn connect(&mut self) -> anyhow::Result<Connection> {
-        let connection = purista::connect(&self.url)
+        let connection = purista::connect_with(&self.target)
             .await
-            .with_context(|| format!("connecting to {}", purista::redact_url(&self.url)))?;
+            .with_context(|| format!("connecting to {}", purista::redact_url(self.target.url())))?;
         self.connections.push(connection.clone());
         Ok(connection)
     }
