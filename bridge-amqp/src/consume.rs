@@ -554,6 +554,21 @@ fn deliver(
         body: data,
         attempt,
     };
+    if envelope.message_type == MessageType::Stream {
+        // Stream frames are point to point: no subscription filter matches them (core's
+        // matcher), but a binding without a `messageType` cannot exclude them. Settle unseen.
+        tracing::debug!(registration = %reg.label, %message_id, "stream frame on a subscription queue ignored");
+        let label = reg.label.clone();
+        let run = async move {
+            if let Err(error) = Box::new(settler).settle(Settlement::Ack).await {
+                tracing::debug!(registration = %label, %error, "settling an ignored stream frame failed");
+            }
+        };
+        shared
+            .tasks
+            .spawn(WorkKind::Subscription, reg.label.clone(), run);
+        return;
+    }
     let delivery = Delivery {
         envelope: Arc::new(envelope),
         attempt,

@@ -6,7 +6,9 @@
 //! unset part is simply absent from the binding, so it matches anything; a set part matches by
 //! exact, case-sensitive string equality; a message lacking the header never matches a
 //! binding that names it. That is core's reference matcher, rule for rule:
-//! info messages carry no `receiver*` headers, so a receiver filter never matches them.
+//! info messages carry no `receiver*` headers, so a receiver filter never matches them. The one
+//! rule a binding cannot express is that no filter matches a stream frame; the consumer drops
+//! those (`consume.rs`).
 //!
 //! Values are always AMQP long strings on both sides, so the broker's comparison is byte
 //! equality. Bridge bookkeeping (attempt counter, dead-letter notes) uses `x-purista-*` names,

@@ -32,6 +32,9 @@ use crate::topology::{self, name};
 /// How often the supervisor looks at the connection state besides listening to its events.
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 
+/// How long a polite close waits for the broker's confirmation.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// One live connection and what hangs off it.
 pub(crate) struct Session {
     /// Increases by one per successful connect.
@@ -66,15 +69,23 @@ impl Session {
             .map_err(|e| BridgeError::Unavailable(format!("no channel: {e}")))
     }
 
-    /// Closes the connection politely (shutdown).
+    /// Closes the connection politely (shutdown), waiting at most `CLOSE_TIMEOUT` for the
+    /// broker's answer: lapin occasionally never resolves the close although the socket is
+    /// gone, and a shutdown must not hang on it.
     pub(crate) async fn close(&self) {
         if let Some(task) = self.reply_consumer.lock().take() {
             task.abort();
         }
-        if self.is_live()
-            && let Err(error) = self.connection.close(200, "OK".into()).await
-        {
-            tracing::debug!(%error, "closing the connection failed");
+        if !self.is_live() {
+            return;
+        }
+        match tokio::time::timeout(CLOSE_TIMEOUT, self.connection.close(200, "OK".into())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::debug!(%error, "closing the connection failed"),
+            Err(_) => tracing::debug!(
+                timeout = ?CLOSE_TIMEOUT,
+                "the broker did not confirm the close in time; connection dropped"
+            ),
         }
     }
 

@@ -9,8 +9,33 @@ use purista_core::{
 };
 use tokio::time::Instant;
 
-use crate::harness::{Deployment, Harness, RawPublisher};
+use crate::harness::{BrokerControl, Deployment, Harness, RawPublisher};
 use crate::support::new_prefix;
+
+/// Environment variable that turns a missing broker from a loud skip into a failure (CI).
+pub const REQUIRE_BROKERS_ENV: &str = "PURISTA_REQUIRE_BROKERS";
+
+/// True when `PURISTA_REQUIRE_BROKERS=1`: a broker that cannot be reached (or started) fails the
+/// test instead of skipping it.
+pub fn brokers_required() -> bool {
+    std::env::var(REQUIRE_BROKERS_ENV).as_deref() == Ok("1")
+}
+
+/// Skips `what` loudly because `why` — or panics with `why` when brokers are required.
+///
+/// The notice goes straight to the process's stderr, past the test harness's output capture,
+/// so that `cargo test` shows it even for a test that passes. (nextest keeps a passing test's
+/// output; `--success-output immediate` shows it.)
+pub fn skip_or_fail(what: &str, why: &str) {
+    if brokers_required() {
+        panic!("{what}: {why} ({REQUIRE_BROKERS_ENV}=1)");
+    }
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n*** SKIPPED {what}: {why} (set {REQUIRE_BROKERS_ENV}=1 to fail instead) ***\n"
+    );
+}
 
 /// One case's deployment and services.
 pub struct TestEnv {
@@ -28,6 +53,26 @@ impl TestEnv {
     pub async fn new(harness: &Arc<dyn Harness>, instances: usize) -> Self {
         let prefix = new_prefix();
         let deployment = harness.deployment(&prefix, instances).await;
+        Self::with(harness, prefix, deployment, instances)
+    }
+
+    /// Like [`TestEnv::new`], on the broker `control` may break (the reliability cases).
+    pub async fn on_broker(
+        harness: &Arc<dyn Harness>,
+        control: &Arc<dyn BrokerControl>,
+        instances: usize,
+    ) -> Self {
+        let prefix = new_prefix();
+        let deployment = control.deployment(&prefix, instances).await;
+        Self::with(harness, prefix, deployment, instances)
+    }
+
+    fn with(
+        harness: &Arc<dyn Harness>,
+        prefix: String,
+        deployment: Deployment,
+        instances: usize,
+    ) -> Self {
         assert_eq!(
             deployment.bridges.len(),
             instances,

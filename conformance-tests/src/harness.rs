@@ -53,11 +53,19 @@ pub trait RawPublisher: Send + Sync + 'static {
     }
 }
 
-/// Breaks the broker on purpose, for the reliability cases.
+/// A broker the reliability cases may break on purpose, and the way to deploy onto it.
+///
+/// Usually the harness's own broker. A harness whose broker other tests share hands out a
+/// broker of its own here (a private node), so that a restart reaches no test but the one that
+/// asked for it.
 #[async_trait]
 pub trait BrokerControl: Send + Sync + 'static {
-    /// Closes every client connection; the broker keeps running.
-    async fn drop_connections(&self);
+    /// `instances` bridge instances on this broker, all resources named under `prefix`, like
+    /// [`Harness::deployment`].
+    async fn deployment(&self, prefix: &str, instances: usize) -> Deployment;
+    /// Closes the client connections of the deployment under `prefix` (and no others: other
+    /// tests may share the broker); the broker keeps running.
+    async fn drop_connections(&self, prefix: &str);
     /// Stops the broker and starts it again; returns once it accepts connections.
     async fn restart(&self);
 }
@@ -79,16 +87,29 @@ pub trait Harness: Send + Sync + 'static {
     fn queue_capabilities(&self) -> Option<QueueCapabilities>;
 
     /// `instances` independent bridge instances on one broker, all resources named under
-    /// `prefix` (unique per test). Instances are not started; services start them.
+    /// `prefix` (unique per test). Services start the instances (a start is idempotent); a
+    /// harness on a real broker may start them already, so that a broker it cannot reach fails
+    /// here with a clear message.
     async fn deployment(&self, prefix: &str, instances: usize) -> Deployment;
 
-    /// Hooks that drop connections or restart the broker; `None` skips the reliability cases.
-    fn control(&self) -> Option<Arc<dyn BrokerControl>> {
+    /// A broker the reliability cases may break; `None` skips them. May start that broker; a
+    /// harness that cannot says why, loudly (and fails under `PURISTA_REQUIRE_BROKERS=1`).
+    async fn control(&self) -> Option<Arc<dyn BrokerControl>> {
         None
+    }
+
+    /// `Err(why)` when the harness cannot run here, e.g. its broker is unreachable: each case
+    /// is then skipped loudly, or fails when `PURISTA_REQUIRE_BROKERS=1`
+    /// ([`crate::env::brokers_required`]).
+    async fn availability(&self) -> Result<(), String> {
+        Ok(())
     }
 }
 
 type Teardown = Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// How long past its deadline a bridge's shutdown may run before the suite calls it hung.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// N bridge instances of one deployment on one broker, plus what the suite needs besides.
 pub struct Deployment {
@@ -157,14 +178,31 @@ impl Deployment {
         }
         self.cleaned = true;
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-        for b in &self.bridges {
-            b.shutdown(deadline).await;
-        }
+        // All at once, like the instances of a deployment going down together.
+        let shutdowns = self.bridges.iter().enumerate().map(|(i, b)| async move {
+            let shutdown = b.shutdown(deadline);
+            let finished = tokio::time::timeout_at(deadline + SHUTDOWN_GRACE, shutdown).await;
+            finished
+                .is_err()
+                .then(|| format!("{i} ({})", b.instance_id()))
+        });
+        let hung: Vec<String> = futures::future::join_all(shutdowns)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
         if let Some(q) = &self.queues {
             q.shutdown().await;
         }
         for step in std::mem::take(&mut self.teardown) {
             step().await;
+        }
+        // Reported after the cleanup steps, so that the broker is left clean all the same.
+        if !hung.is_empty() && !self.background {
+            panic!(
+                "bridge instance {} did not finish shutting down {SHUTDOWN_GRACE:?} after its deadline: a user's process would hang on exit",
+                hung.join(", ")
+            );
         }
     }
 }

@@ -72,6 +72,14 @@ pub async fn run(
             running.push(tokio::spawn(async move {
                 let _slot = slots.acquire_owned().await.expect("never closed");
                 let bridge = h.name();
+                if let Err(why) = h.availability().await {
+                    return CaseResult {
+                        bridge,
+                        group: case.group,
+                        name: case.name,
+                        outcome: Outcome::Failed(format!("the harness cannot run here: {why}")),
+                    };
+                }
                 let task = tokio::spawn((case.run)(h));
                 let abort = task.abort_handle();
                 let outcome = match tokio::time::timeout(timeout, task).await {

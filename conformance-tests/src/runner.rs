@@ -47,10 +47,15 @@ impl std::fmt::Debug for Case {
 pub const CASE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The body of each generated test: runs the case, prints a verdict that is not a pass, fails
-/// on a panic (propagated) or on [`CASE_TIMEOUT`].
+/// on a panic (propagated) or on [`CASE_TIMEOUT`]. A harness that cannot run here (its broker
+/// is unreachable) skips the case loudly, or fails it under `PURISTA_REQUIRE_BROKERS=1`.
 pub async fn run_test(harness: Arc<dyn Harness>, group: &str, name: &str, case: CaseFn) {
     crate::logs::install();
     let bridge = harness.name();
+    if let Err(why) = harness.availability().await {
+        crate::env::skip_or_fail(&format!("{bridge}::{group}::{name}"), &why);
+        return;
+    }
     match tokio::time::timeout(CASE_TIMEOUT, case(harness)).await {
         Ok(Verdict::Passed) => {}
         Ok(Verdict::RejectedAsUndeclared(need)) => {

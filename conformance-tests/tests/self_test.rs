@@ -55,12 +55,15 @@ fn mutate_caps(mut caps: Capabilities, fault: Fault) -> Capabilities {
     caps
 }
 
-/// Broker-control hooks that do nothing.
-struct NoOpControl;
+/// Broker-control hooks that do nothing, on the mutant's own (in-process) broker.
+struct NoOpControl(Fault);
 
 #[async_trait]
 impl BrokerControl for NoOpControl {
-    async fn drop_connections(&self) {}
+    async fn deployment(&self, prefix: &str, instances: usize) -> Deployment {
+        MutantHarness(self.0).deployment(prefix, instances).await
+    }
+    async fn drop_connections(&self, _prefix: &str) {}
     async fn restart(&self) {}
 }
 
@@ -179,8 +182,9 @@ impl Harness for MutantHarness {
     fn queue_capabilities(&self) -> Option<QueueCapabilities> {
         DefaultHarness::new().queue_capabilities()
     }
-    fn control(&self) -> Option<Arc<dyn BrokerControl>> {
-        matches!(self.0, Fault::None).then(|| Arc::new(NoOpControl) as Arc<dyn BrokerControl>)
+    async fn control(&self) -> Option<Arc<dyn BrokerControl>> {
+        matches!(self.0, Fault::None)
+            .then(|| Arc::new(NoOpControl(self.0)) as Arc<dyn BrokerControl>)
     }
     async fn deployment(&self, prefix: &str, instances: usize) -> Deployment {
         let fault = self.0;

@@ -30,9 +30,9 @@ enum Fault {
     Restart,
 }
 
-async fn inject(control: &Arc<dyn BrokerControl>, fault: Fault) {
+async fn inject(control: &Arc<dyn BrokerControl>, env: &TestEnv, fault: Fault) {
     match fault {
-        Fault::DropConnections => control.drop_connections().await,
+        Fault::DropConnections => control.drop_connections(&env.prefix).await,
         Fault::Restart => control.restart().await,
     }
 }
@@ -44,7 +44,7 @@ async fn events_survive(h: Arc<dyn Harness>, fault: Fault) -> Verdict {
     const PUBLISHERS: usize = 4;
     const PER_PUBLISHER: u64 = 2_500;
     const TOTAL: usize = PUBLISHERS * PER_PUBLISHER as usize;
-    let Some(control) = h.control() else {
+    let Some(control) = h.control().await else {
         return Verdict::NotApplicable(NO_CONTROL);
     };
     let needs = [
@@ -55,7 +55,7 @@ async fn events_survive(h: Arc<dyn Harness>, fault: Fault) -> Verdict {
     if let Some(v) = require(&h, &needs).await {
         return v;
     }
-    let mut env = TestEnv::new(&h, PUBLISHERS + 1).await;
+    let mut env = TestEnv::on_broker(&h, &control, PUBLISHERS + 1).await;
     let event = env.name("reliable");
     let received: Arc<Collector<(u64, u64)>> = Collector::new();
     let sink = received.clone();
@@ -111,7 +111,7 @@ async fn events_survive(h: Arc<dyn Harness>, fault: Fault) -> Verdict {
         async move { n >= TOTAL / 3 }
     })
     .await;
-    inject(&control, fault).await;
+    inject(&control, &env, fault).await;
     for t in futures::future::join_all(tasks).await {
         t.expect("a publisher task panicked");
     }
@@ -144,17 +144,23 @@ pub async fn broker_restart_loses_no_events(h: Arc<dyn Harness>) -> Verdict {
 
 /// Invocations made while the broker is away fail with 503 (or 504 at their ttl) or complete;
 /// none hangs past its ttl, and invocations succeed again afterwards without a restart.
+///
+/// One more failure is allowed while the fault lasts, and only then: 502. On a broker, a
+/// handler's registration is itself broker state (RabbitMQ: the command queue its instance
+/// consumes) that the serving instance re-creates once *it* has reconnected; a caller that is
+/// back first finds no handler for a moment. After the first success that follows the fault,
+/// a 502 fails the case like any other status.
 pub async fn invocations_during_an_outage_fail_or_complete_within_ttl(
     h: Arc<dyn Harness>,
 ) -> Verdict {
     const TTL: Duration = Duration::from_millis(500);
-    let Some(control) = h.control() else {
+    let Some(control) = h.control().await else {
         return Verdict::NotApplicable(NO_CONTROL);
     };
     if let Some(v) = require(&h, &[Need::Commands]).await {
         return v;
     }
-    let mut env = TestEnv::new(&h, 2).await;
+    let mut env = TestEnv::on_broker(&h, &control, 2).await;
     let echo = CommandDef::new(
         "echo",
         |_ctx: Context, n: u64, _p: Empty| async move { Ok(n) },
@@ -167,11 +173,12 @@ pub async fn invocations_during_an_outage_fail_or_complete_within_ttl(
     let to = Address::new(env.name("server"), "1", "echo");
 
     for fault in [Fault::DropConnections, Fault::Restart] {
+        let striking = Arc::new(AtomicUsize::new(0));
         let faulted = Arc::new(AtomicUsize::new(0));
         let calls = Arc::new(AtomicUsize::new(0));
         let caller = {
             let (client, to, faulted) = (client.clone(), to.clone(), faulted.clone());
-            let calls = calls.clone();
+            let (calls, striking) = (calls.clone(), striking.clone());
             tokio::spawn(async move {
                 let deadline = Instant::now() + RECOVERY;
                 let mut successes_after = 0;
@@ -199,13 +206,17 @@ pub async fn invocations_during_an_outage_fail_or_complete_within_ttl(
                                 successes_after += 1;
                             }
                         }
-                        Err(e) => assert!(
-                            matches!(
-                                e.status,
-                                StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
-                            ),
-                            "an invocation during a {fault:?} failed with {e}, not 503/504"
-                        ),
+                        Err(e) => {
+                            let recovering =
+                                striking.load(Ordering::Acquire) == 1 && successes_after == 0;
+                            assert!(
+                                matches!(
+                                    e.status,
+                                    StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+                                ) || (recovering && e.status == StatusCode::BAD_GATEWAY),
+                                "an invocation during a {fault:?} failed with {e}, not 503/504"
+                            );
+                        }
                     }
                 }
             })
@@ -215,7 +226,8 @@ pub async fn invocations_during_an_outage_fail_or_complete_within_ttl(
             async move { n >= 10 }
         })
         .await;
-        inject(&control, fault).await;
+        striking.store(1, Ordering::Release);
+        inject(&control, &env, fault).await;
         faulted.store(1, Ordering::Release);
         caller.await.expect("the invoking task panicked");
     }

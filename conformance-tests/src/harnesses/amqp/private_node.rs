@@ -1,0 +1,431 @@
+//! A private RabbitMQ node for the reliability cases (DESIGN §5).
+//!
+//! A broker restart cannot be done on the broker every other test shares, so the reliability
+//! cases run on a node of their own: one per test process, started on first use
+//! (`rabbitmq-server -detached`) from a directory of its own, with its own node name, ports and
+//! Erlang cookie and none of the machine's `/etc/rabbitmq` settings; stopped when the process
+//! exits — by an `atexit` hook on a normal exit, and by a watchdog process when the test process
+//! dies without running it (killed on a timeout). No node outlives the test binary.
+//!
+//! A restart stops the node (SIGTERM: RabbitMQ's graceful shutdown) and starts it again from
+//! the same directory, so durable queues and persistent messages survive it exactly as they
+//! would a real broker restart. (Not `rabbitmqctl stop_app` / `start_app`: on RabbitMQ 3.10.8
+//! here `start_app` cannot bind the AMQP listener again inside the same node — `eaddrinuse` —
+//! and leaves the node broken.)
+//!
+//! Everything here blocks (it waits for processes and ports; `rabbitmqctl` takes about a second
+//! per call): call it from `spawn_blocking`.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+/// Where Debian's RabbitMQ keeps `rabbitmq-server` and `rabbitmqctl` (the `/usr/sbin` wrappers
+/// would switch to the `rabbitmq` user and its files).
+pub const DEFAULT_BIN_DIR: &str = "/usr/lib/rabbitmq/bin";
+/// Environment variable naming another directory holding `rabbitmq-server` and `rabbitmqctl`.
+pub const BIN_DIR_ENV: &str = "PURISTA_RABBITMQ_BIN_DIR";
+
+/// How long a node may take to accept connections (3–5 s here when idle; more when the machine
+/// is busy with other tests).
+const BOOT_DEADLINE: Duration = Duration::from_secs(60);
+/// How long a node may take to stop before it is killed.
+const STOP_DEADLINE: Duration = Duration::from_secs(30);
+/// Ports outside Linux's ephemeral range (32768–60999), so that no outgoing connection holds
+/// the node's port while it is down for a restart.
+const PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A RabbitMQ node this process started.
+pub struct PrivateNode {
+    name: String,
+    port: u16,
+    dist_port: u16,
+    dir: PathBuf,
+    bin_dir: PathBuf,
+    /// True from launching the node until it is stopped.
+    launched: AtomicBool,
+}
+
+impl PrivateNode {
+    /// Starts a node for this process. `Err` says why it could not be started.
+    pub fn start() -> Result<Arc<PrivateNode>, String> {
+        let bin_dir = std::env::var_os(BIN_DIR_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_BIN_DIR));
+        let server = bin_dir.join("rabbitmq-server");
+        if !server.exists() {
+            return Err(format!(
+                "no private RabbitMQ node for the reliability cases: {} does not exist (install RabbitMQ or set {BIN_DIR_ENV})",
+                server.display()
+            ));
+        }
+        let pid = std::process::id();
+        let dir = scratch_dir().join(format!("purista-rabbitmq-{pid}"));
+        prepare_dir(&dir).map_err(|e| format!("preparing {}: {e}", dir.display()))?;
+        let mut last_error = String::new();
+        // A port taken between our check and the node's bind makes the boot fail: try others.
+        for attempt in 0..3 {
+            let (port, dist_port) = (free_port()?, free_port()?);
+            if port == dist_port {
+                continue;
+            }
+            let node = PrivateNode {
+                name: format!("purista-conformance-{pid}@localhost"),
+                port,
+                dist_port,
+                dir: dir.clone(),
+                bin_dir: bin_dir.clone(),
+                launched: AtomicBool::new(false),
+            };
+            if attempt == 0 {
+                node.spawn_watchdog()?;
+            }
+            match node.boot() {
+                Ok(()) => {
+                    let node = Arc::new(node);
+                    stop_at_exit(node.clone());
+                    return Ok(node);
+                }
+                Err(e) => {
+                    node.stop();
+                    last_error = e;
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        Err(format!(
+            "the private RabbitMQ node for the reliability cases did not start: {last_error}"
+        ))
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:<port>/%2f`
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Stops the node and starts it again; returns once it accepts connections.
+    pub fn restart(&self) -> Result<(), String> {
+        self.stop();
+        self.boot()
+    }
+
+    /// Closes every client connection whose name contains `name_part`; returns how many.
+    pub fn close_connections(&self, name_part: &str, reason: &str) -> Result<usize, String> {
+        // Table output: one connection per line, `pid<TAB>client_properties`, the pid in the
+        // `<node.x.y.z>` form `close_connection` takes.
+        let listing = self.ctl(&["list_connections", "pid", "client_properties", "-q"])?;
+        let pids: Vec<String> = listing
+            .lines()
+            .filter(|line| line.contains(name_part))
+            .filter_map(|line| line.split('\t').next())
+            .map(|pid| pid.trim().to_string())
+            .collect();
+        // One `rabbitmqctl` each, all at once: each takes about a second to start.
+        let closing: Vec<_> = pids
+            .iter()
+            .map(|pid| {
+                self.command("rabbitmqctl")
+                    .args(["-n", &self.name, "close_connection", pid, reason])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .map_err(|e| format!("running rabbitmqctl: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
+        for child in closing {
+            let out = child
+                .wait_with_output()
+                .map_err(|e| format!("rabbitmqctl close_connection: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "rabbitmqctl close_connection failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        }
+        Ok(pids.len())
+    }
+
+    /// Launches the node and waits until it accepts connections.
+    fn boot(&self) -> Result<(), String> {
+        self.launched.store(true, Ordering::SeqCst);
+        let launched = self
+            .command("rabbitmq-server")
+            .arg("-detached")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|e| format!("running rabbitmq-server: {e}"))?;
+        if !launched.status.success() {
+            return Err(format!(
+                "rabbitmq-server -detached failed: {}",
+                String::from_utf8_lossy(&launched.stderr).trim()
+            ));
+        }
+        let began = Instant::now();
+        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        loop {
+            if TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            // The node writes its pid file early in its boot: a dead pid, or no file long
+            // after the launch, means the boot failed (e.g. its port was taken).
+            let died = match self.beam_pid() {
+                Some(pid) => !alive(pid),
+                None => began.elapsed() > Duration::from_secs(15),
+            };
+            if died {
+                return Err(format!(
+                    "node {} exited while booting{}",
+                    self.name,
+                    self.log_errors()
+                ));
+            }
+            if began.elapsed() > BOOT_DEADLINE {
+                return Err(format!(
+                    "node {} did not accept connections on port {} within {BOOT_DEADLINE:?}{}",
+                    self.name,
+                    self.port,
+                    self.log_errors()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the node gracefully (SIGTERM: RabbitMQ shuts down as `rabbitmqctl stop` would,
+    /// without a second's CLI start-up) and waits until its process is gone, killing it past
+    /// the deadline.
+    fn stop(&self) {
+        if !self.launched.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        // A node stopped right after its launch may not have written its pid file yet.
+        let began = Instant::now();
+        let pid = loop {
+            match self.beam_pid() {
+                Some(pid) => break Some(pid),
+                None if began.elapsed() > Duration::from_secs(10) => break None,
+                None => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        match pid {
+            Some(pid) => {
+                signal(pid, libc::SIGTERM);
+                let began = Instant::now();
+                while alive(pid) && began.elapsed() < STOP_DEADLINE {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if alive(pid) {
+                    signal(pid, libc::SIGKILL);
+                }
+            }
+            // No pid: ask the node by name, should it be running after all.
+            None => drop(self.ctl(&["stop"])),
+        }
+        let _ = std::fs::remove_file(self.pid_file());
+    }
+
+    /// Runs `rabbitmqctl -n <node> args…`; its stdout, or why it failed.
+    fn ctl(&self, args: &[&str]) -> Result<String, String> {
+        let out: Output = self
+            .command("rabbitmqctl")
+            .args(["-n", &self.name])
+            .args(args)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::piped())
+            .output()
+            .map_err(|e| format!("running rabbitmqctl: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "rabbitmqctl {} failed: {} {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// A RabbitMQ script of this node: its own files, ports, node name and Erlang cookie (in
+    /// `HOME`), none of the machine's `/etc/rabbitmq` settings (they name the shared node and
+    /// its port).
+    fn command(&self, script: &str) -> Command {
+        let mut c = Command::new(self.bin_dir.join(script));
+        self.apply_env(&mut c);
+        c.current_dir(&self.dir).stdin(Stdio::null());
+        c
+    }
+
+    fn apply_env(&self, c: &mut Command) {
+        let d = &self.dir;
+        c.env("HOME", d)
+            .env("RABBITMQ_NODENAME", &self.name)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", d.join("log"))
+            .env("RABBITMQ_PID_FILE", self.pid_file())
+            .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq.conf"))
+            .env("RABBITMQ_CONF_ENV_FILE", d.join("rabbitmq-env.conf"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("enabled_plugins"))
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .env("ERL_FLAGS", "-kernel inet_dist_use_interface {127,0,0,1}");
+    }
+
+    fn pid_file(&self) -> PathBuf {
+        self.dir.join("node.pid")
+    }
+
+    fn beam_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.pid_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// The last error lines of the node's log, for a failure message.
+    fn log_errors(&self) -> String {
+        let log = self.dir.join("log").join(format!("{}.log", self.name));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let errors: Vec<&str> = text.lines().filter(|l| l.contains("[error]")).collect();
+        if errors.is_empty() {
+            return format!(" (log: {})", log.display());
+        }
+        let tail = &errors[errors.len().saturating_sub(3)..];
+        format!(" ({}: {})", log.display(), tail.join(" | "))
+    }
+
+    /// A process that outlives this one only to stop the node and remove its directory should
+    /// this process die without its `atexit` hook (killed). Its own process group, so a signal
+    /// to the test's group does not take it along; no stdio, so the test runner does not wait
+    /// on it.
+    fn spawn_watchdog(&self) -> Result<(), String> {
+        // $1: this process, $2: the node's directory, $3: its pid file (written during a boot:
+        // wait for it should this process have died in the middle of one).
+        const SCRIPT: &str = r#"
+            while kill -0 "$1" 2>/dev/null; do sleep 0.5; done
+            [ -d "$2" ] || exit 0
+            n=0
+            while [ ! -s "$3" ] && [ $n -lt 40 ]; do sleep 0.5; n=$((n+1)); done
+            if pid=$(cat "$3" 2>/dev/null); then
+                kill -TERM "$pid" 2>/dev/null
+                n=0
+                while kill -0 "$pid" 2>/dev/null && [ $n -lt 60 ]; do sleep 0.5; n=$((n+1)); done
+                kill -KILL "$pid" 2>/dev/null
+            fi
+            rm -rf "$2"
+        "#;
+        use std::os::unix::process::CommandExt;
+        Command::new("sh")
+            .args(["-c", SCRIPT, "purista-rabbitmq-watchdog"])
+            .arg(std::process::id().to_string())
+            .arg(&self.dir)
+            .arg(self.pid_file())
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map(drop)
+            .map_err(|e| format!("starting the node's watchdog: {e}"))
+    }
+
+    /// Stops the node and removes its directory.
+    fn destroy(&self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Where node directories go: memory-backed `/dev/shm` where there is one (a persistent message
+/// is confirmed once written; on a disk that is an fsync per batch, and the reliability cases
+/// publish 10 000 of them), else the temp dir. The node's data survives its restart either way.
+fn scratch_dir() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+fn prepare_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::create_dir_all(dir.join("log"))?;
+    std::fs::write(
+        dir.join("rabbitmq.conf"),
+        "# private node of the purista conformance suite: listener from RABBITMQ_NODE_*\n",
+    )?;
+    std::fs::write(dir.join("rabbitmq-env.conf"), "")?;
+    std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
+    let cookie = dir.join(".erlang.cookie");
+    std::fs::write(
+        &cookie,
+        format!("PURISTA{:016X}", rand::rng().random::<u64>()),
+    )?;
+    std::fs::set_permissions(&cookie, std::fs::Permissions::from_mode(0o400))
+}
+
+fn free_port() -> Result<u16, String> {
+    let mut rng = rand::rng();
+    for _ in 0..200 {
+        let port = rng.random_range(PORTS);
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(format!("no free port in {PORTS:?}"))
+}
+
+/// True while the process runs. A zombie (exited, not yet reaped by its parent — the node is
+/// detached, so that is pid 1, which may take its time) counts as gone.
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    let exists = unsafe { libc::kill(pid, 0) == 0 };
+    exists
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                // `pid (comm) S …`: the state follows the last `)`.
+                let after = stat.rsplit_once(')')?.1;
+                after.split_whitespace().next().map(|state| state != "Z")
+            })
+            .unwrap_or(true)
+}
+
+fn signal(pid: i32, signal: i32) {
+    // SAFETY: `pid` is the node this process started (read from its pid file).
+    unsafe {
+        libc::kill(pid, signal);
+    }
+}
+
+static AT_EXIT: std::sync::OnceLock<Arc<PrivateNode>> = std::sync::OnceLock::new();
+
+/// Registers `node` to be destroyed when the process exits normally.
+fn stop_at_exit(node: Arc<PrivateNode>) {
+    extern "C" fn destroy_node() {
+        if let Some(node) = AT_EXIT.get() {
+            node.destroy();
+        }
+    }
+    if AT_EXIT.set(node).is_ok() {
+        // SAFETY: registers a plain `extern "C" fn` with no arguments.
+        unsafe {
+            libc::atexit(destroy_node);
+        }
+    }
+}
