@@ -237,7 +237,10 @@ pub struct Envelope {
     /// The message family.
     pub message_type: MessageType,
     /// Payload content type, `application/json` by default (also when `null` on the wire).
-    #[serde(default = "default_content_type", deserialize_with = "content_type_or_default")]
+    #[serde(
+        default = "default_content_type",
+        deserialize_with = "content_type_or_default"
+    )]
     pub content_type: String,
     /// Payload content encoding, `utf-8` by default (also when `null` on the wire).
     #[serde(
@@ -292,9 +295,7 @@ fn content_type_or_default<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Str
     Ok(Option::<String>::deserialize(d)?.unwrap_or_else(default_content_type))
 }
 
-fn content_encoding_or_default<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<String, D::Error> {
+fn content_encoding_or_default<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     Ok(Option::<String>::deserialize(d)?.unwrap_or_else(default_content_encoding))
 }
 
