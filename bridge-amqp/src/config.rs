@@ -197,26 +197,7 @@ fn password_of(url: &str) -> Option<&str> {
     userinfo.split_once(':').map(|(_, p)| p)
 }
 
-/// Replaces the password of `scheme://user:password@host/…` with `***`.
-///
-/// ```
-/// use purista_bridge_amqp::redact_url;
-/// assert_eq!(redact_url("amqps://app:s3cret@mq:5671/prod"), "amqps://app:***@mq:5671/prod");
-/// assert_eq!(redact_url("amqp://localhost"), "amqp://localhost");
-/// ```
-pub fn redact_url(url: &str) -> String {
-    match password_of(url) {
-        Some(password) => {
-            // Replace only inside the authority, not a look-alike in the path.
-            let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-            let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-            let (userinfo, host) = authority.rsplit_once('@').unwrap_or(("", authority));
-            let user = userinfo.strip_suffix(password).unwrap_or(userinfo);
-            format!("{scheme}://{user}***@{host}{tail}")
-        }
-        None => url.to_string(),
-    }
-}
+pub use purista_core::redact_url;
 
 #[cfg(test)]
 mod tests {

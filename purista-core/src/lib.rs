@@ -23,6 +23,7 @@ pub mod ids;
 pub mod inflight;
 pub mod outcome;
 pub mod queue;
+pub mod redact;
 pub mod service;
 pub mod stream;
 
@@ -47,6 +48,7 @@ pub use queue::{
     DeadLetteredJob, JobDisposition, JobSettlement, LeasedJob, NewJob, QueueBridge, QueueConfig,
     QueueError, QueueMetrics, RetryStrategy,
 };
+pub use redact::redact_url;
 pub use service::{
     CommandDef, Context, Empty, HealthState, InvokeOptions, JobContext, QueueWorkerDef, Reply,
     RunningService, Service, ServiceBuilder, ServiceHealth, StartError, StreamDef,

@@ -131,33 +131,6 @@ pub enum ConnectError {
     Bridge(#[from] BridgeError),
 }
 
-/// Removes a password from `scheme://user:password@host/…`.
-///
-/// ```
-/// assert_eq!(purista::redact_url("amqp://guest:secret@host:5672/"), "amqp://guest:***@host:5672/");
-/// assert_eq!(purista::redact_url("memory://"), "memory://");
-/// ```
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let (authority, tail) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            if userinfo.contains(':') {
-                format!("{scheme}://{user}:***@{host}{tail}")
-            } else {
-                format!("{scheme}://{user}@{host}{tail}")
-            }
-        }
-        None => url.to_string(),
-    }
-}
-
 type MemoryHub = (
     purista_bridge_default::MemoryBroker,
     purista_bridge_default::MemoryQueueBridge,
