@@ -4,12 +4,15 @@
 //! with confirms), keeps registrations, and runs start and shutdown. The per-concern mechanics
 //! live next door: names and declarations in `topology.rs`, the header projection in
 //! `headers.rs`, confirms in `publish.rs`, consumers and settlements in `consume.rs`, responses
-//! in `reply.rs`, and the connection supervisor in `reconnect.rs`.
+//! in `reply.rs`, stream sessions in `streams.rs`, and the connection supervisor in
+//! `reconnect.rs`.
 //!
 //! Shutdown is one explicit sequence: stop intake (cancel every consumer but the reply
-//! consumer, so pending invocations can still complete), wait until in-flight work and this
-//! instance's tasks are done or the deadline passes, fail what is still pending with 503, delete
-//! this instance's queues and close the connection.
+//! consumer, so pending invocations and open stream sessions can still complete; command and
+//! stream queues this instance was the last to serve are deleted), wait until in-flight work
+//! and this instance's tasks (stream producers among them) are done or the deadline passes,
+//! fail what is still pending with 503 (stream sessions too), delete this instance's queues and
+//! close the connection.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -24,7 +27,7 @@ use purista_core::{
     Address, BridgeError, BridgeHealth, Capabilities, CommandHandler, DeadLetterEntry,
     DeliveryGuarantee, DeliveryHandler, DrainReport, Envelope, EventBridge, FilterSupport,
     InFlight, InFlightTracker, MessageType, PausedConsumer, StreamConsumerEnd, StreamHandler,
-    SubscriptionSpec, WorkKind, ids,
+    SubscriptionSpec, WorkKind, ids, stream,
 };
 use tokio::sync::{OnceCell, watch};
 use tokio::task::JoinHandle;
@@ -37,6 +40,7 @@ use crate::publish::{self, Outgoing, Verdict};
 use crate::reconnect::{self, Session};
 use crate::registry::{Kind, Registration, Registry};
 use crate::reply::ReplyInbox;
+use crate::streams::{self, StreamSessions};
 use crate::tasks::TaskSet;
 use crate::topology::{self, MAX_NAME_LEN, Topology, millis};
 
@@ -51,6 +55,8 @@ pub(crate) struct Shared {
     /// The live session; `None` while disconnected.
     pub session: watch::Sender<Option<Arc<Session>>>,
     pub inbox: ReplyInbox,
+    /// Stream sessions of this instance, both ends, by `correlationId`.
+    pub streams: StreamSessions,
     pub registry: Registry,
     /// Serializes consumer changes that talk to the broker (start, restore, pause, resume,
     /// stop). An async mutex on purpose: those changes are sequences of broker round trips that
@@ -64,6 +70,8 @@ pub(crate) struct Shared {
     declared: Mutex<BTreeSet<String>>,
     poison: AtomicU64,
     reconnects: AtomicU64,
+    /// The generation of the last reconnect and when the supervisor finished restoring it.
+    reconnected: Mutex<Option<(u64, Instant)>>,
 }
 
 impl Shared {
@@ -84,8 +92,28 @@ impl Shared {
         self.poison.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a reconnect of the current session and remembers when it happened.
     pub(crate) fn count_reconnect(&self) {
         self.reconnects.fetch_add(1, Ordering::Relaxed);
+        if let Some(generation) = self.session.borrow().as_ref().map(|s| s.generation) {
+            *self.reconnected.lock() = Some((generation, Instant::now()));
+        }
+    }
+
+    /// True while `session` is a reconnect younger than the reconnect grace: serving instances
+    /// may not have re-created their command queues yet, so a command without a route is not
+    /// yet proof that nobody serves it. A session the supervisor has not finished restoring
+    /// counts as just reconnected.
+    fn in_reconnect_grace(&self, session: &Session) -> bool {
+        if session.generation <= 1 {
+            return false;
+        }
+        match *self.reconnected.lock() {
+            Some((generation, at)) if generation == session.generation => {
+                at.elapsed() < self.config.reconnect_grace
+            }
+            _ => true,
+        }
     }
 
     pub(crate) fn set_last_error(&self, error: String) {
@@ -136,10 +164,12 @@ impl Shared {
 /// (see the crate docs for the full mapping). Durable subscriptions are at-least-once:
 /// messages are persistent, publishes confirmed, and deliveries acked only once their
 /// settlement is done. Commands are at-most-once and fail fast with 502 when no instance serves
-/// them.
+/// them. Streams are at-most-once sessions between the opener and one serving instance that
+/// end with either's connection; a stream nobody serves fails with 502 at once.
 ///
 /// In-flight counters ([`EventBridge::in_flight`]) hold this instance's pending invocations
-/// (`command`); handlers are counted by the service that runs them.
+/// (`command`) and the stream sessions it opened that have not seen their terminal frame
+/// (`stream`); handlers are counted by the service that runs them.
 pub struct AmqpBridge {
     shared: Arc<Shared>,
     capabilities: Capabilities,
@@ -153,7 +183,7 @@ fn capabilities(config: &AmqpConfig) -> Capabilities {
     let mut caps = Capabilities::none(BRIDGE_NAME);
     caps.commands = true;
     caps.filters = FilterSupport::Complex;
-    caps.streams = false;
+    caps.streams = true;
     caps.shared_subscriptions = true;
     caps.broadcast_subscriptions = true;
     caps.durable_subscriptions = true;
@@ -167,6 +197,21 @@ fn capabilities(config: &AmqpConfig) -> Capabilities {
     caps.limits.max_payload_bytes = Some(config.max_payload_bytes);
     caps.limits.max_name_len = Some(MAX_NAME_LEN);
     caps
+}
+
+/// First wait before publishing an unroutable command again during the reconnect grace.
+const UNROUTED_RETRY_FIRST: Duration = Duration::from_millis(20);
+/// Longest wait between those publishes.
+const UNROUTED_RETRY_MAX: Duration = Duration::from_millis(320);
+
+/// `service@version/target`: the label of a command or stream endpoint.
+fn endpoint_label(address: &Address) -> String {
+    Address::new(
+        &address.service_name,
+        &address.service_version,
+        &address.service_target,
+    )
+    .to_string()
 }
 
 /// The far future for ttls too large to add to `now`.
@@ -190,6 +235,7 @@ impl AmqpBridge {
                 instance_id,
                 session: watch::Sender::new(None),
                 inbox: ReplyInbox::default(),
+                streams: StreamSessions::default(),
                 registry: Registry::default(),
                 topology_lock: tokio::sync::Mutex::new(()),
                 tasks: TaskSet::new(),
@@ -199,6 +245,7 @@ impl AmqpBridge {
                 declared: Mutex::new(BTreeSet::new()),
                 poison: AtomicU64::new(0),
                 reconnects: AtomicU64::new(0),
+                reconnected: Mutex::new(None),
                 config,
             }),
             supervisor: Mutex::new(None),
@@ -240,15 +287,19 @@ impl AmqpBridge {
         self.shared.reconnects.load(Ordering::Relaxed)
     }
 
-    /// Deliveries that could not be decoded (dead-lettered or dropped, each with a warning).
+    /// Poison deliveries: bytes that do not decode as an envelope (including bodies over
+    /// `max_payload_bytes`) on any consumed queue, and valid envelopes on a queue they do not
+    /// belong on (a non-command on a command queue, a non-response on the reply queue). Each
+    /// was dead-lettered or dropped with a warning.
     pub fn poison_messages(&self) -> u64 {
         self.shared.poison.load(Ordering::Relaxed)
     }
 
     /// Responses that reached this instance after their invocation ended, or with a
-    /// `correlationId` nobody waits for; each was ignored with a warning.
+    /// `correlationId` nobody waits for, and stream frames for a session this instance does not
+    /// have (any more); each was ignored with a warning.
     pub fn unmatched_responses(&self) -> u64 {
-        self.shared.inbox.unmatched()
+        self.shared.inbox.unmatched() + self.shared.streams.unmatched()
     }
 
     /// Publishes raw bytes as if another PURISTA process had sent them: a valid envelope is
@@ -312,6 +363,7 @@ impl AmqpBridge {
         self.ensure_open()?;
         let added = match reg.kind {
             Kind::Command { .. } => self.shared.registry.add_command(reg.clone()),
+            Kind::Stream { .. } => self.shared.registry.add_stream(reg.clone()),
             Kind::Subscription { .. } => self.shared.registry.add_subscription(reg.clone()),
         };
         if !added {
@@ -322,6 +374,7 @@ impl AmqpBridge {
         {
             match reg.kind {
                 Kind::Command { .. } => self.shared.registry.remove_command(&reg.label),
+                Kind::Stream { .. } => self.shared.registry.remove_stream(&reg.label),
                 Kind::Subscription { .. } => self.shared.registry.remove_subscription(&reg.label),
             };
             reg.state.lock().removed = true;
@@ -341,6 +394,13 @@ impl AmqpBridge {
                 reg.state.lock().removed = true;
                 consume::cancel_locked(reg).await;
             }
+            // Commands and streams this instance was the last to serve fail with 502 from now
+            // on.
+            if let Some(session) = self.shared.current() {
+                for reg in registrations.iter().filter(|r| r.is_endpoint()) {
+                    topology::retire_command_queue(&session.connection, &reg.queue).await;
+                }
+            }
         }
         let idle = self.shared.tracker.wait_idle(deadline).await;
         self.shared.tasks.close();
@@ -350,7 +410,14 @@ impl AmqpBridge {
             .shared
             .inbox
             .close(&BridgeError::Unavailable("bridge shutting down".into()));
+        let abandoned = self.shared.streams.running_producers();
+        self.shared.streams.end_all("bridge shutting down", true);
         let aborted = self.shared.tasks.abort_all();
+        // Sessions this instance still served are gone with their tasks: tell their openers.
+        if !abandoned.is_empty() {
+            let reason = "the producing bridge instance shut down";
+            streams::abandon_producers(&self.shared, &abandoned, reason).await;
+        }
         if !aborted.is_empty() {
             tracing::warn!(
                 instance_id = %self.shared.instance_id,
@@ -421,6 +488,7 @@ impl Drop for AmqpBridge {
         self.shared
             .inbox
             .close(&BridgeError::Unavailable("bridge dropped".into()));
+        self.shared.streams.end_all("bridge dropped", true);
         self.shared.session.send_replace(None);
     }
 }
@@ -543,28 +611,38 @@ impl EventBridge for AmqpBridge {
             .get_or_insert_with(ids::new_id)
             .clone();
         let body = self.encode_checked(&command)?;
-        let session = self.shared.connected()?;
+        let mut session = self.shared.connected()?;
         let (_pending, reply) = self.shared.inbox.wait_for(&correlation_id)?;
         let label: Arc<str> = receiver.to_string().into();
         let _in_flight = self.shared.tracker.start(WorkKind::Command, &label);
         let reply_queue = self.shared.topology.reply_queue();
         let waited = tokio::time::timeout_at(deadline, async {
-            let verdict = session
-                .publish(Outgoing {
-                    exchange: self.shared.topology.exchange(),
-                    routing_key: "",
-                    mandatory: true,
-                    body: &body,
-                    properties: publish::command_properties(&command, &reply_queue, ttl_ms),
-                })
-                .await?;
-            match verdict {
-                Verdict::Confirmed => {}
-                Verdict::Returned { .. } => {
-                    return Err(BridgeError::NoHandler(receiver.to_string()));
-                }
-                Verdict::Nacked => {
-                    return Err(BridgeError::Refused(receiver.to_string()));
+            let mut pause = UNROUTED_RETRY_FIRST;
+            loop {
+                let verdict = session
+                    .publish(Outgoing {
+                        exchange: self.shared.topology.exchange(),
+                        routing_key: "",
+                        mandatory: true,
+                        body: &body,
+                        properties: publish::command_properties(&command, &reply_queue, ttl_ms),
+                    })
+                    .await?;
+                match verdict {
+                    Verdict::Confirmed => break,
+                    // Returned = routed to no queue, so publishing again cannot duplicate it.
+                    Verdict::Returned { .. } if self.shared.in_reconnect_grace(&session) => {
+                        tracing::debug!(%correlation_id, %receiver, retry_in = ?pause, "no route for a command right after a reconnect; trying again");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(UNROUTED_RETRY_MAX);
+                        session = self.shared.connected()?;
+                    }
+                    Verdict::Returned { .. } => {
+                        return Err(BridgeError::NoHandler(receiver.to_string()));
+                    }
+                    Verdict::Nacked => {
+                        return Err(BridgeError::Refused(receiver.to_string()));
+                    }
                 }
             }
             reply
@@ -674,29 +752,121 @@ impl EventBridge for AmqpBridge {
         .await
     }
 
+    /// Serves stream sessions for `address` from its stream queue (competing consumers: each
+    /// session runs on one instance).
     async fn register_stream(
         &self,
         address: Address,
-        _handler: Arc<dyn StreamHandler>,
+        handler: Arc<dyn StreamHandler>,
     ) -> Result<(), BridgeError> {
-        Err(BridgeError::Unsupported(format!(
-            "streams (stream {address}) are not available on the amqp bridge yet"
-        )))
+        let queue = self.shared.topology.stream_queue(&address);
+        topology::name(&queue)?;
+        let label = endpoint_label(&address);
+        self.register(Registration::new(
+            &label,
+            &queue,
+            Kind::Stream { address, handler },
+        ))
+        .await
     }
 
-    async fn unregister_stream(&self, _address: &Address) -> Result<(), BridgeError> {
+    async fn unregister_stream(&self, address: &Address) -> Result<(), BridgeError> {
+        if let Some(reg) = self.shared.registry.remove_stream(&endpoint_label(address)) {
+            let deadline = deadline_after(self.shared.config.default_command_timeout);
+            consume::stop(&self.shared, reg, deadline).await;
+        }
         Ok(())
     }
 
-    async fn open_stream(&self, open: Envelope) -> Result<StreamConsumerEnd, BridgeError> {
-        let receiver = open
-            .receiver
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_default();
-        Err(BridgeError::Unsupported(format!(
-            "streams (to {receiver}) are not available on the amqp bridge yet"
-        )))
+    /// Stamps `sender.instanceId` on the open frame (id and timestamp stay as core built them),
+    /// registers the session and publishes the open frame `mandatory` with confirms to the
+    /// endpoint's stream queue: nobody serving the address is [`BridgeError::NoHandler`] at
+    /// once.
+    async fn open_stream(&self, mut open: Envelope) -> Result<StreamConsumerEnd, BridgeError> {
+        self.ensure_open()?;
+        if open.message_type != MessageType::Stream {
+            return Err(BridgeError::InvalidRequest(format!(
+                "a stream opens with a stream frame, got {}",
+                open.message_type
+            )));
+        }
+        let Some(correlation_id) = open.correlation_id.clone() else {
+            return Err(BridgeError::InvalidRequest(
+                "a stream open frame needs a correlationId".into(),
+            ));
+        };
+        let Some(receiver) = open.receiver.clone() else {
+            return Err(BridgeError::InvalidRequest(
+                "a stream open frame needs a receiver".into(),
+            ));
+        };
+        if stream::frame_type(&open) != Some(stream::FrameType::Open) {
+            return Err(BridgeError::InvalidRequest(
+                "a stream session starts with an open frame".into(),
+            ));
+        }
+        open.sender.instance_id.clone_from(&self.shared.instance_id);
+        let body = self.encode_checked(&open)?;
+        // Straight to the endpoint's stream queue through the default exchange: no
+        // subscription queue ever gets a stream frame, and no queue means nobody serves it.
+        let stream_queue = self.shared.topology.stream_queue(&receiver);
+        topology::name(&stream_queue)?;
+        let mut session = self.shared.connected()?;
+        let label: Arc<str> = endpoint_label(&receiver).into();
+        let in_flight = self.shared.tracker.start(WorkKind::Stream, &label);
+        let origin = streams::origin(&receiver, &self.shared.instance_id);
+        let (end, watch) = self.shared.streams.open_consumer(
+            &correlation_id,
+            open.sender.clone(),
+            origin,
+            in_flight,
+        )?;
+        let reply_queue = self.shared.topology.reply_queue();
+        let properties = publish::properties(&open, headers::project(&open))
+            .with_reply_to(reply_queue.as_str().into());
+        let deadline = deadline_after(self.shared.config.default_command_timeout);
+        let published = tokio::time::timeout_at(deadline, async {
+            let mut pause = UNROUTED_RETRY_FIRST;
+            loop {
+                let verdict = session
+                    .publish(Outgoing {
+                        exchange: "",
+                        routing_key: &stream_queue,
+                        mandatory: true,
+                        body: &body,
+                        properties: properties.clone(),
+                    })
+                    .await?;
+                match verdict {
+                    Verdict::Confirmed => return Ok(()),
+                    // Returned = routed to no queue, so publishing again cannot duplicate it.
+                    Verdict::Returned { .. } if self.shared.in_reconnect_grace(&session) => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(UNROUTED_RETRY_MAX);
+                        session = self.shared.connected()?;
+                    }
+                    Verdict::Returned { .. } => {
+                        return Err(BridgeError::NoHandler(receiver.to_string()));
+                    }
+                    Verdict::Nacked => return Err(BridgeError::Refused(receiver.to_string())),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(BridgeError::Timeout(millis(
+                self.shared.config.default_command_timeout,
+            )))
+        });
+        if let Err(error) = published {
+            self.shared.streams.remove_consumer(&correlation_id);
+            return Err(error);
+        }
+        let watcher = tokio::spawn(streams::watch_consumer(self.shared.clone(), watch));
+        self.shared
+            .streams
+            .attach_watcher(&correlation_id, watcher.abort_handle());
+        Ok(end)
     }
 
     fn in_flight(&self) -> InFlight {

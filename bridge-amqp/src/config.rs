@@ -4,15 +4,30 @@
 //! and [`redact_url`] replace the password, and every log line of this crate uses the redacted
 //! form. Every broker resource is named under [`AmqpConfig::prefix`], so deployments and test
 //! runs sharing one broker do not collide.
+//!
+//! TLS material ([`TlsSettings`]) is named by file path, so the config stays plain data that
+//! never holds key material; the files are read and checked by [`AmqpConfig::validate`], and
+//! read again at every connect, so a renewed certificate is picked up by the next reconnect.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use purista_core::envelope::DEFAULT_MAX_ENVELOPE_BYTES;
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Environment variable holding the broker URL (`amqp://…` or `amqps://…`).
 pub const URL_ENV: &str = "PURISTA_BRIDGE_URL";
 /// Environment variable holding the resource-name prefix.
 pub const PREFIX_ENV: &str = "PURISTA_AMQP_PREFIX";
+/// Environment variable naming a PEM file of CA certificates to trust for `amqps://`.
+pub const CA_FILE_ENV: &str = "PURISTA_AMQP_CA_FILE";
+/// Environment variable naming the PEM client certificate for mutual TLS.
+pub const CLIENT_CERT_FILE_ENV: &str = "PURISTA_AMQP_CLIENT_CERT_FILE";
+/// Environment variable naming the PEM private key of the client certificate.
+pub const CLIENT_KEY_FILE_ENV: &str = "PURISTA_AMQP_CLIENT_KEY_FILE";
 /// Default resource-name prefix (and exchange name), as in PURISTA.
 pub const DEFAULT_PREFIX: &str = "purista";
 /// Default ttl of invocations: 30 s.
@@ -32,6 +47,180 @@ pub enum ConfigError {
     /// The prefix is empty or contains characters that are awkward in resource names.
     #[error("invalid resource prefix `{0}`: use letters, digits, `.`, `-` and `_`")]
     InvalidPrefix(String),
+    /// TLS settings are given, but the URL (shown redacted) is a plain `amqp://` one: the
+    /// connection would not use them, and the user clearly expected TLS.
+    #[error("TLS settings are given, but `{0}` is a plain amqp:// URL: use amqps://")]
+    TlsWithoutAmqps(String),
+    /// A TLS file cannot be read: missing, a directory, or no permission.
+    #[error("cannot read the {kind} file `{}`: {reason}", path.display())]
+    UnreadableTlsFile {
+        /// What the file should hold.
+        kind: TlsFile,
+        /// The file as configured.
+        path: PathBuf,
+        /// The operating system's reason.
+        reason: String,
+    },
+    /// A TLS file was read but does not hold what it should.
+    #[error("the {kind} file `{}` is not usable: {reason}", path.display())]
+    InvalidTlsFile {
+        /// What the file should hold.
+        kind: TlsFile,
+        /// The file as configured.
+        path: PathBuf,
+        /// What is wrong with its content.
+        reason: String,
+    },
+    /// Only one of the client certificate and its private key is set in the environment.
+    #[error("{given} is set but {missing} is not: a client certificate needs its private key")]
+    IncompleteClientIdentity {
+        /// The variable that is set.
+        given: &'static str,
+        /// The variable that is missing.
+        missing: &'static str,
+    },
+}
+
+/// Which TLS file a [`ConfigError`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFile {
+    /// The CA certificates trusted for the broker's certificate.
+    CaCertificates,
+    /// The client certificate (chain) presented to the broker.
+    ClientCertificate,
+    /// The private key of the client certificate.
+    ClientKey,
+}
+
+impl std::fmt::Display for TlsFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TlsFile::CaCertificates => "CA certificate",
+            TlsFile::ClientCertificate => "client certificate",
+            TlsFile::ClientKey => "client private key",
+        })
+    }
+}
+
+/// TLS settings of `amqps://` connections beyond the defaults.
+///
+/// With none, an `amqps://` connection trusts the platform's root certificates only, which
+/// rejects a broker whose certificate a private CA signed. [`TlsSettings::ca_certificate_file`]
+/// adds that CA; [`TlsSettings::client_identity`] is for brokers that require a client
+/// certificate (`ssl_options.fail_if_no_peer_cert = true`). `Debug` shows file paths only.
+///
+/// ```
+/// use purista_bridge_amqp::{AmqpConfig, TlsSettings};
+/// let config = AmqpConfig::new("amqps://app:secret@mq.internal:5671/%2f")
+///     .with_ca_certificate_file("/etc/purista/rabbitmq-ca.pem")
+///     .with_client_identity_files("/etc/purista/client.pem", "/etc/purista/client.key");
+/// assert!(!config.tls.is_empty());
+/// assert!(TlsSettings::default().is_empty());
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// PEM file of CA certificates trusted besides the platform's roots: the CA that signed
+    /// the broker's certificate.
+    pub ca_certificate_file: Option<PathBuf>,
+    /// Client certificate and key this bridge presents (mutual TLS).
+    pub client_identity: Option<ClientIdentity>,
+}
+
+/// A client certificate and its private key, both PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// The client certificate, optionally followed by its intermediate CA certificates.
+    pub certificate_file: PathBuf,
+    /// Its private key, unencrypted (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+impl TlsSettings {
+    /// True when nothing is set: plain defaults.
+    pub fn is_empty(&self) -> bool {
+        self.ca_certificate_file.is_none() && self.client_identity.is_none()
+    }
+
+    /// Reads and checks every file: the TLS material lapin's rustls connector takes.
+    pub(crate) fn load(&self) -> Result<OwnedTLSConfig, ConfigError> {
+        let cert_chain = self
+            .ca_certificate_file
+            .as_deref()
+            .map(read_ca_certificates)
+            .transpose()?;
+        let identity = self
+            .client_identity
+            .as_ref()
+            .map(ClientIdentity::load)
+            .transpose()?;
+        Ok(OwnedTLSConfig {
+            identity,
+            cert_chain,
+        })
+    }
+}
+
+impl ClientIdentity {
+    fn load(&self) -> Result<OwnedIdentity, ConfigError> {
+        let pem = read_tls_file(TlsFile::ClientCertificate, &self.certificate_file)?;
+        certificates_in(&pem).map_err(|reason| ConfigError::InvalidTlsFile {
+            kind: TlsFile::ClientCertificate,
+            path: self.certificate_file.clone(),
+            reason,
+        })?;
+        let key = read_tls_file(TlsFile::ClientKey, &self.key_file)?;
+        // The error would describe the key's content: say only what is missing.
+        PrivateKeyDer::from_pem_slice(&key).map_err(|_| ConfigError::InvalidTlsFile {
+            kind: TlsFile::ClientKey,
+            path: self.key_file.clone(),
+            reason: "it holds no unencrypted PEM private key (PKCS#8, PKCS#1 or SEC1)".into(),
+        })?;
+        Ok(OwnedIdentity::PKCS8 { pem, key })
+    }
+}
+
+fn read_tls_file(kind: TlsFile, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| ConfigError::UnreadableTlsFile {
+        kind,
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// The CA bundle as PEM text, once every certificate in it parses as a trust anchor (rustls
+/// would otherwise skip a broken one silently and reject the broker later).
+fn read_ca_certificates(path: &Path) -> Result<String, ConfigError> {
+    let invalid = |reason: String| ConfigError::InvalidTlsFile {
+        kind: TlsFile::CaCertificates,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let pem = read_tls_file(TlsFile::CaCertificates, path)?;
+    let certificates = certificates_in(&pem).map_err(invalid)?;
+    let mut roots = RootCertStore::empty();
+    for (n, certificate) in certificates.into_iter().enumerate() {
+        if let Err(e) = roots.add(certificate) {
+            let n = n + 1;
+            return Err(invalid(format!(
+                "certificate {n} is not a usable CA certificate: {e}"
+            )));
+        }
+    }
+    String::from_utf8(pem).map_err(|_| invalid("it is not PEM text".into()))
+}
+
+const NO_PEM_CERTIFICATE: &str = "it holds no PEM certificate (`-----BEGIN CERTIFICATE-----`; \
+    a DER file converts with `openssl x509 -inform der -in FILE -out FILE.pem`)";
+
+/// Every certificate of a PEM file; `Err` when there is none or one is malformed.
+fn certificates_in(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certificates = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("malformed PEM: {e}"))?;
+    if certificates.is_empty() {
+        return Err(NO_PEM_CERTIFICATE.into());
+    }
+    Ok(certificates)
 }
 
 /// Settings of one [`AmqpBridge`](crate::AmqpBridge).
@@ -46,6 +235,8 @@ pub enum ConfigError {
 pub struct AmqpConfig {
     /// Broker URL, `amqp://user:password@host:port/vhost` or `amqps://…` (TLS with rustls).
     pub url: String,
+    /// CA certificates and client identity for `amqps://` (none: the platform's roots).
+    pub tls: TlsSettings,
     /// Prefix of every queue and exchange name (default `purista`).
     pub prefix: String,
     /// The headers exchange all messages go through; `None` = the prefix itself (PURISTA's
@@ -65,6 +256,18 @@ pub struct AmqpConfig {
     pub reconnect_initial_delay: Duration,
     /// Longest wait between reconnect attempts (5 s).
     pub reconnect_max_delay: Duration,
+    /// For this long after a reconnect (10 s), an invocation whose command finds no queue is
+    /// published again (within its ttl) instead of failing with 502 at once: the serving
+    /// instances lost their connections too and may not have re-created their command queues
+    /// yet. Outside this window an unroutable command fails with 502 immediately.
+    pub reconnect_grace: Duration,
+    /// A command queue whose serving instances all vanished without unregistering (a crash, a
+    /// lost connection) keeps taking commands for this long (60 s), so an instance that comes
+    /// back finds the commands still within their ttl waiting; callers meanwhile get 504 at
+    /// their ttl. After it the broker deletes the queue, and invocations fail with 502 at once.
+    /// An instance that unregisters or shuts down deletes the queue itself when it was the
+    /// last consumer, so a command nobody serves any more fails with 502 at once.
+    pub command_queue_expiry: Duration,
     /// A subscription queue that is not durable, or belongs to one instance (broadcast), is
     /// deleted by the broker after this long without any consumer (30 min): what a crashed or
     /// retired deployment leaves behind cleans itself up. Durable shared queues never expire.
@@ -76,6 +279,7 @@ impl AmqpConfig {
     pub fn new(url: impl Into<String>) -> Self {
         AmqpConfig {
             url: url.into(),
+            tls: TlsSettings::default(),
             prefix: DEFAULT_PREFIX.to_string(),
             exchange: None,
             default_command_timeout: DEFAULT_COMMAND_TIMEOUT,
@@ -85,11 +289,15 @@ impl AmqpConfig {
             connect_timeout: Duration::from_secs(10),
             reconnect_initial_delay: Duration::from_millis(100),
             reconnect_max_delay: Duration::from_secs(5),
+            reconnect_grace: Duration::from_secs(10),
+            command_queue_expiry: Duration::from_secs(60),
             idle_queue_expiry: Duration::from_secs(30 * 60),
         }
     }
 
-    /// Reads `PURISTA_BRIDGE_URL` (required) and `PURISTA_AMQP_PREFIX` (optional).
+    /// Reads `PURISTA_BRIDGE_URL` (required), and optionally `PURISTA_AMQP_PREFIX`,
+    /// `PURISTA_AMQP_CA_FILE`, and `PURISTA_AMQP_CLIENT_CERT_FILE` with
+    /// `PURISTA_AMQP_CLIENT_KEY_FILE` (both or neither); then [validates](Self::validate).
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
@@ -114,6 +322,32 @@ impl AmqpConfig {
         if let Some(prefix) = lookup(PREFIX_ENV).filter(|p| !p.trim().is_empty()) {
             config.prefix = prefix.trim().to_string();
         }
+        let file = |name: &str| {
+            lookup(name)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        config.tls.ca_certificate_file = file(CA_FILE_ENV);
+        config.tls.client_identity = match (file(CLIENT_CERT_FILE_ENV), file(CLIENT_KEY_FILE_ENV)) {
+            (Some(certificate_file), Some(key_file)) => Some(ClientIdentity {
+                certificate_file,
+                key_file,
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::IncompleteClientIdentity {
+                    given: CLIENT_CERT_FILE_ENV,
+                    missing: CLIENT_KEY_FILE_ENV,
+                });
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::IncompleteClientIdentity {
+                    given: CLIENT_KEY_FILE_ENV,
+                    missing: CLIENT_CERT_FILE_ENV,
+                });
+            }
+        };
         config.validate()?;
         Ok(config)
     }
@@ -121,6 +355,51 @@ impl AmqpConfig {
     /// The same config with another prefix.
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
+        self
+    }
+
+    /// The same config trusting the CA certificates of a PEM file (besides the platform's
+    /// roots): the CA that signed the broker's certificate. The file is read by
+    /// [`AmqpConfig::validate`] and at every connect.
+    ///
+    /// ```
+    /// use std::path::Path;
+    /// use purista_bridge_amqp::{AmqpConfig, ConfigError, TlsFile};
+    /// let config = AmqpConfig::new("amqps://app:secret@mq.internal:5671/%2f")
+    ///     .with_ca_certificate_file("/nonexistent/rabbitmq-ca.pem");
+    /// match config.validate() {
+    ///     Err(ConfigError::UnreadableTlsFile { kind, path, .. }) => {
+    ///         assert_eq!(kind, TlsFile::CaCertificates);
+    ///         assert_eq!(path, Path::new("/nonexistent/rabbitmq-ca.pem"));
+    ///     }
+    ///     other => panic!("unexpected: {other:?}"),
+    /// }
+    /// ```
+    pub fn with_ca_certificate_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls.ca_certificate_file = Some(path.into());
+        self
+    }
+
+    /// The same config presenting a client certificate (mutual TLS): a PEM certificate file
+    /// (optionally followed by its intermediates) and the PEM file of its unencrypted private
+    /// key. Only paths are kept: `Debug` never shows key material.
+    ///
+    /// ```
+    /// use purista_bridge_amqp::AmqpConfig;
+    /// let config = AmqpConfig::new("amqps://mq.internal:5671/%2f")
+    ///     .with_client_identity_files("/etc/purista/client.pem", "/etc/purista/client.key");
+    /// let identity = config.tls.client_identity.as_ref().unwrap();
+    /// assert_eq!(identity.key_file.to_str(), Some("/etc/purista/client.key"));
+    /// ```
+    pub fn with_client_identity_files(
+        mut self,
+        certificate_file: impl Into<PathBuf>,
+        key_file: impl Into<PathBuf>,
+    ) -> Self {
+        self.tls.client_identity = Some(ClientIdentity {
+            certificate_file: certificate_file.into(),
+            key_file: key_file.into(),
+        });
         self
     }
 
@@ -140,11 +419,15 @@ impl AmqpConfig {
         redact_url(&self.url)
     }
 
-    /// Checks the scheme and the prefix.
+    /// Checks the scheme, the prefix and the TLS settings, reading every TLS file: a missing
+    /// or unusable one is reported here, naming the file, not as a failed connect later.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let scheme = self.url.split_once("://").map(|(s, _)| s);
         if !matches!(scheme, Some("amqp" | "amqps")) {
             return Err(ConfigError::NotAmqp(self.redacted_url()));
+        }
+        if scheme == Some("amqp") && !self.tls.is_empty() {
+            return Err(ConfigError::TlsWithoutAmqps(self.redacted_url()));
         }
         let valid = |s: &str| {
             !s.is_empty()
@@ -159,6 +442,7 @@ impl AmqpConfig {
         {
             return Err(ConfigError::InvalidPrefix(exchange.clone()));
         }
+        self.tls.load()?;
         Ok(())
     }
 
@@ -175,6 +459,7 @@ impl std::fmt::Debug for AmqpConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AmqpConfig")
             .field("url", &self.redacted_url())
+            .field("tls", &self.tls)
             .field("prefix", &self.prefix)
             .field("exchange", &self.exchange_name())
             .field("default_command_timeout", &self.default_command_timeout)
@@ -184,6 +469,8 @@ impl std::fmt::Debug for AmqpConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("reconnect_initial_delay", &self.reconnect_initial_delay)
             .field("reconnect_max_delay", &self.reconnect_max_delay)
+            .field("reconnect_grace", &self.reconnect_grace)
+            .field("command_queue_expiry", &self.command_queue_expiry)
             .field("idle_queue_expiry", &self.idle_queue_expiry)
             .finish()
     }
@@ -251,6 +538,182 @@ mod tests {
             config.validate(),
             Err(ConfigError::InvalidPrefix(_))
         ));
+    }
+
+    /// A directory of test files, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(test: &str) -> Scratch {
+            let dir = std::env::temp_dir()
+                .join(format!("purista-amqp-config-{}-{test}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+
+        fn file(&self, name: &str, content: &str) -> PathBuf {
+            let path = self.0.join(name);
+            std::fs::write(&path, content).unwrap();
+            path
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn self_signed() -> rcgen::CertifiedKey<rcgen::KeyPair> {
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap()
+    }
+
+    #[test]
+    fn tls_settings_on_a_plain_amqp_url_are_refused() {
+        let config = AmqpConfig::new("amqp://u:pw@h/").with_ca_certificate_file("/ca.pem");
+        assert_eq!(
+            config.validate(),
+            Err(ConfigError::TlsWithoutAmqps("amqp://u:***@h/".into()))
+        );
+    }
+
+    #[test]
+    fn a_missing_ca_file_is_an_error_naming_it() {
+        let config = AmqpConfig::new("amqps://h/").with_ca_certificate_file("/no/such/ca.pem");
+        let error = config.validate().unwrap_err();
+        assert!(
+            matches!(&error, ConfigError::UnreadableTlsFile { kind: TlsFile::CaCertificates, path, .. }
+                if path == Path::new("/no/such/ca.pem")),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("/no/such/ca.pem"), "{error}");
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_invalid() {
+        let scratch = Scratch::new("no-certificates");
+        let key_only = scratch.file("key.pem", &self_signed().signing_key.serialize_pem());
+        let config = AmqpConfig::new("amqps://h/").with_ca_certificate_file(&key_only);
+        let error = config.validate().unwrap_err();
+        assert!(
+            matches!(&error, ConfigError::InvalidTlsFile { kind: TlsFile::CaCertificates, path, reason }
+                if *path == key_only && reason.contains("no PEM certificate")),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn a_broken_certificate_in_the_ca_file_is_invalid() {
+        let scratch = Scratch::new("broken-certificate");
+        // Valid base64, but not an X.509 certificate.
+        let broken = scratch.file(
+            "ca.pem",
+            "-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n",
+        );
+        let config = AmqpConfig::new("amqps://h/").with_ca_certificate_file(&broken);
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::InvalidTlsFile {
+                kind: TlsFile::CaCertificates,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_pem_ca_file_becomes_the_extra_trusted_chain() {
+        let scratch = Scratch::new("ca");
+        let pem = self_signed().cert.pem();
+        let ca = scratch.file("ca.pem", &pem);
+        let config = AmqpConfig::new("amqps://h/").with_ca_certificate_file(&ca);
+        config.validate().unwrap();
+        let loaded = config.tls.load().unwrap();
+        assert_eq!(loaded.cert_chain.as_deref(), Some(pem.as_str()));
+        assert!(loaded.identity.is_none());
+    }
+
+    #[test]
+    fn a_client_identity_loads_certificate_and_key() {
+        let scratch = Scratch::new("identity");
+        let client = self_signed();
+        let cert = scratch.file("client.pem", &client.cert.pem());
+        let key = scratch.file("client.key", &client.signing_key.serialize_pem());
+        let config = AmqpConfig::new("amqps://h/").with_client_identity_files(&cert, &key);
+        config.validate().unwrap();
+        let loaded = config.tls.load().unwrap();
+        assert!(loaded.cert_chain.is_none());
+        assert!(matches!(
+            loaded.identity,
+            Some(OwnedIdentity::PKCS8 { pem, key })
+                if pem == client.cert.pem().as_bytes()
+                    && key == client.signing_key.serialize_pem().as_bytes()
+        ));
+    }
+
+    #[test]
+    fn a_key_file_without_a_private_key_is_invalid() {
+        let scratch = Scratch::new("no-key");
+        let client = self_signed();
+        let cert = scratch.file("client.pem", &client.cert.pem());
+        let config = AmqpConfig::new("amqps://h/").with_client_identity_files(&cert, &cert);
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::InvalidTlsFile { kind: TlsFile::ClientKey, path, .. }) if path == cert
+        ));
+    }
+
+    #[test]
+    fn debug_output_shows_tls_file_paths_only() {
+        let config = AmqpConfig::new("amqps://u:pw@h/")
+            .with_ca_certificate_file("/etc/ca.pem")
+            .with_client_identity_files("/etc/client.pem", "/etc/client.key");
+        let shown = format!("{config:?}");
+        assert!(
+            shown.contains("/etc/ca.pem") && shown.contains("/etc/client.key"),
+            "{shown}"
+        );
+        assert!(!shown.contains("pw"), "{shown}");
+    }
+
+    #[test]
+    fn from_lookup_reads_the_tls_variables() {
+        let scratch = Scratch::new("lookup");
+        let (ca, client) = (self_signed(), self_signed());
+        let ca = scratch.file("ca.pem", &ca.cert.pem());
+        let cert = scratch.file("client.pem", &client.cert.pem());
+        let key = scratch.file("client.key", &client.signing_key.serialize_pem());
+        let config = AmqpConfig::from_lookup(|n| match n {
+            URL_ENV => Some("amqps://mq.example".into()),
+            CA_FILE_ENV => Some(ca.display().to_string()),
+            CLIENT_CERT_FILE_ENV => Some(cert.display().to_string()),
+            CLIENT_KEY_FILE_ENV => Some(format!(" {} ", key.display())),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(config.tls.ca_certificate_file, Some(ca));
+        assert_eq!(
+            config.tls.client_identity,
+            Some(ClientIdentity {
+                certificate_file: cert,
+                key_file: key
+            })
+        );
+    }
+
+    #[test]
+    fn from_lookup_refuses_a_client_certificate_without_its_key() {
+        let config = AmqpConfig::from_lookup(|n| match n {
+            URL_ENV => Some("amqps://mq.example".into()),
+            CLIENT_CERT_FILE_ENV => Some("/etc/client.pem".into()),
+            _ => None,
+        });
+        assert_eq!(
+            config,
+            Err(ConfigError::IncompleteClientIdentity {
+                given: CLIENT_CERT_FILE_ENV,
+                missing: CLIENT_KEY_FILE_ENV
+            })
+        );
     }
 
     #[test]

@@ -4,8 +4,14 @@
 //! Every registration consumes its queue on its own channel with manual acks and a prefetch
 //! (the broker never hands one instance more unacknowledged messages than that, which also
 //! bounds how many handlers run at once). The loop decodes each delivery and runs the handler
-//! in a task; a delivery that does not decode is poison: it is dead-lettered (with the reason in
-//! a header) or dropped with a warning, and the loop goes on.
+//! in a task. A delivery that does not decode (not JSON, wrong field types, an unknown
+//! `messageType`, a body over `max_payload_bytes`, which is refused by its size before any
+//! parsing), or a valid envelope that is not a command on a command queue, is poison: it is
+//! counted (`poison_messages`), dead-lettered with the reason in a header where the
+//! subscription has a dead-letter target, otherwise acked and dropped, each with a warning that
+//! names the queue; the loop goes on. Commands have no dead-letter target: poison there is
+//! always dropped. A stream queue's deliveries are open frames: each is acked at once and its
+//! session runs in a task of its own (`streams.rs`), so the prefetch does not bound sessions.
 //!
 //! Settlements are translated, not decided (core's failure policy decides):
 //!
@@ -52,6 +58,7 @@ use crate::headers;
 use crate::publish::{self, Outgoing, Verdict};
 use crate::reconnect::Session;
 use crate::registry::{Kind, Registration};
+use crate::streams;
 use crate::topology::{self, millis, name};
 
 /// Starts `reg`'s consumer on `session`, declaring its queue and bindings first. Does nothing
@@ -96,11 +103,14 @@ pub(crate) async fn start_locked(
             channel
         }
     };
-    // Declared again on every start: an auto-deleted or expired queue comes back, and the
+    // Declared again on every start: a deleted or expired queue comes back, and the
     // declarations are idempotent.
     match &reg.kind {
         Kind::Command { address, .. } => {
             topology::declare_command_queue(&channel, &shared.topology, address).await?;
+        }
+        Kind::Stream { address, .. } => {
+            topology::declare_stream_queue(&channel, &shared.topology, address).await?;
         }
         Kind::Subscription { spec, .. } => {
             topology::declare_subscription_queue(&channel, &shared.topology, spec).await?;
@@ -127,6 +137,7 @@ pub(crate) async fn start_locked(
     let run = run_consumer(shared.clone(), reg.clone(), consumer, session.generation);
     let kind = match reg.kind {
         Kind::Command { .. } => WorkKind::Command,
+        Kind::Stream { .. } => WorkKind::Stream,
         Kind::Subscription { .. } => WorkKind::Subscription,
     };
     if !shared.tasks.spawn(kind, reg.label.clone(), run) {
@@ -206,6 +217,11 @@ pub(crate) async fn stop(
         let _topology = shared.topology_lock.lock().await;
         reg.state.lock().removed = true;
         cancel_locked(&reg).await;
+        if reg.is_endpoint()
+            && let Some(session) = shared.current()
+        {
+            topology::retire_command_queue(&session.connection, &reg.queue).await;
+        }
     }
     let delete_queue = reg.spec().is_some_and(|s| !s.shared && !s.durable);
     let label = reg.label.clone();
@@ -260,13 +276,20 @@ async fn run_consumer(
             // the message back (another instance, or the resumed consumer, gets it).
             match reg.kind {
                 Kind::Command { .. } => hand_back_command(&shared, &reg, delivery).await,
-                Kind::Subscription { .. } => requeue(&delivery.acker).await,
+                // An open frame is served whether redelivered or not (it is acked before its
+                // handler runs), so a plain requeue hands it to another instance.
+                Kind::Stream { .. } | Kind::Subscription { .. } => {
+                    requeue(&delivery.acker).await;
+                }
             }
             continue;
         }
         match &reg.kind {
             Kind::Command { handler, .. } => {
                 serve_command(&shared, &reg, handler.clone(), delivery);
+            }
+            Kind::Stream { handler, .. } => {
+                streams::serve_open(&shared, &reg, handler.clone(), delivery);
             }
             Kind::Subscription { handler, .. } => {
                 deliver(&shared, &reg, handler.clone(), delivery, generation);
@@ -292,6 +315,24 @@ async fn ack(acker: &Acker) -> Result<(), BridgeError> {
         .await
         .map(|_| ())
         .map_err(|e| BridgeError::Unavailable(format!("ack failed: {e}")))
+}
+
+/// Decodes a delivery of a command queue. Anything but a command is poison: counted and
+/// warned about here; the caller acks (drops) it.
+fn decode_command(shared: &Shared, reg: &Registration, data: &[u8]) -> Option<Envelope> {
+    match Envelope::decode_with_limit(data, shared.config.max_payload_bytes) {
+        Ok(command) if command.message_type == MessageType::Command => Some(command),
+        Ok(other) => {
+            shared.count_poison();
+            tracing::warn!(registration = %reg.label, queue = %reg.queue, message_id = %other.id, message_type = %other.message_type, "non-command on a command queue dropped");
+            None
+        }
+        Err(error) => {
+            shared.count_poison();
+            tracing::warn!(registration = %reg.label, queue = %reg.queue, %error, bytes = data.len(), "undecodable command dropped");
+            None
+        }
+    }
 }
 
 /// True when the command's ttl (the AMQP expiration its caller set) has passed.
@@ -325,19 +366,9 @@ fn serve_command(
             redelivered,
             ..
         } = delivery;
-        let command = match Envelope::decode_with_limit(&data, shared.config.max_payload_bytes) {
-            Ok(c) if c.message_type == MessageType::Command => c,
-            Ok(other) => {
-                tracing::warn!(registration = %reg.label, message_id = %other.id, message_type = %other.message_type, "non-command on a command queue dropped");
-                let _ = ack(&acker).await;
-                return;
-            }
-            Err(error) => {
-                shared.count_poison();
-                tracing::warn!(registration = %reg.label, %error, bytes = data.len(), "undecodable command dropped");
-                let _ = ack(&acker).await;
-                return;
-            }
+        let Some(command) = decode_command(&shared, &reg, &data) else {
+            let _ = ack(&acker).await;
+            return;
         };
         if expired(&command, &properties) {
             tracing::debug!(registration = %reg.label, correlation_id = command.correlation_id.as_deref().unwrap_or(""), "command expired before it was served; dropped");
@@ -408,7 +439,7 @@ async fn respond(
 ///
 /// A plain requeue would mark it redelivered, and the next instance would refuse it as
 /// possibly run before; a fresh copy with the rest of its ttl is served normally. When no
-/// instance is left (the auto-delete queue went with this consumer), the caller is answered
+/// instance is left (the last one deletes the queue on its way out), the caller is answered
 /// with 503 at once.
 async fn hand_back_command(
     shared: &Arc<Shared>,
@@ -421,7 +452,7 @@ async fn hand_back_command(
         acker,
         ..
     } = delivery;
-    let Ok(command) = Envelope::decode_with_limit(&data, shared.config.max_payload_bytes) else {
+    let Some(command) = decode_command(shared, reg, &data) else {
         let _ = ack(&acker).await;
         return;
     };
@@ -505,6 +536,7 @@ fn deliver(
         Ok(envelope) => envelope,
         Err(error) => {
             shared.count_poison();
+            let bytes = data.len();
             let settler = AmqpSettler {
                 shared: shared.clone(),
                 reg: reg.clone(),
@@ -517,7 +549,7 @@ fn deliver(
             let target = reg.spec().and_then(|s| s.policy.dead_letter_target.clone());
             let settlement = match target {
                 Some(target) => {
-                    tracing::warn!(registration = %reg.label, %error, "undecodable message dead-lettered");
+                    tracing::warn!(registration = %reg.label, queue = %reg.queue, %error, bytes, "undecodable message dead-lettered");
                     Settlement::DeadLetter(DeadLetterNote {
                         target,
                         reason: format!("undecodable message: {error}"),
@@ -526,7 +558,7 @@ fn deliver(
                     })
                 }
                 None => {
-                    tracing::warn!(registration = %reg.label, %error, "undecodable message dropped (no dead-letter target)");
+                    tracing::warn!(registration = %reg.label, queue = %reg.queue, %error, bytes, "undecodable message dropped (no dead-letter target)");
                     Settlement::Drop {
                         reason: format!("undecodable message: {error}"),
                     }

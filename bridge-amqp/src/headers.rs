@@ -44,6 +44,13 @@ pub const PRINCIPAL_ID: &str = "principalId";
 pub const TENANT_ID: &str = "tenantId";
 /// `replyTo`: on responses, the caller's reply queue (PURISTA's response routing header).
 pub const REPLY_TO: &str = "replyTo";
+/// On stream frames sent straight to a reply queue: which end of the session the frame is for,
+/// [`STREAM_TO_CONSUMER`] or [`STREAM_TO_PRODUCER`] (one instance can be both ends of a session).
+pub const STREAM_TO: &str = "x-purista-stream-to";
+/// [`STREAM_TO`] of frames from the producer to the consumer.
+pub const STREAM_TO_CONSUMER: &str = "consumer";
+/// [`STREAM_TO`] of frames from the consumer to the producer (its cancel).
+pub const STREAM_TO_PRODUCER: &str = "producer";
 /// Delivery attempt of a redelivered message (absent = 1).
 pub const ATTEMPT: &str = "x-purista-attempt";
 /// Why a message was dead-lettered.

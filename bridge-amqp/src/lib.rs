@@ -19,14 +19,32 @@
 //! * **Subscriptions**: shared = one named queue per subscription (durable when asked),
 //!   broadcast = one queue per instance; each bound with its filter, where an unset filter part
 //!   is simply absent from the binding.
+//! * **Streams**: the one family that bypasses the headers exchange, so no subscription ever
+//!   sees a frame. A queue per stream endpoint (`<prefix>.stream.<service>.<version>.<stream>`,
+//!   competing consumers, deleted by its last server when it leaves) takes open frames,
+//!   published `mandatory` with confirms through the default exchange, so a stream nobody
+//!   serves fails at once with 502. The instance that takes one runs the session and publishes
+//!   its frames in order, each confirmed, straight to the opener's reply queue, which routes
+//!   them by `correlationId`; a cancel goes back the same way to the producer's reply queue. Sessions are at most once:
+//!   one ends at once (503 for the reader, a cancel for the producer) when either end's
+//!   connection drops, and a reader that lets [`STREAM_FRAME_BUFFER`] frames pile up fails its
+//!   session rather than stall the instance's responses.
 //! * **Outcomes**: the attempt count travels in a header; delayed retries wait in a TTL queue
 //!   that dead-letters back to the source queue; dead letters go to `<prefix>.<target>.dead-letter`
 //!   with reason, attempts and origin headers; pause cancels the consumer and resume consumes
 //!   again. No message is ever requeued to a running consumer: no hot redelivery loop.
 //! * **Connection**: a supervisor reconnects with backoff and re-declares every queue, binding
 //!   and consumer; invocations in flight when the connection drops fail with 503; health is
-//!   an error while disconnected. `amqps://` URLs use TLS (rustls); the URL's password never
-//!   reaches a log.
+//!   an error while disconnected. The URL's password never reaches a log.
+//! * **TLS**: `amqps://` URLs use TLS (rustls), trusting the platform's root certificates
+//!   plus, for a broker whose certificate a private CA signed, the CA certificates of a PEM file
+//!   ([`AmqpConfig::with_ca_certificate_file`], `PURISTA_AMQP_CA_FILE`). For a broker that
+//!   requires client certificates, [`AmqpConfig::with_client_identity_files`]
+//!   (`PURISTA_AMQP_CLIENT_CERT_FILE`, `PURISTA_AMQP_CLIENT_KEY_FILE`) presents one. A missing or
+//!   unusable file is a [`ConfigError`] naming it, and TLS settings on a plain `amqp://` URL are
+//!   refused; a certificate the bridge does not trust (or one the broker rejects) makes the
+//!   connect fail with an `Unavailable` error, and health an error, that says it is a TLS
+//!   certificate problem and what to check.
 //!
 //! [`Topology`] lists every resource name; they all live under [`AmqpConfig::prefix`].
 //!
@@ -51,14 +69,17 @@ mod publish;
 mod reconnect;
 mod registry;
 mod reply;
+mod streams;
 mod tasks;
 mod topology;
 
 pub use bridge::{AmqpBridge, BRIDGE_NAME};
 pub use config::{
-    AmqpConfig, ConfigError, DEFAULT_COMMAND_PREFETCH, DEFAULT_COMMAND_TIMEOUT, DEFAULT_PREFIX,
-    PREFIX_ENV, URL_ENV, redact_url,
+    AmqpConfig, CA_FILE_ENV, CLIENT_CERT_FILE_ENV, CLIENT_KEY_FILE_ENV, ClientIdentity,
+    ConfigError, DEFAULT_COMMAND_PREFETCH, DEFAULT_COMMAND_TIMEOUT, DEFAULT_PREFIX, PREFIX_ENV,
+    TlsFile, TlsSettings, URL_ENV, redact_url,
 };
+pub use streams::STREAM_FRAME_BUFFER;
 pub use topology::{MAX_NAME_LEN, Topology};
 
 /// The `lapin` this bridge is built on, for tests and tools that talk to the broker directly.

@@ -20,6 +20,8 @@ use crate::headers;
 
 /// AMQP delivery mode 2: the broker writes the message to disk in durable queues.
 const PERSISTENT: u8 = 2;
+/// AMQP delivery mode 1: kept in memory only.
+const TRANSIENT: u8 = 1;
 
 /// The broker's verdict on one publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +165,19 @@ pub(crate) fn response_properties(envelope: &Envelope, reply_to: Option<&str>) -
         headers::set_str(&mut table, headers::REPLY_TO, reply_to);
     }
     properties(envelope, table)
+}
+
+/// The properties of a stream frame sent straight to the reply queue of one end of a session
+/// (`to` is [`headers::STREAM_TO_CONSUMER`] or [`headers::STREAM_TO_PRODUCER`]); `reply_to`
+/// names the sender's own reply queue, where the other end answers (an open frame's producer
+/// sends its frames there, a consumer sends its cancel there). Not persistent: a session dies
+/// with its connections anyway.
+pub(crate) fn stream_properties(envelope: &Envelope, to: &str, reply_to: &str) -> BasicProperties {
+    let mut table = headers::project(envelope);
+    headers::set_str(&mut table, headers::STREAM_TO, to);
+    properties(envelope, table)
+        .with_delivery_mode(TRANSIENT)
+        .with_reply_to(short(reply_to))
 }
 
 /// A copy of `props` for republishing a delivery (retry, dead letter): same ids and headers,

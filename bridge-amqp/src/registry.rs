@@ -1,4 +1,5 @@
-//! This instance's command and subscription registrations, and the consumer state of each.
+//! This instance's command, stream and subscription registrations, and the consumer state of
+//! each.
 //!
 //! A registration outlives connections: it is what the reconnect supervisor re-declares and
 //! re-consumes after every reconnect. Its [`ConsumerState`] says which connection generation
@@ -14,7 +15,9 @@ use std::sync::Arc;
 use lapin::Channel;
 use lapin::types::ShortString;
 use parking_lot::Mutex;
-use purista_core::{Address, CommandHandler, DeliveryHandler, PausedConsumer, SubscriptionSpec};
+use purista_core::{
+    Address, CommandHandler, DeliveryHandler, PausedConsumer, StreamHandler, SubscriptionSpec,
+};
 
 use crate::tasks::Activity;
 
@@ -24,6 +27,11 @@ pub(crate) enum Kind {
     Command {
         address: Address,
         handler: Arc<dyn CommandHandler>,
+    },
+    /// A stream endpoint: its queue takes open frames.
+    Stream {
+        address: Address,
+        handler: Arc<dyn StreamHandler>,
     },
     /// A subscription.
     Subscription {
@@ -45,9 +53,10 @@ pub(crate) struct ConsumerState {
     pub removed: bool,
 }
 
-/// One command or subscription registration.
+/// One command, stream or subscription registration.
 pub(crate) struct Registration {
-    /// `service@version/target` for commands, the registration key for subscriptions.
+    /// `service@version/target` for commands and streams, the registration key for
+    /// subscriptions.
     pub label: Arc<str>,
     /// The queue it consumes.
     pub queue: Arc<str>,
@@ -68,10 +77,11 @@ impl Registration {
         })
     }
 
-    /// Deliveries it takes at once: the subscription's prefetch, or the command prefetch.
+    /// Deliveries it takes at once: the subscription's prefetch, or the command prefetch (for
+    /// streams too: an open frame is taken, acked and handed to a task at once).
     pub(crate) fn prefetch(&self, command_prefetch: u16) -> u16 {
         match &self.kind {
-            Kind::Command { .. } => command_prefetch.max(1),
+            Kind::Command { .. } | Kind::Stream { .. } => command_prefetch.max(1),
             Kind::Subscription { spec, .. } => spec.prefetch.max(1),
         }
     }
@@ -86,8 +96,14 @@ impl Registration {
     pub(crate) fn spec(&self) -> Option<&SubscriptionSpec> {
         match &self.kind {
             Kind::Subscription { spec, .. } => Some(spec.as_ref()),
-            Kind::Command { .. } => None,
+            Kind::Command { .. } | Kind::Stream { .. } => None,
         }
+    }
+
+    /// True for endpoints (commands, streams) whose queue its last server deletes when it
+    /// leaves, so that an unserved address is unroutable (502) at once.
+    pub(crate) fn is_endpoint(&self) -> bool {
+        matches!(self.kind, Kind::Command { .. } | Kind::Stream { .. })
     }
 }
 
@@ -96,6 +112,8 @@ impl Registration {
 pub(crate) struct Registry {
     /// Commands by endpoint (`service@version/target`).
     commands: Mutex<HashMap<String, Arc<Registration>>>,
+    /// Stream endpoints by endpoint (`service@version/target`).
+    streams: Mutex<HashMap<String, Arc<Registration>>>,
     /// Subscriptions by registration key.
     subscriptions: Mutex<HashMap<String, Arc<Registration>>>,
 }
@@ -108,6 +126,16 @@ impl Registry {
             return false;
         }
         commands.insert(reg.label.to_string(), reg);
+        true
+    }
+
+    /// Adds a stream registration; `false` when the endpoint is already served here.
+    pub(crate) fn add_stream(&self, reg: Arc<Registration>) -> bool {
+        let mut streams = self.streams.lock();
+        if streams.contains_key(&*reg.label) {
+            return false;
+        }
+        streams.insert(reg.label.to_string(), reg);
         true
     }
 
@@ -125,6 +153,10 @@ impl Registry {
         self.commands.lock().remove(label)
     }
 
+    pub(crate) fn remove_stream(&self, label: &str) -> Option<Arc<Registration>> {
+        self.streams.lock().remove(label)
+    }
+
     pub(crate) fn remove_subscription(&self, key: &str) -> Option<Arc<Registration>> {
         self.subscriptions.lock().remove(key)
     }
@@ -133,9 +165,10 @@ impl Registry {
         self.subscriptions.lock().get(key).cloned()
     }
 
-    /// Every registration, commands first.
+    /// Every registration, commands first, then streams.
     pub(crate) fn all(&self) -> Vec<Arc<Registration>> {
         let mut all: Vec<_> = self.commands.lock().values().cloned().collect();
+        all.extend(self.streams.lock().values().cloned());
         all.extend(self.subscriptions.lock().values().cloned());
         all
     }
@@ -155,6 +188,7 @@ impl Registry {
     /// Removes and returns everything (shutdown).
     pub(crate) fn drain(&self) -> Vec<Arc<Registration>> {
         let mut all: Vec<_> = self.commands.lock().drain().map(|(_, r)| r).collect();
+        all.extend(self.streams.lock().drain().map(|(_, r)| r));
         all.extend(self.subscriptions.lock().drain().map(|(_, r)| r));
         all
     }

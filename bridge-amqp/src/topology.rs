@@ -5,8 +5,9 @@
 //! | resource | name | kind |
 //! |---|---|---|
 //! | exchange | `P` (or the configured exchange) | headers, durable |
-//! | command queue | `P.cmd.<service>.<version>.<command>` | auto-delete: gone with its last server, so an unserved command is unroutable (502) |
-//! | reply queue | `P.reply.<instance>` | exclusive, auto-delete: lives as long as the instance's connection |
+//! | command queue | `P.cmd.<service>.<version>.<command>` | deleted by its last server when it leaves, so an unserved command is unroutable (502); expires when its servers vanished without leaving |
+//! | stream queue | `P.stream.<service>.<version>.<stream>` | unbound: takes open frames through the default exchange; like a command queue: deleted by its last server when it leaves, expires when its servers vanished without leaving |
+//! | reply queue | `P.reply.<instance>` | exclusive, auto-delete: lives as long as the instance's connection; also carries the frames of this instance's stream sessions (both ends) |
 //! | shared subscription | `P.sub.<service>.<version>.<subscription>` | durable when the subscription is, else expires when unused |
 //! | broadcast subscription | `P.sub.<service>.<version>.<subscription>.<instance>` | one per instance, expires when abandoned |
 //! | retry queue | `<queue>.retry.<delay ms>` | message TTL = delay, dead-letters back to `<queue>` |
@@ -18,7 +19,9 @@
 
 use std::time::Duration;
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
 use purista_core::{Address, BridgeError, SubscriptionSpec};
@@ -48,6 +51,7 @@ pub struct Topology {
     exchange: String,
     instance_id: String,
     idle_queue_expiry_ms: u64,
+    command_queue_expiry_ms: u64,
 }
 
 impl Topology {
@@ -58,6 +62,7 @@ impl Topology {
             exchange: config.exchange_name().to_string(),
             instance_id: instance_id.to_string(),
             idle_queue_expiry_ms: millis(config.idle_queue_expiry).max(1),
+            command_queue_expiry_ms: millis(config.command_queue_expiry).max(1),
         }
     }
 
@@ -75,6 +80,21 @@ impl Topology {
     pub fn command_queue(&self, address: &Address) -> String {
         format!(
             "{}.cmd.{}.{}.{}",
+            self.prefix, address.service_name, address.service_version, address.service_target
+        )
+    }
+
+    /// The queue a stream endpoint takes its open frames from.
+    ///
+    /// ```
+    /// use purista_bridge_amqp::{AmqpConfig, Topology};
+    /// use purista_core::Address;
+    /// let topology = Topology::new(&AmqpConfig::new("amqp://localhost").with_prefix("shop"), "i-1");
+    /// assert_eq!(topology.stream_queue(&Address::new("orders", "1", "feed")), "shop.stream.orders.1.feed");
+    /// ```
+    pub fn stream_queue(&self, address: &Address) -> String {
+        format!(
+            "{}.stream.{}.{}.{}",
             self.prefix, address.service_name, address.service_version, address.service_target
         )
     }
@@ -176,24 +196,68 @@ pub(crate) async fn declare_reply_queue(
 }
 
 /// Declares a command endpoint's queue and binds it to commands for that receiver.
+///
+/// Not auto-delete: a queue whose consumers vanished with their connection (a crash, a network
+/// fault) keeps taking commands until its instances are back or `x-expires` removes it. An
+/// instance that leaves on purpose deletes it when it was the last consumer
+/// ([`retire_command_queue`]), so a command nobody serves fails with 502 at once.
 pub(crate) async fn declare_command_queue(
     ch: &Channel,
     topology: &Topology,
     address: &Address,
 ) -> Result<String, BridgeError> {
     let queue = topology.command_queue(address);
-    ch.queue_declare(
-        name(&queue)?,
-        QueueDeclareOptions {
-            auto_delete: true,
-            ..QueueDeclareOptions::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .map_err(|e| broker_error("declaring command queue", &queue, &e))?;
+    let mut args = FieldTable::default();
+    args.insert("x-expires".into(), int(topology.command_queue_expiry_ms));
+    ch.queue_declare(name(&queue)?, QueueDeclareOptions::default(), args)
+        .await
+        .map_err(|e| broker_error("declaring command queue", &queue, &e))?;
     bind(ch, topology, &queue, headers::command_binding(address)).await?;
     Ok(queue)
+}
+
+/// Declares a stream endpoint's queue. Same lifetime rules as a command queue
+/// ([`declare_command_queue`]), same expiry, but no binding: open frames are published through
+/// the default exchange straight to it, so they never reach a subscription queue.
+pub(crate) async fn declare_stream_queue(
+    ch: &Channel,
+    topology: &Topology,
+    address: &Address,
+) -> Result<String, BridgeError> {
+    let queue = topology.stream_queue(address);
+    let mut args = FieldTable::default();
+    args.insert("x-expires".into(), int(topology.command_queue_expiry_ms));
+    ch.queue_declare(name(&queue)?, QueueDeclareOptions::default(), args)
+        .await
+        .map_err(|e| broker_error("declaring stream queue", &queue, &e))?;
+    Ok(queue)
+}
+
+/// Deletes a command (or stream) queue unless another instance still consumes it. Runs on a
+/// channel of its own: the broker answers an "in use" refusal by closing the channel.
+pub(crate) async fn retire_command_queue(connection: &lapin::Connection, queue: &str) {
+    let Ok(queue_name) = name(queue) else {
+        return;
+    };
+    let channel = match connection.create_channel().await {
+        Ok(channel) => channel,
+        Err(error) => {
+            tracing::debug!(%queue, %error, "no channel to retire a command queue");
+            return;
+        }
+    };
+    let options = QueueDeleteOptions {
+        if_unused: true,
+        ..QueueDeleteOptions::default()
+    };
+    match channel.queue_delete(queue_name, options).await {
+        Ok(_) => {
+            tracing::debug!(%queue, "last server left: command queue deleted");
+            let _ = channel.close(200, "OK".into()).await;
+        }
+        // 406 PRECONDITION_FAILED: other instances still serve it (the channel is closed).
+        Err(error) => tracing::debug!(%queue, %error, "command queue kept"),
+    }
 }
 
 /// Declares a subscription's queue (and its dead-letter queue) and binds it with its filter.

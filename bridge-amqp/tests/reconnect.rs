@@ -176,3 +176,116 @@ async fn the_bridge_reconnects_after_the_broker_closes_its_connection() {
     );
     broker.finish().await;
 }
+
+/// Right after a reconnect a command without a route is tried again (within its ttl) rather
+/// than failed with 502: the serving instance may still be re-creating its queue. Once the
+/// grace is over, an unserved command fails with 502 at once again.
+#[tokio::test]
+async fn right_after_a_reconnect_an_unrouted_command_waits_for_its_server() {
+    let broker = broker_or_skip!("reconnect_grace");
+    if !rabbitmqctl_usable() {
+        broker.finish().await;
+        return;
+    }
+    const GRACE: Duration = Duration::from_secs(3);
+    let client = broker.bridge_with(|c| c.reconnect_grace = GRACE).await;
+    let server = broker.bridge().await;
+    let echo = Address::new("late", "1", "echo");
+    let invoke = |n: u64| {
+        let client = client.clone();
+        let cmd = Envelope::command(SenderAddress::default(), echo.clone(), json!(n), json!({}));
+        async move { client.invoke(cmd, Duration::from_secs(5)).await }
+    };
+
+    // Before any reconnect: nobody serves `late.echo`, so 502 at once.
+    let began = Instant::now();
+    let err = invoke(1).await.unwrap_err();
+    assert_eq!(err.status(), StatusCode::BAD_GATEWAY, "{err:?}");
+    assert!(began.elapsed() < Duration::from_secs(1), "failed fast");
+
+    close_connection_of(&client).expect("connection closed by the broker");
+    assert!(
+        eventually(Duration::from_secs(10), || client.reconnects() >= 1
+            && client.is_connected())
+        .await,
+        "reconnected"
+    );
+    let reconnected_at = tokio::time::Instant::now();
+    // Inside the grace: the invocation waits, and the server that registers a moment later
+    // (as a reconnecting server re-creates its queue) answers it.
+    let pending = tokio::spawn(invoke(2));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !pending.is_finished(),
+        "an unrouted command inside the grace is not failed"
+    );
+    server
+        .register_command(echo.clone(), Echo::new())
+        .await
+        .unwrap();
+    let answer = pending
+        .await
+        .unwrap()
+        .expect("answered once the server is back");
+    assert_eq!(answer.payload, json!(2));
+
+    // After the grace: unserved is 502 at once again.
+    server.unregister_command(&echo).await.unwrap();
+    // The grace is a span of time: wait it out (with a margin for the restore that stamps it).
+    tokio::time::sleep_until(reconnected_at + GRACE + Duration::from_millis(500)).await;
+    let began = Instant::now();
+    let err = invoke(3).await.unwrap_err();
+    assert_eq!(err.status(), StatusCode::BAD_GATEWAY, "{err:?}");
+    assert!(
+        began.elapsed() < Duration::from_secs(1),
+        "failed fast after the grace"
+    );
+    broker.finish().await;
+}
+
+/// A server that loses its connection (a network fault, not a goodbye) keeps its command
+/// queue: a command sent meanwhile waits there and is served once the server is back, instead
+/// of failing with 502.
+#[tokio::test]
+async fn a_command_sent_while_its_server_reconnects_is_served_after_it() {
+    let broker = broker_or_skip!("server_reconnects");
+    if !rabbitmqctl_usable() {
+        broker.finish().await;
+        return;
+    }
+    // The server waits a second before reconnecting: the command surely comes while it is away.
+    let server = broker
+        .bridge_with(|c| c.reconnect_initial_delay = Duration::from_secs(1))
+        .await;
+    let client = broker.bridge().await;
+    let echo = Address::new("echo", "1", "back");
+    server
+        .register_command(echo.clone(), Echo::new())
+        .await
+        .unwrap();
+
+    close_connection_of(&server).expect("server connection closed by the broker");
+    assert!(
+        eventually(Duration::from_secs(5), || !server.is_connected()).await,
+        "the server noticed the loss"
+    );
+    let cmd = Envelope::command(
+        SenderAddress::default(),
+        echo.clone(),
+        json!("hi"),
+        json!({}),
+    );
+    assert_eq!(
+        server.reconnects(),
+        0,
+        "still away when the command is sent"
+    );
+    let answer = client
+        .invoke(cmd, Duration::from_secs(10))
+        .await
+        .expect("served once its server is back");
+    assert_eq!(answer.payload, json!("hi"));
+    assert!(server.reconnects() >= 1);
+    assert_eq!(client.reconnects(), 0, "the client kept its connection");
+    broker.finish().await;
+}

@@ -11,8 +11,8 @@ use purista_core::service::{
     CommandDef, Context, Empty, Service, SubscriptionContext, SubscriptionDef,
 };
 use purista_core::{
-    Address, CommandError, HandledError, HealthState, MessageType, Need, Outcome, StartError,
-    StatusCode, StreamDef, StreamWriter,
+    Address, CommandError, HandledError, HealthState, MessageType, Outcome, StatusCode, StreamDef,
+    StreamItem, StreamWriter,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -216,25 +216,54 @@ async fn a_paused_consumer_turns_service_health_to_warn_until_resumed() {
 }
 
 #[tokio::test]
-async fn a_stream_endpoint_is_refused_by_the_strict_startup_check() {
-    let broker = broker_or_skip!("service_strict_streams");
-    let bridge = broker.bridge().await;
-    let refused = Service::builder("ticker", "1")
+async fn a_stream_served_by_one_service_is_read_by_another() {
+    let broker = broker_or_skip!("service_streams");
+    let (ticker_bridge, reader_bridge) = (broker.bridge().await, broker.bridge().await);
+    let ticker = Service::builder("ticker", "1")
         .stream(StreamDef::new(
             "ticks",
-            |_ctx: Context, _i: Empty, _p: Empty, _w: StreamWriter| async move { Ok(()) },
+            |_ctx: Context, n: u32, _p: Empty, out: StreamWriter| async move {
+                for i in 0..n {
+                    out.write(i).await?;
+                }
+                Ok(json!({ "ticks": n }))
+            },
         ))
         .build()
-        .start(dyn_bridge(&bridge))
-        .await;
-    match refused {
-        Err(StartError::StrictCheck(e)) => {
-            assert_eq!(e.mismatches.len(), 1);
-            assert_eq!(e.mismatches[0].need, Need::Streams);
-            assert_eq!(e.mismatches[0].bridge, "amqp");
-        }
-        Err(other) => panic!("unexpected error: {other}"),
-        Ok(_) => panic!("a stream endpoint must not start on the amqp bridge"),
+        .start(dyn_bridge(&ticker_bridge))
+        .await
+        .expect("a stream endpoint starts on the amqp bridge");
+    let reader = Service::builder("reader", "1")
+        .build()
+        .start(dyn_bridge(&reader_bridge))
+        .await
+        .unwrap();
+    let mut session = reader
+        .open_stream(
+            Address::new("ticker", "1", "ticks"),
+            3,
+            Empty,
+            Some(Duration::from_secs(5)),
+        )
+        .await
+        .expect("the session opens");
+    let mut items = Vec::new();
+    while let Some(item) = session.next().await {
+        items.push(item);
+    }
+    assert_eq!(
+        items,
+        vec![
+            StreamItem::Chunk(json!(0)),
+            StreamItem::Chunk(json!(1)),
+            StreamItem::Chunk(json!(2)),
+            StreamItem::Complete(Some(json!({ "ticks": 3 }))),
+        ]
+    );
+    for running in [reader, ticker] {
+        running
+            .shutdown(tokio::time::Instant::now() + Duration::from_secs(5))
+            .await;
     }
     broker.finish().await;
 }

@@ -274,21 +274,12 @@ mod amqp_bridge {
 
     use crate::ConnectError;
 
-    /// A started bridge on `url`, configured by the bridge's own environment reader so that
-    /// `connect` and `AmqpBridge::from_env` agree: the URL given here stands in for
-    /// `PURISTA_BRIDGE_URL`, `prefix` (when given) for `PURISTA_AMQP_PREFIX`.
+    /// A started bridge on `url`, configured by [`config`] from the process environment.
     pub(crate) async fn start(
         url: &str,
         prefix: Option<&str>,
     ) -> Result<Arc<dyn EventBridge>, ConnectError> {
-        let config = AmqpConfig::from_lookup(|name| match name {
-            URL_ENV => Some(url.to_string()),
-            PREFIX_ENV => prefix
-                .map(str::to_string)
-                .or_else(|| std::env::var(PREFIX_ENV).ok()),
-            other => std::env::var(other).ok(),
-        })
-        .map_err(invalid)?;
+        let config = config(url, prefix, |name| std::env::var(name).ok())?;
         let bridge = AmqpBridge::new(config).map_err(invalid)?;
         let events: Arc<dyn EventBridge> = Arc::new(bridge);
         // On failure the bridge is dropped here, which stops its reconnect supervisor.
@@ -296,9 +287,69 @@ mod amqp_bridge {
         Ok(events)
     }
 
+    /// The bridge's config, read by its own environment reader so that `connect` and
+    /// `AmqpBridge::from_env` agree: the URL given here stands in for `PURISTA_BRIDGE_URL`,
+    /// `prefix` (when given) for `PURISTA_AMQP_PREFIX`; every other variable (TLS:
+    /// `PURISTA_AMQP_CA_FILE`, `PURISTA_AMQP_CLIENT_CERT_FILE`, `PURISTA_AMQP_CLIENT_KEY_FILE`)
+    /// comes from `env`.
+    fn config(
+        url: &str,
+        prefix: Option<&str>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<AmqpConfig, ConnectError> {
+        AmqpConfig::from_lookup(|name| match name {
+            URL_ENV => Some(url.to_string()),
+            PREFIX_ENV => prefix.map(str::to_string).or_else(|| env(PREFIX_ENV)),
+            other => env(other),
+        })
+        .map_err(invalid)
+    }
+
     fn invalid(error: purista_bridge_amqp::ConfigError) -> ConnectError {
         ConnectError::InvalidConfig {
             reason: error.to_string(),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use purista_bridge_amqp::{CA_FILE_ENV, CLIENT_CERT_FILE_ENV};
+
+        use super::*;
+
+        #[test]
+        fn the_tls_variables_reach_the_bridge_config() {
+            let error = config("amqps://app:secret@mq.internal/%2f", None, |name| {
+                (name == CA_FILE_ENV).then(|| "/nonexistent/purista-ca.pem".to_string())
+            })
+            .unwrap_err();
+            assert!(
+                matches!(&error, ConnectError::InvalidConfig { reason }
+                    if reason.contains("CA certificate file `/nonexistent/purista-ca.pem`")),
+                "{error:?}"
+            );
+        }
+
+        #[test]
+        fn a_client_certificate_without_its_key_is_refused() {
+            let error = config("amqps://mq.internal/%2f", Some("blue"), |name| {
+                (name == CLIENT_CERT_FILE_ENV).then(|| "/etc/client.pem".to_string())
+            })
+            .unwrap_err();
+            assert!(
+                matches!(&error, ConnectError::InvalidConfig { reason }
+                    if reason.contains("PURISTA_AMQP_CLIENT_KEY_FILE")),
+                "{error:?}"
+            );
+        }
+
+        #[test]
+        fn the_prefix_argument_wins_over_the_environment() {
+            let config = config("amqp://h/%2f", Some("blue"), |name| {
+                (name == PREFIX_ENV).then(|| "green".to_string())
+            })
+            .unwrap();
+            assert_eq!(config.prefix, "blue");
         }
     }
 }

@@ -374,3 +374,53 @@ pub async fn dead_letters(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+impl TestBroker {
+    /// Publishes `body` as-is through the default exchange straight into `queue` (no headers,
+    /// no envelope checks), as a foreign or broken publisher would, and waits for the broker's
+    /// confirm.
+    pub async fn publish_into(&self, queue: &str, bodies: &[&[u8]]) {
+        let conn = self.raw_connection().await;
+        let ch = conn.create_channel().await.expect("channel");
+        ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .expect("confirm mode");
+        for body in bodies {
+            let confirm = ch
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    lapin::options::BasicPublishOptions::default(),
+                    body,
+                    lapin::BasicProperties::default(),
+                )
+                .await
+                .expect("raw publish")
+                .await
+                .expect("raw publish confirmed");
+            assert!(confirm.is_ack(), "the broker took the raw publish");
+        }
+        let _ = conn.close(200, "OK".into()).await;
+    }
+
+    /// Messages ready in `queue` (a passive declare); `None` when the queue does not exist or
+    /// belongs exclusively to another connection.
+    pub async fn ready_messages(&self, queue: &str) -> Option<u32> {
+        let conn = self.raw_connection().await;
+        let ch = conn.create_channel().await.expect("channel");
+        let declared = ch
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..lapin::options::QueueDeclareOptions::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .ok()
+            .map(|q| q.message_count());
+        let _ = conn.close(200, "OK".into()).await;
+        declared
+    }
+}

@@ -14,7 +14,7 @@
 //! * No queue bridge: AMQP has none, so the queue cases are not applicable.
 
 #[cfg(unix)]
-mod private_node;
+pub mod private_node;
 mod raw;
 
 use std::collections::BTreeSet;

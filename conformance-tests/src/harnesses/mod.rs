@@ -7,6 +7,9 @@ mod default;
 use std::sync::Arc;
 
 pub use amqp::AmqpHarness;
+/// Private RabbitMQ nodes (restart faults, TLS listeners), for tests beyond the suite.
+#[cfg(unix)]
+pub use amqp::private_node;
 pub use default::DefaultHarness;
 
 use crate::harness::Harness;

@@ -13,14 +13,18 @@
 //! here `start_app` cannot bind the AMQP listener again inside the same node — `eaddrinuse` —
 //! and leaves the node broken.)
 //!
+//! A node can also listen for TLS ([`PrivateNode::start_with_tls`]), with certificates the
+//! test made, on a second port ([`PrivateNode::amqps_url`]): the TLS tests of the RabbitMQ
+//! bridge run against it. Nodes of one process have names, directories and ports of their own.
+//!
 //! Everything here blocks (it waits for processes and ports; `rabbitmqctl` takes about a second
 //! per call): call it from `spawn_blocking`.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -40,10 +44,37 @@ const STOP_DEADLINE: Duration = Duration::from_secs(30);
 /// the node's port while it is down for a restart.
 const PORTS: std::ops::Range<u16> = 20_000..32_000;
 
+/// A TLS listener for a private node: PEM certificates the test made.
+#[derive(Clone)]
+pub struct TlsListener {
+    /// The CA certificate(s) the node trusts for client certificates (`ssl_options.cacertfile`).
+    pub ca_certificate_pem: String,
+    /// The node's certificate, valid for `127.0.0.1` (and `localhost`).
+    pub certificate_pem: String,
+    /// The private key of the node's certificate.
+    pub key_pem: String,
+    /// `true`: a client must present a certificate signed by the CA (`verify_peer` with
+    /// `fail_if_no_peer_cert`); `false`: none is asked for (`verify_none`).
+    pub require_client_certificate: bool,
+}
+
+impl std::fmt::Debug for TlsListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsListener")
+            .field(
+                "require_client_certificate",
+                &self.require_client_certificate,
+            )
+            .finish_non_exhaustive()
+    }
+}
+
 /// A RabbitMQ node this process started.
 pub struct PrivateNode {
     name: String,
     port: u16,
+    /// The TLS listener's port, when the node has one.
+    tls_port: Option<u16>,
     dist_port: u16,
     dir: PathBuf,
     bin_dir: PathBuf,
@@ -54,34 +85,63 @@ pub struct PrivateNode {
 impl PrivateNode {
     /// Starts a node for this process. `Err` says why it could not be started.
     pub fn start() -> Result<Arc<PrivateNode>, String> {
+        PrivateNode::launch("the reliability cases", "", None)
+    }
+
+    /// Starts a node of this process that also listens for TLS (AMQP over TLS on a port of its
+    /// own, see [`PrivateNode::amqps_url`]). `Err` says why it could not be started.
+    pub fn start_with_tls(tls: TlsListener) -> Result<Arc<PrivateNode>, String> {
+        static TLS_NODES: AtomicU32 = AtomicU32::new(0);
+        let n = TLS_NODES.fetch_add(1, Ordering::Relaxed);
+        PrivateNode::launch("the TLS tests", &format!("-tls{n}"), Some(tls))
+    }
+
+    /// Starts a node named and placed after this process and `suffix` (unique per node).
+    fn launch(
+        purpose: &str,
+        suffix: &str,
+        tls: Option<TlsListener>,
+    ) -> Result<Arc<PrivateNode>, String> {
         let bin_dir = std::env::var_os(BIN_DIR_ENV)
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_BIN_DIR));
         let server = bin_dir.join("rabbitmq-server");
         if !server.exists() {
             return Err(format!(
-                "no private RabbitMQ node for the reliability cases: {} does not exist (install RabbitMQ or set {BIN_DIR_ENV})",
+                "no private RabbitMQ node for {purpose}: {} does not exist (install RabbitMQ or set {BIN_DIR_ENV})",
                 server.display()
             ));
         }
         let pid = std::process::id();
-        let dir = scratch_dir().join(format!("purista-rabbitmq-{pid}"));
+        let dir = scratch_dir().join(format!("purista-rabbitmq-{pid}{suffix}"));
         prepare_dir(&dir).map_err(|e| format!("preparing {}: {e}", dir.display()))?;
+        if let Some(tls) = &tls {
+            write_tls_files(&dir, tls).map_err(|e| format!("preparing {}: {e}", dir.display()))?;
+        }
         let mut last_error = String::new();
         // A port taken between our check and the node's bind makes the boot fail: try others.
         for attempt in 0..3 {
             let (port, dist_port) = (free_port()?, free_port()?);
-            if port == dist_port {
+            let tls_port = match &tls {
+                Some(_) => Some(free_port()?),
+                None => None,
+            };
+            if port == dist_port || tls_port.is_some_and(|t| t == port || t == dist_port) {
                 continue;
             }
             let node = PrivateNode {
-                name: format!("purista-conformance-{pid}@localhost"),
+                name: format!("purista-conformance-{pid}{suffix}@localhost"),
                 port,
+                tls_port,
                 dist_port,
                 dir: dir.clone(),
                 bin_dir: bin_dir.clone(),
                 launched: AtomicBool::new(false),
             };
+            if let Some(tls) = &tls {
+                node.write_config(tls)
+                    .map_err(|e| format!("preparing {}: {e}", dir.display()))?;
+            }
             if attempt == 0 {
                 node.spawn_watchdog()?;
             }
@@ -99,13 +159,24 @@ impl PrivateNode {
         }
         let _ = std::fs::remove_dir_all(&dir);
         Err(format!(
-            "the private RabbitMQ node for the reliability cases did not start: {last_error}"
+            "the private RabbitMQ node for {purpose} did not start: {last_error}"
         ))
     }
 
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f`
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// `amqps://guest:guest@127.0.0.1:<tls port>/%2f`, when the node listens for TLS.
+    pub fn amqps_url(&self) -> Option<String> {
+        self.tls_port
+            .map(|port| format!("amqps://guest:guest@127.0.0.1:{port}/%2f"))
+    }
+
+    /// The TLS listener's port, when the node has one.
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
     }
 
     /// Stops the node and starts it again; returns once it accepts connections.
@@ -168,9 +239,16 @@ impl PrivateNode {
             ));
         }
         let began = Instant::now();
-        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        // The TLS listener starts with the plain one; wait for every listener anyway.
+        let listeners: Vec<SocketAddr> = std::iter::once(self.port)
+            .chain(self.tls_port)
+            .map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+            .collect();
         loop {
-            if TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok() {
+            let accepting = |address: &SocketAddr| {
+                TcpStream::connect_timeout(address, Duration::from_millis(200)).is_ok()
+            };
+            if listeners.iter().all(accepting) {
                 return Ok(());
             }
             // The node writes its pid file early in its boot: a dead pid, or no file long
@@ -188,9 +266,8 @@ impl PrivateNode {
             }
             if began.elapsed() > BOOT_DEADLINE {
                 return Err(format!(
-                    "node {} did not accept connections on port {} within {BOOT_DEADLINE:?}{}",
+                    "node {} did not accept connections on {listeners:?} within {BOOT_DEADLINE:?}{}",
                     self.name,
-                    self.port,
                     self.log_errors()
                 ));
             }
@@ -278,6 +355,32 @@ impl PrivateNode {
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("enabled_plugins"))
             .env("ERL_EPMD_ADDRESS", "127.0.0.1")
             .env("ERL_FLAGS", "-kernel inet_dist_use_interface {127,0,0,1}");
+    }
+
+    /// `rabbitmq.conf` with the TLS listener on this node's TLS port, using the files
+    /// [`write_tls_files`] put into the node's directory.
+    fn write_config(&self, tls: &TlsListener) -> std::io::Result<()> {
+        let Some(port) = self.tls_port else {
+            return Ok(());
+        };
+        let files = self.dir.join("tls");
+        let verify = if tls.require_client_certificate {
+            "ssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n"
+        } else {
+            "ssl_options.verify = verify_none\nssl_options.fail_if_no_peer_cert = false\n"
+        };
+        let config = format!(
+            "# private node of the purista conformance suite: plain listener from RABBITMQ_NODE_*\n\
+             listeners.ssl.default = 127.0.0.1:{port}\n\
+             ssl_options.cacertfile = {}\n\
+             ssl_options.certfile = {}\n\
+             ssl_options.keyfile = {}\n\
+             {verify}",
+            files.join("ca.pem").display(),
+            files.join("server.pem").display(),
+            files.join("server.key").display(),
+        );
+        std::fs::write(self.dir.join("rabbitmq.conf"), config)
     }
 
     fn pid_file(&self) -> PathBuf {
@@ -379,6 +482,17 @@ fn prepare_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(&cookie, std::fs::Permissions::from_mode(0o400))
 }
 
+/// The node's certificate, key and CA into `<dir>/tls`, readable by this user only.
+fn write_tls_files(dir: &Path, tls: &TlsListener) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let files = dir.join("tls");
+    std::fs::create_dir_all(&files)?;
+    std::fs::set_permissions(&files, std::fs::Permissions::from_mode(0o700))?;
+    std::fs::write(files.join("ca.pem"), &tls.ca_certificate_pem)?;
+    std::fs::write(files.join("server.pem"), &tls.certificate_pem)?;
+    std::fs::write(files.join("server.key"), &tls.key_pem)
+}
+
 fn free_port() -> Result<u16, String> {
     let mut rng = rand::rng();
     for _ in 0..200 {
@@ -413,19 +527,23 @@ fn signal(pid: i32, signal: i32) {
     }
 }
 
-static AT_EXIT: std::sync::OnceLock<Arc<PrivateNode>> = std::sync::OnceLock::new();
+/// The nodes this process started, destroyed when it exits.
+static AT_EXIT: Mutex<Vec<Arc<PrivateNode>>> = Mutex::new(Vec::new());
 
 /// Registers `node` to be destroyed when the process exits normally.
 fn stop_at_exit(node: Arc<PrivateNode>) {
-    extern "C" fn destroy_node() {
-        if let Some(node) = AT_EXIT.get() {
+    extern "C" fn destroy_nodes() {
+        let nodes = std::mem::take(&mut *AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()));
+        for node in nodes {
             node.destroy();
         }
     }
-    if AT_EXIT.set(node).is_ok() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()).push(node);
+    HOOK.call_once(|| {
         // SAFETY: registers a plain `extern "C" fn` with no arguments.
         unsafe {
-            libc::atexit(destroy_node);
+            libc::atexit(destroy_nodes);
         }
-    }
+    });
 }
