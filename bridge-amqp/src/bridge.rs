@@ -822,8 +822,12 @@ impl EventBridge for AmqpBridge {
             in_flight,
         )?;
         let reply_queue = self.shared.topology.reply_queue();
+        // An open frame that waited in its queue longer than a default session (its servers
+        // vanished without leaving) is not served after its reader most likely gave up.
+        let ttl_ms = millis(self.shared.config.default_command_timeout).max(1);
         let properties = publish::properties(&open, headers::project(&open))
-            .with_reply_to(reply_queue.as_str().into());
+            .with_reply_to(reply_queue.as_str().into())
+            .with_expiration(ttl_ms.to_string().into());
         let deadline = deadline_after(self.shared.config.default_command_timeout);
         let published = tokio::time::timeout_at(deadline, async {
             let mut pause = UNROUTED_RETRY_FIRST;

@@ -286,7 +286,9 @@ impl StreamSessions {
             };
         }
         if session.frames.try_send(frame).is_err() {
-            tracing::warn!(
+            // Only after the session failed (an overflow leaves no room): the reader would
+            // ignore it anyway, and a warning per frame of a flood helps nobody.
+            tracing::debug!(
                 correlation_id,
                 frame = ?kind,
                 "stream frame after the session ended dropped: the buffer is full"

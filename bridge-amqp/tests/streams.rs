@@ -566,3 +566,63 @@ async fn losing_the_producers_connection_cancels_its_session_and_the_opener_lear
     );
     broker.finish().await;
 }
+
+#[tokio::test]
+async fn no_stream_frame_reaches_a_subscription_queue() {
+    let broker = broker_or_skip!("streamnosub");
+    let producer = broker.bridge().await;
+    let opener = broker.bridge().await;
+    // A durable catch-all subscription without a consumer: whatever is routed to it stays.
+    let mut everything = common::spec("everything", purista_core::SubscriptionFilter::new());
+    everything.durable = true;
+    let queue = producer.topology().subscription_queue(&everything);
+    producer
+        .register_subscription(everything.clone(), common::Recorder::acking(&everything))
+        .await
+        .expect("the subscription registers");
+    producer
+        .unregister_subscription(&everything.key)
+        .await
+        .expect("the subscription unregisters");
+    let feed = Address::new("feed", "1", "private");
+    let served = Arc::new(Mutex::new(Vec::new()));
+    producer
+        .register_stream(
+            feed.clone(),
+            Arc::new(Counter {
+                instance: "p".into(),
+                served,
+            }),
+        )
+        .await
+        .expect("the stream registers");
+    let mut reader = open(&opener, &feed, json!(5), WITHIN).await;
+    let (chunks, terminal) = read_all(&mut reader).await;
+    assert_eq!(chunks.len(), 5);
+    assert_eq!(terminal, StreamItem::Complete(Some(json!(5))));
+    assert_eq!(
+        broker.ready_messages(&queue).await,
+        Some(0),
+        "a frame was routed to it"
+    );
+    // The queue does take everything else.
+    let sender = SenderAddress {
+        service_name: "feed".into(),
+        service_version: "1".into(),
+        service_target: "note".into(),
+        instance_id: String::new(),
+    };
+    opener
+        .emit(Envelope::custom(sender, "noted", json!(1)))
+        .await
+        .expect("emitted");
+    let deadline = Instant::now() + WITHIN;
+    while broker.ready_messages(&queue).await != Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "the event never reached the queue"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    broker.finish().await;
+}
