@@ -40,7 +40,7 @@ use purista::ConnectOptions;
 use tokio::time::Instant;
 
 use crate::cli::{CliError, Options};
-use crate::measurement::{Measurement, peak_rss_kb};
+use crate::measurement::{Measurement, peak_rss_kb, reset_peak_rss};
 use crate::raw::Baseline;
 use crate::table::Skipped;
 use crate::workload::{Scenario, Workload};
@@ -141,6 +141,7 @@ async fn bench(options: Options) -> anyhow::Result<()> {
                     continue;
                 }
                 eprintln!("running {scenario} on {} …", baseline.label());
+                reset_peak_rss();
                 let m = baseline
                     .run(scenario, &workload)
                     .await
@@ -164,7 +165,14 @@ async fn bench(options: Options) -> anyhow::Result<()> {
     if !measured.is_empty() || !skipped.is_empty() {
         eprint!("{}", table::summary(&measured, &raw, &skipped));
     }
-    eprintln!("{}", table::rss_line(peak_rss_kb()));
+    let peak = |ms: &[Measurement]| ms.iter().filter_map(|m| m.peak_rss_kb).max();
+    let per_phase = reset_peak_rss();
+    let purista_peak = if per_phase {
+        peak(&measured)
+    } else {
+        peak_rss_kb()
+    };
+    eprintln!("{}", table::rss_line(purista_peak, peak(&raw), per_phase));
     eprintln!(
         "done in {:.1} s",
         Instant::now().duration_since(began).as_secs_f64()
@@ -196,6 +204,7 @@ async fn run_bridge(
         return Ok(Ran::Skipped(Skipped { scenario, reason }));
     }
     eprintln!("running {scenario} on {url} …");
+    reset_peak_rss();
     let m = scenarios::run(scenario, target, workload, options.queue_mode)
         .await
         .with_context(|| format!("scenario {scenario} on {url}"))?;

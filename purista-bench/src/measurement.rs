@@ -22,7 +22,8 @@ pub struct Measurement {
     pub elapsed: Duration,
     /// Per-operation latencies, where the scenario measures them.
     pub latency: Option<Percentiles>,
-    /// `VmHWM` of the whole process right after the run.
+    /// `VmHWM` of the process right after the run: the peak since the run began where the
+    /// peak could be reset ([`reset_peak_rss`]), else since the process started.
     pub peak_rss_kb: Option<u64>,
     /// A note for the human table (e.g. the queue worker's mode).
     pub note: Option<String>,
@@ -126,6 +127,21 @@ impl Percentiles {
     }
 }
 
+/// Resets the process's peak resident set to what is resident now (Linux: `5` written to
+/// `/proc/self/clear_refs`), so the next [`peak_rss_kb`] is the peak of what ran in between.
+/// Freed heap memory is handed back to the system first (glibc keeps it otherwise), so an
+/// earlier phase's garbage does not count towards the next one. False where the peak cannot be
+/// reset.
+pub fn reset_peak_rss() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator's arenas; it touches no
+    // live allocation and may be called from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// The process's peak resident set (`VmHWM` in `/proc/self/status`), in kB; `None` where that
 /// file does not exist.
 pub fn peak_rss_kb() -> Option<u64> {
@@ -170,6 +186,28 @@ mod tests {
         assert!(positions.windows(2).all(|w| w[0] < w[1]), "{line}");
         assert!(line.contains("\"p50_us\":null"), "{line}");
         assert!(line.contains("\"ops_per_s\":5.0"), "{line}");
+    }
+
+    #[test]
+    fn the_peak_resets_to_what_is_resident_now() {
+        if !cfg!(target_os = "linux") {
+            return;
+        }
+        {
+            // Touch 32 MB so the peak is well above what stays resident afterwards.
+            let big = vec![1u8; 32 << 20];
+            assert_eq!(big.iter().map(|&b| u64::from(b)).sum::<u64>(), 32 << 20);
+        }
+        let before = peak_rss_kb().expect("VmHWM on linux");
+        assert!(
+            reset_peak_rss(),
+            "clear_refs is writable for the process itself"
+        );
+        let after = peak_rss_kb().expect("VmHWM on linux");
+        assert!(
+            after + 16 * 1024 < before,
+            "peak {before} kB → {after} kB after the reset"
+        );
     }
 
     #[test]
