@@ -86,6 +86,20 @@ impl SettleOnce {
     }
 }
 
+/// A delivery nobody settled (its handler task was aborted at a shutdown deadline, or a bridge
+/// or handler forgot it) is not silent: what happens to it depends on the bridge (a broker
+/// redelivers it, an at-most-once bridge loses it), so say so where an operator looks.
+impl Drop for SettleOnce {
+    fn drop(&mut self) {
+        if self.settler.get_mut().is_some() {
+            tracing::warn!(
+                message_id = %self.message_id,
+                "delivery dropped without a settlement: a broker with acknowledgements redelivers it, an at-most-once bridge loses it"
+            );
+        }
+    }
+}
+
 /// A subscription as the bridge sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -259,4 +273,61 @@ pub trait EventBridge: Send + Sync + 'static {
     /// Stops intake, waits for in-flight work until `deadline`, rejects what is left with 503
     /// and closes. Idempotent.
     async fn shutdown(&self, deadline: tokio::time::Instant) -> DrainReport;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::Arc;
+
+    use parking_lot::Mutex;
+
+    use super::*;
+
+    struct Noop;
+
+    #[async_trait]
+    impl Settler for Noop {
+        async fn settle(self: Box<Self>, _settlement: Settlement) -> Result<(), BridgeError> {
+            Ok(())
+        }
+    }
+
+    /// Log lines written while `f` runs on this thread.
+    fn logs_of(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8_lossy(&buffer.0.lock()).into_owned();
+        text
+    }
+
+    #[tokio::test]
+    async fn dropping_an_unsettled_delivery_warns_and_a_settled_one_does_not() {
+        let unsettled = logs_of(|| drop(SettleOnce::new("m-1", Box::new(Noop))));
+        assert!(unsettled.contains("WARN"), "{unsettled}");
+        assert!(
+            unsettled.contains("m-1") && unsettled.contains("without a settlement"),
+            "{unsettled}"
+        );
+
+        let settled = SettleOnce::new("m-2", Box::new(Noop));
+        settled.settle(Settlement::Ack).await.unwrap();
+        assert_eq!(logs_of(|| drop(settled)), "");
+    }
 }
