@@ -313,8 +313,7 @@ mod tests {
             .with_writer(move || writer.clone())
             .finish();
         tracing::subscriber::with_default(subscriber, f);
-        let text = String::from_utf8_lossy(&buffer.0.lock()).into_owned();
-        text
+        String::from_utf8_lossy(&buffer.0.lock()).into_owned()
     }
 
     #[tokio::test]
