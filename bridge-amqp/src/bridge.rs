@@ -4,8 +4,8 @@
 //! with confirms), keeps registrations, and runs start and shutdown. The per-concern mechanics
 //! live next door: names and declarations in `topology.rs`, the header projection in
 //! `headers.rs`, confirms in `publish.rs`, consumers and settlements in `consume.rs`, responses
-//! in `reply.rs`, stream sessions in `streams.rs`, and the connection supervisor in
-//! `reconnect.rs`.
+//! in `reply.rs`, stream sessions in `streams.rs`, dead-letter replay in `replay.rs`, and the
+//! connection supervisor in `reconnect.rs`.
 //!
 //! Shutdown is one explicit sequence: stop intake (cancel every consumer but the reply
 //! consumer, so pending invocations and open stream sessions can still complete; command and
@@ -39,6 +39,7 @@ use crate::headers;
 use crate::publish::{self, Outgoing, Verdict};
 use crate::reconnect::{self, Session};
 use crate::registry::{Kind, Registration, Registry};
+use crate::replay::{self, ReplayReport};
 use crate::reply::ReplyInbox;
 use crate::streams::{self, StreamSessions};
 use crate::tasks::TaskSet;
@@ -300,6 +301,65 @@ impl AmqpBridge {
     /// have (any more); each was ignored with a warning.
     pub fn unmatched_responses(&self) -> u64 {
         self.shared.inbox.unmatched() + self.shared.streams.unmatched()
+    }
+
+    /// Replays up to `limit` messages of dead-letter target `target`
+    /// (`P.<target>.dead-letter`), oldest first, each to the subscription queue it was
+    /// dead-lettered from, with a fresh retry budget.
+    ///
+    /// Each copy goes straight to that queue through the default exchange (no other
+    /// subscription sees it again), `mandatory` and confirmed; it keeps its body, message id,
+    /// properties and header projection, but not `x-purista-attempt` nor the
+    /// `x-purista-dead-letter-*` headers, so the subscription gets it as attempt 1 with all
+    /// its retries. The dead letter is removed only after the broker confirmed the copy: a
+    /// crash in between leaves a duplicate, never a loss.
+    ///
+    /// Stay in the dead-letter queue, listed in [`ReplayReport::left`] with a
+    /// [`NotReplayed`](crate::NotReplayed) reason: undecodable bytes, messages dead-lettered
+    /// before the bridge recorded their source queue, messages whose source queue no longer
+    /// exists, and copies the broker refused. The call takes each message at most once, so
+    /// `limit` bounds what it reads, replayed or not; a missing dead-letter queue is an empty
+    /// report.
+    ///
+    /// # Errors
+    ///
+    /// [`BridgeError::Unavailable`] while not connected (or when the connection drops
+    /// mid-way: what was replayed until then stays replayed, the rest stays in the queue);
+    /// [`BridgeError::InvalidRequest`] for an empty target or one whose queue name is too
+    /// long.
+    ///
+    /// ```no_run
+    /// # use purista_bridge_amqp::AmqpBridge;
+    /// # async fn demo(bridge: &AmqpBridge) -> Result<(), purista_core::BridgeError> {
+    /// let report = bridge.replay_dead_letters("billing.receipts.failed", 100).await?;
+    /// println!("{} replayed", report.replayed);
+    /// for left in &report.left {
+    ///     println!("left {:?}: {}", left.message_id, left.reason);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn replay_dead_letters(
+        &self,
+        target: &str,
+        limit: usize,
+    ) -> Result<ReplayReport, BridgeError> {
+        self.ensure_open()?;
+        if target.is_empty() {
+            return Err(BridgeError::InvalidRequest(
+                "a dead-letter target needs a name".into(),
+            ));
+        }
+        let queue = self.shared.topology.dead_letter_queue(target);
+        topology::name(&queue)?;
+        let session = self.shared.connected()?;
+        replay::replay_dead_letters(
+            &session,
+            &self.shared.topology,
+            &queue,
+            limit,
+            self.shared.config.max_payload_bytes,
+        )
+        .await
     }
 
     /// Publishes raw bytes as if another PURISTA process had sent them: a valid envelope is

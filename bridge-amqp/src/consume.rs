@@ -20,7 +20,7 @@
 //! | ack, drop | `basic.ack` |
 //! | redeliver, no delay | republish to the queue with `x-purista-attempt` + 1, then ack |
 //! | redeliver after a delay | republish to `<queue>.retry.<ms>` (message TTL = delay, dead-letters back to the queue), then ack |
-//! | dead letter | publish to `P.<target>.dead-letter` with reason, attempts and origin headers, then ack |
+//! | dead letter | publish to `P.<target>.dead-letter` with reason, attempts, origin and source-queue headers, then ack |
 //! | pause | cancel the consumer, then `basic.nack` with requeue: the message waits in the queue |
 //!
 //! A republish is confirmed before the original is acked, so a crash in between duplicates
@@ -715,6 +715,8 @@ impl AmqpSettler {
         );
         headers::set_str(&mut table, headers::DEAD_LETTER_ORIGIN, &note.origin);
         headers::set_u64(&mut table, headers::DEAD_LETTERED_AT, now_ms());
+        // Where a replay sends it back to (`replay.rs`).
+        headers::set_str(&mut table, headers::DEAD_LETTER_QUEUE, &self.reg.queue);
         self.republish(&session, &queue, table).await?;
         ack(&self.acker).await
     }

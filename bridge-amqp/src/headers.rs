@@ -61,6 +61,19 @@ pub const DEAD_LETTER_ATTEMPTS: &str = "x-purista-dead-letter-attempts";
 pub const DEAD_LETTER_ORIGIN: &str = "x-purista-dead-letter-origin";
 /// When it was dead-lettered (epoch ms).
 pub const DEAD_LETTERED_AT: &str = "x-purista-dead-lettered-at";
+/// The queue it was dead-lettered from: where a replay sends it back to.
+pub const DEAD_LETTER_QUEUE: &str = "x-purista-dead-letter-queue";
+
+/// The bookkeeping a replayed dead letter sheds: its attempt count (so it gets the full retry
+/// budget again) and its dead-letter notes (it is no longer one).
+const RETRY_STATE: [&str; 6] = [
+    ATTEMPT,
+    DEAD_LETTER_REASON,
+    DEAD_LETTER_ATTEMPTS,
+    DEAD_LETTER_ORIGIN,
+    DEAD_LETTERED_AT,
+    DEAD_LETTER_QUEUE,
+];
 
 /// W3C trace-context keys copied from the `otp` carrier into headers.
 const TRACE_CONTEXT_KEYS: [&str; 2] = ["traceparent", "tracestate"];
@@ -217,6 +230,18 @@ pub fn attempt(table: Option<&FieldTable>) -> u32 {
         .unwrap_or(1)
 }
 
+/// `table` without the attempt count and the dead-letter notes; everything else (the header
+/// projection, trace context) stays.
+pub(crate) fn without_retry_state(table: &FieldTable) -> FieldTable {
+    table
+        .inner()
+        .iter()
+        .filter(|(key, _)| !RETRY_STATE.contains(&key.as_str()))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into()
+}
+
 /// Sets an unsigned integer header.
 pub fn set_u64(table: &mut FieldTable, key: &str, value: u64) {
     table.insert(
@@ -297,5 +322,22 @@ mod tests {
         assert_eq!(attempt(Some(&t)), 3);
         t.insert(ATTEMPT.into(), AMQPValue::LongInt(0));
         assert_eq!(attempt(Some(&t)), 1);
+    }
+
+    #[test]
+    fn a_fresh_budget_drops_the_attempt_and_the_dead_letter_notes_only() {
+        let event = Envelope::custom(SenderAddress::default(), "sold", Value::Null);
+        let mut t = project(&event);
+        set_u64(&mut t, ATTEMPT, 3);
+        set_str(
+            &mut t,
+            DEAD_LETTER_REASON,
+            "retries exhausted after 3 attempt(s)",
+        );
+        set_u64(&mut t, DEAD_LETTER_ATTEMPTS, 3);
+        set_str(&mut t, DEAD_LETTER_ORIGIN, "listener@1/onSold");
+        set_u64(&mut t, DEAD_LETTERED_AT, 1);
+        set_str(&mut t, DEAD_LETTER_QUEUE, "p.sub.listener.1.onSold");
+        assert_eq!(without_retry_state(&t), project(&event));
     }
 }

@@ -16,6 +16,11 @@
 //!   instance serves comes back at once as 502 instead of a 504 later; they expire after their
 //!   ttl, so no command is served after its caller gave up. Responses go through the exchange
 //!   (subscriptions see them, e.g. a success event) to the caller's exclusive reply queue.
+//!   A command queue is deleted by its last server when that server leaves; a server that only
+//!   lost its connection keeps it (until [`AmqpConfig::command_queue_expiry`]) and finds the
+//!   commands waiting when it is back. For [`AmqpConfig::reconnect_grace`] after the caller's
+//!   own reconnect, a command without a route is tried again within its ttl instead of failing
+//!   with 502 (after a broker restart the servers re-create their queues a moment later).
 //! * **Subscriptions**: shared = one named queue per subscription (durable when asked),
 //!   broadcast = one queue per instance; each bound with its filter, where an unset filter part
 //!   is simply absent from the binding.
@@ -25,14 +30,21 @@
 //!   published `mandatory` with confirms through the default exchange, so a stream nobody
 //!   serves fails at once with 502. The instance that takes one runs the session and publishes
 //!   its frames in order, each confirmed, straight to the opener's reply queue, which routes
-//!   them by `correlationId`; a cancel goes back the same way to the producer's reply queue. Sessions are at most once:
-//!   one ends at once (503 for the reader, a cancel for the producer) when either end's
+//!   them by `correlationId`; a cancel goes back the same way to the producer's reply queue.
+//!   Sessions are at most once: one ends at once (503 for the reader, a cancel for the producer) when either end's
 //!   connection drops, and a reader that lets [`STREAM_FRAME_BUFFER`] frames pile up fails its
 //!   session rather than stall the instance's responses.
 //! * **Outcomes**: the attempt count travels in a header; delayed retries wait in a TTL queue
 //!   that dead-letters back to the source queue; dead letters go to `<prefix>.<target>.dead-letter`
-//!   with reason, attempts and origin headers; pause cancels the consumer and resume consumes
-//!   again. No message is ever requeued to a running consumer: no hot redelivery loop.
+//!   with reason, attempts, origin and source-queue headers; pause cancels the consumer and
+//!   resume consumes again. No message is ever requeued to a running consumer: no hot
+//!   redelivery loop.
+//! * **Operator calls**: [`inspect_dead_letters`](purista_core::EventBridge::inspect_dead_letters)
+//!   reads a dead-letter queue without removing anything;
+//!   [`AmqpBridge::replay_dead_letters`] sends its messages back to the subscription queues
+//!   they came from with a fresh retry budget and reports what it left behind
+//!   ([`ReplayReport`]); paused consumers are listed and resumed through
+//!   [`EventBridge`](purista_core::EventBridge).
 //! * **Connection**: a supervisor reconnects with backoff and re-declares every queue, binding
 //!   and consumer; invocations in flight when the connection drops fail with 503; health is
 //!   an error while disconnected. The URL's password never reaches a log.
@@ -68,6 +80,7 @@ pub mod headers;
 mod publish;
 mod reconnect;
 mod registry;
+mod replay;
 mod reply;
 mod streams;
 mod tasks;
@@ -79,6 +92,7 @@ pub use config::{
     ConfigError, DEFAULT_COMMAND_PREFETCH, DEFAULT_COMMAND_TIMEOUT, DEFAULT_PREFIX, PREFIX_ENV,
     TlsFile, TlsSettings, URL_ENV, redact_url,
 };
+pub use replay::{LeftDeadLetter, NotReplayed, ReplayReport};
 pub use streams::STREAM_FRAME_BUFFER;
 pub use topology::{MAX_NAME_LEN, Topology};
 

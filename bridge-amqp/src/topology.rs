@@ -128,6 +128,15 @@ impl Topology {
     pub fn dead_letter_queue(&self, target: &str) -> String {
         format!("{}.{target}.dead-letter", self.prefix)
     }
+
+    /// True for a name under this prefix's subscription queues: the only queues a dead-letter
+    /// replay sends messages to, whatever a header names.
+    pub(crate) fn is_subscription_queue(&self, queue: &str) -> bool {
+        queue
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|rest| rest.strip_prefix(".sub."))
+            .is_some_and(|rest| !rest.is_empty())
+    }
 }
 
 pub(crate) fn millis(d: Duration) -> u64 {
@@ -403,6 +412,17 @@ mod tests {
             t.retry_queue("p.sub.billing.2.onPaid", Duration::from_millis(1500)),
             "p.sub.billing.2.onPaid.retry.1500"
         );
+    }
+
+    #[test]
+    fn only_subscription_queues_under_the_prefix_are_replay_destinations() {
+        let t = topology();
+        assert!(t.is_subscription_queue(&t.subscription_queue(&spec(true))));
+        assert!(t.is_subscription_queue(&t.subscription_queue(&spec(false))));
+        assert!(!t.is_subscription_queue("p.sub."));
+        assert!(!t.is_subscription_queue("p.cmd.billing.2.pay"));
+        assert!(!t.is_subscription_queue("other.sub.billing.2.onPaid"));
+        assert!(!t.is_subscription_queue("p.reply.inst"));
     }
 
     #[test]

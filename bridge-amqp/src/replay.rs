@@ -1,0 +1,227 @@
+//! Replaying a dead-letter queue: each message goes back to the subscription queue it was
+//! dead-lettered from, with a fresh retry budget.
+//!
+//! The dead-letter path records the source queue in `x-purista-dead-letter-queue`
+//! (`consume.rs`). A replay reads the dead-letter queue with `basic.get` on a channel of its
+//! own and, for each message, publishes a copy straight to that queue through the default
+//! exchange (never through the headers exchange, which would hand it to every other matching
+//! subscription again), `mandatory` and confirmed. The copy keeps body, ids, properties and
+//! the header projection but sheds `x-purista-attempt` and the `x-purista-dead-letter-*`
+//! notes, so the subscription sees attempt 1 again.
+//!
+//! Only a confirmed copy gets its original acked: a crash in between leaves the message in the
+//! dead-letter queue and its copy in the subscription queue, a duplicate rather than a loss.
+//! Whatever is not replayed stays unacknowledged on the replay channel until the end, so the
+//! same call never fetches it twice, and closing the channel returns it to the dead-letter
+//! queue in its place.
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel};
+use purista_core::{BridgeError, Envelope};
+
+use crate::headers;
+use crate::publish::{self, Outgoing, Verdict};
+use crate::reconnect::Session;
+use crate::topology::{self, Topology, name};
+
+/// What [`AmqpBridge::replay_dead_letters`](crate::AmqpBridge::replay_dead_letters) did.
+///
+/// Every message it took from the dead-letter queue is either counted in `replayed` (back in
+/// its subscription queue and gone from the dead-letter queue) or listed in `left` (still in
+/// the dead-letter queue, with the reason).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Messages published back to their subscription queue and removed from the dead-letter
+    /// queue.
+    pub replayed: usize,
+    /// Messages that stay in the dead-letter queue, in the order they were read.
+    pub left: Vec<LeftDeadLetter>,
+}
+
+/// A dead letter a replay left in its queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeftDeadLetter {
+    /// The envelope's id; for undecodable bytes the AMQP `message_id` property, if any.
+    pub message_id: Option<String>,
+    /// Why it was not replayed.
+    pub reason: NotReplayed,
+}
+
+/// Why a dead letter was not replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NotReplayed {
+    /// The body is not a PURISTA envelope (a poison message): replaying it would only
+    /// dead-letter it again.
+    Undecodable,
+    /// It carries no `x-purista-dead-letter-queue` header (dead-lettered by a version of the
+    /// bridge that did not record its source queue); move it with broker tools.
+    UnknownSourceQueue,
+    /// Its source queue is not a subscription queue under this bridge's prefix.
+    ForeignQueue {
+        /// The queue the header names.
+        queue: String,
+    },
+    /// Its source queue no longer exists (the subscription was removed, or its broadcast
+    /// instance is gone).
+    SourceQueueGone {
+        /// The queue it came from.
+        queue: String,
+    },
+    /// The broker refused the copy (e.g. the source queue is full and rejects publishes).
+    Refused {
+        /// The queue it came from.
+        queue: String,
+    },
+}
+
+impl std::fmt::Display for NotReplayed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotReplayed::Undecodable => f.write_str("undecodable message"),
+            NotReplayed::UnknownSourceQueue => write!(
+                f,
+                "no `{}` header: the queue it came from is unknown",
+                headers::DEAD_LETTER_QUEUE
+            ),
+            NotReplayed::ForeignQueue { queue } => {
+                write!(f, "`{queue}` is not a subscription queue of this bridge")
+            }
+            NotReplayed::SourceQueueGone { queue } => {
+                write!(f, "source queue `{queue}` no longer exists")
+            }
+            NotReplayed::Refused { queue } => {
+                write!(f, "the broker refused the message for `{queue}`")
+            }
+        }
+    }
+}
+
+/// Replays up to `limit` messages of the dead-letter queue `queue` (see the module docs).
+pub(crate) async fn replay_dead_letters(
+    session: &Session,
+    topology: &Topology,
+    queue: &str,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<ReplayReport, BridgeError> {
+    let queue_name = name(queue)?;
+    let channel: Channel = session
+        .connection
+        .create_channel()
+        .await
+        .map_err(|e| BridgeError::Unavailable(format!("opening a channel failed: {e}")))?;
+    let result = replay_on(session, topology, &channel, queue, limit, max_bytes).await;
+    // Returns everything fetched but not acked to the dead-letter queue.
+    if channel.status().connected() {
+        let _ = channel.close(200, "OK".into()).await;
+    }
+    let report = result?;
+    tracing::info!(queue = %queue_name, replayed = report.replayed, left = report.left.len(), "dead letters replayed");
+    Ok(report)
+}
+
+async fn replay_on(
+    session: &Session,
+    topology: &Topology,
+    channel: &Channel,
+    queue: &str,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<ReplayReport, BridgeError> {
+    let mut report = ReplayReport::default();
+    let exists = channel
+        .queue_declare(
+            name(queue)?,
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    if !exists {
+        return Ok(report);
+    }
+    let mut taken = 0;
+    while taken < limit {
+        let message = channel
+            .basic_get(name(queue)?, BasicGetOptions::default())
+            .await
+            .map_err(|e| topology::broker_error("reading", queue, &e))?;
+        let Some(message) = message else { break };
+        taken += 1;
+        let delivery = message.delivery;
+        let envelope = Envelope::decode_with_limit(&delivery.data, max_bytes).ok();
+        let message_id = match &envelope {
+            Some(envelope) => Some(envelope.id.clone()),
+            None => delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.to_string()),
+        };
+        let verdict = match envelope {
+            None => Err(NotReplayed::Undecodable),
+            Some(_) => replay_one(session, topology, &delivery.properties, &delivery.data).await?,
+        };
+        match verdict {
+            Ok(source) => {
+                delivery
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map_err(|e| {
+                        BridgeError::Unavailable(format!(
+                            "message {} was replayed to `{source}` but removing it from `{queue}` \
+                             failed ({e}); it stays there and a later replay duplicates it",
+                            message_id.as_deref().unwrap_or("without id")
+                        ))
+                    })?;
+                tracing::debug!(message_id = message_id.as_deref().unwrap_or(""), queue = %source, "dead letter replayed");
+                report.replayed += 1;
+            }
+            Err(reason) => {
+                tracing::debug!(message_id = message_id.as_deref().unwrap_or(""), %reason, "dead letter left in its queue");
+                report.left.push(LeftDeadLetter { message_id, reason });
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Publishes a fresh copy of one dead letter to its source queue. `Ok(Ok(source))` once the
+/// broker confirmed it, `Ok(Err(reason))` when it stays a dead letter, `Err` when the broker
+/// cannot be reached.
+async fn replay_one(
+    session: &Session,
+    topology: &Topology,
+    properties: &BasicProperties,
+    body: &[u8],
+) -> Result<Result<String, NotReplayed>, BridgeError> {
+    let table = properties.headers().as_ref();
+    let Some(source) = headers::get_str(table, headers::DEAD_LETTER_QUEUE) else {
+        return Ok(Err(NotReplayed::UnknownSourceQueue));
+    };
+    let source = source.to_string();
+    if !topology.is_subscription_queue(&source) || name(&source).is_err() {
+        return Ok(Err(NotReplayed::ForeignQueue { queue: source }));
+    }
+    let fresh = table.map(headers::without_retry_state).unwrap_or_default();
+    let verdict = session
+        .publish(Outgoing {
+            exchange: "",
+            routing_key: &source,
+            mandatory: true,
+            body,
+            properties: publish::republish_properties(properties, fresh),
+        })
+        .await?;
+    Ok(match verdict {
+        Verdict::Confirmed => Ok(source),
+        Verdict::Returned { .. } => Err(NotReplayed::SourceQueueGone { queue: source }),
+        Verdict::Nacked => Err(NotReplayed::Refused { queue: source }),
+    })
+}
