@@ -191,8 +191,12 @@ pub trait StreamHandler: Send + Sync + 'static {
 }
 
 /// A message transport with PURISTA semantics. See the module docs.
+///
+/// `Any` is a supertrait so that code holding an `Arc<dyn EventBridge>` can reach the concrete
+/// bridge for its own operator calls (e.g. `purista::Connection::amqp`): upcast the `Arc` to
+/// `Arc<dyn Any + Send + Sync>` and downcast it.
 #[async_trait]
-pub trait EventBridge: Send + Sync + 'static {
+pub trait EventBridge: std::any::Any + Send + Sync {
     /// Short name, e.g. `default`, `amqp`.
     fn name(&self) -> &str;
 

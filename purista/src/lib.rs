@@ -90,6 +90,27 @@ impl std::fmt::Debug for Connection {
     }
 }
 
+impl Connection {
+    /// The RabbitMQ bridge behind [`Connection::events`], for its own operator calls (replaying
+    /// dead letters, poison and reconnect counters, the topology it declared); `None` for any
+    /// other bridge.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let conn = purista::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
+    /// if let Some(amqp) = conn.amqp() {
+    ///     let report = amqp.replay_dead_letters("billing.receipts.failed", 100).await?;
+    ///     println!("{} replayed, {} left", report.replayed, report.left.len());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "amqp")]
+    pub fn amqp(&self) -> Option<Arc<purista_bridge_amqp::AmqpBridge>> {
+        let any: Arc<dyn std::any::Any + Send + Sync> = self.events.clone();
+        any.downcast().ok()
+    }
+}
+
 /// Why [`connect`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
