@@ -439,6 +439,7 @@ impl AmqpBridge {
             };
             reg.state.lock().removed = true;
             consume::cancel_locked(&reg).await;
+            reg.retired.send_replace(true);
             return Err(error);
         }
         Ok(())
@@ -460,6 +461,9 @@ impl AmqpBridge {
                 for reg in registrations.iter().filter(|r| r.is_endpoint()) {
                     topology::retire_command_queue(&session.connection, &reg.queue).await;
                 }
+            }
+            for reg in &registrations {
+                reg.retired.send_replace(true);
             }
         }
         let idle = self.shared.tracker.wait_idle(deadline).await;

@@ -222,6 +222,7 @@ pub(crate) async fn stop(
         {
             topology::retire_command_queue(&session.connection, &reg.queue).await;
         }
+        reg.retired.send_replace(true);
     }
     let delete_queue = reg.spec().is_some_and(|s| !s.shared && !s.durable);
     let label = reg.label.clone();
@@ -434,6 +435,9 @@ async fn respond(
     }
 }
 
+/// How long a hand-back waits for the unregister or shutdown to deal with the queue.
+const RETIRE_WAIT: Duration = Duration::from_secs(5);
+
 /// Returns a command this instance took but never started (it is unregistering or shutting
 /// down) to its queue for another instance.
 ///
@@ -456,6 +460,15 @@ async fn hand_back_command(
         let _ = ack(&acker).await;
         return;
     };
+    // Hand it back only once the queue's fate is settled: published before the last server
+    // deleted the queue, it would go down with it and its caller would wait for the ttl.
+    let mut retired = reg.retired.subscribe();
+    if tokio::time::timeout(RETIRE_WAIT, retired.wait_for(|done| *done))
+        .await
+        .is_err()
+    {
+        tracing::debug!(registration = %reg.label, "queue retirement still running; handing the command back anyway");
+    }
     let ttl = properties
         .expiration()
         .as_ref()

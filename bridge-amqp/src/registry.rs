@@ -64,6 +64,11 @@ pub(crate) struct Registration {
     /// Its running handlers.
     pub activity: Arc<Activity>,
     pub state: Mutex<ConsumerState>,
+    /// Turns true once an unregister or shutdown has dealt with the queue (deleted it when
+    /// this instance was its last consumer). A command taken but not started in the meantime
+    /// is handed back only after that, so with no instance left it is answered 503 at once
+    /// instead of going down with the deleted queue.
+    pub retired: tokio::sync::watch::Sender<bool>,
 }
 
 impl Registration {
@@ -74,6 +79,7 @@ impl Registration {
             kind,
             activity: Arc::default(),
             state: Mutex::new(ConsumerState::default()),
+            retired: tokio::sync::watch::Sender::new(false),
         })
     }
 
