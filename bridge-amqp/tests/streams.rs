@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +17,7 @@ use purista_core::{
 };
 use serde_json::{Value, json};
 
-use common::eventually;
+use common::{close_connection_of, eventually, rabbitmqctl_usable};
 
 /// How long any single wait in these tests may take.
 const WITHIN: Duration = Duration::from_secs(5);
@@ -326,57 +325,6 @@ async fn a_producer_that_leaves_without_a_terminal_frame_fails_the_session_at_on
     );
     assert!(started.elapsed() < WITHIN, "not at the session timeout");
     broker.finish().await;
-}
-
-const RABBITMQCTL: &str = "rabbitmqctl";
-
-/// Closes the broker connection of `bridge` (found by its connection name) with rabbitmqctl.
-fn close_connection_of(bridge: &AmqpBridge) -> Result<(), String> {
-    let name = format!(
-        "purista {} {}",
-        bridge.topology().prefix(),
-        bridge.instance_id()
-    );
-    let listing = Command::new(RABBITMQCTL)
-        .args(["list_connections", "pid", "client_properties", "-q"])
-        .output()
-        .map_err(|e| format!("{RABBITMQCTL} not runnable: {e}"))?;
-    if !listing.status.success() {
-        return Err(String::from_utf8_lossy(&listing.stderr).into_owned());
-    }
-    let listing = String::from_utf8_lossy(&listing.stdout);
-    let pid = listing
-        .lines()
-        .find(|line| line.contains(&name))
-        .and_then(|line| line.split('\t').next())
-        .map(str::trim)
-        .ok_or_else(|| format!("no connection named `{name}` in:\n{listing}"))?
-        .to_string();
-    let closed = Command::new(RABBITMQCTL)
-        .args(["close_connection", &pid, "test"])
-        .output()
-        .map_err(|e| e.to_string())?;
-    if closed.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&closed.stderr).into_owned())
-    }
-}
-
-fn rabbitmqctl_usable() -> bool {
-    let usable = Command::new(RABBITMQCTL)
-        .args(["list_connections", "pid", "-q"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !usable {
-        if std::env::var("PURISTA_REQUIRE_BROKERS").as_deref() == Ok("1") {
-            panic!("rabbitmqctl is needed to close connections and PURISTA_REQUIRE_BROKERS=1");
-        }
-        eprintln!(
-            "\n*** SKIP stream connection test: rabbitmqctl cannot reach the broker node ***\n"
-        );
-    }
-    usable
 }
 
 #[tokio::test]

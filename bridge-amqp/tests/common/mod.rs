@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 use std::net::{TcpStream, ToSocketAddrs};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -423,4 +424,59 @@ impl TestBroker {
         let _ = conn.close(200, "OK".into()).await;
         declared
     }
+}
+
+/// The RabbitMQ CLI the connection-loss tests close connections with.
+pub const RABBITMQCTL: &str = "rabbitmqctl";
+
+/// Closes the broker connection of `bridge` (found by its connection name), as an operator or a
+/// network fault would. Only this bridge's connection: other tests share the broker.
+pub fn close_connection_of(bridge: &AmqpBridge) -> Result<(), String> {
+    let name = format!(
+        "purista {} {}",
+        bridge.topology().prefix(),
+        bridge.instance_id()
+    );
+    // Table output: one connection per line, `pid<TAB>client_properties`; the pid is in the
+    // `<node.x.y.z>` form `close_connection` takes (the JSON formatter renders it differently).
+    let listing = Command::new(RABBITMQCTL)
+        .args(["list_connections", "pid", "client_properties", "-q"])
+        .output()
+        .map_err(|e| format!("{RABBITMQCTL} not runnable: {e}"))?;
+    if !listing.status.success() {
+        return Err(String::from_utf8_lossy(&listing.stderr).into_owned());
+    }
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    let pid = listing
+        .lines()
+        .find(|line| line.contains(&name))
+        .and_then(|line| line.split('\t').next())
+        .map(str::trim)
+        .ok_or_else(|| format!("no connection named `{name}` in:\n{listing}"))?
+        .to_string();
+    let closed = Command::new(RABBITMQCTL)
+        .args(["close_connection", &pid, "test"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if closed.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&closed.stderr).into_owned())
+    }
+}
+
+pub fn rabbitmqctl_usable() -> bool {
+    let usable = Command::new(RABBITMQCTL)
+        .args(["list_connections", "pid", "-q"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !usable {
+        if std::env::var("PURISTA_REQUIRE_BROKERS").as_deref() == Ok("1") {
+            panic!("rabbitmqctl is needed to close connections and PURISTA_REQUIRE_BROKERS=1");
+        }
+        eprintln!(
+            "\n*** SKIP connection-loss test: rabbitmqctl cannot reach the broker node ***\n"
+        );
+    }
+    usable
 }
