@@ -130,6 +130,39 @@ impl Shared {
         })
     }
 
+    /// Publishes a `mandatory` message that must reach a queue (a command, a stream's open
+    /// frame) for `receiver`: unroutable is [`BridgeError::NoHandler`] (502) at once, except in
+    /// the reconnect grace, where it is published again after short pauses (a returned message
+    /// reached no queue, so this cannot duplicate it); nacked is [`BridgeError::Refused`]. The
+    /// caller bounds the whole by its ttl.
+    pub(crate) async fn publish_routed(
+        &self,
+        mut session: Arc<Session>,
+        out: Outgoing<'_>,
+        receiver: &Address,
+    ) -> Result<(), BridgeError> {
+        let mut pause = UNROUTED_RETRY_FIRST;
+        loop {
+            let attempt = Outgoing {
+                properties: out.properties.clone(),
+                ..out
+            };
+            match session.publish(attempt).await? {
+                Verdict::Confirmed => return Ok(()),
+                Verdict::Returned { .. } if self.in_reconnect_grace(&session) => {
+                    tracing::debug!(%receiver, retry_in = ?pause, "no route right after a reconnect; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(UNROUTED_RETRY_MAX);
+                    session = self.connected()?;
+                }
+                Verdict::Returned { .. } => {
+                    return Err(BridgeError::NoHandler(receiver.to_string()));
+                }
+                Verdict::Nacked => return Err(BridgeError::Refused(receiver.to_string())),
+            }
+        }
+    }
+
     /// Publishes a command's response to the exchange: subscriptions see it through the header
     /// projection, the caller's reply queue through the `replyTo` header.
     pub(crate) async fn publish_response(
@@ -675,40 +708,20 @@ impl EventBridge for AmqpBridge {
             .get_or_insert_with(ids::new_id)
             .clone();
         let body = self.encode_checked(&command)?;
-        let mut session = self.shared.connected()?;
+        let session = self.shared.connected()?;
         let (_pending, reply) = self.shared.inbox.wait_for(&correlation_id)?;
         let label: Arc<str> = receiver.to_string().into();
         let _in_flight = self.shared.tracker.start(WorkKind::Command, &label);
         let reply_queue = self.shared.topology.reply_queue();
         let waited = tokio::time::timeout_at(deadline, async {
-            let mut pause = UNROUTED_RETRY_FIRST;
-            loop {
-                let verdict = session
-                    .publish(Outgoing {
-                        exchange: self.shared.topology.exchange(),
-                        routing_key: "",
-                        mandatory: true,
-                        body: &body,
-                        properties: publish::command_properties(&command, &reply_queue, ttl_ms),
-                    })
-                    .await?;
-                match verdict {
-                    Verdict::Confirmed => break,
-                    // Returned = routed to no queue, so publishing again cannot duplicate it.
-                    Verdict::Returned { .. } if self.shared.in_reconnect_grace(&session) => {
-                        tracing::debug!(%correlation_id, %receiver, retry_in = ?pause, "no route for a command right after a reconnect; trying again");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(UNROUTED_RETRY_MAX);
-                        session = self.shared.connected()?;
-                    }
-                    Verdict::Returned { .. } => {
-                        return Err(BridgeError::NoHandler(receiver.to_string()));
-                    }
-                    Verdict::Nacked => {
-                        return Err(BridgeError::Refused(receiver.to_string()));
-                    }
-                }
-            }
+            let out = Outgoing {
+                exchange: self.shared.topology.exchange(),
+                routing_key: "",
+                mandatory: true,
+                body: &body,
+                properties: publish::command_properties(&command, &reply_queue, ttl_ms),
+            };
+            self.shared.publish_routed(session, out, &receiver).await?;
             reply
                 .await
                 .unwrap_or_else(|_| Err(BridgeError::Unavailable("bridge shutting down".into())))
@@ -875,7 +888,7 @@ impl EventBridge for AmqpBridge {
         // subscription queue ever gets a stream frame, and no queue means nobody serves it.
         let stream_queue = self.shared.topology.stream_queue(&receiver);
         topology::name(&stream_queue)?;
-        let mut session = self.shared.connected()?;
+        let session = self.shared.connected()?;
         let label: Arc<str> = endpoint_label(&receiver).into();
         let in_flight = self.shared.tracker.start(WorkKind::Stream, &label);
         let origin = streams::origin(&receiver, &self.shared.instance_id);
@@ -894,31 +907,14 @@ impl EventBridge for AmqpBridge {
             .with_expiration(ttl_ms.to_string().into());
         let deadline = deadline_after(self.shared.config.default_command_timeout);
         let published = tokio::time::timeout_at(deadline, async {
-            let mut pause = UNROUTED_RETRY_FIRST;
-            loop {
-                let verdict = session
-                    .publish(Outgoing {
-                        exchange: "",
-                        routing_key: &stream_queue,
-                        mandatory: true,
-                        body: &body,
-                        properties: properties.clone(),
-                    })
-                    .await?;
-                match verdict {
-                    Verdict::Confirmed => return Ok(()),
-                    // Returned = routed to no queue, so publishing again cannot duplicate it.
-                    Verdict::Returned { .. } if self.shared.in_reconnect_grace(&session) => {
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(UNROUTED_RETRY_MAX);
-                        session = self.shared.connected()?;
-                    }
-                    Verdict::Returned { .. } => {
-                        return Err(BridgeError::NoHandler(receiver.to_string()));
-                    }
-                    Verdict::Nacked => return Err(BridgeError::Refused(receiver.to_string())),
-                }
-            }
+            let out = Outgoing {
+                exchange: "",
+                routing_key: &stream_queue,
+                mandatory: true,
+                body: &body,
+                properties,
+            };
+            self.shared.publish_routed(session, out, &receiver).await
         })
         .await
         .unwrap_or_else(|_| {
