@@ -11,6 +11,7 @@ use lapin::options::QueueDeleteOptions;
 use purista_bridge_amqp::{AmqpBridge, LeftDeadLetter, NotReplayed};
 use purista_core::{
     BridgeError, Envelope, EventBridge, Outcome, SenderAddress, SubscriptionFilter,
+    SubscriptionSpec,
 };
 use serde_json::json;
 
@@ -32,10 +33,22 @@ fn sold() -> SubscriptionFilter {
     SubscriptionFilter::new().event_name("sold")
 }
 
-/// A switch the test flips once the handler's cause is "fixed".
-fn fixed_switch() -> (Arc<AtomicBool>, Arc<AtomicBool>) {
+/// A handler for `spec` that answers `failure` until the test flips the returned switch (the
+/// cause is "fixed"), and acks from then on.
+fn failing_until_fixed(
+    spec: &SubscriptionSpec,
+    failure: Outcome,
+) -> (Arc<Recorder>, Arc<AtomicBool>) {
     let fixed = Arc::new(AtomicBool::new(false));
-    (fixed.clone(), fixed)
+    let flag = fixed.clone();
+    let recorder = Recorder::deciding(spec, move |_, _| {
+        if flag.load(Ordering::SeqCst) {
+            Outcome::Ack
+        } else {
+            failure.clone()
+        }
+    });
+    (recorder, fixed)
 }
 
 async fn dead_letter_count(bridge: &AmqpBridge, target: &str) -> usize {
@@ -53,14 +66,7 @@ async fn a_replayed_dead_letter_comes_back_as_attempt_one_and_leaves_the_queue()
     let mut spec = spec("onSold", sold());
     spec.policy.max_attempts = 3;
     spec.policy.dead_letter_target = Some("sold-failed".into());
-    let (fixed, flag) = fixed_switch();
-    let recorder = Recorder::deciding(&spec, move |_, _| {
-        if flag.load(Ordering::SeqCst) {
-            Outcome::Ack
-        } else {
-            Outcome::retry()
-        }
-    });
+    let (recorder, fixed) = failing_until_fixed(&spec, Outcome::retry());
     bridge
         .register_subscription(spec.clone(), recorder.clone())
         .await
@@ -127,14 +133,8 @@ async fn a_replay_reaches_only_the_subscription_it_was_dead_lettered_from() {
     let (bridge, publisher) = (broker.bridge().await, broker.bridge().await);
     let mut failing = spec("onSold", sold());
     failing.policy.dead_letter_target = Some("sold-failed".into());
-    let (fixed, flag) = fixed_switch();
-    let failing_recorder = Recorder::deciding(&failing, move |_, _| {
-        if flag.load(Ordering::SeqCst) {
-            Outcome::Ack
-        } else {
-            Outcome::dead_letter("downstream rejected it")
-        }
-    });
+    let (failing_recorder, fixed) =
+        failing_until_fixed(&failing, Outcome::dead_letter("downstream rejected it"));
     let audit = spec("audit", sold());
     let audit_recorder = Recorder::acking(&audit);
     bridge
@@ -278,14 +278,7 @@ async fn a_replay_takes_at_most_limit_messages() {
     let (bridge, publisher) = (broker.bridge().await, broker.bridge().await);
     let mut spec = spec("onSold", sold());
     spec.policy.dead_letter_target = Some("sold-failed".into());
-    let (fixed, flag) = fixed_switch();
-    let recorder = Recorder::deciding(&spec, move |_, _| {
-        if flag.load(Ordering::SeqCst) {
-            Outcome::Ack
-        } else {
-            Outcome::dead_letter("not yet")
-        }
-    });
+    let (recorder, fixed) = failing_until_fixed(&spec, Outcome::dead_letter("not yet"));
     bridge
         .register_subscription(spec.clone(), recorder.clone())
         .await

@@ -54,6 +54,29 @@ async fn open(
     StreamReader::new(end, correlation_id, tokio::time::Instant::now() + timeout)
 }
 
+/// A producer instance serving an endless ticker at `ticker.1.<target>`, an opener instance, and
+/// a session from the opener (ending at the latest after `timeout`) whose first chunk arrived.
+async fn endless_session(
+    broker: &common::TestBroker,
+    target: &str,
+    timeout: Duration,
+) -> (Arc<AmqpBridge>, Arc<AmqpBridge>, Arc<Endless>, StreamReader) {
+    let producer = broker.bridge().await;
+    let opener = broker.bridge().await;
+    let endless = Arc::new(Endless::default());
+    let feed = Address::new("ticker", "1", target);
+    producer
+        .register_stream(feed.clone(), endless.clone())
+        .await
+        .expect("the stream registers");
+    let mut reader = open(&opener, &feed, json!(null), timeout).await;
+    let first = tokio::time::timeout(WITHIN, reader.next())
+        .await
+        .expect("in time");
+    assert_eq!(first, Some(StreamItem::Chunk(json!(0))));
+    (producer, opener, endless, reader)
+}
+
 /// Reads until the terminal item, each read bounded; returns the chunks and the terminal.
 async fn read_all(reader: &mut StreamReader) -> (Vec<Value>, StreamItem) {
     let mut chunks = Vec::new();
@@ -334,19 +357,8 @@ async fn losing_the_openers_connection_ends_its_session_at_once_and_cancels_the_
         broker.finish().await;
         return;
     }
-    let producer = broker.bridge().await;
-    let opener = broker.bridge().await;
-    let endless = Arc::new(Endless::default());
-    let feed = Address::new("ticker", "1", "forever");
-    producer
-        .register_stream(feed.clone(), endless.clone())
-        .await
-        .expect("the stream registers");
-    let mut reader = open(&opener, &feed, json!(null), Duration::from_secs(30)).await;
-    let first = tokio::time::timeout(WITHIN, reader.next())
-        .await
-        .expect("in time");
-    assert_eq!(first, Some(StreamItem::Chunk(json!(0))));
+    let (_producer, opener, endless, mut reader) =
+        endless_session(&broker, "forever", Duration::from_secs(30)).await;
 
     close_connection_of(&opener).expect("connection closed by the broker");
     // rabbitmqctl itself takes a second or two; the clock starts once the broker closed it.
@@ -479,19 +491,8 @@ async fn losing_the_producers_connection_cancels_its_session_and_the_opener_lear
         broker.finish().await;
         return;
     }
-    let producer = broker.bridge().await;
-    let opener = broker.bridge().await;
-    let endless = Arc::new(Endless::default());
-    let feed = Address::new("ticker", "1", "fragile");
-    producer
-        .register_stream(feed.clone(), endless.clone())
-        .await
-        .expect("the stream registers");
-    let mut reader = open(&opener, &feed, json!(null), Duration::from_secs(30)).await;
-    let first = tokio::time::timeout(WITHIN, reader.next())
-        .await
-        .expect("in time");
-    assert_eq!(first, Some(StreamItem::Chunk(json!(0))));
+    let (producer, _opener, endless, mut reader) =
+        endless_session(&broker, "fragile", Duration::from_secs(30)).await;
 
     close_connection_of(&producer).expect("connection closed by the broker");
     let closed_at = Instant::now();
