@@ -114,6 +114,17 @@ impl TestEnv {
         self.deployment.raw.clone()
     }
 
+    /// The raw publisher of a harness that offers one (cases that require it); panics when the
+    /// deployment lacks it although the harness said it offers one.
+    pub fn raw_publisher(&self) -> Arc<dyn RawPublisher> {
+        self.raw().unwrap_or_else(|| {
+            panic!(
+                "the `{}` harness offers a raw publisher, but its deployment has none",
+                self.harness.name()
+            )
+        })
+    }
+
     /// Starts `service` on instance `i` (with the queue bridge, if any) and keeps it for
     /// [`TestEnv::finish`]. Panics with the start error: a case only starts what must start.
     pub async fn start(&mut self, i: usize, service: ServiceBuilder) -> Arc<RunningService> {

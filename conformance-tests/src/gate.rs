@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use purista_core::{
-    CommandDef, Context, Empty, JobContext, Need, QueueConfig, QueueWorkerDef, Service,
+    CommandDef, Context, Empty, JobContext, Need, QueueConfig, QueueError, QueueWorkerDef, Service,
     ServiceBuilder, StartError, StreamDef, SubscriptionContext, SubscriptionDef,
     SubscriptionFilter,
 };
@@ -17,7 +17,6 @@ use purista_core::{
 use crate::env::TestEnv;
 use crate::harness::Harness;
 use crate::logs;
-use crate::runner::Verdict;
 use crate::support::eventually;
 
 /// True for needs a queue bridge meets.
@@ -33,19 +32,17 @@ pub fn is_queue_need(need: &Need) -> bool {
 
 /// Whether the harness declares `need`.
 pub fn declares(h: &Arc<dyn Harness>, need: &Need) -> bool {
+    declares_on(&**h, need)
+}
+
+/// [`declares`] on a borrowed harness.
+pub fn declares_on(h: &dyn Harness, need: &Need) -> bool {
     if is_queue_need(need) {
         h.queue_capabilities()
             .is_some_and(|q| need.met_by_queue(&q))
     } else {
         need.met_by(&h.capabilities())
     }
-}
-
-/// `None` when every need is declared (run the behaviour); otherwise the verdict of the strict
-/// check for the first undeclared need.
-pub async fn require(h: &Arc<dyn Harness>, needs: &[Need]) -> Option<Verdict> {
-    let unmet = needs.iter().find(|n| !declares(h, n))?;
-    Some(rejects_at_startup(h, unmet.clone()).await)
 }
 
 /// One registration of a probe service.
@@ -177,9 +174,6 @@ pub fn bridge_for(h: &Arc<dyn Harness>, need: &Need) -> String {
 
 /// Waits until a warning names `registration` and `need` (a non-strict start's degrade notice).
 pub async fn expect_mismatch_warning(registration: &str, need: &Need) {
-    if !logs::capturing() {
-        return;
-    }
     let describe = need.describe();
     eventually(
         &format!("a non-strict start warns that {registration} needs {describe}"),
@@ -197,9 +191,22 @@ pub async fn expect_mismatch_warning(registration: &str, need: &Need) {
 }
 
 /// The strict check for an undeclared `need`. Panics (fails the case) when a strict start
-/// accepts the need, names it wrongly, or a non-strict start fails or does not warn.
-pub async fn rejects_at_startup(h: &Arc<dyn Harness>, need: Need) -> Verdict {
+/// accepts the need, names it wrongly, or a non-strict start fails or does not warn. For
+/// undeclared dead-letter operations on a queue bridge, the calls themselves must also fail
+/// with `Unsupported`.
+pub async fn rejects_at_startup(h: &Arc<dyn Harness>, need: Need) {
     let mut env = TestEnv::new(h, 1).await;
+    if let (Need::QueueDeadLetterOps, Some(q)) = (&need, env.deployment.queues.clone()) {
+        let queue = format!("{}.undeclared-ops", env.prefix);
+        q.declare_queue(&queue, QueueConfig::default())
+            .await
+            .unwrap_or_else(|e| panic!("declaring queue `{queue}` failed: {e}"));
+        let listed = q.inspect_dead_letters(&queue, 10).await;
+        assert!(
+            matches!(listed, Err(QueueError::Unsupported(_))),
+            "undeclared dead-letter operations must fail with Unsupported, got {listed:?}"
+        );
+    }
     let service = env.name("probe");
     let queue = format!("{}.probe", env.prefix);
     let (registration, strict) = probe(&need, &service, "probe", &queue);
@@ -235,5 +242,4 @@ pub async fn rejects_at_startup(h: &Arc<dyn Harness>, need: Need) -> Verdict {
     }
     expect_mismatch_warning(&registration, &need).await;
     env.finish().await;
-    Verdict::RejectedAsUndeclared(need.describe())
 }

@@ -70,8 +70,23 @@ pub trait BrokerControl: Send + Sync + 'static {
     async fn restart(&self);
 }
 
+/// Whether a harness offers something (broker control), decided without breaking anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Offer {
+    /// It does.
+    Available,
+    /// This harness never offers it; says why. Cases that need it are skipped everywhere.
+    Absent(String),
+    /// The harness offers it, but not on this machine right now (a program is missing); says
+    /// why. Cases that need it are skipped, or fail under `PURISTA_REQUIRE_BROKERS=1`.
+    Unreachable(String),
+}
+
 /// One bridge under test. Implement it once per bridge; [`crate::suite!`] turns the suite into
 /// one test per behaviour for it.
+///
+/// The methods without `async` are called while the tests are listed, before any case runs
+/// (see [`crate::plan`]): keep them cheap — plain data, or a probe that takes a moment at most.
 #[async_trait]
 pub trait Harness: Send + Sync + 'static {
     /// Bridge name as it appears in test names and the matrix, e.g. `default`.
@@ -86,23 +101,39 @@ pub trait Harness: Send + Sync + 'static {
     /// The queue bridge's declared capabilities, when the bridge has a queue half.
     fn queue_capabilities(&self) -> Option<QueueCapabilities>;
 
+    /// True when every deployment carries a [`RawPublisher`].
+    fn offers_raw_publisher(&self) -> bool;
+
+    /// `Err(why)` when the harness cannot run here, e.g. its broker does not answer: its cases
+    /// are listed as skipped with `why`, or — with `PURISTA_REQUIRE_BROKERS=1`
+    /// ([`crate::env::brokers_required`]) — run and fail. Called when the tests are listed, so
+    /// a cheap probe (a TCP connect with a short timeout), not a broker session.
+    fn availability(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Whether [`Harness::control`] can hand out a broker to break.
+    fn broker_control(&self) -> Offer {
+        Offer::Absent(format!(
+            "the `{}` harness has no broker-control hooks (drop connections, restart)",
+            self.name()
+        ))
+    }
+
     /// `instances` independent bridge instances on one broker, all resources named under
     /// `prefix` (unique per test). Services start the instances (a start is idempotent); a
     /// harness on a real broker may start them already, so that a broker it cannot reach fails
     /// here with a clear message.
     async fn deployment(&self, prefix: &str, instances: usize) -> Deployment;
 
-    /// A broker the reliability cases may break; `None` skips them. May start that broker; a
-    /// harness that cannot says why, loudly (and fails under `PURISTA_REQUIRE_BROKERS=1`).
-    async fn control(&self) -> Option<Arc<dyn BrokerControl>> {
-        None
-    }
-
-    /// `Err(why)` when the harness cannot run here, e.g. its broker is unreachable: each case
-    /// is then skipped loudly, or fails when `PURISTA_REQUIRE_BROKERS=1`
-    /// ([`crate::env::brokers_required`]).
-    async fn availability(&self) -> Result<(), String> {
-        Ok(())
+    /// A broker the reliability cases may break. Called only when [`Harness::broker_control`]
+    /// said it is available (or brokers are required); may start that broker, and says why when
+    /// it cannot (the case then fails).
+    async fn control(&self) -> Result<Arc<dyn BrokerControl>, String> {
+        Err(format!(
+            "the `{}` harness has no broker control",
+            self.name()
+        ))
     }
 }
 

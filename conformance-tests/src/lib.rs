@@ -11,12 +11,15 @@
 //! * Each case gets a fresh deployment under a unique resource prefix, subscribes before it
 //!   publishes, waits on conditions with deadlines, de-duplicates by message id where the bridge
 //!   is at-least-once, and removes what it created ([`env`](mod@env), [`support`]).
-//! * The list of cases exists once, in [`for_each_case!`]. [`suite!`] turns it into one test per
-//!   behaviour per bridge (`default::commands::late_response_is_ignored`), [`all_cases`] into
-//!   the table the capability-matrix binary runs.
+//! * The list of cases exists once, in [`all_cases`], each with what it [`plan::Requires`].
+//!   Each bridge's test target is `suite!(<bridge>, <harness>)`: one test per case
+//!   (`default::commands::late_response_is_ignored`) under the suite's own test harness
+//!   ([`runner::run_suite`]), which lists a case that cannot run here as *ignored* with its
+//!   reason, and names a case that proves a strict-check rejection after what it proves. The
+//!   capability-matrix binary runs the same table.
 //!
 //! ```ignore
-//! // tests/default.rs
+//! // tests/default.rs (a `[[test]]` target with `harness = false`)
 //! purista_conformance::suite!(default, purista_conformance::harnesses::DefaultHarness::new());
 //! ```
 
@@ -31,161 +34,149 @@ pub mod harness;
 pub mod harnesses;
 pub mod logs;
 pub mod matrix;
+pub mod plan;
 pub mod runner;
 pub mod support;
 
-pub use harness::{BrokerControl, Deployment, Harness, RawPublisher, TestMode};
+pub use harness::{BrokerControl, Deployment, Harness, Offer, RawPublisher, TestMode};
 pub use runner::{Case, Verdict};
 
-/// The one list of cases, by behaviour group. Calls `$callback! { [extra] group { names } … }`.
-///
-/// Adding a case: write `pub async fn name(h: Arc<dyn Harness>) -> Verdict` in
-/// `src/cases/<group>.rs` and add its name here; every bridge's test target and the matrix
-/// pick it up.
-#[macro_export]
-macro_rules! for_each_case {
-    ($($callback:tt)::+ ! [$($extra:tt)*]) => {
-        $($callback)::+ ! {
-            [$($extra)*]
-            envelope {
-                stamps_unique_id_ms_timestamp_and_sender_instance,
-                trace_principal_tenant_survive_invoke_to_response,
-                trace_principal_tenant_survive_subscription_to_emit,
-                unknown_fields_survive_a_round_trip,
-            }
-            commands {
-                success_returns_the_result,
-                handled_error_carries_status_message_and_data,
-                unhandled_error_is_500_with_generic_text_only,
-                bad_input_is_400,
-                timeout_is_504_at_ttl_and_leaves_no_pending_entry,
-                late_response_is_ignored,
-                no_handler_is_502_fast_or_504_at_ttl,
-                concurrent_invokes_never_cross_correlate,
-                success_event_reaches_subscriptions,
-            }
-            subscriptions {
-                filter_table_routes_like_the_reference_matcher,
-                shared_delivers_each_message_to_exactly_one_instance,
-                broadcast_delivers_each_message_to_every_instance,
-                filtered_subscription_sees_commands_and_responses,
-                emit_event_name_emits_exactly_one_event,
-                durable_subscription_keeps_messages_while_no_consumer,
-                unsettled_delivery_is_redelivered_when_its_consumer_goes_away,
-            }
-            outcomes {
-                ack_settles_the_delivery,
-                retry_up_to_max_attempts_then_dead_letter,
-                delayed_retry_is_not_delivered_before_its_delay,
-                drop_settles_with_a_warning,
-                stop_consumer_pauses_until_resumed,
-                settling_twice_is_a_typed_error,
-                poison_message_does_not_stop_the_consumer,
-            }
-            duplicates {
-                redelivered_message_id_runs_side_effect_once,
-                repeated_business_key_runs_side_effect_once,
-            }
-            streams {
-                chunks_arrive_in_order,
-                exactly_one_terminal_frame,
-                frames_after_the_terminal_are_ignored,
-                consumer_cancel_reaches_the_producer,
-                session_timeout_ends_the_session,
-            }
-            queues {
-                lease_hides_the_job,
-                unsettled_lease_reappears_after_visibility_timeout,
-                lease_extension_is_capped,
-                retry_backoff_stays_within_jitter_bounds,
-                max_attempts_then_dead_letter_queue,
-                retry_window_then_dead_letter_queue,
-                fatal_failure_dead_letters_at_once,
-                dead_letters_inspect_replay_purge,
-                idempotency_key_returns_the_first_job_id,
-                delayed_job_is_not_leased_early,
-                worker_settles_jobs_through_the_service,
-            }
-            lifecycle {
-                info_messages_arrive_in_order_with_function_metadata,
-                in_flight_counts_running_handlers_by_kind,
-                shutdown_waits_for_running_handlers,
-                shutdown_rejects_pending_invocations_and_reports_what_still_runs,
-            }
-            reliability {
-                connection_drop_loses_no_events,
-                broker_restart_loses_no_events,
-                invocations_during_an_outage_fail_or_complete_within_ttl,
-            }
-            strict {
-                declared_capabilities_are_the_bridges_own,
-                strict_start_lists_every_mismatch_in_one_error,
-                non_strict_start_degrades_with_a_warning_per_mismatch,
-            }
-        }
-    };
-}
-
-/// One test per behaviour for one bridge: `suite!(module, harness_expr)` expands to
-/// `mod module { mod <group> { #[tokio::test] async fn <behaviour>() … } }`.
-///
-/// `harness_expr` is evaluated per test and resolved from where `suite!` is invoked. A verdict
-/// of "rejected as undeclared" or "not applicable" passes and prints why. The invoking crate
-/// needs `tokio` (with `macros` and `rt-multi-thread`).
+/// The suite of one bridge as a test target's `main`: `suite!(module, harness_expr)`. The
+/// target needs `harness = false` in `Cargo.toml`; see [`runner::run_suite`].
 #[macro_export]
 macro_rules! suite {
     ($module:ident, $harness:expr) => {
-        $crate::for_each_case!($crate::__suite_tests![$module, $harness]);
-    };
-}
-
-#[doc(hidden)]
-#[macro_export]
-macro_rules! __suite_tests {
-    ([$module:ident, $harness:expr] $($group:ident { $($name:ident),* $(,)? })*) => {
-        #[allow(unused_imports)]
-        mod $module {
-            use super::*;
-
-            fn harness() -> ::std::sync::Arc<dyn $crate::Harness> {
-                ::std::sync::Arc::new($harness)
-            }
-
-            $(
-                mod $group {
-                    $(
-                        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                        async fn $name() {
-                            $crate::runner::run_test(
-                                super::harness(),
-                                stringify!($group),
-                                stringify!($name),
-                                |h| ::std::boxed::Box::pin($crate::cases::$group::$name(h)),
-                            )
-                            .await;
-                        }
-                    )*
-                }
-            )*
+        fn main() -> ::std::process::ExitCode {
+            $crate::runner::run_suite(stringify!($module), ::std::sync::Arc::new($harness))
         }
     };
 }
 
-#[doc(hidden)]
-#[macro_export]
-macro_rules! __case_table {
-    ([] $($group:ident { $($name:ident),* $(,)? })*) => {
+/// Builds the case table: `group { name: requires, … }` → `Vec<Case>`.
+macro_rules! case_table {
+    ($($group:ident { $($name:ident : $requires:expr),* $(,)? })*) => {
         vec![$($(
             $crate::runner::Case {
                 group: stringify!($group),
                 name: stringify!($name),
+                requires: || {
+                    #[allow(unused_imports)]
+                    use purista_core::Need::*;
+                    #[allow(unused_imports)]
+                    use $crate::plan::{needs, nothing};
+                    $requires
+                },
                 run: |h| ::std::boxed::Box::pin($crate::cases::$group::$name(h)),
             },
         )*)*]
     };
 }
 
-/// Every case, in suite order: what the matrix binary runs.
+/// Every case, in suite order, with what it requires: the one list the test targets and the
+/// matrix binary run.
+///
+/// Adding a case: write `pub async fn name(h: Arc<dyn Harness>)` in `src/cases/<group>.rs`
+/// and add `name: <requires>` here; every bridge's test target and the matrix pick it up.
 pub fn all_cases() -> Vec<Case> {
-    for_each_case!(crate::__case_table![])
+    case_table! {
+        envelope {
+            stamps_unique_id_ms_timestamp_and_sender_instance: needs(&[SharedSubscription]),
+            trace_principal_tenant_survive_invoke_to_response: needs(&[Commands]),
+            trace_principal_tenant_survive_subscription_to_emit: needs(&[SharedSubscription]),
+            unknown_fields_survive_a_round_trip: needs(&[SharedSubscription]),
+        }
+        commands {
+            success_returns_the_result: needs(&[Commands]),
+            handled_error_carries_status_message_and_data: needs(&[Commands]),
+            unhandled_error_is_500_with_generic_text_only: needs(&[Commands]),
+            bad_input_is_400: needs(&[Commands]),
+            timeout_is_504_at_ttl_and_leaves_no_pending_entry: needs(&[Commands]),
+            late_response_is_ignored: needs(&[Commands]),
+            no_handler_is_502_fast_or_504_at_ttl: needs(&[Commands]),
+            concurrent_invokes_never_cross_correlate: needs(&[Commands]),
+            success_event_reaches_subscriptions: needs(&[Commands, SharedSubscription]),
+        }
+        routing {
+            filter_table_routes_like_the_reference_matcher:
+                needs(&[ComplexFilter, SharedSubscription]).raw_publisher(),
+            random_filters_route_like_the_reference_matcher:
+                needs(&[ComplexFilter, BroadcastSubscription]).raw_publisher(),
+        }
+        subscriptions {
+            shared_delivers_each_message_to_exactly_one_instance: needs(&[SharedSubscription]),
+            broadcast_delivers_each_message_to_every_instance: needs(&[BroadcastSubscription]),
+            filtered_subscription_sees_commands_and_responses:
+                needs(&[Commands, ComplexFilter, SharedSubscription]),
+            emit_event_name_emits_exactly_one_event: needs(&[SharedSubscription]),
+            durable_subscription_keeps_messages_while_no_consumer:
+                needs(&[SharedSubscription, DurableSubscription]),
+            unsettled_delivery_is_redelivered_when_its_consumer_goes_away:
+                needs(&[SharedSubscription, AtLeastOnce]),
+        }
+        outcomes {
+            ack_settles_the_delivery: needs(&[ManualAck, SharedSubscription]),
+            retry_up_to_max_attempts_then_dead_letter: needs(&[
+                ManualAck,
+                SharedSubscription,
+                BoundedRetry { max_attempts: 3 },
+                DeadLetter,
+            ]),
+            delayed_retry_is_not_delivered_before_its_delay: needs(&[
+                ManualAck,
+                SharedSubscription,
+                BoundedRetry { max_attempts: 2 },
+                DelayedRetry { delay_ms: 300 },
+            ]),
+            drop_settles_with_a_warning: needs(&[ManualAck, SharedSubscription]),
+            stop_consumer_pauses_until_resumed:
+                needs(&[ManualAck, SharedSubscription, PauseResume]),
+            settling_twice_is_a_typed_error: needs(&[ManualAck, SharedSubscription]),
+            poison_message_does_not_stop_the_consumer: needs(&[ManualAck, SharedSubscription]),
+        }
+        duplicates {
+            redelivered_message_id_runs_side_effect_once:
+                needs(&[SharedSubscription]).raw_publisher(),
+            repeated_business_key_runs_side_effect_once: needs(&[SharedSubscription]),
+        }
+        streams {
+            chunks_arrive_in_order: needs(&[Streams]),
+            exactly_one_terminal_frame: needs(&[Streams]),
+            frames_after_the_terminal_are_ignored: needs(&[Streams]),
+            consumer_cancel_reaches_the_producer: needs(&[Streams]),
+            session_timeout_ends_the_session: needs(&[Streams]),
+        }
+        queues {
+            lease_hides_the_job: nothing().queue_bridge(),
+            unsettled_lease_reappears_after_visibility_timeout: nothing().queue_bridge(),
+            lease_extension_is_capped: needs(&[QueueLeaseExtension]).queue_bridge(),
+            retry_backoff_stays_within_jitter_bounds: nothing().queue_bridge(),
+            max_attempts_then_dead_letter_queue: nothing().queue_bridge(),
+            retry_window_then_dead_letter_queue: nothing().queue_bridge(),
+            fatal_failure_dead_letters_at_once: nothing().queue_bridge(),
+            dead_letters_inspect_replay_purge: needs(&[QueueDeadLetterOps]).queue_bridge(),
+            idempotency_key_returns_the_first_job_id: needs(&[QueueIdempotency]).queue_bridge(),
+            delayed_job_is_not_leased_early: needs(&[QueueDelayedDelivery]).queue_bridge(),
+            worker_settles_jobs_through_the_service: nothing().queue_bridge(),
+        }
+        lifecycle {
+            info_messages_arrive_in_order_with_function_metadata:
+                needs(&[Commands, ComplexFilter, SharedSubscription]),
+            in_flight_counts_running_handlers_by_kind: needs(&[Commands, SharedSubscription]),
+            shutdown_waits_for_running_handlers: needs(&[Commands]),
+            shutdown_rejects_pending_invocations_and_reports_what_still_runs: needs(&[Commands]),
+        }
+        reliability {
+            connection_drop_loses_no_events:
+                needs(&[SharedSubscription, DurableSubscription, AtLeastOnce]).broker_control(),
+            broker_restart_loses_no_events:
+                needs(&[SharedSubscription, DurableSubscription, AtLeastOnce]).broker_control(),
+            invocations_during_an_outage_fail_or_complete_within_ttl:
+                needs(&[Commands]).broker_control(),
+        }
+        strict {
+            declared_capabilities_are_the_bridges_own: nothing(),
+            strict_start_lists_every_mismatch_in_one_error: nothing(),
+            non_strict_start_degrades_with_a_warning_per_mismatch: nothing(),
+        }
+    }
 }

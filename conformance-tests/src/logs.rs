@@ -119,11 +119,14 @@ pub fn install() -> bool {
         .is_some()
 }
 
-/// Captured warnings and errors for which `pick` holds.
+/// Captured warnings and errors for which `pick` holds. Installs the capture if nobody did;
+/// panics when it cannot capture (another global subscriber came first): a case that checks a
+/// warning must not pass because nothing could be seen.
 pub fn warnings(pick: impl Fn(&Captured) -> bool) -> Vec<Captured> {
+    install();
     match STORE.get() {
         Some(Some(store)) => store.lock().iter().filter(|c| pick(c)).cloned().collect(),
-        _ => Vec::new(),
+        _ => panic!("warnings cannot be checked: another tracing subscriber was installed first"),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The capability matrix: run every case against every harness and report, per bridge and
-//! behaviour group, what actually happened — passed, rejected at startup as undeclared, not
-//! applicable, or failed — plus each bridge's test mode and declared capabilities.
+//! behaviour group, what actually happened — passed, rejected at startup as undeclared,
+//! skipped (with the reason), or failed — plus each bridge's test mode and declared
+//! capabilities.
 //!
 //! The output is deterministic (suite order, no timings), so the README can carry it and CI can
 //! compare the committed copy with a fresh run.
@@ -12,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 
 use crate::harness::Harness;
-use crate::runner::{Case, Verdict};
+use crate::runner::{Case, Verdict, panic_text, run_case};
 
 /// Marks the start of the generated section in a markdown file.
 pub const START_MARKER: &str = "<!-- matrix:start -->";
@@ -26,8 +27,8 @@ pub enum Outcome {
     Passed,
     /// Undeclared; the strict check refused it as it must.
     Rejected(String),
-    /// Not exercised with this harness.
-    NotApplicable(String),
+    /// Not run here; the reason.
+    Skipped(String),
     /// Panicked or timed out; the message says why.
     Failed(String),
 }
@@ -43,16 +44,6 @@ pub struct CaseResult {
     pub name: &'static str,
     /// What happened.
     pub outcome: Outcome,
-}
-
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panicked".to_string()
-    }
 }
 
 /// Runs every case on every harness, at most `jobs` at once, each in its own task bounded by
@@ -72,20 +63,12 @@ pub async fn run(
             running.push(tokio::spawn(async move {
                 let _slot = slots.acquire_owned().await.expect("never closed");
                 let bridge = h.name();
-                if let Err(why) = h.availability().await {
-                    return CaseResult {
-                        bridge,
-                        group: case.group,
-                        name: case.name,
-                        outcome: Outcome::Failed(format!("the harness cannot run here: {why}")),
-                    };
-                }
-                let task = tokio::spawn((case.run)(h));
+                let task = tokio::spawn(run_case(case, h));
                 let abort = task.abort_handle();
                 let outcome = match tokio::time::timeout(timeout, task).await {
                     Ok(Ok(Verdict::Passed)) => Outcome::Passed,
                     Ok(Ok(Verdict::RejectedAsUndeclared(need))) => Outcome::Rejected(need),
-                    Ok(Ok(Verdict::NotApplicable(why))) => Outcome::NotApplicable(why.into()),
+                    Ok(Ok(Verdict::Skipped(why))) => Outcome::Skipped(why),
                     Ok(Err(e)) if e.is_panic() => Outcome::Failed(panic_text(&*e.into_panic())),
                     Ok(Err(e)) => Outcome::Failed(e.to_string()),
                     Err(_) => {
@@ -116,7 +99,8 @@ struct Cell {
     total: usize,
     passed: usize,
     rejected: usize,
-    not_applicable: usize,
+    /// Skipped cases per reason.
+    skipped: BTreeMap<String, usize>,
     failed: Vec<&'static str>,
 }
 
@@ -134,8 +118,8 @@ impl Cell {
         if self.rejected > 0 {
             parts.push(format!("rejected as undeclared ({})", self.rejected));
         }
-        if self.not_applicable > 0 {
-            parts.push(format!("not applicable ({})", self.not_applicable));
+        for (why, n) in &self.skipped {
+            parts.push(format!("skipped ({n}): {why}"));
         }
         parts.join(", ")
     }
@@ -162,7 +146,7 @@ pub fn render(harnesses: &[Arc<dyn Harness>], cases: &[Case], results: &[CaseRes
                 cell.rejected += 1;
                 rejected.entry(r.bridge).or_default().insert(need.clone());
             }
-            Outcome::NotApplicable(_) => cell.not_applicable += 1,
+            Outcome::Skipped(why) => *cell.skipped.entry(why.clone()).or_insert(0) += 1,
             Outcome::Failed(_) => cell.failed.push(r.name),
         }
     }
@@ -228,6 +212,50 @@ pub fn replace_section(doc: &str, matrix: &str) -> Option<String> {
     ))
 }
 
+/// `matrix` with the columns and notes of the bridges in `unchecked` blanked out: for comparing
+/// a committed matrix with a run in which those bridges could not run (their broker did not
+/// answer), so that the other columns are still checked.
+pub fn without_bridges(matrix: &str, unchecked: &[&str]) -> String {
+    let mut columns: Vec<usize> = Vec::new();
+    let mut out = Vec::new();
+    let mut in_group_table = false;
+    for line in matrix.lines() {
+        if line.starts_with("| behaviour group |") {
+            in_group_table = true;
+            columns = line
+                .split('|')
+                .enumerate()
+                .filter(|(_, cell)| unchecked.contains(&cell.trim()))
+                .map(|(i, _)| i)
+                .collect();
+        } else if !line.starts_with('|') {
+            in_group_table = false;
+        }
+        if in_group_table {
+            let cells: Vec<String> = line
+                .split('|')
+                .enumerate()
+                .map(|(i, cell)| {
+                    if columns.contains(&i) {
+                        " (not checked) ".to_string()
+                    } else {
+                        cell.to_string()
+                    }
+                })
+                .collect();
+            out.push(cells.join("|"));
+        } else if unchecked
+            .iter()
+            .any(|b| line.starts_with(&format!("- `{b}`:")))
+        {
+            continue;
+        } else {
+            out.push(line.to_string());
+        }
+    }
+    out.join("\n")
+}
+
 /// A line diff good enough to show what changed in a small table.
 pub fn line_diff(old: &str, new: &str) -> String {
     let old_lines: Vec<&str> = old.lines().collect();
@@ -263,12 +291,22 @@ mod tests {
     }
 
     #[test]
+    fn unchecked_bridges_are_blanked_out() {
+        let matrix = "| behaviour group | default | amqp |\n|---|---|---|\n| commands | passed 9/9 | passed 9/9 |\n\n- `default`: tested in process\n- `amqp`: tested against a real broker\n";
+        let blanked = without_bridges(matrix, &["amqp"]);
+        assert_eq!(
+            blanked,
+            "| behaviour group | default | (not checked) |\n|---|---| (not checked) |\n| commands | passed 9/9 | (not checked) |\n\n- `default`: tested in process"
+        );
+    }
+
+    #[test]
     fn a_cell_names_failures_before_anything_else() {
         let cell = Cell {
             total: 4,
             passed: 2,
             rejected: 1,
-            not_applicable: 0,
+            skipped: BTreeMap::new(),
             failed: vec!["b_case", "a_case"],
         };
         assert_eq!(cell.render(), "failed: a_case, b_case");
@@ -276,12 +314,12 @@ mod tests {
             total: 4,
             passed: 2,
             rejected: 1,
-            not_applicable: 1,
+            skipped: BTreeMap::from([("no queue bridge".to_string(), 1)]),
             failed: vec![],
         };
         assert_eq!(
             cell.render(),
-            "passed 2/4, rejected as undeclared (1), not applicable (1)"
+            "passed 2/4, rejected as undeclared (1), skipped (1): no queue bridge"
         );
     }
 }

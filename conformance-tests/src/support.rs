@@ -1,9 +1,10 @@
 //! Waiting and bookkeeping helpers the cases share.
 //!
 //! Cases never sleep to wait for something to happen: they wait on a condition with a deadline
-//! ([`Collector::wait_for_len`], [`eventually`]). The only fixed waits are the explicit
-//! [`quiet_period`] after everything expected has arrived (to catch extra deliveries) and a
-//! handler that is slow on purpose.
+//! ([`Collector::wait_for_len`], [`eventually`]). "Nothing else arrives" is proven with a
+//! sentinel — a message published after the one that must not arrive, on the same path — and
+//! [`handlers_finished`]: once the sentinel is in and no handler still runs, the other would
+//! have arrived too.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -23,9 +24,6 @@ pub const EARLY_SLACK: Duration = Duration::from_millis(5);
 
 /// Deadline for "this should arrive soon" waits. Generous: it only bounds a failing case.
 pub const ARRIVAL: Duration = Duration::from_secs(10);
-
-/// How long to keep listening after everything expected arrived, to catch extra deliveries.
-pub const QUIET: Duration = Duration::from_millis(150);
 
 /// A unique resource prefix for one test: `t` and 8 hex characters.
 pub fn new_prefix() -> String {
@@ -146,10 +144,14 @@ where
     }
 }
 
-/// Keeps listening for [`QUIET`] after everything expected arrived, so that extra deliveries
-/// have a chance to show up before the case counts.
-pub async fn quiet_period() {
-    tokio::time::sleep(QUIET).await;
+/// Waits until `service` runs no subscription handler: after a sentinel arrived, so that a
+/// delivery that came before it is recorded too.
+pub async fn handlers_finished(service: &purista_core::RunningService) {
+    eventually("the subscription handlers finish", ARRIVAL, || {
+        let n = service.in_flight().by_kind.subscription;
+        async move { n == 0 }
+    })
+    .await;
 }
 
 /// Deliveries per message id.

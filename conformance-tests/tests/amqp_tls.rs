@@ -4,9 +4,46 @@
 //!
 //! Two nodes at most per process, each started on first use: one that asks for no client
 //! certificate and one that requires one (mutual TLS). They stop when the process exits. Without
-//! RabbitMQ installed a test prints a loud SKIP line and passes, unless
-//! `PURISTA_REQUIRE_BROKERS=1`, which makes it fail.
-#![cfg(unix)]
+//! RabbitMQ installed the tests are listed as skipped, with the reason, unless
+//! `PURISTA_REQUIRE_BROKERS=1`, which makes them run and fail. (A `harness = false` target: see
+//! `purista_conformance::runner::run_tests`.)
+
+fn main() -> std::process::ExitCode {
+    use purista_conformance::runner::{ListedTest, run_tests};
+    let skip = match PrivateNode::installed() {
+        Err(why) if !purista_conformance::env::brokers_required() => Some(why),
+        _ => None,
+    };
+    let test =
+        |name: &'static str, run: fn() -> futures::future::BoxFuture<'static, ()>| ListedTest {
+            name,
+            skip: skip.clone(),
+            run,
+        };
+    run_tests(vec![
+        ListedTest {
+            name: "a_missing_ca_file_is_a_config_error_naming_it",
+            skip: None,
+            run: || Box::pin(async { a_missing_ca_file_is_a_config_error_naming_it() }),
+        },
+        test(
+            "a_bridge_trusting_the_private_ca_serves_commands_and_events_over_amqps",
+            || Box::pin(a_bridge_trusting_the_private_ca_serves_commands_and_events_over_amqps()),
+        ),
+        test(
+            "without_the_private_ca_the_bridge_reports_an_untrusted_certificate",
+            || Box::pin(without_the_private_ca_the_bridge_reports_an_untrusted_certificate()),
+        ),
+        test(
+            "a_broker_requiring_client_certificates_admits_only_a_bridge_presenting_one",
+            || {
+                Box::pin(
+                    a_broker_requiring_client_certificates_admits_only_a_bridge_presenting_one(),
+                )
+            },
+        ),
+    ])
+}
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -99,9 +136,9 @@ enum ClientCertificates {
     Required,
 }
 
-/// The TLS node of this process of the given kind, started on first use; `None` (after a loud
-/// skip notice) when it cannot be started and brokers are not required.
-async fn tls_node(kind: ClientCertificates) -> Option<Arc<PrivateNode>> {
+/// The TLS node of this process of the given kind, started on first use; panics when it cannot
+/// be started (the test was listed to run, so RabbitMQ is installed or brokers are required).
+async fn tls_node(kind: ClientCertificates) -> Arc<PrivateNode> {
     type Slot = OnceCell<Result<Arc<PrivateNode>, String>>;
     static NOT_ASKED: Slot = OnceCell::const_new();
     static REQUIRED: Slot = OnceCell::const_new();
@@ -124,22 +161,9 @@ async fn tls_node(kind: ClientCertificates) -> Option<Arc<PrivateNode>> {
         })
         .await;
     match started {
-        Ok(node) => Some(node.clone()),
-        Err(why) => {
-            purista_conformance::env::skip_or_fail("the amqp TLS tests", why);
-            None
-        }
+        Ok(node) => node.clone(),
+        Err(why) => panic!("the TLS node could not be started: {why}"),
     }
-}
-
-/// Returns from the test when its node cannot be started (see [`tls_node`]).
-macro_rules! tls_node_or_skip {
-    ($kind:expr) => {
-        match tls_node($kind).await {
-            Some(node) => node,
-            None => return,
-        }
-    };
 }
 
 /// Files a bridge reads (CA, client certificate and key), removed when the test ends.
@@ -243,9 +267,8 @@ impl DeliveryHandler for Recording {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bridge_trusting_the_private_ca_serves_commands_and_events_over_amqps() {
-    let node = tls_node_or_skip!(ClientCertificates::NotAsked);
+    let node = tls_node(ClientCertificates::NotAsked).await;
     let files = Scratch::new("round-trip");
     let ca = files.write("ca.pem", &pki().ca);
     let url = node.amqps_url().expect("the node listens for TLS");
@@ -292,9 +315,8 @@ async fn a_bridge_trusting_the_private_ca_serves_commands_and_events_over_amqps(
     stop(&[&server, &client]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_private_ca_the_bridge_reports_an_untrusted_certificate() {
-    let node = tls_node_or_skip!(ClientCertificates::NotAsked);
+    let node = tls_node(ClientCertificates::NotAsked).await;
     let port = node.tls_port().expect("the node listens for TLS");
     // The handshake fails before the broker sees any credentials: they need not exist.
     let url = format!("amqps://purista:{PASSWORD}@127.0.0.1:{port}/%2f");
@@ -318,7 +340,6 @@ async fn without_the_private_ca_the_bridge_reports_an_untrusted_certificate() {
     }
 }
 
-#[test]
 fn a_missing_ca_file_is_a_config_error_naming_it() {
     let missing =
         std::env::temp_dir().join(format!("purista-tls-{}-no-such-ca.pem", std::process::id()));
@@ -342,9 +363,8 @@ fn a_missing_ca_file_is_a_config_error_naming_it() {
     assert!(names_the_file(&from_env), "{from_env:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_requiring_client_certificates_admits_only_a_bridge_presenting_one() {
-    let node = tls_node_or_skip!(ClientCertificates::Required);
+    let node = tls_node(ClientCertificates::Required).await;
     let files = Scratch::new("mutual");
     let pki = pki();
     let ca = files.write("ca.pem", &pki.ca);

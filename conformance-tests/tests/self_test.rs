@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use purista_conformance::harnesses::DefaultHarness;
-use purista_conformance::runner::CaseFn;
-use purista_conformance::{BrokerControl, Deployment, Harness, TestMode, Verdict, cases};
+use purista_conformance::plan::Plan;
+use purista_conformance::runner::{Case, run_case};
+use purista_conformance::{BrokerControl, Deployment, Harness, Offer, TestMode, Verdict};
 use purista_core::{
     Address, BridgeError, BridgeHealth, Capabilities, CommandHandler, DeadLetterEntry,
     DeliveryGuarantee, DeliveryHandler, DrainReport, Envelope, EventBridge, InFlight,
@@ -32,6 +33,11 @@ enum Fault {
     ReportsNothingInFlight,
     /// Hands out dead letters with their payload replaced.
     CorruptsDeadLetters,
+    /// Keeps waiting for a response past the caller's ttl and drops a late one without a word.
+    SilentlyDropsLateResponses,
+    /// Warns about a late response as it should, then hands it to the next invocation that
+    /// waits.
+    HandsLateResponsesToTheNextWaiter,
     /// No fault, but claims durable at-least-once subscriptions so the reliability cases run
     /// (harmless: nothing is ever lost when the broker-control hooks do nothing).
     None,
@@ -41,6 +47,69 @@ struct Mutant {
     inner: Arc<dyn EventBridge>,
     caps: Capabilities,
     fault: Fault,
+    /// Late responses kept for the next waiter ([`Fault::HandsLateResponsesToTheNextWaiter`]).
+    late: Arc<LateResponses>,
+}
+
+#[derive(Default)]
+struct LateResponses {
+    kept: parking_lot::Mutex<Vec<Envelope>>,
+    arrived: tokio::sync::Notify,
+}
+
+impl LateResponses {
+    async fn next(&self) -> Envelope {
+        loop {
+            let arrived = self.arrived.notified();
+            if let Some(e) = self.kept.lock().pop() {
+                return e;
+            }
+            arrived.await;
+        }
+    }
+}
+
+impl Mutant {
+    /// The invocation as the two late-response faults do it: the inner bridge waits far past
+    /// `ttl`, the caller gets a 504 at `ttl`, and what arrives later is dropped silently or kept
+    /// for the next waiter.
+    async fn invoke_keeping_late_responses(
+        &self,
+        command: Envelope,
+        ttl: Duration,
+    ) -> Result<Envelope, BridgeError> {
+        let correlation_id = command.correlation_id.clone().unwrap_or_default();
+        let inner = self.inner.clone();
+        let (fault, late) = (self.fault, self.late.clone());
+        let mut call = tokio::spawn(async move {
+            let answer = inner.invoke(command, ttl + Duration::from_secs(30)).await;
+            (answer, fault, late)
+        });
+        let waited = tokio::select! {
+            joined = tokio::time::timeout(ttl, &mut call) => joined,
+            kept = self.late.next(), if matches!(self.fault, Fault::HandsLateResponsesToTheNextWaiter) => {
+                return Ok(kept);
+            }
+        };
+        match waited {
+            Ok(joined) => joined.expect("the inner invocation does not panic").0,
+            Err(_) => {
+                tokio::spawn(async move {
+                    if let Ok((Ok(response), Fault::HandsLateResponsesToTheNextWaiter, late)) =
+                        call.await
+                    {
+                        tracing::warn!(
+                            correlation_id = correlation_id.as_str(),
+                            "response for an unknown or expired invocation ignored"
+                        );
+                        late.kept.lock().push(response);
+                        late.arrived.notify_waiters();
+                    }
+                });
+                Err(BridgeError::Timeout(ttl.as_millis() as u64))
+            }
+        }
+    }
 }
 
 fn mutate_caps(mut caps: Capabilities, fault: Fault) -> Capabilities {
@@ -94,7 +163,12 @@ impl EventBridge for Mutant {
         self.inner.emit(message).await
     }
     async fn invoke(&self, command: Envelope, ttl: Duration) -> Result<Envelope, BridgeError> {
-        self.inner.invoke(command, ttl).await
+        match self.fault {
+            Fault::SilentlyDropsLateResponses | Fault::HandsLateResponsesToTheNextWaiter => {
+                self.invoke_keeping_late_responses(command, ttl).await
+            }
+            _ => self.inner.invoke(command, ttl).await,
+        }
     }
     async fn register_command(
         &self,
@@ -182,9 +256,17 @@ impl Harness for MutantHarness {
     fn queue_capabilities(&self) -> Option<QueueCapabilities> {
         DefaultHarness::new().queue_capabilities()
     }
-    async fn control(&self) -> Option<Arc<dyn BrokerControl>> {
-        matches!(self.0, Fault::None)
-            .then(|| Arc::new(NoOpControl(self.0)) as Arc<dyn BrokerControl>)
+    fn offers_raw_publisher(&self) -> bool {
+        true
+    }
+    fn broker_control(&self) -> Offer {
+        match self.0 {
+            Fault::None => Offer::Available,
+            _ => Offer::Absent("only the fault-free mutant has (no-op) broker control".into()),
+        }
+    }
+    async fn control(&self) -> Result<Arc<dyn BrokerControl>, String> {
+        Ok(Arc::new(NoOpControl(self.0)))
     }
     async fn deployment(&self, prefix: &str, instances: usize) -> Deployment {
         let fault = self.0;
@@ -193,18 +275,41 @@ impl Harness for MutantHarness {
             .await
             .map_bridges(|inner| {
                 let caps = mutate_caps(inner.capabilities().clone(), fault);
-                Arc::new(Mutant { inner, caps, fault }) as Arc<dyn EventBridge>
+                Arc::new(Mutant {
+                    inner,
+                    caps,
+                    fault,
+                    late: Arc::default(),
+                }) as Arc<dyn EventBridge>
             })
     }
 }
 
-/// Runs `case` against a bridge with `fault`; the case must fail.
-async fn catches(fault: Fault, case: CaseFn) {
+/// The case `group::name` of the suite.
+fn case(group: &str, name: &str) -> Case {
+    purista_conformance::all_cases()
+        .into_iter()
+        .find(|c| c.group == group && c.name == name)
+        .unwrap_or_else(|| panic!("the suite has no case {group}::{name}"))
+}
+
+/// Runs case `group::name` against a bridge with `fault`; the case must run its behaviour (not
+/// a strict-check proof or a skip) and fail.
+async fn catches(fault: Fault, group: &str, name: &str) {
     purista_conformance::logs::install();
     let harness: Arc<dyn Harness> = Arc::new(MutantHarness(fault));
-    let outcome = tokio::time::timeout(Duration::from_secs(60), tokio::spawn(case(harness)))
-        .await
-        .unwrap_or_else(|_| panic!("the case hung on a bridge that {fault:?}"));
+    let case = case(group, name);
+    assert_eq!(
+        case.plan(&*harness),
+        Plan::Run,
+        "{group}::{name} would not run its behaviour on the mutant"
+    );
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::spawn(run_case(case, harness)),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the case hung on a bridge that {fault:?}"));
     match outcome {
         Err(e) if e.is_panic() => {}
         other => panic!("the suite did not notice a bridge that {fault:?}: {other:?}"),
@@ -213,80 +318,122 @@ async fn catches(fault: Fault, case: CaseFn) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_unknown_fields_are_caught() {
-    catches(Fault::DropsUnknownFields, |h| {
-        Box::pin(cases::envelope::unknown_fields_survive_a_round_trip(h))
-    })
+    catches(
+        Fault::DropsUnknownFields,
+        "envelope",
+        "unknown_fields_survive_a_round_trip",
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overclaimed_capability_is_caught() {
-    catches(Fault::OverclaimsDurable, |h| {
-        Box::pin(cases::subscriptions::durable_subscription_keeps_messages_while_no_consumer(h))
-    })
+    catches(
+        Fault::OverclaimsDurable,
+        "subscriptions",
+        "durable_subscription_keeps_messages_while_no_consumer",
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_that_ignores_a_filter_field_is_caught() {
-    catches(Fault::IgnoresTenantFilter, |h| {
-        Box::pin(cases::subscriptions::filter_table_routes_like_the_reference_matcher(h))
-    })
+    catches(
+        Fault::IgnoresTenantFilter,
+        "routing",
+        "filter_table_routes_like_the_reference_matcher",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_routing_that_ignores_a_filter_field_is_caught() {
+    catches(
+        Fault::IgnoresTenantFilter,
+        "routing",
+        "random_filters_route_like_the_reference_matcher",
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_delivered_as_broadcast_is_caught() {
-    catches(Fault::SharedAsBroadcast, |h| {
-        Box::pin(cases::subscriptions::shared_delivers_each_message_to_exactly_one_instance(h))
-    })
+    catches(
+        Fault::SharedAsBroadcast,
+        "subscriptions",
+        "shared_delivers_each_message_to_exactly_one_instance",
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_in_flight_counts_are_caught() {
-    catches(Fault::ReportsNothingInFlight, |h| {
-        Box::pin(cases::lifecycle::in_flight_counts_running_handlers_by_kind(
-            h,
-        ))
-    })
+    catches(
+        Fault::ReportsNothingInFlight,
+        "lifecycle",
+        "in_flight_counts_running_handlers_by_kind",
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_dead_letters_are_caught() {
-    catches(Fault::CorruptsDeadLetters, |h| {
-        Box::pin(cases::outcomes::retry_up_to_max_attempts_then_dead_letter(
-            h,
-        ))
-    })
+    catches(
+        Fault::CorruptsDeadLetters,
+        "outcomes",
+        "retry_up_to_max_attempts_then_dead_letter",
+    )
     .await;
 }
 
-/// Runs `case` against the wrapped bridge without fault; it must pass.
-async fn dry_run(case: CaseFn) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_response_dropped_without_a_warning_is_caught() {
+    catches(
+        Fault::SilentlyDropsLateResponses,
+        "commands",
+        "late_response_is_ignored",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_response_handed_to_the_next_waiter_is_caught() {
+    catches(
+        Fault::HandsLateResponsesToTheNextWaiter,
+        "commands",
+        "late_response_is_ignored",
+    )
+    .await;
+}
+
+/// Runs case `group::name` against the wrapped bridge without fault; it must pass.
+async fn dry_run(group: &str, name: &str) {
     purista_conformance::logs::install();
     let harness: Arc<dyn Harness> = Arc::new(MutantHarness(Fault::None));
-    let verdict = tokio::time::timeout(Duration::from_secs(60), case(harness))
-        .await
-        .expect("the dry run finishes");
+    let verdict = tokio::time::timeout(
+        Duration::from_secs(60),
+        run_case(case(group, name), harness),
+    )
+    .await
+    .expect("the dry run finishes");
     assert_eq!(verdict, Verdict::Passed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_drop_case_runs_end_to_end() {
-    dry_run(|h| Box::pin(cases::reliability::connection_drop_loses_no_events(h))).await;
+    dry_run("reliability", "connection_drop_loses_no_events").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_case_runs_end_to_end() {
-    dry_run(|h| Box::pin(cases::reliability::broker_restart_loses_no_events(h))).await;
+    dry_run("reliability", "broker_restart_loses_no_events").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_invocation_case_runs_end_to_end() {
-    dry_run(|h| {
-        Box::pin(cases::reliability::invocations_during_an_outage_fail_or_complete_within_ttl(h))
-    })
+    dry_run(
+        "reliability",
+        "invocations_during_an_outage_fail_or_complete_within_ttl",
+    )
     .await;
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use purista_core::{
     Address, CommandDef, CommandError, Context, Empty, HandledError, InvokeOptions, MessageType,
-    Need, RunningService, Service, StatusCode,
+    RunningService, Service, StatusCode,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -14,10 +14,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::env::TestEnv;
-use crate::gate::require;
 use crate::harness::Harness;
-use crate::runner::Verdict;
-use crate::support::{ARRIVAL, Collector, LATE_SLACK, assert_on_time, quiet_period, recording};
+use crate::logs;
+use crate::support::{
+    ARRIVAL, Collector, LATE_SLACK, assert_on_time, eventually, handlers_finished, may_duplicate,
+    recording,
+};
 
 /// Service name of the server in these cases, and the address of one of its commands.
 fn addr(env: &TestEnv, command: &str) -> Address {
@@ -51,10 +53,7 @@ struct Add {
 }
 
 /// A command's result reaches its caller.
-pub async fn success_returns_the_result(h: Arc<dyn Harness>) -> Verdict {
-    if let Some(v) = require(&h, &[Need::Commands]).await {
-        return v;
-    }
+pub async fn success_returns_the_result(h: Arc<dyn Harness>) {
     let mut env = TestEnv::new(&h, 2).await;
     let add = CommandDef::new("add", |_ctx: Context, input: Add, _p: Empty| async move {
         Ok(json!({ "sum": input.a + input.b }))
@@ -71,14 +70,10 @@ pub async fn success_returns_the_result(h: Arc<dyn Harness>) -> Verdict {
         .unwrap_or_else(|e| panic!("a successful command failed for its caller: {e}"));
     assert_eq!(result, json!({"sum": 5}), "the caller got the wrong result");
     env.finish().await;
-    Verdict::Passed
 }
 
 /// A handled error reaches the caller with its status, message and data.
-pub async fn handled_error_carries_status_message_and_data(h: Arc<dyn Harness>) -> Verdict {
-    if let Some(v) = require(&h, &[Need::Commands]).await {
-        return v;
-    }
+pub async fn handled_error_carries_status_message_and_data(h: Arc<dyn Harness>) {
     let mut env = TestEnv::new(&h, 2).await;
     let pay = CommandDef::new("pay", |_ctx: Context, _p: Empty, _q: Empty| async move {
         Err::<(), _>(
@@ -101,14 +96,10 @@ pub async fn handled_error_carries_status_message_and_data(h: Arc<dyn Harness>) 
     );
     assert!(err.handled, "a handled error arrived as unhandled");
     env.finish().await;
-    Verdict::Passed
 }
 
 /// An unhandled error or a panic reaches the caller as a 500 with the generic text only.
-pub async fn unhandled_error_is_500_with_generic_text_only(h: Arc<dyn Harness>) -> Verdict {
-    if let Some(v) = require(&h, &[Need::Commands]).await {
-        return v;
-    }
+pub async fn unhandled_error_is_500_with_generic_text_only(h: Arc<dyn Harness>) {
     let mut env = TestEnv::new(&h, 2).await;
     let leak = CommandDef::new("leak", |_ctx: Context, _p: Empty, _q: Empty| async move {
         Err::<(), _>(anyhow::anyhow!(
@@ -147,14 +138,10 @@ pub async fn unhandled_error_is_500_with_generic_text_only(h: Arc<dyn Harness>) 
         );
     }
     env.finish().await;
-    Verdict::Passed
 }
 
 /// Input that does not fit the command's type is a 400.
-pub async fn bad_input_is_400(h: Arc<dyn Harness>) -> Verdict {
-    if let Some(v) = require(&h, &[Need::Commands]).await {
-        return v;
-    }
+pub async fn bad_input_is_400(h: Arc<dyn Harness>) {
     let mut env = TestEnv::new(&h, 2).await;
     let add = CommandDef::new("add", |_ctx: Context, input: Add, _p: Empty| async move {
         Ok(input.a + input.b)
@@ -176,15 +163,11 @@ pub async fn bad_input_is_400(h: Arc<dyn Harness>) -> Verdict {
         );
     }
     env.finish().await;
-    Verdict::Passed
 }
 
 /// A command that does not answer in time fails with 504 at its ttl, and the caller keeps no
 /// pending entry for it.
-pub async fn timeout_is_504_at_ttl_and_leaves_no_pending_entry(h: Arc<dyn Harness>) -> Verdict {
-    if let Some(v) = require(&h, &[Need::Commands]).await {
-        return v;
-    }
+pub async fn timeout_is_504_at_ttl_and_leaves_no_pending_entry(h: Arc<dyn Harness>) {
     let mut env = TestEnv::new(&h, 2).await;
     let (release, gate) = release_gate();
     let hang = CommandDef::new("hang", move |_ctx: Context, _p: Empty, _q: Empty| {
@@ -216,74 +199,114 @@ pub async fn timeout_is_504_at_ttl_and_leaves_no_pending_entry(h: Arc<dyn Harnes
     );
     let _ = release.send(true);
     env.finish().await;
-    Verdict::Passed
 }
 
-#[derive(Deserialize)]
-struct Work {
-    kind: String,
-}
-
-/// A response that arrives after its invocation timed out is ignored: it never resolves a later
-/// invocation, even one that is pending at the moment it arrives.
-pub async fn late_response_is_ignored(h: Arc<dyn Harness>) -> Verdict {
-    if let Some(v) = require(&h, &[Need::Commands]).await {
-        return v;
-    }
+/// A response that arrives after its invocation timed out is ignored with a warning naming its
+/// correlation id: the caller got 504 at its ttl, and the late response — carrying the real
+/// correlation id — resolves nothing, not even an invocation of the same command that is
+/// pending at the moment it arrives; the caller's bridge keeps working.
+pub async fn late_response_is_ignored(h: Arc<dyn Harness>) {
+    const TTL: Duration = Duration::from_millis(200);
     let mut env = TestEnv::new(&h, 2).await;
-    let slow_done: Arc<Collector<()>> = Collector::new();
-    let done = slow_done.clone();
-    let work = CommandDef::new("work", move |_ctx: Context, w: Work, _p: Empty| {
-        let done = done.clone();
+    // (call, correlation id) per handler run, and one gate per call that holds its answer.
+    let started: Arc<Collector<(String, String)>> = Collector::new();
+    let (answer_late, late_gate) = release_gate();
+    let (answer_pending, pending_gate) = release_gate();
+    let seen = started.clone();
+    let work = CommandDef::new("work", move |ctx: Context, call: String, _p: Empty| {
+        let seen = seen.clone();
+        let mut gate = if call == "late" {
+            late_gate.clone()
+        } else {
+            pending_gate.clone()
+        };
         async move {
-            if w.kind == "slow" {
-                tokio::time::sleep(Duration::from_millis(400)).await;
-                done.push(());
-                Ok(json!("slow-result"))
-            } else {
-                // Stay pending until the late response is on its way, then answer.
-                let _ = done.wait_until(ARRIVAL, |d| !d.is_empty()).await;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                Ok(json!("fast-result"))
-            }
+            let correlation = ctx
+                .envelope()
+                .and_then(|e| e.correlation_id.clone())
+                .unwrap_or_default();
+            seen.push((call.clone(), correlation));
+            let _ = gate.wait_for(|open| *open).await;
+            Ok(json!(format!("{call}-result")))
         }
     });
     let client = server_and_client(&mut env, vec![work]).await;
+    let to = addr(&env, "work");
+
+    let began = Instant::now();
     let err = client
-        .invoke_with::<Value>(addr(&env, "work"), json!({"kind": "slow"}), Empty, ttl(150))
+        .invoke_with::<Value>(to.clone(), "late", Empty, InvokeOptions::ttl(TTL))
         .await
-        .expect_err("the slow invocation must time out");
+        .expect_err("an invocation whose handler answers after the ttl must time out");
     assert_eq!(
         err.status,
         StatusCode::GATEWAY_TIMEOUT,
         "wrong status: {err}"
     );
-    let second: Value = client
-        .invoke_with(
-            addr(&env, "work"),
-            json!({"kind": "fast"}),
-            Empty,
-            ttl(5_000),
-        )
+    assert_on_time("the 504", began.elapsed(), TTL);
+    let late_correlation = started
+        .wait_for_len(1, ARRIVAL, "the late handler starting")
+        .await[0]
+        .1
+        .clone();
+    assert!(
+        !late_correlation.is_empty(),
+        "the command reached its handler without a correlation id"
+    );
+
+    // A second invocation of the same command waits while the late response is delivered.
+    let pending = {
+        let (client, to) = (client.clone(), to.clone());
+        tokio::spawn(async move {
+            client
+                .invoke_with::<Value>(to, "pending", Empty, InvokeOptions::ttl(ARRIVAL))
+                .await
+        })
+    };
+    started
+        .wait_for_len(2, ARRIVAL, "the second invocation reaching its handler")
+        .await;
+    let _ = answer_late.send(true);
+    eventually(
+        "the caller's bridge warns that it ignored the late response, naming its correlation id",
+        ARRIVAL,
+        || {
+            let warned =
+                !logs::warnings(|c| c.field("correlation_id") == Some(late_correlation.as_str()))
+                    .is_empty();
+            async move { warned }
+        },
+    )
+    .await;
+    assert!(
+        !pending.is_finished(),
+        "the late response resolved the invocation that was pending when it arrived: {:?}",
+        pending.await
+    );
+    let _ = answer_pending.send(true);
+    let second = pending
         .await
-        .unwrap_or_else(|e| panic!("the invocation after a timeout failed: {e}"));
+        .expect("the invoking task did not panic")
+        .unwrap_or_else(|e| panic!("the invocation pending during the late response failed: {e}"));
     assert_eq!(
         second,
-        json!("fast-result"),
-        "a late response resolved a later invocation"
+        json!("pending-result"),
+        "the late response resolved a later invocation"
     );
-    assert_eq!(slow_done.len(), 1, "the slow handler ran more than once");
+    // The caller's bridge still correlates after ignoring a response.
+    let _ = answer_late.send(true);
+    let third: Value = client
+        .invoke_with(to, "late", Empty, InvokeOptions::ttl(ARRIVAL))
+        .await
+        .unwrap_or_else(|e| panic!("an invocation after the late response failed: {e}"));
+    assert_eq!(third, json!("late-result"));
     let pending = env.bridge(0).in_flight().by_kind.command;
     assert_eq!(pending, 0, "pending invocations left behind: {pending}");
     env.finish().await;
-    Verdict::Passed
 }
 
 /// Invoking a command nobody serves fails fast with 502, or with 504 at the ttl; never later.
-pub async fn no_handler_is_502_fast_or_504_at_ttl(h: Arc<dyn Harness>) -> Verdict {
-    if let Some(v) = require(&h, &[Need::Commands]).await {
-        return v;
-    }
+pub async fn no_handler_is_502_fast_or_504_at_ttl(h: Arc<dyn Harness>) {
     let mut env = TestEnv::new(&h, 1).await;
     let client = env
         .start(0, Service::builder(env.name("client"), "1"))
@@ -311,15 +334,11 @@ pub async fn no_handler_is_502_fast_or_504_at_ttl(h: Arc<dyn Harness>) -> Verdic
         other => panic!("a command nobody serves failed with {other} ({err}), not 502 or 504"),
     }
     env.finish().await;
-    Verdict::Passed
 }
 
 /// 1 000 concurrent invocations from 4 instances to a command served by the same 4 instances:
 /// each caller gets its own answer and each invocation is handled exactly once.
-pub async fn concurrent_invokes_never_cross_correlate(h: Arc<dyn Harness>) -> Verdict {
-    if let Some(v) = require(&h, &[Need::Commands]).await {
-        return v;
-    }
+pub async fn concurrent_invokes_never_cross_correlate(h: Arc<dyn Harness>) {
     const INSTANCES: usize = 4;
     const CALLS: u64 = 1_000;
     let mut env = TestEnv::new(&h, INSTANCES).await;
@@ -382,61 +401,94 @@ pub async fn concurrent_invokes_never_cross_correlate(h: Arc<dyn Harness>) -> Ve
         "invocations handled more than once: {twice:?}"
     );
     env.finish().await;
-    Verdict::Passed
 }
 
 /// A command with a success `eventName` makes its success response reach subscriptions of that
-/// event; an error response does not.
-pub async fn success_event_reaches_subscriptions(h: Arc<dyn Harness>) -> Verdict {
-    if let Some(v) = require(&h, &[Need::Commands, Need::SharedSubscription]).await {
-        return v;
-    }
+/// event, once; an error response does not. A later successful invocation is the sentinel:
+/// once its event is in, an error response or a second copy would have been too.
+pub async fn success_event_reaches_subscriptions(h: Arc<dyn Harness>) {
     let mut env = TestEnv::new(&h, 2).await;
     let paid = env.name("paid");
     let seen = Collector::new();
-    env.start(
-        0,
-        Service::builder(env.name("observer"), "1")
-            .subscription(recording("onPaid", seen.clone()).event_name(&paid)),
+    let observer = env
+        .start(
+            0,
+            Service::builder(env.name("observer"), "1")
+                .subscription(recording("onPaid", seen.clone()).event_name(&paid)),
+        )
+        .await;
+    let pay = CommandDef::new(
+        "pay",
+        |_ctx: Context, order: Option<String>, _p: Empty| async move {
+            match order {
+                Some(order) => Ok(json!({ "orderId": order, "paid": true })),
+                None => Err(HandledError::new(StatusCode::CONFLICT, "declined").into()),
+            }
+        },
     )
-    .await;
-    let pay = CommandDef::new("pay", |_ctx: Context, ok: bool, _p: Empty| async move {
-        if ok {
-            Ok(json!({ "orderId": "o-1", "paid": true }))
-        } else {
-            Err(HandledError::new(StatusCode::CONFLICT, "declined").into())
-        }
-    })
     .success_event(&paid);
     let client = server_and_client(&mut env, vec![pay]).await;
     let _: Value = client
-        .invoke_with(addr(&env, "pay"), true, Empty, ttl(5_000))
+        .invoke_with(addr(&env, "pay"), Some("o-1"), Empty, ttl(5_000))
         .await
         .expect("the command succeeds");
     let _ = client
-        .invoke_with::<Value>(addr(&env, "pay"), false, Empty, ttl(5_000))
+        .invoke_with::<Value>(addr(&env, "pay"), None::<String>, Empty, ttl(5_000))
         .await
         .expect_err("the command fails");
-    let got = seen
-        .wait_for_len(1, ARRIVAL, "the success event of a command")
-        .await;
+    let _: Value = client
+        .invoke_with(addr(&env, "pay"), Some("sentinel"), Empty, ttl(5_000))
+        .await
+        .expect("the sentinel command succeeds");
+    if let Err(got) = seen
+        .wait_until(ARRIVAL, |e| {
+            e.iter().any(|e| e.payload["orderId"] == json!("sentinel"))
+        })
+        .await
+    {
+        panic!("the success event of the sentinel command did not arrive: {got:?}");
+    }
+    handlers_finished(&observer).await;
+    let got = seen.snapshot();
+    let first: Vec<&purista_core::Envelope> = got
+        .iter()
+        .filter(|e| e.payload["orderId"] == json!("o-1"))
+        .collect();
+    assert!(!first.is_empty(), "the success event of a command was lost");
     assert_eq!(
-        got[0].message_type,
+        first[0].message_type,
         MessageType::CommandSuccessResponse,
         "the success event is not the success response"
     );
     assert_eq!(
-        got[0].payload,
+        first[0].payload,
         json!({ "orderId": "o-1", "paid": true }),
         "the success event does not carry the command's result"
     );
-    quiet_period().await;
-    let ids: std::collections::BTreeSet<_> = seen.snapshot().into_iter().map(|e| e.id).collect();
+    let errors: Vec<_> = got
+        .iter()
+        .filter(|e| e.message_type != MessageType::CommandSuccessResponse)
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "an error response (or something else) reached the success event's subscription: {errors:?}"
+    );
+    let ids: BTreeMap<&str, usize> = got.iter().fold(BTreeMap::new(), |mut m, e| {
+        *m.entry(e.id.as_str()).or_insert(0) += 1;
+        m
+    });
     assert_eq!(
         ids.len(),
-        1,
-        "an error response (or a second copy) reached the success event's subscription"
+        2,
+        "two successful commands reached the success event's subscription as {} messages",
+        ids.len()
     );
+    if !may_duplicate(&env.caps()) {
+        let twice: Vec<_> = ids.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "an at-most-once bridge delivered a success event twice: {twice:?}"
+        );
+    }
     env.finish().await;
-    Verdict::Passed
 }

@@ -6,15 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use purista_core::{
-    Envelope, IdempotencyGuard, Need, SenderAddress, Service, SubscriptionContext, SubscriptionDef,
+    Envelope, IdempotencyGuard, SenderAddress, Service, SubscriptionContext, SubscriptionDef,
 };
 use serde_json::{Value, json};
 
 use crate::env::TestEnv;
-use crate::gate::require;
 use crate::harness::Harness;
-use crate::runner::Verdict;
-use crate::support::{ARRIVAL, Collector, quiet_period};
+use crate::support::{ARRIVAL, Collector, handlers_finished};
 
 /// A subscription with the guard whose side effect records the payload's `key`, plus a witness
 /// subscription without guard that records every delivery (so the case knows all copies were
@@ -47,17 +45,23 @@ fn guarded(
     (effect, witness)
 }
 
+/// Waits for the side effect of the message keyed `sentinel`, published after the others.
+async fn sentinel_arrives(effects: &Collector<String>) {
+    if let Err(got) = effects
+        .wait_until(ARRIVAL, |e| e.iter().any(|k| k == "sentinel"))
+        .await
+    {
+        panic!(
+            "the sentinel message published after the others never ran its side effect: {got:?}"
+        );
+    }
+}
+
 /// The same message id delivered twice (a re-publish, as a redelivery looks to a consumer)
 /// runs the guarded side effect once.
-pub async fn redelivered_message_id_runs_side_effect_once(h: Arc<dyn Harness>) -> Verdict {
-    if let Some(v) = require(&h, &[Need::SharedSubscription]).await {
-        return v;
-    }
+pub async fn redelivered_message_id_runs_side_effect_once(h: Arc<dyn Harness>) {
     let mut env = TestEnv::new(&h, 1).await;
-    let Some(raw) = env.raw() else {
-        env.finish().await;
-        return Verdict::NotApplicable("publishing one message id twice needs a raw publisher");
-    };
+    let raw = env.raw_publisher();
     let event = env.name("charged");
     let effects = Collector::new();
     let witnessed = Collector::new();
@@ -67,13 +71,14 @@ pub async fn redelivered_message_id_runs_side_effect_once(h: Arc<dyn Harness>) -
         effects.clone(),
         witnessed.clone(),
     );
-    env.start(
-        0,
-        Service::builder(env.name("consumer"), "1")
-            .subscription(effect)
-            .subscription(witness),
-    )
-    .await;
+    let consumer = env
+        .start(
+            0,
+            Service::builder(env.name("consumer"), "1")
+                .subscription(effect)
+                .subscription(witness),
+        )
+        .await;
     let sender = SenderAddress {
         service_name: env.name("publisher"),
         service_version: "1".into(),
@@ -81,19 +86,18 @@ pub async fn redelivered_message_id_runs_side_effect_once(h: Arc<dyn Harness>) -
         instance_id: "raw-publisher".into(),
     };
     let once = Envelope::custom(sender.clone(), &event, json!({ "key": "twice" }));
-    let other = Envelope::custom(sender, &event, json!({ "key": "other" }));
-    for m in [&once, &once, &once, &other] {
+    let other = Envelope::custom(sender.clone(), &event, json!({ "key": "other" }));
+    let sentinel = Envelope::custom(sender, &event, json!({ "key": "sentinel" }));
+    for m in [&once, &once, &once, &other, &sentinel] {
         raw.publish(&m.encode())
             .await
             .unwrap_or_else(|e| panic!("raw publish failed: {e}"));
     }
     witnessed
-        .wait_for_len(4, ARRIVAL, "every copy reaching the witness subscription")
+        .wait_for_len(5, ARRIVAL, "every copy reaching the witness subscription")
         .await;
-    let _ = effects
-        .wait_until(ARRIVAL, |e| e.iter().collect::<BTreeSet<_>>().len() >= 2)
-        .await;
-    quiet_period().await;
+    sentinel_arrives(&effects).await;
+    handlers_finished(&consumer).await;
     let got = effects.snapshot();
     let runs = got.iter().filter(|k| *k == "twice").count();
     assert_eq!(
@@ -105,14 +109,10 @@ pub async fn redelivered_message_id_runs_side_effect_once(h: Arc<dyn Harness>) -
         "a different message was skipped as duplicate"
     );
     env.finish().await;
-    Verdict::Passed
 }
 
 /// Different messages with the same business key run the guarded side effect once.
-pub async fn repeated_business_key_runs_side_effect_once(h: Arc<dyn Harness>) -> Verdict {
-    if let Some(v) = require(&h, &[Need::SharedSubscription]).await {
-        return v;
-    }
+pub async fn repeated_business_key_runs_side_effect_once(h: Arc<dyn Harness>) {
     let mut env = TestEnv::new(&h, 2).await;
     let event = env.name("paid");
     let effects = Collector::new();
@@ -120,29 +120,28 @@ pub async fn repeated_business_key_runs_side_effect_once(h: Arc<dyn Harness>) ->
     let guard = IdempotencyGuard::in_memory(Duration::from_secs(60))
         .keyed_by(|e| e.payload["key"].as_str().map(str::to_string));
     let (effect, witness) = guarded(&event, guard, effects.clone(), witnessed.clone());
-    env.start(
-        1,
-        Service::builder(env.name("consumer"), "1")
-            .subscription(effect)
-            .subscription(witness),
-    )
-    .await;
+    let consumer = env
+        .start(
+            1,
+            Service::builder(env.name("consumer"), "1")
+                .subscription(effect)
+                .subscription(witness),
+        )
+        .await;
     let publisher = env
         .start(0, Service::builder(env.name("publisher"), "1"))
         .await;
-    for key in ["order-1", "order-1", "order-1", "order-2"] {
+    for key in ["order-1", "order-1", "order-1", "order-2", "sentinel"] {
         publisher
             .emit(&event, json!({ "key": key }))
             .await
             .expect("emit succeeds");
     }
     let _ = witnessed
-        .wait_until(ARRIVAL, |w| w.iter().collect::<BTreeSet<_>>().len() >= 4)
+        .wait_until(ARRIVAL, |w| w.iter().collect::<BTreeSet<_>>().len() >= 5)
         .await;
-    let _ = effects
-        .wait_until(ARRIVAL, |e| e.iter().collect::<BTreeSet<_>>().len() >= 2)
-        .await;
-    quiet_period().await;
+    sentinel_arrives(&effects).await;
+    handlers_finished(&consumer).await;
     let got = effects.snapshot();
     let runs = got.iter().filter(|k| *k == "order-1").count();
     assert_eq!(
@@ -155,5 +154,4 @@ pub async fn repeated_business_key_runs_side_effect_once(h: Arc<dyn Harness>) ->
         "a message with another key did not run exactly once"
     );
     env.finish().await;
-    Verdict::Passed
 }

@@ -13,9 +13,8 @@ use purista_core::{
 use serde_json::{Value, json};
 
 use crate::env::TestEnv;
-use crate::gate::{declares, require};
+use crate::gate::declares;
 use crate::harness::Harness;
-use crate::runner::Verdict;
 use crate::support::{ARRIVAL, Collector, recording};
 
 fn sender(service: &str, target: &str, instance: &str) -> SenderAddress {
@@ -29,10 +28,7 @@ fn sender(service: &str, target: &str, instance: &str) -> SenderAddress {
 
 /// Every emitted message gets a unique id, an epoch-ms timestamp and the emitting instance as
 /// `sender.instanceId`, whatever the caller put there.
-pub async fn stamps_unique_id_ms_timestamp_and_sender_instance(h: Arc<dyn Harness>) -> Verdict {
-    if let Some(v) = require(&h, &[Need::SharedSubscription]).await {
-        return v;
-    }
+pub async fn stamps_unique_id_ms_timestamp_and_sender_instance(h: Arc<dyn Harness>) {
     let mut env = TestEnv::new(&h, 2).await;
     let event = env.name("stamped");
     let seen = Collector::new();
@@ -114,15 +110,11 @@ pub async fn stamps_unique_id_ms_timestamp_and_sender_instance(h: Arc<dyn Harnes
         "the bridge kept a caller-supplied id instead of stamping a fresh one"
     );
     env.finish().await;
-    Verdict::Passed
 }
 
 /// `traceId`, `principalId` and `tenantId` of a command reach its handler and come back on the
 /// response, for success and error responses.
-pub async fn trace_principal_tenant_survive_invoke_to_response(h: Arc<dyn Harness>) -> Verdict {
-    if let Some(v) = require(&h, &[Need::Commands]).await {
-        return v;
-    }
+pub async fn trace_principal_tenant_survive_invoke_to_response(h: Arc<dyn Harness>) {
     let mut env = TestEnv::new(&h, 2).await;
     let server = env.name("server");
     let who = CommandDef::new("who", |ctx: Context, _p: Empty, _q: Empty| async move {
@@ -195,15 +187,11 @@ pub async fn trace_principal_tenant_survive_invoke_to_response(h: Arc<dyn Harnes
         }
     }
     env.finish().await;
-    Verdict::Passed
 }
 
 /// The ids of a consumed event reach what its handler emits, both through `emit_event` and
 /// through `Context::emit`.
-pub async fn trace_principal_tenant_survive_subscription_to_emit(h: Arc<dyn Harness>) -> Verdict {
-    if let Some(v) = require(&h, &[Need::SharedSubscription]).await {
-        return v;
-    }
+pub async fn trace_principal_tenant_survive_subscription_to_emit(h: Arc<dyn Harness>) {
     let mut env = TestEnv::new(&h, 2).await;
     let incoming = env.name("in");
     let via_reply = env.name("out-reply");
@@ -274,14 +262,10 @@ pub async fn trace_principal_tenant_survive_subscription_to_emit(h: Arc<dyn Harn
         );
     }
     env.finish().await;
-    Verdict::Passed
 }
 
 /// Fields the envelope does not define travel through the bridge untouched.
-pub async fn unknown_fields_survive_a_round_trip(h: Arc<dyn Harness>) -> Verdict {
-    if let Some(v) = require(&h, &[Need::SharedSubscription]).await {
-        return v;
-    }
+pub async fn unknown_fields_survive_a_round_trip(h: Arc<dyn Harness>) {
     let mut env = TestEnv::new(&h, 2).await;
     let event = env.name("extra");
     let extra = json!({
@@ -348,5 +332,4 @@ pub async fn unknown_fields_survive_a_round_trip(h: Arc<dyn Harness>) -> Verdict
         }
     }
     env.finish().await;
-    Verdict::Passed
 }

@@ -13,9 +13,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::env::TestEnv;
-use crate::gate::{declares, require};
+use crate::gate::declares;
 use crate::harness::Harness;
-use crate::runner::Verdict;
 use crate::support::{ARRIVAL, Collector, assert_on_time, eventually, recording};
 
 /// A gate handlers wait on until the case opens it.
@@ -35,19 +34,7 @@ impl Gate {
 
 /// Info messages arrive in start order (init, one function-added per command with its
 /// metadata, ready), and drain then shutdown on shutdown.
-pub async fn info_messages_arrive_in_order_with_function_metadata(h: Arc<dyn Harness>) -> Verdict {
-    if let Some(v) = require(
-        &h,
-        &[
-            Need::Commands,
-            Need::ComplexFilter,
-            Need::SharedSubscription,
-        ],
-    )
-    .await
-    {
-        return v;
-    }
+pub async fn info_messages_arrive_in_order_with_function_metadata(h: Arc<dyn Harness>) {
     let mut env = TestEnv::new(&h, 2).await;
     let watched = env.name("watched");
     let seen = Collector::new();
@@ -130,14 +117,10 @@ pub async fn info_messages_arrive_in_order_with_function_metadata(h: Arc<dyn Har
         "drain and shutdown notices out of order"
     );
     env.finish().await;
-    Verdict::Passed
 }
 
 /// While handlers run, in-flight counts them by kind; when they finish it returns to 0.
-pub async fn in_flight_counts_running_handlers_by_kind(h: Arc<dyn Harness>) -> Verdict {
-    if let Some(v) = require(&h, &[Need::Commands, Need::SharedSubscription]).await {
-        return v;
-    }
+pub async fn in_flight_counts_running_handlers_by_kind(h: Arc<dyn Harness>) {
     let mut env = TestEnv::new(&h, 2).await;
     let streams = declares(&h, &Need::Streams);
     let queues = env.deployment.queues.is_some();
@@ -286,15 +269,11 @@ pub async fn in_flight_counts_running_handlers_by_kind(h: Arc<dyn Harness>) -> V
     })
     .await;
     env.finish().await;
-    Verdict::Passed
 }
 
 /// Shutdown waits for running handlers (up to its deadline): the handler finishes, its caller
 /// gets the answer, the report says everything completed.
-pub async fn shutdown_waits_for_running_handlers(h: Arc<dyn Harness>) -> Verdict {
-    if let Some(v) = require(&h, &[Need::Commands]).await {
-        return v;
-    }
+pub async fn shutdown_waits_for_running_handlers(h: Arc<dyn Harness>) {
     let mut env = TestEnv::new(&h, 2).await;
     let finished: Arc<Collector<()>> = Collector::new();
     let sink = finished.clone();
@@ -348,17 +327,11 @@ pub async fn shutdown_waits_for_running_handlers(h: Arc<dyn Harness>) -> Verdict
         json!("finished")
     );
     env.finish().await;
-    Verdict::Passed
 }
 
 /// At the deadline shutdown stops waiting: pending invocations of the service fail with 503,
 /// and the report names the handlers still running.
-pub async fn shutdown_rejects_pending_invocations_and_reports_what_still_runs(
-    h: Arc<dyn Harness>,
-) -> Verdict {
-    if let Some(v) = require(&h, &[Need::Commands]).await {
-        return v;
-    }
+pub async fn shutdown_rejects_pending_invocations_and_reports_what_still_runs(h: Arc<dyn Harness>) {
     const DEADLINE: Duration = Duration::from_millis(300);
     let mut env = TestEnv::new(&h, 3).await;
     let (open, gate) = Gate::new();
@@ -462,5 +435,4 @@ pub async fn shutdown_rejects_pending_invocations_and_reports_what_still_runs(
     let _ = open.send(true);
     let _ = running.await;
     env.finish().await;
-    Verdict::Passed
 }

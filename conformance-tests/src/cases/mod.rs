@@ -1,6 +1,7 @@
-//! The behaviours, one file per group. Each case is
-//! `pub async fn <behaviour>(h: Arc<dyn Harness>) -> Verdict` and is listed in
-//! [`for_each_case!`](crate::for_each_case).
+//! The behaviours, one file per group. Each case is `pub async fn <behaviour>(h: Arc<dyn
+//! Harness>)`, panics with what a user would see broken, and is listed with what it requires in
+//! [`all_cases`](crate::all_cases). A case body may assume its requirements hold: the runner
+//! proves an undeclared need rejected (or skips) instead of calling it.
 
 pub mod commands;
 pub mod duplicates;
@@ -9,6 +10,7 @@ pub mod lifecycle;
 pub mod outcomes;
 pub mod queues;
 pub mod reliability;
+pub mod routing;
 pub mod streams;
 pub mod strict;
 pub mod subscriptions;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use purista_core::stream::{FrameType, StreamWriteError, frame};
 use purista_core::{
-    Address, Context, Empty, Envelope, HandledError, Need, RunningService, SenderAddress, Service,
+    Address, Context, Empty, Envelope, HandledError, RunningService, SenderAddress, Service,
     StatusCode, StreamDef, StreamHandler, StreamItem, StreamProducerEnd, StreamReader,
     StreamWriter,
 };
@@ -14,10 +14,8 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::env::TestEnv;
-use crate::gate::require;
 use crate::harness::Harness;
-use crate::runner::Verdict;
-use crate::support::{ARRIVAL, Collector, assert_on_time, eventually, quiet_period};
+use crate::support::{ARRIVAL, Collector, assert_on_time, eventually};
 
 /// A producer service with `streams` on instance 1 and a consumer service on instance 0.
 async fn producer_and_consumer(
@@ -63,11 +61,26 @@ async fn read_all(reader: &mut StreamReader) -> (Vec<Value>, StreamItem) {
     }
 }
 
+/// After the producer's handlers finished, one more session to it, read to its end: frames of
+/// an earlier session sent after its terminal travel the same path before this one's, so
+/// they have been delivered (and counted as ignored) once it is over.
+async fn sentinel_session(
+    producer: &RunningService,
+    consumer: &RunningService,
+    to: Address,
+    payload: Value,
+) {
+    eventually("the producer's stream handlers finish", ARRIVAL, || {
+        let n = producer.in_flight().by_kind.stream;
+        async move { n == 0 }
+    })
+    .await;
+    let mut reader = open(consumer, to, payload, ARRIVAL).await;
+    let _ = read_all(&mut reader).await;
+}
+
 /// Chunks arrive in the order they were written, then the final value.
-pub async fn chunks_arrive_in_order(h: Arc<dyn Harness>) -> Verdict {
-    if let Some(v) = require(&h, &[Need::Streams]).await {
-        return v;
-    }
+pub async fn chunks_arrive_in_order(h: Arc<dyn Harness>) {
     let mut env = TestEnv::new(&h, 2).await;
     let count = StreamDef::new(
         "count",
@@ -92,15 +105,11 @@ pub async fn chunks_arrive_in_order(h: Arc<dyn Harness>) -> Verdict {
         "the session did not complete with the final value"
     );
     env.finish().await;
-    Verdict::Passed
 }
 
 /// Every way a producer ends (return, handled error, unhandled error, panic) yields exactly one
 /// terminal item; nothing follows it.
-pub async fn exactly_one_terminal_frame(h: Arc<dyn Harness>) -> Verdict {
-    if let Some(v) = require(&h, &[Need::Streams]).await {
-        return v;
-    }
+pub async fn exactly_one_terminal_frame(h: Arc<dyn Harness>) {
     let mut env = TestEnv::new(&h, 2).await;
     let ends = StreamDef::new(
         "ends",
@@ -114,7 +123,8 @@ pub async fn exactly_one_terminal_frame(h: Arc<dyn Harness>) -> Verdict {
             }
         },
     );
-    let (_, consumer) = producer_and_consumer(&mut env, vec![ends]).await;
+    let (producer, consumer) = producer_and_consumer(&mut env, vec![ends]).await;
+    let mut readers = Vec::new();
     for how in ["complete", "handled", "unhandled", "panic"] {
         let mut reader = open(&consumer, addr(&env, "ends"), json!(how), ARRIVAL).await;
         let (chunks, terminal) = read_all(&mut reader).await;
@@ -142,7 +152,10 @@ pub async fn exactly_one_terminal_frame(h: Arc<dyn Harness>) -> Verdict {
             None,
             "`{how}`: an item after the terminal"
         );
-        quiet_period().await;
+        readers.push((how, reader));
+    }
+    sentinel_session(&producer, &consumer, addr(&env, "ends"), json!("complete")).await;
+    for (how, reader) in &mut readers {
         assert_eq!(
             reader.ignored_frames(),
             0,
@@ -150,7 +163,6 @@ pub async fn exactly_one_terminal_frame(h: Arc<dyn Harness>) -> Verdict {
         );
     }
     env.finish().await;
-    Verdict::Passed
 }
 
 /// A producer that speaks frames itself and keeps talking after its terminal frame.
@@ -193,10 +205,7 @@ impl StreamHandler for Chatterbox {
 
 /// Frames after the terminal frame are ignored by the consumer, and a producer cannot write
 /// after its terminal frame.
-pub async fn frames_after_the_terminal_are_ignored(h: Arc<dyn Harness>) -> Verdict {
-    if let Some(v) = require(&h, &[Need::Streams]).await {
-        return v;
-    }
+pub async fn frames_after_the_terminal_are_ignored(h: Arc<dyn Harness>) {
     let mut env = TestEnv::new(&h, 2).await;
     let write_after: Arc<Collector<Result<(), StreamWriteError>>> = Collector::new();
     let sink = write_after.clone();
@@ -211,7 +220,7 @@ pub async fn frames_after_the_terminal_are_ignored(h: Arc<dyn Harness>) -> Verdi
             }
         },
     );
-    let (_, consumer) = producer_and_consumer(&mut env, vec![closes]).await;
+    let (producer, consumer) = producer_and_consumer(&mut env, vec![closes]).await;
 
     // Through the writer: the write after the terminal fails, no second terminal is sent.
     let mut reader = open(&consumer, addr(&env, "closes"), json!({}), ARRIVAL).await;
@@ -229,7 +238,7 @@ pub async fn frames_after_the_terminal_are_ignored(h: Arc<dyn Harness>) -> Verdi
         "a producer could write after its terminal frame"
     );
     assert_eq!(reader.next().await, None);
-    quiet_period().await;
+    sentinel_session(&producer, &consumer, addr(&env, "closes"), json!({})).await;
     assert_eq!(
         reader.ignored_frames(),
         0,
@@ -250,25 +259,21 @@ pub async fn frames_after_the_terminal_are_ignored(h: Arc<dyn Harness>) -> Verdi
         StreamItem::Complete(Some(json!("first terminal")))
     );
     assert_eq!(reader.next().await, None, "an item after the terminal");
-    let deadline = Instant::now() + ARRIVAL;
-    while reader.ignored_frames() < 3 {
-        assert!(
-            Instant::now() < deadline,
-            "frames after the terminal were not delivered to be ignored ({} of 3)",
-            reader.ignored_frames()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(
+        "the 3 frames after the terminal are delivered to be ignored",
+        ARRIVAL,
+        || {
+            let n = reader.ignored_frames();
+            async move { n >= 3 }
+        },
+    )
+    .await;
     assert_eq!(reader.next().await, None, "an item after the terminal");
     env.finish().await;
-    Verdict::Passed
 }
 
 /// A consumer's cancel reaches the producer and the session ends in `cancel`.
-pub async fn consumer_cancel_reaches_the_producer(h: Arc<dyn Harness>) -> Verdict {
-    if let Some(v) = require(&h, &[Need::Streams]).await {
-        return v;
-    }
+pub async fn consumer_cancel_reaches_the_producer(h: Arc<dyn Harness>) {
     let mut env = TestEnv::new(&h, 2).await;
     let saw_cancel: Arc<Collector<String>> = Collector::new();
     let sink = saw_cancel.clone();
@@ -320,14 +325,10 @@ pub async fn consumer_cancel_reaches_the_producer(h: Arc<dyn Harness>) -> Verdic
     })
     .await;
     env.finish().await;
-    Verdict::Passed
 }
 
 /// A session that outlives its timeout ends with `TimedOut` at the timeout; the producer is told.
-pub async fn session_timeout_ends_the_session(h: Arc<dyn Harness>) -> Verdict {
-    if let Some(v) = require(&h, &[Need::Streams]).await {
-        return v;
-    }
+pub async fn session_timeout_ends_the_session(h: Arc<dyn Harness>) {
     const TIMEOUT: Duration = Duration::from_millis(300);
     let mut env = TestEnv::new(&h, 2).await;
     let saw_cancel: Arc<Collector<String>> = Collector::new();
@@ -369,5 +370,4 @@ pub async fn session_timeout_ends_the_session(h: Arc<dyn Harness>) -> Verdict {
     })
     .await;
     env.finish().await;
-    Verdict::Passed
 }

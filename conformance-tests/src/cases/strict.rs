@@ -11,10 +11,9 @@ use crate::gate::{
     bridge_for, declares, expect_mismatch_warning, is_queue_need, probe, probe_needs,
 };
 use crate::harness::Harness;
-use crate::runner::Verdict;
 
 /// What the harness declares is what every bridge instance (and the queue bridge) reports.
-pub async fn declared_capabilities_are_the_bridges_own(h: Arc<dyn Harness>) -> Verdict {
+pub async fn declared_capabilities_are_the_bridges_own(h: Arc<dyn Harness>) {
     let env = TestEnv::new(&h, 2).await;
     let declared = h.capabilities();
     for (i, b) in env.deployment.bridges.iter().enumerate() {
@@ -38,7 +37,6 @@ pub async fn declared_capabilities_are_the_bridges_own(h: Arc<dyn Harness>) -> V
         "the queue bridge reports other capabilities than the harness declares"
     );
     env.finish().await;
-    Verdict::Passed
 }
 
 /// A service of `needs`, one registration per need, with the registration string of each.
@@ -68,7 +66,7 @@ fn undeclared(h: &Arc<dyn Harness>, has_queues: bool) -> (Vec<Need>, Vec<Need>) 
 /// A service with every need the bridge lacks is refused with one error that lists each of
 /// them (registration, need, bridge) and nothing the bridge has; a service with every need it
 /// declares starts.
-pub async fn strict_start_lists_every_mismatch_in_one_error(h: Arc<dyn Harness>) -> Verdict {
+pub async fn strict_start_lists_every_mismatch_in_one_error(h: Arc<dyn Harness>) {
     let mut env = TestEnv::new(&h, 1).await;
     let (missing, present) = undeclared(&h, env.deployment.queues.is_some());
 
@@ -109,11 +107,10 @@ pub async fn strict_start_lists_every_mismatch_in_one_error(h: Arc<dyn Harness>)
         }
     }
     env.finish().await;
-    Verdict::Passed
 }
 
 /// In non-strict mode the same service starts, with one warning per mismatch.
-pub async fn non_strict_start_degrades_with_a_warning_per_mismatch(h: Arc<dyn Harness>) -> Verdict {
+pub async fn non_strict_start_degrades_with_a_warning_per_mismatch(h: Arc<dyn Harness>) {
     let mut env = TestEnv::new(&h, 1).await;
     let (missing, _) = undeclared(&h, env.deployment.queues.is_some());
     let (expected, lacking) = service_of(&env, &env.name("lenient"), &missing);
@@ -124,5 +121,4 @@ pub async fn non_strict_start_degrades_with_a_warning_per_mismatch(h: Arc<dyn Ha
         expect_mismatch_warning(registration, need).await;
     }
     env.finish().await;
-    Verdict::Passed
 }

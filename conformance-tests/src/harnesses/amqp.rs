@@ -3,7 +3,8 @@
 //! * **Broker**: `PURISTA_AMQP_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`. When it
 //!   cannot be reached every case is skipped loudly (failed under `PURISTA_REQUIRE_BROKERS=1`);
 //!   with the `testcontainers` feature, no URL given and nothing on 5672, a RabbitMQ container
-//!   is started instead (one per test process).
+//!   is started instead (one per test process). Whether the broker answers is probed when the
+//!   tests are listed (a TCP connect), so that its cases are listed as skipped, not passed.
 //! * **Deployments**: N bridge instances under the case's unique prefix (which is also the
 //!   exchange name), started; cleanup deletes every queue they declared and the exchange. The
 //!   raw publisher publishes into that exchange on a connection of its own.
@@ -29,7 +30,7 @@ use purista_bridge_amqp::{AmqpBridge, AmqpConfig, redact_url};
 use purista_core::{Capabilities, EventBridge, QueueCapabilities};
 use tokio::sync::OnceCell;
 
-use crate::harness::{BrokerControl, Deployment, Harness, RawPublisher, TestMode};
+use crate::harness::{BrokerControl, Deployment, Harness, Offer, RawPublisher, TestMode};
 
 use raw::AmqpRawPublisher;
 
@@ -257,8 +258,24 @@ impl Harness for AmqpHarness {
         None
     }
 
-    async fn availability(&self) -> Result<(), String> {
-        AmqpHarness::url().await.map(drop)
+    fn offers_raw_publisher(&self) -> bool {
+        true
+    }
+
+    fn availability(&self) -> Result<(), String> {
+        AmqpHarness::probe()
+    }
+
+    fn broker_control(&self) -> Offer {
+        #[cfg(unix)]
+        {
+            match private_node::PrivateNode::installed() {
+                Ok(()) => Offer::Available,
+                Err(why) => Offer::Unreachable(why),
+            }
+        }
+        #[cfg(not(unix))]
+        Offer::Absent("private RabbitMQ nodes are started on unix hosts only".into())
     }
 
     async fn deployment(&self, prefix: &str, instances: usize) -> Deployment {
@@ -268,19 +285,13 @@ impl Harness for AmqpHarness {
         deploy(&url, prefix, instances, ()).await
     }
 
-    async fn control(&self) -> Option<Arc<dyn BrokerControl>> {
+    async fn control(&self) -> Result<Arc<dyn BrokerControl>, String> {
         #[cfg(unix)]
         {
-            match private_node_control().await {
-                Ok(control) => Some(control),
-                Err(why) => {
-                    crate::env::skip_or_fail("the amqp reliability cases", &why);
-                    None
-                }
-            }
+            private_node_control().await
         }
         #[cfg(not(unix))]
-        None
+        Err("private RabbitMQ nodes are started on unix hosts only".into())
     }
 }
 

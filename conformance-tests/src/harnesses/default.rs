@@ -60,6 +60,10 @@ impl Harness for DefaultHarness {
         Some(MemoryQueueBridge::new().capabilities().clone())
     }
 
+    fn offers_raw_publisher(&self) -> bool {
+        true
+    }
+
     async fn deployment(&self, _prefix: &str, instances: usize) -> Deployment {
         let broker = MemoryBroker::new();
         let bridges: Vec<Arc<MemoryBridge>> = (0..instances)

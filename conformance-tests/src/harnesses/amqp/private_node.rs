@@ -96,22 +96,34 @@ impl PrivateNode {
         PrivateNode::launch("the TLS tests", &format!("-tls{n}"), Some(tls))
     }
 
+    /// `Err(why)` when no node can be started here because RabbitMQ is not installed: a cheap
+    /// check, for deciding before anything runs whether the cases that need a node can.
+    pub fn installed() -> Result<(), String> {
+        let server = Self::bin_dir().join("rabbitmq-server");
+        if server.exists() {
+            Ok(())
+        } else {
+            Err(format!(
+                "no private RabbitMQ node can be started: {} does not exist (install RabbitMQ or set {BIN_DIR_ENV})",
+                server.display()
+            ))
+        }
+    }
+
+    fn bin_dir() -> PathBuf {
+        std::env::var_os(BIN_DIR_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_BIN_DIR))
+    }
+
     /// Starts a node named and placed after this process and `suffix` (unique per node).
     fn launch(
         purpose: &str,
         suffix: &str,
         tls: Option<TlsListener>,
     ) -> Result<Arc<PrivateNode>, String> {
-        let bin_dir = std::env::var_os(BIN_DIR_ENV)
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_BIN_DIR));
-        let server = bin_dir.join("rabbitmq-server");
-        if !server.exists() {
-            return Err(format!(
-                "no private RabbitMQ node for {purpose}: {} does not exist (install RabbitMQ or set {BIN_DIR_ENV})",
-                server.display()
-            ));
-        }
+        Self::installed().map_err(|why| format!("{why} (needed for {purpose})"))?;
+        let bin_dir = Self::bin_dir();
         let pid = std::process::id();
         let dir = scratch_dir().join(format!("purista-rabbitmq-{pid}{suffix}"));
         prepare_dir(&dir).map_err(|e| format!("preparing {}: {e}", dir.display()))?;
