@@ -22,12 +22,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use lapin::options::QueueDeleteOptions;
 use parking_lot::Mutex;
-use purista_core::envelope::now_ms;
+use purista_core::kit::{self, TaskSet, deadline_after, endpoint_label};
 use purista_core::{
-    Address, BridgeError, BridgeHealth, Capabilities, CommandHandler, DeadLetterEntry,
-    DeliveryGuarantee, DeliveryHandler, DrainReport, Envelope, EventBridge, FilterSupport,
-    InFlight, InFlightTracker, MessageType, PausedConsumer, StreamConsumerEnd, StreamHandler,
-    SubscriptionSpec, WorkKind, ids, stream,
+    Address, BridgeCounters, BridgeError, BridgeHealth, Capabilities, CommandHandler,
+    DeadLetterEntry, DeliveryGuarantee, DeliveryHandler, DrainReport, Envelope, EventBridge,
+    FilterSupport, InFlight, InFlightTracker, PausedConsumer, RegistrationKey, ReplayReport,
+    StreamConsumerEnd, StreamHandler, SubscriptionOperator, SubscriptionSpec, WorkKind, ids,
 };
 use tokio::sync::{OnceCell, watch};
 use tokio::task::JoinHandle;
@@ -39,10 +39,9 @@ use crate::headers;
 use crate::publish::{self, Outgoing, Verdict};
 use crate::reconnect::{self, Session};
 use crate::registry::{Kind, Registration, Registry};
-use crate::replay::{self, ReplayReport};
+use crate::replay;
 use crate::reply::ReplyInbox;
 use crate::streams::{self, StreamSessions};
-use crate::tasks::TaskSet;
 use crate::topology::{self, MAX_NAME_LEN, Topology, millis};
 
 /// The bridge name reported by [`EventBridge::name`] and in the capabilities.
@@ -213,7 +212,7 @@ pub struct AmqpBridge {
 }
 
 /// The capabilities of the RabbitMQ bridge with this config.
-fn capabilities(config: &AmqpConfig) -> Capabilities {
+pub(crate) fn capabilities(config: &AmqpConfig) -> Capabilities {
     let mut caps = Capabilities::none(BRIDGE_NAME);
     caps.commands = true;
     caps.filters = FilterSupport::Complex;
@@ -237,23 +236,6 @@ fn capabilities(config: &AmqpConfig) -> Capabilities {
 const UNROUTED_RETRY_FIRST: Duration = Duration::from_millis(20);
 /// Longest wait between those publishes.
 const UNROUTED_RETRY_MAX: Duration = Duration::from_millis(320);
-
-/// `service@version/target`: the label of a command or stream endpoint.
-fn endpoint_label(address: &Address) -> String {
-    Address::new(
-        &address.service_name,
-        &address.service_version,
-        &address.service_target,
-    )
-    .to_string()
-}
-
-/// The far future for ttls too large to add to `now`.
-fn deadline_after(ttl: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(ttl)
-        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
-}
 
 impl AmqpBridge {
     /// A bridge with `config`; nothing connects until [`EventBridge::start`].
@@ -336,65 +318,6 @@ impl AmqpBridge {
         self.shared.inbox.unmatched() + self.shared.streams.unmatched()
     }
 
-    /// Replays up to `limit` messages of dead-letter target `target`
-    /// (`P.<target>.dead-letter`), oldest first, each to the subscription queue it was
-    /// dead-lettered from, with a fresh retry budget.
-    ///
-    /// Each copy goes straight to that queue through the default exchange (no other
-    /// subscription sees it again), `mandatory` and confirmed; it keeps its body, message id,
-    /// properties and header projection, but not `x-purista-attempt` nor the
-    /// `x-purista-dead-letter-*` headers, so the subscription gets it as attempt 1 with all
-    /// its retries. The dead letter is removed only after the broker confirmed the copy: a
-    /// crash in between leaves a duplicate, never a loss.
-    ///
-    /// Stay in the dead-letter queue, listed in [`ReplayReport::left`] with a
-    /// [`NotReplayed`](crate::NotReplayed) reason: undecodable bytes, messages dead-lettered
-    /// before the bridge recorded their source queue, messages whose source queue no longer
-    /// exists, and copies the broker refused. The call takes each message at most once, so
-    /// `limit` bounds what it reads, replayed or not; a missing dead-letter queue is an empty
-    /// report.
-    ///
-    /// # Errors
-    ///
-    /// [`BridgeError::Unavailable`] while not connected (or when the connection drops
-    /// mid-way: what was replayed until then stays replayed, the rest stays in the queue);
-    /// [`BridgeError::InvalidRequest`] for an empty target or one whose queue name is too
-    /// long.
-    ///
-    /// ```no_run
-    /// # use purista_bridge_amqp::AmqpBridge;
-    /// # async fn demo(bridge: &AmqpBridge) -> Result<(), purista_core::BridgeError> {
-    /// let report = bridge.replay_dead_letters("billing.receipts.failed", 100).await?;
-    /// println!("{} replayed", report.replayed);
-    /// for left in &report.left {
-    ///     println!("left {:?}: {}", left.message_id, left.reason);
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub async fn replay_dead_letters(
-        &self,
-        target: &str,
-        limit: usize,
-    ) -> Result<ReplayReport, BridgeError> {
-        self.ensure_open()?;
-        if target.is_empty() {
-            return Err(BridgeError::InvalidRequest(
-                "a dead-letter target needs a name".into(),
-            ));
-        }
-        let queue = self.shared.topology.dead_letter_queue(target);
-        topology::name(&queue)?;
-        let session = self.shared.connected()?;
-        replay::replay_dead_letters(
-            &session,
-            &self.shared.topology,
-            &queue,
-            limit,
-            self.shared.config.max_payload_bytes,
-        )
-        .await
-    }
-
     /// Publishes raw bytes as if another PURISTA process had sent them: a valid envelope is
     /// routed by its header projection *without* re-stamping (so a test can send a fixed
     /// sender, or one message id twice); bytes that are not an envelope are refused.
@@ -429,23 +352,12 @@ impl AmqpBridge {
     }
 
     fn stamp(&self, envelope: &mut Envelope) {
-        envelope.id = ids::new_id();
-        envelope.timestamp = now_ms();
-        envelope
-            .sender
-            .instance_id
-            .clone_from(&self.shared.instance_id);
+        kit::stamp(envelope, &self.shared.instance_id);
     }
 
     fn encode_checked(&self, envelope: &Envelope) -> Result<Vec<u8>, BridgeError> {
         let body = envelope.encode();
-        let limit = self.shared.config.max_payload_bytes;
-        if body.len() > limit {
-            return Err(BridgeError::InvalidRequest(format!(
-                "encoded message of {} bytes exceeds the limit of {limit} bytes",
-                body.len()
-            )));
-        }
+        kit::check_body(body.len(), &self.capabilities.limits)?;
         Ok(body)
     }
 
@@ -601,6 +513,117 @@ impl std::fmt::Debug for AmqpBridge {
 }
 
 #[async_trait]
+impl SubscriptionOperator for AmqpBridge {
+    fn paused_subscription_consumers(&self) -> Vec<PausedConsumer> {
+        self.shared.registry.paused()
+    }
+
+    async fn resume_subscription_consumer(
+        &self,
+        key: &RegistrationKey,
+    ) -> Result<bool, BridgeError> {
+        match self.shared.registry.subscription(key.as_str()) {
+            Some(reg) => consume::resume(&self.shared, &reg).await,
+            None => Ok(false),
+        }
+    }
+
+    async fn inspect_dead_letters(
+        &self,
+        target: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetterEntry>, BridgeError> {
+        let session = self.shared.connected()?;
+        let queue = self.shared.topology.dead_letter_queue(target);
+        consume::peek_dead_letters(
+            &session,
+            &queue,
+            target,
+            limit,
+            self.shared.config.max_payload_bytes,
+        )
+        .await
+    }
+
+    /// Replays up to `limit` messages of dead-letter target `target`
+    /// (`P.<target>.dead-letter`), oldest first, each to the subscription queue it was
+    /// dead-lettered from, with a fresh retry budget.
+    ///
+    /// Each copy goes straight to that queue through the default exchange (no other
+    /// subscription sees it again), `mandatory` and confirmed; it keeps its body, message id,
+    /// properties and header projection, but not `x-purista-attempt` nor the
+    /// `x-purista-dead-letter-*` headers, so the subscription gets it as attempt 1 with all
+    /// its retries. The dead letter is removed only after the broker confirmed the copy: a
+    /// crash in between leaves a duplicate, never a loss.
+    ///
+    /// Stay in the dead-letter queue, listed in [`ReplayReport::left`] with a
+    /// [`NotReplayed`](purista_core::NotReplayed) reason: undecodable bytes, messages dead-lettered
+    /// before the bridge recorded their source queue, messages whose source queue no longer
+    /// exists, and copies the broker refused. The call takes each message at most once, so
+    /// `limit` bounds what it reads, replayed or not; a missing dead-letter queue is an empty
+    /// report.
+    ///
+    /// # Errors
+    ///
+    /// [`BridgeError::Unavailable`] while not connected (or when the connection drops
+    /// mid-way: what was replayed until then stays replayed, the rest stays in the queue);
+    /// [`BridgeError::InvalidRequest`] for an empty target or one whose queue name is too
+    /// long.
+    ///
+    /// ```no_run
+    /// # use purista_bridge_amqp::AmqpBridge;
+    /// # use purista_core::SubscriptionOperator;
+    /// # async fn demo(bridge: &AmqpBridge) -> Result<(), purista_core::BridgeError> {
+    /// let report = bridge.replay_dead_letters("billing.receipts.failed", 100).await?;
+    /// println!("{} replayed", report.replayed);
+    /// for left in &report.left {
+    ///     println!("left {:?}: {}", left.message_id, left.reason);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    async fn replay_dead_letters(
+        &self,
+        target: &str,
+        limit: usize,
+    ) -> Result<ReplayReport, BridgeError> {
+        self.ensure_open()?;
+        if target.is_empty() {
+            return Err(BridgeError::InvalidRequest(
+                "a dead-letter target needs a name".into(),
+            ));
+        }
+        let queue = self.shared.topology.dead_letter_queue(target);
+        topology::name(&queue)?;
+        let session = self.shared.connected()?;
+        replay::replay_dead_letters(
+            &session,
+            &self.shared.topology,
+            &queue,
+            limit,
+            self.shared.config.max_payload_bytes,
+        )
+        .await
+    }
+
+    /// Deletes every message of dead-letter target `target` (`P.<target>.dead-letter`);
+    /// a missing queue purges nothing.
+    async fn purge_dead_letters(&self, target: &str) -> Result<usize, BridgeError> {
+        self.ensure_open()?;
+        if target.is_empty() {
+            return Err(BridgeError::InvalidRequest(
+                "a dead-letter target needs a name".into(),
+            ));
+        }
+        let queue = self.shared.topology.dead_letter_queue(target);
+        topology::name(&queue)?;
+        let session = self.shared.connected()?;
+        let purged = topology::purge_queue(&session, &queue).await?;
+        tracing::info!(%queue, purged, "dead letters purged");
+        Ok(purged)
+    }
+}
+
+#[async_trait]
 impl EventBridge for AmqpBridge {
     fn name(&self) -> &str {
         BRIDGE_NAME
@@ -665,7 +688,7 @@ impl EventBridge for AmqpBridge {
 
     async fn emit(&self, mut message: Envelope) -> Result<(), BridgeError> {
         self.ensure_open()?;
-        publish::emittable(message.message_type)?;
+        kit::check_emittable(&message)?;
         self.stamp(&mut message);
         let body = self.encode_checked(&message)?;
         let session = self.shared.connected()?;
@@ -689,24 +712,11 @@ impl EventBridge for AmqpBridge {
 
     async fn invoke(&self, mut command: Envelope, ttl: Duration) -> Result<Envelope, BridgeError> {
         self.ensure_open()?;
-        if command.message_type != MessageType::Command {
-            return Err(BridgeError::InvalidRequest(format!(
-                "invoke needs a command, got {}",
-                command.message_type
-            )));
-        }
-        let Some(receiver) = command.receiver.clone() else {
-            return Err(BridgeError::InvalidRequest(
-                "a command needs a receiver".into(),
-            ));
-        };
+        let receiver = kit::check_command(&command)?.clone();
         let deadline = deadline_after(ttl);
         let ttl_ms = millis(ttl);
         self.stamp(&mut command);
-        let correlation_id = command
-            .correlation_id
-            .get_or_insert_with(ids::new_id)
-            .clone();
+        let correlation_id = kit::correlation_id(&mut command).to_string();
         let body = self.encode_checked(&command)?;
         let session = self.shared.connected()?;
         let (_pending, reply) = self.shared.inbox.wait_for(&correlation_id)?;
@@ -743,12 +753,7 @@ impl EventBridge for AmqpBridge {
     ) -> Result<(), BridgeError> {
         let queue = self.shared.topology.command_queue(&address);
         topology::name(&queue)?;
-        let label = Address::new(
-            &address.service_name,
-            &address.service_version,
-            &address.service_target,
-        )
-        .to_string();
+        let label = endpoint_label(&address);
         self.register(Registration::new(
             &label,
             &queue,
@@ -758,13 +763,11 @@ impl EventBridge for AmqpBridge {
     }
 
     async fn unregister_command(&self, address: &Address) -> Result<(), BridgeError> {
-        let label = Address::new(
-            &address.service_name,
-            &address.service_version,
-            &address.service_target,
-        )
-        .to_string();
-        if let Some(reg) = self.shared.registry.remove_command(&label) {
+        if let Some(reg) = self
+            .shared
+            .registry
+            .remove_command(&endpoint_label(address))
+        {
             let deadline = deadline_after(self.shared.config.default_command_timeout);
             consume::stop(&self.shared, reg, deadline).await;
         }
@@ -781,7 +784,7 @@ impl EventBridge for AmqpBridge {
         if let Some(target) = &spec.policy.dead_letter_target {
             topology::name(&self.shared.topology.dead_letter_queue(target))?;
         }
-        let key = spec.key.clone();
+        let key = spec.key.to_string();
         self.register(Registration::new(
             &key,
             &queue,
@@ -793,40 +796,12 @@ impl EventBridge for AmqpBridge {
         .await
     }
 
-    async fn unregister_subscription(&self, key: &str) -> Result<(), BridgeError> {
-        if let Some(reg) = self.shared.registry.remove_subscription(key) {
+    async fn unregister_subscription(&self, key: &RegistrationKey) -> Result<(), BridgeError> {
+        if let Some(reg) = self.shared.registry.remove_subscription(key.as_str()) {
             let deadline = deadline_after(self.shared.config.default_command_timeout);
             consume::stop(&self.shared, reg, deadline).await;
         }
         Ok(())
-    }
-
-    fn paused_subscription_consumers(&self) -> Vec<PausedConsumer> {
-        self.shared.registry.paused()
-    }
-
-    async fn resume_subscription_consumer(&self, key: &str) -> Result<bool, BridgeError> {
-        match self.shared.registry.subscription(key) {
-            Some(reg) => consume::resume(&self.shared, &reg).await,
-            None => Ok(false),
-        }
-    }
-
-    async fn inspect_dead_letters(
-        &self,
-        target: &str,
-        limit: usize,
-    ) -> Result<Vec<DeadLetterEntry>, BridgeError> {
-        let session = self.shared.connected()?;
-        let queue = self.shared.topology.dead_letter_queue(target);
-        consume::peek_dead_letters(
-            &session,
-            &queue,
-            target,
-            limit,
-            self.shared.config.max_payload_bytes,
-        )
-        .await
     }
 
     /// Serves stream sessions for `address` from its stream queue (competing consumers: each
@@ -861,27 +836,8 @@ impl EventBridge for AmqpBridge {
     /// once.
     async fn open_stream(&self, mut open: Envelope) -> Result<StreamConsumerEnd, BridgeError> {
         self.ensure_open()?;
-        if open.message_type != MessageType::Stream {
-            return Err(BridgeError::InvalidRequest(format!(
-                "a stream opens with a stream frame, got {}",
-                open.message_type
-            )));
-        }
-        let Some(correlation_id) = open.correlation_id.clone() else {
-            return Err(BridgeError::InvalidRequest(
-                "a stream open frame needs a correlationId".into(),
-            ));
-        };
-        let Some(receiver) = open.receiver.clone() else {
-            return Err(BridgeError::InvalidRequest(
-                "a stream open frame needs a receiver".into(),
-            ));
-        };
-        if stream::frame_type(&open) != Some(stream::FrameType::Open) {
-            return Err(BridgeError::InvalidRequest(
-                "a stream session starts with an open frame".into(),
-            ));
-        }
+        let (correlation_id, receiver) = kit::check_stream_open(&open)?;
+        let (correlation_id, receiver) = (correlation_id.to_string(), receiver.clone());
         open.sender.instance_id.clone_from(&self.shared.instance_id);
         let body = self.encode_checked(&open)?;
         // Straight to the endpoint's stream queue through the default exchange: no
@@ -935,6 +891,14 @@ impl EventBridge for AmqpBridge {
 
     fn in_flight(&self) -> InFlight {
         self.shared.tracker.snapshot()
+    }
+
+    fn counters(&self) -> BridgeCounters {
+        BridgeCounters {
+            reconnects: self.reconnects(),
+            poison_messages: self.poison_messages(),
+            unmatched_responses: self.unmatched_responses(),
+        }
     }
 
     async fn shutdown(&self, deadline: Instant) -> DrainReport {

@@ -177,7 +177,7 @@ pub(crate) async fn pause(shared: &Arc<Shared>, reg: &Registration, reason: Stri
             return;
         }
         state.paused = Some(PausedConsumer {
-            key: reg.label.to_string(),
+            key: reg.label.as_ref().into(),
             reason: reason.clone(),
             paused_at: now_ms(),
         });

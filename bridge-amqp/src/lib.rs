@@ -76,6 +76,7 @@
 mod bridge;
 mod config;
 mod consume;
+mod driver;
 pub mod headers;
 mod publish;
 mod reconnect;
@@ -83,7 +84,6 @@ mod registry;
 mod replay;
 mod reply;
 mod streams;
-mod tasks;
 mod topology;
 
 pub use bridge::{AmqpBridge, BRIDGE_NAME};
@@ -92,7 +92,7 @@ pub use config::{
     ConfigError, DEFAULT_COMMAND_PREFETCH, DEFAULT_COMMAND_TIMEOUT, DEFAULT_PREFIX, PREFIX_ENV,
     TlsFile, TlsSettings, URL_ENV, redact_url,
 };
-pub use replay::{LeftDeadLetter, NotReplayed, ReplayReport};
+pub use driver::driver;
 pub use streams::STREAM_FRAME_BUFFER;
 pub use topology::{MAX_NAME_LEN, Topology};
 

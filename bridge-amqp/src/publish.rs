@@ -14,7 +14,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use parking_lot::Mutex;
-use purista_core::{BridgeError, Envelope, MessageType};
+use purista_core::{BridgeError, Envelope};
 
 use crate::headers;
 
@@ -221,19 +221,6 @@ fn short(s: &str) -> ShortString {
         end -= 1;
     }
     ShortString::from(&s[..end])
-}
-
-/// True for the families `emit` may publish.
-pub(crate) fn emittable(message_type: MessageType) -> Result<(), BridgeError> {
-    match message_type {
-        MessageType::Command => Err(BridgeError::InvalidRequest(
-            "commands are sent with invoke, not emit".into(),
-        )),
-        MessageType::Stream => Err(BridgeError::InvalidRequest(
-            "stream frames travel in a stream session, not through emit".into(),
-        )),
-        _ => Ok(()),
-    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use purista_core::{
     Address, CommandHandler, DeliveryHandler, PausedConsumer, StreamHandler, SubscriptionSpec,
 };
 
-use crate::tasks::Activity;
+use purista_core::kit::Activity;
 
 /// What a registration serves.
 pub(crate) enum Kind {

@@ -18,85 +18,12 @@
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
-use purista_core::{BridgeError, Envelope};
+use purista_core::{BridgeError, Envelope, LeftDeadLetter, NotReplayed, ReplayReport};
 
 use crate::headers;
 use crate::publish::{self, Outgoing, Verdict};
 use crate::reconnect::Session;
 use crate::topology::{self, Topology, name};
-
-/// What [`AmqpBridge::replay_dead_letters`](crate::AmqpBridge::replay_dead_letters) did.
-///
-/// Every message it took from the dead-letter queue is either counted in `replayed` (back in
-/// its subscription queue and gone from the dead-letter queue) or listed in `left` (still in
-/// the dead-letter queue, with the reason).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ReplayReport {
-    /// Messages published back to their subscription queue and removed from the dead-letter
-    /// queue.
-    pub replayed: usize,
-    /// Messages that stay in the dead-letter queue, in the order they were read.
-    pub left: Vec<LeftDeadLetter>,
-}
-
-/// A dead letter a replay left in its queue.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeftDeadLetter {
-    /// The envelope's id; for undecodable bytes the AMQP `message_id` property, if any.
-    pub message_id: Option<String>,
-    /// Why it was not replayed.
-    pub reason: NotReplayed,
-}
-
-/// Why a dead letter was not replayed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum NotReplayed {
-    /// The body is not a PURISTA envelope (a poison message): replaying it would only
-    /// dead-letter it again.
-    Undecodable,
-    /// It carries no `x-purista-dead-letter-queue` header (dead-lettered by a version of the
-    /// bridge that did not record its source queue); move it with broker tools.
-    UnknownSourceQueue,
-    /// Its source queue is not a subscription queue under this bridge's prefix.
-    ForeignQueue {
-        /// The queue the header names.
-        queue: String,
-    },
-    /// Its source queue no longer exists (the subscription was removed, or its broadcast
-    /// instance is gone).
-    SourceQueueGone {
-        /// The queue it came from.
-        queue: String,
-    },
-    /// The broker refused the copy (e.g. the source queue is full and rejects publishes).
-    Refused {
-        /// The queue it came from.
-        queue: String,
-    },
-}
-
-impl std::fmt::Display for NotReplayed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            NotReplayed::Undecodable => f.write_str("undecodable message"),
-            NotReplayed::UnknownSourceQueue => write!(
-                f,
-                "no `{}` header: the queue it came from is unknown",
-                headers::DEAD_LETTER_QUEUE
-            ),
-            NotReplayed::ForeignQueue { queue } => {
-                write!(f, "`{queue}` is not a subscription queue of this bridge")
-            }
-            NotReplayed::SourceQueueGone { queue } => {
-                write!(f, "source queue `{queue}` no longer exists")
-            }
-            NotReplayed::Refused { queue } => {
-                write!(f, "the broker refused the message for `{queue}`")
-            }
-        }
-    }
-}
 
 /// Replays up to `limit` messages of the dead-letter queue `queue` (see the module docs).
 pub(crate) async fn replay_dead_letters(
@@ -203,11 +130,11 @@ async fn replay_one(
 ) -> Result<Result<String, NotReplayed>, BridgeError> {
     let table = properties.headers().as_ref();
     let Some(source) = headers::get_str(table, headers::DEAD_LETTER_QUEUE) else {
-        return Ok(Err(NotReplayed::UnknownSourceQueue));
+        return Ok(Err(NotReplayed::UnknownSource));
     };
     let source = source.to_string();
     if !topology.is_subscription_queue(&source) || name(&source).is_err() {
-        return Ok(Err(NotReplayed::ForeignQueue { queue: source }));
+        return Ok(Err(NotReplayed::ForeignSource { source }));
     }
     let fresh = table.map(headers::without_retry_state).unwrap_or_default();
     let verdict = session
@@ -221,7 +148,7 @@ async fn replay_one(
         .await?;
     Ok(match verdict {
         Verdict::Confirmed => Ok(source),
-        Verdict::Returned { .. } => Err(NotReplayed::SourceQueueGone { queue: source }),
-        Verdict::Nacked => Err(NotReplayed::Refused { queue: source }),
+        Verdict::Returned { .. } => Err(NotReplayed::SourceGone { source }),
+        Verdict::Nacked => Err(NotReplayed::Refused { source }),
     })
 }

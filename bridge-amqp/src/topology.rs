@@ -24,6 +24,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
+pub(crate) use purista_core::kit::millis;
 use purista_core::{Address, BridgeError, SubscriptionSpec};
 
 use crate::config::AmqpConfig;
@@ -137,10 +138,6 @@ impl Topology {
             .and_then(|rest| rest.strip_prefix(".sub."))
             .is_some_and(|rest| !rest.is_empty())
     }
-}
-
-pub(crate) fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A queue or exchange name as AMQP wants it; names over 255 bytes are refused, not truncated.
@@ -267,6 +264,37 @@ pub(crate) async fn retire_command_queue(connection: &lapin::Connection, queue: 
         // 406 PRECONDITION_FAILED: other instances still serve it (the channel is closed).
         Err(error) => tracing::debug!(%queue, %error, "command queue kept"),
     }
+}
+
+/// Purges `queue`; returns how many messages it held. A queue that does not exist holds none.
+/// Runs on a channel of its own: the broker answers a missing queue by closing the channel.
+pub(crate) async fn purge_queue(
+    session: &crate::reconnect::Session,
+    queue: &str,
+) -> Result<usize, BridgeError> {
+    let queue_name = name(queue)?;
+    let channel = session
+        .connection
+        .create_channel()
+        .await
+        .map_err(|e| BridgeError::client("opening a channel to purge a queue", e, true))?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    if channel
+        .queue_declare(queue_name.clone(), passive, FieldTable::default())
+        .await
+        .is_err()
+    {
+        return Ok(0);
+    }
+    let purged = channel
+        .queue_purge(queue_name, lapin::options::QueuePurgeOptions::default())
+        .await
+        .map_err(|e| broker_error("purging queue", queue, &e))?;
+    let _ = channel.close(200, "OK".into()).await;
+    Ok(usize::try_from(purged).unwrap_or(usize::MAX))
 }
 
 /// Declares a subscription's queue (and its dead-letter queue) and binds it with its filter.

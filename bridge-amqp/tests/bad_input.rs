@@ -10,6 +10,7 @@
 
 mod common;
 
+use purista_core::SubscriptionOperator;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -183,6 +184,11 @@ async fn bad_input_on_the_reply_queue_is_dropped_with_a_warning_and_invocations_
     assert_eq!(response.payload, "after");
     assert_eq!(bridge.poison_messages(), n);
     assert_eq!(bridge.unmatched_responses(), 1);
+    let counters = EventBridge::counters(&*bridge);
+    assert_eq!(
+        (counters.poison_messages, counters.unmatched_responses),
+        (n, 1)
+    );
     // The reply queue is exclusive to the bridge's connection (no passive declare from here)
     // and consumed with auto-ack: what was counted is gone.
     assert_warned(&queue, &bad, "dropped").await;

@@ -8,11 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use lapin::options::QueueDeleteOptions;
-use purista_bridge_amqp::{AmqpBridge, LeftDeadLetter, NotReplayed};
+use purista_bridge_amqp::AmqpBridge;
 use purista_core::{
     BridgeError, Envelope, EventBridge, Outcome, SenderAddress, SubscriptionFilter,
     SubscriptionSpec,
 };
+use purista_core::{LeftDeadLetter, NotReplayed, SubscriptionOperator};
 use serde_json::json;
 
 use common::{Recorder, dead_letters, eventually, spec};
@@ -222,12 +223,12 @@ async fn undecodable_and_orphaned_dead_letters_stay_in_the_queue_with_their_reas
     }));
     assert!(report.left.contains(&LeftDeadLetter {
         message_id: Some(orphan_id),
-        reason: NotReplayed::SourceQueueGone {
-            queue: orphan_queue.clone(),
+        reason: NotReplayed::SourceGone {
+            source: orphan_queue.clone(),
         },
     }));
-    let gone = NotReplayed::SourceQueueGone {
-        queue: orphan_queue.clone(),
+    let gone = NotReplayed::SourceGone {
+        source: orphan_queue.clone(),
     };
     assert!(gone.to_string().contains(&orphan_queue));
 
@@ -265,7 +266,7 @@ async fn a_dead_letter_without_its_source_queue_stays_and_says_so() {
         report.left,
         [LeftDeadLetter {
             message_id: Some(legacy.id.clone()),
-            reason: NotReplayed::UnknownSourceQueue,
+            reason: NotReplayed::UnknownSource,
         }]
     );
     assert_eq!(dead_letter_count(&bridge, "sold-failed").await, 1);
@@ -335,5 +336,31 @@ async fn a_replay_needs_a_connection() {
         .await
         .unwrap_err();
     assert!(matches!(error, BridgeError::Unavailable(_)), "{error:?}");
+    broker.finish().await;
+}
+
+#[tokio::test]
+async fn purge_deletes_every_dead_letter_of_a_target_and_an_unknown_target_purges_nothing() {
+    let broker = broker_or_skip!("purge");
+    let (bridge, publisher) = (broker.bridge().await, broker.bridge().await);
+    let mut spec = spec("onSold", sold());
+    spec.policy.dead_letter_target = Some("sold-failed".into());
+    let recorder = Recorder::deciding(&spec, |_, _| Outcome::dead_letter("rejected"));
+    bridge
+        .register_subscription(spec.clone(), recorder.clone())
+        .await
+        .unwrap();
+    for n in 0..3 {
+        publisher.emit(event(n)).await.unwrap();
+    }
+    assert_eq!(dead_letters(&bridge, "sold-failed", 3).await.len(), 3);
+
+    assert_eq!(bridge.purge_dead_letters("sold-failed").await.unwrap(), 3);
+    assert_eq!(dead_letter_count(&bridge, "sold-failed").await, 0);
+    assert_eq!(bridge.purge_dead_letters("never-used").await.unwrap(), 0);
+    assert!(
+        bridge.is_connected(),
+        "a missing queue does not cost the connection"
+    );
     broker.finish().await;
 }

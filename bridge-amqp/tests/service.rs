@@ -203,7 +203,7 @@ async fn a_paused_consumer_turns_service_health_to_warn_until_resumed() {
     assert!(warned, "paused consumer shows as warn");
     assert!(
         running
-            .resume_subscription_consumer("mailer@1/onSold")
+            .resume_subscription_consumer(&"mailer@1/onSold".into())
             .await
             .unwrap()
     );

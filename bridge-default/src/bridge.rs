@@ -17,12 +17,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
-use purista_core::envelope::{DEFAULT_MAX_ENVELOPE_BYTES, now_ms};
+use purista_core::envelope::DEFAULT_MAX_ENVELOPE_BYTES;
+use purista_core::kit::{self, TaskSet};
 use purista_core::{
-    Address, BridgeError, BridgeHealth, Capabilities, CommandHandler, DeadLetterEntry, DecodeError,
-    DeliveryGuarantee, DeliveryHandler, DrainReport, Envelope, EventBridge, FilterSupport,
-    InFlight, InFlightTracker, MessageType, PausedConsumer, StreamConsumerEnd, StreamHandler,
-    SubscriptionSpec, WorkKind, ids,
+    Address, BridgeCounters, BridgeError, BridgeHealth, Capabilities, CommandHandler,
+    DeadLetterEntry, DecodeError, DeliveryGuarantee, DeliveryHandler, DrainReport, Envelope,
+    EventBridge, FilterSupport, InFlight, InFlightTracker, PausedConsumer, RegistrationKey,
+    ReplayReport, StreamConsumerEnd, StreamHandler, SubscriptionOperator, SubscriptionSpec,
+    WorkKind, ids,
 };
 use tokio::sync::{OnceCell, watch};
 use tokio::time::Instant;
@@ -32,7 +34,6 @@ use crate::commands::{self, CommandMember, Inbox, ReplyTo};
 use crate::config::MemoryBridgeConfig;
 use crate::streams::{self, StreamMember};
 use crate::subscriptions::{self, Consumer};
-use crate::tasks::TaskSet;
 
 /// The bridge name reported by [`EventBridge::name`] and in the capabilities.
 pub const BRIDGE_NAME: &str = "default";
@@ -114,11 +115,11 @@ pub struct MemoryBridge {
 struct Registrations {
     commands: Vec<Address>,
     streams: Vec<Address>,
-    subscriptions: HashMap<String, Arc<Consumer>>,
+    subscriptions: HashMap<RegistrationKey, Arc<Consumer>>,
 }
 
 /// The capabilities of the in-process bridge with this config.
-fn capabilities(config: &MemoryBridgeConfig) -> Capabilities {
+pub(crate) fn capabilities(config: &MemoryBridgeConfig) -> Capabilities {
     let mut caps = Capabilities::none(BRIDGE_NAME);
     caps.commands = true;
     caps.filters = FilterSupport::Complex;
@@ -136,20 +137,6 @@ fn capabilities(config: &MemoryBridgeConfig) -> Capabilities {
     caps.subscription_delivery = DeliveryGuarantee::AtMostOnce;
     caps.limits.max_payload_bytes = config.max_payload_bytes;
     caps
-}
-
-/// Counts serialized bytes without keeping them.
-struct ByteCounter(usize);
-
-impl std::io::Write for ByteCounter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 impl MemoryBridge {
@@ -243,27 +230,11 @@ impl MemoryBridge {
         Ok(())
     }
 
-    /// Stamps what this instance sends: fresh id, timestamp, `sender.instanceId`.
-    fn stamp(&self, envelope: &mut Envelope) {
-        envelope.id = ids::new_id();
-        envelope.timestamp = now_ms();
-        envelope.sender.instance_id.clone_from(&self.instance_id);
-    }
-
     fn check_size(&self, envelope: &Envelope) -> Result<(), BridgeError> {
-        let Some(limit) = self.config.max_payload_bytes else {
+        if self.capabilities.limits.max_payload_bytes.is_none() {
             return Ok(());
-        };
-        let mut counter = ByteCounter(0);
-        serde_json::to_writer(&mut counter, envelope)
-            .map_err(|e| BridgeError::InvalidRequest(format!("envelope cannot be encoded: {e}")))?;
-        if counter.0 > limit {
-            return Err(BridgeError::InvalidRequest(format!(
-                "encoded message of {} bytes exceeds the limit of {limit} bytes",
-                counter.0
-            )));
         }
-        Ok(())
+        kit::check_body(kit::encoded_len(envelope)?, &self.capabilities.limits)
     }
 
     /// Stops intake and takes this instance off the hub. Idempotent.
@@ -310,7 +281,7 @@ impl MemoryBridge {
             completed: idle && tasks_done,
             still_running,
             rejected_invocations: rejected,
-            waited_ms: u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
+            waited_ms: kit::millis(began.elapsed()),
         }
     }
 }
@@ -335,11 +306,59 @@ impl std::fmt::Debug for MemoryBridge {
     }
 }
 
-/// The far future for ttls too large to add to `now`.
-fn deadline_after(ttl: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(ttl)
-        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+#[async_trait]
+impl SubscriptionOperator for MemoryBridge {
+    fn paused_subscription_consumers(&self) -> Vec<PausedConsumer> {
+        let mut paused: Vec<PausedConsumer> = self
+            .registrations
+            .lock()
+            .subscriptions
+            .values()
+            .filter_map(|c| c.queue.paused())
+            .collect();
+        paused.sort_by(|a, b| a.key.cmp(&b.key));
+        paused
+    }
+
+    async fn resume_subscription_consumer(
+        &self,
+        key: &RegistrationKey,
+    ) -> Result<bool, BridgeError> {
+        let consumer = self.registrations.lock().subscriptions.get(key).cloned();
+        let resumed = consumer.is_some_and(|c| c.queue.resume());
+        if resumed {
+            tracing::info!(registration = %key, "subscription consumer resumed");
+        }
+        Ok(resumed)
+    }
+
+    async fn inspect_dead_letters(
+        &self,
+        target: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetterEntry>, BridgeError> {
+        Ok(self.hub.dead_letters.read(target, limit))
+    }
+
+    /// Hands dead letters back to the subscription group they came from (a shared
+    /// subscription, or the one broadcast instance that dead-lettered them) as attempt 1.
+    /// Entries whose subscription is gone stay, listed as [`NotReplayed::SourceGone`](purista_core::NotReplayed).
+    async fn replay_dead_letters(
+        &self,
+        target: &str,
+        limit: usize,
+    ) -> Result<ReplayReport, BridgeError> {
+        self.ensure_open()?;
+        Ok(self
+            .hub
+            .dead_letters
+            .replay(target, limit, &self.hub.subscriptions)
+            .await)
+    }
+
+    async fn purge_dead_letters(&self, target: &str) -> Result<usize, BridgeError> {
+        Ok(self.hub.dead_letters.purge(target))
+    }
 }
 
 #[async_trait]
@@ -394,20 +413,8 @@ impl EventBridge for MemoryBridge {
     {
         Box::pin(async move {
             self.ensure_open()?;
-            match message.message_type {
-                MessageType::Command => {
-                    return Err(BridgeError::InvalidRequest(
-                        "commands are sent with invoke, not emit".into(),
-                    ));
-                }
-                MessageType::Stream => {
-                    return Err(BridgeError::InvalidRequest(
-                        "stream frames travel in a stream session, not through emit".into(),
-                    ));
-                }
-                _ => {}
-            }
-            self.stamp(&mut message);
+            kit::check_emittable(&message)?;
+            kit::stamp(&mut message, &self.instance_id);
             self.check_size(&message)?;
             self.hub.publish(Arc::new(message)).await;
             Ok(())
@@ -425,29 +432,17 @@ impl EventBridge for MemoryBridge {
     {
         Box::pin(async move {
             self.ensure_open()?;
-            if command.message_type != MessageType::Command {
-                return Err(BridgeError::InvalidRequest(format!(
-                    "invoke needs a command, got {}",
-                    command.message_type
-                )));
-            }
-            let Some(receiver) = command.receiver.as_ref() else {
-                return Err(BridgeError::InvalidRequest(
-                    "a command needs a receiver".into(),
-                ));
-            };
+            let receiver = kit::check_command(&command)?;
             let member = self
                 .hub
                 .commands
                 .pick(receiver)
                 .ok_or_else(|| BridgeError::NoHandler(receiver.to_string()))?;
-            self.stamp(&mut command);
-            if command.correlation_id.is_none() {
-                command.correlation_id = Some(ids::new_id());
-            }
+            kit::stamp(&mut command, &self.instance_id);
+            kit::correlation_id(&mut command);
             self.check_size(&command)?;
 
-            let deadline = deadline_after(ttl);
+            let deadline = kit::deadline_after(ttl);
             let (pending, reply) = self
                 .inbox
                 .wait_for(command.correlation_id.as_deref().unwrap_or_default())?;
@@ -477,9 +472,7 @@ impl EventBridge for MemoryBridge {
                         receiver = %command.receiver.as_ref().map(ToString::to_string).unwrap_or_default(),
                         "invocation timed out"
                     );
-                    Err(BridgeError::Timeout(
-                        u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
-                    ))
+                    Err(BridgeError::Timeout(kit::millis(ttl)))
                 }
             }
         })
@@ -520,7 +513,7 @@ impl EventBridge for MemoryBridge {
         let mut registrations = self.registrations.lock();
         self.ensure_open()?;
         if registrations.subscriptions.contains_key(&spec.key) {
-            return Err(BridgeError::AlreadyRegistered(spec.key));
+            return Err(BridgeError::AlreadyRegistered(spec.key.to_string()));
         }
         if spec.durable {
             tracing::debug!(
@@ -549,42 +542,13 @@ impl EventBridge for MemoryBridge {
         Ok(())
     }
 
-    async fn unregister_subscription(&self, key: &str) -> Result<(), BridgeError> {
+    async fn unregister_subscription(&self, key: &RegistrationKey) -> Result<(), BridgeError> {
         let consumer = self.registrations.lock().subscriptions.remove(key);
         if let Some(consumer) = consumer {
             self.hub.subscriptions.leave(&consumer);
             consumer.close();
         }
         Ok(())
-    }
-
-    fn paused_subscription_consumers(&self) -> Vec<PausedConsumer> {
-        let mut paused: Vec<PausedConsumer> = self
-            .registrations
-            .lock()
-            .subscriptions
-            .values()
-            .filter_map(|c| c.queue.paused())
-            .collect();
-        paused.sort_by(|a, b| a.key.cmp(&b.key));
-        paused
-    }
-
-    async fn resume_subscription_consumer(&self, key: &str) -> Result<bool, BridgeError> {
-        let consumer = self.registrations.lock().subscriptions.get(key).cloned();
-        let resumed = consumer.is_some_and(|c| c.queue.resume());
-        if resumed {
-            tracing::info!(registration = %key, "subscription consumer resumed");
-        }
-        Ok(resumed)
-    }
-
-    async fn inspect_dead_letters(
-        &self,
-        target: &str,
-        limit: usize,
-    ) -> Result<Vec<DeadLetterEntry>, BridgeError> {
-        Ok(self.hub.dead_letters.read(target, limit))
     }
 
     async fn unregister_stream(&self, address: &Address) -> Result<(), BridgeError> {
@@ -619,22 +583,7 @@ impl EventBridge for MemoryBridge {
     /// and runs the session on one producer instance.
     async fn open_stream(&self, mut open: Envelope) -> Result<StreamConsumerEnd, BridgeError> {
         self.ensure_open()?;
-        if open.message_type != MessageType::Stream {
-            return Err(BridgeError::InvalidRequest(format!(
-                "a stream opens with a stream frame, got {}",
-                open.message_type
-            )));
-        }
-        if open.correlation_id.is_none() {
-            return Err(BridgeError::InvalidRequest(
-                "a stream open frame needs a correlationId".into(),
-            ));
-        }
-        let Some(receiver) = open.receiver.as_ref() else {
-            return Err(BridgeError::InvalidRequest(
-                "a stream open frame needs a receiver".into(),
-            ));
-        };
+        let (_, receiver) = kit::check_stream_open(&open)?;
         let member = self
             .hub
             .streams
@@ -646,6 +595,14 @@ impl EventBridge for MemoryBridge {
 
     fn in_flight(&self) -> InFlight {
         self.tracker.snapshot()
+    }
+
+    fn counters(&self) -> BridgeCounters {
+        BridgeCounters {
+            reconnects: 0,
+            poison_messages: self.poison_messages(),
+            unmatched_responses: self.unmatched_responses(),
+        }
     }
 
     async fn shutdown(&self, deadline: Instant) -> DrainReport {

@@ -22,9 +22,9 @@ use crate::bridge::MemoryBridge;
 use crate::commands::{self, CommandMember, Inbox, ReplyTo};
 use crate::config::MemoryBridgeConfig;
 use crate::dead_letters::DeadLetters;
-use crate::fast_hash::FastMap;
 use crate::streams::StreamMember;
 use crate::subscriptions::SubscriptionRoutes;
+use purista_core::kit::FastMap;
 
 /// Live named hubs, for [`MemoryBroker::named`].
 static NAMED: LazyLock<Mutex<HashMap<String, Weak<Hub>>>> = LazyLock::new(Default::default);

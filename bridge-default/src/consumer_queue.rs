@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use purista_core::envelope::now_ms;
-use purista_core::{Envelope, PausedConsumer};
+use purista_core::{Envelope, PausedConsumer, RegistrationKey};
 use tokio::sync::Notify;
 
 /// A message waiting for its consumer, with the attempt number it will be delivered as.
@@ -155,7 +155,7 @@ impl ConsumerQueue {
             state.items.push_front(item);
             if state.paused.is_none() {
                 state.paused = Some(PausedConsumer {
-                    key: key.to_string(),
+                    key: RegistrationKey::from(key),
                     reason,
                     paused_at: now_ms(),
                 });

@@ -26,15 +26,15 @@ mod commands;
 mod config;
 mod consumer_queue;
 mod dead_letters;
-mod fast_hash;
+mod driver;
 pub mod queue;
 mod streams;
 mod subscriptions;
-mod tasks;
 
 pub use bridge::{BRIDGE_NAME, MemoryBridge};
 pub use broker::MemoryBroker;
 pub use config::{DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONSUMER_BUFFER, MemoryBridgeConfig};
 pub use dead_letters::DEAD_LETTER_CAPACITY;
+pub use driver::driver;
 pub use queue::MemoryQueueBridge;
 pub use streams::STREAM_FRAME_BUFFER;

@@ -56,7 +56,7 @@ use tokio::time::Instant;
 use self::clock::Clock;
 use self::dead_letter::DeadLetters;
 use self::store::JobStore;
-use crate::fast_hash::FastMap;
+use purista_core::kit::FastMap;
 
 /// The bridge name reported by [`QueueBridge::name`] and in the capabilities.
 const BRIDGE_NAME: &str = "default";

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use purista_core::kit::TaskSet;
 use purista_core::{
     BridgeError, Envelope, InFlightTracker, StreamConsumerEnd, StreamHandler, StreamProducerEnd,
     WorkKind,
@@ -16,7 +17,6 @@ use purista_core::{
 use tokio::sync::{mpsc, watch};
 
 use crate::broker::EndpointMember;
-use crate::tasks::TaskSet;
 
 /// Frames buffered per session before the producer waits.
 pub const STREAM_FRAME_BUFFER: usize = 256;

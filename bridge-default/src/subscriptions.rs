@@ -166,14 +166,18 @@ impl Settler for QueueSettler {
                 None => hub_gone(&consumer, &envelope),
             },
             Settlement::DeadLetter(note) => match consumer.hub.upgrade() {
-                Some(hub) => hub.dead_letters.push(note, &envelope),
+                Some(hub) => hub
+                    .dead_letters
+                    .push(note, envelope, consumer.group.clone()),
                 None => hub_gone(&consumer, &envelope),
             },
             Settlement::Pause { reason } => {
                 tracing::warn!(registration = %consumer.label, %reason, "subscription consumer paused");
-                consumer
-                    .queue
-                    .pause(Queued { envelope, attempt }, &consumer.spec.key, reason);
+                consumer.queue.pause(
+                    Queued { envelope, attempt },
+                    consumer.spec.key.as_str(),
+                    reason,
+                );
             }
         }
         Ok(())
@@ -290,18 +294,18 @@ impl RouteTable {
                 envelope: envelope.clone(),
                 attempt: 1,
             };
-            if let Err(item) = member.queue.try_push(item, &member.spec.key) {
+            if let Err(item) = member.queue.try_push(item, member.spec.key.as_str()) {
                 let member = member.clone();
                 let envelope = envelope.clone();
                 return Some(Box::pin(async move {
-                    member.queue.push(item, &member.spec.key).await;
+                    member.queue.push(item, member.spec.key.as_str()).await;
                     for group in &self.groups[i + 1..] {
                         if let Some(member) = group.pick(&envelope, true) {
                             let item = Queued {
                                 envelope: envelope.clone(),
                                 attempt: 1,
                             };
-                            member.queue.push(item, &member.spec.key).await;
+                            member.queue.push(item, member.spec.key.as_str()).await;
                         }
                     }
                 }));
@@ -364,8 +368,9 @@ impl SubscriptionRoutes {
         self.snapshot().offer(envelope).await;
     }
 
-    /// Puts a redelivery back into group `group`, to any member.
-    pub(crate) async fn requeue(&self, group: &str, item: Queued) {
+    /// Puts a redelivery back into group `group`, to any member. False (and a warning) when the
+    /// group is gone or its consumer closed.
+    pub(crate) async fn requeue(&self, group: &str, item: Queued) -> bool {
         let table = self.table.read().clone();
         let member = table
             .by_id
@@ -373,15 +378,20 @@ impl SubscriptionRoutes {
             .and_then(|&i| table.groups[i].pick(&item.envelope, false));
         match member {
             Some(member) => {
-                if member.queue.push(item, &member.spec.key).await == Pushed::Closed {
+                if member.queue.push(item, member.spec.key.as_str()).await == Pushed::Closed {
                     tracing::warn!(registration = %group, "redelivery dropped: consumer closed");
+                    return false;
                 }
+                true
             }
-            None => tracing::warn!(
-                registration = %group,
-                message_id = %item.envelope.id,
-                "redelivery dropped: subscription no longer registered"
-            ),
+            None => {
+                tracing::warn!(
+                    registration = %group,
+                    message_id = %item.envelope.id,
+                    "redelivery dropped: subscription no longer registered"
+                );
+                false
+            }
         }
     }
 }

@@ -14,8 +14,9 @@ use parking_lot::Mutex;
 use purista_bridge_default::{MemoryBridge, MemoryBridgeConfig, MemoryBroker};
 use purista_core::{
     Address, BridgeError, BridgeHealth, CommandHandler, DeadLetterNote, Delivery, DeliveryHandler,
-    Envelope, EventBridge, FailurePolicy, MessageType, SenderAddress, SettleError, Settlement,
-    StatusCode, StreamHandler, StreamProducerEnd, SubscriptionFilter, SubscriptionSpec, WorkKind,
+    Envelope, EventBridge, FailurePolicy, MessagePart, MessageType, SenderAddress, SettleError,
+    Settlement, StatusCode, StreamHandler, StreamProducerEnd, SubscriptionFilter,
+    SubscriptionOperator, SubscriptionSpec, WorkKind,
 };
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, oneshot};
@@ -559,6 +560,161 @@ async fn dead_lettered_message_is_readable_with_inspect() {
     );
 }
 
+/// Dead-letters the first delivery of every message into `orders.dead-letter`, acks any later
+/// one (a replayed copy).
+fn dead_letters_first_attempts(seen: &Arc<Mutex<Vec<Seen>>>) -> Arc<Recorder> {
+    let first_seen = Mutex::new(std::collections::HashSet::new());
+    Recorder::deciding(0, seen, move |d| {
+        if first_seen.lock().insert(d.envelope.id.clone()) {
+            Settlement::DeadLetter(DeadLetterNote {
+                target: "orders.dead-letter".into(),
+                reason: "downstream rejected it".into(),
+                attempts: d.attempt,
+                origin: "listener@1/dlq".into(),
+            })
+        } else {
+            Settlement::Ack
+        }
+    })
+}
+
+async fn dead_letters_of(bridge: &MemoryBridge, n: usize) -> Vec<purista_core::DeadLetterEntry> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let entries = bridge
+            .inspect_dead_letters("orders.dead-letter", 100)
+            .await
+            .unwrap();
+        if entries.len() >= n || Instant::now() >= deadline {
+            return entries;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn replay_hands_dead_letters_back_to_their_subscription_as_attempt_one() {
+    let broker = MemoryBroker::new();
+    let bridge = broker.bridge();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    bridge
+        .register_subscription(
+            spec(
+                "listener@1/dlq",
+                SubscriptionFilter::new().event_name("orderPlaced"),
+                true,
+            ),
+            dead_letters_first_attempts(&seen),
+        )
+        .await
+        .unwrap();
+    // Another subscription on the same event must not see the replayed copies.
+    let bystander = Arc::new(Mutex::new(Vec::new()));
+    bridge
+        .register_subscription(
+            spec(
+                "audit@1/all",
+                SubscriptionFilter::new().event_name("orderPlaced"),
+                true,
+            ),
+            Recorder::deciding(0, &bystander, |_| Settlement::Ack),
+        )
+        .await
+        .unwrap();
+    for n in 0..3 {
+        bridge.emit(event("orderPlaced", json!(n))).await.unwrap();
+    }
+    assert_eq!(dead_letters_of(&bridge, 3).await.len(), 3);
+    eventually("the bystander saw the three originals", || {
+        bystander.lock().len() == 3
+    })
+    .await;
+
+    let report = bridge
+        .replay_dead_letters("orders.dead-letter", 2)
+        .await
+        .unwrap();
+    assert_eq!(report.replayed, 2);
+    assert!(report.left.is_empty(), "{report:?}");
+    eventually("two replayed deliveries", || seen.lock().len() == 5).await;
+    let replayed: Vec<(Value, u32)> = seen.lock()[3..]
+        .iter()
+        .map(|s| (s.envelope.payload.clone(), s.attempt))
+        .collect();
+    assert_eq!(
+        replayed,
+        vec![(json!(0), 1), (json!(1), 1)],
+        "oldest first, as attempt 1"
+    );
+    let left = dead_letters_of(&bridge, 1).await;
+    assert_eq!(left.len(), 1, "only the unreplayed one stays");
+    assert_eq!(left[0].envelope.as_ref().unwrap().payload, json!(2));
+
+    // The replayed copies were acked (their second delivery says attempt 1, the recorder only
+    // dead-letters attempt 1 of non-replayed payloads... so they came back dead-lettered).
+    assert_eq!(
+        bystander.lock().len(),
+        3,
+        "no other subscription sees a replay"
+    );
+}
+
+#[tokio::test]
+async fn replay_leaves_dead_letters_whose_subscription_is_gone_and_purge_removes_all() {
+    let broker = MemoryBroker::new();
+    let bridge = broker.bridge();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let key = "listener@1/dlq";
+    bridge
+        .register_subscription(
+            spec(
+                key,
+                SubscriptionFilter::new().event_name("orderPlaced"),
+                true,
+            ),
+            dead_letters_first_attempts(&seen),
+        )
+        .await
+        .unwrap();
+    bridge.emit(event("orderPlaced", json!("a"))).await.unwrap();
+    bridge.emit(event("orderPlaced", json!("b"))).await.unwrap();
+    assert_eq!(dead_letters_of(&bridge, 2).await.len(), 2);
+    bridge.unregister_subscription(&key.into()).await.unwrap();
+
+    let report = bridge
+        .replay_dead_letters("orders.dead-letter", 10)
+        .await
+        .unwrap();
+    assert_eq!(report.replayed, 0);
+    assert_eq!(report.left.len(), 2);
+    assert!(report.left.iter().all(|l| matches!(
+        &l.reason,
+        purista_core::NotReplayed::SourceGone { source } if source == key
+    )));
+    let kept: Vec<Value> = dead_letters_of(&bridge, 2)
+        .await
+        .iter()
+        .map(|e| e.envelope.as_ref().unwrap().payload.clone())
+        .collect();
+    assert_eq!(kept, vec![json!("a"), json!("b")], "kept in their order");
+
+    assert_eq!(
+        bridge
+            .purge_dead_letters("orders.dead-letter")
+            .await
+            .unwrap(),
+        2
+    );
+    assert!(dead_letters_of(&bridge, 0).await.is_empty());
+    assert_eq!(
+        bridge
+            .purge_dead_letters("orders.dead-letter")
+            .await
+            .unwrap(),
+        0
+    );
+}
+
 #[tokio::test]
 async fn paused_consumer_keeps_messages_until_resumed() {
     let broker = MemoryBroker::new();
@@ -600,7 +756,12 @@ async fn paused_consumer_keeps_messages_until_resumed() {
         "a paused consumer takes no deliveries"
     );
 
-    assert!(bridge.resume_subscription_consumer(key).await.unwrap());
+    assert!(
+        bridge
+            .resume_subscription_consumer(&key.into())
+            .await
+            .unwrap()
+    );
     eventually("every message after resume", || seen.lock().len() == 4).await;
     let seen = seen.lock().clone();
     let payloads: Vec<_> = seen.iter().map(|s| s.envelope.payload.clone()).collect();
@@ -610,7 +771,12 @@ async fn paused_consumer_keeps_messages_until_resumed() {
         "the paused delivery keeps its attempt number"
     );
     assert!(bridge.paused_subscription_consumers().is_empty());
-    assert!(!bridge.resume_subscription_consumer(key).await.unwrap());
+    assert!(
+        !bridge
+            .resume_subscription_consumer(&key.into())
+            .await
+            .unwrap()
+    );
     assert_eq!(bridge.dropped_while_paused(), 0);
 }
 
@@ -731,8 +897,13 @@ async fn stream_frames_reach_the_consumer_and_cancel_reaches_the_producer() {
         .await
         .unwrap();
 
-    let mut open = Envelope::new(MessageType::Stream, sender("reader"));
-    open.correlation_id = Some("session-1".into());
+    let mut open = purista_core::stream::frame(
+        sender("reader"),
+        "session-1",
+        purista_core::stream::FrameType::Open,
+        0,
+        None,
+    );
     open.receiver = Some(numbers);
     let mut session = consumer.open_stream(open).await.unwrap();
 
@@ -899,6 +1070,15 @@ async fn undecodable_raw_message_is_counted_and_rejected() {
             .is_err()
     );
     assert_eq!(bridge.poison_messages(), 2);
+    assert_eq!(
+        bridge.counters(),
+        purista_core::BridgeCounters {
+            reconnects: 0,
+            poison_messages: 2,
+            unmatched_responses: 0
+        },
+        "the same count through the trait"
+    );
 
     // The consumer lives on, and a valid raw message keeps its id (no re-stamping).
     let mut valid = event("orderPlaced", json!(1));
@@ -911,7 +1091,7 @@ async fn undecodable_raw_message_is_counted_and_rejected() {
 }
 
 #[tokio::test]
-async fn oversize_message_is_rejected_as_invalid_request() {
+async fn oversize_message_is_rejected_as_too_large_before_anything_is_sent() {
     let bridge = MemoryBroker::new().bridge_with(MemoryBridgeConfig {
         max_payload_bytes: Some(512),
         ..MemoryBridgeConfig::default()
@@ -922,9 +1102,10 @@ async fn oversize_message_is_rejected_as_invalid_request() {
     let error = bridge.emit(big).await.unwrap_err();
 
     assert!(
-        matches!(error, BridgeError::InvalidRequest(_)),
+        matches!(error, BridgeError::TooLarge { part: MessagePart::Body, size, limit: 512 } if size > 1024),
         "got {error:?}"
     );
+    assert_eq!(error.status(), StatusCode::BAD_REQUEST);
     bridge
         .emit(event("orderPlaced", json!("small")))
         .await

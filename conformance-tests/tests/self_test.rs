@@ -16,7 +16,8 @@ use purista_conformance::{BrokerControl, Deployment, Harness, Offer, TestMode, V
 use purista_core::{
     Address, BridgeError, BridgeHealth, Capabilities, CommandHandler, DeadLetterEntry,
     DeliveryGuarantee, DeliveryHandler, DrainReport, Envelope, EventBridge, InFlight,
-    PausedConsumer, QueueCapabilities, StreamConsumerEnd, StreamHandler, SubscriptionSpec,
+    PausedConsumer, QueueCapabilities, RegistrationKey, ReplayReport, StreamConsumerEnd,
+    StreamHandler, SubscriptionOperator, SubscriptionSpec,
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -137,6 +138,44 @@ impl BrokerControl for NoOpControl {
 }
 
 #[async_trait]
+impl SubscriptionOperator for Mutant {
+    fn paused_subscription_consumers(&self) -> Vec<PausedConsumer> {
+        self.inner.paused_subscription_consumers()
+    }
+    async fn resume_subscription_consumer(
+        &self,
+        key: &RegistrationKey,
+    ) -> Result<bool, BridgeError> {
+        self.inner.resume_subscription_consumer(key).await
+    }
+    async fn inspect_dead_letters(
+        &self,
+        target: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetterEntry>, BridgeError> {
+        let mut entries = self.inner.inspect_dead_letters(target, limit).await?;
+        if let Fault::CorruptsDeadLetters = self.fault {
+            for e in &mut entries {
+                if let Some(env) = e.envelope.as_mut() {
+                    env.payload = serde_json::json!({});
+                }
+            }
+        }
+        Ok(entries)
+    }
+    async fn replay_dead_letters(
+        &self,
+        target: &str,
+        limit: usize,
+    ) -> Result<ReplayReport, BridgeError> {
+        self.inner.replay_dead_letters(target, limit).await
+    }
+    async fn purge_dead_letters(&self, target: &str) -> Result<usize, BridgeError> {
+        self.inner.purge_dead_letters(target).await
+    }
+}
+
+#[async_trait]
 impl EventBridge for Mutant {
     fn name(&self) -> &str {
         self.inner.name()
@@ -192,29 +231,8 @@ impl EventBridge for Mutant {
         }
         self.inner.register_subscription(spec, handler).await
     }
-    async fn unregister_subscription(&self, key: &str) -> Result<(), BridgeError> {
+    async fn unregister_subscription(&self, key: &RegistrationKey) -> Result<(), BridgeError> {
         self.inner.unregister_subscription(key).await
-    }
-    fn paused_subscription_consumers(&self) -> Vec<PausedConsumer> {
-        self.inner.paused_subscription_consumers()
-    }
-    async fn resume_subscription_consumer(&self, key: &str) -> Result<bool, BridgeError> {
-        self.inner.resume_subscription_consumer(key).await
-    }
-    async fn inspect_dead_letters(
-        &self,
-        target: &str,
-        limit: usize,
-    ) -> Result<Vec<DeadLetterEntry>, BridgeError> {
-        let mut entries = self.inner.inspect_dead_letters(target, limit).await?;
-        if let Fault::CorruptsDeadLetters = self.fault {
-            for e in &mut entries {
-                if let Some(env) = e.envelope.as_mut() {
-                    env.payload = serde_json::json!({});
-                }
-            }
-        }
-        Ok(entries)
     }
     async fn register_stream(
         &self,

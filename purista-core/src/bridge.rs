@@ -21,7 +21,8 @@ use crate::envelope::{Address, Envelope};
 use crate::error::{BridgeError, SettleError};
 use crate::filter::SubscriptionFilter;
 use crate::inflight::InFlight;
-use crate::outcome::{DeadLetterEntry, FailurePolicy, Settlement};
+use crate::operator::{RegistrationKey, SubscriptionOperator};
+use crate::outcome::{FailurePolicy, Settlement};
 
 /// Serves commands for one address. Implemented by core's service runtime.
 #[async_trait]
@@ -106,7 +107,7 @@ impl Drop for SettleOnce {
 pub struct SubscriptionSpec {
     /// Registration key, unique per subscription within a deployment: `service@version/name`.
     /// Instances of one service share it (that is what makes a subscription shared).
-    pub key: String,
+    pub key: RegistrationKey,
     /// The subscribing service and subscription name.
     pub subscriber: Address,
     /// What it receives.
@@ -119,18 +120,6 @@ pub struct SubscriptionSpec {
     pub policy: FailurePolicy,
     /// Deliveries handled concurrently by this consumer (prefetch).
     pub prefetch: u16,
-}
-
-/// A paused consumer, as listed by [`EventBridge::paused_subscription_consumers`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PausedConsumer {
-    /// Registration key.
-    pub key: String,
-    /// Why it was paused.
-    pub reason: String,
-    /// When (epoch ms).
-    pub paused_at: u64,
 }
 
 /// Bridge health.
@@ -151,6 +140,22 @@ impl BridgeHealth {
     pub fn is_healthy(&self) -> bool {
         matches!(self, BridgeHealth::Healthy)
     }
+}
+
+/// Running totals a bridge keeps about trouble it absorbed, for operators and metrics. Zero
+/// where a bridge has no such event (the in-process bridge never reconnects).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BridgeCounters {
+    /// Times the connection to the broker was re-established after a loss.
+    pub reconnects: u64,
+    /// Deliveries that could not be processed as what their queue carries (undecodable bytes,
+    /// oversized bodies, an envelope on the wrong kind of queue); each was dead-lettered or
+    /// dropped with a warning.
+    pub poison_messages: u64,
+    /// Responses (and stream frames) that found nobody waiting: late, or for an unknown
+    /// correlation id; each was ignored with a warning.
+    pub unmatched_responses: u64,
 }
 
 /// What was still running when a shutdown deadline passed.
@@ -192,11 +197,10 @@ pub trait StreamHandler: Send + Sync + 'static {
 
 /// A message transport with PURISTA semantics. See the module docs.
 ///
-/// `Any` is a supertrait so that code holding an `Arc<dyn EventBridge>` can reach the concrete
-/// bridge for its own operator calls (e.g. `purista::Connection::amqp`): upcast the `Arc` to
-/// `Arc<dyn Any + Send + Sync>` and downcast it.
+/// Operator calls (dead letters, paused consumers) come with the supertrait
+/// [`SubscriptionOperator`], so they are reachable through `Arc<dyn EventBridge>` too.
 #[async_trait]
-pub trait EventBridge: std::any::Any + Send + Sync {
+pub trait EventBridge: SubscriptionOperator + Send + Sync {
     /// Short name, e.g. `default`, `amqp`.
     fn name(&self) -> &str;
 
@@ -243,20 +247,7 @@ pub trait EventBridge: std::any::Any + Send + Sync {
     ) -> Result<(), BridgeError>;
 
     /// Stops this instance's consumer of the subscription (durable queues stay).
-    async fn unregister_subscription(&self, key: &str) -> Result<(), BridgeError>;
-
-    /// Consumers paused by `stop_consumer`, by registration key.
-    fn paused_subscription_consumers(&self) -> Vec<PausedConsumer>;
-
-    /// Resumes a paused consumer. `Ok(false)` when it was not paused.
-    async fn resume_subscription_consumer(&self, key: &str) -> Result<bool, BridgeError>;
-
-    /// Reads (without removing) up to `limit` entries of a dead-letter target.
-    async fn inspect_dead_letters(
-        &self,
-        target: &str,
-        limit: usize,
-    ) -> Result<Vec<DeadLetterEntry>, BridgeError>;
+    async fn unregister_subscription(&self, key: &RegistrationKey) -> Result<(), BridgeError>;
 
     /// Serves stream sessions for `address`. Bridges without streams return `Unsupported`.
     async fn register_stream(
@@ -273,6 +264,11 @@ pub trait EventBridge: std::any::Any + Send + Sync {
 
     /// The bridge's own in-flight work (pending invocations count as `command`).
     fn in_flight(&self) -> InFlight;
+
+    /// Reconnects, poison messages and unmatched responses so far.
+    fn counters(&self) -> BridgeCounters {
+        BridgeCounters::default()
+    }
 
     /// Stops intake, waits for in-flight work until `deadline`, rejects what is left with 503
     /// and closes. Idempotent.

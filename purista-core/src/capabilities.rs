@@ -41,8 +41,12 @@ impl std::fmt::Display for DeliveryGuarantee {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Limits {
-    /// Largest encoded message the bridge accepts.
+    /// Largest encoded message (the body) the bridge accepts.
     pub max_payload_bytes: Option<usize>,
+    /// Largest metadata the bridge sends beside the body (AMQP headers, SQS message
+    /// attributes, CloudEvent extensions), measured as the bridge encodes it.
+    #[serde(default)]
+    pub max_metadata_bytes: Option<usize>,
     /// Most subscriptions one event can reach (EventBridge: 5 targets per rule).
     pub max_targets_per_event: Option<usize>,
     /// Longest resource name.
@@ -369,6 +373,7 @@ impl Capabilities {
                 self.subscription_delivery.to_string(),
             ),
             ("max payload bytes", limit(self.limits.max_payload_bytes)),
+            ("max metadata bytes", limit(self.limits.max_metadata_bytes)),
             (
                 "max targets per event",
                 limit(self.limits.max_targets_per_event),

@@ -245,8 +245,70 @@ pub enum DecodeError {
     Invalid(String),
 }
 
-/// Transport failures reported by a bridge.
+/// Which part of a message a size limit applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum MessagePart {
+    /// The encoded envelope.
+    Body,
+    /// What travels beside the body: headers, attributes, extensions.
+    Metadata,
+}
+
+impl std::fmt::Display for MessagePart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MessagePart::Body => "body",
+            MessagePart::Metadata => "metadata",
+        })
+    }
+}
+
+/// A broker client's own error, kept whole as the [`source`](std::error::Error::source) of a
+/// [`BridgeError::Client`]. Cheap to clone; two are equal when they print the same.
+#[derive(Clone)]
+pub struct ClientError(std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>);
+
+impl ClientError {
+    /// Wraps a client error.
+    pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        ClientError(std::sync::Arc::new(error))
+    }
+
+    /// The wrapped error, e.g. to downcast it to the client's own type.
+    pub fn inner(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.0
+    }
+}
+
+impl std::fmt::Debug for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for ClientError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl PartialEq for ClientError {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0) || self.0.to_string() == other.0.to_string()
+    }
+}
+
+/// Transport failures reported by a bridge. [`BridgeError::status`] maps each to the status a
+/// caller sees; [`BridgeError::is_retryable`] says whether trying again can help.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum BridgeError {
     /// Nobody serves the command (502).
     #[error("no handler is registered for {0}")]
@@ -257,22 +319,45 @@ pub enum BridgeError {
     /// The invocation timed out (504).
     #[error("invocation timed out after {0} ms")]
     Timeout(u64),
-    /// The bridge is not connected, not started or shutting down (503).
+    /// The bridge is not connected, not started or shutting down, or the broker did not answer
+    /// in time (503).
     #[error("bridge unavailable: {0}")]
     Unavailable(String),
-    /// The bridge cannot do what was asked (a capability it does not declare).
+    /// The bridge cannot do what was asked (a capability it does not declare) (501).
     #[error("not supported by this bridge: {0}")]
     Unsupported(String),
-    /// Invalid input to the bridge (bad names, oversize payload, …) (400).
+    /// Invalid input to the bridge (bad names, a bad message family, …) (400).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
-    /// A registration with this key already exists.
+    /// A message part is over the bridge's declared limit; nothing was sent (400).
+    #[error("message {part} of {size} bytes exceeds the bridge's limit of {limit} bytes")]
+    TooLarge {
+        /// Which part.
+        part: MessagePart,
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A registration with this key already exists (500).
     #[error("already registered: {0}")]
     AlreadyRegistered(String),
-    /// The broker refused or failed an operation.
+    /// The broker refused or failed an operation (500).
     #[error("broker error: {0}")]
     Broker(String),
-    /// A message could not be decoded.
+    /// The broker client failed; its own error is the [`source`](std::error::Error::source)
+    /// (and, for logs that print one line, part of the message).
+    #[error("{context}: {source}")]
+    Client {
+        /// What the bridge was doing, in plain words.
+        context: String,
+        /// The client's error.
+        #[source]
+        source: ClientError,
+        /// Whether trying again can help (a lost connection: yes; bad credentials: no).
+        retryable: bool,
+    },
+    /// A message could not be decoded (400).
     #[error(transparent)]
     Decode(#[from] DecodeError),
 }
@@ -284,11 +369,68 @@ impl BridgeError {
             BridgeError::NoHandler(_) | BridgeError::Refused(_) => StatusCode::BAD_GATEWAY,
             BridgeError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             BridgeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            BridgeError::InvalidRequest(_) | BridgeError::Decode(_) => StatusCode::BAD_REQUEST,
+            BridgeError::InvalidRequest(_)
+            | BridgeError::TooLarge { .. }
+            | BridgeError::Decode(_) => StatusCode::BAD_REQUEST,
             BridgeError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
+            BridgeError::Client { retryable, .. } => {
+                if *retryable {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+            }
             BridgeError::AlreadyRegistered(_) | BridgeError::Broker(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
+        }
+    }
+
+    /// Whether the same call may succeed later without changing it: true for an unavailable
+    /// bridge, a timeout, a refused publish and a retryable client failure; false for bad
+    /// input, an oversized message, an unsupported call, a duplicate registration, a decode
+    /// failure, nobody serving the command and a broker refusal of the operation itself.
+    ///
+    /// ```
+    /// use purista_core::BridgeError;
+    /// assert!(BridgeError::Unavailable("reconnecting".into()).is_retryable());
+    /// assert!(!BridgeError::InvalidRequest("empty name".into()).is_retryable());
+    /// ```
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            BridgeError::Timeout(_) | BridgeError::Unavailable(_) | BridgeError::Refused(_) => true,
+            BridgeError::Client { retryable, .. } => *retryable,
+            BridgeError::NoHandler(_)
+            | BridgeError::Unsupported(_)
+            | BridgeError::InvalidRequest(_)
+            | BridgeError::TooLarge { .. }
+            | BridgeError::AlreadyRegistered(_)
+            | BridgeError::Broker(_)
+            | BridgeError::Decode(_) => false,
+        }
+    }
+
+    /// A [`BridgeError::Client`]: `context` says what the bridge was doing, `source` is the
+    /// client's error, `retryable` whether trying again can help.
+    ///
+    /// ```
+    /// use std::error::Error;
+    /// use purista_core::BridgeError;
+    /// let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+    /// let e = BridgeError::client("publishing to the exchange", io, true);
+    /// assert_eq!(e.to_string(), "publishing to the exchange: reset by peer");
+    /// assert_eq!(e.source().unwrap().to_string(), "reset by peer");
+    /// assert_eq!(e.status().0, 503);
+    /// ```
+    pub fn client(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+        retryable: bool,
+    ) -> Self {
+        BridgeError::Client {
+            context: context.into(),
+            source: ClientError::new(source),
+            retryable,
         }
     }
 }

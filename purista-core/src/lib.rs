@@ -15,12 +15,15 @@
 
 pub mod bridge;
 pub mod capabilities;
+pub mod driver;
 pub mod envelope;
 pub mod error;
 pub mod filter;
 pub mod idempotency;
 pub mod ids;
 pub mod inflight;
+pub mod kit;
+pub mod operator;
 pub mod outcome;
 pub mod queue;
 pub mod redact;
@@ -28,21 +31,27 @@ pub mod service;
 pub mod stream;
 
 pub use bridge::{
-    BridgeHealth, CommandHandler, Delivery, DeliveryHandler, DrainReport, EventBridge,
-    PausedConsumer, SettleOnce, Settler, StreamConsumerEnd, StreamHandler, StreamProducerEnd,
+    BridgeCounters, BridgeHealth, CommandHandler, Delivery, DeliveryHandler, DrainReport,
+    EventBridge, SettleOnce, Settler, StreamConsumerEnd, StreamHandler, StreamProducerEnd,
     SubscriptionSpec,
 };
 pub use capabilities::{
     Capabilities, DeliveryGuarantee, FilterSupport, Limits, Mismatch, Need, QueueCapabilities,
     Requirement, StrictCheckError,
 };
+pub use driver::{ConnectRequest, Connected, Driver, DriverError};
 pub use envelope::{Address, Envelope, MessageType, SenderAddress};
 pub use error::{
-    BridgeError, CommandError, DecodeError, ErrorPayload, HandledError, SettleError, StatusCode,
+    BridgeError, ClientError, CommandError, DecodeError, ErrorPayload, HandledError, MessagePart,
+    SettleError, StatusCode,
 };
 pub use filter::{AddressFilter, SubscriptionFilter};
 pub use idempotency::{IdempotencyGuard, IdempotencyStore, MemoryIdempotencyStore};
 pub use inflight::{InFlight, InFlightTracker, WorkKind};
+pub use operator::{
+    LeftDeadLetter, NotReplayed, PausedConsumer, RegistrationKey, ReplayReport,
+    SubscriptionOperator,
+};
 pub use outcome::{DeadLetterEntry, DeadLetterNote, FailurePolicy, Outcome, Settlement};
 pub use queue::{
     DeadLetteredJob, JobDisposition, JobSettlement, LeasedJob, NewJob, QueueBridge, QueueConfig,

@@ -13,9 +13,10 @@ use purista_core::capabilities::{
 use purista_core::service::{CommandDef, Context, Empty, Service, StreamDef, SubscriptionDef};
 use purista_core::stream::StreamWriter;
 use purista_core::{
-    Address, BridgeError, BridgeHealth, CommandHandler, DeadLetterEntry, DeliveryGuarantee,
-    DeliveryHandler, DrainReport, Envelope, EventBridge, InFlight, PausedConsumer, StartError,
-    StreamConsumerEnd, StreamHandler, SubscriptionContext, SubscriptionFilter, SubscriptionSpec,
+    Address, BridgeError, BridgeHealth, CommandHandler, DeliveryGuarantee, DeliveryHandler,
+    DrainReport, Envelope, EventBridge, InFlight, PausedConsumer, RegistrationKey, StartError,
+    StreamConsumerEnd, StreamHandler, SubscriptionContext, SubscriptionFilter,
+    SubscriptionOperator, SubscriptionSpec,
 };
 use serde_json::Value;
 
@@ -36,6 +37,19 @@ fn commands_only() -> Capabilities {
     Capabilities {
         commands: true,
         ..Capabilities::none("fake")
+    }
+}
+
+#[async_trait]
+impl SubscriptionOperator for CommandsOnlyBridge {
+    fn paused_subscription_consumers(&self) -> Vec<PausedConsumer> {
+        Vec::new()
+    }
+    async fn resume_subscription_consumer(
+        &self,
+        _key: &RegistrationKey,
+    ) -> Result<bool, BridgeError> {
+        Ok(false)
     }
 }
 
@@ -82,21 +96,8 @@ impl EventBridge for CommandsOnlyBridge {
     ) -> Result<(), BridgeError> {
         Ok(())
     }
-    async fn unregister_subscription(&self, _key: &str) -> Result<(), BridgeError> {
+    async fn unregister_subscription(&self, _key: &RegistrationKey) -> Result<(), BridgeError> {
         Ok(())
-    }
-    fn paused_subscription_consumers(&self) -> Vec<PausedConsumer> {
-        Vec::new()
-    }
-    async fn resume_subscription_consumer(&self, _key: &str) -> Result<bool, BridgeError> {
-        Ok(false)
-    }
-    async fn inspect_dead_letters(
-        &self,
-        _target: &str,
-        _limit: usize,
-    ) -> Result<Vec<DeadLetterEntry>, BridgeError> {
-        Ok(Vec::new())
     }
     async fn register_stream(
         &self,

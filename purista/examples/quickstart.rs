@@ -163,7 +163,7 @@ async fn main() -> anyhow::Result<()> {
     assert_eq!(health.state, HealthState::Warn);
     say("operator: the mail provider is back, resuming `orders@1/notifyCustomer`");
     orders
-        .resume_subscription_consumer("orders@1/notifyCustomer")
+        .resume_subscription_consumer(&RegistrationKey::new("orders", "1", "notifyCustomer"))
         .await?;
     if let Some(line) = next_note(&mut sub_notes).await {
         say(line);

@@ -11,9 +11,11 @@
 //! |---|---|---|
 //! | `memory://` or `memory://NAME` | in-process ([`purista_bridge_default`]) | always on |
 //! | `amqp://…`, `amqps://…` | RabbitMQ | `amqp` |
-//! | `aws://…` | AWS EventBridge + SQS | `aws` |
-//! | `dapr://…` | Dapr sidecar | `dapr` |
-//! | `kubemq://…` | KubeMQ | `kubemq` |
+//!
+//! The table behind [`connect`] is [`drivers`]: one [`Driver`] per bridge crate compiled in, each
+//! naming its URL schemes. A scheme whose bridge exists but whose feature is off is an error
+//! naming the feature to turn on; any other unknown scheme is an error listing the schemes this
+//! build serves.
 //!
 //! Bridges that create broker resources name them under a prefix: by default each bridge's own
 //! (`purista` on RabbitMQ, or `PURISTA_AMQP_PREFIX`), or the one given with
@@ -37,16 +39,14 @@
 //! ```
 #![warn(missing_docs)]
 
-use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
-
-use parking_lot::Mutex;
+use std::sync::Arc;
 
 pub use purista_bridge_default as default_bridge;
 pub use purista_core::*;
 
 /// The RabbitMQ bridge (cargo feature `amqp`): its config, topology names and the `lapin` it
-/// uses, for deployments that need more than [`connect`] sets (timeouts, prefetch, exchange).
+/// uses, for deployments that build an `AmqpBridge` themselves to set more than [`connect`]
+/// does (timeouts, prefetch, exchange).
 #[cfg(feature = "amqp")]
 pub use purista_bridge_amqp as amqp;
 
@@ -58,17 +58,19 @@ pub mod prelude {
     };
     pub use purista_core::{
         Address, CommandError, EventBridge, FailurePolicy, HandledError, JobSettlement, Outcome,
-        QueueBridge, QueueConfig, StatusCode, StreamItem, StreamWriter, SubscriptionFilter,
+        QueueBridge, QueueConfig, RegistrationKey, StatusCode, StreamItem, StreamWriter,
+        SubscriptionFilter, SubscriptionOperator,
     };
 }
 
 /// The environment variable [`from_env`] reads.
 pub const BRIDGE_URL_ENV: &str = "PURISTA_BRIDGE_URL";
 
-/// The bridges a URL selects.
+/// What [`connect`] hands out: the started bridges a URL selects.
 #[derive(Clone)]
 pub struct Connection {
-    /// The event bridge (commands, subscriptions, streams).
+    /// The event bridge (commands, subscriptions, streams). Operator calls (dead letters,
+    /// paused consumers) are on it too, through [`SubscriptionOperator`].
     pub events: Arc<dyn EventBridge>,
     /// The queue bridge, where the broker has one.
     pub queues: Option<Arc<dyn QueueBridge>>,
@@ -90,27 +92,6 @@ impl std::fmt::Debug for Connection {
     }
 }
 
-impl Connection {
-    /// The RabbitMQ bridge behind [`Connection::events`], for its own operator calls (replaying
-    /// dead letters, poison and reconnect counters, the topology it declared); `None` for any
-    /// other bridge.
-    ///
-    /// ```no_run
-    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-    /// let conn = purista::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
-    /// if let Some(amqp) = conn.amqp() {
-    ///     let report = amqp.replay_dead_letters("billing.receipts.failed", 100).await?;
-    ///     println!("{} replayed, {} left", report.replayed, report.left.len());
-    /// }
-    /// # Ok(()) }
-    /// ```
-    #[cfg(feature = "amqp")]
-    pub fn amqp(&self) -> Option<Arc<purista_bridge_amqp::AmqpBridge>> {
-        let any: Arc<dyn std::any::Any + Send + Sync> = self.events.clone();
-        any.downcast().ok()
-    }
-}
-
 /// Why [`connect`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -123,10 +104,12 @@ pub enum ConnectError {
         reason: String,
     },
     /// No bridge has this scheme.
-    #[error("unknown bridge URL scheme `{scheme}` (known: memory, amqp, amqps, aws, dapr, kubemq)")]
+    #[error("unknown bridge URL scheme `{scheme}` (this build serves: {known})")]
     UnknownScheme {
         /// The scheme.
         scheme: String,
+        /// The schemes the compiled-in drivers serve, comma separated.
+        known: String,
     },
     /// The bridge exists but its cargo feature is off.
     #[error(
@@ -152,24 +135,24 @@ pub enum ConnectError {
     Bridge(#[from] BridgeError),
 }
 
-type MemoryHub = (
-    purista_bridge_default::MemoryBroker,
-    purista_bridge_default::MemoryQueueBridge,
-);
-
-fn memory_hub(name: &str) -> MemoryHub {
-    static HUBS: OnceLock<Mutex<HashMap<String, MemoryHub>>> = OnceLock::new();
-    let hubs = HUBS.get_or_init(|| Mutex::new(HashMap::new()));
-    hubs.lock()
-        .entry(name.to_string())
-        .or_insert_with(|| {
-            (
-                purista_bridge_default::MemoryBroker::named(name),
-                purista_bridge_default::MemoryQueueBridge::new(),
-            )
-        })
-        .clone()
+/// The drivers of the bridge crates compiled into this build, in the order [`connect`] asks
+/// them.
+///
+/// ```
+/// let names: Vec<&str> = purista::drivers().iter().map(|d| d.name).collect();
+/// assert!(names.contains(&"default"));
+/// ```
+pub fn drivers() -> Vec<Driver> {
+    vec![
+        purista_bridge_default::driver(),
+        #[cfg(feature = "amqp")]
+        purista_bridge_amqp::driver(),
+    ]
 }
+
+/// Schemes of bridges that exist but are behind a cargo feature of this crate, with the
+/// feature. Only features that exist are listed here.
+const FEATURE_SCHEMES: &[(&str, &str)] = &[("amqp", "amqp"), ("amqps", "amqp")];
 
 /// What [`connect_with`] connects to: a bridge URL and the settings every bridge understands.
 ///
@@ -239,140 +222,38 @@ pub async fn connect_with(options: &ConnectOptions) -> Result<Connection, Connec
             reason: "expected `scheme://…`, e.g. `memory://` or `amqp://localhost:5672`".into(),
         });
     };
-    match scheme.to_ascii_lowercase().as_str() {
-        "memory" => {
-            let name = rest.trim_end_matches('/');
-            let (broker, queues) = memory_hub(name);
-            let events: Arc<dyn EventBridge> = Arc::new(broker.bridge());
-            events.start().await?;
-            Ok(Connection {
-                events,
-                queues: Some(Arc::new(queues)),
-                redacted_url: redacted,
-            })
+    let scheme = scheme.to_ascii_lowercase();
+    let drivers = drivers();
+    let Some(driver) = drivers.iter().find(|d| d.serves(&scheme)) else {
+        if let Some((_, feature)) = FEATURE_SCHEMES.iter().find(|(s, _)| *s == scheme) {
+            return Err(ConnectError::FeatureDisabled { scheme, feature });
         }
-        #[cfg(feature = "amqp")]
-        scheme @ ("amqp" | "amqps") => {
-            // The bridge wants the scheme in lower case; the rest of the URL is lapin's to read.
-            let url = format!("{scheme}://{rest}");
-            let events = amqp_bridge::start(&url, options.prefix.as_deref()).await?;
-            Ok(Connection {
-                events,
-                queues: None,
-                redacted_url: redacted,
-            })
-        }
-        #[cfg(not(feature = "amqp"))]
-        "amqp" | "amqps" => Err(ConnectError::FeatureDisabled {
-            scheme: scheme.to_string(),
-            feature: "amqp",
-        }),
-        "aws" => Err(ConnectError::FeatureDisabled {
-            scheme: scheme.to_string(),
-            feature: "aws",
-        }),
-        "dapr" => Err(ConnectError::FeatureDisabled {
-            scheme: scheme.to_string(),
-            feature: "dapr",
-        }),
-        "kubemq" => Err(ConnectError::FeatureDisabled {
-            scheme: scheme.to_string(),
-            feature: "kubemq",
-        }),
-        other => Err(ConnectError::UnknownScheme {
-            scheme: other.to_string(),
-        }),
-    }
-}
-
-/// How `connect` builds a RabbitMQ bridge.
-#[cfg(feature = "amqp")]
-mod amqp_bridge {
-    use std::sync::Arc;
-
-    use purista_bridge_amqp::{AmqpBridge, AmqpConfig, PREFIX_ENV, URL_ENV};
-    use purista_core::EventBridge;
-
-    use crate::ConnectError;
-
-    /// A started bridge on `url`, configured by [`config`] from the process environment.
-    pub(crate) async fn start(
-        url: &str,
-        prefix: Option<&str>,
-    ) -> Result<Arc<dyn EventBridge>, ConnectError> {
-        let config = config(url, prefix, |name| std::env::var(name).ok())?;
-        let bridge = AmqpBridge::new(config).map_err(invalid)?;
-        let events: Arc<dyn EventBridge> = Arc::new(bridge);
-        // On failure the bridge is dropped here, which stops its reconnect supervisor.
-        events.start().await?;
-        Ok(events)
-    }
-
-    /// The bridge's config, read by its own environment reader so that `connect` and
-    /// `AmqpBridge::from_env` agree: the URL given here stands in for `PURISTA_BRIDGE_URL`,
-    /// `prefix` (when given) for `PURISTA_AMQP_PREFIX`; every other variable (TLS:
-    /// `PURISTA_AMQP_CA_FILE`, `PURISTA_AMQP_CLIENT_CERT_FILE`, `PURISTA_AMQP_CLIENT_KEY_FILE`)
-    /// comes from `env`.
-    fn config(
-        url: &str,
-        prefix: Option<&str>,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<AmqpConfig, ConnectError> {
-        AmqpConfig::from_lookup(|name| match name {
-            URL_ENV => Some(url.to_string()),
-            PREFIX_ENV => prefix.map(str::to_string).or_else(|| env(PREFIX_ENV)),
-            other => env(other),
-        })
-        .map_err(invalid)
-    }
-
-    fn invalid(error: purista_bridge_amqp::ConfigError) -> ConnectError {
-        ConnectError::InvalidConfig {
-            reason: error.to_string(),
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use purista_bridge_amqp::{CA_FILE_ENV, CLIENT_CERT_FILE_ENV};
-
-        use super::*;
-
-        #[test]
-        fn the_tls_variables_reach_the_bridge_config() {
-            let error = config("amqps://app:secret@mq.internal/%2f", None, |name| {
-                (name == CA_FILE_ENV).then(|| "/nonexistent/purista-ca.pem".to_string())
-            })
-            .unwrap_err();
-            assert!(
-                matches!(&error, ConnectError::InvalidConfig { reason }
-                    if reason.contains("CA certificate file `/nonexistent/purista-ca.pem`")),
-                "{error:?}"
-            );
-        }
-
-        #[test]
-        fn a_client_certificate_without_its_key_is_refused() {
-            let error = config("amqps://mq.internal/%2f", Some("blue"), |name| {
-                (name == CLIENT_CERT_FILE_ENV).then(|| "/etc/client.pem".to_string())
-            })
-            .unwrap_err();
-            assert!(
-                matches!(&error, ConnectError::InvalidConfig { reason }
-                    if reason.contains("PURISTA_AMQP_CLIENT_KEY_FILE")),
-                "{error:?}"
-            );
-        }
-
-        #[test]
-        fn the_prefix_argument_wins_over_the_environment() {
-            let config = config("amqp://h/%2f", Some("blue"), |name| {
-                (name == PREFIX_ENV).then(|| "green".to_string())
-            })
-            .unwrap();
-            assert_eq!(config.prefix, "blue");
-        }
-    }
+        let known: Vec<&str> = drivers
+            .iter()
+            .flat_map(|d| d.schemes.iter().copied())
+            .collect();
+        return Err(ConnectError::UnknownScheme {
+            scheme,
+            known: known.join(", "),
+        });
+    };
+    let request = ConnectRequest {
+        url: format!("{scheme}://{rest}"),
+        prefix: options.prefix.clone(),
+    };
+    let connected = (driver.connect)(request).await.map_err(|e| match e {
+        DriverError::InvalidUrl(reason) => ConnectError::InvalidUrl {
+            url: redacted.clone(),
+            reason,
+        },
+        DriverError::InvalidConfig(reason) => ConnectError::InvalidConfig { reason },
+        DriverError::Bridge(e) => ConnectError::Bridge(e),
+    })?;
+    Ok(Connection {
+        events: connected.events,
+        queues: connected.queues,
+        redacted_url: redacted,
+    })
 }
 
 /// Connects to the URL in `PURISTA_BRIDGE_URL`; the bridge reads its other variables itself

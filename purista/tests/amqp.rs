@@ -109,18 +109,13 @@ async fn amqp_url_gives_a_started_rabbitmq_bridge_without_a_queue_bridge() {
     assert_eq!(conn.events.name(), "amqp");
     assert!(conn.queues.is_none(), "RabbitMQ has no queue bridge");
     assert!(conn.events.health().await.is_healthy());
-    // The concrete bridge is reachable for its operator calls, and it is this connection's.
-    let amqp = conn
-        .amqp()
-        .expect("the RabbitMQ bridge behind an amqp:// connection");
-    assert_eq!(amqp.instance_id(), conn.events.instance_id());
-    assert_eq!(amqp.topology().prefix(), prefix);
-    let memory = purista::connect("memory://")
-        .await
-        .expect("memory connects");
-    assert!(
-        memory.amqp().is_none(),
-        "no RabbitMQ bridge behind memory://"
+    // Operator calls go through the trait object: an unknown target has no dead letters.
+    assert_eq!(
+        conn.events
+            .inspect_dead_letters("nothing-here", 10)
+            .await
+            .expect("inspect on a connected bridge"),
+        Vec::new()
     );
     assert!(
         !conn.redacted_url.contains(":guest@"),

@@ -70,34 +70,57 @@ async fn different_memory_urls_are_isolated() {
 async fn unknown_scheme_is_a_clear_error() {
     let err = connect("carrier-pigeon://coop").await.unwrap_err();
     assert!(
-        matches!(err, ConnectError::UnknownScheme { ref scheme } if scheme == "carrier-pigeon")
+        matches!(err, ConnectError::UnknownScheme { ref scheme, .. } if scheme == "carrier-pigeon")
     );
-    assert!(err.to_string().contains("known: memory"));
+    assert!(
+        err.to_string().contains("this build serves: memory"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn a_scheme_whose_feature_is_off_names_the_feature_to_enable() {
-    let mut off = vec![
-        ("aws://eu-west-1", "aws"),
-        ("dapr://localhost:3500", "dapr"),
-        ("kubemq://localhost:50000", "kubemq"),
-    ];
-    // With the feature on, amqp URLs connect (tests/amqp.rs).
-    if cfg!(not(feature = "amqp")) {
-        off.push(("amqp://guest:guest@localhost:5672", "amqp"));
+    if cfg!(feature = "amqp") {
+        // With the feature on, amqp URLs connect (tests/amqp.rs).
+        return;
     }
-    for (url, feature) in off {
+    let url = "amqp://guest:guest@localhost:5672";
+    let err = connect(url).await.unwrap_err();
+    match &err {
+        ConnectError::FeatureDisabled { feature, .. } => assert_eq!(*feature, "amqp"),
+        other => panic!("{url}: expected FeatureDisabled, got {other:?}"),
+    }
+    assert!(err.to_string().contains("`amqp`"));
+    assert!(
+        !err.to_string().contains("guest:guest"),
+        "credentials leaked: {err}"
+    );
+}
+
+#[tokio::test]
+async fn a_bridge_that_does_not_exist_is_not_promised_behind_a_feature() {
+    for url in [
+        "aws://eu-west-1",
+        "dapr://localhost:3500",
+        "kubemq://localhost:50000",
+    ] {
         let err = connect(url).await.unwrap_err();
-        match &err {
-            ConnectError::FeatureDisabled { feature: f, .. } => assert_eq!(*f, feature),
-            other => panic!("{url}: expected FeatureDisabled, got {other:?}"),
-        }
-        assert!(err.to_string().contains(&format!("`{feature}`")));
         assert!(
-            !err.to_string().contains("guest:guest"),
-            "credentials leaked: {err}"
+            matches!(err, ConnectError::UnknownScheme { .. }),
+            "{url}: expected UnknownScheme, got {err:?}"
         );
+        assert!(!err.to_string().contains("feature"), "{err}");
     }
+}
+
+#[test]
+fn the_driver_table_lists_what_is_compiled_in() {
+    let schemes: Vec<&str> = purista::drivers()
+        .iter()
+        .flat_map(|d| d.schemes.iter().copied())
+        .collect();
+    assert!(schemes.contains(&"memory"));
+    assert_eq!(schemes.contains(&"amqp"), cfg!(feature = "amqp"));
 }
 
 #[tokio::test]

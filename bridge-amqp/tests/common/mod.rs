@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use purista_bridge_amqp::{AmqpBridge, AmqpConfig};
 use purista_core::{
     Address, CommandHandler, Delivery, DeliveryHandler, Envelope, EventBridge, FailurePolicy,
-    Outcome, SubscriptionFilter, SubscriptionSpec,
+    Outcome, SubscriptionFilter, SubscriptionOperator, SubscriptionSpec,
 };
 
 /// The broker the tests use.
@@ -297,7 +297,7 @@ impl Recorder {
         decide: impl Fn(&Envelope, u32) -> Outcome + Send + Sync + 'static,
     ) -> Arc<Self> {
         Arc::new(Recorder {
-            key: spec.key.clone(),
+            key: spec.key.to_string(),
             policy: spec.policy.clone(),
             seen: Mutex::new(Vec::new()),
             decide: Box::new(decide),
@@ -342,7 +342,7 @@ impl DeliveryHandler for Recorder {
 /// A subscription spec for `service@1/name`.
 pub fn spec(name: &str, filter: SubscriptionFilter) -> SubscriptionSpec {
     SubscriptionSpec {
-        key: format!("listener@1/{name}"),
+        key: format!("listener@1/{name}").into(),
         subscriber: Address::new("listener", "1", name),
         filter,
         shared: true,

@@ -27,7 +27,7 @@ use serde_json::Value;
 use super::clock::millis;
 use super::dead_letter::DeadLetters;
 use super::idempotency::IdempotencyKeys;
-use crate::fast_hash::FastMap;
+use purista_core::kit::FastMap;
 
 /// A job's place in its lifecycle.
 #[derive(Debug, Clone)]

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use purista_core::{
-    DeadLetterEntry, Envelope, HealthState, Need, Outcome, RunningService, Service, SettleError,
-    SubscriptionContext, SubscriptionDef,
+    DeadLetterEntry, Envelope, HealthState, Need, Outcome, RegistrationKey, RunningService,
+    Service, SettleError, SubscriptionContext, SubscriptionDef,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -393,7 +393,7 @@ pub async fn stop_consumer_pauses_until_resumed(h: Arc<dyn Harness>) {
     let publisher = env
         .start(0, Service::builder(env.name("publisher"), "1"))
         .await;
-    let key = format!("{}@1/pausing", env.name("consumer"));
+    let key = RegistrationKey::new(&env.name("consumer"), "1", "pausing");
 
     publisher
         .emit(&event, json!({ "n": 0 }))

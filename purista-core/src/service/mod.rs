@@ -43,12 +43,13 @@ pub use queue_worker::{IntoJobSettlement, QueueWorkerDef, WorkerMode};
 pub use stream::StreamDef;
 pub use subscription::{IntoReply, Reply, SubscriptionDef, registration_key};
 
-use crate::bridge::{BridgeHealth, DrainReport, EventBridge, PausedConsumer};
+use crate::bridge::{BridgeHealth, DrainReport, EventBridge};
 use crate::capabilities::{Need, Requirement, StrictCheckError, check};
 use crate::envelope::{Address, Envelope, MessageType};
 use crate::error::{BridgeError, CommandError};
 use crate::filter::SubscriptionFilter;
 use crate::inflight::{InFlight, InFlightTracker, WorkKind};
+use crate::operator::{PausedConsumer, RegistrationKey};
 use crate::queue::{NewJob, QueueBridge, QueueConfig, QueueError};
 use crate::stream::StreamReader;
 
@@ -459,7 +460,8 @@ impl Service {
                 continue;
             }
             let spec = subscription::spec_for(s, &self.name, &self.version);
-            let key: Arc<str> = spec.key.clone().into();
+            let spec_key = spec.key.clone();
+            let key: Arc<str> = spec.key.as_str().into();
             let runtime = subscription::SubscriptionRuntime {
                 shared: shared.clone(),
                 spec: spec.clone(),
@@ -476,7 +478,7 @@ impl Service {
                 .register_subscription(spec, Arc::new(runtime))
                 .await
                 .map_err(reg_err(reg))?;
-            registered.subscriptions.push(key.to_string());
+            registered.subscriptions.push(spec_key);
         }
         let (stop_tx, _) = watch::channel(false);
         let mut worker_tasks = Vec::new();
@@ -533,7 +535,7 @@ impl Service {
 struct Registered {
     commands: Vec<Address>,
     streams: Vec<Address>,
-    subscriptions: Vec<String>,
+    subscriptions: Vec<RegistrationKey>,
 }
 
 /// A started service. Call [`RunningService::shutdown`] to stop it gracefully; dropping it only
@@ -658,10 +660,13 @@ impl RunningService {
     }
 
     /// Resumes a paused consumer by registration key. `Ok(false)` when it was not paused.
-    pub async fn resume_subscription_consumer(&self, key: &str) -> Result<bool, BridgeError> {
+    pub async fn resume_subscription_consumer(
+        &self,
+        key: &RegistrationKey,
+    ) -> Result<bool, BridgeError> {
         let resumed = self.shared.bridge.resume_subscription_consumer(key).await?;
         if resumed {
-            tracing::info!(registration = key, "subscription consumer resumed");
+            tracing::info!(registration = %key, "subscription consumer resumed");
         }
         Ok(resumed)
     }

@@ -26,6 +26,7 @@ use crate::error::HandledError;
 use crate::filter::SubscriptionFilter;
 use crate::idempotency::{Claim, IdempotencyGuard};
 use crate::inflight::InFlightCounter;
+use crate::operator::RegistrationKey;
 use crate::outcome::{FailurePolicy, Outcome, Settlement};
 
 /// What a subscription handler returns: an outcome and, optionally, a value to emit.
@@ -293,8 +294,8 @@ impl SubscriptionDef {
 }
 
 /// The registration key of a subscription: `service@version/name`.
-pub fn registration_key(service: &str, version: &str, name: &str) -> String {
-    format!("{service}@{version}/{name}")
+pub fn registration_key(service: &str, version: &str, name: &str) -> RegistrationKey {
+    RegistrationKey::new(service, version, name)
 }
 
 pub(crate) struct SubscriptionRuntime {

@@ -1,4 +1,4 @@
-//! The hasher of the bridge's own lookup tables: endpoints, pending invocations, queues and
+//! The hasher of a bridge's own lookup tables: endpoints, pending invocations, queues and
 //! jobs, consulted several times per message.
 //!
 //! The standard library's SipHash resists collision attacks by untrusted keys; these keys are
@@ -10,13 +10,13 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 /// A [`HashMap`] with [`FastHasher`].
-pub(crate) type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
 
 const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
 
 /// FxHash: fast, not collision resistant (see the module docs).
 #[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct FastHasher {
+pub struct FastHasher {
     hash: u64,
 }
 

@@ -1,8 +1,8 @@
 //! The set of tasks one bridge instance has spawned, so that shutdown can wait for them and
-//! stop what is left.
+//! stop what is left; and [`Activity`], one registration's running handlers.
 //!
-//! Every task the bridge starts for a registration (a subscription consumer, a command handler
-//! run, a stream producer) goes through [`TaskSet::spawn`] or [`TaskSet::reserve`]. Shutdown
+//! Every task a bridge starts for a registration (a subscription consumer, a command handler
+//! run, a stream producer, a cleanup) goes through [`TaskSet::spawn`] or [`TaskSet::reserve`]. Shutdown
 //! closes the set, waits until it is empty or the deadline passes, and then aborts the rest and
 //! names them in the drain report. A task panicking is caught and logged here; it never takes
 //! anything else down.
@@ -17,15 +17,32 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::FutureExt;
 use parking_lot::Mutex;
-use purista_core::WorkKind;
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
+use crate::inflight::WorkKind;
+
 /// Tasks of one bridge instance, labelled by kind and registration.
-pub(crate) struct TaskSet {
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::time::Duration;
+/// use purista_core::kit::TaskSet;
+/// use crate::inflight::WorkKind;
+/// let tasks = TaskSet::new();
+/// assert!(tasks.spawn(WorkKind::Subscription, "orders@1/onPaid".into(), std::future::pending()));
+/// tasks.close(); // nothing new starts
+/// let deadline = tokio::time::Instant::now() + Duration::from_millis(10);
+/// assert!(!tasks.wait_empty(deadline).await);
+/// let aborted = tasks.abort_all(); // named in the drain report
+/// assert_eq!(aborted, vec![(WorkKind::Subscription, "orders@1/onPaid".to_string())]);
+/// # }
+/// ```
+pub struct TaskSet {
     state: Mutex<State>,
     empty: Notify,
 }
@@ -58,7 +75,8 @@ impl State {
 }
 
 impl TaskSet {
-    pub(crate) fn new() -> Arc<Self> {
+    /// An open, empty set.
+    pub fn new() -> Arc<Self> {
         Arc::new(TaskSet {
             state: Mutex::new(State {
                 open: true,
@@ -72,7 +90,7 @@ impl TaskSet {
     }
 
     /// Spawns `fut` as a task of this set. `false` (and `fut` dropped) once the set is closed.
-    pub(crate) fn spawn<F>(self: &Arc<Self>, kind: WorkKind, label: Arc<str>, fut: F) -> bool
+    pub fn spawn<F>(self: &Arc<Self>, kind: WorkKind, label: Arc<str>, fut: F) -> bool
     where
         F: Future<Output = ()> + Send + 'static,
     {
@@ -87,11 +105,7 @@ impl TaskSet {
 
     /// Takes a slot for a task about to be spawned; `None` once the set is closed. The caller
     /// keeps everything it would move into the task until it knows the task will run.
-    pub(crate) fn reserve(
-        self: &Arc<Self>,
-        kind: WorkKind,
-        label: Arc<str>,
-    ) -> Option<Reservation> {
+    pub fn reserve(self: &Arc<Self>, kind: WorkKind, label: Arc<str>) -> Option<Reservation> {
         let mut state = self.state.lock();
         if !state.open {
             return None;
@@ -126,12 +140,12 @@ impl TaskSet {
     }
 
     /// Refuses new tasks from now on.
-    pub(crate) fn close(&self) {
+    pub fn close(&self) {
         self.state.lock().open = false;
     }
 
     /// Waits until no task runs or `deadline` passes. True when the set became empty.
-    pub(crate) async fn wait_empty(&self, deadline: tokio::time::Instant) -> bool {
+    pub async fn wait_empty(&self, deadline: tokio::time::Instant) -> bool {
         loop {
             let notified = self.empty.notified();
             tokio::pin!(notified);
@@ -146,7 +160,7 @@ impl TaskSet {
     }
 
     /// Aborts every running task and returns what they were, oldest first.
-    pub(crate) fn abort_all(&self) -> Vec<(WorkKind, String)> {
+    pub fn abort_all(&self) -> Vec<(WorkKind, String)> {
         let mut running: Vec<Running> = {
             let mut state = self.state.lock();
             state.free.clear();
@@ -181,13 +195,13 @@ impl TaskSet {
 }
 
 /// A slot of a [`TaskSet`] taken for one task; freed again if the task is never spawned.
-pub(crate) struct Reservation {
+pub struct Reservation {
     finished: Finished,
 }
 
 impl Reservation {
     /// Spawns `fut` as the task of this slot.
-    pub(crate) fn spawn<F>(self, fut: F)
+    pub fn spawn<F>(self, fut: F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
@@ -249,14 +263,61 @@ impl Drop for Finished {
     }
 }
 
+/// Counts one registration's running handlers, so that unregistering can let them settle on
+/// their channel before the channel closes.
+#[derive(Default)]
+pub struct Activity {
+    running: AtomicUsize,
+    idle: Notify,
+}
+
+impl Activity {
+    /// Counts one handler run until the guard drops.
+    pub fn enter(self: &Arc<Self>) -> ActivityGuard {
+        self.running.fetch_add(1, Ordering::AcqRel);
+        ActivityGuard(self.clone())
+    }
+
+    /// Handler runs now.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Acquire)
+    }
+
+    /// Waits until nothing runs or `deadline` passes; true when idle.
+    pub async fn wait_idle(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.running() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.running() == 0;
+            }
+        }
+    }
+}
+
+/// Decrements its [`Activity`] when dropped.
+pub struct ActivityGuard(Arc<Activity>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
-    use purista_core::WorkKind;
     use tokio::time::Instant;
 
     use super::TaskSet;
+    use crate::inflight::WorkKind;
 
     #[tokio::test]
     async fn abort_all_stops_and_names_what_still_runs_oldest_first() {
