@@ -344,6 +344,19 @@ impl AmqpBridge {
         }
     }
 
+    /// The queue of dead-letter target `target` and the live session, for the operator calls.
+    fn dead_letter_queue(&self, target: &str) -> Result<(String, Arc<Session>), BridgeError> {
+        self.ensure_open()?;
+        if target.is_empty() {
+            return Err(BridgeError::InvalidRequest(
+                "a dead-letter target needs a name".into(),
+            ));
+        }
+        let queue = self.shared.topology.dead_letter_queue(target);
+        topology::name(&queue)?;
+        Ok((queue, self.shared.connected()?))
+    }
+
     fn ensure_open(&self) -> Result<(), BridgeError> {
         if self.shared.closing.load(Ordering::Acquire) {
             return Err(BridgeError::Unavailable("bridge shut down".into()));
@@ -586,15 +599,7 @@ impl SubscriptionOperator for AmqpBridge {
         target: &str,
         limit: usize,
     ) -> Result<ReplayReport, BridgeError> {
-        self.ensure_open()?;
-        if target.is_empty() {
-            return Err(BridgeError::InvalidRequest(
-                "a dead-letter target needs a name".into(),
-            ));
-        }
-        let queue = self.shared.topology.dead_letter_queue(target);
-        topology::name(&queue)?;
-        let session = self.shared.connected()?;
+        let (queue, session) = self.dead_letter_queue(target)?;
         replay::replay_dead_letters(
             &session,
             &self.shared.topology,
@@ -608,15 +613,7 @@ impl SubscriptionOperator for AmqpBridge {
     /// Deletes every message of dead-letter target `target` (`P.<target>.dead-letter`);
     /// a missing queue purges nothing.
     async fn purge_dead_letters(&self, target: &str) -> Result<usize, BridgeError> {
-        self.ensure_open()?;
-        if target.is_empty() {
-            return Err(BridgeError::InvalidRequest(
-                "a dead-letter target needs a name".into(),
-            ));
-        }
-        let queue = self.shared.topology.dead_letter_queue(target);
-        topology::name(&queue)?;
-        let session = self.shared.connected()?;
+        let (queue, session) = self.dead_letter_queue(target)?;
         let purged = topology::purge_queue(&session, &queue).await?;
         tracing::info!(%queue, purged, "dead letters purged");
         Ok(purged)
