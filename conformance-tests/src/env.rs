@@ -149,6 +149,27 @@ impl TestEnv {
         Ok(running)
     }
 
+    /// Starts every `(instance, service)` at once, like a deployment whose services come up
+    /// together; each result in order. Started services are kept for [`TestEnv::finish`].
+    pub async fn start_concurrently(
+        &mut self,
+        services: Vec<(usize, ServiceBuilder)>,
+    ) -> Vec<Result<Arc<RunningService>, StartError>> {
+        let starts = services.into_iter().map(|(i, service)| {
+            let service = match &self.deployment.queues {
+                Some(q) => service.queue_bridge(q.clone()),
+                None => service,
+            };
+            let bridge = self.bridge(i);
+            async move { service.build().start(bridge).await.map(Arc::new) }
+        });
+        let results = futures::future::join_all(starts).await;
+        for s in results.iter().flatten() {
+            self.services.push(s.clone());
+        }
+        results
+    }
+
     /// Shuts every started service down, then the deployment (bridges, broker resources).
     pub async fn finish(mut self) {
         let deadline = Instant::now() + Duration::from_secs(2);

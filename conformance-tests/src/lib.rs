@@ -113,6 +113,18 @@ pub fn all_cases() -> Vec<Case> {
             unsettled_delivery_is_redelivered_when_its_consumer_goes_away:
                 needs(&[SharedSubscription, AtLeastOnce]),
         }
+        concurrency {
+            concurrent_publishers_into_many_instances_deliver_the_exact_set:
+                needs(&[SharedSubscription]),
+            retry_under_load_acks_the_exact_set:
+                needs(&[ManualAck, SharedSubscription, BoundedRetry { max_attempts: 2 }]),
+            subscriptions_set_up_while_publishing_get_everything_after_their_start:
+                needs(&[SharedSubscription]),
+            two_services_sharing_one_event_each_handle_every_message_once:
+                needs(&[SharedSubscription]),
+            prefetch_bounds_the_handlers_running_at_once:
+                needs(&[ManualAck, SharedSubscription]),
+        }
         outcomes {
             ack_settles_the_delivery: needs(&[ManualAck, SharedSubscription]),
             retry_up_to_max_attempts_then_dead_letter: needs(&[

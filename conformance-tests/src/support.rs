@@ -199,3 +199,50 @@ pub fn recording(
 pub fn may_duplicate(caps: &purista_core::Capabilities) -> bool {
     caps.subscription_delivery == purista_core::DeliveryGuarantee::AtLeastOnce
 }
+
+/// The message number sentinels carry: `{"n": SENTINEL + k}`, above any number a case uses.
+pub const SENTINEL: u64 = 1_000_000;
+
+/// Publishes sentinels (`{"n": SENTINEL + k}`) on `event` until each of `instances` recorded
+/// one in `received` as `(instance, n)`: broadcast — one, which every instance must get;
+/// shared — one at a time until every instance has had one or, should the bridge favour some
+/// instances, `4 × instances` of them arrived. Panics when a sentinel does not arrive.
+pub async fn sentinels_reach_every_instance(
+    publisher: &purista_core::RunningService,
+    event: &str,
+    received: &Collector<(usize, u64)>,
+    instances: usize,
+    broadcast: bool,
+) {
+    let most = if broadcast { 1 } else { 4 * instances as u64 };
+    for k in 0..most {
+        let n = SENTINEL + k;
+        publisher
+            .emit(event, serde_json::json!({ "n": n }))
+            .await
+            .expect("emit succeeds");
+        let copies = if broadcast { instances } else { 1 };
+        let arrived = received
+            .wait_until(ARRIVAL, |items| {
+                items.iter().filter(|(_, m)| *m == n).count() >= copies
+            })
+            .await;
+        if let Err(got) = arrived {
+            panic!(
+                "sentinel {k} published after the case's messages did not arrive: {:?}",
+                got.iter()
+                    .filter(|(_, m)| *m >= SENTINEL)
+                    .collect::<Vec<_>>()
+            );
+        }
+        let with_sentinel: std::collections::BTreeSet<usize> = received
+            .snapshot()
+            .iter()
+            .filter(|(_, m)| *m >= SENTINEL)
+            .map(|(i, _)| *i)
+            .collect();
+        if with_sentinel.len() >= instances {
+            return;
+        }
+    }
+}

@@ -4,6 +4,7 @@
 //! proves an undeclared need rejected (or skips) instead of calling it.
 
 pub mod commands;
+pub mod concurrency;
 pub mod duplicates;
 pub mod envelope;
 pub mod lifecycle;

@@ -6,17 +6,16 @@ use std::sync::Arc;
 
 use purista_core::{
     AddressFilter, CommandDef, Context, Empty, HandledError, InvokeOptions, MessageType, Need,
-    Reply, RunningService, Service, StatusCode, SubscriptionContext, SubscriptionDef,
-    SubscriptionFilter,
+    Reply, Service, StatusCode, SubscriptionContext, SubscriptionDef, SubscriptionFilter,
 };
 use serde_json::{Value, json};
 
 use crate::env::TestEnv;
 use crate::harness::Harness;
-use crate::support::{ARRIVAL, Collector, handlers_finished, may_duplicate, recording};
-
-/// The message number sentinels carry (`n` at and above it).
-const SENTINEL: u64 = 1_000_000;
+use crate::support::{
+    ARRIVAL, Collector, SENTINEL, handlers_finished, may_duplicate, recording,
+    sentinels_reach_every_instance,
+};
 
 /// One consumer service with subscription "fan" on each of `instances`, `count` events
 /// published from instance `instances`; returns the (instance, n) deliveries of the case's
@@ -76,7 +75,7 @@ async fn fan(
                 && (broadcast || ours.map(|(_, n)| n).collect::<BTreeSet<_>>().len() >= expected)
         })
         .await;
-    sentinels(&publisher, &event, &received, instances, broadcast).await;
+    sentinels_reach_every_instance(&publisher, &event, &received, instances, broadcast).await;
     for c in &consumers {
         handlers_finished(c).await;
     }
@@ -85,48 +84,6 @@ async fn fan(
         .into_iter()
         .filter(|(_, n)| *n < SENTINEL)
         .collect()
-}
-
-/// Publishes sentinels (`n` ≥ [`SENTINEL`]) on `event` until each of `instances` has one (see
-/// [`fan`]).
-async fn sentinels(
-    publisher: &RunningService,
-    event: &str,
-    received: &Collector<(usize, u64)>,
-    instances: usize,
-    broadcast: bool,
-) {
-    let most = if broadcast { 1 } else { 4 * instances as u64 };
-    for k in 0..most {
-        let n = SENTINEL + k;
-        publisher
-            .emit(event, json!({ "n": n }))
-            .await
-            .expect("emit succeeds");
-        let arrived = received
-            .wait_until(ARRIVAL, |items| {
-                items.iter().filter(|(_, m)| *m == n).count()
-                    >= if broadcast { instances } else { 1 }
-            })
-            .await;
-        if let Err(got) = arrived {
-            panic!(
-                "sentinel {k} published after the case's messages did not arrive: {:?}",
-                got.iter()
-                    .filter(|(_, m)| *m >= SENTINEL)
-                    .collect::<Vec<_>>()
-            );
-        }
-        let with_sentinel: BTreeSet<usize> = received
-            .snapshot()
-            .iter()
-            .filter(|(_, m)| *m >= SENTINEL)
-            .map(|(i, _)| *i)
-            .collect();
-        if with_sentinel.len() == instances {
-            return;
-        }
-    }
 }
 
 /// A shared subscription on 3 instances: each message reaches exactly one instance, and every
