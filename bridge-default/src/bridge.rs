@@ -32,6 +32,7 @@ use tokio::time::Instant;
 use crate::broker::{Hub, MemoryBroker};
 use crate::commands::{self, CommandMember, Inbox, ReplyTo};
 use crate::config::MemoryBridgeConfig;
+use crate::consumer_queue::Queued;
 use crate::streams::{self, StreamMember};
 use crate::subscriptions::{self, Consumer};
 
@@ -237,8 +238,9 @@ impl MemoryBridge {
         kit::check_body(kit::encoded_len(envelope)?, &self.capabilities.limits)
     }
 
-    /// Stops intake and takes this instance off the hub. Idempotent.
-    fn close_intake(&self) {
+    /// Stops intake and takes this instance off the hub. Idempotent. Returns each closed
+    /// subscription consumer with what it had buffered but not started.
+    fn close_intake(&self) -> Vec<(Arc<Consumer>, Vec<Queued>)> {
         let registrations = {
             let mut registrations = self.registrations.lock();
             self.closed.store(true, Ordering::Release);
@@ -251,16 +253,29 @@ impl MemoryBridge {
         for address in &registrations.streams {
             self.hub.streams.leave(address, &self.instance_id);
         }
-        for consumer in registrations.subscriptions.values() {
-            self.hub.subscriptions.leave(consumer);
-            consumer.close();
+        let mut left = Vec::new();
+        for consumer in registrations.subscriptions.into_values() {
+            self.hub.subscriptions.leave(&consumer);
+            let buffered = consumer.close();
+            left.push((consumer, buffered));
         }
         self.tasks.close();
+        left
     }
 
     async fn drain(&self, deadline: Instant) -> DrainReport {
         let began = Instant::now();
-        self.close_intake();
+        let left = self.close_intake();
+        // What this instance had buffered goes to the other instances of its shared
+        // subscriptions, while the deadline allows.
+        let handing_back = async {
+            for (consumer, buffered) in left {
+                self.hub.subscriptions.hand_back(&consumer, buffered).await;
+            }
+        };
+        if tokio::time::timeout_at(deadline, handing_back).await.is_err() {
+            tracing::warn!("shutdown deadline passed while handing buffered messages back");
+        }
         let idle = self.tracker.wait_idle(deadline).await;
         let tasks_done = self.tasks.wait_empty(deadline).await;
         let mut still_running = self.tracker.running();
@@ -289,7 +304,9 @@ impl MemoryBridge {
 impl Drop for MemoryBridge {
     fn drop(&mut self) {
         // Dropped without (or after) shutdown: leave the hub and stop every task.
-        self.close_intake();
+        for (consumer, buffered) in self.close_intake() {
+            consumer.drop_buffered(buffered);
+        }
         self.inbox
             .close(&BridgeError::Unavailable("bridge dropped".into()));
         self.tasks.abort_all();
@@ -546,7 +563,8 @@ impl EventBridge for MemoryBridge {
         let consumer = self.registrations.lock().subscriptions.remove(key);
         if let Some(consumer) = consumer {
             self.hub.subscriptions.leave(&consumer);
-            consumer.close();
+            let buffered = consumer.close();
+            self.hub.subscriptions.hand_back(&consumer, buffered).await;
         }
         Ok(())
     }

@@ -189,17 +189,16 @@ impl ConsumerQueue {
         self.paused.load(Ordering::Acquire)
     }
 
-    /// Closes the buffer: the consumer stops, publishers stop waiting. Returns what was dropped.
-    pub(crate) fn close(&self) -> usize {
-        let dropped = {
+    /// Closes the buffer: the consumer stops, publishers stop waiting. Returns what was buffered
+    /// and not yet taken, for the caller to hand back or drop.
+    pub(crate) fn close(&self) -> Vec<Queued> {
+        let left = {
             let mut state = self.state.lock();
             state.closed = true;
-            let n = state.items.len();
-            state.items.clear();
-            n
+            std::mem::take(&mut state.items)
         };
         self.readable.notify_one();
         self.writable.notify_waiters();
-        dropped
+        left.into()
     }
 }

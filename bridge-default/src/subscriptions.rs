@@ -72,13 +72,18 @@ impl Consumer {
         })
     }
 
-    /// Stops the consumer task; buffered messages are dropped (nothing here is durable).
-    pub(crate) fn close(&self) {
-        let dropped = self.queue.close();
-        if dropped > 0 {
+    /// Stops the consumer task. Returns what it had buffered but not started, for
+    /// [`SubscriptionRoutes::hand_back`] (or [`Consumer::drop_buffered`]).
+    pub(crate) fn close(&self) -> Vec<Queued> {
+        self.queue.close()
+    }
+
+    /// Drops what a closed consumer had buffered, with a warning (nothing here is durable).
+    pub(crate) fn drop_buffered(&self, left: Vec<Queued>) {
+        if !left.is_empty() {
             tracing::warn!(
                 registration = %self.label,
-                dropped,
+                dropped = left.len(),
                 "subscription consumer closed: buffered messages dropped"
             );
         }
@@ -366,6 +371,50 @@ impl SubscriptionRoutes {
     /// buffer space (backpressure) unless the chosen member is paused.
     pub(crate) async fn offer(&self, envelope: &Arc<Envelope>) {
         self.snapshot().offer(envelope).await;
+    }
+
+    /// Hands what a leaving member of a shared group had buffered but not started back to the
+    /// group, so that another instance handles it (the consumer must have left the group
+    /// first). A broadcast member's buffer holds its own copies: dropped, with a warning, as is
+    /// what finds no member left (nothing in-process is durable).
+    pub(crate) async fn hand_back(&self, consumer: &Consumer, left: Vec<Queued>) {
+        if left.is_empty() {
+            return;
+        }
+        if !consumer.spec.shared {
+            consumer.drop_buffered(left);
+            return;
+        }
+        let mut dropped = 0usize;
+        let handed_back = left.len();
+        for item in left {
+            let table = self.table.read().clone();
+            let member = table
+                .by_id
+                .get(&consumer.group)
+                .and_then(|&i| table.groups[i].pick(&item.envelope, false))
+                .cloned();
+            let pushed = match member {
+                Some(member) => member.queue.push(item, member.spec.key.as_str()).await,
+                None => Pushed::Closed,
+            };
+            if pushed != Pushed::Queued {
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            tracing::warn!(
+                registration = %consumer.label,
+                dropped,
+                "subscription consumer closed: buffered messages dropped, no other instance of the subscription is left"
+            );
+        } else {
+            tracing::debug!(
+                registration = %consumer.label,
+                handed_back,
+                "subscription consumer closed: buffered messages handed to the other instances"
+            );
+        }
     }
 
     /// Puts a redelivery back into group `group`, to any member. False (and a warning) when the

@@ -125,6 +125,14 @@ pub fn all_cases() -> Vec<Case> {
             prefetch_bounds_the_handlers_running_at_once:
                 needs(&[ManualAck, SharedSubscription]),
         }
+        churn {
+            a_consumer_leaving_with_prefetched_messages_loses_none:
+                needs(&[ManualAck, SharedSubscription]),
+            an_emit_that_returned_is_delivered_after_an_immediate_shutdown:
+                needs(&[SharedSubscription]),
+            a_shared_subscription_survives_its_instances_shutting_down_together:
+                needs(&[SharedSubscription]),
+        }
         outcomes {
             ack_settles_the_delivery: needs(&[ManualAck, SharedSubscription]),
             retry_up_to_max_attempts_then_dead_letter: needs(&[

@@ -6,7 +6,7 @@
 //! [`handlers_finished`]: once the sentinel is in and no handler still runs, the other would
 //! have arrived too.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -245,4 +245,103 @@ pub async fn sentinels_reach_every_instance(
             return;
         }
     }
+}
+
+/// (instance, n, attempt) per handler run.
+pub type Runs = Arc<Collector<(usize, u64, u32)>>;
+
+/// How long a case with thousands of messages may take to see them all.
+pub const BULK_ARRIVAL: Duration = Duration::from_secs(60);
+
+/// The message number `n` of a payload (`u64::MAX` when absent).
+pub fn n_of(v: &serde_json::Value) -> u64 {
+    v["n"].as_u64().unwrap_or(u64::MAX)
+}
+
+/// A subscription `name` on `event` that records `(instance, n, attempt)` and settles as
+/// `decide(n, attempt)` says.
+pub fn recording_runs(
+    name: &str,
+    event: &str,
+    instance: usize,
+    runs: Runs,
+    decide: fn(u64, u32) -> purista_core::Outcome,
+) -> purista_core::SubscriptionDef {
+    purista_core::SubscriptionDef::new(
+        name,
+        move |ctx: purista_core::SubscriptionContext, v: serde_json::Value| {
+            let runs = runs.clone();
+            async move {
+                let n = n_of(&v);
+                runs.push((instance, n, ctx.attempt()));
+                Ok(decide(n, ctx.attempt()))
+            }
+        },
+    )
+    .event_name(event)
+}
+
+/// Settles every delivery with `ack` (for [`recording_runs`]).
+pub fn ack(_n: u64, _attempt: u32) -> purista_core::Outcome {
+    purista_core::Outcome::Ack
+}
+
+/// Sentinels on `event` until every consumer had one, then no handler runs.
+pub async fn settle_with_sentinels(
+    publisher: &purista_core::RunningService,
+    event: &str,
+    runs: &Runs,
+    consumers: &[Arc<purista_core::RunningService>],
+) {
+    // The sentinel helper counts (instance, n); mirror the runs into that shape.
+    let seen: Arc<Collector<(usize, u64)>> = Collector::new();
+    let mirror = {
+        let (runs, seen) = (runs.clone(), seen.clone());
+        tokio::spawn(async move {
+            let mut at = 0;
+            loop {
+                let items = match runs.wait_until(ARRIVAL, |r| r.len() > at).await {
+                    Ok(items) | Err(items) => items,
+                };
+                for (i, n, _) in &items[at..] {
+                    seen.push((*i, *n));
+                }
+                at = items.len();
+            }
+        })
+    };
+    sentinels_reach_every_instance(publisher, event, &seen, consumers.len(), false).await;
+    mirror.abort();
+    for c in consumers {
+        handlers_finished(c).await;
+    }
+}
+
+/// Per message number (sentinels left out): the instances that ran it and its attempts.
+pub fn by_message(runs: &[(usize, u64, u32)]) -> BTreeMap<u64, (BTreeSet<usize>, Vec<u32>)> {
+    let mut out: BTreeMap<u64, (BTreeSet<usize>, Vec<u32>)> = BTreeMap::new();
+    for (i, n, attempt) in runs.iter().filter(|(_, n, _)| *n < SENTINEL) {
+        let e = out.entry(*n).or_default();
+        e.0.insert(*i);
+        e.1.push(*attempt);
+    }
+    for (_, attempts) in out.values_mut() {
+        attempts.sort_unstable();
+    }
+    out
+}
+
+/// Missing and extra message numbers against `expected`, as a failure text, or `None`.
+pub fn set_difference(got: &BTreeSet<u64>, expected: &BTreeSet<u64>) -> Option<String> {
+    let missing: Vec<&u64> = expected.difference(got).collect();
+    let extra: Vec<&u64> = got.difference(expected).collect();
+    (!missing.is_empty() || !extra.is_empty()).then(|| {
+        format!(
+            "{} missing (e.g. {:?}), {} extra (e.g. {:?})",
+            missing.len(),
+            missing.iter().take(10).collect::<Vec<_>>(),
+            extra.len(),
+            extra.iter().take(10).collect::<Vec<_>>()
+        )
+    })
 }

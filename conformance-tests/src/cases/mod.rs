@@ -3,6 +3,7 @@
 //! [`all_cases`](crate::all_cases). A case body may assume its requirements hold: the runner
 //! proves an undeclared need rejected (or skips) instead of calling it.
 
+pub mod churn;
 pub mod commands;
 pub mod concurrency;
 pub mod duplicates;
