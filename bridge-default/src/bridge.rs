@@ -273,7 +273,10 @@ impl MemoryBridge {
                 self.hub.subscriptions.hand_back(&consumer, buffered).await;
             }
         };
-        if tokio::time::timeout_at(deadline, handing_back).await.is_err() {
+        if tokio::time::timeout_at(deadline, handing_back)
+            .await
+            .is_err()
+        {
             tracing::warn!("shutdown deadline passed while handing buffered messages back");
         }
         let idle = self.tracker.wait_idle(deadline).await;

@@ -6,6 +6,7 @@
 //!   end against hooks that do nothing (a dry run of the cases' own machinery).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,10 +15,10 @@ use purista_conformance::plan::Plan;
 use purista_conformance::runner::{Case, run_case};
 use purista_conformance::{BrokerControl, Deployment, Harness, Offer, TestMode, Verdict};
 use purista_core::{
-    Address, BridgeError, BridgeHealth, Capabilities, CommandHandler, DeadLetterEntry,
+    Address, BridgeError, BridgeHealth, Capabilities, CommandHandler, DeadLetterEntry, Delivery,
     DeliveryGuarantee, DeliveryHandler, DrainReport, Envelope, EventBridge, InFlight,
-    PausedConsumer, QueueCapabilities, RegistrationKey, ReplayReport, StreamConsumerEnd,
-    StreamHandler, SubscriptionOperator, SubscriptionSpec,
+    PausedConsumer, QueueCapabilities, RegistrationKey, ReplayReport, Settlement,
+    StreamConsumerEnd, StreamHandler, SubscriptionOperator, SubscriptionSpec,
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -39,6 +40,16 @@ enum Fault {
     /// Warns about a late response as it should, then hands it to the next invocation that
     /// waits.
     HandsLateResponsesToTheNextWaiter,
+    /// Takes every delivery into a buffer of its own at once (ignoring prefetch) and, when
+    /// the subscription is unregistered or the instance shuts down, acks what it had not
+    /// handled yet.
+    DropsPrefetchedOnUnregister,
+    /// Declares at-least-once subscriptions and treats shared subscriptions as broadcast.
+    SharedAsBroadcastAtLeastOnce,
+    /// Runs many deliveries at once whatever prefetch the subscription asked for.
+    IgnoresPrefetch,
+    /// Returns from `emit` before the message is published; a shutdown right after loses it.
+    LosesUnflushedEmits,
     /// No fault, but claims durable at-least-once subscriptions so the reliability cases run
     /// (harmless: nothing is ever lost when the broker-control hooks do nothing).
     None,
@@ -50,6 +61,38 @@ struct Mutant {
     fault: Fault,
     /// Late responses kept for the next waiter ([`Fault::HandsLateResponsesToTheNextWaiter`]).
     late: Arc<LateResponses>,
+    /// Set when a subscription is unregistered or the instance shuts down
+    /// ([`Fault::DropsPrefetchedOnUnregister`]).
+    leaving: Arc<AtomicBool>,
+}
+
+/// The handler of [`Fault::DropsPrefetchedOnUnregister`]: takes deliveries at once, handles
+/// them one by one, and acks the rest unhandled once its instance is leaving.
+struct Prefetching {
+    buffer: tokio::sync::mpsc::UnboundedSender<Delivery>,
+}
+
+impl Prefetching {
+    fn new(inner: Arc<dyn DeliveryHandler>, leaving: Arc<AtomicBool>) -> Self {
+        let (buffer, mut taken) = tokio::sync::mpsc::unbounded_channel::<Delivery>();
+        tokio::spawn(async move {
+            while let Some(delivery) = taken.recv().await {
+                if leaving.load(Ordering::Acquire) {
+                    let _ = delivery.settle.settle(Settlement::Ack).await;
+                } else {
+                    inner.deliver(delivery).await;
+                }
+            }
+        });
+        Prefetching { buffer }
+    }
+}
+
+#[async_trait]
+impl DeliveryHandler for Prefetching {
+    async fn deliver(&self, delivery: Delivery) {
+        let _ = self.buffer.send(delivery);
+    }
 }
 
 #[derive(Default)]
@@ -116,6 +159,9 @@ impl Mutant {
 fn mutate_caps(mut caps: Capabilities, fault: Fault) -> Capabilities {
     match fault {
         Fault::OverclaimsDurable => caps.durable_subscriptions = true,
+        Fault::SharedAsBroadcastAtLeastOnce => {
+            caps.subscription_delivery = DeliveryGuarantee::AtLeastOnce;
+        }
         Fault::None => {
             caps.durable_subscriptions = true;
             caps.subscription_delivery = DeliveryGuarantee::AtLeastOnce;
@@ -196,8 +242,17 @@ impl EventBridge for Mutant {
         self.inner.health().await
     }
     async fn emit(&self, mut message: Envelope) -> Result<(), BridgeError> {
-        if let Fault::DropsUnknownFields = self.fault {
-            message.extra.clear();
+        match self.fault {
+            Fault::DropsUnknownFields => message.extra.clear(),
+            Fault::LosesUnflushedEmits => {
+                let inner = self.inner.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let _ = inner.emit(message).await;
+                });
+                return Ok(());
+            }
+            _ => {}
         }
         self.inner.emit(message).await
     }
@@ -224,14 +279,29 @@ impl EventBridge for Mutant {
         mut spec: SubscriptionSpec,
         handler: Arc<dyn DeliveryHandler>,
     ) -> Result<(), BridgeError> {
-        match self.fault {
-            Fault::IgnoresTenantFilter => spec.filter.tenant_id = None,
-            Fault::SharedAsBroadcast => spec.shared = false,
-            _ => {}
-        }
+        let handler = match self.fault {
+            Fault::IgnoresTenantFilter => {
+                spec.filter.tenant_id = None;
+                handler
+            }
+            Fault::SharedAsBroadcast | Fault::SharedAsBroadcastAtLeastOnce => {
+                spec.shared = false;
+                handler
+            }
+            Fault::IgnoresPrefetch => {
+                spec.prefetch = 64;
+                handler
+            }
+            Fault::DropsPrefetchedOnUnregister => {
+                Arc::new(Prefetching::new(handler, self.leaving.clone()))
+                    as Arc<dyn DeliveryHandler>
+            }
+            _ => handler,
+        };
         self.inner.register_subscription(spec, handler).await
     }
     async fn unregister_subscription(&self, key: &RegistrationKey) -> Result<(), BridgeError> {
+        self.leaving.store(true, Ordering::Release);
         self.inner.unregister_subscription(key).await
     }
     async fn register_stream(
@@ -254,6 +324,7 @@ impl EventBridge for Mutant {
         }
     }
     async fn shutdown(&self, deadline: tokio::time::Instant) -> DrainReport {
+        self.leaving.store(true, Ordering::Release);
         self.inner.shutdown(deadline).await
     }
 }
@@ -298,6 +369,7 @@ impl Harness for MutantHarness {
                     caps,
                     fault,
                     late: Arc::default(),
+                    leaving: Arc::default(),
                 }) as Arc<dyn EventBridge>
             })
     }
@@ -420,6 +492,56 @@ async fn a_late_response_handed_to_the_next_waiter_is_caught() {
         Fault::HandsLateResponsesToTheNextWaiter,
         "commands",
         "late_response_is_ignored",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetched_messages_dropped_on_unregister_are_caught() {
+    catches(
+        Fault::DropsPrefetchedOnUnregister,
+        "churn",
+        "a_consumer_leaving_with_prefetched_messages_loses_none",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_delivered_as_broadcast_under_at_least_once_is_caught() {
+    catches(
+        Fault::SharedAsBroadcastAtLeastOnce,
+        "subscriptions",
+        "shared_delivers_each_message_to_exactly_one_instance",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_delivered_as_broadcast_under_load_is_caught() {
+    catches(
+        Fault::SharedAsBroadcastAtLeastOnce,
+        "concurrency",
+        "concurrent_publishers_into_many_instances_deliver_the_exact_set",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ignored_prefetch_is_caught() {
+    catches(
+        Fault::IgnoresPrefetch,
+        "concurrency",
+        "prefetch_bounds_the_handlers_running_at_once",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emits_lost_on_an_immediate_shutdown_are_caught() {
+    catches(
+        Fault::LosesUnflushedEmits,
+        "churn",
+        "an_emit_that_returned_is_delivered_after_an_immediate_shutdown",
     )
     .await;
 }
