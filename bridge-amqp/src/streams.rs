@@ -44,10 +44,10 @@ use futures::FutureExt;
 use lapin::BasicProperties;
 use parking_lot::Mutex;
 use purista_core::inflight::InFlightGuard;
-use purista_core::stream::{FrameType, frame, frame_type};
+use purista_core::stream::{FrameType, frame, frame_type, session_error_frame};
 use purista_core::{
-    Address, BridgeError, Envelope, ErrorPayload, MessageType, SenderAddress, StatusCode,
-    StreamConsumerEnd, StreamHandler, StreamProducerEnd, WorkKind,
+    Address, BridgeError, Envelope, MessageType, SenderAddress, StatusCode, StreamConsumerEnd,
+    StreamHandler, StreamProducerEnd, WorkKind,
 };
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
@@ -100,23 +100,12 @@ impl ConsumerSession {
 
 /// A frame this bridge writes to end a session with a 503 (the reader turns it into an error).
 fn error_frame(origin: &SenderAddress, correlation_id: &str, reason: &str) -> Envelope {
-    let status = StatusCode::SERVICE_UNAVAILABLE;
-    let error = ErrorPayload {
-        status,
-        message: reason.to_string(),
-        data: None,
-        trace_id: None,
-    };
-    let body = serde_json::to_value(&error).unwrap_or(Value::Null);
-    let mut f = frame(
+    session_error_frame(
         origin.clone(),
         correlation_id,
-        FrameType::Error,
-        u64::MAX,
-        Some(("error", body)),
-    );
-    f.is_handled_error = Some(false);
-    f
+        StatusCode::SERVICE_UNAVAILABLE,
+        reason,
+    )
 }
 
 /// What the reply consumer must do after routing a frame to a consumer session.
@@ -783,7 +772,7 @@ mod tests {
             Routed::Delivered
         ));
         assert_eq!(
-            end.frames.try_recv().map(|f| f.payload["seq"].clone()),
+            end.frames.try_recv().map(|f| f.payload["sequence"].clone()),
             Ok(Value::from(0))
         );
         assert_eq!(watch.producer.borrow().as_deref(), Some("p.reply.x"));

@@ -24,6 +24,9 @@
 //!   and returned within one critical section.
 //! * An expired lease counts as `Retry { delay: 0, reason: "lease expired" }` settled at the
 //!   expiry time, so core's plan decides whether the job is visible again or dead-lettered.
+//! * A queue keeps its first [`QueueDeclaration`]; a later one with other settings is refused
+//!   by core's rule ([`QueueDeclaration::check_redeclaration`]) and changes nothing, so the
+//!   queue's behaviour never depends on which service started last.
 //! * Dead letters are kept under `QueueConfig::dead_letter_queue_for(queue)`. Inspect, replay and
 //!   purge take the *origin* queue and see only its jobs, even when queues share a dead-letter
 //!   queue.
@@ -47,7 +50,7 @@ use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
 use purista_core::capabilities::{DeliveryGuarantee, QueueCapabilities};
 use purista_core::queue::{
-    DeadLetteredJob, JobSettlement, LeasedJob, NewJob, QueueBridge, QueueConfig, QueueError,
+    DeadLetteredJob, JobSettlement, LeasedJob, NewJob, QueueBridge, QueueDeclaration, QueueError,
     QueueMetrics,
 };
 use tokio::sync::Notify;
@@ -68,12 +71,14 @@ const BRIDGE_NAME: &str = "default";
 /// ```
 /// use std::time::Duration;
 /// use purista_bridge_default::MemoryQueueBridge;
-/// use purista_core::queue::{JobSettlement, NewJob, QueueBridge, QueueConfig};
+/// use purista_core::queue::{JobSettlement, NewJob, QueueBridge, QueueConfig, QueueDeclaration};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), purista_core::queue::QueueError> {
 /// let queues = MemoryQueueBridge::new();
-/// queues.declare_queue("emails", QueueConfig::default()).await?;
+/// queues
+///     .declare_queue("emails", QueueDeclaration::new("mailer@1", QueueConfig::default()))
+///     .await?;
 /// let job = NewJob { payload: serde_json::json!({ "to": "ada@example.com" }), ..Default::default() };
 /// let id = queues.enqueue("emails", job).await?;
 ///
@@ -118,8 +123,10 @@ impl Queues {
     }
 }
 
-/// One declared queue: its jobs under their own lock, and the `lease` calls waiting for them.
+/// One declared queue: the declaration in force, its jobs under their own lock, and the
+/// `lease` calls waiting for them.
 struct Queue {
+    declaration: QueueDeclaration,
     store: Mutex<JobStore>,
     waiters: Arc<Waiters>,
 }
@@ -216,6 +223,18 @@ impl MemoryQueueBridge {
     }
 }
 
+impl MemoryQueueBridge {
+    /// The declaration in force for `queue` (the first one), if it is declared.
+    pub fn declaration(&self, queue: &str) -> Option<QueueDeclaration> {
+        self.shared
+            .queues
+            .read()
+            .by_name
+            .get(queue)
+            .map(|q| q.declaration.clone())
+    }
+}
+
 impl Default for MemoryQueueBridge {
     fn default() -> Self {
         Self::new()
@@ -240,24 +259,32 @@ impl QueueBridge for MemoryQueueBridge {
         &self.shared.capabilities
     }
 
-    async fn declare_queue(&self, queue: &str, config: QueueConfig) -> Result<(), QueueError> {
+    async fn declare_queue(
+        &self,
+        queue: &str,
+        declaration: QueueDeclaration,
+    ) -> Result<(), QueueError> {
         let mut queues = self.shared.queues.write();
         if queues.closed {
             return Err(shut_down());
         }
         check_name(queue)?;
-        if config.visibility_timeout.is_zero() {
+        if declaration.config.visibility_timeout.is_zero() {
             return Err(QueueError::InvalidRequest(format!(
                 "queue `{queue}`: visibility_timeout must be greater than zero"
             )));
         }
         match queues.by_name.get(queue) {
-            Some(existing) => existing.store.lock().set_config(config),
+            Some(existing) => existing
+                .declaration
+                .check_redeclaration(queue, &declaration)?,
             None => {
+                let store = JobStore::new(queue, declaration.config.clone());
                 queues.by_name.insert(
                     queue.to_owned(),
                     Queue {
-                        store: Mutex::new(JobStore::new(queue, config)),
+                        declaration,
+                        store: Mutex::new(store),
                         waiters: Arc::default(),
                     },
                 );

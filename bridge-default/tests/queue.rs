@@ -9,7 +9,8 @@ use std::time::Duration;
 use purista_bridge_default::MemoryQueueBridge;
 use purista_core::capabilities::DeliveryGuarantee;
 use purista_core::queue::{
-    JobSettlement, LeasedJob, NewJob, QueueBridge, QueueConfig, QueueError, QueueMetrics,
+    JobSettlement, LeasedJob, NewJob, QueueBridge, QueueConfig, QueueDeclaration, QueueError,
+    QueueMetrics,
 };
 use serde_json::json;
 use tokio::time::{Instant, advance};
@@ -32,7 +33,10 @@ fn job(n: u32) -> NewJob {
 
 async fn bridge_with(config: QueueConfig) -> MemoryQueueBridge {
     let bridge = MemoryQueueBridge::new();
-    bridge.declare_queue(Q, config).await.expect("declare");
+    bridge
+        .declare_queue(Q, QueueDeclaration::new("test@1", config))
+        .await
+        .expect("declare");
     bridge
 }
 
@@ -474,8 +478,14 @@ async fn a_shared_dead_letter_queue_is_scoped_to_the_origin_queue() {
         ..config()
     };
     let bridge = MemoryQueueBridge::new();
-    bridge.declare_queue("a", shared.clone()).await.unwrap();
-    bridge.declare_queue("b", shared).await.unwrap();
+    bridge
+        .declare_queue("a", QueueDeclaration::new("test@1", shared.clone()))
+        .await
+        .unwrap();
+    bridge
+        .declare_queue("b", QueueDeclaration::new("test@1", shared))
+        .await
+        .unwrap();
     for queue in ["a", "b"] {
         bridge.enqueue(queue, job(1)).await.unwrap();
         let leased = bridge.lease(queue, Duration::ZERO).await.unwrap().unwrap();
@@ -639,24 +649,56 @@ async fn an_undeclared_queue_is_unknown_queue() {
 async fn an_empty_queue_name_is_an_invalid_request() {
     let bridge = MemoryQueueBridge::new();
 
-    let declare = bridge.declare_queue("", config()).await;
+    let declare = bridge
+        .declare_queue("", QueueDeclaration::new("test@1", config()))
+        .await;
     let enqueue = bridge.enqueue("", job(1)).await;
     assert!(matches!(declare, Err(QueueError::InvalidRequest(_))));
     assert!(matches!(enqueue, Err(QueueError::InvalidRequest(_))));
 }
 
 #[tokio::test(start_paused = true)]
-async fn redeclaring_a_queue_replaces_its_config_and_keeps_its_jobs() {
+async fn redeclaring_a_queue_with_the_same_config_keeps_it_and_its_jobs() {
+    let bridge = bridge_with(config()).await;
+    bridge.enqueue(Q, job(1)).await.unwrap();
+    bridge
+        .declare_queue(Q, QueueDeclaration::new("other@1", config()))
+        .await
+        .expect("an identical declaration is fine");
+
+    let leased = lease_now(&bridge).await.expect("job kept");
+    assert_eq!(leased.lease_expires_at_ms, leased.enqueued_at_ms + 30_000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn redeclaring_a_queue_with_another_config_is_refused_naming_both_and_changes_nothing() {
     let bridge = bridge_with(config()).await;
     bridge.enqueue(Q, job(1)).await.unwrap();
     let longer = QueueConfig {
         visibility_timeout: Duration::from_secs(90),
+        max_attempts: 2,
         ..config()
     };
-    bridge.declare_queue(Q, longer).await.unwrap();
+    let refused = bridge
+        .declare_queue(Q, QueueDeclaration::new("shop@1", longer))
+        .await;
+    assert_eq!(
+        refused,
+        Err(QueueError::ConflictingDeclaration {
+            queue: Q.into(),
+            first: "test@1".into(),
+            second: "shop@1".into(),
+            differing: vec!["visibility_timeout".into(), "max_attempts".into()],
+        })
+    );
 
     let leased = lease_now(&bridge).await.expect("job kept");
-    assert_eq!(leased.lease_expires_at_ms, leased.enqueued_at_ms + 90_000);
+    assert_eq!(
+        leased.lease_expires_at_ms,
+        leased.enqueued_at_ms + 30_000,
+        "the first declaration stays in force"
+    );
+    assert_eq!(bridge.declaration(Q).map(|d| d.config), Some(config()));
 }
 
 #[tokio::test(start_paused = true)]
@@ -709,7 +751,9 @@ async fn calls_after_shutdown_are_unavailable() {
     bridge.shutdown().await;
 
     let enqueue = bridge.enqueue(Q, job(1)).await;
-    let declare = bridge.declare_queue("other", config()).await;
+    let declare = bridge
+        .declare_queue("other", QueueDeclaration::new("test@1", config()))
+        .await;
     assert!(matches!(enqueue, Err(QueueError::Unavailable(_))));
     assert!(matches!(declare, Err(QueueError::Unavailable(_))));
 }

@@ -9,9 +9,9 @@
 use std::sync::Arc;
 
 use purista_core::{
-    CommandDef, Context, Empty, JobContext, Need, QueueConfig, QueueError, QueueWorkerDef, Service,
-    ServiceBuilder, StartError, StreamDef, SubscriptionContext, SubscriptionDef,
-    SubscriptionFilter,
+    CommandDef, Context, Empty, JobContext, Need, QueueConfig, QueueDeclaration, QueueError,
+    QueueWorkerDef, Service, ServiceBuilder, StartError, StreamDef, SubscriptionContext,
+    SubscriptionDef, SubscriptionFilter,
 };
 
 use crate::env::TestEnv;
@@ -198,9 +198,12 @@ pub async fn rejects_at_startup(h: &Arc<dyn Harness>, need: Need) {
     let mut env = TestEnv::new(h, 1).await;
     if let (Need::QueueDeadLetterOps, Some(q)) = (&need, env.deployment.queues.clone()) {
         let queue = format!("{}.undeclared-ops", env.prefix);
-        q.declare_queue(&queue, QueueConfig::default())
-            .await
-            .unwrap_or_else(|e| panic!("declaring queue `{queue}` failed: {e}"));
+        q.declare_queue(
+            &queue,
+            QueueDeclaration::new("conformance@1", QueueConfig::default()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("declaring queue `{queue}` failed: {e}"));
         let listed = q.inspect_dead_letters(&queue, 10).await;
         assert!(
             matches!(listed, Err(QueueError::Unsupported(_))),

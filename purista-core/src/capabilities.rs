@@ -129,7 +129,9 @@ pub enum Need {
     BroadcastSubscription,
     /// A durable subscription. Non-strict: non-durable.
     DurableSubscription,
-    /// Outcome-driven settlement. Non-strict: acked on arrival.
+    /// Outcome-driven settlement. Non-strict: the runtime acks each delivery on arrival, before
+    /// the handler runs; the handler's outcome is then not applied (a non-`ack` outcome is
+    /// logged as a warning), so a failing handler loses the message instead of retrying it.
     ManualAck,
     /// Retries (`max_attempts > 1`). Non-strict: one attempt.
     BoundedRetry {
@@ -145,7 +147,9 @@ pub enum Need {
     DeadLetter,
     /// `stop_consumer` / resume. Non-strict: `stop_consumer` becomes a retry.
     PauseResume,
-    /// At-least-once subscription delivery. Non-strict: what the bridge has.
+    /// At-least-once subscription delivery. Non-strict: nothing changes but the startup
+    /// warning: deliveries keep the bridge's own (at-most-once) guarantee, and a message lost
+    /// by the bridge (a crash, an overflow) stays lost.
     AtLeastOnce,
     /// Jobs scheduled for later. Non-strict: run at once.
     QueueDelayedDelivery,

@@ -55,7 +55,7 @@ pub use operator::{
 pub use outcome::{DeadLetterEntry, DeadLetterNote, FailurePolicy, Outcome, Settlement};
 pub use queue::{
     DeadLetteredJob, JobDisposition, JobSettlement, LeasedJob, NewJob, QueueBridge, QueueConfig,
-    QueueError, QueueMetrics, RetryStrategy,
+    QueueDeclaration, QueueError, QueueMetrics, RetryStrategy,
 };
 pub use redact::redact_url;
 pub use service::{

@@ -120,6 +120,72 @@ pub fn dead_letter_queue_name(queue: &str) -> String {
     format!("{queue}.dead-letter")
 }
 
+/// One declaration of a queue: its lifecycle settings and who declared them (for a service,
+/// `name@version`).
+///
+/// A queue has one config. Two services that declare it differently (say a worker with a
+/// short lease and an enqueuing service with the default) would otherwise make the queue's
+/// behaviour depend on which one started last, so a queue bridge keeps the first declaration
+/// and checks every later one against it with [`QueueDeclaration::check_redeclaration`]:
+/// identical settings are fine, different ones are [`QueueError::ConflictingDeclaration`].
+///
+/// ```
+/// use std::time::Duration;
+/// use purista_core::queue::{QueueConfig, QueueDeclaration, QueueError};
+/// let worker = QueueDeclaration::new("mailer@1", QueueConfig {
+///     visibility_timeout: Duration::from_secs(30),
+///     ..QueueConfig::default()
+/// });
+/// assert!(worker.check_redeclaration("emails", &worker.clone()).is_ok());
+///
+/// let shop = QueueDeclaration::new("shop@1", QueueConfig::default());
+/// let err = worker.check_redeclaration("emails", &shop).unwrap_err();
+/// assert!(matches!(
+///     err,
+///     QueueError::ConflictingDeclaration { ref first, ref second, .. }
+///         if first == "mailer@1" && second == "shop@1"
+/// ));
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueDeclaration {
+    /// Who declared the queue, e.g. `mailer@1`.
+    pub declared_by: String,
+    /// The queue's lifecycle settings.
+    pub config: QueueConfig,
+}
+
+impl QueueDeclaration {
+    /// `declared_by` declares a queue with `config`.
+    pub fn new(declared_by: impl Into<String>, config: QueueConfig) -> Self {
+        QueueDeclaration {
+            declared_by: declared_by.into(),
+            config,
+        }
+    }
+
+    /// The rule for declaring `queue` again, `self` being the declaration in force: `Ok` when
+    /// `again` has the same settings (who declared it does not matter), else
+    /// [`QueueError::ConflictingDeclaration`] naming both declarers and the settings that
+    /// differ. Every queue bridge applies it, so the rule is the same on every broker.
+    pub fn check_redeclaration(
+        &self,
+        queue: &str,
+        again: &QueueDeclaration,
+    ) -> Result<(), QueueError> {
+        let differing = self.config.differences(&again.config);
+        if differing.is_empty() {
+            return Ok(());
+        }
+        Err(QueueError::ConflictingDeclaration {
+            queue: queue.to_string(),
+            first: self.declared_by.clone(),
+            second: again.declared_by.clone(),
+            differing,
+        })
+    }
+}
+
 /// A job to enqueue.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -134,6 +200,10 @@ pub struct NewJob {
     pub run_at_ms: Option<u64>,
     /// Trace id of the flow that enqueued it.
     pub trace_id: Option<String>,
+    /// W3C trace-context carrier of the flow that enqueued it (a JSON string, as `otp` on an
+    /// envelope).
+    #[serde(default)]
+    pub otp: Option<String>,
     /// Principal.
     pub principal_id: Option<String>,
     /// Tenant.
@@ -168,6 +238,9 @@ pub struct LeasedJob {
     pub idempotency_key: Option<String>,
     /// Trace id.
     pub trace_id: Option<String>,
+    /// W3C trace-context carrier (`otp`).
+    #[serde(default)]
+    pub otp: Option<String>,
     /// Principal.
     pub principal_id: Option<String>,
     /// Tenant.
@@ -223,6 +296,53 @@ pub enum JobDisposition {
 }
 
 impl QueueConfig {
+    /// The names of the settings in which `other` differs from `self` (empty when equal).
+    ///
+    /// ```
+    /// use purista_core::queue::QueueConfig;
+    /// let other = QueueConfig { max_attempts: 3, ..QueueConfig::default() };
+    /// assert_eq!(QueueConfig::default().differences(&other), vec!["max_attempts".to_string()]);
+    /// ```
+    pub fn differences(&self, other: &QueueConfig) -> Vec<String> {
+        let QueueConfig {
+            visibility_timeout,
+            max_lease_extensions,
+            auto_heartbeat,
+            heartbeat_interval,
+            max_attempts,
+            retry_window,
+            retry,
+            dead_letter_queue,
+        } = self;
+        let mut differing = Vec::new();
+        let mut note = |same: bool, name: &str| {
+            if !same {
+                differing.push(name.to_string());
+            }
+        };
+        note(
+            *visibility_timeout == other.visibility_timeout,
+            "visibility_timeout",
+        );
+        note(
+            *max_lease_extensions == other.max_lease_extensions,
+            "max_lease_extensions",
+        );
+        note(*auto_heartbeat == other.auto_heartbeat, "auto_heartbeat");
+        note(
+            *heartbeat_interval == other.heartbeat_interval,
+            "heartbeat_interval",
+        );
+        note(*max_attempts == other.max_attempts, "max_attempts");
+        note(*retry_window == other.retry_window, "retry_window");
+        note(*retry == other.retry, "retry");
+        note(
+            *dead_letter_queue == other.dead_letter_queue,
+            "dead_letter_queue",
+        );
+        differing
+    }
+
     /// The dead-letter queue name for `queue`.
     pub fn dead_letter_queue_for(&self, queue: &str) -> String {
         self.dead_letter_queue
@@ -342,6 +462,21 @@ pub enum QueueError {
         /// The cap.
         cap: u32,
     },
+    /// The queue was declared before with other settings (see [`QueueDeclaration`]).
+    #[error(
+        "queue `{queue}` is declared by `{first}` and again by `{second}` with different settings ({}); one queue has one config",
+        differing.join(", ")
+    )]
+    ConflictingDeclaration {
+        /// The queue.
+        queue: String,
+        /// Who declared it first (the declaration in force).
+        first: String,
+        /// Who declared it again, differently.
+        second: String,
+        /// The settings that differ.
+        differing: Vec<String>,
+    },
     /// The bridge does not offer this operation.
     #[error("not supported by this queue bridge: {0}")]
     Unsupported(String),
@@ -365,8 +500,14 @@ pub trait QueueBridge: Send + Sync + 'static {
     /// What it can do.
     fn capabilities(&self) -> &QueueCapabilities;
 
-    /// Declares a queue (and its dead-letter queue) with its lifecycle settings. Idempotent.
-    async fn declare_queue(&self, queue: &str, config: QueueConfig) -> Result<(), QueueError>;
+    /// Declares a queue (and its dead-letter queue) with its lifecycle settings. Declaring it
+    /// again with the same settings does nothing; with other settings it fails as
+    /// [`QueueDeclaration::check_redeclaration`] says, and the first declaration stays.
+    async fn declare_queue(
+        &self,
+        queue: &str,
+        declaration: QueueDeclaration,
+    ) -> Result<(), QueueError>;
 
     /// Adds a job; returns its id (the first job's id for a repeated idempotency key where
     /// enforcement is declared).

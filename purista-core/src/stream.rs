@@ -1,11 +1,22 @@
 //! Stream sessions: frames on the wire, the consumer's [`StreamReader`] and the producer's
 //! [`StreamWriter`].
 //!
-//! A session is one `correlationId`. Frames travel as `messageType: stream` envelopes whose
-//! payload is `{frameType, seq, chunk | final | error | reason | payload+parameter}`. Exactly one
-//! terminal frame (`complete`, `error`, `cancel`) ends a session; both ends enforce it here, in
-//! core: the writer refuses to write after a terminal, the reader ignores (with a warning) any
-//! frame after a terminal or after the session timeout.
+//! A session is one `correlationId`. Frames travel as `messageType: stream` envelopes in
+//! PURISTA's shape: the payload is `{frameType, sequence, chunk | final | error | reason}`, an
+//! error frame's `error` is `{status, message, isHandledError, data?, traceId?}`, and the open
+//! frame is `{frameType: "open", payload, parameter, ttl}` (`ttl`, the session timeout in ms, is
+//! ours: a PURISTA consumer does not send it, and a producer that does not know it ignores it).
+//!
+//! Exactly one terminal frame (`complete`, `error`, `cancel`) ends a session; both ends enforce
+//! it here, in core: the writer refuses to write after a terminal, the reader ignores (with a
+//! warning) any frame after a terminal or after the session timeout.
+//!
+//! Frames are numbered from 0 in the order the producer writes them; the writer assigns the
+//! number and hands the frame to the bridge in one critical section, so concurrent writers
+//! never reorder. The reader checks the numbers: a duplicate is ignored with a warning, a gap
+//! (frames lost in transit) ends the session with [`StreamItem::FramesLost`] and cancels the
+//! producer. A frame without a number (a bridge ending a session it lost, see
+//! [`session_error_frame`]) is not checked.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -53,12 +64,33 @@ pub fn frame_type(e: &Envelope) -> Option<FrameType> {
         .and_then(|v| serde_json::from_value(v.clone()).ok())
 }
 
-/// Builds a stream frame envelope for session `correlation_id`.
+/// Reads the sequence number of a stream frame (`payload.sequence`), if it has one.
+pub fn frame_sequence(e: &Envelope) -> Option<u64> {
+    e.payload.get(SEQUENCE).and_then(Value::as_u64)
+}
+
+/// The payload field that numbers frames.
+const SEQUENCE: &str = "sequence";
+
+/// Builds a stream frame envelope for session `correlation_id`, numbered `sequence`.
 pub fn frame(
     sender: SenderAddress,
     correlation_id: &str,
     kind: FrameType,
-    seq: u64,
+    sequence: u64,
+    body: Option<(&str, Value)>,
+) -> Envelope {
+    let mut e = unnumbered_frame(sender, correlation_id, kind, body);
+    if let Value::Object(p) = &mut e.payload {
+        p.insert(SEQUENCE.into(), Value::from(sequence));
+    }
+    e
+}
+
+fn unnumbered_frame(
+    sender: SenderAddress,
+    correlation_id: &str,
+    kind: FrameType,
     body: Option<(&str, Value)>,
 ) -> Envelope {
     let mut e = Envelope::new(MessageType::Stream, sender);
@@ -68,12 +100,94 @@ pub fn frame(
         "frameType".into(),
         serde_json::to_value(kind).unwrap_or(Value::Null),
     );
-    p.insert("seq".into(), Value::from(seq));
     if let Some((k, v)) = body {
         p.insert(k.to_string(), v);
     }
     e.payload = Value::Object(p);
     e
+}
+
+/// The `error` of an error frame in PURISTA's shape: the error payload with `isHandledError`.
+pub fn frame_error(error: &ErrorPayload, handled: bool) -> Value {
+    let mut v = serde_json::to_value(error).unwrap_or(Value::Null);
+    if let Value::Object(o) = &mut v {
+        o.insert("isHandledError".into(), Value::Bool(handled));
+    }
+    v
+}
+
+/// An unnumbered, unhandled error frame that a bridge writes to end a session it lost (for
+/// example on connection loss). Readers accept it whatever number they expect next.
+///
+/// ```
+/// use purista_core::stream::{FrameType, frame_sequence, frame_type, session_error_frame};
+/// use purista_core::{SenderAddress, StatusCode};
+/// let f = session_error_frame(SenderAddress::default(), "session-1", StatusCode::SERVICE_UNAVAILABLE, "connection lost");
+/// assert_eq!(frame_type(&f), Some(FrameType::Error));
+/// assert_eq!(frame_sequence(&f), None);
+/// assert_eq!(f.payload["error"]["isHandledError"], false);
+/// ```
+pub fn session_error_frame(
+    sender: SenderAddress,
+    correlation_id: &str,
+    status: StatusCode,
+    message: &str,
+) -> Envelope {
+    let error = ErrorPayload {
+        status,
+        message: message.to_string(),
+        data: None,
+        trace_id: None,
+    };
+    unnumbered_frame(
+        sender,
+        correlation_id,
+        FrameType::Error,
+        Some(("error", frame_error(&error, false))),
+    )
+}
+
+/// The open frame's field carrying the session timeout in milliseconds.
+pub const OPEN_TTL_FIELD: &str = "ttl";
+
+/// The frame that opens session `correlation_id`: `{frameType: "open", payload, parameter,
+/// ttl}` (unnumbered, as PURISTA's). The caller sets the receiver and the flow ids.
+///
+/// ```
+/// use std::time::Duration;
+/// use purista_core::stream::{FrameType, frame_type, open_frame, open_ttl};
+/// use purista_core::SenderAddress;
+/// let open = open_frame(SenderAddress::default(), "s-1", "report-7".into(), serde_json::json!({}), Duration::from_secs(5));
+/// assert_eq!(frame_type(&open), Some(FrameType::Open));
+/// assert_eq!(open.payload["payload"], "report-7");
+/// assert_eq!(open_ttl(&open), Some(Duration::from_secs(5)));
+/// ```
+pub fn open_frame(
+    sender: SenderAddress,
+    correlation_id: &str,
+    payload: Value,
+    parameter: Value,
+    ttl: std::time::Duration,
+) -> Envelope {
+    let mut open = unnumbered_frame(sender, correlation_id, FrameType::Open, None);
+    if let Value::Object(p) = &mut open.payload {
+        p.insert("payload".into(), payload);
+        p.insert("parameter".into(), parameter);
+        p.insert(
+            OPEN_TTL_FIELD.into(),
+            Value::from(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+        );
+    }
+    open
+}
+
+/// The session timeout an open frame asks for, if it carries one.
+pub fn open_ttl(open: &Envelope) -> Option<std::time::Duration> {
+    open.payload
+        .get(OPEN_TTL_FIELD)
+        .and_then(Value::as_u64)
+        .filter(|ms| *ms > 0)
+        .map(std::time::Duration::from_millis)
 }
 
 /// What a consumer reads from a session.
@@ -89,6 +203,14 @@ pub enum StreamItem {
     Cancelled(String),
     /// Terminal: the session timeout passed first.
     TimedOut,
+    /// Terminal: frames were lost in transit (a gap in the sequence numbers); the session was
+    /// cancelled, since what follows the gap is incomplete.
+    FramesLost {
+        /// The sequence number the reader expected.
+        expected: u64,
+        /// The number of the frame that arrived instead.
+        received: u64,
+    },
 }
 
 impl StreamItem {
@@ -105,6 +227,7 @@ pub struct StreamReader {
     deadline: Instant,
     finished: bool,
     ignored: u64,
+    next_sequence: u64,
     correlation_id: String,
 }
 
@@ -117,6 +240,7 @@ impl StreamReader {
             deadline,
             finished: false,
             ignored: 0,
+            next_sequence: 0,
             correlation_id,
         }
     }
@@ -146,6 +270,24 @@ impl StreamReader {
                 }
                 Ok(Some(f)) => f,
             };
+            if let Some(sequence) = frame_sequence(&frame) {
+                if sequence < self.next_sequence {
+                    self.ignored += 1;
+                    tracing::warn!(correlation_id = %self.correlation_id, sequence, "ignoring a duplicate stream frame");
+                    continue;
+                }
+                if sequence > self.next_sequence {
+                    self.finished = true;
+                    let expected = self.next_sequence;
+                    let _ = self.cancel.send(Some("stream frames lost".into()));
+                    tracing::warn!(correlation_id = %self.correlation_id, expected, received = sequence, "stream frames lost; session cancelled");
+                    return Some(StreamItem::FramesLost {
+                        expected,
+                        received: sequence,
+                    });
+                }
+                self.next_sequence += 1;
+            }
             let Some(kind) = frame_type(&frame) else {
                 self.ignored += 1;
                 tracing::warn!(correlation_id = %self.correlation_id, "ignoring stream frame without frameType");
@@ -160,10 +302,14 @@ impl StreamReader {
                     frame.payload.get("final").cloned().filter(|v| !v.is_null()),
                 ),
                 FrameType::Error => {
-                    let handled = frame.is_handled_error.unwrap_or(false);
-                    let err = frame
-                        .payload
-                        .get("error")
+                    let error = frame.payload.get("error");
+                    // PURISTA's place for the flag; earlier purista-rs wrote it on the envelope.
+                    let handled = error
+                        .and_then(|e| e.get("isHandledError"))
+                        .and_then(Value::as_bool)
+                        .or(frame.is_handled_error)
+                        .unwrap_or(false);
+                    let err = error
                         .cloned()
                         .and_then(|v| serde_json::from_value::<ErrorPayload>(v).ok())
                         .map(|p| CommandError::from_payload(p, handled))
@@ -226,11 +372,14 @@ pub enum StreamWriteError {
 }
 
 /// The producer's end of a session. Cheap to clone: the runtime keeps one handle to close the
-/// session after the handler returns, the handler gets another.
+/// session after the handler returns, the handler gets another. Clones write one sequence:
+/// numbering a frame and handing it to the bridge happen under one lock, so frames of
+/// concurrent writers arrive in the order of their numbers.
 #[derive(Clone)]
 pub struct StreamWriter {
     state: std::sync::Arc<tokio::sync::Mutex<WriterState>>,
     cancelled: watch::Receiver<Option<String>>,
+    deadline: Option<Instant>,
 }
 
 struct WriterState {
@@ -238,7 +387,7 @@ struct WriterState {
     sender: SenderAddress,
     correlation_id: String,
     template: Envelope,
-    seq: u64,
+    sequence: u64,
     terminal: bool,
 }
 
@@ -251,11 +400,25 @@ impl StreamWriter {
                 sender,
                 correlation_id: open.correlation_id.clone().unwrap_or_default(),
                 template: open.clone(),
-                seq: 0,
+                sequence: 0,
                 terminal: false,
             })),
             cancelled: end.cancelled,
+            deadline: None,
         }
+    }
+
+    /// The same writer, knowing the session's deadline (see [`StreamWriter::deadline`]).
+    pub fn with_deadline(mut self, deadline: Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// When the session ends at the latest: the consumer's session timeout (carried in the open
+    /// frame, else the producer bridge's command timeout). The runtime ends the handler then;
+    /// a producer can use it to plan its work. `None` for a writer made without one.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
     }
 
     /// The reason, once the consumer cancelled.
@@ -285,8 +448,8 @@ impl StreamWriter {
         &self,
         kind: FrameType,
         body: Option<(&str, Value)>,
-        handled: Option<bool>,
     ) -> Result<(), StreamWriteError> {
+        // Held until the frame is handed over: the numbers are the order of arrival.
         let mut st = self.state.lock().await;
         if st.terminal {
             return Err(StreamWriteError::Closed);
@@ -296,18 +459,21 @@ impl StreamWriter {
         {
             return Err(StreamWriteError::Cancelled(r));
         }
-        let mut f = frame(st.sender.clone(), &st.correlation_id, kind, st.seq, body);
+        let mut f = frame(
+            st.sender.clone(),
+            &st.correlation_id,
+            kind,
+            st.sequence,
+            body,
+        );
         f.propagate_from(&st.template);
         f.receiver = Some(st.template.sender.to_address());
-        f.is_handled_error = handled;
-        st.seq += 1;
+        st.sequence += 1;
         if kind.is_terminal() {
             st.terminal = true;
         }
-        let frames = st.frames.clone();
-        drop(st);
         // A consumer that went away is not an error for the producer: it is a cancel.
-        if frames.send(f).await.is_err() && !kind.is_terminal() {
+        if st.frames.send(f).await.is_err() && !kind.is_terminal() {
             return Err(StreamWriteError::Cancelled("consumer went away".into()));
         }
         Ok(())
@@ -315,32 +481,35 @@ impl StreamWriter {
 
     /// Sends the `start` frame (the runtime does this before the handler runs).
     pub async fn start(&self) -> Result<(), StreamWriteError> {
-        self.send(FrameType::Start, None, None).await
+        self.send(FrameType::Start, None).await
     }
 
     /// Writes one chunk.
     pub async fn write(&self, chunk: impl Serialize) -> Result<(), StreamWriteError> {
         let v =
             serde_json::to_value(chunk).map_err(|e| StreamWriteError::Serialize(e.to_string()))?;
-        self.send(FrameType::Chunk, Some(("chunk", v)), None).await
+        self.send(FrameType::Chunk, Some(("chunk", v))).await
     }
 
     /// Writes a heartbeat.
     pub async fn heartbeat(&self) -> Result<(), StreamWriteError> {
-        self.send(FrameType::Heartbeat, None, None).await
+        self.send(FrameType::Heartbeat, None).await
     }
 
     /// Ends the session successfully.
     pub async fn complete(&self, final_value: Option<Value>) -> Result<(), StreamWriteError> {
-        self.send(FrameType::Complete, final_value.map(|v| ("final", v)), None)
+        self.send(FrameType::Complete, final_value.map(|v| ("final", v)))
             .await
     }
 
-    /// Ends the session with an error; `handled` is carried as `isHandledError`.
+    /// Ends the session with an error; `handled` is carried as `isHandledError` inside the
+    /// frame's `error`, where PURISTA puts it.
     pub async fn fail(&self, error: ErrorPayload, handled: bool) -> Result<(), StreamWriteError> {
-        let v = serde_json::to_value(&error).unwrap_or(Value::Null);
-        self.send(FrameType::Error, Some(("error", v)), Some(handled))
-            .await
+        self.send(
+            FrameType::Error,
+            Some(("error", frame_error(&error, handled))),
+        )
+        .await
     }
 
     /// Ends the session as cancelled.
@@ -348,8 +517,32 @@ impl StreamWriter {
         self.send(
             FrameType::Cancel,
             Some(("reason", Value::String(reason.into()))),
-            None,
         )
         .await
+    }
+
+    /// Ends the session as cancelled without waiting for room in the consumer's buffer (the
+    /// runtime, at the session deadline or after the consumer cancelled). A writer clone that
+    /// still holds the lock is not waited for either: the frame is then left out, and the
+    /// consumer ends by its own deadline or cancel.
+    pub(crate) fn abandon(&self, reason: &str) {
+        let Ok(mut st) = self.state.try_lock() else {
+            return;
+        };
+        if st.terminal {
+            return;
+        }
+        let mut f = frame(
+            st.sender.clone(),
+            &st.correlation_id,
+            FrameType::Cancel,
+            st.sequence,
+            Some(("reason", Value::String(reason.to_string()))),
+        );
+        f.propagate_from(&st.template);
+        f.receiver = Some(st.template.sender.to_address());
+        st.sequence += 1;
+        st.terminal = true;
+        let _ = st.frames.try_send(f);
     }
 }

@@ -2,7 +2,7 @@
 //! per message family. Each must decode to the expected values, re-encode to the same JSON and
 //! survive encode → decode unchanged. These pin the format a TypeScript PURISTA service reads.
 
-use purista_core::stream::{FrameType, frame_type};
+use purista_core::stream::{FrameType, frame_sequence, frame_type};
 use purista_core::{Address, DecodeError, Envelope, ErrorPayload, MessageType, SenderAddress};
 use serde_json::{Map, Value, json};
 
@@ -224,11 +224,12 @@ fn stream_frame_fixture_decodes_to_expected_values() {
     expected.correlation_id = Some("d4e5f60718293a4b5c6d7e8f90a1b2c3".into());
     expected.receiver = Some(Address::new("orders", "1", "").with_instance(ORDERS_INSTANCE));
     expected.payload =
-        json!({ "frameType": "chunk", "seq": 1, "chunk": { "line": 1, "orderId": "o-1" } });
+        json!({ "frameType": "chunk", "sequence": 1, "chunk": { "line": 1, "orderId": "o-1" } });
 
     let decoded = decode(STREAM_FRAME);
     assert_eq!(decoded, expected);
     assert_eq!(frame_type(&decoded), Some(FrameType::Chunk));
+    assert_eq!(frame_sequence(&decoded), Some(1));
 }
 
 #[test]

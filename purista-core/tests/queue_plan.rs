@@ -25,6 +25,7 @@ fn job(attempt: u32) -> LeasedJob {
         enqueued_at_ms: ENQUEUED_AT,
         idempotency_key: None,
         trace_id: None,
+        otp: None,
         principal_id: None,
         tenant_id: None,
         max_attempts: None,

@@ -184,8 +184,10 @@ async fn frames_arriving_later_after_the_terminal_are_counted_too() {
     assert_eq!(s.reader.ignored_frames(), 2);
 }
 
+/// Earlier purista-rs versions put `isHandledError` on the envelope of an error frame; a
+/// reader still takes it from there when the error itself does not say.
 #[tokio::test]
-async fn error_frame_yields_the_error_with_status_and_handled_flag() {
+async fn error_frame_with_the_handled_flag_on_the_envelope_yields_a_handled_error() {
     let mut s = session(Duration::from_secs(5));
     let mut err = f(
         FrameType::Error,
@@ -250,7 +252,7 @@ async fn cancel_frame_yields_cancelled_with_the_reason() {
 async fn frame_without_frame_type_is_skipped() {
     let mut s = session(Duration::from_secs(5));
     let mut odd = chunk(0, json!(0));
-    odd.payload = json!({ "seq": 0, "chunk": "no type" });
+    odd.payload = json!({ "sequence": 0, "chunk": "no type" });
     send(
         &s,
         [odd, chunk(1, json!(1)), f(FrameType::Complete, 2, None)],
@@ -361,7 +363,10 @@ async fn writer_frames_carry_session_sequence_and_routing() {
     p.writer.write(json!("a")).await.expect("write");
     p.writer.complete(None).await.expect("complete");
     let frames = drain(&mut p.frames);
-    let seqs: Vec<_> = frames.iter().map(|e| e.payload["seq"].clone()).collect();
+    let seqs: Vec<_> = frames
+        .iter()
+        .map(|e| e.payload["sequence"].clone())
+        .collect();
     assert_eq!(seqs, [json!(0), json!(1), json!(2)]);
     for e in &frames {
         assert_eq!(e.correlation_id.as_deref(), Some(SESSION));
@@ -492,4 +497,181 @@ async fn writer_and_reader_together_deliver_the_session() {
     expected.push(StreamItem::Complete(Some(json!(5))));
     assert_eq!(items, expected);
     assert_eq!(reader.ignored_frames(), 0);
+}
+
+// --- sequence numbers (issue 8, defect 6) ---------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_deliver_frames_in_sequence_order() {
+    for _round in 0..20 {
+        // A channel of one slot makes every writer wait for the reader, so sends interleave.
+        let (tx, mut rx) = mpsc::channel(1);
+        let (_cancel_tx, cancel_rx) = watch::channel(None);
+        let writer = StreamWriter::new(
+            StreamProducerEnd {
+                frames: tx,
+                cancelled: cancel_rx,
+            },
+            &open_frame(),
+            producer(),
+        );
+        let mut tasks = Vec::new();
+        for w in 0..4 {
+            let writer = writer.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..50 {
+                    writer.write(json!([w, i])).await.expect("write");
+                }
+            }));
+        }
+        drop(writer);
+        let mut sequences = Vec::new();
+        while let Some(frame) = rx.recv().await {
+            sequences.push(frame.payload["sequence"].as_u64().expect("numbered frame"));
+        }
+        for t in tasks {
+            t.await.expect("writer task");
+        }
+        let expected: Vec<u64> = (0..200).collect();
+        assert_eq!(sequences, expected, "frames must arrive in sequence order");
+    }
+}
+
+#[tokio::test]
+async fn a_duplicate_frame_is_ignored_with_a_warning() {
+    let mut s = session(Duration::from_secs(5));
+    send(
+        &s,
+        [
+            f(FrameType::Start, 0, None),
+            chunk(1, json!("a")),
+            chunk(1, json!("a")),
+            chunk(2, json!("b")),
+            f(FrameType::Complete, 3, None),
+        ],
+    )
+    .await;
+    assert_eq!(
+        read_all(&mut s.reader).await,
+        vec![
+            StreamItem::Chunk(json!("a")),
+            StreamItem::Chunk(json!("b")),
+            StreamItem::Complete(None),
+        ]
+    );
+    assert_eq!(s.reader.ignored_frames(), 1);
+}
+
+#[tokio::test]
+async fn a_gap_in_the_sequence_ends_the_session_as_frames_lost_and_cancels_the_producer() {
+    let mut s = session(Duration::from_secs(5));
+    send(
+        &s,
+        [
+            f(FrameType::Start, 0, None),
+            chunk(1, json!("a")),
+            chunk(3, json!("c")),
+            f(FrameType::Complete, 4, None),
+        ],
+    )
+    .await;
+    assert_eq!(
+        read_all(&mut s.reader).await,
+        vec![
+            StreamItem::Chunk(json!("a")),
+            StreamItem::FramesLost {
+                expected: 2,
+                received: 3
+            },
+        ]
+    );
+    assert!(
+        s.cancelled.borrow().is_some(),
+        "the producer is told to stop"
+    );
+}
+
+#[tokio::test]
+async fn a_frame_without_a_sequence_number_is_not_checked() {
+    // Bridges end a session they lost with an unnumbered error frame of their own.
+    let mut s = session(Duration::from_secs(5));
+    let mut lost = f(
+        FrameType::Error,
+        0,
+        Some((
+            "error",
+            json!({"status": 503, "message": "connection lost", "isHandledError": false}),
+        )),
+    );
+    if let Value::Object(p) = &mut lost.payload {
+        p.remove("sequence");
+    }
+    send(&s, [f(FrameType::Start, 0, None), chunk(1, json!(1)), lost]).await;
+    let items = read_all(&mut s.reader).await;
+    assert_eq!(items[0], StreamItem::Chunk(json!(1)));
+    assert!(
+        matches!(&items[1], StreamItem::Error(e) if e.status == StatusCode::SERVICE_UNAVAILABLE),
+        "{items:?}"
+    );
+}
+
+// --- PURISTA's frame shape (issue 14, item 1) -------------------------------------------------
+
+#[tokio::test]
+async fn frames_are_numbered_in_payload_sequence() {
+    let mut p = producer_end();
+    p.writer.start().await.expect("start");
+    p.writer.write(json!("a")).await.expect("write");
+    let frames = drain(&mut p.frames);
+    assert_eq!(frames[0].payload["sequence"], json!(0));
+    assert_eq!(frames[1].payload["sequence"], json!(1));
+    assert!(
+        frames[1].payload.get("seq").is_none(),
+        "{}",
+        frames[1].payload
+    );
+}
+
+#[tokio::test]
+async fn an_error_frame_carries_is_handled_error_inside_payload_error() {
+    let mut p = producer_end();
+    p.writer
+        .fail(
+            ErrorPayload {
+                status: StatusCode::CONFLICT,
+                message: "export already running".into(),
+                data: None,
+                trace_id: None,
+            },
+            true,
+        )
+        .await
+        .expect("fail");
+    let frames = drain(&mut p.frames);
+    assert_eq!(frames[0].payload["error"]["isHandledError"], json!(true));
+    assert_eq!(frames[0].payload["error"]["status"], json!(409));
+    assert_eq!(frames[0].is_handled_error, None, "not on the envelope");
+}
+
+#[tokio::test]
+async fn a_purista_error_frame_keeps_its_handled_flag() {
+    let mut s = session(Duration::from_secs(5));
+    let error = f(
+        FrameType::Error,
+        0,
+        Some((
+            "error",
+            json!({"status": 400, "message": "bad range", "isHandledError": true, "data": {"max": 10}}),
+        )),
+    );
+    send(&s, [error]).await;
+    match s.reader.next().await {
+        Some(StreamItem::Error(e)) => {
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert!(e.handled, "a handled PURISTA error stays handled");
+            assert_eq!(e.message, "bad range");
+            assert_eq!(e.data, Some(json!({"max": 10})));
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
 }

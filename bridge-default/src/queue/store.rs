@@ -54,6 +54,7 @@ struct StoredJob {
     parameter: Value,
     idempotency_key: Option<String>,
     trace_id: Option<String>,
+    otp: Option<String>,
     principal_id: Option<String>,
     tenant_id: Option<String>,
     max_attempts: Option<u32>,
@@ -78,6 +79,7 @@ impl StoredJob {
             enqueued_at_ms: self.enqueued_at_ms,
             idempotency_key: self.idempotency_key.clone(),
             trace_id: self.trace_id.clone(),
+            otp: self.otp.clone(),
             principal_id: self.principal_id.clone(),
             tenant_id: self.tenant_id.clone(),
             max_attempts: self.max_attempts,
@@ -103,6 +105,7 @@ impl StoredJob {
             enqueued_at_ms: self.enqueued_at_ms,
             idempotency_key: None,
             trace_id: None,
+            otp: None,
             principal_id: None,
             tenant_id: None,
             max_attempts: self.max_attempts,
@@ -127,6 +130,7 @@ impl StoredJob {
             enqueued_at_ms: self.enqueued_at_ms,
             idempotency_key: self.idempotency_key,
             trace_id: self.trace_id,
+            otp: self.otp,
             principal_id: self.principal_id,
             tenant_id: self.tenant_id,
             max_attempts: self.max_attempts,
@@ -188,12 +192,6 @@ impl JobStore {
         std::mem::take(&mut self.wake)
     }
 
-    /// Replaces the settings; jobs and their leases stay as they are.
-    pub(crate) fn set_config(&mut self, config: QueueConfig) {
-        self.dead_letter_queue = config.dead_letter_queue_for(&self.name);
-        self.config = config;
-    }
-
     /// The name of this queue's dead-letter queue.
     pub(crate) fn dead_letter_queue(&self) -> &str {
         &self.dead_letter_queue
@@ -239,6 +237,7 @@ impl JobStore {
             parameter: job.parameter,
             idempotency_key: job.idempotency_key,
             trace_id: job.trace_id,
+            otp: job.otp,
             principal_id: job.principal_id,
             tenant_id: job.tenant_id,
             max_attempts: job.max_attempts,
@@ -265,6 +264,7 @@ impl JobStore {
             parameter: job.parameter,
             idempotency_key: job.idempotency_key,
             trace_id: job.trace_id,
+            otp: job.otp,
             principal_id: job.principal_id,
             tenant_id: job.tenant_id,
             max_attempts: job.max_attempts,
@@ -506,6 +506,7 @@ mod tests {
             parameter: json!({ "p": true }),
             idempotency_key: Some("key".into()),
             trace_id: Some("trace".into()),
+            otp: Some("otp".into()),
             principal_id: Some("principal".into()),
             tenant_id: Some("tenant".into()),
             max_attempts,

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use purista_core::envelope::now_ms;
 use purista_core::{
-    Empty, JobContext, JobSettlement, LeasedJob, NewJob, QueueBridge, QueueConfig, QueueError,
-    QueueWorkerDef, RetryStrategy, Service, WorkerMode,
+    Empty, JobContext, JobSettlement, LeasedJob, NewJob, QueueBridge, QueueConfig,
+    QueueDeclaration, QueueError, QueueWorkerDef, RetryStrategy, Service, WorkerMode,
 };
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -39,7 +39,7 @@ async fn queue_env(h: &Arc<dyn Harness>, config: QueueConfig) -> (TestEnv, Strin
     let env = TestEnv::new(h, 1).await;
     let queue = format!("{}.jobs", env.prefix);
     env.queues()
-        .declare_queue(&queue, config)
+        .declare_queue(&queue, QueueDeclaration::new("conformance@1", config))
         .await
         .unwrap_or_else(|e| panic!("declaring queue `{queue}` failed: {e}"));
     (env, queue)

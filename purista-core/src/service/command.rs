@@ -16,6 +16,7 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use super::context::{Context, Shared};
+use super::flow::Flow;
 use super::run_guarded;
 use crate::bridge::CommandHandler;
 use crate::envelope::Envelope;
@@ -152,7 +153,7 @@ impl CommandHandler for CommandRuntime {
         let (payload, parameter) = split_body(&command);
         let ctx = Context {
             shared: self.shared.clone(),
-            origin: Some(command.clone()),
+            flow: Flow::Message(command.clone()),
             target: self.target.clone(),
         };
         let result = run_guarded(|| (self.handler)(ctx, payload, parameter))

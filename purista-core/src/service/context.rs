@@ -8,17 +8,19 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::sync::{Notify, watch};
 
-use crate::bridge::{EventBridge, SettleOnce};
+use super::flow::Flow;
+use super::settle::DeliverySettler;
+use crate::bridge::EventBridge;
 use crate::envelope::{Address, Envelope, SenderAddress};
 use crate::error::{BridgeError, CommandError, ErrorPayload, SettleError, StatusCode};
 use crate::ids;
 use crate::inflight::InFlightTracker;
-use crate::outcome::{FailurePolicy, Outcome};
+use crate::outcome::Outcome;
 use crate::queue::{LeasedJob, NewJob, QueueBridge, QueueError};
-use crate::stream::{FrameType, StreamReader, frame};
+use crate::stream::{StreamReader, open_frame};
 
 /// State shared by a running service and every context it hands out.
 pub(crate) struct Shared {
@@ -86,7 +88,7 @@ impl Drop for PendingGuard<'_> {
 #[derive(Clone)]
 pub struct Context {
     pub(crate) shared: Arc<Shared>,
-    pub(crate) origin: Option<Arc<Envelope>>,
+    pub(crate) flow: Flow,
     pub(crate) target: Arc<str>,
 }
 
@@ -100,26 +102,29 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
-    /// The message this handler runs for (absent outside handlers).
+    /// The message this handler runs for (absent outside handlers and in job handlers).
     pub fn envelope(&self) -> Option<&Envelope> {
-        self.origin.as_deref()
+        self.flow.envelope()
     }
 
-    /// Trace id of the current flow.
+    /// Trace id of the current flow (the message's or the job's; absent outside handlers).
     pub fn trace_id(&self) -> Option<&str> {
-        self.origin.as_deref().and_then(|e| e.trace_id.as_deref())
+        self.flow.trace_id()
+    }
+
+    /// The W3C trace-context carrier (`otp`, a JSON string) of the current flow.
+    pub fn otp(&self) -> Option<&str> {
+        self.flow.otp()
     }
 
     /// Principal of the current flow.
     pub fn principal_id(&self) -> Option<&str> {
-        self.origin
-            .as_deref()
-            .and_then(|e| e.principal_id.as_deref())
+        self.flow.principal_id()
     }
 
     /// Tenant of the current flow.
     pub fn tenant_id(&self) -> Option<&str> {
-        self.origin.as_deref().and_then(|e| e.tenant_id.as_deref())
+        self.flow.tenant_id()
     }
 
     /// The service's bridge.
@@ -174,9 +179,7 @@ impl Context {
     ) -> Result<Value, CommandError> {
         let shared = &self.shared;
         let mut cmd = Envelope::command(shared.sender(&self.target), receiver, payload, parameter);
-        if let Some(o) = &self.origin {
-            cmd.propagate_from(o);
-        }
+        self.flow.stamp(&mut cmd);
         if opts.trace_id.is_some() {
             cmd.trace_id = opts.trace_id;
         }
@@ -211,14 +214,12 @@ impl Context {
         let payload = serde_json::to_value(payload)
             .map_err(|e| BridgeError::InvalidRequest(e.to_string()))?;
         let mut e = Envelope::custom(self.shared.sender(&self.target), event_name, payload);
-        match &self.origin {
-            Some(o) => e.propagate_from(o),
-            None => e.trace_id = Some(ids::new_id()),
-        }
+        self.flow.stamp(&mut e);
         self.shared.bridge.emit(e).await
     }
 
-    /// Opens a stream session with a producer; `timeout` defaults to the command timeout.
+    /// Opens a stream session with a producer; `timeout` (the session deadline for both ends)
+    /// defaults to the bridge's command timeout.
     pub async fn open_stream(
         &self,
         receiver: Address,
@@ -227,26 +228,19 @@ impl Context {
         timeout: Option<Duration>,
     ) -> Result<StreamReader, CommandError> {
         let trace = self.trace_id().map(str::to_string);
-        let mut body = Map::new();
-        body.insert("payload".into(), to_value(payload, &trace)?);
-        body.insert("parameter".into(), to_value(parameter, &trace)?);
+        let timeout = timeout.unwrap_or_else(|| self.shared.bridge.default_command_timeout());
         let correlation_id = ids::new_id();
-        let mut open = frame(
+        // `timeout` travels as the open frame's `ttl`: the producer's runtime ends its handler
+        // at the same deadline.
+        let mut open = open_frame(
             self.shared.sender(&self.target),
             &correlation_id,
-            FrameType::Open,
-            0,
-            None,
+            to_value(payload, &trace)?,
+            to_value(parameter, &trace)?,
+            timeout,
         );
-        if let Value::Object(p) = &mut open.payload {
-            p.extend(body);
-        }
         open.receiver = Some(receiver);
-        match &self.origin {
-            Some(o) => open.propagate_from(o),
-            None => open.trace_id = Some(ids::new_id()),
-        }
-        let timeout = timeout.unwrap_or_else(|| self.shared.bridge.default_command_timeout());
+        self.flow.stamp(&mut open);
         let deadline = tokio::time::Instant::now() + timeout;
         let end = self
             .shared
@@ -274,17 +268,15 @@ impl Context {
         self.enqueue_job(queue, job).await
     }
 
-    /// Enqueues a fully specified job (idempotency key, run-at, attempts).
+    /// Enqueues a fully specified job (idempotency key, run-at, attempts). The job carries this
+    /// flow's trace id, `otp`, principal and tenant where it does not set its own, and its
+    /// handler runs in that flow.
     pub async fn enqueue_job(&self, queue: &str, mut job: NewJob) -> Result<String, QueueError> {
         let q =
             self.shared.queues.as_ref().ok_or_else(|| {
                 QueueError::Unavailable("this service has no queue bridge".into())
             })?;
-        if let Some(o) = &self.origin {
-            job.trace_id = job.trace_id.or_else(|| o.trace_id.clone());
-            job.principal_id = job.principal_id.or_else(|| o.principal_id.clone());
-            job.tenant_id = job.tenant_id.or_else(|| o.tenant_id.clone());
-        }
+        self.flow.stamp_job(&mut job);
         q.enqueue(queue, job).await
     }
 }
@@ -340,10 +332,7 @@ pub(crate) fn response_result(
 /// the ability to settle early.
 pub struct SubscriptionContext {
     pub(crate) ctx: Context,
-    pub(crate) attempt: u32,
-    pub(crate) settle: Arc<SettleOnce>,
-    pub(crate) policy: FailurePolicy,
-    pub(crate) key: Arc<str>,
+    pub(crate) settler: Arc<DeliverySettler>,
 }
 
 impl std::ops::Deref for SubscriptionContext {
@@ -356,19 +345,21 @@ impl std::ops::Deref for SubscriptionContext {
 impl SubscriptionContext {
     /// 1 for the first delivery, incremented per redelivery.
     pub fn attempt(&self) -> u32 {
-        self.attempt
+        self.settler.attempt()
     }
 
     /// The subscription's registration key (`service@version/name`).
     pub fn registration_key(&self) -> &str {
-        &self.key
+        self.settler.key()
     }
 
     /// Settles the delivery now, before the handler returns (the returned outcome is then
-    /// ignored). Settling a second time is [`SettleError::AlreadySettled`].
+    /// ignored, with a warning unless it is `ack`). The same rules apply as to a returned
+    /// outcome: `stop_consumer` on a subscription not declared pausable is a retry, drops and
+    /// dead letters are warned about, and a message that will come again releases its
+    /// idempotency claim. Settling a second time is [`SettleError::AlreadySettled`].
     pub async fn settle(&self, outcome: Outcome) -> Result<(), SettleError> {
-        let settlement = self.policy.settle(self.attempt, &outcome, &self.key);
-        self.settle.settle(settlement).await
+        self.settler.settle(outcome).await
     }
 }
 

@@ -21,7 +21,9 @@
 
 mod command;
 mod context;
+mod flow;
 mod queue_worker;
+mod settle;
 mod stream;
 mod subscription;
 
@@ -39,6 +41,7 @@ use tokio::time::Instant;
 
 pub use command::CommandDef;
 pub use context::{Context, InvokeOptions, JobContext, SubscriptionContext};
+use queue_worker::WorkerSignal;
 pub use queue_worker::{IntoJobSettlement, QueueWorkerDef, WorkerMode};
 pub use stream::StreamDef;
 pub use subscription::{IntoReply, Reply, SubscriptionDef, registration_key};
@@ -50,7 +53,7 @@ use crate::error::{BridgeError, CommandError};
 use crate::filter::SubscriptionFilter;
 use crate::inflight::{InFlight, InFlightTracker, WorkKind};
 use crate::operator::{PausedConsumer, RegistrationKey};
-use crate::queue::{NewJob, QueueBridge, QueueConfig, QueueError};
+use crate::queue::{NewJob, QueueBridge, QueueConfig, QueueDeclaration, QueueError};
 use crate::stream::StreamReader;
 
 /// Runs a handler: both the call that builds its future and the future itself are guarded, so
@@ -257,6 +260,10 @@ fn degrade(def: &mut SubscriptionDef, need: &Need, event_only: bool) -> Option<S
         Need::DelayedRetry { .. } => def.policy.retry_delay_ms = 0,
         Need::DeadLetter => def.policy.dead_letter_target = None,
         Need::PauseResume => def.pausable = false,
+        // The runtime settles on arrival, before the handler runs (see `SubscriptionRuntime`).
+        Need::ManualAck => def.ack_on_arrival = true,
+        // Nothing to change: deliveries keep the bridge's own guarantee; the warning says so.
+        Need::AtLeastOnce => {}
         Need::ComplexFilter if event_only => {
             // Route by eventName on the broker, apply the rest here.
             let full = def.filter.clone();
@@ -311,9 +318,18 @@ impl Service {
         reqs
     }
 
-    /// Starts on `bridge`: health check, strict check, `infoServiceInit`, commands (each
-    /// followed by `infoServiceFunctionAdded`), streams, subscriptions, queue workers,
-    /// `infoServiceReady`.
+    /// Starts on `bridge`: health check, strict check, queue declarations, `infoServiceInit`,
+    /// commands (each followed by `infoServiceFunctionAdded`), streams, subscriptions, queue
+    /// workers, `infoServiceReady`.
+    ///
+    /// A start that fails leaves nothing behind. The checks and the queue declarations come
+    /// before anything is registered or announced, so a failure there changes nothing on the
+    /// event bridge (queue declarations stay: a queue bridge has no undeclare, and a declaration
+    /// repeated with the same settings is harmless). When a registration fails, every
+    /// registration made before it is unregistered, and `infoServiceNotReady` (payload
+    /// `{serviceName, serviceVersion, reason}`) then `infoServiceShutdown` tell listeners that
+    /// the `infoServiceInit` and `infoServiceFunctionAdded` they saw are void. Queue workers are
+    /// only spawned once nothing can fail any more.
     pub async fn start(
         mut self,
         bridge: Arc<dyn EventBridge>,
@@ -339,35 +355,15 @@ impl Service {
         let caps = bridge.capabilities().clone();
         let queue_caps = self.queue_bridge.as_ref().map(|q| q.capabilities().clone());
         let mismatches = check(&self.requirements(), Some(&caps), queue_caps.as_ref());
-        let mut skipped_commands = false;
-        let mut skipped_streams = false;
-        let mut local_filters: BTreeMap<String, SubscriptionFilter> = BTreeMap::new();
-        let mut skipped_subscriptions = Vec::new();
+        let mut plan = Degraded::default();
         if !mismatches.is_empty() {
             if self.strict {
                 return Err(StrictCheckError { mismatches }.into());
             }
-            let event_only = caps.filters == crate::FilterSupport::EventOnly;
-            for m in &mismatches {
-                tracing::warn!(registration = %m.registration, need = %m.need.describe(), bridge = %m.bridge, "capability mismatch; degrading (non-strict mode)");
-                match &m.need {
-                    Need::Commands => skipped_commands = true,
-                    Need::Streams => skipped_streams = true,
-                    Need::EventName => skipped_subscriptions.push(m.registration.clone()),
-                    need => {
-                        for s in &mut self.subscriptions {
-                            let reg =
-                                format!("subscription {}@{}/{}", self.name, self.version, s.name);
-                            if reg == m.registration
-                                && let Some(f) = degrade(s, need, event_only)
-                            {
-                                local_filters.insert(s.name.clone(), f);
-                            }
-                        }
-                    }
-                }
-            }
+            plan = self
+                .plan_degradations(&mismatches, caps.filters == crate::FilterSupport::EventOnly);
         }
+        self.declare_queues().await?;
 
         let (reject_tx, _) = watch::channel(false);
         let shared = Arc::new(context::Shared {
@@ -382,17 +378,8 @@ impl Service {
             paused_workers: Mutex::new(BTreeMap::new()),
             workers_resumed: Notify::new(),
         });
-        let emit_info = |t: MessageType, target: &str, payload: Value| {
-            let mut e = Envelope::info(t, shared.sender(target), payload);
-            e.trace_id = Some(crate::ids::new_id());
-            let bridge = bridge.clone();
-            async move {
-                if let Err(err) = bridge.emit(e).await {
-                    tracing::warn!(error = %err, message_type = %t, "emitting info message failed");
-                }
-            }
-        };
         emit_info(
+            &shared,
             MessageType::InfoServiceInit,
             "",
             json!({ "serviceName": self.name, "serviceVersion": self.version, "description": self.description }),
@@ -400,13 +387,121 @@ impl Service {
         .await;
 
         let mut registered = Registered::default();
+        if let Err(err) = self.register(&shared, &plan, &mut registered).await {
+            tracing::warn!(service = %self.name, version = %self.version, error = %err, "start failed; undoing its registrations");
+            unregister_all(&bridge, &registered).await;
+            emit_info(
+                &shared,
+                MessageType::InfoServiceNotReady,
+                "",
+                json!({ "serviceName": self.name, "serviceVersion": self.version, "reason": err.to_string() }),
+            )
+            .await;
+            emit_info(&shared, MessageType::InfoServiceShutdown, "", Value::Null).await;
+            return Err(err);
+        }
+
+        let (signal_tx, _) = watch::channel(WorkerSignal::Run);
+        let mut worker_tasks = Vec::new();
+        if let Some(q) = &self.queue_bridge {
+            for w in &self.workers {
+                let registration: Arc<str> = format!("queue {}", w.queue).into();
+                let runtime = Arc::new(queue_worker::WorkerRuntime {
+                    shared: shared.clone(),
+                    queues: q.clone(),
+                    queue: w.queue.clone(),
+                    in_flight: shared.inflight.counter(WorkKind::Queue, &registration),
+                    registration,
+                    config: w.config.clone(),
+                    mode: w.mode,
+                    lease_wait: w.lease_wait,
+                    handler: w.handler.clone(),
+                });
+                worker_tasks.push(tokio::spawn(runtime.run(signal_tx.subscribe())));
+            }
+        }
+        emit_info(
+            &shared,
+            MessageType::InfoServiceReady,
+            "",
+            json!({ "serviceName": self.name, "serviceVersion": self.version }),
+        )
+        .await;
+        tracing::info!(service = %self.name, version = %self.version, bridge = %bridge.name(), "service ready");
+        Ok(RunningService {
+            degradations: mismatches,
+            shared,
+            registered: Mutex::new(registered),
+            worker_signal: signal_tx,
+            worker_tasks: Mutex::new(worker_tasks),
+            shutdown_report: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// Applies non-strict mode to `mismatches`: warns once per mismatch and says what is left
+    /// out or changed.
+    fn plan_degradations(
+        &mut self,
+        mismatches: &[crate::capabilities::Mismatch],
+        event_only: bool,
+    ) -> Degraded {
+        let mut plan = Degraded::default();
+        for m in mismatches {
+            tracing::warn!(registration = %m.registration, need = %m.need.describe(), bridge = %m.bridge, "capability mismatch; degrading (non-strict mode)");
+            match &m.need {
+                Need::Commands => plan.skip_commands = true,
+                Need::Streams => plan.skip_streams = true,
+                Need::EventName => plan.skip_subscriptions.push(m.registration.clone()),
+                need => {
+                    for s in &mut self.subscriptions {
+                        let reg = format!("subscription {}@{}/{}", self.name, self.version, s.name);
+                        if reg == m.registration
+                            && let Some(f) = degrade(s, need, event_only)
+                        {
+                            plan.local_filters.insert(s.name.clone(), f);
+                        }
+                    }
+                }
+            }
+        }
+        plan
+    }
+
+    /// Declares every queue this service enqueues to or works, as `name@version`.
+    async fn declare_queues(&self) -> Result<(), StartError> {
+        let Some(q) = &self.queue_bridge else {
+            return Ok(());
+        };
+        let declarer = format!("{}@{}", self.name, self.version);
+        let declared = self.queues_declared.iter().map(|(q, c)| (q, c));
+        let worked = self.workers.iter().map(|w| (&w.queue, &w.config));
+        for (queue, config) in declared.chain(worked) {
+            q.declare_queue(queue, QueueDeclaration::new(&declarer, config.clone()))
+                .await
+                .map_err(|source| StartError::Queue {
+                    queue: queue.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Registers commands, streams and subscriptions, recording each in `registered` as soon
+    /// as the bridge accepted it (so a failure can undo exactly what was done).
+    async fn register(
+        &self,
+        shared: &Arc<context::Shared>,
+        plan: &Degraded,
+        registered: &mut Registered,
+    ) -> Result<(), StartError> {
+        let bridge = &shared.bridge;
         let reg_err = |registration: String| {
             move |source| StartError::Registration {
                 registration,
                 source,
             }
         };
-        if !skipped_commands {
+        if !plan.skip_commands {
             for c in &self.commands {
                 let address = Address::new(&self.name, &self.version, &c.name);
                 let registration: Arc<str> = address.to_string().into();
@@ -424,6 +519,7 @@ impl Service {
                     .map_err(reg_err(format!("command {registration}")))?;
                 registered.commands.push(address);
                 emit_info(
+                    shared,
                     MessageType::InfoServiceFunctionAdded,
                     &c.name,
                     json!({
@@ -436,7 +532,7 @@ impl Service {
                 .await;
             }
         }
-        if !skipped_streams {
+        if !plan.skip_streams {
             for s in &self.streams {
                 let address = Address::new(&self.name, &self.version, &s.name);
                 let registration: Arc<str> = address.to_string().into();
@@ -456,7 +552,7 @@ impl Service {
         }
         for s in &self.subscriptions {
             let reg = format!("subscription {}@{}/{}", self.name, self.version, s.name);
-            if skipped_subscriptions.contains(&reg) {
+            if plan.skip_subscriptions.contains(&reg) {
                 continue;
             }
             let spec = subscription::spec_for(s, &self.name, &self.version);
@@ -464,14 +560,18 @@ impl Service {
             let key: Arc<str> = spec.key.as_str().into();
             let runtime = subscription::SubscriptionRuntime {
                 shared: shared.clone(),
-                spec: spec.clone(),
                 in_flight: shared.inflight.counter(WorkKind::Subscription, &key),
                 key: key.clone(),
                 target: s.name.clone().into(),
                 emit_event: s.emit_event.clone(),
-                pausable: s.pausable,
-                guard: s.guard.clone(),
-                local_filter: local_filters.get(&s.name).cloned(),
+                rules: Arc::new(settle::SettleRules {
+                    policy: spec.policy.clone(),
+                    key: key.clone(),
+                    pausable: s.pausable,
+                    guard: s.guard.clone(),
+                }),
+                ack_on_arrival: s.ack_on_arrival,
+                local_filter: plan.local_filters.get(&s.name).cloned(),
                 handler: s.handler.clone(),
             };
             bridge
@@ -480,54 +580,46 @@ impl Service {
                 .map_err(reg_err(reg))?;
             registered.subscriptions.push(spec_key);
         }
-        let (stop_tx, _) = watch::channel(false);
-        let mut worker_tasks = Vec::new();
-        if let Some(q) = &self.queue_bridge {
-            for (queue, config) in &self.queues_declared {
-                q.declare_queue(queue, config.clone())
-                    .await
-                    .map_err(|source| StartError::Queue {
-                        queue: queue.clone(),
-                        source,
-                    })?;
-            }
-            for w in &self.workers {
-                q.declare_queue(&w.queue, w.config.clone())
-                    .await
-                    .map_err(|source| StartError::Queue {
-                        queue: w.queue.clone(),
-                        source,
-                    })?;
-                let registration: Arc<str> = format!("queue {}", w.queue).into();
-                let runtime = Arc::new(queue_worker::WorkerRuntime {
-                    shared: shared.clone(),
-                    queues: q.clone(),
-                    queue: w.queue.clone(),
-                    in_flight: shared.inflight.counter(WorkKind::Queue, &registration),
-                    registration,
-                    config: w.config.clone(),
-                    mode: w.mode,
-                    lease_wait: w.lease_wait,
-                    handler: w.handler.clone(),
-                });
-                worker_tasks.push(tokio::spawn(runtime.run(stop_tx.subscribe())));
-            }
+        Ok(())
+    }
+}
+
+/// What a non-strict start leaves out or changes.
+#[derive(Default)]
+struct Degraded {
+    skip_commands: bool,
+    skip_streams: bool,
+    skip_subscriptions: Vec<String>,
+    /// Filters applied in-process, by subscription name.
+    local_filters: BTreeMap<String, SubscriptionFilter>,
+}
+
+/// Emits an info message from the service (fresh trace id); a failure is only logged.
+async fn emit_info(shared: &context::Shared, t: MessageType, target: &str, payload: Value) {
+    let mut e = Envelope::info(t, shared.sender(target), payload);
+    e.trace_id = Some(crate::ids::new_id());
+    if let Err(err) = shared.bridge.emit(e).await {
+        tracing::warn!(error = %err, message_type = %t, "emitting info message failed");
+    }
+}
+
+/// Unregisters what a service registered: subscriptions, streams, then commands. A failure is
+/// logged and the rest still unregistered.
+async fn unregister_all(bridge: &Arc<dyn EventBridge>, registered: &Registered) {
+    for key in &registered.subscriptions {
+        if let Err(e) = bridge.unregister_subscription(key).await {
+            tracing::warn!(registration = %key, error = %e, "unregistering subscription failed");
         }
-        emit_info(
-            MessageType::InfoServiceReady,
-            "",
-            json!({ "serviceName": self.name, "serviceVersion": self.version }),
-        )
-        .await;
-        tracing::info!(service = %self.name, version = %self.version, bridge = %bridge.name(), "service ready");
-        Ok(RunningService {
-            degradations: mismatches,
-            shared,
-            registered: Mutex::new(registered),
-            stop_workers: stop_tx,
-            worker_tasks: Mutex::new(worker_tasks),
-            shutdown_report: tokio::sync::Mutex::new(None),
-        })
+    }
+    for a in &registered.streams {
+        if let Err(e) = bridge.unregister_stream(a).await {
+            tracing::warn!(registration = %a, error = %e, "unregistering stream failed");
+        }
+    }
+    for a in &registered.commands {
+        if let Err(e) = bridge.unregister_command(a).await {
+            tracing::warn!(registration = %a, error = %e, "unregistering command failed");
+        }
     }
 }
 
@@ -545,14 +637,25 @@ pub struct RunningService {
     degradations: Vec<crate::capabilities::Mismatch>,
     shared: Arc<context::Shared>,
     registered: Mutex<Registered>,
-    stop_workers: watch::Sender<bool>,
+    worker_signal: watch::Sender<WorkerSignal>,
     worker_tasks: Mutex<Vec<JoinHandle<()>>>,
     shutdown_report: tokio::sync::Mutex<Option<DrainReport>>,
 }
 
 impl Drop for RunningService {
     fn drop(&mut self) {
-        let _ = self.stop_workers.send(true);
+        self.worker_signal
+            .send_if_modified(|s| raise(s, WorkerSignal::Stop));
+    }
+}
+
+/// Moves a worker signal forward to `to` (never back). True when it changed.
+fn raise(signal: &mut WorkerSignal, to: WorkerSignal) -> bool {
+    if *signal < to {
+        *signal = to;
+        true
+    } else {
+        false
     }
 }
 
@@ -561,7 +664,7 @@ impl RunningService {
     pub fn context(&self) -> Context {
         Context {
             shared: self.shared.clone(),
-            origin: None,
+            flow: flow::Flow::Fresh,
             target: "".into(),
         }
     }
@@ -725,44 +828,32 @@ impl RunningService {
         let started = Instant::now();
         let shared = &self.shared;
         let bridge = &shared.bridge;
-        let info = |t: MessageType| {
-            let mut e = Envelope::info(t, shared.sender(""), Value::Null);
-            e.trace_id = Some(crate::ids::new_id());
-            e
-        };
-        let _ = bridge.emit(info(MessageType::InfoServiceDrain)).await;
+        emit_info(shared, MessageType::InfoServiceDrain, "", Value::Null).await;
         shared.closing.store(true, Ordering::Release);
-        let _ = self.stop_workers.send(true);
+        self.worker_signal
+            .send_if_modified(|s| raise(s, WorkerSignal::Stop));
         let registered = std::mem::take(&mut *self.registered.lock());
-        for key in &registered.subscriptions {
-            if let Err(e) = bridge.unregister_subscription(key).await {
-                tracing::warn!(registration = %key, error = %e, "unregistering subscription failed");
-            }
-        }
-        for a in &registered.streams {
-            if let Err(e) = bridge.unregister_stream(a).await {
-                tracing::warn!(registration = %a, error = %e, "unregistering stream failed");
-            }
-        }
-        for a in &registered.commands {
-            if let Err(e) = bridge.unregister_command(a).await {
-                tracing::warn!(registration = %a, error = %e, "unregistering command failed");
-            }
-        }
+        unregister_all(bridge, &registered).await;
         let completed = shared.inflight.wait_idle(deadline).await;
         let still_running = shared.inflight.running();
         let rejected = shared.pending_invocations.load(Ordering::Acquire);
         let _ = shared.reject_pending.send(true);
-        // Workers that are still inside a job past the deadline are stopped; their leases expire
-        // and the jobs reappear for another worker.
-        for t in self.worker_tasks.lock().drain(..) {
-            if completed {
-                drop(t);
-            } else {
-                t.abort();
+        // Jobs still running past the deadline are ended; their leases expire and the jobs
+        // reappear for another worker. Either way every worker task is awaited, so nothing of
+        // this service runs on after shutdown returns.
+        if !completed {
+            self.worker_signal
+                .send_if_modified(|s| raise(s, WorkerSignal::Abort));
+        }
+        let workers = std::mem::take(&mut *self.worker_tasks.lock());
+        for task in workers {
+            if let Err(e) = task.await
+                && e.is_panic()
+            {
+                tracing::error!("a queue worker task panicked");
             }
         }
-        let _ = bridge.emit(info(MessageType::InfoServiceShutdown)).await;
+        emit_info(shared, MessageType::InfoServiceShutdown, "", Value::Null).await;
         let report = DrainReport {
             completed,
             still_running,

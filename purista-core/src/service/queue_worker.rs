@@ -5,7 +5,8 @@
 //! `Ok(())` completes, a returned settlement is used as is, a [`HandledError`](crate::HandledError)
 //! is a non-fatal failure with its message as reason, any other error or a panic is a retry.
 //! The queue bridge applies [`QueueConfig::plan`](crate::QueueConfig::plan) to it. Stopping is
-//! explicit: a watch flag ends the loop, and the runtime keeps the task handles to await them.
+//! explicit: a watch signal ends the loop (`stop`: finish the running jobs; `abort`: end them),
+//! and the running service awaits every worker task before its shutdown returns.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use tokio::sync::{Semaphore, watch};
 use tracing::Instrument;
 
 use super::context::{Context, JobContext, Shared};
+use super::flow::Flow;
 use super::run_guarded;
 use crate::capabilities::Need;
 use crate::error::HandledError;
@@ -179,6 +181,18 @@ impl QueueWorkerDef {
     }
 }
 
+/// What the service tells its workers. Only moves forward: `Run` → `Stop` → `Abort`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum WorkerSignal {
+    /// Lease and handle jobs.
+    Run,
+    /// Lease no more jobs; let the running ones finish.
+    Stop,
+    /// The drain deadline passed: end the running jobs too (their leases expire and the jobs
+    /// reappear for another worker).
+    Abort,
+}
+
 pub(crate) struct WorkerRuntime {
     pub shared: Arc<Shared>,
     pub queues: Arc<dyn QueueBridge>,
@@ -191,43 +205,56 @@ pub(crate) struct WorkerRuntime {
     pub handler: Arc<ErasedJobFn>,
 }
 
+/// Resolves once the signal reaches `at_least` (or the service is gone).
+async fn signalled(signal: &mut watch::Receiver<WorkerSignal>, at_least: WorkerSignal) {
+    let _ = signal.wait_for(|s| *s >= at_least).await;
+}
+
 impl WorkerRuntime {
-    /// The worker loop. Ends when `stop` becomes true.
-    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    /// The worker loop. Stops leasing on [`WorkerSignal::Stop`] and then waits for its running
+    /// jobs; on [`WorkerSignal::Abort`] it ends them and returns once they are gone.
+    pub async fn run(self: Arc<Self>, mut signal: watch::Receiver<WorkerSignal>) {
         let slots = match self.mode {
             WorkerMode::Continuous { concurrency } => concurrency.max(1),
             _ => 1,
         };
         let semaphore = Arc::new(Semaphore::new(slots));
+        // Jobs of a continuous worker run as tasks of this set, so ending the worker ends them.
+        let mut jobs = tokio::task::JoinSet::new();
         loop {
-            if *stop.borrow() {
+            if *signal.borrow() != WorkerSignal::Run {
                 break;
             }
+            while jobs.try_join_next().is_some() {}
             if self.shared.paused_workers.lock().contains_key(&self.queue) {
                 let resumed = self.shared.workers_resumed.notified();
                 tokio::select! {
                     _ = resumed => continue,
-                    _ = stop.changed() => continue,
+                    _ = signalled(&mut signal, WorkerSignal::Stop) => continue,
                     // Re-check periodically in case the notification raced the check above.
                     _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
                 }
             }
             let permit = tokio::select! {
                 p = semaphore.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                _ = stop.changed() => continue,
+                _ = signalled(&mut signal, WorkerSignal::Stop) => continue,
             };
             let leased = tokio::select! {
                 r = self.queues.lease(&self.queue, self.lease_wait) => r,
-                _ = stop.changed() => continue,
+                _ = signalled(&mut signal, WorkerSignal::Stop) => continue,
             };
             match leased {
                 Ok(Some(job)) => {
                     let this = self.clone();
                     if slots == 1 {
-                        this.handle(job).await;
+                        // Inline: no task per job. Only an abort cuts the job short.
+                        tokio::select! {
+                            _ = this.handle(job) => {}
+                            _ = signalled(&mut signal, WorkerSignal::Abort) => break,
+                        }
                         drop(permit);
                     } else {
-                        tokio::spawn(async move {
+                        jobs.spawn(async move {
                             this.handle(job).await;
                             drop(permit);
                         });
@@ -238,19 +265,22 @@ impl WorkerRuntime {
                     tracing::warn!(queue = %self.queue, error = %e, "leasing failed; retrying in 1 s");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = stop.changed() => {}
+                        _ = signalled(&mut signal, WorkerSignal::Stop) => {}
                     }
                 }
             }
             if let WorkerMode::Interval(period) = self.mode {
                 tokio::select! {
                     _ = tokio::time::sleep(period) => {}
-                    _ = stop.changed() => {}
+                    _ = signalled(&mut signal, WorkerSignal::Stop) => {}
                 }
             }
         }
-        // Wait for spawned jobs of a continuous worker to finish.
-        let _ = semaphore.acquire_many(slots as u32).await;
+        // Let running jobs finish, unless told to abort them.
+        tokio::select! {
+            _ = async { while jobs.join_next().await.is_some() {} } => {}
+            _ = signalled(&mut signal, WorkerSignal::Abort) => jobs.shutdown().await,
+        }
     }
 
     async fn handle(&self, job: LeasedJob) {
@@ -266,34 +296,26 @@ impl WorkerRuntime {
         let ctx = JobContext {
             ctx: Context {
                 shared: self.shared.clone(),
-                origin: None,
+                flow: Flow::Job(job.clone()),
                 target: self.registration.clone(),
             },
             job: job.clone(),
             queues: self.queues.clone(),
         };
-        let heartbeat = self.config.auto_heartbeat.then(|| {
-            let queues = self.queues.clone();
-            let job = job.clone();
-            let every = self.config.heartbeat_interval;
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    if let Err(e) = queues.extend_lease(&job, None).await {
-                        tracing::warn!(error = %e, "automatic lease extension stopped");
-                        break;
-                    }
-                }
-            })
-        });
-        let result = run_guarded(|| (self.handler)(ctx, &job.payload, &job.parameter))
-            .instrument(span.clone())
-            .await;
-        if let Some(h) = heartbeat {
-            h.abort();
-        }
-        let _enter = span.enter();
-        let settlement = match result {
+        let work = run_guarded(|| (self.handler)(ctx, &job.payload, &job.parameter))
+            .instrument(span.clone());
+        // The heartbeat runs inside the job's future, so it ends with the job however the job
+        // ends (also when an abort drops it).
+        let result = if self.config.auto_heartbeat {
+            tokio::pin!(work);
+            tokio::select! {
+                r = &mut work => r,
+                () = self.heartbeat(&job) => work.await,
+            }
+        } else {
+            work.await
+        };
+        let settlement = span.in_scope(|| match result {
             Ok(Ok(s)) => s,
             Ok(Err(err)) => {
                 if let Some(m) = err.downcast_ref::<JobPayloadMismatch>() {
@@ -321,9 +343,20 @@ impl WorkerRuntime {
                     reason: Some("handler panicked".into()),
                 }
             }
-        };
-        if let Err(e) = self.queues.settle(&job, settlement).await {
+        });
+        if let Err(e) = self.queues.settle(&job, settlement).instrument(span).await {
             tracing::warn!(error = %e, "settling the job failed; the lease will expire and the job reappear");
+        }
+    }
+
+    /// Extends the job's lease every `heartbeat_interval`; returns when an extension fails.
+    async fn heartbeat(&self, job: &LeasedJob) {
+        loop {
+            tokio::time::sleep(self.config.heartbeat_interval).await;
+            if let Err(e) = self.queues.extend_lease(job, None).await {
+                tracing::warn!(error = %e, "automatic lease extension stopped");
+                return;
+            }
         }
     }
 }

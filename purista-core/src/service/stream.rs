@@ -4,6 +4,13 @@
 //! sends `start` before the handler runs and guarantees exactly one terminal frame after it:
 //! `complete` with the returned value, `error` for a returned error (handled errors keep their
 //! text, others become a generic 500), or `cancel` when the consumer cancelled.
+//!
+//! The session deadline binds the producer as it binds the reader: the open frame carries the
+//! consumer's session timeout (`ttl`; a PURISTA consumer sends none, then the producer bridge's
+//! command timeout applies), and the runtime races the handler against that deadline and
+//! against the consumer's cancel. Whichever comes first ends the handler (its future is
+//! dropped), writes the terminal `cancel` and releases the session's in-flight count, so a
+//! producer that ignores its writer can neither run on nor hold up a drain.
 
 use std::sync::Arc;
 
@@ -17,12 +24,14 @@ use tracing::Instrument;
 
 use super::command::{decode_input, split_body};
 use super::context::{Context, Shared};
+use super::flow::Flow;
 use super::run_guarded;
 use crate::bridge::{StreamHandler, StreamProducerEnd};
 use crate::envelope::Envelope;
 use crate::error::{ErrorPayload, StatusCode, error_payload_for};
 use crate::inflight::InFlightCounter;
-use crate::stream::StreamWriter;
+use crate::stream::{StreamWriter, open_ttl};
+use tokio::time::Instant;
 
 pub(crate) type ErasedStreamFn = dyn Fn(Context, &Value, &Value, StreamWriter) -> BoxFuture<'static, anyhow::Result<Value>>
     + Send
@@ -93,7 +102,10 @@ pub(crate) struct StreamRuntime {
 impl StreamHandler for StreamRuntime {
     async fn open(&self, open: Arc<Envelope>, producer: StreamProducerEnd) {
         let _guard = self.in_flight.start();
-        let writer = StreamWriter::new(producer, &open, self.shared.sender(&self.target));
+        let ttl = open_ttl(&open).unwrap_or_else(|| self.shared.bridge.default_command_timeout());
+        let deadline = Instant::now() + ttl;
+        let writer = StreamWriter::new(producer, &open, self.shared.sender(&self.target))
+            .with_deadline(deadline);
         let span = tracing::info_span!(
             "purista.stream",
             registration = %self.registration,
@@ -122,11 +134,25 @@ impl StreamHandler for StreamRuntime {
             let (payload, parameter) = split_body(&open);
             let ctx = Context {
                 shared: self.shared.clone(),
-                origin: Some(open.clone()),
+                flow: Flow::Message(open.clone()),
                 target: self.target.clone(),
             };
-            let result =
-                run_guarded(|| (self.handler)(ctx, payload, parameter, writer.clone())).await;
+            // The handler does not outlive its session: the deadline or the consumer's cancel
+            // ends it (its future is dropped) and the session ends in `cancel`.
+            let result = tokio::select! {
+                biased;
+                r = run_guarded(|| (self.handler)(ctx, payload, parameter, writer.clone())) => r,
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(ttl_ms = ttl.as_millis() as u64, "stream producer ended at the session deadline");
+                    writer.abandon("session timeout");
+                    return;
+                }
+                reason = writer.on_cancel() => {
+                    tracing::debug!(%reason, "stream producer ended: the consumer cancelled");
+                    writer.abandon(&reason);
+                    return;
+                }
+            };
             if writer.is_closed().await {
                 return;
             }

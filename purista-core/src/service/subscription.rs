@@ -6,6 +6,11 @@
 //! a panic counts as an unhandled error; a payload that does not deserialize is dead-lettered
 //! (or dropped with a warning when there is no target). With `emit_event` set, a reply's value is
 //! emitted as one `customMessage` before the delivery is acked.
+//!
+//! An outcome settled early through [`SubscriptionContext::settle`] and a returned one take the
+//! same path (`settle.rs`): same strict check, same warnings, same release of the idempotency
+//! claim. In non-strict mode on a bridge without manual ack, the delivery is acked on arrival
+//! through that path too, before the handler runs.
 
 use std::sync::Arc;
 
@@ -18,7 +23,9 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use super::context::{Context, Shared, SubscriptionContext};
+use super::flow::Flow;
 use super::run_guarded;
+use super::settle::{DeliverySettler, SettleRules};
 use crate::bridge::{Delivery, DeliveryHandler, SubscriptionSpec};
 use crate::capabilities::Need;
 use crate::envelope::{Address, Envelope};
@@ -133,6 +140,8 @@ pub struct SubscriptionDef {
     pub(crate) policy: FailurePolicy,
     pub(crate) emit_event: Option<String>,
     pub(crate) pausable: bool,
+    /// Set by non-strict mode when the bridge has no manual ack.
+    pub(crate) ack_on_arrival: bool,
     pub(crate) prefetch: u16,
     pub(crate) guard: Option<IdempotencyGuard>,
     pub(crate) extra_needs: Vec<Need>,
@@ -165,6 +174,7 @@ impl SubscriptionDef {
             policy: FailurePolicy::default(),
             emit_event: None,
             pausable: false,
+            ack_on_arrival: false,
             prefetch: 8,
             guard: None,
             extra_needs: Vec::new(),
@@ -300,13 +310,14 @@ pub fn registration_key(service: &str, version: &str, name: &str) -> Registratio
 
 pub(crate) struct SubscriptionRuntime {
     pub shared: Arc<Shared>,
-    pub spec: SubscriptionSpec,
     pub key: Arc<str>,
     pub in_flight: InFlightCounter,
     pub target: Arc<str>,
     pub emit_event: Option<String>,
-    pub pausable: bool,
-    pub guard: Option<IdempotencyGuard>,
+    /// Policy, pausable flag and idempotency guard: how an outcome becomes a settlement.
+    pub rules: Arc<SettleRules>,
+    /// Non-strict mode on a bridge without manual ack: settle before the handler runs.
+    pub ack_on_arrival: bool,
     /// Filter applied in-process when the bridge could not apply all of it (non-strict mode).
     pub local_filter: Option<SubscriptionFilter>,
     pub handler: Arc<ErasedSubscriptionFn>,
@@ -359,7 +370,6 @@ impl DeliveryHandler for SubscriptionRuntime {
             attempt,
             settle,
         } = delivery;
-        let settle = Arc::new(settle);
         let span = tracing::info_span!(
             "purista.subscription",
             registration = %self.key,
@@ -386,7 +396,7 @@ impl DeliveryHandler for SubscriptionRuntime {
                 return;
             }
             let _guard = self.in_flight.start();
-            let claimed_key = match &self.guard {
+            let claimed_key = match &self.rules.guard {
                 Some(g) => match g.key_of(&envelope) {
                     Some(k) if g.claim(&k).await == Claim::Duplicate => {
                         tracing::debug!(key = %k, "duplicate delivery skipped by idempotency guard");
@@ -397,58 +407,43 @@ impl DeliveryHandler for SubscriptionRuntime {
                 },
                 None => None,
             };
+            let settler = Arc::new(DeliverySettler::new(
+                self.rules.clone(),
+                envelope.clone(),
+                attempt,
+                claimed_key,
+                settle,
+            ));
+            if self.ack_on_arrival {
+                // Non-strict mode on a bridge without manual ack: settled before the handler.
+                let _ = settler.settle(Outcome::Ack).await;
+            }
             let ctx = SubscriptionContext {
                 ctx: Context {
                     shared: self.shared.clone(),
-                    origin: Some(envelope.clone()),
+                    flow: Flow::Message(envelope.clone()),
                     target: self.target.clone(),
                 },
-                attempt,
-                settle: settle.clone(),
-                policy: self.spec.policy.clone(),
-                key: self.key.clone(),
+                settler: settler.clone(),
             };
             let mut reply = self.run_handler(ctx, &envelope).await;
-            if let Outcome::StopConsumer { reason } = &reply.outcome
-                && !self.pausable
-            {
-                tracing::error!(%reason, "stop_consumer returned by a subscription not declared pausable; retrying instead");
-                reply.outcome = Outcome::retry();
-            }
             if reply.outcome == Outcome::Ack
                 && let Some(value) = reply.emit.take()
                 && self.emit_reply(&envelope, value).await.is_err()
             {
                 reply.outcome = Outcome::retry();
             }
-            let keeps_claim = matches!(
-                reply.outcome,
-                Outcome::Ack | Outcome::Drop { .. } | Outcome::DeadLetter { .. }
-            );
-            if let (Some(g), Some(k)) = (&self.guard, &claimed_key)
-                && !keeps_claim
-            {
-                g.release(k).await;
-            }
-            if settle.is_settled() {
+            if settler.is_settled() {
                 if reply.outcome != Outcome::Ack {
-                    tracing::warn!(outcome = ?reply.outcome, "delivery was settled early by the handler; returned outcome ignored");
+                    if self.ack_on_arrival {
+                        tracing::warn!(outcome = ?reply.outcome, "delivery was acked on arrival (the bridge has no manual ack); returned outcome not applied");
+                    } else {
+                        tracing::warn!(outcome = ?reply.outcome, "delivery was settled early by the handler; returned outcome ignored");
+                    }
                 }
                 return;
             }
-            let settlement = self.spec.policy.settle(attempt, &reply.outcome, &self.key);
-            match &settlement {
-                Settlement::Drop { reason } => tracing::warn!(%reason, "message dropped"),
-                Settlement::DeadLetter(note) => {
-                    tracing::warn!(target_queue = %note.target, reason = %note.reason, attempts = note.attempts, "message dead-lettered")
-                }
-                Settlement::Pause { reason } => tracing::warn!(%reason, "consumer paused by handler"),
-                Settlement::Redeliver { delay, next_attempt } => {
-                    tracing::debug!(?delay, next_attempt, "message will be redelivered")
-                }
-                Settlement::Ack => {}
-            }
-            if let Err(e) = settle.settle(settlement).await {
+            if let Err(e) = settler.settle(reply.outcome).await {
                 tracing::error!(error = %e, "settling the delivery failed");
             }
         }
