@@ -15,8 +15,9 @@
 //! number and hands the frame to the bridge in one critical section, so concurrent writers
 //! never reorder. The reader checks the numbers: a duplicate is ignored with a warning, a gap
 //! (frames lost in transit) ends the session with [`StreamItem::FramesLost`] and cancels the
-//! producer. A frame without a number (a bridge ending a session it lost, see
-//! [`session_error_frame`]) is not checked.
+//! producer, unless the frame after the gap is itself an `error` or `cancel`: the session
+//! failed anyway, and that frame's reason is returned. A frame without a number (a bridge
+//! ending a session it lost, see [`session_error_frame`]) is not checked.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -270,13 +271,18 @@ impl StreamReader {
                 }
                 Ok(Some(f)) => f,
             };
+            let kind = frame_type(&frame);
             if let Some(sequence) = frame_sequence(&frame) {
                 if sequence < self.next_sequence {
                     self.ignored += 1;
                     tracing::warn!(correlation_id = %self.correlation_id, sequence, "ignoring a duplicate stream frame");
                     continue;
                 }
-                if sequence > self.next_sequence {
+                let failed = matches!(kind, Some(FrameType::Error | FrameType::Cancel));
+                if sequence > self.next_sequence && failed {
+                    // The session failed anyway; its own reason says more than the gap.
+                    tracing::warn!(correlation_id = %self.correlation_id, expected = self.next_sequence, received = sequence, "stream frames lost before the session failed");
+                } else if sequence > self.next_sequence {
                     self.finished = true;
                     let expected = self.next_sequence;
                     let _ = self.cancel.send(Some("stream frames lost".into()));
@@ -286,9 +292,9 @@ impl StreamReader {
                         received: sequence,
                     });
                 }
-                self.next_sequence += 1;
+                self.next_sequence = sequence + 1;
             }
-            let Some(kind) = frame_type(&frame) else {
+            let Some(kind) = kind else {
                 self.ignored += 1;
                 tracing::warn!(correlation_id = %self.correlation_id, "ignoring stream frame without frameType");
                 continue;

@@ -592,6 +592,31 @@ async fn a_gap_in_the_sequence_ends_the_session_as_frames_lost_and_cancels_the_p
 }
 
 #[tokio::test]
+async fn a_gap_before_a_cancel_or_error_yields_that_terminal() {
+    let mut s = session(Duration::from_secs(5));
+    send(
+        &s,
+        [
+            f(FrameType::Start, 0, None),
+            chunk(1, json!("a")),
+            f(
+                FrameType::Cancel,
+                3,
+                Some(("reason", json!("connection lost"))),
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(
+        read_all(&mut s.reader).await,
+        vec![
+            StreamItem::Chunk(json!("a")),
+            StreamItem::Cancelled("connection lost".into()),
+        ]
+    );
+}
+
+#[tokio::test]
 async fn a_frame_without_a_sequence_number_is_not_checked() {
     // Bridges end a session they lost with an unnumbered error frame of their own.
     let mut s = session(Duration::from_secs(5));
