@@ -222,6 +222,11 @@ impl StreamItem {
 }
 
 /// The consumer's end of a session. Yields chunks in order, then exactly one terminal item.
+///
+/// The session ends at its deadline for both ends: the producer is stopped then, and the reader
+/// returns [`StreamItem::TimedOut`] for a call made after it, even when frames that arrived
+/// earlier are still unread. A consumer that needs longer to work through a session asks for
+/// a longer timeout when it opens it.
 pub struct StreamReader {
     frames: mpsc::Receiver<Envelope>,
     cancel: watch::Sender<Option<String>>,
@@ -253,13 +258,11 @@ impl StreamReader {
             return None;
         }
         loop {
-            let frame = match tokio::time::timeout_at(self.deadline, self.frames.recv()).await {
-                Err(_) => {
-                    self.finished = true;
-                    let _ = self.cancel.send(Some("session timeout".into()));
-                    tracing::warn!(correlation_id = %self.correlation_id, "stream session timed out");
-                    return Some(StreamItem::TimedOut);
-                }
+            let received = tokio::time::timeout_at(self.deadline, self.frames.recv()).await;
+            let frame = match received {
+                // A frame only read once the deadline passed came too late (the producer ends
+                // the session at the same deadline, so its `cancel` may already be here).
+                Ok(Some(f)) if Instant::now() < self.deadline => f,
                 Ok(None) => {
                     // Producer went away without a terminal frame.
                     self.finished = true;
@@ -269,7 +272,15 @@ impl StreamReader {
                         None,
                     )));
                 }
-                Ok(Some(f)) => f,
+                timed_out => {
+                    if matches!(timed_out, Ok(Some(_))) {
+                        self.ignored += 1;
+                    }
+                    self.finished = true;
+                    let _ = self.cancel.send(Some("session timeout".into()));
+                    tracing::warn!(correlation_id = %self.correlation_id, "stream session timed out");
+                    return Some(StreamItem::TimedOut);
+                }
             };
             let kind = frame_type(&frame);
             if let Some(sequence) = frame_sequence(&frame) {
@@ -384,7 +395,10 @@ pub enum StreamWriteError {
 #[derive(Clone)]
 pub struct StreamWriter {
     state: std::sync::Arc<tokio::sync::Mutex<WriterState>>,
+    /// The consumer's cancel, through the bridge.
     cancelled: watch::Receiver<Option<String>>,
+    /// The runtime ending the session (at its deadline).
+    ended: std::sync::Arc<watch::Sender<Option<String>>>,
     deadline: Option<Instant>,
 }
 
@@ -410,6 +424,7 @@ impl StreamWriter {
                 terminal: false,
             })),
             cancelled: end.cancelled,
+            ended: std::sync::Arc::new(watch::Sender::new(None)),
             deadline: None,
         }
     }
@@ -427,22 +442,34 @@ impl StreamWriter {
         self.deadline
     }
 
-    /// The reason, once the consumer cancelled.
+    /// The reason, once the consumer cancelled or the session passed its deadline
+    /// (`session timeout`).
     pub fn cancelled(&self) -> Option<String> {
-        self.cancelled.borrow().clone()
+        self.cancelled
+            .borrow()
+            .clone()
+            .or_else(|| self.ended.borrow().clone())
     }
 
-    /// Resolves when the consumer cancels (never, if it does not).
+    /// Resolves when the consumer cancels or the session passes its deadline (never, if
+    /// neither happens).
     pub async fn on_cancel(&self) -> String {
-        let mut rx = self.cancelled.clone();
-        loop {
-            if let Some(r) = rx.borrow_and_update().clone() {
-                return r;
-            }
-            if rx.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
+        tokio::select! {
+            r = first_reason(self.cancelled.clone()) => r,
+            r = first_reason(self.ended.subscribe()) => r,
         }
+    }
+
+    /// Tells the handler (through [`StreamWriter::cancelled`] and [`StreamWriter::on_cancel`])
+    /// that the session is over; later writes fail with [`StreamWriteError::Cancelled`].
+    pub(crate) fn end_session(&self, reason: &str) {
+        self.ended.send_if_modified(|r| {
+            let first = r.is_none();
+            if first {
+                *r = Some(reason.to_string());
+            }
+            first
+        });
     }
 
     /// True after a terminal frame was written.
@@ -550,5 +577,17 @@ impl StreamWriter {
         st.sequence += 1;
         st.terminal = true;
         let _ = st.frames.try_send(f);
+    }
+}
+
+/// The first reason a cancel watch carries (never resolves when it carries none and closes).
+async fn first_reason(mut rx: watch::Receiver<Option<String>>) -> String {
+    loop {
+        if let Some(r) = rx.borrow_and_update().clone() {
+            return r;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }

@@ -43,7 +43,7 @@ pub use command::CommandDef;
 pub use context::{Context, InvokeOptions, JobContext, SubscriptionContext};
 use queue_worker::WorkerSignal;
 pub use queue_worker::{IntoJobSettlement, QueueWorkerDef, WorkerMode};
-pub use stream::StreamDef;
+pub use stream::{PRODUCER_GRACE, StreamDef};
 pub use subscription::{IntoReply, Reply, SubscriptionDef, registration_key};
 
 use crate::bridge::{BridgeHealth, DrainReport, EventBridge};

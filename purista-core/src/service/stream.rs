@@ -8,9 +8,10 @@
 //! The session deadline binds the producer as it binds the reader: the open frame carries the
 //! consumer's session timeout (`ttl`; a PURISTA consumer sends none, then the producer bridge's
 //! command timeout applies), and the runtime races the handler against that deadline and
-//! against the consumer's cancel. Whichever comes first ends the handler (its future is
-//! dropped), writes the terminal `cancel` and releases the session's in-flight count, so a
-//! producer that ignores its writer can neither run on nor hold up a drain.
+//! against the consumer's cancel. Whichever comes first is told to the handler (its
+//! `on_cancel` resolves, its writes fail), which then has [`PRODUCER_GRACE`] to return before
+//! its future is dropped; the session ends in `cancel` and its in-flight count is released, so
+//! a producer that ignores its writer can neither run on nor hold up a drain.
 
 use std::sync::Arc;
 
@@ -90,12 +91,37 @@ impl StreamDef {
     }
 }
 
+/// How long a producer told to stop (deadline or consumer cancel) may take to return before
+/// its future is dropped.
+pub const PRODUCER_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The cancel reason at the session deadline.
+const SESSION_TIMEOUT: &str = "session timeout";
+
 pub(crate) struct StreamRuntime {
     pub shared: Arc<Shared>,
     pub registration: Arc<str>,
     pub in_flight: InFlightCounter,
     pub target: Arc<str>,
     pub handler: Arc<ErasedStreamFn>,
+}
+
+impl StreamRuntime {
+    /// Gives a handler that was told to stop [`PRODUCER_GRACE`] to return, then drops it, and
+    /// ends the session with `cancel` unless the handler ended it.
+    async fn wind_down<F: Future>(
+        &self,
+        handler: std::pin::Pin<&mut F>,
+        writer: &StreamWriter,
+        reason: &str,
+    ) {
+        if tokio::time::timeout(PRODUCER_GRACE, handler).await.is_err() {
+            tracing::warn!(%reason, "stream producer did not return after it was told to stop; ended");
+        } else {
+            tracing::debug!(%reason, "stream producer stopped");
+        }
+        writer.abandon(reason);
+    }
 }
 
 #[async_trait]
@@ -137,19 +163,21 @@ impl StreamHandler for StreamRuntime {
                 flow: Flow::Message(open.clone()),
                 target: self.target.clone(),
             };
-            // The handler does not outlive its session: the deadline or the consumer's cancel
-            // ends it (its future is dropped) and the session ends in `cancel`.
+            // The handler does not outlive its session. At the deadline or on the consumer's
+            // cancel it is told (`on_cancel`, failing writes) and gets a short grace to return;
+            // then it is ended (its future dropped) and the session ends in `cancel`.
+            let handler = run_guarded(|| (self.handler)(ctx, payload, parameter, writer.clone()));
+            tokio::pin!(handler);
             let result = tokio::select! {
                 biased;
-                r = run_guarded(|| (self.handler)(ctx, payload, parameter, writer.clone())) => r,
+                r = &mut handler => r,
                 () = tokio::time::sleep_until(deadline) => {
-                    tracing::warn!(ttl_ms = ttl.as_millis() as u64, "stream producer ended at the session deadline");
-                    writer.abandon("session timeout");
+                    writer.end_session(SESSION_TIMEOUT);
+                    self.wind_down(handler, &writer, SESSION_TIMEOUT).await;
                     return;
                 }
                 reason = writer.on_cancel() => {
-                    tracing::debug!(%reason, "stream producer ended: the consumer cancelled");
-                    writer.abandon(&reason);
+                    self.wind_down(handler, &writer, &reason).await;
                     return;
                 }
             };
