@@ -84,6 +84,7 @@ pub fn all_cases() -> Vec<Case> {
             trace_principal_tenant_survive_invoke_to_response: needs(&[Commands]),
             trace_principal_tenant_survive_subscription_to_emit: needs(&[SharedSubscription]),
             unknown_fields_survive_a_round_trip: needs(&[SharedSubscription]),
+            metadata_of_each_message_arrives_as_its_own: needs(&[SharedSubscription]),
         }
         commands {
             success_returns_the_result: needs(&[Commands]),
@@ -189,6 +190,8 @@ pub fn all_cases() -> Vec<Case> {
             connection_drop_loses_no_events:
                 needs(&[SharedSubscription, DurableSubscription, AtLeastOnce]).broker_control(),
             broker_restart_loses_no_events:
+                needs(&[SharedSubscription, DurableSubscription, AtLeastOnce]).broker_control(),
+            two_faults_in_one_run_lose_no_events:
                 needs(&[SharedSubscription, DurableSubscription, AtLeastOnce]).broker_control(),
             invocations_during_an_outage_fail_or_complete_within_ttl:
                 needs(&[Commands]).broker_control(),

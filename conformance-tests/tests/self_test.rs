@@ -570,6 +570,11 @@ async fn broker_restart_case_runs_end_to_end() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_faults_case_runs_end_to_end() {
+    dry_run("reliability", "two_faults_in_one_run_lose_no_events").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_invocation_case_runs_end_to_end() {
     dry_run(
         "reliability",

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use crate::env::TestEnv;
 use crate::gate::declares;
 use crate::harness::Harness;
-use crate::support::{ARRIVAL, Collector, recording};
+use crate::support::{ARRIVAL, Collector, handlers_finished, recording};
 
 fn sender(service: &str, target: &str, instance: &str) -> SenderAddress {
     SenderAddress {
@@ -331,5 +331,103 @@ pub async fn unknown_fields_survive_a_round_trip(h: Arc<dyn Harness>) {
             );
         }
     }
+    env.finish().await;
+}
+
+/// 100 messages, each with its own trace id, principal, tenant and an unknown extra field: on
+/// arrival, the metadata of each message is exactly its own (nothing crossed over between
+/// messages, nothing lost or added).
+pub async fn metadata_of_each_message_arrives_as_its_own(h: Arc<dyn Harness>) {
+    const COUNT: u64 = 100;
+    let mut env = TestEnv::new(&h, 2).await;
+    let event = env.name("meta");
+    let seen: Arc<Collector<Envelope>> = Collector::new();
+    let consumer = env
+        .start(
+            1,
+            Service::builder(env.name("consumer"), "1")
+                .subscription(recording("meta", seen.clone()).event_name(&event)),
+        )
+        .await;
+    env.start(0, Service::builder(env.name("client"), "1"))
+        .await;
+    let bridge = env.bridge(0);
+    // What each message must arrive with: (trace, principal, tenant, extra field).
+    let metadata = |n: u64| {
+        (
+            format!("trace-{n}-{}", env.prefix),
+            format!("principal-{n}"),
+            format!("tenant-{}", n % 7),
+            json!({ "n": n, "tag": format!("x{n}") }),
+        )
+    };
+    let mut expected: BTreeMap<u64, (String, String, String, Value)> = BTreeMap::new();
+    for n in 0..=COUNT {
+        let mut message = Envelope::custom(
+            sender(&env.name("client"), "", bridge.instance_id()),
+            &event,
+            json!({ "n": n }),
+        );
+        let (trace, principal, tenant, extra) = metadata(n);
+        message.trace_id = Some(trace.clone());
+        message.principal_id = Some(principal.clone());
+        message.tenant_id = Some(tenant.clone());
+        message.extra.insert("xCaseMeta".into(), extra.clone());
+        bridge.emit(message).await.expect("emit succeeds");
+        if n < COUNT {
+            expected.insert(n, (trace, principal, tenant, extra));
+        }
+    }
+    // Message COUNT is the sentinel: published last, once it is in, the others are.
+    if let Err(got) = seen
+        .wait_until(ARRIVAL, |e| {
+            e.iter().any(|e| e.payload["n"] == json!(COUNT))
+        })
+        .await
+    {
+        panic!(
+            "the last of {COUNT} messages never arrived ({} did)",
+            got.len()
+        );
+    }
+    handlers_finished(&consumer).await;
+    let mut got: BTreeMap<u64, (String, String, String, Value)> = BTreeMap::new();
+    for e in seen.snapshot() {
+        let n = e.payload["n"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("a payload arrived changed: {}", e.payload));
+        if n == COUNT {
+            continue;
+        }
+        let value = (
+            e.trace_id.clone().unwrap_or_default(),
+            e.principal_id.clone().unwrap_or_default(),
+            e.tenant_id.clone().unwrap_or_default(),
+            e.extra.get("xCaseMeta").cloned().unwrap_or(Value::Null),
+        );
+        if let Some(before) = got.insert(n, value.clone()) {
+            assert_eq!(
+                before, value,
+                "two copies of message {n} arrived with different metadata"
+            );
+        }
+    }
+    let wrong: Vec<String> = expected
+        .iter()
+        .filter(|(n, want)| got.get(n) != Some(want))
+        .map(|(n, want)| format!("message {n}: sent {want:?}, arrived {:?}", got.get(n)))
+        .collect();
+    assert!(
+        wrong.is_empty() && got.len() == expected.len(),
+        "the metadata of {} of {COUNT} messages did not arrive as sent ({} arrived):\n  {}",
+        wrong.len(),
+        got.len(),
+        wrong
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    );
     env.finish().await;
 }

@@ -41,10 +41,10 @@ async fn inject(control: &Arc<dyn BrokerControl>, env: &TestEnv, fault: Fault) {
     }
 }
 
-/// 10 000 at-least-once events from 4 publishers; `fault` strikes after a third was published.
-/// Every event must arrive (duplicates allowed), consumed by the service that was running
-/// before the fault.
-async fn events_survive(h: Arc<dyn Harness>, fault: Fault) {
+/// 10 000 at-least-once events from 4 publishers; the faults strike one after another, the
+/// k-th of n after k/(n+1) of the events were published. Every event must arrive (duplicates
+/// allowed), consumed by the service that was running before the faults.
+async fn events_survive(h: Arc<dyn Harness>, faults: &[Fault]) {
     const PUBLISHERS: usize = 4;
     const PER_PUBLISHER: u64 = 2_500;
     const TOTAL: usize = PUBLISHERS * PER_PUBLISHER as usize;
@@ -94,7 +94,7 @@ async fn events_survive(h: Arc<dyn Harness>, fault: Fault) {
                     while let Err(e) = service.emit(&event, json!({ "p": p, "n": n })).await {
                         assert!(
                             Instant::now() < deadline,
-                            "publishing still fails {RECOVERY:?} after the fault: {e}"
+                            "publishing still fails {RECOVERY:?} after the faults: {e}"
                         );
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
@@ -103,12 +103,19 @@ async fn events_survive(h: Arc<dyn Harness>, fault: Fault) {
             })
         })
         .collect();
-    eventually("a third of the events is published", RECOVERY, || {
-        let n = published.load(Ordering::Relaxed);
-        async move { n >= TOTAL / 3 }
-    })
-    .await;
-    inject(&control, &env, fault).await;
+    for (k, fault) in faults.iter().enumerate() {
+        let share = TOTAL * (k + 1) / (faults.len() + 1);
+        eventually(
+            &format!("{share} of the events are published before the {fault:?}"),
+            RECOVERY,
+            || {
+                let n = published.load(Ordering::Relaxed);
+                async move { n >= share }
+            },
+        )
+        .await;
+        inject(&control, &env, *fault).await;
+    }
     for t in futures::future::join_all(tasks).await {
         t.expect("a publisher task panicked");
     }
@@ -130,7 +137,7 @@ async fn events_survive(h: Arc<dyn Harness>, fault: Fault) {
     let undecodable: Vec<&String> = got.iter().filter_map(|x| x.as_ref().err()).collect();
     assert!(
         undecodable.is_empty(),
-        "{} events arrived with their payload changed across a {fault:?}, e.g. {:?}",
+        "{} events arrived with their payload changed across {faults:?}, e.g. {:?}",
         undecodable.len(),
         undecodable.first()
     );
@@ -139,7 +146,7 @@ async fn events_survive(h: Arc<dyn Harness>, fault: Fault) {
     let extra: Vec<_> = distinct.difference(&expected).collect();
     assert!(
         missing.is_empty() && extra.is_empty(),
-        "across a {fault:?}, {} of {TOTAL} at-least-once events were lost (e.g. {:?}) and {} arrived that nobody published (e.g. {:?})",
+        "across {faults:?}, {} of {TOTAL} at-least-once events were lost (e.g. {:?}) and {} arrived that nobody published (e.g. {:?})",
         missing.len(),
         missing.iter().take(5).collect::<Vec<_>>(),
         extra.len(),
@@ -150,12 +157,18 @@ async fn events_survive(h: Arc<dyn Harness>, fault: Fault) {
 
 /// A dropped connection in the middle of 10 000 events loses none of them.
 pub async fn connection_drop_loses_no_events(h: Arc<dyn Harness>) {
-    events_survive(h, Fault::DropConnections).await
+    events_survive(h, &[Fault::DropConnections]).await
 }
 
 /// A broker restart in the middle of 10 000 events loses none of them.
 pub async fn broker_restart_loses_no_events(h: Arc<dyn Harness>) {
-    events_survive(h, Fault::Restart).await
+    events_survive(h, &[Fault::Restart]).await
+}
+
+/// Two faults in one run — dropped connections, then a broker restart — in the middle of
+/// 10 000 events lose none of them.
+pub async fn two_faults_in_one_run_lose_no_events(h: Arc<dyn Harness>) {
+    events_survive(h, &[Fault::DropConnections, Fault::Restart]).await
 }
 
 /// Invocations made while the broker is away fail with 503 (or 504 at their ttl) or complete;
