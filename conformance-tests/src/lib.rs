@@ -133,6 +133,9 @@ pub fn all_cases() -> Vec<Case> {
                 needs(&[SharedSubscription]),
             a_shared_subscription_survives_its_instances_shutting_down_together:
                 needs(&[SharedSubscription]),
+            an_unregistered_subscription_instance_gets_nothing_more: needs(&[SharedSubscription]),
+            an_unregistered_command_server_serves_nothing_more: needs(&[Commands]),
+            an_unregistered_stream_producer_serves_nothing_more: needs(&[Streams]),
         }
         outcomes {
             ack_settles_the_delivery: needs(&[ManualAck, SharedSubscription]),

@@ -6,7 +6,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use purista_core::{Outcome, RunningService, Service, SubscriptionContext, SubscriptionDef};
+use purista_core::{
+    Outcome, RegistrationKey, RunningService, Service, SubscriptionContext, SubscriptionDef,
+};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -220,5 +222,239 @@ pub async fn a_shared_subscription_survives_its_instances_shutting_down_together
         &h,
         "a new instance after the others shut down together",
     );
+    env.finish().await;
+}
+
+/// `unregister_subscription` on one of two instances of a shared subscription: that instance
+/// gets nothing published afterwards, the other gets exactly all of it.
+pub async fn an_unregistered_subscription_instance_gets_nothing_more(h: Arc<dyn Harness>) {
+    const BEFORE: u64 = 20;
+    const AFTER: u64 = 50;
+    let mut env = TestEnv::new(&h, 3).await;
+    let event = env.name("leaving");
+    let service = env.name("consumer");
+    let runs: Runs = Collector::new();
+    let mut consumers = Vec::new();
+    for i in 0..2 {
+        consumers.push(
+            env.start(
+                i,
+                Service::builder(&service, "1").subscription(recording_runs(
+                    "leaving",
+                    &event,
+                    i,
+                    runs.clone(),
+                    ack,
+                )),
+            )
+            .await,
+        );
+    }
+    let publisher = env
+        .start(2, Service::builder(env.name("publisher"), "1"))
+        .await;
+    for n in 0..BEFORE {
+        publisher
+            .emit(&event, json!({ "n": n }))
+            .await
+            .expect("emit succeeds");
+    }
+    let _ = runs
+        .wait_until(ARRIVAL, |r| {
+            r.iter().map(|(_, n, _)| *n).collect::<BTreeSet<_>>().len() >= BEFORE as usize
+        })
+        .await;
+    env.bridge(0)
+        .unregister_subscription(&RegistrationKey::new(&service, "1", "leaving"))
+        .await
+        .unwrap_or_else(|e| panic!("unregistering the subscription failed: {e}"));
+    for n in BEFORE..BEFORE + AFTER {
+        publisher
+            .emit(&event, json!({ "n": n }))
+            .await
+            .expect("emit succeeds");
+    }
+    settle_with_sentinels(&publisher, &event, &runs, &consumers[1..]).await;
+    for c in &consumers {
+        crate::support::handlers_finished(c).await;
+    }
+    assert_exact(
+        &runs,
+        BEFORE + AFTER,
+        &h,
+        "a shared subscription with one instance unregistered",
+    );
+    let to_the_leaver: Vec<u64> = runs
+        .snapshot()
+        .iter()
+        .filter(|(i, n, _)| *i == 0 && (BEFORE..BEFORE + AFTER).contains(n))
+        .map(|(_, n, _)| *n)
+        .collect();
+    assert!(
+        to_the_leaver.is_empty(),
+        "the unregistered instance still got messages published after it left: {to_the_leaver:?}"
+    );
+    env.finish().await;
+}
+
+/// `unregister_command` on one of two servers: every invocation afterwards is served by the
+/// other; once it unregisters too, an invocation fails with 502 at once or 504 at its ttl.
+pub async fn an_unregistered_command_server_serves_nothing_more(h: Arc<dyn Harness>) {
+    const TTL: Duration = Duration::from_millis(500);
+    let mut env = TestEnv::new(&h, 3).await;
+    let served: Arc<Collector<usize>> = Collector::new();
+    let service = env.name("server");
+    for i in 0..2 {
+        let served = served.clone();
+        let echo = purista_core::CommandDef::new(
+            "echo",
+            move |_ctx: purista_core::Context, n: u64, _p: purista_core::Empty| {
+                let served = served.clone();
+                async move {
+                    served.push(i);
+                    Ok(n)
+                }
+            },
+        );
+        env.start(i, Service::builder(&service, "1").command(echo))
+            .await;
+    }
+    let client = env
+        .start(2, Service::builder(env.name("client"), "1"))
+        .await;
+    let to = purista_core::Address::new(&service, "1", "echo");
+    env.bridge(0)
+        .unregister_command(&to)
+        .await
+        .unwrap_or_else(|e| panic!("unregistering the command failed: {e}"));
+    for n in 0..20u64 {
+        let answer: u64 = client
+            .invoke_with(
+                to.clone(),
+                n,
+                purista_core::Empty,
+                purista_core::InvokeOptions::ttl(ARRIVAL),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("invocation {n} with one server left failed: {e}"));
+        assert_eq!(answer, n);
+    }
+    let by: Vec<usize> = served.snapshot();
+    assert!(
+        by.iter().all(|i| *i == 1),
+        "the unregistered server still served invocations: served by {by:?}"
+    );
+    env.bridge(1)
+        .unregister_command(&to)
+        .await
+        .unwrap_or_else(|e| panic!("unregistering the command failed: {e}"));
+    let began = Instant::now();
+    let err = client
+        .invoke_with::<u64>(
+            to,
+            0u64,
+            purista_core::Empty,
+            purista_core::InvokeOptions::ttl(TTL),
+        )
+        .await
+        .expect_err("a command whose servers all unregistered cannot succeed");
+    let took = began.elapsed();
+    match err.status {
+        purista_core::StatusCode::BAD_GATEWAY => assert!(
+            took <= TTL + crate::support::LATE_SLACK,
+            "502 came after {took:?}, not fast"
+        ),
+        purista_core::StatusCode::GATEWAY_TIMEOUT => {
+            crate::support::assert_on_time("the 504", took, TTL)
+        }
+        other => {
+            panic!("a command nobody serves any more failed with {other} ({err}), not 502 or 504")
+        }
+    }
+    env.finish().await;
+}
+
+/// `unregister_stream` on one of two producers: every session afterwards is served by the
+/// other; once it unregisters too, opening a session fails.
+pub async fn an_unregistered_stream_producer_serves_nothing_more(h: Arc<dyn Harness>) {
+    let mut env = TestEnv::new(&h, 3).await;
+    let service = env.name("producer");
+    for i in 0..2u64 {
+        let stream = purista_core::StreamDef::new(
+            "who",
+            move |_ctx: purista_core::Context,
+                  _p: purista_core::Empty,
+                  _q: purista_core::Empty,
+                  out: purista_core::StreamWriter| async move {
+                out.write(i).await?;
+                Ok(json!(i))
+            },
+        );
+        env.start(i as usize, Service::builder(&service, "1").stream(stream))
+            .await;
+    }
+    let consumer = env
+        .start(2, Service::builder(env.name("consumer"), "1"))
+        .await;
+    let to = purista_core::Address::new(&service, "1", "who");
+    env.bridge(0)
+        .unregister_stream(&to)
+        .await
+        .unwrap_or_else(|e| panic!("unregistering the stream failed: {e}"));
+    for k in 0..10 {
+        let mut reader = consumer
+            .open_stream(
+                to.clone(),
+                purista_core::Empty,
+                purista_core::Empty,
+                Some(ARRIVAL),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("session {k} with one producer left did not open: {e}"));
+        let mut produced_by = Vec::new();
+        while let Some(item) = reader.next().await {
+            match item {
+                purista_core::StreamItem::Chunk(v) => produced_by.push(v),
+                purista_core::StreamItem::Complete(_) => break,
+                other => panic!("session {k} ended with {other:?}"),
+            }
+        }
+        assert_eq!(
+            produced_by,
+            vec![json!(1)],
+            "session {k} was produced by the unregistered producer"
+        );
+    }
+    env.bridge(1)
+        .unregister_stream(&to)
+        .await
+        .unwrap_or_else(|e| panic!("unregistering the stream failed: {e}"));
+    let opened = consumer
+        .open_stream(
+            to,
+            purista_core::Empty,
+            purista_core::Empty,
+            Some(Duration::from_millis(500)),
+        )
+        .await;
+    match opened {
+        Err(e) => assert!(
+            matches!(
+                e.status,
+                purista_core::StatusCode::BAD_GATEWAY | purista_core::StatusCode::GATEWAY_TIMEOUT
+            ),
+            "opening a stream nobody serves failed with {e}, not 502 or 504"
+        ),
+        Ok(mut reader) => {
+            let first = reader.next().await;
+            assert!(
+                matches!(
+                    first,
+                    Some(purista_core::StreamItem::Error(_) | purista_core::StreamItem::TimedOut)
+                ),
+                "a stream nobody serves any more produced {first:?}"
+            );
+        }
+    }
     env.finish().await;
 }
