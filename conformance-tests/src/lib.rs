@@ -182,6 +182,12 @@ pub fn all_cases() -> Vec<Case> {
             delayed_job_is_not_leased_early: needs(&[QueueDelayedDelivery]).queue_bridge(),
             worker_settles_jobs_through_the_service: nothing().queue_bridge(),
         }
+        limits {
+            a_body_at_the_declared_limit_arrives_and_one_byte_more_is_400:
+                needs(&[SharedSubscription]).payload_limit(),
+            metadata_at_the_declared_limit_arrives_and_one_byte_more_is_400:
+                needs(&[SharedSubscription]).metadata_limit(),
+        }
         lifecycle {
             info_messages_arrive_in_order_with_function_metadata:
                 needs(&[Commands, ComplexFilter, SharedSubscription]),

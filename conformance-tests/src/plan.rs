@@ -27,6 +27,10 @@ pub struct Requires {
     pub raw_publisher: bool,
     /// Broker-control hooks (drop connections, restart).
     pub broker_control: bool,
+    /// A declared `max_payload_bytes`.
+    pub payload_limit: bool,
+    /// A declared `max_metadata_bytes`.
+    pub metadata_limit: bool,
 }
 
 /// A case that needs nothing but a deployment.
@@ -58,6 +62,18 @@ impl Requires {
     /// Also needs broker-control hooks.
     pub fn broker_control(mut self) -> Self {
         self.broker_control = true;
+        self
+    }
+
+    /// Also needs a declared body limit (`Limits::max_payload_bytes`).
+    pub fn payload_limit(mut self) -> Self {
+        self.payload_limit = true;
+        self
+    }
+
+    /// Also needs a declared metadata limit (`Limits::max_metadata_bytes`).
+    pub fn metadata_limit(mut self) -> Self {
+        self.metadata_limit = true;
         self
     }
 }
@@ -93,8 +109,8 @@ impl Plan {
 ///
 /// Order: a harness that cannot run here skips everything (unless brokers are required, then
 /// the case runs and fails); a missing queue bridge skips (there is no queue bridge to run a
-/// strict check against); an undeclared need is proven rejected; a missing raw publisher or
-/// broker control skips.
+/// strict check against); an undeclared need is proven rejected; an undeclared limit, a
+/// missing raw publisher or missing broker control skips.
 pub fn plan(requires: &Requires, h: &dyn Harness) -> Plan {
     if let Err(why) = h.availability()
         && !brokers_required()
@@ -108,6 +124,19 @@ pub fn plan(requires: &Requires, h: &dyn Harness) -> Plan {
     }
     if let Some(need) = requires.needs.iter().find(|n| !declares_on(h, n)) {
         return Plan::RejectUndeclared(need.clone());
+    }
+    let limits = h.capabilities().limits;
+    if requires.payload_limit && limits.max_payload_bytes.is_none() {
+        return Plan::Skip(format!(
+            "bridge `{}` declares no body limit (max_payload_bytes)",
+            h.name()
+        ));
+    }
+    if requires.metadata_limit && limits.max_metadata_bytes.is_none() {
+        return Plan::Skip(format!(
+            "bridge `{}` declares no metadata limit (max_metadata_bytes)",
+            h.name()
+        ));
     }
     if requires.raw_publisher && !h.offers_raw_publisher() {
         return Plan::Skip(format!(

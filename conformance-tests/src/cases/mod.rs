@@ -9,6 +9,7 @@ pub mod concurrency;
 pub mod duplicates;
 pub mod envelope;
 pub mod lifecycle;
+pub mod limits;
 pub mod outcomes;
 pub mod queues;
 pub mod reliability;

@@ -24,6 +24,8 @@ impl DefaultHarness {
         MemoryBridgeConfig {
             // Cases pass explicit ttls; a short default keeps a forgotten one from stalling.
             default_command_timeout: Duration::from_secs(5),
+            // A declared body limit, so that the limits cases run on this bridge too.
+            max_payload_bytes: Some(256 * 1024),
             ..MemoryBridgeConfig::default()
         }
     }
