@@ -56,11 +56,19 @@ pub async fn run(
     progress: impl Fn(&CaseResult),
 ) -> Vec<CaseResult> {
     let slots = Arc::new(Semaphore::new(jobs.max(1)));
+    // Cases that break a broker take turns on it (a harness serialises them on its node), so
+    // they run one at a time here: waiting for a turn must not eat into a case's timeout.
+    let breaking = Arc::new(Semaphore::new(1));
     let mut running = Vec::new();
     for h in harnesses {
         for case in cases {
-            let (h, case, slots) = (h.clone(), *case, slots.clone());
+            let (h, case, slots, breaking) = (h.clone(), *case, slots.clone(), breaking.clone());
             running.push(tokio::spawn(async move {
+                let _turn = if (case.requires)().broker_control {
+                    Some(breaking.acquire_owned().await.expect("never closed"))
+                } else {
+                    None
+                };
                 let _slot = slots.acquire_owned().await.expect("never closed");
                 let bridge = h.name();
                 let task = tokio::spawn(run_case(case, h));
