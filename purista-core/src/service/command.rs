@@ -17,10 +17,10 @@ use tracing::Instrument;
 
 use super::context::{Context, Shared};
 use super::flow::Flow;
-use super::run_guarded;
+use super::handler::{decode_input, run_guarded, split_body};
 use crate::bridge::CommandHandler;
 use crate::envelope::Envelope;
-use crate::error::{ErrorPayload, HandledError, StatusCode, error_payload_for};
+use crate::error::{ErrorPayload, StatusCode, error_payload_for};
 use crate::inflight::InFlightCounter;
 
 pub(crate) type ErasedCommandFn =
@@ -100,24 +100,6 @@ impl CommandDef {
     pub fn metadata(mut self, metadata: Value) -> Self {
         self.metadata = metadata;
         self
-    }
-}
-
-/// Deserializes handler input; a mismatch is a handled 400 naming the part.
-pub(crate) fn decode_input<T: DeserializeOwned>(v: &Value, part: &str) -> anyhow::Result<T> {
-    T::deserialize(v)
-        .map_err(|e| anyhow::Error::new(HandledError::bad_request(format!("invalid {part}: {e}"))))
-}
-
-/// Splits a command's `{payload, parameter}` body (missing parts read as `null`).
-pub(crate) fn split_body(e: &Envelope) -> (&Value, &Value) {
-    const NULL: &Value = &Value::Null;
-    match &e.payload {
-        Value::Object(o) => (
-            o.get("payload").unwrap_or(NULL),
-            o.get("parameter").unwrap_or(NULL),
-        ),
-        _ => (NULL, NULL),
     }
 }
 

@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use super::context::{Context, JobContext, Shared};
 use super::flow::Flow;
-use super::run_guarded;
+use super::handler::run_guarded;
 use crate::capabilities::Need;
 use crate::error::HandledError;
 use crate::inflight::InFlightCounter;
@@ -203,6 +203,18 @@ pub(crate) struct WorkerRuntime {
     pub mode: WorkerMode,
     pub lease_wait: Duration,
     pub handler: Arc<ErasedJobFn>,
+}
+
+impl WorkerSignal {
+    /// Moves the signal forward to `to` (never back). True when it changed.
+    pub fn advance_to(&mut self, to: WorkerSignal) -> bool {
+        if *self < to {
+            *self = to;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Resolves once the signal reaches `at_least` (or the service is gone).

@@ -23,10 +23,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tracing::Instrument;
 
-use super::command::{decode_input, split_body};
 use super::context::{Context, Shared};
 use super::flow::Flow;
-use super::run_guarded;
+use super::handler::{decode_input, run_guarded, split_body};
 use crate::bridge::{StreamHandler, StreamProducerEnd};
 use crate::envelope::Envelope;
 use crate::error::{ErrorPayload, StatusCode, error_payload_for};

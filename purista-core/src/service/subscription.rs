@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 use super::context::{Context, Shared, SubscriptionContext};
 use super::flow::Flow;
-use super::run_guarded;
+use super::handler::run_guarded;
 use super::settle::{DeliverySettler, SettleRules};
 use crate::bridge::{Delivery, DeliveryHandler, SubscriptionSpec};
 use crate::capabilities::Need;

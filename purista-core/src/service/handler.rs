@@ -1,0 +1,59 @@
+//! What every handler runtime shares: the `Empty` filler for handlers without input, decoding
+//! input (a mismatch is a handled 400 naming the part), and the guard that turns a panic in
+//! user code into an error instead of letting it reach a consumer loop.
+
+use serde::de::{Deserialize, DeserializeOwned, Deserializer, IgnoredAny};
+use serde::{Serialize, Serializer};
+use serde_json::Value;
+
+use crate::envelope::Envelope;
+use crate::error::HandledError;
+
+/// Runs a handler: both the call that builds its future and the future itself are guarded, so
+/// a panic anywhere in user code becomes `Err(())` instead of reaching a consumer loop.
+pub(crate) async fn run_guarded<T>(
+    make: impl FnOnce() -> futures::future::BoxFuture<'static, T>,
+) -> Result<T, ()> {
+    use futures::FutureExt;
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    match catch_unwind(AssertUnwindSafe(make)) {
+        Ok(fut) => AssertUnwindSafe(fut).catch_unwind().await.map_err(|_| ()),
+        Err(_) => Err(()),
+    }
+}
+
+/// A parameter or payload type that accepts any JSON and serializes as `{}`: for handlers that
+/// take no input.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Empty;
+
+impl<'de> Deserialize<'de> for Empty {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        IgnoredAny::deserialize(d).map(|_| Empty)
+    }
+}
+
+impl Serialize for Empty {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        s.serialize_map(Some(0))?.end()
+    }
+}
+
+/// Deserializes handler input; a mismatch is a handled 400 naming the part.
+pub(crate) fn decode_input<T: DeserializeOwned>(v: &Value, part: &str) -> anyhow::Result<T> {
+    T::deserialize(v)
+        .map_err(|e| anyhow::Error::new(HandledError::bad_request(format!("invalid {part}: {e}"))))
+}
+
+/// Splits a command's `{payload, parameter}` body (missing parts read as `null`).
+pub(crate) fn split_body(e: &Envelope) -> (&Value, &Value) {
+    const NULL: &Value = &Value::Null;
+    match &e.payload {
+        Value::Object(o) => (
+            o.get("payload").unwrap_or(NULL),
+            o.get("parameter").unwrap_or(NULL),
+        ),
+        _ => (NULL, NULL),
+    }
+}
