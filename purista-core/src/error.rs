@@ -128,7 +128,196 @@ impl HandledError {
     }
 }
 
-/// What an invocation's caller gets when the command did not succeed.
+/// A user's own error type as a business error: what the caller sees when a handler fails
+/// with it.
+///
+/// Implement it for the error type of a [`CommandContract`](crate::service::CommandContract)
+/// and return that type from the handler: a handled error reaches the caller with its status,
+/// message and data (and is logged at info level); one that says it is not handled
+/// ([`BusinessError::is_handled`] is `false`, e.g. a wrapped database error) reaches the caller
+/// only as a generic 500 while its text goes to the log. [`HandledError`] implements it too.
+///
+/// ```
+/// use purista_core::{BusinessError, StatusCode};
+///
+/// #[derive(Debug, thiserror::Error)]
+/// enum OrderError {
+///     #[error("order {0} is already paid")]
+///     AlreadyPaid(String),
+///     #[error("the order store failed: {0}")]
+///     Store(String),
+/// }
+///
+/// impl BusinessError for OrderError {
+///     fn status(&self) -> StatusCode {
+///         match self {
+///             OrderError::AlreadyPaid(_) => StatusCode::CONFLICT,
+///             OrderError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+///         }
+///     }
+///     fn data(&self) -> Option<serde_json::Value> {
+///         match self {
+///             OrderError::AlreadyPaid(id) => Some(serde_json::json!({ "orderId": id })),
+///             OrderError::Store(_) => None,
+///         }
+///     }
+///     fn is_handled(&self) -> bool {
+///         !matches!(self, OrderError::Store(_))
+///     }
+/// }
+///
+/// let e = OrderError::AlreadyPaid("o-1".into());
+/// assert_eq!((e.status(), e.message()), (StatusCode::CONFLICT, "order o-1 is already paid".to_string()));
+/// ```
+pub trait BusinessError: std::fmt::Debug + std::fmt::Display + Send + Sync + 'static {
+    /// The status the caller sees (4xx for the caller's mistakes, 5xx for the service's).
+    fn status(&self) -> StatusCode;
+
+    /// The message the caller sees. Default: the `Display` text.
+    fn message(&self) -> String {
+        self.to_string()
+    }
+
+    /// Data for the caller. Default: none.
+    fn data(&self) -> Option<Value> {
+        None
+    }
+
+    /// `false` for a failure that is not the caller's business: the caller then gets only the
+    /// generic text of a 500, and the error's own text is logged. Default: `true`.
+    fn is_handled(&self) -> bool {
+        true
+    }
+}
+
+impl BusinessError for HandledError {
+    fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    fn message(&self) -> String {
+        self.message.clone()
+    }
+
+    fn data(&self) -> Option<Value> {
+        self.data.clone()
+    }
+}
+
+/// How a handler's failure reaches the caller: handled (status, message and data go back) or
+/// unhandled (a generic 500 goes back, the error itself only to the log).
+#[derive(Debug)]
+pub enum Failure {
+    /// A business error the caller sees.
+    Handled(HandledError),
+    /// Anything else; the caller sees only `500 Internal Server Error`.
+    Unhandled(anyhow::Error),
+}
+
+impl Failure {
+    /// The error payload a caller sees, and whether it is handled.
+    pub fn payload(&self, trace_id: Option<String>) -> (ErrorPayload, bool) {
+        match self {
+            Failure::Handled(h) => (
+                ErrorPayload {
+                    status: h.status,
+                    message: h.message.clone(),
+                    data: h.data.clone(),
+                    trace_id,
+                },
+                true,
+            ),
+            Failure::Unhandled(_) => {
+                let status = StatusCode::INTERNAL_SERVER_ERROR;
+                (
+                    ErrorPayload {
+                        status,
+                        message: status.generic_text().to_string(),
+                        data: None,
+                        trace_id,
+                    },
+                    false,
+                )
+            }
+        }
+    }
+}
+
+/// An error type a command handler may return: `anyhow::Error` (a [`HandledError`] inside it
+/// is found by downcast) or any [`BusinessError`].
+pub trait IntoFailure: Send + 'static {
+    /// What the caller gets.
+    fn into_failure(self) -> Failure;
+}
+
+impl IntoFailure for anyhow::Error {
+    fn into_failure(self) -> Failure {
+        match self.downcast::<HandledError>() {
+            Ok(h) => Failure::Handled(h),
+            Err(other) => Failure::Unhandled(other),
+        }
+    }
+}
+
+impl<T: BusinessError> IntoFailure for T {
+    fn into_failure(self) -> Failure {
+        if self.is_handled() {
+            let mut h = HandledError::new(self.status(), self.message());
+            h.data = self.data();
+            Failure::Handled(h)
+        } else {
+            Failure::Unhandled(anyhow::anyhow!("{self}"))
+        }
+    }
+}
+
+/// What went wrong with an invocation, for `match`: see [`CommandError::kind`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub enum CommandErrorKind<'a> {
+    /// The input was refused (400): it did not serialize on the caller's side, did not match
+    /// the command's types on the server's side, was too large for the bridge, or the handler
+    /// itself refused it with a 400.
+    BadInput {
+        /// What was wrong.
+        message: &'a str,
+    },
+    /// The handler returned a business error (other than 400) with this status, message and
+    /// data.
+    Handled {
+        /// Status code.
+        status: StatusCode,
+        /// The handler's message.
+        message: &'a str,
+        /// The handler's data.
+        data: Option<&'a Value>,
+    },
+    /// The service has no such command (501).
+    NoSuchCommand,
+    /// Nobody serves the command (502).
+    NobodyServes,
+    /// The bridge or the service is unavailable or shutting down (503).
+    Unavailable,
+    /// No response within the ttl (504).
+    Timeout,
+    /// The handler failed unexpectedly or panicked (500), or the response could not be read;
+    /// its details are in the server's log, not here.
+    Internal,
+}
+
+/// What an invocation's caller gets when the command did not succeed. Match on
+/// [`CommandError::kind`]; the fields carry the wire values.
+///
+/// ```
+/// use purista_core::{CommandError, CommandErrorKind, StatusCode};
+/// let e = CommandError::unhandled(StatusCode::GATEWAY_TIMEOUT, None);
+/// match e.kind() {
+///     CommandErrorKind::Timeout => println!("try again later"),
+///     CommandErrorKind::Handled { status, message, .. } => println!("{status}: {message}"),
+///     other => println!("failed: {other:?}"),
+/// }
+/// assert_eq!(e.kind(), CommandErrorKind::Timeout);
+/// ```
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("command failed with {status}: {message}")]
 pub struct CommandError {
@@ -145,6 +334,50 @@ pub struct CommandError {
 }
 
 impl CommandError {
+    /// What went wrong, for `match`. Any 400 is [`CommandErrorKind::BadInput`], handled or
+    /// not; another handled error is [`CommandErrorKind::Handled`]; the rest follows the
+    /// status (501, 502, 503, 504; anything else is [`CommandErrorKind::Internal`]).
+    pub fn kind(&self) -> CommandErrorKind<'_> {
+        match self.status.0 {
+            400 => CommandErrorKind::BadInput {
+                message: &self.message,
+            },
+            _ if self.handled => CommandErrorKind::Handled {
+                status: self.status,
+                message: &self.message,
+                data: self.data.as_ref(),
+            },
+            501 => CommandErrorKind::NoSuchCommand,
+            502 => CommandErrorKind::NobodyServes,
+            503 => CommandErrorKind::Unavailable,
+            504 => CommandErrorKind::Timeout,
+            _ => CommandErrorKind::Internal,
+        }
+    }
+
+    /// The handled error this is, to pass a downstream business refusal on unchanged from a
+    /// handler (`Err(e.into_handled()?)`); an unhandled error comes back as it was.
+    ///
+    /// ```
+    /// use purista_core::{CommandError, ErrorPayload, HandledError, StatusCode};
+    /// let refused = CommandError::from_payload(
+    ///     ErrorPayload { status: StatusCode(402), message: "card declined".into(), data: None, trace_id: None },
+    ///     true,
+    /// );
+    /// assert_eq!(refused.into_handled(), Ok(HandledError::new(StatusCode(402), "card declined")));
+    /// ```
+    pub fn into_handled(self) -> Result<HandledError, CommandError> {
+        if self.handled {
+            Ok(HandledError {
+                status: self.status,
+                message: self.message,
+                data: self.data,
+            })
+        } else {
+            Err(self)
+        }
+    }
+
     /// An unhandled error with the status's generic text.
     pub fn unhandled(status: StatusCode, trace_id: Option<String>) -> Self {
         CommandError {
@@ -189,27 +422,10 @@ impl CommandError {
 /// A [`HandledError`] anywhere in the chain keeps its status, message and data; anything else
 /// becomes a 500 with the generic text, its own text only logged.
 pub fn error_payload_for(err: &anyhow::Error, trace_id: Option<String>) -> (ErrorPayload, bool) {
-    if let Some(h) = err.downcast_ref::<HandledError>() {
-        return (
-            ErrorPayload {
-                status: h.status,
-                message: h.message.clone(),
-                data: h.data.clone(),
-                trace_id,
-            },
-            true,
-        );
+    match err.downcast_ref::<HandledError>() {
+        Some(h) => Failure::Handled(h.clone()).payload(trace_id),
+        None => Failure::Unhandled(anyhow::anyhow!("unhandled")).payload(trace_id),
     }
-    let status = StatusCode::INTERNAL_SERVER_ERROR;
-    (
-        ErrorPayload {
-            status,
-            message: status.generic_text().to_string(),
-            data: None,
-            trace_id,
-        },
-        false,
-    )
 }
 
 /// Why bytes could not become an [`Envelope`](crate::Envelope).

@@ -42,8 +42,8 @@ pub use capabilities::{
 pub use driver::{ConnectRequest, Connected, Driver, DriverError};
 pub use envelope::{Address, Envelope, MessageType, SenderAddress};
 pub use error::{
-    BridgeError, ClientError, CommandError, DecodeError, ErrorPayload, HandledError, MessagePart,
-    SettleError, StatusCode,
+    BridgeError, BusinessError, ClientError, CommandError, CommandErrorKind, DecodeError,
+    ErrorPayload, Failure, HandledError, IntoFailure, MessagePart, SettleError, StatusCode,
 };
 pub use filter::{AddressFilter, SubscriptionFilter};
 pub use idempotency::{IdempotencyGuard, IdempotencyStore, MemoryIdempotencyStore};
@@ -59,8 +59,8 @@ pub use queue::{
 };
 pub use redact::redact_url;
 pub use service::{
-    CommandDef, Context, Empty, HealthState, InvokeOptions, JobContext, QueueWorkerDef, Reply,
-    RunningService, Service, ServiceBuilder, ServiceHealth, StartError, StreamDef,
-    SubscriptionContext, SubscriptionDef, WorkerMode,
+    CommandContract, CommandDef, Context, Empty, HealthState, InvokeOptions, JobContext,
+    QueueWorkerDef, Reply, RunningService, Service, ServiceBuilder, ServiceHealth, StartError,
+    StreamDef, SubscriptionContext, SubscriptionDef, WorkerMode,
 };
 pub use stream::{StreamItem, StreamReader, StreamWriter};

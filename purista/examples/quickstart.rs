@@ -7,6 +7,10 @@
 //! * `billing` serves `chargeCard`, reacts to `orderPlaced` by emitting `invoiceRequested` and
 //!   queueing an invoice job, and runs the `invoices` queue worker.
 //!
+//! The two commands are typed contracts (module `contracts`, which in a real deployment is a
+//! small crate both services depend on): the server registers its handler through the
+//! contract and the client calls through it, so neither side can change a type alone.
+//!
 //! Run it with `cargo run -p purista --example quickstart`. Set `RUST_LOG=info` to see the
 //! runtime's own log lines as well.
 
@@ -17,6 +21,7 @@ use std::time::Duration;
 use purista::prelude::*;
 use purista::{HealthState, NewJob};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
@@ -47,6 +52,78 @@ struct Charge {
 #[serde(rename_all = "camelCase")]
 struct Receipt {
     receipt_id: String,
+}
+
+/// The commands' contracts: address and types in one place.
+mod contracts {
+    use super::*;
+
+    /// `orders@1/placeOrder`: places an order and charges the customer.
+    pub const PLACE_ORDER: CommandContract<PlaceOrder, OrderPlaced, Empty, OrderError> =
+        CommandContract::new("orders", "1", "placeOrder");
+
+    /// `billing@1/chargeCard`: charges a card, or declines it.
+    pub const CHARGE_CARD: CommandContract<Charge, Receipt, Empty, PaymentError> =
+        CommandContract::new("billing", "1", "chargeCard");
+}
+
+use contracts::{CHARGE_CARD, PLACE_ORDER};
+
+/// Billing's business errors: what a caller of `chargeCard` may see.
+#[derive(Debug, thiserror::Error)]
+enum PaymentError {
+    #[error("card declined: amount over limit")]
+    OverLimit { limit_cents: u64 },
+}
+
+impl BusinessError for PaymentError {
+    fn status(&self) -> StatusCode {
+        StatusCode(402)
+    }
+
+    fn data(&self) -> Option<Value> {
+        let PaymentError::OverLimit { limit_cents } = self;
+        Some(json!({ "limitCents": limit_cents }))
+    }
+}
+
+/// Orders' errors: a payment refusal is passed on to the caller as it came; a billing outage
+/// is not the caller's business (they see a plain 500, the log has the details).
+#[derive(Debug, thiserror::Error)]
+enum OrderError {
+    #[error("{}", .0.message)]
+    PaymentRefused(HandledError),
+    #[error("billing failed: {0}")]
+    Billing(CommandError),
+}
+
+impl BusinessError for OrderError {
+    fn status(&self) -> StatusCode {
+        match self {
+            OrderError::PaymentRefused(refusal) => refusal.status,
+            OrderError::Billing(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn data(&self) -> Option<Value> {
+        match self {
+            OrderError::PaymentRefused(refusal) => refusal.data.clone(),
+            OrderError::Billing(_) => None,
+        }
+    }
+
+    fn is_handled(&self) -> bool {
+        matches!(self, OrderError::PaymentRefused(_))
+    }
+}
+
+impl From<CommandError> for OrderError {
+    fn from(e: CommandError) -> Self {
+        match e.into_handled() {
+            Ok(refusal) => OrderError::PaymentRefused(refusal),
+            Err(other) => OrderError::Billing(other),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -98,15 +175,14 @@ async fn main() -> anyhow::Result<()> {
     let orders = start_orders(&conn, sub_tx).await?;
     say("Services `billing@1` and `orders@1` are ready.");
 
-    step("1. A command: orders.placeOrder (which invokes billing.chargeCard)");
-    let placed: OrderPlaced = orders
-        .invoke(
-            Address::new("orders", "1", "placeOrder"),
+    step("1. A command: orders.placeOrder (which calls billing.chargeCard), through its contract");
+    let placed = orders
+        .call(
+            &PLACE_ORDER,
             PlaceOrder {
                 customer: "ada@example.com".into(),
                 amount_cents: 4_200,
             },
-            Empty,
         )
         .await?;
     say(format!(
@@ -114,22 +190,29 @@ async fn main() -> anyhow::Result<()> {
         placed.order_id, placed.customer, placed.receipt_id
     ));
 
-    step("2. A handled error travels back with its status and message");
+    step("2. A business error travels back with its status, message and data");
     let refused = orders
-        .invoke::<OrderPlaced>(
-            Address::new("orders", "1", "placeOrder"),
+        .call(
+            &PLACE_ORDER,
             PlaceOrder {
                 customer: "bob@example.com".into(),
                 amount_cents: 900_000,
             },
-            Empty,
         )
         .await;
     match refused {
-        Err(e) => say(format!(
-            "placeOrder failed as expected: status {} \"{}\" (handled: {})",
-            e.status.0, e.message, e.handled
-        )),
+        Err(e) => match e.kind() {
+            CommandErrorKind::Handled {
+                status,
+                message,
+                data,
+            } => say(format!(
+                "placeOrder was refused, as expected: status {} \"{message}\", data {}",
+                status.0,
+                data.map(|d| d.to_string()).unwrap_or_default()
+            )),
+            other => say(format!("placeOrder failed in another way: {other:?}")),
+        },
         Ok(_) => say("unexpected: the large order went through"),
     }
 
@@ -282,22 +365,18 @@ async fn start_billing(
     sub_notes: Notes,
     job_notes: Notes,
 ) -> anyhow::Result<purista::RunningService> {
-    let charge = CommandDef::new(
-        "chargeCard",
-        |_ctx: Context, charge: Charge, _p: Empty| async move {
+    let charge = CHARGE_CARD
+        .handler(|_ctx: Context, charge: Charge| async move {
             if charge.amount_cents > 100_000 {
-                return Err(
-                    HandledError::new(StatusCode(402), "card declined: amount over limit")
-                        .with_data(json!({ "limitCents": 100_000 }))
-                        .into(),
-                );
+                return Err(PaymentError::OverLimit {
+                    limit_cents: 100_000,
+                });
             }
             Ok(Receipt {
                 receipt_id: format!("r-{}", &charge.order_id[2..]),
             })
-        },
-    )
-    .description("charges the customer's card");
+        })
+        .description("charges the customer's card");
 
     let on_order_placed = SubscriptionDef::new(
         "onOrderPlaced",
@@ -383,41 +462,23 @@ async fn start_orders(
     conn: &purista::Connection,
     notes: Notes,
 ) -> anyhow::Result<purista::RunningService> {
-    let place_order = CommandDef::new(
-        "placeOrder",
-        |ctx: Context, order: PlaceOrder, _p: Empty| async move {
+    let place_order = PLACE_ORDER
+        .handler(|ctx: Context, order: PlaceOrder| async move {
             let order_id = format!("o-{}", &purista::ids::new_id()[..6]);
-            let receipt: Receipt = ctx
-                .invoke(
-                    Address::new("billing", "1", "chargeCard"),
-                    Charge {
-                        order_id: order_id.clone(),
-                        amount_cents: order.amount_cents,
-                    },
-                    Empty,
-                )
-                .await
-                .map_err(|e| {
-                    // Pass a business refusal on unchanged; anything else stays internal.
-                    if e.handled {
-                        anyhow::Error::new(HandledError {
-                            status: e.status,
-                            message: e.message,
-                            data: e.data,
-                        })
-                    } else {
-                        anyhow::Error::new(e)
-                    }
-                })?;
+            let charge = Charge {
+                order_id: order_id.clone(),
+                amount_cents: order.amount_cents,
+            };
+            // A refusal comes back as `PaymentRefused`, an outage as `Billing` (see `From`).
+            let receipt = ctx.call(&CHARGE_CARD, charge).await?;
             Ok(OrderPlaced {
                 order_id,
                 customer: order.customer,
                 receipt_id: receipt.receipt_id,
             })
-        },
-    )
-    .description("places an order and charges the customer")
-    .success_event("orderPlaced");
+        })
+        .description("places an order and charges the customer")
+        .success_event("orderPlaced");
 
     let history = StreamDef::new(
         "orderHistory",

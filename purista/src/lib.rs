@@ -27,7 +27,7 @@
 //!
 //! let conn = purista::connect("memory://doc-example").await?;
 //! let service = Service::builder("greeter", "1")
-//!     .command(CommandDef::new("hello", |_ctx: Context, name: String, _p: Empty| async move {
+//!     .command(CommandDef::new("hello", |_ctx: Context, name: String| async move {
 //!         Ok(format!("hello {name}"))
 //!     }))
 //!     .build()
@@ -53,13 +53,13 @@ pub use purista_bridge_amqp as amqp;
 /// The names most programs need, for `use purista::prelude::*`.
 pub mod prelude {
     pub use purista_core::service::{
-        CommandDef, Context, Empty, InvokeOptions, JobContext, QueueWorkerDef, Reply, Service,
-        StreamDef, SubscriptionContext, SubscriptionDef, WorkerMode,
+        CommandContract, CommandDef, Context, Empty, InvokeOptions, JobContext, QueueWorkerDef,
+        Reply, Service, StreamDef, SubscriptionContext, SubscriptionDef, WorkerMode,
     };
     pub use purista_core::{
-        Address, CommandError, EventBridge, FailurePolicy, HandledError, JobSettlement, Outcome,
-        QueueBridge, QueueConfig, RegistrationKey, StatusCode, StreamItem, StreamWriter,
-        SubscriptionFilter, SubscriptionOperator,
+        Address, BusinessError, CommandError, CommandErrorKind, EventBridge, FailurePolicy,
+        HandledError, JobSettlement, Outcome, QueueBridge, QueueConfig, RegistrationKey,
+        StatusCode, StreamItem, StreamWriter, SubscriptionFilter, SubscriptionOperator,
     };
 }
 

@@ -1,9 +1,13 @@
 //! Commands: typed definitions and the runtime that serves them on a bridge.
 //!
-//! A user writes `async fn(Context, Input, Parameter) -> anyhow::Result<Output>` over their own
-//! serde types. The runtime decodes input (a mismatch is a handled 400), runs the handler inside
-//! a tracing span, catches panics, and answers with a success or error response. An unhandled
-//! error reaches the caller only as a generic 500; its text goes to the log.
+//! A user writes an `async` closure or fn over their own serde types, taking the [`Context`]
+//! and the input, and the parameter if it wants one: `Fn(Context, I)` or `Fn(Context, I, P)`
+//! ([`CommandFn`] picks the shape, the way axum picks a handler's extractors). The runtime
+//! decodes input (a mismatch is a handled 400), runs the handler inside a tracing span, catches
+//! panics, and answers with a success or error response. A handled error (a [`HandledError`]
+//! in an `anyhow::Error`, or a [`BusinessError`](crate::BusinessError) of a contract) reaches
+//! the caller with status, message and data; anything else only as a generic 500, its text
+//! going to the log.
 
 use std::sync::Arc;
 
@@ -16,22 +20,125 @@ use serde_json::Value;
 use tracing::Instrument;
 
 use super::context::{Context, Shared};
+use super::contract::CommandContract;
 use super::flow::Flow;
 use super::handler::{decode_input, run_guarded, split_body};
 use crate::bridge::CommandHandler;
 use crate::envelope::Envelope;
-use crate::error::{ErrorPayload, StatusCode, error_payload_for};
+use crate::error::{ErrorPayload, Failure, HandledError, IntoFailure, StatusCode};
 use crate::inflight::InFlightCounter;
 
 pub(crate) type ErasedCommandFn =
-    dyn Fn(Context, &Value, &Value) -> BoxFuture<'static, anyhow::Result<Value>> + Send + Sync;
+    dyn Fn(Context, &Value, &Value) -> BoxFuture<'static, Result<Value, Failure>> + Send + Sync;
+
+/// What a command handler takes after its [`Context`], decoded from the command's body:
+/// `(I,)` for a handler `Fn(Context, I)`, which ignores the parameter, or `(I, P)` for
+/// `Fn(Context, I, P)`. Implemented for those two tuples; you do not implement it.
+pub trait CommandArgs: Sized + Send + 'static {
+    /// Decodes the body's parts; a mismatch is a 400 naming the part.
+    fn decode(payload: &Value, parameter: &Value) -> Result<Self, HandledError>;
+}
+
+impl<I: DeserializeOwned + Send + 'static> CommandArgs for (I,) {
+    fn decode(payload: &Value, _parameter: &Value) -> Result<Self, HandledError> {
+        Ok((decode_input(payload, "payload")?,))
+    }
+}
+
+impl<I, P> CommandArgs for (I, P)
+where
+    I: DeserializeOwned + Send + 'static,
+    P: DeserializeOwned + Send + 'static,
+{
+    fn decode(payload: &Value, parameter: &Value) -> Result<Self, HandledError> {
+        Ok((
+            decode_input(payload, "payload")?,
+            decode_input(parameter, "parameter")?,
+        ))
+    }
+}
+
+/// A command handler: an `async` closure or fn `Fn(Context, I)` or `Fn(Context, I, P)`
+/// returning `Result<O, E>`. Implemented for every such function; `Args` is `(I,)` or
+/// `(I, P)` and tells the two shapes apart.
+///
+/// ```
+/// use purista_core::service::{CommandDef, Context, Empty};
+/// // Without a parameter …
+/// let hello = CommandDef::new("hello", |_ctx: Context, name: String| async move {
+///     Ok(format!("hello {name}"))
+/// });
+/// // … and with one.
+/// let greet = CommandDef::new("greet", |_ctx: Context, name: String, greeting: String| async move {
+///     Ok(format!("{greeting} {name}"))
+/// });
+/// # let _ = (hello, greet);
+/// ```
+pub trait CommandFn<Args, O, E>: Send + Sync + 'static {
+    /// The handler's future.
+    type Future: Future<Output = Result<O, E>> + Send + 'static;
+
+    /// Runs the handler.
+    fn call(&self, ctx: Context, args: Args) -> Self::Future;
+}
+
+impl<F, Fut, I, O, E> CommandFn<(I,), O, E> for F
+where
+    F: Fn(Context, I) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<O, E>> + Send + 'static,
+{
+    type Future = Fut;
+
+    fn call(&self, ctx: Context, (input,): (I,)) -> Fut {
+        self(ctx, input)
+    }
+}
+
+impl<F, Fut, I, P, O, E> CommandFn<(I, P), O, E> for F
+where
+    F: Fn(Context, I, P) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<O, E>> + Send + 'static,
+{
+    type Future = Fut;
+
+    fn call(&self, ctx: Context, (input, parameter): (I, P)) -> Fut {
+        self(ctx, input, parameter)
+    }
+}
+
+/// Erases a handler's types: decode, run, encode, and turn its error into a [`Failure`].
+fn erase<Args, O, E, F>(handler: F) -> Arc<ErasedCommandFn>
+where
+    Args: CommandArgs,
+    O: Serialize + Send + 'static,
+    E: IntoFailure,
+    F: CommandFn<Args, O, E>,
+{
+    let handler = Arc::new(handler);
+    Arc::new(move |ctx: Context, payload: &Value, parameter: &Value| {
+        // Decode from references before the future exists: no copy of the payload.
+        let fut = Args::decode(payload, parameter).map(|args| handler.call(ctx, args));
+        async move {
+            let out = fut
+                .map_err(Failure::Handled)?
+                .await
+                .map_err(IntoFailure::into_failure)?;
+            serde_json::to_value(out).map_err(|e| {
+                Failure::Unhandled(anyhow::anyhow!(
+                    "the command's output could not be serialized: {e}"
+                ))
+            })
+        }
+        .boxed()
+    })
+}
 
 /// A command definition: name, handler and metadata.
 ///
 /// ```
-/// use purista_core::service::{CommandDef, Context, Empty};
+/// use purista_core::service::{CommandDef, Context};
 /// #[derive(serde::Deserialize)] struct Add { a: i64, b: i64 }
-/// let def = CommandDef::new("add", |_ctx: Context, input: Add, _p: Empty| async move {
+/// let def = CommandDef::new("add", |_ctx: Context, input: Add| async move {
 ///     Ok(input.a + input.b)
 /// })
 /// .description("adds two numbers")
@@ -44,38 +151,28 @@ pub struct CommandDef {
     pub(crate) success_event: Option<String>,
     pub(crate) metadata: Value,
     pub(crate) handler: Arc<ErasedCommandFn>,
+    /// The `(service, version)` of the contract it was made from, checked at start.
+    pub(crate) contract: Option<(&'static str, &'static str)>,
 }
 
 impl CommandDef {
-    /// A command named `name` served by `handler`.
-    pub fn new<I, P, O, F, Fut>(name: impl Into<String>, handler: F) -> Self
+    /// A command named `name` served by `handler`, a `Fn(Context, I)` or `Fn(Context, I, P)`
+    /// returning `anyhow::Result<O>` (a [`HandledError`] inside the error reaches the caller
+    /// with its status, message and data). For a command with a shared contract, see
+    /// [`CommandContract::handler`].
+    pub fn new<Args, O, F>(name: impl Into<String>, handler: F) -> Self
     where
-        I: DeserializeOwned + Send + 'static,
-        P: DeserializeOwned + Send + 'static,
+        Args: CommandArgs,
         O: Serialize + Send + 'static,
-        F: Fn(Context, I, P) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = anyhow::Result<O>> + Send + 'static,
+        F: CommandFn<Args, O, anyhow::Error>,
     {
-        let handler = Arc::new(handler);
-        let erased = move |ctx: Context, payload: &Value, parameter: &Value| {
-            // Decode from references before the future exists: no copy of the payload.
-            let decoded = decode_input::<I>(payload, "payload")
-                .and_then(|i| Ok((i, decode_input::<P>(parameter, "parameter")?)));
-            let fut = decoded.map(|(input, param)| handler(ctx, input, param));
-            async move {
-                let out = fut?.await?;
-                serde_json::to_value(out).map_err(|e| {
-                    anyhow::anyhow!("the command's output could not be serialized: {e}")
-                })
-            }
-            .boxed()
-        };
         CommandDef {
             name: name.into(),
             description: String::new(),
             success_event: None,
             metadata: Value::Null,
-            handler: Arc::new(erased),
+            handler: erase(handler),
+            contract: None,
         }
     }
 
@@ -144,12 +241,15 @@ impl CommandHandler for CommandRuntime {
         let _enter = span.enter();
         match result {
             Ok(Ok(value)) => command.success_response(value, self.success_event.clone()),
-            Ok(Err(err)) => {
-                let (payload, handled) = error_payload_for(&err, command.trace_id.clone());
-                if handled {
-                    tracing::info!(status = payload.status.0, message = %payload.message, "command returned a handled error");
-                } else {
-                    tracing::error!(error = %format!("{err:#}"), "command failed with an unhandled error");
+            Ok(Err(failure)) => {
+                let (payload, handled) = failure.payload(command.trace_id.clone());
+                match &failure {
+                    Failure::Handled(_) => {
+                        tracing::info!(status = payload.status.0, message = %payload.message, "command returned a handled error");
+                    }
+                    Failure::Unhandled(err) => {
+                        tracing::error!(error = %format!("{err:#}"), "command failed with an unhandled error");
+                    }
                 }
                 command.error_response(&payload, handled)
             }
@@ -167,3 +267,60 @@ impl CommandHandler for CommandRuntime {
         }
     }
 }
+
+impl<I, O, P, E> CommandContract<I, O, P, E>
+where
+    I: DeserializeOwned + Send + 'static,
+    O: Serialize + Send + 'static,
+    P: DeserializeOwned + Send + 'static,
+    E: IntoFailure,
+{
+    /// The definition that serves this contract with `handler`: a `Fn(Context, I)` (the
+    /// parameter ignored) or `Fn(Context, I, P)` returning `Result<O, E>`, the types the
+    /// contract names, so the handler cannot drift from what clients send and expect. Add it
+    /// to the service the contract names; a start under another name or version fails with
+    /// [`StartError::ContractMismatch`](super::StartError::ContractMismatch).
+    ///
+    /// ```
+    /// use purista_core::service::{CommandContract, Context, Service};
+    /// use purista_core::{BusinessError, StatusCode};
+    ///
+    /// #[derive(Debug, thiserror::Error)]
+    /// #[error("division by zero")]
+    /// struct DivByZero;
+    /// impl BusinessError for DivByZero {
+    ///     fn status(&self) -> StatusCode { StatusCode::BAD_REQUEST }
+    /// }
+    ///
+    /// const DIVIDE: CommandContract<(i64, i64), i64, purista_core::service::Empty, DivByZero> =
+    ///     CommandContract::new("calculator", "1", "divide");
+    ///
+    /// let def = DIVIDE.handler(|_ctx: Context, (a, b): (i64, i64)| async move {
+    ///     if b == 0 { return Err(DivByZero); }
+    ///     Ok(a / b)
+    /// });
+    /// let service = Service::builder("calculator", "1").command(def).build();
+    /// # let _ = service;
+    /// ```
+    pub fn handler<Args, F>(&self, handler: F) -> CommandDef
+    where
+        Args: CommandArgs + ContractArgs<I, P>,
+        F: CommandFn<Args, O, E>,
+    {
+        CommandDef {
+            name: self.command().to_string(),
+            description: String::new(),
+            success_event: None,
+            metadata: Value::Null,
+            handler: erase(handler),
+            contract: Some((self.service(), self.version())),
+        }
+    }
+}
+
+/// Ties a handler's arguments to a contract's input `I` and parameter `P`: `(I,)` or `(I, P)`.
+pub trait ContractArgs<I, P> {}
+
+impl<I, P> ContractArgs<I, P> for (I,) {}
+
+impl<I, P> ContractArgs<I, P> for (I, P) {}

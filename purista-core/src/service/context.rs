@@ -1,6 +1,7 @@
 //! What a handler can do: read the message it runs for, invoke commands, emit events, open
 //! streams and enqueue jobs — with trace, principal and tenant ids carried along.
 
+use std::borrow::Borrow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -11,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::{Notify, watch};
 
+use super::contract::CommandContract;
 use super::flow::Flow;
 use super::settle::DeliverySettler;
 use crate::bridge::EventBridge;
@@ -167,6 +169,49 @@ impl Context {
                 trace,
             )
         })
+    }
+
+    /// Calls the command of `contract` with `input` (and the contract's parameter type's
+    /// default): the address and every type come from the contract, so the call cannot drift
+    /// from the handler. Default ttl.
+    ///
+    /// ```no_run
+    /// # async fn demo(ctx: purista_core::service::Context) -> Result<(), purista_core::CommandError> {
+    /// use purista_core::service::CommandContract;
+    /// const ADD: CommandContract<(i64, i64), i64> = CommandContract::new("calculator", "1", "add");
+    /// let sum = ctx.call(&ADD, (2, 3)).await?;
+    /// assert_eq!(sum, 5);
+    /// # Ok(()) }
+    /// ```
+    pub async fn call<I, O, P, E>(
+        &self,
+        contract: &CommandContract<I, O, P, E>,
+        input: impl Borrow<I>,
+    ) -> Result<O, CommandError>
+    where
+        I: Serialize,
+        O: DeserializeOwned,
+        P: Serialize + Default,
+    {
+        self.call_with(contract, input, P::default(), InvokeOptions::default())
+            .await
+    }
+
+    /// Calls the command of `contract` with `input`, `parameter` and options.
+    pub async fn call_with<I, O, P, E>(
+        &self,
+        contract: &CommandContract<I, O, P, E>,
+        input: impl Borrow<I>,
+        parameter: impl Borrow<P>,
+        opts: InvokeOptions,
+    ) -> Result<O, CommandError>
+    where
+        I: Serialize,
+        O: DeserializeOwned,
+        P: Serialize,
+    {
+        self.invoke_with(contract.address(), input.borrow(), parameter.borrow(), opts)
+            .await
     }
 
     /// Invokes a command with JSON values and returns the raw result.

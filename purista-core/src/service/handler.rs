@@ -41,9 +41,8 @@ impl Serialize for Empty {
 }
 
 /// Deserializes handler input; a mismatch is a handled 400 naming the part.
-pub(crate) fn decode_input<T: DeserializeOwned>(v: &Value, part: &str) -> anyhow::Result<T> {
-    T::deserialize(v)
-        .map_err(|e| anyhow::Error::new(HandledError::bad_request(format!("invalid {part}: {e}"))))
+pub(crate) fn decode_input<T: DeserializeOwned>(v: &Value, part: &str) -> Result<T, HandledError> {
+    T::deserialize(v).map_err(|e| HandledError::bad_request(format!("invalid {part}: {e}")))
 }
 
 /// Splits a command's `{payload, parameter}` body (missing parts read as `null`).

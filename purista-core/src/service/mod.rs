@@ -6,14 +6,14 @@
 //! runs a definition on a bridge (with `degrade.rs` for non-strict mode) and hands back the
 //! `running.rs` service, which shutdown drains; `lifecycle.rs` holds what start and shutdown
 //! share. Below them, `context.rs` is what a handler can do, `flow.rs` the ids it carries on,
-//! `settle.rs` the one path from outcome to settlement and `handler.rs` what every handler
-//! runtime shares.
+//! `settle.rs` the one path from outcome to settlement, `contract.rs` the typed command
+//! contracts server and client share, and `handler.rs` what every handler runtime shares.
 //!
 //! ```no_run
 //! # async fn demo(bridge: std::sync::Arc<dyn purista_core::EventBridge>) -> anyhow::Result<()> {
 //! use purista_core::service::{CommandDef, Context, Empty, Service};
 //! let running = Service::builder("greeter", "1")
-//!     .command(CommandDef::new("hello", |_ctx: Context, name: String, _p: Empty| async move {
+//!     .command(CommandDef::new("hello", |_ctx: Context, name: String| async move {
 //!         Ok(format!("hello {name}"))
 //!     }))
 //!     .build()
@@ -30,6 +30,7 @@
 mod builder;
 mod command;
 mod context;
+mod contract;
 mod degrade;
 mod flow;
 mod handler;
@@ -43,8 +44,9 @@ mod stream;
 mod subscription;
 
 pub use builder::{Service, ServiceBuilder};
-pub use command::CommandDef;
+pub use command::{CommandArgs, CommandDef, CommandFn, ContractArgs};
 pub use context::{Context, InvokeOptions, JobContext, SubscriptionContext};
+pub use contract::CommandContract;
 pub use handler::Empty;
 pub use health::{HealthState, ServiceHealth};
 pub use queue_worker::{IntoJobSettlement, QueueWorkerDef, WorkerMode};

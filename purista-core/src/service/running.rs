@@ -1,17 +1,20 @@
 //! A started service: calls on behalf of the service (invoke, emit, streams, jobs), health and
 //! paused work, and the graceful shutdown that drains it.
 
+use std::borrow::Borrow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use parking_lot::Mutex;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::context::{Context, InvokeOptions, Shared};
+use super::contract::CommandContract;
 use super::flow::Flow;
 use super::health::{HealthState, ServiceHealth};
 use super::lifecycle::{Registered, emit_info, unregister_all};
@@ -95,6 +98,39 @@ impl RunningService {
         parameter: impl Serialize,
     ) -> Result<O, CommandError> {
         self.context().invoke(receiver, payload, parameter).await
+    }
+
+    /// Calls the command of `contract` (see [`Context::call`]).
+    pub async fn call<I, O, P, E>(
+        &self,
+        contract: &CommandContract<I, O, P, E>,
+        input: impl Borrow<I>,
+    ) -> Result<O, CommandError>
+    where
+        I: Serialize,
+        O: DeserializeOwned,
+        P: Serialize + Default,
+    {
+        self.context().call(contract, input).await
+    }
+
+    /// Calls the command of `contract` with a parameter and options (see
+    /// [`Context::call_with`]).
+    pub async fn call_with<I, O, P, E>(
+        &self,
+        contract: &CommandContract<I, O, P, E>,
+        input: impl Borrow<I>,
+        parameter: impl Borrow<P>,
+        opts: InvokeOptions,
+    ) -> Result<O, CommandError>
+    where
+        I: Serialize,
+        O: DeserializeOwned,
+        P: Serialize,
+    {
+        self.context()
+            .call_with(contract, input, parameter, opts)
+            .await
     }
 
     /// Invokes a command with options.
@@ -239,7 +275,8 @@ impl RunningService {
         let completed = shared.inflight.wait_idle(deadline).await;
         let still_running = shared.inflight.running();
         let rejected = shared.pending_invocations.load(Ordering::Acquire);
-        let _ = shared.reject_pending.send(true);
+        // `send_replace`: the flag must stick even when nobody waits right now, so later calls fail too.
+        shared.reject_pending.send_replace(true);
         // Jobs still running past the deadline are ended; their leases expire and the jobs
         // reappear for another worker. Either way every worker task is awaited, so nothing of
         // this service runs on after shutdown returns.

@@ -53,6 +53,19 @@ pub enum StartError {
         /// Queues without a bridge.
         queues: Vec<String>,
     },
+    /// A command made from a [`CommandContract`](super::CommandContract) was added to another
+    /// service or version than the contract names.
+    #[error(
+        "command `{command}` follows the contract of `{contract}` but is added to service `{service}`"
+    )]
+    ContractMismatch {
+        /// The command.
+        command: String,
+        /// `service@version` the contract names.
+        contract: String,
+        /// `service@version` it was added to.
+        service: String,
+    },
     /// Declaring a queue failed.
     #[error("declaring queue `{queue}` failed: {source}")]
     Queue {
@@ -92,6 +105,17 @@ impl Service {
                 bridge: bridge.name().to_string(),
                 reason,
             });
+        }
+        for c in &self.commands {
+            if let Some((service, version)) = c.contract
+                && (service != self.name || version != self.version)
+            {
+                return Err(StartError::ContractMismatch {
+                    command: c.name.clone(),
+                    contract: format!("{service}@{version}"),
+                    service: format!("{}@{}", self.name, self.version),
+                });
+            }
         }
         if !self.workers.is_empty() && self.queue_bridge.is_none() {
             return Err(StartError::NoQueueBridge {

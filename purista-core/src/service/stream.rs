@@ -69,7 +69,8 @@ impl StreamDef {
         let handler = Arc::new(handler);
         let erased = move |ctx: Context, payload: &Value, parameter: &Value, w: StreamWriter| {
             let decoded = decode_input::<I>(payload, "payload")
-                .and_then(|i| Ok((i, decode_input::<P>(parameter, "parameter")?)));
+                .and_then(|i| Ok((i, decode_input::<P>(parameter, "parameter")?)))
+                .map_err(anyhow::Error::new);
             let fut = decoded.map(|(input, param)| handler(ctx, input, param, w));
             async move {
                 let out = fut?.await?;
