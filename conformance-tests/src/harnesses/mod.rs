@@ -4,6 +4,7 @@
 
 mod amqp;
 mod default;
+mod kubemq;
 
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ pub use amqp::AmqpHarness;
 #[cfg(unix)]
 pub use amqp::private_node;
 pub use default::DefaultHarness;
+pub use kubemq::KubemqHarness;
 
 use crate::harness::Harness;
 
@@ -21,5 +23,6 @@ pub fn all() -> Vec<Arc<dyn Harness>> {
     vec![
         Arc::new(DefaultHarness::new()),
         Arc::new(AmqpHarness::new()),
+        Arc::new(KubemqHarness::new()),
     ]
 }
