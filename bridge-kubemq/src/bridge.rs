@@ -38,6 +38,7 @@ pub fn capabilities(config: &KubemqConfig) -> Capabilities {
     caps.filters = FilterSupport::Complex;
     caps.shared_subscriptions = true;
     caps.broadcast_subscriptions = true;
+    caps.manual_ack = true;
     caps.bounded_retry = true;
     caps.delayed_retry = true;
     caps.dead_letter = true;
@@ -107,7 +108,10 @@ impl KubemqBridge {
     async fn ping(&self, within: Duration) -> Result<(), BridgeError> {
         let sdk = &self.shared.connection.sdk;
         kit::broker_call(within, "ping", async {
-            sdk.ping().await.map(|_| ()).map_err(|e| sdk_error("pinging KubeMQ", e))
+            sdk.ping()
+                .await
+                .map(|_| ())
+                .map_err(|e| sdk_error("pinging KubeMQ", e))
         })
         .await
     }
@@ -222,7 +226,7 @@ impl EventBridge for KubemqBridge {
                     let left = deadline.saturating_duration_since(Instant::now());
                     match self.ping(left.max(Duration::from_millis(1))).await {
                         Ok(()) => return Ok(()),
-                        Err(e) if Instant::now() >= deadline => {
+                        Err(e) if Instant::now() >= deadline || !e.is_retryable() => {
                             return Err(BridgeError::Unavailable(format!(
                                 "KubeMQ at {} does not answer: {e}",
                                 self.shared.config.address()
@@ -247,8 +251,18 @@ impl EventBridge for KubemqBridge {
                 reason: format!("KubeMQ does not answer: {e}"),
             };
         }
-        let down_responders = self.responders.lock().values().filter(|r| !r.is_up()).count();
-        let down_consumers = self.consumers.lock().values().filter(|c| !c.is_up()).count();
+        let down_responders = self
+            .responders
+            .lock()
+            .values()
+            .filter(|r| !r.is_up())
+            .count();
+        let down_consumers = self
+            .consumers
+            .lock()
+            .values()
+            .filter(|c| !c.is_up())
+            .count();
         if down_responders + down_consumers > 0 {
             return BridgeHealth::Unhealthy {
                 reason: format!(
@@ -335,7 +349,9 @@ impl EventBridge for KubemqBridge {
         _address: Address,
         _handler: Arc<dyn StreamHandler>,
     ) -> Result<(), BridgeError> {
-        Err(BridgeError::Unsupported("streams on the kubemq bridge".into()))
+        Err(BridgeError::Unsupported(
+            "streams on the kubemq bridge".into(),
+        ))
     }
 
     async fn unregister_stream(&self, _address: &Address) -> Result<(), BridgeError> {
@@ -343,7 +359,9 @@ impl EventBridge for KubemqBridge {
     }
 
     async fn open_stream(&self, _open: Envelope) -> Result<StreamConsumerEnd, BridgeError> {
-        Err(BridgeError::Unsupported("streams on the kubemq bridge".into()))
+        Err(BridgeError::Unsupported(
+            "streams on the kubemq bridge".into(),
+        ))
     }
 
     fn in_flight(&self) -> InFlight {

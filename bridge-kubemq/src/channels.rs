@@ -248,7 +248,11 @@ mod tests {
         e.tenant_id = Some(long.clone());
         e.receiver = Some(Address::new(&long, &long, &long).with_instance(&long));
         e.message_type = MessageType::Command;
-        assert!(c.event(&e).len() <= MAX_CHANNEL_LEN, "{}", c.event(&e).len());
+        assert!(
+            c.event(&e).len() <= MAX_CHANNEL_LEN,
+            "{}",
+            c.event(&e).len()
+        );
         assert!(Channels::new(&"p".repeat(MAX_PREFIX_LEN + 1)).is_err());
     }
 

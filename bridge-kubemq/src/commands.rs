@@ -46,7 +46,9 @@ pub async fn invoke(
     ttl: Duration,
 ) -> Result<Envelope, BridgeError> {
     if shared.is_closing() {
-        return Err(BridgeError::Unavailable("the bridge is shutting down".into()));
+        return Err(BridgeError::Unavailable(
+            "the bridge is shutting down".into(),
+        ));
     }
     let receiver = kit::check_command(&command)?.clone();
     kit::stamp(&mut command, &shared.instance_id);
@@ -73,17 +75,19 @@ pub async fn invoke(
             tracing::debug!(%error, correlation_id = %correlation_id, "the command was not published for subscriptions");
         }
         match answer {
-            Ok(r) if r.executed => match Envelope::decode_with_limit(&r.body, max.saturating_mul(2)) {
-                Ok(response) => {
-                    // Hands it to whoever waits for its correlation id (this invocation, or
-                    // nobody: then it is counted as unmatched).
-                    shared.pending.resolve(response);
-                    None
+            Ok(r) if r.executed => {
+                match Envelope::decode_with_limit(&r.body, max.saturating_mul(2)) {
+                    Ok(response) => {
+                        // Hands it to whoever waits for its correlation id (this invocation, or
+                        // nobody: then it is counted as unmatched).
+                        shared.pending.resolve(response);
+                        None
+                    }
+                    Err(e) => Some(Err(BridgeError::Broker(format!(
+                        "the responder's answer is not an envelope: {e}"
+                    )))),
                 }
-                Err(e) => Some(Err(BridgeError::Broker(format!(
-                    "the responder's answer is not an envelope: {e}"
-                )))),
-            },
+            }
             Ok(r) => Some(Err(refused(&r.error, ttl))),
             Err(error) => Some(Err(query_error(error, ttl))),
         }
@@ -131,7 +135,10 @@ fn query_error(error: KubemqError, ttl: Duration) -> BridgeError {
     let lost = matches!(
         error.code(),
         kubemq::ErrorCode::Cancellation | kubemq::ErrorCode::Transient
-    ) || matches!(error, KubemqError::Transport { .. } | KubemqError::StreamBroken { .. });
+    ) || matches!(
+        error,
+        KubemqError::Transport { .. } | KubemqError::StreamBroken { .. }
+    );
     let mapped = sdk_error("sending a command (query) to KubeMQ", error);
     if lost || mapped.is_retryable() {
         BridgeError::Unavailable(mapped.to_string())
@@ -179,7 +186,12 @@ pub async fn serve(
     let (up_tx, up_rx) = watch::channel(false);
     let open: stream::Open<Request> = Box::new(move |mut raw| {
         let subscribe = subscribe.clone();
-        async move { raw.subscribe_to_requests(subscribe).await.map(|r| r.into_inner()) }.boxed()
+        async move {
+            raw.subscribe_to_requests(subscribe)
+                .await
+                .map(|r| r.into_inner())
+        }
+        .boxed()
     });
     let on_message = {
         let shared = shared.clone();
@@ -202,7 +214,9 @@ pub async fn serve(
         stream::run(raw, open, task_label, on_message, up_tx, stop_rx, reopened),
     );
     if !spawned {
-        return Err(BridgeError::Unavailable("the bridge is shutting down".into()));
+        return Err(BridgeError::Unavailable(
+            "the bridge is shutting down".into(),
+        ));
     }
     let responder = Responder {
         stop: stop_tx,
@@ -253,19 +267,23 @@ fn take_request(
             .metadata("probe")
             .build();
         let shared2 = shared.clone();
-        shared.tasks.spawn(WorkKind::Generic, "probe reply".into(), async move {
-            let _ = shared2.connection.sdk.send_query_response(reply).await;
-        });
+        shared
+            .tasks
+            .spawn(WorkKind::Generic, "probe reply".into(), async move {
+                let _ = shared2.connection.sdk.send_query_response(reply).await;
+            });
         return;
     }
     let shared2 = shared.clone();
     let handler = handler.clone();
     let in_flight = shared.tracker.start(WorkKind::Command, label);
     let received = tokio::time::Instant::now();
-    shared.tasks.spawn(WorkKind::Command, label.clone(), async move {
-        let _in_flight = in_flight;
-        respond(&shared2, &*handler, request, received).await;
-    });
+    shared
+        .tasks
+        .spawn(WorkKind::Command, label.clone(), async move {
+            let _in_flight = in_flight;
+            respond(&shared2, &*handler, request, received).await;
+        });
 }
 
 async fn respond(
@@ -277,12 +295,15 @@ async fn respond(
     let reply = QueryReply::builder()
         .request_id(&request.request_id)
         .response_to(&request.reply_channel);
-    let command = match Envelope::decode_with_limit(&request.body, shared.config.max_payload_bytes) {
+    let command = match Envelope::decode_with_limit(&request.body, shared.config.max_payload_bytes)
+    {
         Ok(c) => Arc::new(c),
         Err(error) => {
             shared.count_poison();
             tracing::warn!(request_id = %request.request_id, channel = %request.channel, %error, "a query on a command channel is not a command envelope: answered with an error");
-            let reply = reply.error(format!("not a PURISTA command envelope: {error}")).build();
+            let reply = reply
+                .error(format!("not a PURISTA command envelope: {error}"))
+                .build();
             send_reply(shared, reply).await;
             return;
         }

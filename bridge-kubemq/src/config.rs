@@ -55,7 +55,9 @@ pub enum ConfigError {
         reason: String,
     },
     /// The prefix cannot start channel names.
-    #[error("invalid channel prefix `{0}`: use letters, digits, `-`, `_` and single dots between them")]
+    #[error(
+        "invalid channel prefix `{0}`: use letters, digits, `-`, `_` and single dots between them"
+    )]
     InvalidPrefix(String),
     /// No address given.
     #[error("no KubeMQ address: set {URL_ENV} to a kubemq:// URL or {ADDRESS_ENV} to host:port")]
@@ -275,13 +277,18 @@ mod tests {
 
     #[test]
     fn a_url_gives_host_port_token_client_id_and_prefix() {
-        let c = KubemqConfig::from_url("kubemq://:s3cret@mq.internal:50001?client_id=orders-1&prefix=blue.app")
-            .unwrap();
+        let c = KubemqConfig::from_url(
+            "kubemq://:s3cret@mq.internal:50001?client_id=orders-1&prefix=blue.app",
+        )
+        .unwrap();
         assert_eq!((c.host.as_str(), c.port), ("mq.internal", 50001));
         assert_eq!(c.auth_token.as_deref(), Some("s3cret"));
         assert_eq!(c.client_id, "orders-1");
         assert_eq!(c.prefix, "blue.app");
-        assert!(!format!("{c:?}").contains("s3cret"), "the token is never printed");
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "the token is never printed"
+        );
     }
 
     #[test]
@@ -316,6 +323,9 @@ mod tests {
         assert_eq!(c.address(), "10.0.0.5:50000");
         assert_eq!(c.auth_token.as_deref(), Some("jwt"));
         assert_eq!(c.prefix, "green");
-        assert_eq!(KubemqConfig::from_lookup(|_| None).unwrap_err(), ConfigError::Missing);
+        assert_eq!(
+            KubemqConfig::from_lookup(|_| None).unwrap_err(),
+            ConfigError::Missing
+        );
     }
 }

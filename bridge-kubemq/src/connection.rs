@@ -114,4 +114,3 @@ pub fn sdk_error(context: &str, error: KubemqError) -> BridgeError {
         );
     BridgeError::client(context, error, retryable)
 }
-

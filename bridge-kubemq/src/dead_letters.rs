@@ -47,11 +47,15 @@ pub async fn inspect(
     let channel = shared.channels.dead_letter(target);
     let sdk = &shared.connection.sdk;
     let max = i32::try_from(limit).unwrap_or(i32::MAX);
-    let messages = kit::broker_call(shared.config.publish_timeout, "reading dead letters", async {
-        sdk.receive_queue_messages(&channel, max, READ_WAIT_SECONDS, true)
-            .await
-            .map_err(|e| sdk_error("reading dead letters from KubeMQ", e))
-    })
+    let messages = kit::broker_call(
+        shared.config.publish_timeout,
+        "reading dead letters",
+        async {
+            sdk.receive_queue_messages(&channel, max, READ_WAIT_SECONDS, true)
+                .await
+                .map_err(|e| sdk_error("reading dead letters from KubeMQ", e))
+        },
+    )
     .await?;
     Ok(messages
         .into_iter()
@@ -61,11 +65,7 @@ pub async fn inspect(
                 note: note_of(target, &m.tags),
                 raw: decoded.is_none().then(|| m.body.clone()),
                 envelope: decoded,
-                dead_lettered_at: m
-                    .tags
-                    .get(TAG_AT)
-                    .and_then(|t| t.parse().ok())
-                    .unwrap_or(0),
+                dead_lettered_at: m.tags.get(TAG_AT).and_then(|t| t.parse().ok()).unwrap_or(0),
             }
         })
         .collect())
@@ -80,11 +80,15 @@ pub async fn purge(shared: &Shared, target: &str) -> Result<usize, BridgeError> 
         wait_time_seconds: READ_WAIT_SECONDS,
     };
     let sdk = &shared.connection.sdk;
-    let response = kit::broker_call(shared.config.publish_timeout, "purging dead letters", async {
-        sdk.ack_all_queue_messages(&request)
-            .await
-            .map_err(|e| sdk_error("purging dead letters in KubeMQ", e))
-    })
+    let response = kit::broker_call(
+        shared.config.publish_timeout,
+        "purging dead letters",
+        async {
+            sdk.ack_all_queue_messages(&request)
+                .await
+                .map_err(|e| sdk_error("purging dead letters in KubeMQ", e))
+        },
+    )
     .await?;
     if response.is_error {
         return Err(BridgeError::Broker(response.error));

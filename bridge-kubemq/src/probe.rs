@@ -69,7 +69,10 @@ where
             if seen.has(&sent) {
                 return Ok(());
             }
-            if tokio::time::timeout_at(until, notified.as_mut()).await.is_err() {
+            if tokio::time::timeout_at(until, notified.as_mut())
+                .await
+                .is_err()
+            {
                 break;
             }
             notified.set(seen.seen.notified());

@@ -52,22 +52,30 @@ pub async fn publish_probe(shared: &Shared, channel: &str, id: &str) {
 
 async fn send_event(shared: &Shared, event: Event) -> Result<(), BridgeError> {
     let sdk = &shared.connection.sdk;
-    kit::broker_call(shared.config.publish_timeout, "publishing an event", async {
-        sdk.send_event(event)
-            .await
-            .map_err(|e| sdk_error("publishing an event to KubeMQ", e))
-    })
+    kit::broker_call(
+        shared.config.publish_timeout,
+        "publishing an event",
+        async {
+            sdk.send_event(event)
+                .await
+                .map_err(|e| sdk_error("publishing an event to KubeMQ", e))
+        },
+    )
     .await
 }
 
 /// Sends one queue message; `Err` when KubeMQ refused it.
 pub async fn send_queue_message(shared: &Shared, message: QueueMessage) -> Result<(), BridgeError> {
     let sdk = &shared.connection.sdk;
-    let result = kit::broker_call(shared.config.publish_timeout, "sending a queue message", async {
-        sdk.send_queue_message(message)
-            .await
-            .map_err(|e| sdk_error("sending a queue message to KubeMQ", e))
-    })
+    let result = kit::broker_call(
+        shared.config.publish_timeout,
+        "sending a queue message",
+        async {
+            sdk.send_queue_message(message)
+                .await
+                .map_err(|e| sdk_error("sending a queue message to KubeMQ", e))
+        },
+    )
     .await?;
     if result.is_error {
         return Err(BridgeError::Broker(format!(

@@ -17,7 +17,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Opens the stream (a `Subscribe…` call of the generated client).
-pub type Open<T> = Box<dyn Fn(RawClient) -> BoxFuture<'static, Result<Streaming<T>, Status>> + Send + Sync>;
+pub type Open<T> =
+    Box<dyn Fn(RawClient) -> BoxFuture<'static, Result<Streaming<T>, Status>> + Send + Sync>;
 
 /// Runs a subscription until `stop` turns true. `on_message` is awaited for each message (it
 /// is the backpressure); `up` tells whether the stream is open; `on_reopen` runs when it opens

@@ -15,8 +15,12 @@
 //!   consumer, as the next attempt — a timer, never a hot loop; it is lost with the instance;
 //! * **dead letter**: the envelope goes, intact, into the KubeMQ queue of its target
 //!   (`<prefix>.dl.<target>`, durable) with reason, attempts and origin as tags;
-//! * **pause** (`stop_consumer`): the stream is closed and the delivery kept in hand; resume
-//!   subscribes again and hands it over first.
+//! * **pause** (`stop_consumer`): the handler gets nothing more; the delivery is kept in hand
+//!   and what arrives meanwhile waits in the consumer's buffer ([`consumer_buffer`] messages;
+//!   past that KubeMQ drops events for this consumer); resume hands the kept delivery over
+//!   first, then the rest in order.
+//!
+//! [`consumer_buffer`]: crate::KubemqConfig::consumer_buffer
 //!
 //! A message that is no envelope is dropped with one warning and counted as poison; the
 //! consumer goes on.
@@ -102,12 +106,15 @@ impl Consumer {
             seen: Arc::new(ProbeSeen::default()),
         });
         let worker = consumer.clone();
-        if !shared.tasks.spawn(
-            WorkKind::Subscription,
-            consumer.label.clone(),
-            async move { worker.run(rx).await },
-        ) {
-            return Err(BridgeError::Unavailable("the bridge is shutting down".into()));
+        if !shared
+            .tasks
+            .spawn(WorkKind::Subscription, consumer.label.clone(), async move {
+                worker.run(rx).await
+            })
+        {
+            return Err(BridgeError::Unavailable(
+                "the bridge is shutting down".into(),
+            ));
         }
         consumer.subscribe().await?;
         Ok(consumer)
@@ -129,8 +136,12 @@ impl Consumer {
         *self.up.lock() = up_rx;
         let open: stream::Open<EventReceive> = Box::new(move |mut raw| {
             let subscribe = subscribe.clone();
-            async move { raw.subscribe_to_events(subscribe).await.map(|r| r.into_inner()) }
-                .boxed()
+            async move {
+                raw.subscribe_to_events(subscribe)
+                    .await
+                    .map(|r| r.into_inner())
+            }
+            .boxed()
         });
         let weak = Arc::downgrade(self);
         let on_message = move |event: EventReceive| {
@@ -160,7 +171,9 @@ impl Consumer {
             ),
         );
         if !spawned {
-            return Err(BridgeError::Unavailable("the bridge is shutting down".into()));
+            return Err(BridgeError::Unavailable(
+                "the bridge is shutting down".into(),
+            ));
         }
         let probe_channel = crate::channels::Channels::probe_for(&self.pattern);
         let shared = self.shared.clone();
@@ -193,7 +206,10 @@ impl Consumer {
             self.seen.saw(id);
             return;
         }
-        let envelope = match Envelope::decode_with_limit(&event.body, self.shared.config.max_payload_bytes) {
+        let envelope = match Envelope::decode_with_limit(
+            &event.body,
+            self.shared.config.max_payload_bytes,
+        ) {
             Ok(e) => e,
             Err(error) => {
                 self.shared.count_poison();
@@ -216,7 +232,11 @@ impl Consumer {
         let mut closing = self.closing.subscribe();
         loop {
             let can_take = in_hand.len() < prefetch && paused.borrow().is_none();
-            let held = if can_take { self.held.lock().pop_front() } else { None };
+            let held = if can_take {
+                self.held.lock().pop_front()
+            } else {
+                None
+            };
             if let Some(item) = held {
                 in_hand.push(self.clone().deliver(item));
                 continue;
@@ -236,7 +256,10 @@ impl Consumer {
     }
 
     async fn deliver(self: Arc<Self>, (envelope, attempt): Item) {
-        let _in_flight = self.shared.tracker.start(WorkKind::Subscription, &self.label);
+        let _in_flight = self
+            .shared
+            .tracker
+            .start(WorkKind::Subscription, &self.label);
         let settler = EventSettler {
             consumer: Arc::downgrade(&self),
             envelope: envelope.clone(),
@@ -255,7 +278,10 @@ impl Consumer {
         }
     }
 
-    /// Pauses: closes the stream; `item` is handed over first after resume.
+    /// Pauses: the handler gets nothing more until resume; `item` is handed over first then.
+    /// The subscription stays open and what arrives meanwhile waits in the consumer's buffer
+    /// (beyond it, the stream stops being read and KubeMQ drops events for this consumer:
+    /// Events are at most once).
     fn pause(&self, reason: String, item: Item) {
         self.held.lock().push_front(item);
         let newly = self.paused.send_if_modified(|p| {
@@ -266,19 +292,14 @@ impl Consumer {
             was
         });
         if newly {
-            self.stop_stream();
             tracing::warn!(registration = %self.label, %reason, "subscription consumer paused");
         }
     }
 
-    /// Resumes a paused consumer: subscribes again. `Ok(false)` when it was not paused.
+    /// Resumes a paused consumer: the handler gets the held delivery, then what waited.
+    /// `Ok(false)` when it was not paused.
     pub async fn resume(self: &Arc<Self>) -> Result<bool, BridgeError> {
-        if self.paused.borrow().is_none() {
-            return Ok(false);
-        }
-        self.subscribe().await?;
-        self.paused.send_replace(None);
-        Ok(true)
+        Ok(self.paused.send_replace(None).is_some())
     }
 
     /// Stops for good: the stream closes, deliveries in hand finish, the rest is dropped.
@@ -314,16 +335,18 @@ impl Consumer {
     fn requeue_later(self: &Arc<Self>, delay: Duration, item: Item) {
         let weak = Arc::downgrade(self);
         let mut closing = self.closing.subscribe();
-        self.shared.tasks.spawn(WorkKind::Generic, "retry timer".into(), async move {
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                // Closed: the retry is lost with the consumer (Events are at most once).
-                _ = closing.wait_for(|c| *c) => return,
-            }
-            if let Some(c) = weak.upgrade() {
-                let _ = c.tx.send(item).await;
-            }
-        });
+        self.shared
+            .tasks
+            .spawn(WorkKind::Generic, "retry timer".into(), async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    // Closed: the retry is lost with the consumer (Events are at most once).
+                    _ = closing.wait_for(|c| *c) => return,
+                }
+                if let Some(c) = weak.upgrade() {
+                    let _ = c.tx.send(item).await;
+                }
+            });
     }
 }
 
@@ -342,7 +365,10 @@ impl Settler for EventSettler {
         };
         match settlement {
             Settlement::Ack | Settlement::Drop { .. } => Ok(()),
-            Settlement::Redeliver { delay, next_attempt } => {
+            Settlement::Redeliver {
+                delay,
+                next_attempt,
+            } => {
                 consumer.requeue_later(delay, (self.envelope, next_attempt));
                 Ok(())
             }
@@ -350,7 +376,9 @@ impl Settler for EventSettler {
                 consumer.pause(reason, (self.envelope, self.attempt));
                 Ok(())
             }
-            Settlement::DeadLetter(note) => dead_letter(&consumer.shared, &self.envelope, &note).await,
+            Settlement::DeadLetter(note) => {
+                dead_letter(&consumer.shared, &self.envelope, &note).await
+            }
         }
     }
 }
@@ -365,7 +393,10 @@ pub async fn dead_letter(
     tags.insert(TAG_REASON.to_string(), note.reason.clone());
     tags.insert(TAG_ATTEMPTS.to_string(), note.attempts.to_string());
     tags.insert(TAG_ORIGIN.to_string(), note.origin.clone());
-    tags.insert(TAG_AT.to_string(), purista_core::envelope::now_ms().to_string());
+    tags.insert(
+        TAG_AT.to_string(),
+        purista_core::envelope::now_ms().to_string(),
+    );
     let message = QueueMessage::builder()
         .id(envelope.id.clone())
         .channel(shared.channels.dead_letter(&note.target))

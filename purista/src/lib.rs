@@ -11,6 +11,7 @@
 //! |---|---|---|
 //! | `memory://` or `memory://NAME` | in-process ([`purista_bridge_default`]) | always on |
 //! | `amqp://…`, `amqps://…` | RabbitMQ | `amqp` |
+//! | `kubemq://[:TOKEN@]host[:port][?client_id=…&prefix=…]` | KubeMQ | `kubemq` |
 //!
 //! The table behind [`connect`] is [`drivers`]: one [`Driver`] per bridge crate compiled in, each
 //! naming its URL schemes. A scheme whose bridge exists but whose feature is off is an error
@@ -49,6 +50,11 @@ pub use purista_core::*;
 /// does (timeouts, prefetch, exchange).
 #[cfg(feature = "amqp")]
 pub use purista_bridge_amqp as amqp;
+
+/// The KubeMQ bridge (cargo feature `kubemq`): its config (URL grammar, environment), channel
+/// names and the `kubemq` SDK it uses.
+#[cfg(feature = "kubemq")]
+pub use purista_bridge_kubemq as kubemq;
 
 /// The names most programs need, for `use purista::prelude::*`.
 pub mod prelude {
@@ -147,12 +153,15 @@ pub fn drivers() -> Vec<Driver> {
         purista_bridge_default::driver(),
         #[cfg(feature = "amqp")]
         purista_bridge_amqp::driver(),
+        #[cfg(feature = "kubemq")]
+        purista_bridge_kubemq::driver(),
     ]
 }
 
 /// Schemes of bridges that exist but are behind a cargo feature of this crate, with the
 /// feature. Only features that exist are listed here.
-const FEATURE_SCHEMES: &[(&str, &str)] = &[("amqp", "amqp"), ("amqps", "amqp")];
+const FEATURE_SCHEMES: &[(&str, &str)] =
+    &[("amqp", "amqp"), ("amqps", "amqp"), ("kubemq", "kubemq")];
 
 /// What [`connect_with`] connects to: a bridge URL and the settings every bridge understands.
 ///
@@ -257,8 +266,22 @@ pub async fn connect_with(options: &ConnectOptions) -> Result<Connection, Connec
 }
 
 /// Connects to the URL in `PURISTA_BRIDGE_URL`; the bridge reads its other variables itself
-/// (RabbitMQ: `PURISTA_AMQP_PREFIX`).
+/// (RabbitMQ: `PURISTA_AMQP_PREFIX`; KubeMQ: `KUBEMQ_AUTH_TOKEN`, `PURISTA_KUBEMQ_PREFIX`,
+/// `PURISTA_KUBEMQ_CLIENT_ID`). With the `kubemq` feature and no `PURISTA_BRIDGE_URL`,
+/// `KUBEMQ_ADDRESS` (`host:port`, as KubeMQ's SDKs read it) selects the KubeMQ bridge.
 pub async fn from_env() -> Result<Connection, ConnectError> {
-    let url = std::env::var(BRIDGE_URL_ENV).map_err(|_| ConnectError::MissingEnv)?;
+    let url = match std::env::var(BRIDGE_URL_ENV) {
+        Ok(url) => url,
+        #[cfg(feature = "kubemq")]
+        Err(_)
+            if std::env::var(purista_bridge_kubemq::config::ADDRESS_ENV)
+                .is_ok_and(|a| !a.trim().is_empty()) =>
+        {
+            let address =
+                std::env::var(purista_bridge_kubemq::config::ADDRESS_ENV).unwrap_or_default();
+            format!("kubemq://{}", address.trim())
+        }
+        Err(_) => return Err(ConnectError::MissingEnv),
+    };
     connect(&url).await
 }

@@ -156,7 +156,10 @@ impl Queues {
                 if out.len() >= max {
                     break;
                 }
-                let a = entry.message.attributes.get_or_insert_with(Default::default);
+                let a = entry
+                    .message
+                    .attributes
+                    .get_or_insert_with(Default::default);
                 if entry.hold.is_some() || a.delayed_to > now {
                     continue;
                 }
@@ -206,7 +209,11 @@ impl Queues {
         };
         let before = c.entries.len();
         c.entries.retain(|_, e| {
-            e.hold.is_some() || e.message.attributes.as_ref().is_some_and(|a| a.delayed_to > now)
+            e.hold.is_some()
+                || e.message
+                    .attributes
+                    .as_ref()
+                    .is_some_and(|a| a.delayed_to > now)
         });
         (before - c.entries.len()) as u64
     }
@@ -214,12 +221,7 @@ impl Queues {
     /// Settles held messages of `name` (every channel when empty) held by `hold` with
     /// sequences in `sequences` (all when `None`): `Ack` removes, `Reject` returns (or
     /// dead-letters), `Move(channel)` sends to another channel. Returns how many it settled.
-    pub fn settle(
-        &self,
-        hold: &Hold,
-        sequences: Option<&[u64]>,
-        how: &Settle,
-    ) -> usize {
+    pub fn settle(&self, hold: &Hold, sequences: Option<&[u64]>, how: &Settle) -> usize {
         let mut channels = self.channels.lock();
         let mut moved = Vec::new();
         let mut count = 0;
@@ -277,7 +279,10 @@ impl Queues {
         for (name, channel) in channels.iter_mut() {
             reap(channel, name, &mut rerouted);
             for entry in channel.entries.values_mut() {
-                if let Some(Hold::Lease { holder: h, until: u }) = entry.hold.as_mut()
+                if let Some(Hold::Lease {
+                    holder: h,
+                    until: u,
+                }) = entry.hold.as_mut()
                     && h == holder
                 {
                     *u = until;
@@ -299,9 +304,10 @@ impl Queues {
         let mut found = false;
         for (name, channel) in channels.iter_mut() {
             reap(channel, name, &mut rerouted);
-            found |= channel.entries.values().any(|e| {
-                matches!(&e.hold, Some(Hold::Lease { holder: h, .. }) if h == holder)
-            });
+            found |= channel
+                .entries
+                .values()
+                .any(|e| matches!(&e.hold, Some(Hold::Lease { holder: h, .. }) if h == holder));
         }
         drop(channels);
         for m in rerouted {
@@ -319,7 +325,12 @@ impl Queues {
             for e in c.entries.values() {
                 if e.hold.is_some() {
                     d.held += 1;
-                } else if e.message.attributes.as_ref().is_some_and(|a| a.delayed_to > now) {
+                } else if e
+                    .message
+                    .attributes
+                    .as_ref()
+                    .is_some_and(|a| a.delayed_to > now)
+                {
                     d.delayed += 1;
                 } else {
                     d.ready += 1;
@@ -400,7 +411,10 @@ fn release(channel: &mut Channel, name: &str, sequence: u64) -> Option<QueueMess
     if policy.max_receive_count > 0 && received >= policy.max_receive_count {
         let mut m = channel.entries.remove(&sequence)?.message;
         if policy.max_receive_queue.is_empty() {
-            tracing::debug!(queue = name, "message received too often and no dead-letter queue: dropped");
+            tracing::debug!(
+                queue = name,
+                "message received too often and no dead-letter queue: dropped"
+            );
             return None;
         }
         m.channel = policy.max_receive_queue.clone();

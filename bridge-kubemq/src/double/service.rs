@@ -58,7 +58,9 @@ fn check_channel(channel: &str, wildcards_allowed: bool) -> Result<(), Status> {
         return Err(Status::invalid_argument("channel cannot be empty"));
     }
     if channel.contains(' ') {
-        return Err(Status::invalid_argument("channel cannot contain whitespace"));
+        return Err(Status::invalid_argument(
+            "channel cannot contain whitespace",
+        ));
     }
     if !wildcards_allowed && wildcard::has_wildcards(channel) {
         return Err(Status::invalid_argument(
@@ -71,9 +73,7 @@ fn check_channel(channel: &str, wildcards_allowed: bool) -> Result<(), Status> {
 fn send_event(state: &State, event: Event) -> Result<pb::Result, Status> {
     check_channel(&event.channel, false)?;
     if event.metadata.is_empty() && event.body.is_empty() {
-        return Err(Status::invalid_argument(
-            "event must have metadata or body",
-        ));
+        return Err(Status::invalid_argument("event must have metadata or body"));
     }
     let event_id = if event.event_id.is_empty() {
         super::new_id()
@@ -328,8 +328,10 @@ impl Kubemq for DoubleService {
                             let until = tokio::time::Instant::now()
                                 + Duration::from_secs(r.visibility_seconds as u64);
                             let wait = Duration::from_secs(r.wait_time_seconds.max(0) as u64);
-                            let mut got =
-                                state.queues.take(&r.channel, 1, wait, Some(lease(until))).await;
+                            let mut got = state
+                                .queues
+                                .take(&r.channel, 1, wait, Some(lease(until)))
+                                .await;
                             match got.pop() {
                                 Some(m) => {
                                     received = true;
@@ -373,7 +375,9 @@ impl Kubemq for DoubleService {
                     StreamRequestType::ModifyVisibility => {
                         if r.visibility_seconds <= 0 {
                             fail("visibility seconds must be greater than 0");
-                        } else if !state.queues.modify_visibility(&holder, r.visibility_seconds)
+                        } else if !state
+                            .queues
+                            .modify_visibility(&holder, r.visibility_seconds)
                         {
                             fail("no active message: visibility expired or not received");
                         }
@@ -385,11 +389,9 @@ impl Kubemq for DoubleService {
                 }
             }
             // The stream ended: what it still holds goes back.
-            state.queues.settle(
-                &lease(tokio::time::Instant::now()),
-                None,
-                &Settle::Reject,
-            );
+            state
+                .queues
+                .settle(&lease(tokio::time::Instant::now()), None, &Settle::Reject);
         });
         Ok(tonic012::Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -442,7 +444,8 @@ impl Kubemq for DoubleService {
             let mut transactions: Vec<String> = Vec::new();
             let mut polls = tokio::task::JoinSet::new();
             while let Ok(Some(r)) = incoming.message().await {
-                let kind = Down::try_from(r.request_type_data).unwrap_or(Down::PollRequestTypeUnknown);
+                let kind =
+                    Down::try_from(r.request_type_data).unwrap_or(Down::PollRequestTypeUnknown);
                 let hold = Hold::Transaction(r.ref_transaction_id.clone());
                 let range: Vec<u64> = r.sequence_range.iter().map(|s| *s as u64).collect();
                 match kind {
@@ -466,7 +469,7 @@ impl Kubemq for DoubleService {
                                 answer.error = "max items must be greater than 0".into();
                             } else {
                                 let wait = Duration::from_millis(r.wait_timeout.max(0) as u64);
-                                let hold = (!r.auto_ack).then(|| Hold::Transaction(txn));
+                                let hold = (!r.auto_ack).then_some(Hold::Transaction(txn));
                                 answer.messages = state
                                     .queues
                                     .take(&r.channel, r.max_items as usize, wait, hold)
@@ -489,13 +492,15 @@ impl Kubemq for DoubleService {
                     Down::NAckRange => {
                         state.queues.settle(&hold, Some(&range), &Settle::Reject);
                     }
-                    Down::ReQueueAll | Down::ReQueueRange => {
-                        if check_channel(&r.re_queue_channel, false).is_ok() {
-                            let which = (kind == Down::ReQueueRange).then_some(&range[..]);
-                            state
-                                .queues
-                                .settle(&hold, which, &Settle::Move(r.re_queue_channel.clone()));
-                        }
+                    Down::ReQueueAll | Down::ReQueueRange
+                        if check_channel(&r.re_queue_channel, false).is_ok() =>
+                    {
+                        let which = (kind == Down::ReQueueRange).then_some(&range[..]);
+                        state.queues.settle(
+                            &hold,
+                            which,
+                            &Settle::Move(r.re_queue_channel.clone()),
+                        );
                     }
                     Down::CloseByClient => break,
                     // Status requests, and anything unknown, are answered with nothing held.
@@ -524,8 +529,11 @@ impl Kubemq for DoubleService {
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             while let Ok(Some(r)) = incoming.message().await {
-                let results: Vec<SendQueueMessageResult> =
-                    r.messages.into_iter().map(|m| state.queues.send(m)).collect();
+                let results: Vec<SendQueueMessageResult> = r
+                    .messages
+                    .into_iter()
+                    .map(|m| state.queues.send(m))
+                    .collect();
                 let answer = QueuesUpstreamResponse {
                     ref_request_id: r.request_id,
                     results,

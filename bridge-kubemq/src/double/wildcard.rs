@@ -40,7 +40,10 @@ mod tests {
         assert!(matches("a.>", "a.b.c"));
         assert!(!matches("a.>", "a"));
         assert!(matches(">", "a.b"));
-        assert!(!matches("a.>.c", "a.b.c"), "`>` counts only as the last token");
+        assert!(
+            !matches("a.>.c", "a.b.c"),
+            "`>` counts only as the last token"
+        );
         assert!(has_wildcards("a.*.b") && has_wildcards("a.>") && !has_wildcards("a*.b"));
     }
 }

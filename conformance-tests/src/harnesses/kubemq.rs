@@ -62,7 +62,10 @@ impl KubemqHarness {
     /// The shared broker of this process: a real KubeMQ, or the double.
     async fn broker() -> (String, Option<String>) {
         if let Some(address) = real_address() {
-            return (address, std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()));
+            return (
+                address,
+                std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()),
+            );
         }
         static DOUBLE: OnceCell<KubemqDouble> = OnceCell::const_new();
         let double = DOUBLE
@@ -171,7 +174,9 @@ impl Harness for KubemqHarness {
 
     fn broker_control(&self) -> Offer {
         if real_address().is_some() {
-            Offer::Absent("a real KubeMQ given by KUBEMQ_ADDRESS is not restarted from the tests".into())
+            Offer::Absent(
+                "a real KubeMQ given by KUBEMQ_ADDRESS is not restarted from the tests".into(),
+            )
         } else {
             Offer::Available
         }
