@@ -56,6 +56,8 @@ pub struct KubemqBridge {
     capabilities: Capabilities,
     responders: Mutex<HashMap<String, Responder>>,
     consumers: Mutex<HashMap<RegistrationKey, Arc<Consumer>>>,
+    /// Consumers that left but keep forwarding to their group until shutdown.
+    retired: Mutex<Vec<Arc<Consumer>>>,
     started: OnceCell<()>,
     drained: OnceCell<DrainReport>,
 }
@@ -90,6 +92,7 @@ impl KubemqBridge {
             capabilities,
             responders: Mutex::new(HashMap::new()),
             consumers: Mutex::new(HashMap::new()),
+            retired: Mutex::new(Vec::new()),
             started: OnceCell::new(),
             drained: OnceCell::new(),
         })
@@ -124,10 +127,13 @@ impl KubemqBridge {
         for responder in self.responders.lock().values() {
             responder.stop();
         }
-        let consumers: Vec<Arc<Consumer>> = self.consumers.lock().values().cloned().collect();
-        for consumer in &consumers {
-            consumer.close();
-        }
+        let mut consumers: Vec<Arc<Consumer>> = self.consumers.lock().values().cloned().collect();
+        consumers.extend(self.retired.lock().drain(..));
+        let _ = tokio::time::timeout_at(
+            deadline,
+            futures::future::join_all(consumers.iter().map(|c| c.stop())),
+        )
+        .await;
         let idle = self.shared.tracker.wait_idle(deadline).await;
         let mut still_running = self.shared.tracker.running();
         let rejected = self.shared.pending.close(&BridgeError::Unavailable(
@@ -328,18 +334,27 @@ impl EventBridge for KubemqBridge {
             return Err(BridgeError::AlreadyRegistered(key.to_string()));
         }
         let consumer = Consumer::start(&self.shared, spec, handler).await?;
-        let mut consumers = self.consumers.lock();
-        if consumers.contains_key(&key) {
-            consumer.close();
+        let raced = {
+            let mut consumers = self.consumers.lock();
+            if consumers.contains_key(&key) {
+                true
+            } else {
+                consumers.insert(key.clone(), consumer.clone());
+                false
+            }
+        };
+        if raced {
+            consumer.stop().await;
             return Err(BridgeError::AlreadyRegistered(key.to_string()));
         }
-        consumers.insert(key, consumer);
         Ok(())
     }
 
     async fn unregister_subscription(&self, key: &RegistrationKey) -> Result<(), BridgeError> {
-        if let Some(c) = self.consumers.lock().remove(key) {
-            c.close();
+        let consumer = self.consumers.lock().remove(key);
+        if let Some(c) = consumer {
+            c.close().await;
+            self.retired.lock().push(c);
         }
         Ok(())
     }

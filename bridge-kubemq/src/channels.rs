@@ -26,7 +26,8 @@
 //!   never sees them (DESIGN §3.3).
 //!
 //! Commands are queries on `<prefix>.c.<service>.<version>.<target>`; dead letters are queue
-//! messages on `<prefix>.dl.<target>`.
+//! messages on `<prefix>.dl.<target>`; a shared subscription's members also listen on its
+//! hand-off channel `<prefix>.h.<registration key>`.
 
 use purista_core::kit::{NameRules, Overflow};
 use purista_core::{Address, BridgeError, Envelope, SubscriptionFilter};
@@ -175,6 +176,12 @@ impl Channels {
                 t(&address.service_target),
             ],
         )
+    }
+
+    /// The hand-off channel of a shared subscription: its members listen there too (in the
+    /// subscription's group), so a member that is shutting down can hand a delivery to another.
+    pub fn handoff(&self, key: &purista_core::RegistrationKey) -> String {
+        self.join("h", &[token(&ADDRESS_RULES, Some(key.as_str()))])
     }
 
     /// The queue that holds the dead letters of `target`.

@@ -87,8 +87,9 @@ pub struct KubemqConfig {
     pub publish_timeout: Duration,
     /// How long registering a subscription or command may wait until KubeMQ routes to it.
     pub ready_timeout: Duration,
-    /// Messages one subscription consumer holds at most before it stops reading (then KubeMQ
-    /// drops for it, Events being at most once).
+    /// Messages one subscription consumer holds at most, received and not yet handled. The
+    /// stream is always read at once (what waits in flight is lost when a consumer leaves its
+    /// group); past this bound events are dropped with a warning (Events are at most once).
     pub consumer_buffer: usize,
 }
 
@@ -120,7 +121,7 @@ impl KubemqConfig {
             connect_timeout: Duration::from_secs(10),
             publish_timeout: Duration::from_secs(10),
             ready_timeout: Duration::from_secs(10),
-            consumer_buffer: 1024,
+            consumer_buffer: 10_000,
         }
     }
 

@@ -65,6 +65,7 @@ impl Connection {
             .client_id(client_id)
             .connection_timeout(config.connect_timeout)
             .check_connection(false)
+            .max_receive_message_size(100 * 1024 * 1024)
             // Queries wait up to their own timeout; the bridge bounds every call itself.
             .rpc_timeout(Duration::from_secs(24 * 3600))
             .retry_policy(RetryPolicy {

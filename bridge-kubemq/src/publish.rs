@@ -50,7 +50,8 @@ pub async fn publish_probe(shared: &Shared, channel: &str, id: &str) {
     }
 }
 
-async fn send_event(shared: &Shared, event: Event) -> Result<(), BridgeError> {
+/// Sends one event with a deadline.
+pub async fn send_event(shared: &Shared, event: Event) -> Result<(), BridgeError> {
     let sdk = &shared.connection.sdk;
     kit::broker_call(
         shared.config.publish_timeout,

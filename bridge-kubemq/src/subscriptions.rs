@@ -57,6 +57,23 @@ pub const TAG_AT: &str = "purista-dead-lettered-at";
 
 type Item = (Arc<Envelope>, u32);
 
+/// Stops a stream task; the receiver turns true once it ended.
+type StreamStop = (watch::Sender<bool>, watch::Receiver<bool>);
+
+fn stop(slot: &Mutex<Option<StreamStop>>) -> Option<watch::Receiver<bool>> {
+    let (stop, ended) = slot.lock().take()?;
+    let _ = stop.send(true);
+    Some(ended)
+}
+
+/// The attempt number of a delivery handed back to its group.
+const TAG_ATTEMPT: &str = "purista-attempt";
+
+/// How long a leaving consumer waits after closing its hand-off stream before it forwards
+/// there: KubeMQ confirms no unsubscribe, and a forwarded event routed back to the closed
+/// stream would be lost.
+pub const LEAVE_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// One subscription consumer of this instance.
 pub struct Consumer {
     spec: SubscriptionSpec,
@@ -71,7 +88,15 @@ pub struct Consumer {
     held: Mutex<VecDeque<Item>>,
     paused: watch::Sender<Option<(String, u64)>>,
     closing: watch::Sender<bool>,
-    stream_stop: Mutex<Option<watch::Sender<bool>>>,
+    /// Stops the stream task; the receiver turns true once it ended.
+    stream_stop: Mutex<Option<StreamStop>>,
+    /// The group's hand-off channel (shared subscriptions only).
+    handoff: Option<String>,
+    handoff_stop: Mutex<Option<StreamStop>>,
+    handoff_closed: tokio::sync::OnceCell<()>,
+    /// Set when a shared consumer left: its stream stays open and what still arrives is
+    /// forwarded to the group's hand-off channel.
+    leaving: std::sync::atomic::AtomicBool,
     up: Mutex<watch::Receiver<bool>>,
     seen: Arc<ProbeSeen>,
 }
@@ -90,6 +115,7 @@ impl Consumer {
             String::new()
         };
         let (tx, rx) = mpsc::channel(shared.config.consumer_buffer.max(1));
+        let (spec_shared, spec_key) = (spec.shared, spec.key.clone());
         let consumer = Arc::new(Consumer {
             label: spec.key.as_str().into(),
             spec,
@@ -102,6 +128,10 @@ impl Consumer {
             paused: watch::channel(None).0,
             closing: watch::channel(false).0,
             stream_stop: Mutex::new(None),
+            handoff: spec_shared.then(|| shared.channels.handoff(&spec_key)),
+            handoff_stop: Mutex::new(None),
+            handoff_closed: tokio::sync::OnceCell::new(),
+            leaving: std::sync::atomic::AtomicBool::new(false),
             up: Mutex::new(watch::channel(false).1),
             seen: Arc::new(ProbeSeen::default()),
         });
@@ -122,18 +152,49 @@ impl Consumer {
 
     /// Opens the stream and waits until KubeMQ routes to it.
     async fn subscribe(self: &Arc<Self>) -> Result<(), BridgeError> {
+        let (main, up) = self.open_stream(&self.pattern)?;
+        *self.stream_stop.lock() = Some(main);
+        *self.up.lock() = up;
+        if let Some(handoff) = &self.handoff {
+            let (stream, _) = self.open_stream(handoff)?;
+            *self.handoff_stop.lock() = Some(stream);
+        }
+        let probe_channel = crate::channels::Channels::probe_for(&self.pattern);
+        let shared = self.shared.clone();
+        let ready = probe::until_routed(
+            &self.seen,
+            self.shared.config.ready_timeout,
+            &format!("subscription {}", self.label),
+            |id| {
+                let shared = shared.clone();
+                let channel = probe_channel.clone();
+                async move { publish_probe(&shared, &channel, &id).await }
+            },
+        )
+        .await;
+        if ready.is_err() {
+            let _ = self.stop_stream();
+            let _ = stop(&self.handoff_stop);
+        }
+        ready
+    }
+
+    /// Spawns the stream task of one subscription channel of this consumer.
+    fn open_stream(
+        self: &Arc<Self>,
+        channel: &str,
+    ) -> Result<(StreamStop, watch::Receiver<bool>), BridgeError> {
         let subscribe = Subscribe {
             subscribe_type_data: SubscribeType::Events as i32,
             client_id: self.shared.connection.client_id.clone(),
-            channel: self.pattern.clone(),
+            channel: channel.to_string(),
             group: self.group.clone(),
             events_store_type_data: 0,
             events_store_type_value: 0,
         };
         let (stop_tx, stop_rx) = watch::channel(false);
         let (up_tx, up_rx) = watch::channel(false);
-        *self.stream_stop.lock() = Some(stop_tx);
-        *self.up.lock() = up_rx;
+        let (ended_tx, ended_rx) = watch::channel(false);
         let open: stream::Open<EventReceive> = Box::new(move |mut raw| {
             let subscribe = subscribe.clone();
             async move {
@@ -156,48 +217,54 @@ impl Consumer {
             let shared = self.shared.clone();
             move || shared.count_reconnect()
         };
-        let label = format!("subscription {}", self.label);
-        let spawned = self.shared.tasks.spawn(
-            WorkKind::Generic,
-            label.clone().into(),
-            stream::run(
-                self.shared.connection.raw.clone(),
-                open,
-                label,
-                on_message,
-                up_tx,
-                stop_rx,
-                reopened,
-            ),
-        );
+        let label = format!("subscription {} on {channel}", self.label);
+        let raw = self.shared.connection.raw.clone();
+        let spawned =
+            self.shared
+                .tasks
+                .spawn(WorkKind::Generic, label.clone().into(), async move {
+                    stream::run(raw, open, label, on_message, up_tx, stop_rx, reopened).await;
+                    let _ = ended_tx.send(true);
+                });
         if !spawned {
             return Err(BridgeError::Unavailable(
                 "the bridge is shutting down".into(),
             ));
         }
-        let probe_channel = crate::channels::Channels::probe_for(&self.pattern);
-        let shared = self.shared.clone();
-        let ready = probe::until_routed(
-            &self.seen,
-            self.shared.config.ready_timeout,
-            &format!("subscription {}", self.label),
-            |id| {
-                let shared = shared.clone();
-                let channel = probe_channel.clone();
-                async move { publish_probe(&shared, &channel, &id).await }
-            },
-        )
-        .await;
-        if ready.is_err() {
-            self.stop_stream();
-        }
-        ready
+        Ok(((stop_tx, ended_rx), up_rx))
     }
 
-    fn stop_stream(&self) {
-        if let Some(stop) = self.stream_stop.lock().take() {
-            let _ = stop.send(true);
-        }
+    /// Stops the stream task; returns what turns true once it ended.
+    fn stop_stream(&self) -> Option<watch::Receiver<bool>> {
+        stop(&self.stream_stop)
+    }
+
+    /// Hands a delivery back to the group (the service is shutting down and takes no more):
+    /// published on the group's hand-off channel, which every other member of a shared
+    /// subscription also listens on. This instance stops listening there first, so it is
+    /// not handed the delivery again. A broadcast consumer has no one to hand to.
+    async fn hand_back(&self, envelope: &Envelope, attempt: u32) -> Result<(), BridgeError> {
+        let Some(channel) = &self.handoff else {
+            tracing::debug!(registration = %self.label, message_id = %envelope.id, "a broadcast consumer's delivery handed back at shutdown is dropped");
+            return Ok(());
+        };
+        self.handoff_closed
+            .get_or_init(|| async {
+                if let Some(mut ended) = stop(&self.handoff_stop) {
+                    let _ = ended.wait_for(|e| *e).await;
+                    tokio::time::sleep(LEAVE_GRACE).await;
+                }
+            })
+            .await;
+        let mut tags = HashMap::new();
+        tags.insert(TAG_ATTEMPT.to_string(), attempt.to_string());
+        let event = kubemq::Event::builder()
+            .id(envelope.id.clone())
+            .channel(channel.clone())
+            .body(envelope.encode())
+            .tags(tags)
+            .build();
+        crate::publish::send_event(&self.shared, event).await
     }
 
     /// One event from the stream: probes are noted, poison dropped, the rest queued.
@@ -221,7 +288,27 @@ impl Consumer {
             tracing::debug!(registration = %self.label, message_id = %envelope.id, "event outside the filter (hash collision or foreign publisher): dropped");
             return;
         }
-        let _ = self.tx.send((Arc::new(envelope), 1)).await;
+        let attempt = event
+            .tags
+            .get(TAG_ATTEMPT)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(1);
+        if self.leaving.load(std::sync::atomic::Ordering::Acquire) {
+            if let Err(error) = self.hand_back(&envelope, attempt).await {
+                tracing::warn!(registration = %self.label, message_id = %envelope.id, %error, "an event that reached a consumer after it left could not be handed to its group: dropped");
+            }
+            return;
+        }
+        // Never wait here: what KubeMQ routed to this consumer is better in its buffer than in
+        // flight on the stream, where a consumer leaving its group would lose it.
+        match self.tx.try_send((Arc::new(envelope), attempt)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.shared.count_poison();
+                tracing::warn!(registration = %self.label, buffer = self.shared.config.consumer_buffer, "subscription consumer buffer full: event dropped (Events are at most once)");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
     }
 
     /// The handler loop: up to `prefetch` deliveries at a time, none while paused.
@@ -250,6 +337,21 @@ impl Consumer {
                     Some(item) => in_hand.push(self.clone().deliver(item)),
                     None => break,
                 },
+            }
+        }
+        // Closed: no more intake, but what was received is handled (unless paused), so a
+        // consumer leaving with a full buffer loses nothing it took.
+        if paused.borrow().is_none() {
+            loop {
+                while in_hand.len() < prefetch {
+                    match rx.try_recv() {
+                        Ok(item) => in_hand.push(self.clone().deliver(item)),
+                        Err(_) => break,
+                    }
+                }
+                if in_hand.next().await.is_none() {
+                    break;
+                }
             }
         }
         while in_hand.next().await.is_some() {}
@@ -302,10 +404,40 @@ impl Consumer {
         Ok(self.paused.send_replace(None).is_some())
     }
 
-    /// Stops for good: the stream closes, deliveries in hand finish, the rest is dropped.
-    pub fn close(&self) {
+    /// Leaves: the handler gets nothing more once what was received is handled (a paused
+    /// consumer's is dropped).
+    ///
+    /// KubeMQ confirms no unsubscribe: a group member that closes its stream loses what the
+    /// server routed to it until the server noticed (a few milliseconds). So a *shared*
+    /// consumer stops listening on its group's hand-off channel, then keeps its stream open
+    /// and forwards whatever still arrives to that channel, where the other members take it;
+    /// its stream is closed with the bridge ([`Consumer::stop`]). A broadcast consumer
+    /// closes its stream at once (nothing of another instance's is on it).
+    pub async fn close(&self) {
         self.held.lock().clear();
-        self.stop_stream();
+        if self.handoff.is_some() {
+            self.handoff_closed
+                .get_or_init(|| async {
+                    if let Some(mut ended) = stop(&self.handoff_stop) {
+                        let _ = ended.wait_for(|e| *e).await;
+                        tokio::time::sleep(LEAVE_GRACE).await;
+                    }
+                })
+                .await;
+            self.leaving
+                .store(true, std::sync::atomic::Ordering::Release);
+        } else if let Some(mut ended) = self.stop_stream() {
+            let _ = ended.wait_for(|e| *e).await;
+        }
+        let _ = self.closing.send(true);
+    }
+
+    /// Closes every stream (the bridge shuts down).
+    pub async fn stop(&self) {
+        let _ = stop(&self.handoff_stop);
+        if let Some(mut ended) = self.stop_stream() {
+            let _ = ended.wait_for(|e| *e).await;
+        }
         let _ = self.closing.send(true);
     }
 
@@ -365,6 +497,14 @@ impl Settler for EventSettler {
         };
         match settlement {
             Settlement::Ack | Settlement::Drop { .. } => Ok(()),
+            // The same attempt again, at once: the service hands the delivery back untouched
+            // (it is shutting down).
+            Settlement::Redeliver {
+                delay,
+                next_attempt,
+            } if next_attempt == self.attempt && delay.is_zero() => {
+                consumer.hand_back(&self.envelope, self.attempt).await
+            }
             Settlement::Redeliver {
                 delay,
                 next_attempt,

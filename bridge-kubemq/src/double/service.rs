@@ -25,11 +25,16 @@ use super::State;
 use super::queues::{Hold, Settle};
 use super::wildcard;
 
+/// Largest gRPC message the double takes and sends: the KubeMQ SDKs' default send limit.
+const MAX_MESSAGE_BYTES: usize = 100 * 1024 * 1024;
+
 type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// The tonic service of the double.
 pub(crate) fn server(state: Arc<State>) -> KubemqServer<DoubleService> {
     KubemqServer::new(DoubleService { state })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 pub(crate) struct DoubleService {
