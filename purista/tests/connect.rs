@@ -99,11 +99,7 @@ async fn a_scheme_whose_feature_is_off_names_the_feature_to_enable() {
 
 #[tokio::test]
 async fn a_bridge_that_does_not_exist_is_not_promised_behind_a_feature() {
-    for url in [
-        "aws://eu-west-1",
-        "dapr://localhost:3500",
-        "kubemq://localhost:50000",
-    ] {
+    for url in ["aws://eu-west-1", "dapr://localhost:3500"] {
         let err = connect(url).await.unwrap_err();
         assert!(
             matches!(err, ConnectError::UnknownScheme { .. }),
@@ -121,6 +117,23 @@ fn the_driver_table_lists_what_is_compiled_in() {
         .collect();
     assert!(schemes.contains(&"memory"));
     assert_eq!(schemes.contains(&"amqp"), cfg!(feature = "amqp"));
+    assert_eq!(schemes.contains(&"kubemq"), cfg!(feature = "kubemq"));
+}
+
+#[cfg(not(feature = "kubemq"))]
+#[tokio::test]
+async fn a_kubemq_url_without_the_feature_names_the_feature() {
+    let err = connect("kubemq://localhost:50000").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConnectError::FeatureDisabled {
+                feature: "kubemq",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
