@@ -119,6 +119,23 @@ impl KubemqBridge {
         .await
     }
 
+    /// KubeMQ answers pings without the token: one event on the instance's own check channel
+    /// tells whether KubeMQ takes the token (a wrong one fails the start at once).
+    async fn check_token(&self) -> Result<(), BridgeError> {
+        let event = kubemq::Event::builder()
+            .channel(self.shared.channels.token_check())
+            .metadata("token check")
+            .build();
+        crate::publish::send_event(&self.shared, event)
+            .await
+            .map_err(|e| {
+                BridgeError::Unavailable(format!(
+                    "KubeMQ at {} refused the bridge: {e}",
+                    self.shared.config.address()
+                ))
+            })
+    }
+
     async fn drain(&self, deadline: Instant) -> DrainReport {
         let started = Instant::now();
         self.shared
@@ -231,7 +248,7 @@ impl EventBridge for KubemqBridge {
                 loop {
                     let left = deadline.saturating_duration_since(Instant::now());
                     match self.ping(left.max(Duration::from_millis(1))).await {
-                        Ok(()) => return Ok(()),
+                        Ok(()) => return self.check_token().await,
                         Err(e) if Instant::now() >= deadline || !e.is_retryable() => {
                             return Err(BridgeError::Unavailable(format!(
                                 "KubeMQ at {} does not answer: {e}",

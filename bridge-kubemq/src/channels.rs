@@ -184,6 +184,11 @@ impl Channels {
         self.join("h", &[token(&ADDRESS_RULES, Some(key.as_str()))])
     }
 
+    /// Where a starting instance sends one event to learn whether KubeMQ takes its token.
+    pub fn token_check(&self) -> String {
+        format!("{}.start", self.prefix)
+    }
+
     /// The queue that holds the dead letters of `target`.
     pub fn dead_letter(&self, target: &str) -> String {
         self.join("dl", &[token(&ADDRESS_RULES, Some(target))])

@@ -35,7 +35,7 @@ pub use wildcard::matches as channel_matches;
 /// How the double is set up.
 #[derive(Debug, Clone, Default)]
 pub struct DoubleOptions {
-    /// When set, every call must carry this token in its `authorization` metadata
+    /// When set, every call but `Ping` must carry this token in its `authorization` metadata
     /// (`UNAUTHENTICATED` otherwise), as KubeMQ does with authentication enabled.
     pub auth_token: Option<String>,
 }

@@ -423,9 +423,9 @@ impl Kubemq for DoubleService {
 
     async fn ping(
         &self,
-        request: tonic012::Request<Empty>,
+        _request: tonic012::Request<Empty>,
     ) -> Result<tonic012::Response<PingResult>, Status> {
-        self.authorize(&request)?;
+        // KubeMQ answers pings without the auth token (its SDKs send none with a ping).
         let now = super::pubsub::now_ns();
         Ok(tonic012::Response::new(PingResult {
             host: "purista-kubemq-double".into(),
