@@ -128,12 +128,22 @@ async fn poison_on_event_and_hand_off_channels_is_dropped_and_the_consumer_goes_
     }
     // A good message after all that still arrives.
     publisher.emit(custom("poisoned", 1)).await.expect("emit");
-    wait_for("the good message after the poison", || !got.0.lock().is_empty()).await;
+    wait_for("the good message after the poison", || {
+        !got.0.lock().is_empty()
+    })
+    .await;
     assert_eq!(got.0.lock()[0].payload["n"], 1);
     assert_eq!(got.0.lock().len(), 1, "poison reached the handler");
-    wait_for("every poison counted", || consumer.counters().poison_messages == sent).await;
-    consumer.shutdown(Instant::now() + Duration::from_secs(2)).await;
-    publisher.shutdown(Instant::now() + Duration::from_secs(2)).await;
+    wait_for("every poison counted", || {
+        consumer.counters().poison_messages == sent
+    })
+    .await;
+    consumer
+        .shutdown(Instant::now() + Duration::from_secs(2))
+        .await;
+    publisher
+        .shutdown(Instant::now() + Duration::from_secs(2))
+        .await;
 }
 
 #[tokio::test]
@@ -160,7 +170,11 @@ async fn poison_on_a_command_channel_is_answered_with_an_error_and_commands_go_o
             .await
             .unwrap_or_else(|e| panic!("{what}: the query is answered, not timed out: {e}"));
         assert!(!reply.executed, "{what}: poison was executed");
-        assert!(reply.error.contains("not a PURISTA command envelope"), "{what}: {}", reply.error);
+        assert!(
+            reply.error.contains("not a PURISTA command envelope"),
+            "{what}: {}",
+            reply.error
+        );
     }
     assert_eq!(server.counters().poison_messages, bad_bodies().len() as u64);
     let command = Envelope::command(
@@ -174,6 +188,10 @@ async fn poison_on_a_command_channel_is_answered_with_an_error_and_commands_go_o
         .await
         .expect("a good command after the poison is answered");
     assert_eq!(response.payload, "hi");
-    server.shutdown(Instant::now() + Duration::from_secs(2)).await;
-    caller.shutdown(Instant::now() + Duration::from_secs(2)).await;
+    server
+        .shutdown(Instant::now() + Duration::from_secs(2))
+        .await;
+    caller
+        .shutdown(Instant::now() + Duration::from_secs(2))
+        .await;
 }

@@ -20,8 +20,29 @@ const PAIRS: usize = 10_000;
 
 fn pool() -> Vec<String> {
     let mut v: Vec<String> = [
-        "a", "b", "orders", "orders.v2", "v2.1", "1", "*", ">", "a*b", "a>b", "_", "__", "_2e",
-        "_h", "~", "-", "", " ", "a b", "ü", "x/y", "A", "tenant-1",
+        "a",
+        "b",
+        "orders",
+        "orders.v2",
+        "v2.1",
+        "1",
+        "*",
+        ">",
+        "a*b",
+        "a>b",
+        "_",
+        "__",
+        "_2e",
+        "_h",
+        "~",
+        "-",
+        "",
+        " ",
+        "a b",
+        "ü",
+        "x/y",
+        "A",
+        "tenant-1",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -55,8 +76,16 @@ fn random_filter(rng: &mut StdRng, pool: &[String]) -> SubscriptionFilter {
         event_name: maybe(rng, pool),
         principal_id: maybe(rng, pool),
         tenant_id: maybe(rng, pool),
-        sender: if rng.random_bool(0.5) { address(rng) } else { AddressFilter::default() },
-        receiver: if rng.random_bool(0.5) { address(rng) } else { AddressFilter::default() },
+        sender: if rng.random_bool(0.5) {
+            address(rng)
+        } else {
+            AddressFilter::default()
+        },
+        receiver: if rng.random_bool(0.5) {
+            address(rng)
+        } else {
+            AddressFilter::default()
+        },
     }
 }
 
@@ -74,7 +103,11 @@ fn random_message(rng: &mut StdRng, pool: &[String]) -> Envelope {
     e.tenant_id = maybe(rng, pool);
     e.receiver = rng.random_bool(0.6).then(|| {
         let a = Address::new(pick(rng, pool), pick(rng, pool), pick(rng, pool));
-        if rng.random_bool(0.5) { a.with_instance(pick(rng, pool)) } else { a }
+        if rng.random_bool(0.5) {
+            a.with_instance(pick(rng, pool))
+        } else {
+            a
+        }
     });
     e
 }
@@ -101,7 +134,10 @@ fn copy_from_message(filter: &mut SubscriptionFilter, m: &Envelope) {
     take(&mut filter.sender.instance_id, Some(&s.instance_id));
     if let Some(r) = &m.receiver {
         take(&mut filter.receiver.service_name, Some(&r.service_name));
-        take(&mut filter.receiver.service_version, Some(&r.service_version));
+        take(
+            &mut filter.receiver.service_version,
+            Some(&r.service_version),
+        );
         take(&mut filter.receiver.service_target, Some(&r.service_target));
         take(&mut filter.receiver.instance_id, r.instance_id.as_deref());
     }
@@ -140,19 +176,26 @@ fn random_filters_route_through_kubemq_channels_like_the_reference_matcher() {
         let reference = filter.matches(&message);
         matched += usize::from(reference);
         let (routed, handed) = delivered(&channels, &filter, &message);
-        assert_eq!(handed, reference, "pair {i}: filter {filter:?}, message {message:?}");
+        assert_eq!(
+            handed, reference,
+            "pair {i}: filter {filter:?}, message {message:?}"
+        );
         // The bridge never publishes stream frames (emit refuses them); for everything it
         // publishes, KubeMQ's routing alone already equals the reference.
         if message.message_type != MessageType::Stream {
             assert_eq!(
-                routed, reference,
+                routed,
+                reference,
                 "pair {i}: KubeMQ would route differently from the reference matcher: filter {filter:?}, message {message:?}\npattern {}\nchannel {}",
                 channels.pattern(&filter),
                 channels.event(&message)
             );
         }
     }
-    assert!(matched > PAIRS / 20, "too few matching pairs ({matched}) to prove anything");
+    assert!(
+        matched > PAIRS / 20,
+        "too few matching pairs ({matched}) to prove anything"
+    );
 }
 
 #[test]
@@ -162,7 +205,11 @@ fn core_filter_table_routes_through_kubemq_channels_as_expected() {
         let (routed, handed) = delivered(&channels, &case.filter, &case.message);
         assert_eq!(handed, case.expected, "{}", case.name);
         if case.message.message_type != MessageType::Stream {
-            assert_eq!(routed, case.expected, "{} (KubeMQ routing alone)", case.name);
+            assert_eq!(
+                routed, case.expected,
+                "{} (KubeMQ routing alone)",
+                case.name
+            );
         }
     }
 }

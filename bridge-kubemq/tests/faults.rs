@@ -1,0 +1,289 @@
+//! Faults: the KubeMQ double is stopped (every connection cut, new ones refused) and started
+//! again mid-run with its store kept, as a real KubeMQ keeps its store on disk.
+//!
+//! * The double itself: 10 000 events-store events and 2 000 queue messages sent across a
+//!   restart are all there afterwards, in order (what the bridge relies on KubeMQ for).
+//! * The bridge: invocations during the outage fail with 503 or 504 within their ttl, health
+//!   is an error while KubeMQ is down and ok again after, and commands and subscriptions work
+//!   again once it is back (their streams are re-established by the bridge).
+#![cfg(feature = "double")]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use purista_bridge_kubemq::double::{DoubleOptions, KubemqDouble};
+use purista_bridge_kubemq::kubemq::{
+    EventStore, EventsStoreSubscription, KubemqClient, QueueMessage,
+};
+use purista_bridge_kubemq::{KubemqBridge, KubemqConfig};
+use purista_core::{
+    Address, BridgeHealth, CommandHandler, Delivery, DeliveryHandler, Envelope, EventBridge,
+    FailurePolicy, RegistrationKey, SenderAddress, Settlement, StatusCode, SubscriptionFilter,
+    SubscriptionSpec,
+};
+use tokio::time::Instant;
+
+const EVENTS: usize = 10_000;
+const JOBS: usize = 2_000;
+
+async fn restart(double: &Arc<KubemqDouble>) {
+    let d = double.clone();
+    tokio::task::spawn_blocking(move || {
+        d.stop();
+        d.start_again()
+    })
+    .await
+    .unwrap()
+    .expect("the double serves again");
+}
+
+async fn client(double: &KubemqDouble) -> KubemqClient {
+    KubemqClient::builder()
+        .host("127.0.0.1")
+        .port(double.port())
+        .client_id("faults-test")
+        .retry_policy(purista_bridge_kubemq::kubemq::RetryPolicy {
+            max_retries: 0,
+            ..Default::default()
+        })
+        .build()
+        .await
+        .expect("client")
+}
+
+async fn retrying<T, F, Fut>(what: &str, mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = purista_bridge_kubemq::kubemq::Result<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match call().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_double_keeps_its_events_store_and_queues_across_a_restart() {
+    let double = Arc::new(KubemqDouble::start(DoubleOptions::default()).unwrap());
+    let sdk = client(&double).await;
+    for n in 0..EVENTS {
+        if n == EVENTS / 2 {
+            restart(&double).await;
+        }
+        let event = EventStore::builder()
+            .channel("faults.store")
+            .body(n.to_string().into_bytes())
+            .build();
+        retrying("storing an event", || sdk.send_event_store(event.clone())).await;
+    }
+    let messages: Vec<QueueMessage> = (0..JOBS)
+        .map(|n| {
+            QueueMessage::builder()
+                .channel("faults.jobs")
+                .body(n.to_string().into_bytes())
+                .build()
+        })
+        .collect();
+    let (first, second) = messages.split_at(JOBS / 2);
+    retrying("sending jobs", || sdk.send_queue_messages(first.to_vec())).await;
+    restart(&double).await;
+    retrying("sending jobs", || sdk.send_queue_messages(second.to_vec())).await;
+    restart(&double).await;
+
+    assert_eq!(double.stored_events("faults.store"), EVENTS);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let _sub = retrying("subscribing", || {
+        let tx = tx.clone();
+        sdk.subscribe_to_events_store(
+            "faults.store",
+            "",
+            EventsStoreSubscription::StartFromFirst,
+            move |e| {
+                let _ = tx.send((e.sequence, String::from_utf8_lossy(&e.body).into_owned()));
+                Box::pin(async {})
+            },
+            None,
+        )
+    })
+    .await;
+    for expected in 0..EVENTS {
+        let (sequence, body) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("the stored events are replayed")
+            .expect("subscription open");
+        assert_eq!(
+            (sequence, body),
+            (expected as u64 + 1, expected.to_string())
+        );
+    }
+    let mut taken = Vec::new();
+    while taken.len() < JOBS {
+        let got = retrying("receiving jobs", || {
+            sdk.receive_queue_messages("faults.jobs", 1000, 1, false)
+        })
+        .await;
+        assert!(
+            !got.is_empty(),
+            "jobs lost: {} of {JOBS} received",
+            taken.len()
+        );
+        taken.extend(
+            got.into_iter()
+                .map(|m| String::from_utf8_lossy(&m.body).into_owned()),
+        );
+    }
+    assert_eq!(taken, (0..JOBS).map(|n| n.to_string()).collect::<Vec<_>>());
+}
+
+struct Echo;
+
+#[async_trait]
+impl CommandHandler for Echo {
+    async fn handle(&self, command: Arc<Envelope>) -> Envelope {
+        command.success_response(command.payload["payload"].clone(), None)
+    }
+}
+
+struct Collect(Mutex<Vec<u64>>);
+
+#[async_trait]
+impl DeliveryHandler for Collect {
+    async fn deliver(&self, delivery: Delivery) {
+        self.0
+            .lock()
+            .push(delivery.envelope.payload["n"].as_u64().unwrap_or(u64::MAX));
+        let _ = delivery.settle.settle(Settlement::Ack).await;
+    }
+}
+
+fn command(address: &Address, n: u64) -> Envelope {
+    Envelope::command(
+        SenderAddress::default(),
+        address.clone(),
+        serde_json::json!(n),
+        serde_json::json!({}),
+    )
+}
+
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what}: not within 15 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_fails_fast_while_kubemq_is_down_and_works_again_after() {
+    let double = Arc::new(KubemqDouble::start(DoubleOptions::default()).unwrap());
+    let config = KubemqConfig::new("127.0.0.1", double.port()).with_prefix("faults");
+    let server = KubemqBridge::new(config.clone()).await.unwrap();
+    let caller = KubemqBridge::new(config).await.unwrap();
+    server.start().await.unwrap();
+    caller.start().await.unwrap();
+    let address = Address::new("svc", "1", "echo");
+    server
+        .register_command(address.clone(), Arc::new(Echo))
+        .await
+        .unwrap();
+    let got = Arc::new(Collect(Mutex::new(Vec::new())));
+    server
+        .register_subscription(
+            SubscriptionSpec {
+                key: RegistrationKey::new("svc", "1", "watch"),
+                subscriber: Address::new("svc", "1", "watch"),
+                filter: SubscriptionFilter::new().event_name("tick"),
+                shared: true,
+                durable: false,
+                policy: FailurePolicy::default(),
+                prefetch: 1,
+            },
+            got.clone(),
+        )
+        .await
+        .unwrap();
+    let ttl = Duration::from_millis(500);
+    assert_eq!(
+        caller
+            .invoke(command(&address, 1), ttl)
+            .await
+            .unwrap()
+            .payload,
+        1
+    );
+
+    double.stop();
+    assert!(
+        matches!(caller.health().await, BridgeHealth::Unhealthy { .. }),
+        "health is an error while KubeMQ is down"
+    );
+    for n in 0..5 {
+        let began = Instant::now();
+        let err = caller
+            .invoke(command(&address, n), ttl)
+            .await
+            .expect_err("no command succeeds while KubeMQ is down");
+        assert!(
+            matches!(
+                err.status(),
+                StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+            ),
+            "{err}"
+        );
+        assert!(
+            began.elapsed() <= ttl + Duration::from_millis(500),
+            "{:?}",
+            began.elapsed()
+        );
+    }
+
+    let d = double.clone();
+    tokio::task::spawn_blocking(move || d.start_again())
+        .await
+        .unwrap()
+        .unwrap();
+    eventually("health ok again", async || {
+        caller.health().await.is_healthy()
+    })
+    .await;
+    eventually("the server's streams are back", async || {
+        server.health().await.is_healthy()
+    })
+    .await;
+    assert_eq!(
+        caller
+            .invoke(command(&address, 7), Duration::from_secs(5))
+            .await
+            .unwrap()
+            .payload,
+        7
+    );
+    let mut n = 0;
+    eventually("events reach the re-established subscription", async || {
+        n += 1;
+        let mut tick = Envelope::custom(
+            SenderAddress::default(),
+            "tick",
+            serde_json::json!({ "n": n }),
+        );
+        tick.sender.service_name = "p".into();
+        let _ = caller.emit(tick).await;
+        !got.0.lock().is_empty()
+    })
+    .await;
+    server
+        .shutdown(Instant::now() + Duration::from_secs(2))
+        .await;
+    caller
+        .shutdown(Instant::now() + Duration::from_secs(2))
+        .await;
+}
