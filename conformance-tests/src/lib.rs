@@ -168,6 +168,7 @@ pub fn all_cases() -> Vec<Case> {
             frames_after_the_terminal_are_ignored: needs(&[Streams]),
             consumer_cancel_reaches_the_producer: needs(&[Streams]),
             session_timeout_ends_the_session: needs(&[Streams]),
+            a_producer_ignoring_the_deadline_is_stopped: needs(&[Streams]),
         }
         queues {
             lease_hides_the_job: nothing().queue_bridge(),
@@ -181,6 +182,7 @@ pub fn all_cases() -> Vec<Case> {
             idempotency_key_returns_the_first_job_id: needs(&[QueueIdempotency]).queue_bridge(),
             delayed_job_is_not_leased_early: needs(&[QueueDelayedDelivery]).queue_bridge(),
             worker_settles_jobs_through_the_service: nothing().queue_bridge(),
+            a_job_runs_in_the_flow_that_enqueued_it: needs(&[Commands]).queue_bridge(),
         }
         limits {
             a_body_at_the_declared_limit_arrives_and_one_byte_more_is_400:
@@ -194,6 +196,7 @@ pub fn all_cases() -> Vec<Case> {
             in_flight_counts_running_handlers_by_kind: needs(&[Commands, SharedSubscription]),
             shutdown_waits_for_running_handlers: needs(&[Commands]),
             shutdown_rejects_pending_invocations_and_reports_what_still_runs: needs(&[Commands]),
+            a_failed_start_leaves_nothing_registered: needs(&[Commands, SharedSubscription]),
         }
         reliability {
             connection_drop_loses_no_events:

@@ -436,3 +436,57 @@ pub async fn shutdown_rejects_pending_invocations_and_reports_what_still_runs(h:
     let _ = running.await;
     env.finish().await;
 }
+
+/// A start that fails part-way undoes what it registered: a service whose subscription clashes
+/// with one already registered on its instance (the start fails) leaves no command behind —
+/// invoking the command it had registered before the failure fails with 502 at once or 504 at
+/// the ttl, it is not served.
+pub async fn a_failed_start_leaves_nothing_registered(h: Arc<dyn Harness>) {
+    const TTL: Duration = Duration::from_millis(500);
+    let mut env = TestEnv::new(&h, 2).await;
+    let name = env.name("clashing");
+    let event = env.name("clash");
+    let noop = || {
+        SubscriptionDef::new("clash", |_ctx: SubscriptionContext, _v: Value| async move {
+            Ok(())
+        })
+        .event_name(&event)
+    };
+    env.start(0, Service::builder(&name, "1").subscription(noop()))
+        .await;
+    let leftover = CommandDef::new(
+        "leftover",
+        |_ctx: Context, _p: Empty, _q: Empty| async move { Ok(json!("served")) },
+    );
+    let second = Service::builder(&name, "1")
+        .command(leftover)
+        .subscription(noop());
+    if let Ok(_started) = env.try_start(0, second).await {
+        panic!(
+            "a second registration of subscription {name}@1/clash on one instance started; the case needs that start to fail"
+        );
+    }
+    let client = env
+        .start(1, Service::builder(env.name("client"), "1"))
+        .await;
+    let began = Instant::now();
+    let result = client
+        .invoke_with::<Value>(
+            purista_core::Address::new(&name, "1", "leftover"),
+            Empty,
+            Empty,
+            InvokeOptions::ttl(TTL),
+        )
+        .await;
+    let took = began.elapsed();
+    match result {
+        Ok(v) => panic!("a command of a service whose start failed is still served: {v}"),
+        Err(e) if e.status == StatusCode::BAD_GATEWAY => assert!(
+            took <= TTL + crate::support::LATE_SLACK,
+            "502 came after {took:?}, not fast"
+        ),
+        Err(e) if e.status == StatusCode::GATEWAY_TIMEOUT => assert_on_time("the 504", took, TTL),
+        Err(e) => panic!("the leftover command failed with {e}, not 502 or 504"),
+    }
+    env.finish().await;
+}

@@ -582,3 +582,75 @@ pub async fn worker_settles_jobs_through_the_service(h: Arc<dyn Harness>) {
     }
     env.finish().await;
 }
+
+/// A job enqueued by a command handler runs in the flow of the invocation that enqueued it: the
+/// job handler sees the caller's trace id, principal and tenant.
+pub async fn a_job_runs_in_the_flow_that_enqueued_it(h: Arc<dyn Harness>) {
+    let mut env = TestEnv::new(&h, 2).await;
+    let queue = format!("{}.flow", env.prefix);
+    // (trace, principal, tenant) the job handler saw.
+    type Flow = (Option<String>, Option<String>, Option<String>);
+    let seen: Arc<Collector<Flow>> = Collector::new();
+    let sink = seen.clone();
+    let worker = QueueWorkerDef::new(&queue, move |ctx: JobContext, _n: u64, _p: Empty| {
+        let sink = sink.clone();
+        async move {
+            sink.push((
+                ctx.trace_id().map(str::to_string),
+                ctx.principal_id().map(str::to_string),
+                ctx.tenant_id().map(str::to_string),
+            ));
+            Ok(())
+        }
+    })
+    .config(fast_config())
+    .lease_wait(Duration::from_millis(100));
+    let q = queue.clone();
+    let enqueue_job = purista_core::CommandDef::new(
+        "enqueue",
+        move |ctx: purista_core::Context, n: u64, _p: Empty| {
+            let q = q.clone();
+            async move {
+                ctx.enqueue(&q, n, Empty).await?;
+                Ok(())
+            }
+        },
+    );
+    env.start(
+        0,
+        Service::builder(env.name("worker"), "1")
+            .queue_worker(worker)
+            .command(enqueue_job),
+    )
+    .await;
+    let client = env
+        .start(1, Service::builder(env.name("client"), "1"))
+        .await;
+    let trace = format!("{}-job-trace", env.prefix);
+    let options = purista_core::InvokeOptions {
+        ttl: Some(ARRIVAL),
+        trace_id: Some(trace.clone()),
+        principal_id: Some("user-9".into()),
+        tenant_id: Some("tenant-9".into()),
+    };
+    client
+        .invoke_with::<Value>(
+            purista_core::Address::new(env.name("worker"), "1", "enqueue"),
+            7u64,
+            Empty,
+            options,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("the enqueuing command failed: {e}"));
+    let got = seen.wait_for_len(1, ARRIVAL, "the job running").await;
+    assert_eq!(
+        got[0],
+        (
+            Some(trace),
+            Some("user-9".to_string()),
+            Some("tenant-9".to_string())
+        ),
+        "the job did not run in the flow (trace, principal, tenant) that enqueued it"
+    );
+    env.finish().await;
+}

@@ -371,3 +371,45 @@ pub async fn session_timeout_ends_the_session(h: Arc<dyn Harness>) {
     .await;
     env.finish().await;
 }
+
+/// The session deadline binds the producer too: a producer that ignores the cancel (it never
+/// looks at it and never writes again) is stopped within the grace period after the deadline,
+/// so it does not keep running (in-flight returns to 0).
+pub async fn a_producer_ignoring_the_deadline_is_stopped(h: Arc<dyn Harness>) {
+    const TIMEOUT: Duration = Duration::from_millis(300);
+    let mut env = TestEnv::new(&h, 2).await;
+    let stubborn = StreamDef::new(
+        "stubborn",
+        |_ctx: Context, _i: Empty, _p: Empty, out: StreamWriter| async move {
+            out.write("only chunk").await?;
+            std::future::pending::<()>().await;
+            Ok(())
+        },
+    );
+    let (producer, consumer) = producer_and_consumer(&mut env, vec![stubborn]).await;
+    let started = Instant::now();
+    let mut reader = open(&consumer, addr(&env, "stubborn"), json!({}), TIMEOUT).await;
+    let (_, terminal) = read_all(&mut reader).await;
+    assert_eq!(
+        terminal,
+        StreamItem::TimedOut,
+        "the session did not time out"
+    );
+    eventually(
+        "the producer that ignored the deadline is stopped",
+        TIMEOUT + purista_core::service::PRODUCER_GRACE + ARRIVAL,
+        || {
+            let n = producer.in_flight().by_kind.stream;
+            async move { n == 0 }
+        },
+    )
+    .await;
+    let stopped_after = started.elapsed();
+    assert!(
+        stopped_after
+            <= TIMEOUT + purista_core::service::PRODUCER_GRACE + crate::support::LATE_SLACK * 2,
+        "the producer was stopped {stopped_after:?} after the session began, past its {TIMEOUT:?} deadline plus the {:?} grace",
+        purista_core::service::PRODUCER_GRACE
+    );
+    env.finish().await;
+}
