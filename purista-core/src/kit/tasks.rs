@@ -32,7 +32,7 @@ use crate::inflight::WorkKind;
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// use std::time::Duration;
 /// use purista_core::kit::TaskSet;
-/// use crate::inflight::WorkKind;
+/// use purista_core::WorkKind;
 /// let tasks = TaskSet::new();
 /// assert!(tasks.spawn(WorkKind::Subscription, "orders@1/onPaid".into(), std::future::pending()));
 /// tasks.close(); // nothing new starts
