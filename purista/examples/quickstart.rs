@@ -407,7 +407,7 @@ async fn start_billing(
     let attempts = Arc::new(AtomicU32::new(0));
     let invoices = QueueWorkerDef::new(
         "invoices",
-        move |job: JobContext, invoice: InvoiceJob, _p: Empty| {
+        move |job: JobContext, invoice: InvoiceJob| {
             let notes = job_notes.clone();
             let attempts = attempts.clone();
             async move {
@@ -482,7 +482,7 @@ async fn start_orders(
 
     let history = StreamDef::new(
         "orderHistory",
-        |_ctx: Context, req: serde_json::Value, _p: Empty, out: StreamWriter| async move {
+        |_ctx: Context, req: serde_json::Value, out: StreamWriter| async move {
             for status in ["created", "charged", "invoiced", "packed", "shipped"] {
                 out.write(json!({ "orderId": req["orderId"], "status": status }))
                     .await?;

@@ -4,7 +4,7 @@
 //! and the input, and the parameter if it wants one: `Fn(Context, I)` or `Fn(Context, I, P)`
 //! ([`CommandFn`] picks the shape, the way axum picks a handler's extractors). The runtime
 //! decodes input (a mismatch is a handled 400), runs the handler inside a tracing span, catches
-//! panics, and answers with a success or error response. A handled error (a [`HandledError`]
+//! panics, and answers with a success or error response. A handled error (a [`HandledError`](crate::HandledError)
 //! in an `anyhow::Error`, or a [`BusinessError`](crate::BusinessError) of a contract) reaches
 //! the caller with status, message and data; anything else only as a generic 500, its text
 //! going to the log.
@@ -22,41 +22,14 @@ use tracing::Instrument;
 use super::context::{Context, Shared};
 use super::contract::CommandContract;
 use super::flow::Flow;
-use super::handler::{decode_input, run_guarded, split_body};
+use super::handler::{HandlerArgs, run_guarded, split_body};
 use crate::bridge::CommandHandler;
 use crate::envelope::Envelope;
-use crate::error::{ErrorPayload, Failure, HandledError, IntoFailure, StatusCode};
+use crate::error::{ErrorPayload, Failure, IntoFailure, StatusCode};
 use crate::inflight::InFlightCounter;
 
 pub(crate) type ErasedCommandFn =
     dyn Fn(Context, &Value, &Value) -> BoxFuture<'static, Result<Value, Failure>> + Send + Sync;
-
-/// What a command handler takes after its [`Context`], decoded from the command's body:
-/// `(I,)` for a handler `Fn(Context, I)`, which ignores the parameter, or `(I, P)` for
-/// `Fn(Context, I, P)`. Implemented for those two tuples; you do not implement it.
-pub trait CommandArgs: Sized + Send + 'static {
-    /// Decodes the body's parts; a mismatch is a 400 naming the part.
-    fn decode(payload: &Value, parameter: &Value) -> Result<Self, HandledError>;
-}
-
-impl<I: DeserializeOwned + Send + 'static> CommandArgs for (I,) {
-    fn decode(payload: &Value, _parameter: &Value) -> Result<Self, HandledError> {
-        Ok((decode_input(payload, "payload")?,))
-    }
-}
-
-impl<I, P> CommandArgs for (I, P)
-where
-    I: DeserializeOwned + Send + 'static,
-    P: DeserializeOwned + Send + 'static,
-{
-    fn decode(payload: &Value, parameter: &Value) -> Result<Self, HandledError> {
-        Ok((
-            decode_input(payload, "payload")?,
-            decode_input(parameter, "parameter")?,
-        ))
-    }
-}
 
 /// A command handler: an `async` closure or fn `Fn(Context, I)` or `Fn(Context, I, P)`
 /// returning `Result<O, E>`. Implemented for every such function; `Args` is `(I,)` or
@@ -109,7 +82,7 @@ where
 /// Erases a handler's types: decode, run, encode, and turn its error into a [`Failure`].
 fn erase<Args, O, E, F>(handler: F) -> Arc<ErasedCommandFn>
 where
-    Args: CommandArgs,
+    Args: HandlerArgs,
     O: Serialize + Send + 'static,
     E: IntoFailure,
     F: CommandFn<Args, O, E>,
@@ -157,12 +130,12 @@ pub struct CommandDef {
 
 impl CommandDef {
     /// A command named `name` served by `handler`, a `Fn(Context, I)` or `Fn(Context, I, P)`
-    /// returning `anyhow::Result<O>` (a [`HandledError`] inside the error reaches the caller
+    /// returning `anyhow::Result<O>` (a [`HandledError`](crate::HandledError) inside the error reaches the caller
     /// with its status, message and data). For a command with a shared contract, see
     /// [`CommandContract::handler`].
     pub fn new<Args, O, F>(name: impl Into<String>, handler: F) -> Self
     where
-        Args: CommandArgs,
+        Args: HandlerArgs,
         O: Serialize + Send + 'static,
         F: CommandFn<Args, O, anyhow::Error>,
     {
@@ -304,7 +277,7 @@ where
     /// ```
     pub fn handler<Args, F>(&self, handler: F) -> CommandDef
     where
-        Args: CommandArgs + ContractArgs<I, P>,
+        Args: HandlerArgs + ContractArgs<I, P>,
         F: CommandFn<Args, O, E>,
     {
         CommandDef {

@@ -1,6 +1,7 @@
 //! What every handler runtime shares: the `Empty` filler for handlers without input, decoding
-//! input (a mismatch is a handled 400 naming the part), and the guard that turns a panic in
-//! user code into an error instead of letting it reach a consumer loop.
+//! input (a mismatch is a handled 400 naming the part) into the arguments of a handler with or
+//! without a parameter, and the guard that turns a panic in user code into an error instead of
+//! letting it reach a consumer loop.
 
 use serde::de::{Deserialize, DeserializeOwned, Deserializer, IgnoredAny};
 use serde::{Serialize, Serializer};
@@ -43,6 +44,35 @@ impl Serialize for Empty {
 /// Deserializes handler input; a mismatch is a handled 400 naming the part.
 pub(crate) fn decode_input<T: DeserializeOwned>(v: &Value, part: &str) -> Result<T, HandledError> {
     T::deserialize(v).map_err(|e| HandledError::bad_request(format!("invalid {part}: {e}")))
+}
+
+/// The input a handler takes, decoded from a message's `{payload, parameter}`: `(I,)` for a
+/// handler that ignores the parameter, `(I, P)` for one that takes it. Implemented for those
+/// two tuples; you do not implement it. It is how [`CommandFn`](super::CommandFn),
+/// [`StreamFn`](super::StreamFn) and [`JobFn`](super::JobFn) tell a handler's two shapes
+/// apart.
+pub trait HandlerArgs: Sized + Send + 'static {
+    /// Decodes the parts; a mismatch is a 400 naming the part.
+    fn decode(payload: &Value, parameter: &Value) -> Result<Self, HandledError>;
+}
+
+impl<I: DeserializeOwned + Send + 'static> HandlerArgs for (I,) {
+    fn decode(payload: &Value, _parameter: &Value) -> Result<Self, HandledError> {
+        Ok((decode_input(payload, "payload")?,))
+    }
+}
+
+impl<I, P> HandlerArgs for (I, P)
+where
+    I: DeserializeOwned + Send + 'static,
+    P: DeserializeOwned + Send + 'static,
+{
+    fn decode(payload: &Value, parameter: &Value) -> Result<Self, HandledError> {
+        Ok((
+            decode_input(payload, "payload")?,
+            decode_input(parameter, "parameter")?,
+        ))
+    }
 }
 
 /// Splits a command's `{payload, parameter}` body (missing parts read as `null`).

@@ -44,13 +44,13 @@ mod stream;
 mod subscription;
 
 pub use builder::{Service, ServiceBuilder};
-pub use command::{CommandArgs, CommandDef, CommandFn, ContractArgs};
+pub use command::{CommandDef, CommandFn, ContractArgs};
 pub use context::{Context, InvokeOptions, JobContext, SubscriptionContext};
 pub use contract::CommandContract;
-pub use handler::Empty;
+pub use handler::{Empty, HandlerArgs};
 pub use health::{HealthState, ServiceHealth};
-pub use queue_worker::{IntoJobSettlement, QueueWorkerDef, WorkerMode};
+pub use queue_worker::{IntoJobSettlement, JobFn, QueueWorkerDef, WorkerMode};
 pub use running::RunningService;
 pub use start::StartError;
-pub use stream::{PRODUCER_GRACE, StreamDef};
+pub use stream::{PRODUCER_GRACE, StreamDef, StreamFn};
 pub use subscription::{IntoReply, Reply, SubscriptionDef, registration_key};

@@ -13,14 +13,13 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::{Semaphore, watch};
 use tracing::Instrument;
 
 use super::context::{Context, JobContext, Shared};
 use super::flow::Flow;
-use super::handler::run_guarded;
+use super::handler::{HandlerArgs, run_guarded};
 use crate::capabilities::Need;
 use crate::error::HandledError;
 use crate::inflight::InFlightCounter;
@@ -67,11 +66,46 @@ pub(crate) type ErasedJobFn = dyn Fn(JobContext, &Value, &Value) -> BoxFuture<'s
 #[error("job payload does not match the worker's type: {0}")]
 struct JobPayloadMismatch(String);
 
+/// A job handler: an `async` closure or fn `Fn(JobContext, I)` or `Fn(JobContext, I, P)`
+/// returning `anyhow::Result<R>` with `R` an [`IntoJobSettlement`]. Implemented for every such
+/// function; `Args` is `(I,)` or `(I, P)` and tells the two shapes apart.
+pub trait JobFn<Args, R>: Send + Sync + 'static {
+    /// The handler's future.
+    type Future: Future<Output = anyhow::Result<R>> + Send + 'static;
+
+    /// Runs the handler.
+    fn call(&self, ctx: JobContext, args: Args) -> Self::Future;
+}
+
+impl<F, Fut, I, R> JobFn<(I,), R> for F
+where
+    F: Fn(JobContext, I) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<R>> + Send + 'static,
+{
+    type Future = Fut;
+
+    fn call(&self, ctx: JobContext, (input,): (I,)) -> Fut {
+        self(ctx, input)
+    }
+}
+
+impl<F, Fut, I, P, R> JobFn<(I, P), R> for F
+where
+    F: Fn(JobContext, I, P) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<R>> + Send + 'static,
+{
+    type Future = Fut;
+
+    fn call(&self, ctx: JobContext, (input, parameter): (I, P)) -> Fut {
+        self(ctx, input, parameter)
+    }
+}
+
 /// A queue worker definition.
 ///
 /// ```
-/// use purista_core::service::{JobContext, QueueWorkerDef, WorkerMode, Empty};
-/// let def = QueueWorkerDef::new("emails", |_ctx: JobContext, to: String, _p: Empty| async move {
+/// use purista_core::service::{JobContext, QueueWorkerDef, WorkerMode};
+/// let def = QueueWorkerDef::new("emails", |_ctx: JobContext, to: String| async move {
 ///     println!("sending to {to}");
 ///     Ok(())
 /// })
@@ -90,23 +124,20 @@ pub struct QueueWorkerDef {
 }
 
 impl QueueWorkerDef {
-    /// A worker for `queue`; the handler gets the job payload as `I` and parameter as `P`.
-    pub fn new<I, P, R, F, Fut>(queue: impl Into<String>, handler: F) -> Self
+    /// A worker for `queue`; `handler` is a `Fn(JobContext, I)` or `Fn(JobContext, I, P)` that
+    /// gets the job's payload as `I` (and parameter as `P`). A job whose payload or parameter
+    /// does not match is dead-lettered at once.
+    pub fn new<Args, R, F>(queue: impl Into<String>, handler: F) -> Self
     where
-        I: DeserializeOwned + Send + 'static,
-        P: DeserializeOwned + Send + 'static,
+        Args: HandlerArgs,
         R: IntoJobSettlement + Send + 'static,
-        F: Fn(JobContext, I, P) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = anyhow::Result<R>> + Send + 'static,
+        F: JobFn<Args, R>,
     {
         let handler = Arc::new(handler);
         let erased = move |ctx: JobContext, payload: &Value, parameter: &Value| {
-            let mismatch =
-                |e: serde_json::Error| anyhow::Error::new(JobPayloadMismatch(e.to_string()));
-            let decoded = I::deserialize(payload)
-                .map_err(mismatch)
-                .and_then(|i| Ok((i, P::deserialize(parameter).map_err(mismatch)?)));
-            let fut = decoded.map(|(input, param)| handler(ctx, input, param));
+            let fut = Args::decode(payload, parameter)
+                .map_err(|e| anyhow::Error::new(JobPayloadMismatch(e.message)))
+                .map(|args| handler.call(ctx, args));
             async move { Ok(fut?.await?.into_settlement()) }.boxed()
         };
         QueueWorkerDef {

@@ -19,13 +19,12 @@ use async_trait::async_trait;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tracing::Instrument;
 
 use super::context::{Context, Shared};
 use super::flow::Flow;
-use super::handler::{decode_input, run_guarded, split_body};
+use super::handler::{HandlerArgs, run_guarded, split_body};
 use crate::bridge::{StreamHandler, StreamProducerEnd};
 use crate::envelope::Envelope;
 use crate::error::{ErrorPayload, StatusCode, error_payload_for};
@@ -37,12 +36,47 @@ pub(crate) type ErasedStreamFn = dyn Fn(Context, &Value, &Value, StreamWriter) -
     + Send
     + Sync;
 
+/// A stream producer: an `async` closure or fn `Fn(Context, I, StreamWriter)` or
+/// `Fn(Context, I, P, StreamWriter)` returning `anyhow::Result<O>`. Implemented for every such
+/// function; `Args` is `(I,)` or `(I, P)` and tells the two shapes apart.
+pub trait StreamFn<Args, O>: Send + Sync + 'static {
+    /// The handler's future.
+    type Future: Future<Output = anyhow::Result<O>> + Send + 'static;
+
+    /// Runs the handler.
+    fn call(&self, ctx: Context, args: Args, out: StreamWriter) -> Self::Future;
+}
+
+impl<F, Fut, I, O> StreamFn<(I,), O> for F
+where
+    F: Fn(Context, I, StreamWriter) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<O>> + Send + 'static,
+{
+    type Future = Fut;
+
+    fn call(&self, ctx: Context, (input,): (I,), out: StreamWriter) -> Fut {
+        self(ctx, input, out)
+    }
+}
+
+impl<F, Fut, I, P, O> StreamFn<(I, P), O> for F
+where
+    F: Fn(Context, I, P, StreamWriter) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<O>> + Send + 'static,
+{
+    type Future = Fut;
+
+    fn call(&self, ctx: Context, (input, parameter): (I, P), out: StreamWriter) -> Fut {
+        self(ctx, input, parameter, out)
+    }
+}
+
 /// A stream producer definition.
 ///
 /// ```
-/// use purista_core::service::{Context, Empty, StreamDef};
+/// use purista_core::service::{Context, StreamDef};
 /// use purista_core::stream::StreamWriter;
-/// let def = StreamDef::new("count", |_ctx: Context, to: u32, _p: Empty, out: StreamWriter| async move {
+/// let def = StreamDef::new("count", |_ctx: Context, to: u32, out: StreamWriter| async move {
 ///     for i in 0..to {
 ///         out.write(i).await?;
 ///     }
@@ -56,22 +90,20 @@ pub struct StreamDef {
 }
 
 impl StreamDef {
-    /// A stream endpoint named `name`. The handler's `Ok` value is the session's final value
-    /// (`()` / `null` = none).
-    pub fn new<I, P, O, F, Fut>(name: impl Into<String>, handler: F) -> Self
+    /// A stream endpoint named `name`, produced by `handler`, a `Fn(Context, I, StreamWriter)`
+    /// or `Fn(Context, I, P, StreamWriter)`. The handler's `Ok` value is the session's final
+    /// value (`()` / `null` = none).
+    pub fn new<Args, O, F>(name: impl Into<String>, handler: F) -> Self
     where
-        I: DeserializeOwned + Send + 'static,
-        P: DeserializeOwned + Send + 'static,
+        Args: HandlerArgs,
         O: Serialize + Send + 'static,
-        F: Fn(Context, I, P, StreamWriter) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = anyhow::Result<O>> + Send + 'static,
+        F: StreamFn<Args, O>,
     {
         let handler = Arc::new(handler);
         let erased = move |ctx: Context, payload: &Value, parameter: &Value, w: StreamWriter| {
-            let decoded = decode_input::<I>(payload, "payload")
-                .and_then(|i| Ok((i, decode_input::<P>(parameter, "parameter")?)))
-                .map_err(anyhow::Error::new);
-            let fut = decoded.map(|(input, param)| handler(ctx, input, param, w));
+            let fut = Args::decode(payload, parameter)
+                .map_err(anyhow::Error::new)
+                .map(|args| handler.call(ctx, args, w));
             async move {
                 let out = fut?.await?;
                 serde_json::to_value(out)
