@@ -20,7 +20,7 @@ use purista_core::{
 };
 use serde_json::json;
 
-use common::{Echo, Recorder, TestBroker, dead_letters, eventually, spec};
+use common::{Echo, Recorder, TestBroker, dead_letters, eventually, logs, spec};
 
 /// The payload limit of every bridge in this file; the oversized body exceeds it.
 const LIMIT: usize = 4 * 1024;
@@ -96,17 +96,17 @@ async fn feed(broker: &TestBroker, queue: &str, bad: &[Bad]) {
 /// the warning says happened (`dropped`, `dead-lettered`).
 async fn assert_warned(queue: &str, bad: &[Bad], verdict: &str) {
     for b in bad {
-        let pick = |w: &warnings::Warning| {
+        let pick = |w: &logs::Line| {
             w.field("queue") == Some(queue) && w.mentions(&b.problem) && w.message.contains(verdict)
         };
         assert!(
-            eventually(WITHIN, || !warnings::matching(pick).is_empty()).await,
+            eventually(WITHIN, || !logs::warnings(pick).is_empty()).await,
             "no WARN `{verdict}` naming {queue} and `{}`; captured: {:#?}",
             b.problem,
-            warnings::matching(|w| w.field("queue") == Some(queue))
+            logs::warnings(|w| w.field("queue") == Some(queue))
         );
         assert_eq!(
-            warnings::matching(pick).len(),
+            logs::warnings(pick).len(),
             1,
             "warned once: {}",
             b.problem
@@ -116,7 +116,7 @@ async fn assert_warned(queue: &str, bad: &[Bad], verdict: &str) {
 
 #[tokio::test]
 async fn bad_input_on_a_command_queue_is_dropped_with_a_warning_and_commands_still_run() {
-    warnings::install();
+    logs::install();
     let broker = broker_or_skip!("bad_command_queue");
     let bridge = small_bridge(&broker).await;
     let echo = Echo::new();
@@ -153,7 +153,7 @@ async fn bad_input_on_a_command_queue_is_dropped_with_a_warning_and_commands_sti
 
 #[tokio::test]
 async fn bad_input_on_the_reply_queue_is_dropped_with_a_warning_and_invocations_still_complete() {
-    warnings::install();
+    logs::install();
     let broker = broker_or_skip!("bad_reply_queue");
     let bridge = small_bridge(&broker).await;
     let address = Address::new("orders", "1", "place");
@@ -192,7 +192,7 @@ async fn bad_input_on_the_reply_queue_is_dropped_with_a_warning_and_invocations_
     // The reply queue is exclusive to the bridge's connection (no passive declare from here)
     // and consumed with auto-ack: what was counted is gone.
     assert_warned(&queue, &bad, "dropped").await;
-    let unmatched = warnings::matching(|w| w.field("correlation_id") == Some(&nobody_waits));
+    let unmatched = logs::warnings(|w| w.field("correlation_id") == Some(&nobody_waits));
     assert_eq!(unmatched.len(), 1, "{unmatched:#?}");
     assert!(
         unmatched[0]
@@ -288,7 +288,7 @@ async fn assert_settled(
 
 #[tokio::test]
 async fn bad_input_on_a_shared_subscription_queue_is_dead_lettered_with_reason_and_raw_bytes() {
-    warnings::install();
+    logs::install();
     let broker = broker_or_skip!("bad_shared_dead_letter");
     subscription_queue_case(broker, |s| {
         s.policy.dead_letter_target = Some("sold-poison".into());
@@ -298,21 +298,21 @@ async fn bad_input_on_a_shared_subscription_queue_is_dead_lettered_with_reason_a
 
 #[tokio::test]
 async fn bad_input_on_a_shared_subscription_queue_without_dead_letter_target_is_dropped() {
-    warnings::install();
+    logs::install();
     let broker = broker_or_skip!("bad_shared_drop");
     subscription_queue_case(broker, |_| {}).await;
 }
 
 #[tokio::test]
 async fn bad_input_on_a_broadcast_subscription_queue_is_dropped() {
-    warnings::install();
+    logs::install();
     let broker = broker_or_skip!("bad_broadcast");
     subscription_queue_case(broker, |s| s.shared = false).await;
 }
 
 #[tokio::test]
 async fn bad_input_on_a_durable_subscription_queue_is_dead_lettered() {
-    warnings::install();
+    logs::install();
     let broker = broker_or_skip!("bad_durable");
     subscription_queue_case(broker, |s| {
         s.durable = true;
@@ -323,7 +323,7 @@ async fn bad_input_on_a_durable_subscription_queue_is_dead_lettered() {
 
 #[tokio::test]
 async fn bad_input_in_a_retry_queue_returns_to_its_source_queue_and_is_dead_lettered_there() {
-    warnings::install();
+    logs::install();
     let broker = broker_or_skip!("bad_retry_queue");
     let bridge = small_bridge(&broker).await;
     let mut spec = spec("onSold", SubscriptionFilter::new().event_name("sold"));
@@ -359,7 +359,7 @@ async fn bad_input_in_a_retry_queue_returns_to_its_source_queue_and_is_dead_lett
 
 #[tokio::test]
 async fn bad_input_in_a_dead_letter_queue_is_listed_raw_and_hides_no_entry() {
-    warnings::install();
+    logs::install();
     let broker = broker_or_skip!("bad_dead_letter_queue");
     let bridge = small_bridge(&broker).await;
     let mut spec = spec("onSold", SubscriptionFilter::new().event_name("sold"));
@@ -421,105 +421,4 @@ async fn bad_input_in_a_dead_letter_queue_is_listed_raw_and_hides_no_entry() {
         "dead-letter queues are not consumed"
     );
     broker.finish().await;
-}
-
-/// WARN events of this process, so a test can check that bad input was logged.
-///
-/// One process-wide subscriber (installed before `broker_or_skip!`, whose own log setup then
-/// finds it in place); tests running in parallel find *their* warnings by a value only they use
-/// (the queue name under their unique prefix). With `RUST_LOG` set, events are also printed.
-mod warnings {
-    use std::fmt::Debug;
-    use std::sync::{Arc, OnceLock};
-
-    use parking_lot::Mutex;
-    use tracing::field::{Field, Visit};
-    use tracing::{Event, Level, Subscriber};
-    use tracing_subscriber::filter::LevelFilter;
-    use tracing_subscriber::layer::{Context, SubscriberExt};
-    use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::{EnvFilter, Layer};
-
-    /// One WARN event: its message and its other fields, formatted.
-    #[derive(Debug, Clone, Default)]
-    pub struct Warning {
-        pub message: String,
-        pub fields: Vec<(String, String)>,
-    }
-
-    impl Warning {
-        pub fn field(&self, name: &str) -> Option<&str> {
-            self.fields
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v.as_str())
-        }
-
-        /// True when the message or a field contains `needle`.
-        pub fn mentions(&self, needle: &str) -> bool {
-            self.message.contains(needle) || self.fields.iter().any(|(_, v)| v.contains(needle))
-        }
-    }
-
-    impl Visit for Warning {
-        fn record_str(&mut self, field: &Field, value: &str) {
-            self.record(field, value.to_string());
-        }
-
-        fn record_debug(&mut self, field: &Field, value: &dyn Debug) {
-            self.record(field, format!("{value:?}"));
-        }
-    }
-
-    impl Warning {
-        fn record(&mut self, field: &Field, value: String) {
-            if field.name() == "message" {
-                self.message = value;
-            } else {
-                self.fields.push((field.name().to_string(), value));
-            }
-        }
-    }
-
-    type Store = Arc<Mutex<Vec<Warning>>>;
-
-    static STORE: OnceLock<Store> = OnceLock::new();
-
-    struct Capture(Store);
-
-    impl<S: Subscriber> Layer<S> for Capture {
-        fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
-            if *event.metadata().level() == Level::WARN {
-                let mut warning = Warning::default();
-                event.record(&mut warning);
-                self.0.lock().push(warning);
-            }
-        }
-    }
-
-    /// Installs the capturing subscriber once per process; panics when another one came first.
-    pub fn install() {
-        STORE.get_or_init(|| {
-            let store = Store::default();
-            let print = std::env::var_os("RUST_LOG").map(|_| {
-                tracing_subscriber::fmt::layer()
-                    .with_test_writer()
-                    .with_filter(EnvFilter::from_default_env())
-            });
-            tracing_subscriber::registry()
-                .with(Capture(store.clone()).with_filter(LevelFilter::WARN))
-                .with(print)
-                .try_init()
-                .expect("the warning capture is the first subscriber of this test binary");
-            store
-        });
-    }
-
-    /// The captured warnings for which `pick` holds.
-    pub fn matching(pick: impl Fn(&Warning) -> bool) -> Vec<Warning> {
-        STORE
-            .get()
-            .map(|s| s.lock().iter().filter(|w| pick(w)).cloned().collect())
-            .unwrap_or_default()
-    }
 }

@@ -6,6 +6,8 @@
 //! line and passes, unless `PURISTA_REQUIRE_BROKERS=1`, which turns that into a failure.
 #![allow(dead_code)]
 
+pub mod logs;
+
 use std::net::{TcpStream, ToSocketAddrs};
 use std::process::Command;
 use std::sync::Arc;
@@ -365,10 +367,12 @@ pub async fn dead_letters(
 ) -> Vec<purista_core::DeadLetterEntry> {
     let end = Instant::now() + Duration::from_secs(5);
     loop {
-        let entries = bridge
-            .inspect_dead_letters(target, n + 10)
-            .await
-            .expect("dead letters readable");
+        // While the bridge reconnects, it cannot read: try again until the deadline.
+        let entries = match bridge.inspect_dead_letters(target, n + 10).await {
+            Ok(entries) => entries,
+            Err(error) if error.is_retryable() && Instant::now() < end => Vec::new(),
+            Err(error) => panic!("dead letters readable: {error:?}"),
+        };
         if entries.len() >= n || Instant::now() >= end {
             return entries;
         }
@@ -432,11 +436,20 @@ pub const RABBITMQCTL: &str = "rabbitmqctl";
 /// Closes the broker connection of `bridge` (found by its connection name), as an operator or a
 /// network fault would. Only this bridge's connection: other tests share the broker.
 pub fn close_connection_of(bridge: &AmqpBridge) -> Result<(), String> {
-    let name = format!(
+    close_connection_named(&connection_name(bridge))
+}
+
+/// The name the bridge gives its broker connection.
+pub fn connection_name(bridge: &AmqpBridge) -> String {
+    format!(
         "purista {} {}",
         bridge.topology().prefix(),
         bridge.instance_id()
-    );
+    )
+}
+
+/// Closes the broker connection named `name` (see [`connection_name`]).
+pub fn close_connection_named(name: &str) -> Result<(), String> {
     // Table output: one connection per line, `pid<TAB>client_properties`; the pid is in the
     // `<node.x.y.z>` form `close_connection` takes (the JSON formatter renders it differently).
     let listing = Command::new(RABBITMQCTL)
@@ -449,7 +462,7 @@ pub fn close_connection_of(bridge: &AmqpBridge) -> Result<(), String> {
     let listing = String::from_utf8_lossy(&listing.stdout);
     let pid = listing
         .lines()
-        .find(|line| line.contains(&name))
+        .find(|line| line.contains(name))
         .and_then(|line| line.split('\t').next())
         .map(str::trim)
         .ok_or_else(|| format!("no connection named `{name}` in:\n{listing}"))?
@@ -479,4 +492,74 @@ pub fn rabbitmqctl_usable() -> bool {
         );
     }
     usable
+}
+
+impl TestBroker {
+    /// Publishes `body` with `properties` through the default exchange straight into `queue`,
+    /// as a foreign publisher would, and waits for the broker's confirm.
+    pub async fn publish_with(&self, queue: &str, body: &[u8], properties: lapin::BasicProperties) {
+        let conn = self.raw_connection().await;
+        let ch = conn.create_channel().await.expect("channel");
+        ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .expect("confirm mode");
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                lapin::options::BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .expect("raw publish")
+            .await
+            .expect("raw publish confirmed");
+        assert!(confirm.is_ack(), "the broker took the raw publish");
+        let _ = conn.close(200, "OK".into()).await;
+    }
+
+    /// Declares a plain queue of the test's own (deleted at cleanup).
+    pub async fn own_queue(&self, name: &str) -> String {
+        let queue = format!("{}.own.{name}", self.prefix);
+        let conn = self.raw_connection().await;
+        let ch = conn.create_channel().await.expect("channel");
+        ch.queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("queue declared");
+        let _ = conn.close(200, "OK".into()).await;
+        self.track_queue(queue.clone());
+        queue
+    }
+
+    /// Takes one message from `queue`, waiting up to `within` for one to arrive.
+    pub async fn take_one(&self, queue: &str, within: Duration) -> Option<Vec<u8>> {
+        let conn = self.raw_connection().await;
+        let ch = conn.create_channel().await.expect("channel");
+        let end = Instant::now() + within;
+        let got = loop {
+            let message = ch
+                .basic_get(
+                    queue.into(),
+                    lapin::options::BasicGetOptions {
+                        no_ack: true,
+                    },
+                )
+                .await
+                .expect("basic.get");
+            if let Some(message) = message {
+                break Some(message.delivery.data);
+            }
+            if Instant::now() >= end {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let _ = conn.close(200, "OK".into()).await;
+        got
+    }
 }
