@@ -252,6 +252,10 @@ pub struct AmqpConfig {
     pub max_payload_bytes: usize,
     /// How long connecting may take before an attempt counts as failed (10 s).
     pub connect_timeout: Duration,
+    /// How long one broker call may take (a publish until its confirm, a declaration, a
+    /// consume, a cancel) before it fails with 503 (10 s). `emit` returns by it whatever the
+    /// broker's state (frozen, in a memory alarm).
+    pub broker_timeout: Duration,
     /// First wait between reconnect attempts; doubles per failure (100 ms).
     pub reconnect_initial_delay: Duration,
     /// Longest wait between reconnect attempts (5 s).
@@ -287,6 +291,7 @@ impl AmqpConfig {
             instance_id: None,
             max_payload_bytes: DEFAULT_MAX_ENVELOPE_BYTES,
             connect_timeout: Duration::from_secs(10),
+            broker_timeout: Duration::from_secs(10),
             reconnect_initial_delay: Duration::from_millis(100),
             reconnect_max_delay: Duration::from_secs(5),
             reconnect_grace: Duration::from_secs(10),
@@ -467,6 +472,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("instance_id", &self.instance_id)
             .field("max_payload_bytes", &self.max_payload_bytes)
             .field("connect_timeout", &self.connect_timeout)
+            .field("broker_timeout", &self.broker_timeout)
             .field("reconnect_initial_delay", &self.reconnect_initial_delay)
             .field("reconnect_max_delay", &self.reconnect_max_delay)
             .field("reconnect_grace", &self.reconnect_grace)

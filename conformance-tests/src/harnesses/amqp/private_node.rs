@@ -197,6 +197,42 @@ impl PrivateNode {
         self.boot()
     }
 
+    /// Stops the node (as a crash of the broker host would look to clients that reconnect: a
+    /// refused connection); [`PrivateNode::bring_up`] starts it again from the same directory.
+    pub fn take_down(&self) {
+        self.stop();
+    }
+
+    /// Starts the node again after [`PrivateNode::take_down`]; returns once it accepts
+    /// connections.
+    pub fn bring_up(&self) -> Result<(), String> {
+        self.boot()
+    }
+
+    /// Freezes the node's process (SIGSTOP): connections stay open, nothing is answered, new
+    /// connections are accepted by the kernel but never greeted, as with a broker stalled by
+    /// its host. [`PrivateNode::thaw`] lets it go on.
+    pub fn freeze(&self) -> Result<(), String> {
+        let pid = self.beam_pid().ok_or("the node has no pid file")?;
+        signal(pid, libc::SIGSTOP);
+        Ok(())
+    }
+
+    /// Lets a frozen node go on (SIGCONT).
+    pub fn thaw(&self) -> Result<(), String> {
+        let pid = self.beam_pid().ok_or("the node has no pid file")?;
+        signal(pid, libc::SIGCONT);
+        Ok(())
+    }
+
+    /// Sets the node's memory high watermark (a fraction of the machine's memory). A tiny one
+    /// (`0.000001`) raises the memory alarm at once: the broker blocks every publishing
+    /// connection (`connection.blocked`) until it is set back (RabbitMQ's default is `0.4`).
+    pub fn set_memory_high_watermark(&self, fraction: f64) -> Result<(), String> {
+        self.ctl(&["set_vm_memory_high_watermark", &format!("{fraction}")])
+            .map(drop)
+    }
+
     /// Closes every client connection whose name contains `name_part`; returns how many.
     pub fn close_connections(&self, name_part: &str, reason: &str) -> Result<usize, String> {
         // Table output: one connection per line, `pid<TAB>client_properties`, the pid in the
@@ -305,6 +341,8 @@ impl PrivateNode {
         };
         match pid {
             Some(pid) => {
+                // A frozen node would ignore the SIGTERM until the deadline.
+                signal(pid, libc::SIGCONT);
                 signal(pid, libc::SIGTERM);
                 let began = Instant::now();
                 while alive(pid) && began.elapsed() < STOP_DEADLINE {
@@ -432,6 +470,7 @@ impl PrivateNode {
             n=0
             while [ ! -s "$3" ] && [ $n -lt 40 ]; do sleep 0.5; n=$((n+1)); done
             if pid=$(cat "$3" 2>/dev/null); then
+                kill -CONT "$pid" 2>/dev/null
                 kill -TERM "$pid" 2>/dev/null
                 n=0
                 while kill -0 "$pid" 2>/dev/null && [ $n -lt 60 ]; do sleep 0.5; n=$((n+1)); done
