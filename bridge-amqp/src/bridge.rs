@@ -1,193 +1,58 @@
 //! [`AmqpBridge`]: the [`EventBridge`] surface over RabbitMQ.
 //!
-//! This file validates and stamps what goes out, publishes it (commands mandatory, everything
-//! with confirms), keeps registrations, and runs start and shutdown. The per-concern mechanics
-//! live next door: names and declarations in `topology.rs`, the header projection in
-//! `headers.rs`, confirms in `publish.rs`, consumers and settlements in `consume.rs`, responses
-//! in `reply.rs`, stream sessions in `streams.rs`, dead-letter replay in `replay.rs`, and the
-//! connection supervisor in `reconnect.rs`.
+//! This file checks, stamps and measures what goes out, publishes it (commands mandatory,
+//! everything with confirms), keeps registrations, and starts and stops the bridge. The
+//! mechanics live next door, each in a file of its own that never imports this one: the
+//! shared state by concern in `shared.rs` (the link to the broker in `link.rs`, work in flight
+//! in `work.rs`, counts in `ledger.rs`, poison isolation in `suspects.rs`), names and
+//! declarations in `topology.rs`, the header projection in `headers.rs`, sizes in `budget.rs`,
+//! confirms in `publish.rs`, one connection in `session.rs`, connecting in `connect.rs`,
+//! consumers in `consume.rs`, commands in `serve.rs`, settlements in `settle.rs`, responses in
+//! `reply.rs`, stream sessions in `streams.rs` and `stream_table.rs`, dead-letter queues in
+//! `dead_letters.rs`, the connection supervisor in `reconnect.rs` and shutdown in
+//! `shutdown.rs`.
 //!
-//! Shutdown is one explicit sequence: stop intake (cancel every consumer but the reply
-//! consumer, so pending invocations and open stream sessions can still complete; command and
-//! stream queues this instance was the last to serve are deleted), wait until in-flight work
-//! and this instance's tasks (stream producers among them) are done or the deadline passes,
-//! fail what is still pending with 503 (stream sessions too), delete this instance's queues and
-//! close the connection.
+//! Everything a caller sends is measured before it is published: a body over
+//! `max_payload_bytes` or metadata (properties and headers) over `max_metadata_bytes` is a 400
+//! at the caller, never a broker protocol error (see `budget.rs`).
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use lapin::options::QueueDeleteOptions;
+use lapin::BasicProperties;
 use parking_lot::Mutex;
-use purista_core::kit::{self, TaskSet, deadline_after, endpoint_label};
+use purista_core::kit::{self, deadline_after, endpoint_label};
 use purista_core::{
     Address, BridgeCounters, BridgeError, BridgeHealth, Capabilities, CommandHandler,
     DeadLetterEntry, DeliveryGuarantee, DeliveryHandler, DrainReport, Envelope, EventBridge,
-    FilterSupport, InFlight, InFlightTracker, PausedConsumer, RegistrationKey, ReplayReport,
-    StreamConsumerEnd, StreamHandler, SubscriptionOperator, SubscriptionSpec, WorkKind, ids,
+    FilterSupport, InFlight, PausedConsumer, RegistrationKey, ReplayReport, StreamConsumerEnd,
+    StreamHandler, SubscriptionOperator, SubscriptionSpec, WorkKind, ids,
 };
-use tokio::sync::{OnceCell, watch};
+use tokio::sync::{OnceCell, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::AmqpConfig;
 use crate::consume;
+use crate::dead_letters;
 use crate::headers;
+use crate::link::FirstConnect;
 use crate::publish::{self, Outgoing, Verdict};
-use crate::reconnect::{self, Session};
-use crate::registry::{Kind, Registration, Registry};
-use crate::replay;
-use crate::reply::ReplyInbox;
-use crate::streams::{self, StreamSessions};
-use crate::topology::{self, MAX_NAME_LEN, Topology, millis};
+use crate::reconnect;
+use crate::registry::{ConsumerOp, Kind, Registration};
+use crate::session::Session;
+use crate::shared::Shared;
+use crate::shutdown;
+use crate::streams;
+use crate::topology::{MAX_NAME_LEN, Topology, millis};
 
 /// The bridge name reported by [`EventBridge::name`] and in the capabilities.
 pub const BRIDGE_NAME: &str = "amqp";
 
-/// State shared by the bridge, its supervisor, consumers and settlers.
-pub(crate) struct Shared {
-    pub config: AmqpConfig,
-    pub topology: Topology,
-    pub instance_id: String,
-    /// The live session; `None` while disconnected.
-    pub session: watch::Sender<Option<Arc<Session>>>,
-    pub inbox: ReplyInbox,
-    /// Stream sessions of this instance, both ends, by `correlationId`.
-    pub streams: StreamSessions,
-    pub registry: Registry,
-    /// Serializes consumer changes that talk to the broker (start, restore, pause, resume,
-    /// stop). An async mutex on purpose: those changes are sequences of broker round trips that
-    /// must not interleave; nothing waits for handlers while holding it.
-    pub topology_lock: tokio::sync::Mutex<()>,
-    pub tasks: Arc<TaskSet>,
-    pub tracker: InFlightTracker,
-    pub closing: AtomicBool,
-    last_error: Mutex<Option<String>>,
-    /// Every queue this instance declared, for operators and test cleanup.
-    declared: Mutex<BTreeSet<String>>,
-    poison: AtomicU64,
-    reconnects: AtomicU64,
-    /// The generation of the last reconnect and when the supervisor finished restoring it.
-    reconnected: Mutex<Option<(u64, Instant)>>,
-}
-
-impl Shared {
-    /// The live session, if connected.
-    pub(crate) fn current(&self) -> Option<Arc<Session>> {
-        self.session.borrow().clone().filter(|s| s.is_live())
-    }
-
-    /// Remembers a queue this instance declared.
-    pub(crate) fn record(&self, queue: &str) {
-        let mut declared = self.declared.lock();
-        if !declared.contains(queue) {
-            declared.insert(queue.to_string());
-        }
-    }
-
-    pub(crate) fn count_poison(&self) {
-        self.poison.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Counts a reconnect of the current session and remembers when it happened.
-    pub(crate) fn count_reconnect(&self) {
-        self.reconnects.fetch_add(1, Ordering::Relaxed);
-        if let Some(generation) = self.session.borrow().as_ref().map(|s| s.generation) {
-            *self.reconnected.lock() = Some((generation, Instant::now()));
-        }
-    }
-
-    /// True while `session` is a reconnect younger than the reconnect grace: serving instances
-    /// may not have re-created their command queues yet, so a command without a route is not
-    /// yet proof that nobody serves it. A session the supervisor has not finished restoring
-    /// counts as just reconnected.
-    fn in_reconnect_grace(&self, session: &Session) -> bool {
-        if session.generation <= 1 {
-            return false;
-        }
-        match *self.reconnected.lock() {
-            Some((generation, at)) if generation == session.generation => {
-                at.elapsed() < self.config.reconnect_grace
-            }
-            _ => true,
-        }
-    }
-
-    pub(crate) fn set_last_error(&self, error: String) {
-        *self.last_error.lock() = Some(self.config.scrub(&error));
-    }
-
-    fn connected(&self) -> Result<Arc<Session>, BridgeError> {
-        self.current().ok_or_else(|| {
-            BridgeError::Unavailable(match self.last_error.lock().as_deref() {
-                Some(e) => format!("not connected to the broker ({e})"),
-                None => "not connected to the broker".into(),
-            })
-        })
-    }
-
-    /// Publishes a `mandatory` message that must reach a queue (a command, a stream's open
-    /// frame) for `receiver`: unroutable is [`BridgeError::NoHandler`] (502) at once, except in
-    /// the reconnect grace, where it is published again after short pauses (a returned message
-    /// reached no queue, so this cannot duplicate it); nacked is [`BridgeError::Refused`]. The
-    /// caller bounds the whole by its ttl.
-    pub(crate) async fn publish_routed(
-        &self,
-        mut session: Arc<Session>,
-        out: Outgoing<'_>,
-        receiver: &Address,
-    ) -> Result<(), BridgeError> {
-        let mut pause = UNROUTED_RETRY_FIRST;
-        loop {
-            let attempt = Outgoing {
-                properties: out.properties.clone(),
-                ..out
-            };
-            match session.publish(attempt).await? {
-                Verdict::Confirmed => return Ok(()),
-                Verdict::Returned { .. } if self.in_reconnect_grace(&session) => {
-                    tracing::debug!(%receiver, retry_in = ?pause, "no route right after a reconnect; trying again");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(UNROUTED_RETRY_MAX);
-                    session = self.connected()?;
-                }
-                Verdict::Returned { .. } => {
-                    return Err(BridgeError::NoHandler(receiver.to_string()));
-                }
-                Verdict::Nacked => return Err(BridgeError::Refused(receiver.to_string())),
-            }
-        }
-    }
-
-    /// Publishes a command's response to the exchange: subscriptions see it through the header
-    /// projection, the caller's reply queue through the `replyTo` header.
-    pub(crate) async fn publish_response(
-        &self,
-        response: &Envelope,
-        reply_to: Option<&str>,
-    ) -> Result<(), BridgeError> {
-        let session = self.connected()?;
-        let body = response.encode();
-        let verdict = session
-            .publish(Outgoing {
-                exchange: self.topology.exchange(),
-                routing_key: "",
-                mandatory: false,
-                body: &body,
-                properties: publish::response_properties(response, reply_to),
-            })
-            .await?;
-        match verdict {
-            Verdict::Nacked => Err(BridgeError::Broker(
-                "the broker refused the response".into(),
-            )),
-            _ => Ok(()),
-        }
-    }
-}
+/// Broker calls one registration's start may take: `register` waits that many
+/// `broker_timeout`s for it.
+const START_CALLS: u32 = 8;
 
 /// One bridge instance on a RabbitMQ broker. Make it with [`AmqpBridge::new`], then
 /// [`start`](EventBridge::start) it (a service's start does that).
@@ -228,42 +93,20 @@ pub(crate) fn capabilities(config: &AmqpConfig) -> Capabilities {
     caps.command_delivery = DeliveryGuarantee::AtMostOnce;
     caps.subscription_delivery = DeliveryGuarantee::AtLeastOnce;
     caps.limits.max_payload_bytes = Some(config.max_payload_bytes);
+    caps.limits.max_metadata_bytes = Some(config.max_metadata_bytes);
     caps.limits.max_name_len = Some(MAX_NAME_LEN);
     caps
 }
-
-/// First wait before publishing an unroutable command again during the reconnect grace.
-const UNROUTED_RETRY_FIRST: Duration = Duration::from_millis(20);
-/// Longest wait between those publishes.
-const UNROUTED_RETRY_MAX: Duration = Duration::from_millis(320);
 
 impl AmqpBridge {
     /// A bridge with `config`; nothing connects until [`EventBridge::start`].
     pub fn new(config: AmqpConfig) -> Result<Self, crate::ConfigError> {
         config.validate()?;
         let instance_id = config.instance_id.clone().unwrap_or_else(ids::new_id);
-        let topology = Topology::new(&config, &instance_id);
         let (stop, _) = watch::channel(false);
         Ok(AmqpBridge {
             capabilities: capabilities(&config),
-            shared: Arc::new(Shared {
-                topology,
-                instance_id,
-                session: watch::Sender::new(None),
-                inbox: ReplyInbox::default(),
-                streams: StreamSessions::default(),
-                registry: Registry::default(),
-                topology_lock: tokio::sync::Mutex::new(()),
-                tasks: TaskSet::new(),
-                tracker: InFlightTracker::new(),
-                closing: AtomicBool::new(false),
-                last_error: Mutex::new(None),
-                declared: Mutex::new(BTreeSet::new()),
-                poison: AtomicU64::new(0),
-                reconnects: AtomicU64::new(0),
-                reconnected: Mutex::new(None),
-                config,
-            }),
+            shared: Arc::new(Shared::new(config, instance_id)),
             supervisor: Mutex::new(None),
             stop,
             drained: OnceCell::new(),
@@ -290,32 +133,34 @@ impl AmqpBridge {
     /// others outlive the instance by design, so a test that wants a clean broker deletes
     /// these and [`Topology::exchange`].
     pub fn declared_queues(&self) -> Vec<String> {
-        self.shared.declared.lock().iter().cloned().collect()
+        self.shared.ledger.declared()
     }
 
     /// True while connected to the broker.
     pub fn is_connected(&self) -> bool {
-        self.shared.current().is_some()
+        self.shared.link.current().is_some()
     }
 
     /// How often the connection was re-established after a loss.
     pub fn reconnects(&self) -> u64 {
-        self.shared.reconnects.load(Ordering::Relaxed)
+        self.shared.link.reconnects()
     }
 
     /// Poison deliveries: bytes that do not decode as an envelope (including bodies over
-    /// `max_payload_bytes`) on any consumed queue, and valid envelopes on a queue they do not
-    /// belong on (a non-command on a command queue, a non-response on the reply queue). Each
-    /// was dead-lettered or dropped with a warning.
+    /// `max_payload_bytes`) on any consumed queue, valid envelopes on a queue they do not
+    /// belong on (a non-command on a command queue, a non-response on the reply queue),
+    /// messages too large to be retried, dead-lettered or answered with the bridge's own
+    /// headers, and deliveries quarantined after the connection closed twice while they were
+    /// in hand. Each was dead-lettered or dropped with a warning.
     pub fn poison_messages(&self) -> u64 {
-        self.shared.poison.load(Ordering::Relaxed)
+        self.shared.ledger.poison()
     }
 
     /// Responses that reached this instance after their invocation ended, or with a
     /// `correlationId` nobody waits for, and stream frames for a session this instance does not
     /// have (any more); each was ignored with a warning.
     pub fn unmatched_responses(&self) -> u64 {
-        self.shared.inbox.unmatched() + self.shared.streams.unmatched()
+        self.shared.work.inbox.unmatched() + self.shared.work.streams.unmatched()
     }
 
     /// Publishes raw bytes as if another PURISTA process had sent them: a valid envelope is
@@ -324,8 +169,8 @@ impl AmqpBridge {
     pub async fn publish_raw(&self, bytes: &[u8]) -> Result<(), BridgeError> {
         self.ensure_open()?;
         let envelope = Envelope::decode_with_limit(bytes, self.shared.config.max_payload_bytes)?;
-        let session = self.shared.connected()?;
         let properties = publish::properties(&envelope, headers::project(&envelope));
+        let session = self.checked_session(&properties)?;
         let verdict = session
             .publish(Outgoing {
                 exchange: self.shared.topology.exchange(),
@@ -344,24 +189,16 @@ impl AmqpBridge {
         }
     }
 
-    /// The queue of dead-letter target `target` and the live session, for the operator calls.
+    /// The queue behind dead-letter target `target` and the live session, for the operator
+    /// calls.
     fn dead_letter_queue(&self, target: &str) -> Result<(String, Arc<Session>), BridgeError> {
         self.ensure_open()?;
-        if target.is_empty() {
-            return Err(BridgeError::InvalidRequest(
-                "a dead-letter target needs a name".into(),
-            ));
-        }
-        let queue = self.shared.topology.dead_letter_queue(target);
-        topology::name(&queue)?;
-        Ok((queue, self.shared.connected()?))
+        let queue = self.shared.topology.dead_letter_queue(target)?;
+        Ok((queue, self.shared.link.connected()?))
     }
 
     fn ensure_open(&self) -> Result<(), BridgeError> {
-        if self.shared.closing.load(Ordering::Acquire) {
-            return Err(BridgeError::Unavailable("bridge shut down".into()));
-        }
-        Ok(())
+        self.shared.work.ensure_open()
     }
 
     fn stamp(&self, envelope: &mut Envelope) {
@@ -374,125 +211,62 @@ impl AmqpBridge {
         Ok(body)
     }
 
+    /// The live session, once `properties` (what a caller is about to send besides the body)
+    /// are measured against the declared metadata limit and the session's own: over either is
+    /// [`BridgeError::TooLarge`] (400), checked before the connection so that a caller learns
+    /// it whatever the broker's state.
+    fn checked_session(&self, properties: &BasicProperties) -> Result<Arc<Session>, BridgeError> {
+        let size = publish::metadata_len(properties);
+        kit::check_metadata(size, &self.capabilities.limits)?;
+        let session = self.shared.link.connected()?;
+        session.budget.check_caller(size)?;
+        Ok(session)
+    }
+
     /// Adds a registration and, when connected, starts its consumer at once so that broker
-    /// errors (a conflicting queue, a name too long) reach the caller.
-    async fn register(&self, reg: Arc<Registration>) -> Result<(), BridgeError> {
-        let _topology = self.shared.topology_lock.lock().await;
+    /// errors (a conflicting queue) reach the caller.
+    async fn register(
+        &self,
+        reg: Arc<Registration>,
+        ops: mpsc::UnboundedReceiver<ConsumerOp>,
+    ) -> Result<(), BridgeError> {
         self.ensure_open()?;
+        let registry = &self.shared.registry;
         let added = match reg.kind {
-            Kind::Command { .. } => self.shared.registry.add_command(reg.clone()),
-            Kind::Stream { .. } => self.shared.registry.add_stream(reg.clone()),
-            Kind::Subscription { .. } => self.shared.registry.add_subscription(reg.clone()),
+            Kind::Command { .. } => registry.add_command(reg.clone()),
+            Kind::Stream { .. } => registry.add_stream(reg.clone()),
+            Kind::Subscription { .. } => registry.add_subscription(reg.clone()),
         };
         if !added {
             return Err(BridgeError::AlreadyRegistered(reg.label.to_string()));
         }
-        if let Some(session) = self.shared.current()
-            && let Err(error) = consume::start_locked(&self.shared, &reg, &session).await
-        {
-            match reg.kind {
-                Kind::Command { .. } => self.shared.registry.remove_command(&reg.label),
-                Kind::Stream { .. } => self.shared.registry.remove_stream(&reg.label),
-                Kind::Subscription { .. } => self.shared.registry.remove_subscription(&reg.label),
-            };
-            reg.state.lock().removed = true;
-            consume::cancel_locked(&reg).await;
-            reg.retired.send_replace(true);
-            return Err(error);
+        let forget = || match reg.kind {
+            Kind::Command { .. } => registry.remove_command(&reg.label),
+            Kind::Stream { .. } => registry.remove_stream(&reg.label),
+            Kind::Subscription { .. } => registry.remove_subscription(&reg.label),
+        };
+        if !consume::start_keeper(&self.shared, &reg, ops) {
+            forget();
+            return Err(BridgeError::Unavailable("bridge shut down".into()));
+        }
+        if let Some(session) = self.shared.link.current() {
+            let timeout = session.timeout * START_CALLS;
+            if let Err(error) = consume::request_start(&reg, session, timeout).await {
+                forget();
+                let deadline = deadline_after(self.shared.config.broker_timeout);
+                consume::request_stop(&reg, deadline).await;
+                return Err(error);
+            }
         }
         Ok(())
     }
 
-    async fn drain(&self, deadline: Instant) -> DrainReport {
-        let began = Instant::now();
-        self.shared.closing.store(true, Ordering::Release);
-        let registrations = self.shared.registry.drain();
-        {
-            let _topology = self.shared.topology_lock.lock().await;
-            for reg in &registrations {
-                reg.state.lock().removed = true;
-                consume::cancel_locked(reg).await;
-            }
-            // Commands and streams this instance was the last to serve fail with 502 from now
-            // on.
-            if let Some(session) = self.shared.current() {
-                for reg in registrations.iter().filter(|r| r.is_endpoint()) {
-                    topology::retire_command_queue(&session.connection, &reg.queue).await;
-                }
-            }
-            for reg in &registrations {
-                reg.retired.send_replace(true);
-            }
+    async fn unregister(&self, reg: Option<Arc<Registration>>) -> Result<(), BridgeError> {
+        if let Some(reg) = reg {
+            let deadline = deadline_after(self.shared.config.default_command_timeout);
+            consume::request_stop(&reg, deadline).await;
         }
-        let idle = self.shared.tracker.wait_idle(deadline).await;
-        self.shared.tasks.close();
-        let tasks_done = self.shared.tasks.wait_empty(deadline).await;
-        let mut still_running = self.shared.tracker.running();
-        let rejected = self
-            .shared
-            .inbox
-            .close(&BridgeError::Unavailable("bridge shutting down".into()));
-        let abandoned = self.shared.streams.running_producers();
-        self.shared.streams.end_all("bridge shutting down", true);
-        let aborted = self.shared.tasks.abort_all();
-        // Sessions this instance still served are gone with their tasks: tell their openers.
-        if !abandoned.is_empty() {
-            let reason = "the producing bridge instance shut down";
-            streams::abandon_producers(&self.shared, &abandoned, reason).await;
-        }
-        if !aborted.is_empty() {
-            tracing::warn!(
-                instance_id = %self.shared.instance_id,
-                aborted = aborted.len(),
-                "shutdown deadline passed: remaining bridge tasks aborted"
-            );
-        }
-        still_running.extend(aborted);
-        let _ = self.stop.send(true);
-        let supervisor = self.supervisor.lock().take();
-        if let Some(supervisor) = supervisor {
-            let _ = tokio::time::timeout(Duration::from_secs(1), supervisor).await;
-        }
-        if let Some(session) = self.shared.session.send_replace(None) {
-            self.delete_instance_queues(&session, &registrations).await;
-            session.close().await;
-        }
-        DrainReport {
-            completed: idle && tasks_done,
-            still_running,
-            rejected_invocations: rejected,
-            waited_ms: millis(began.elapsed()),
-        }
-    }
-
-    /// Deletes what belongs to this instance alone: its reply queue and its non-durable
-    /// broadcast queues.
-    async fn delete_instance_queues(&self, session: &Session, registrations: &[Arc<Registration>]) {
-        if !session.is_live() {
-            return;
-        }
-        let Ok(channel) = session.admin_channel().await else {
-            return;
-        };
-        let mut queues = vec![self.shared.topology.reply_queue()];
-        queues.extend(
-            registrations
-                .iter()
-                .filter(|r| r.spec().is_some_and(|s| !s.shared && !s.durable))
-                .map(|r| r.queue.to_string()),
-        );
-        for queue in queues {
-            let Ok(queue_name) = topology::name(&queue) else {
-                continue;
-            };
-            if let Err(error) = channel
-                .queue_delete(queue_name, QueueDeleteOptions::default())
-                .await
-            {
-                tracing::debug!(%queue, %error, "deleting an instance queue failed");
-                return;
-            }
-        }
+        Ok(())
     }
 }
 
@@ -500,18 +274,19 @@ impl Drop for AmqpBridge {
     fn drop(&mut self) {
         // Dropped without (or after) shutdown: stop the supervisor and every task; the
         // connection closes when its last handle goes.
-        self.shared.closing.store(true, Ordering::Release);
+        self.shared.work.close();
         let _ = self.stop.send(true);
         if let Some(supervisor) = self.supervisor.lock().take() {
             supervisor.abort();
         }
-        self.shared.tasks.close();
-        self.shared.tasks.abort_all();
+        self.shared.work.tasks.close();
+        self.shared.work.tasks.abort_all();
         self.shared
+            .work
             .inbox
             .close(&BridgeError::Unavailable("bridge dropped".into()));
-        self.shared.streams.end_all("bridge dropped", true);
-        self.shared.session.send_replace(None);
+        self.shared.work.streams.end_all("bridge dropped", true);
+        self.shared.link.replace(None);
     }
 }
 
@@ -536,7 +311,7 @@ impl SubscriptionOperator for AmqpBridge {
         key: &RegistrationKey,
     ) -> Result<bool, BridgeError> {
         match self.shared.registry.subscription(key.as_str()) {
-            Some(reg) => consume::resume(&self.shared, &reg).await,
+            Some(reg) => consume::request_resume(&reg).await,
             None => Ok(false),
         }
     }
@@ -546,16 +321,9 @@ impl SubscriptionOperator for AmqpBridge {
         target: &str,
         limit: usize,
     ) -> Result<Vec<DeadLetterEntry>, BridgeError> {
-        let session = self.shared.connected()?;
-        let queue = self.shared.topology.dead_letter_queue(target);
-        consume::peek_dead_letters(
-            &session,
-            &queue,
-            target,
-            limit,
-            self.shared.config.max_payload_bytes,
-        )
-        .await
+        let (queue, session) = self.dead_letter_queue(target)?;
+        let max_bytes = self.shared.config.max_payload_bytes;
+        dead_letters::peek(&session, &queue, target, limit, max_bytes).await
     }
 
     /// Replays up to `limit` messages of dead-letter target `target`
@@ -600,21 +368,15 @@ impl SubscriptionOperator for AmqpBridge {
         limit: usize,
     ) -> Result<ReplayReport, BridgeError> {
         let (queue, session) = self.dead_letter_queue(target)?;
-        replay::replay_dead_letters(
-            &session,
-            &self.shared.topology,
-            &queue,
-            limit,
-            self.shared.config.max_payload_bytes,
-        )
-        .await
+        let max_bytes = self.shared.config.max_payload_bytes;
+        dead_letters::replay(&session, &self.shared.topology, &queue, limit, max_bytes).await
     }
 
     /// Deletes every message of dead-letter target `target` (`P.<target>.dead-letter`);
     /// a missing queue purges nothing.
     async fn purge_dead_letters(&self, target: &str) -> Result<usize, BridgeError> {
         let (queue, session) = self.dead_letter_queue(target)?;
-        let purged = topology::purge_queue(&session, &queue).await?;
+        let purged = dead_letters::purge(&session, &queue).await?;
         tracing::info!(%queue, purged, "dead letters purged");
         Ok(purged)
     }
@@ -639,12 +401,15 @@ impl EventBridge for AmqpBridge {
     }
 
     /// Starts the connection supervisor and waits for the first connection (at most the
-    /// connect timeout). Idempotent; after a failed start the supervisor keeps trying.
+    /// connect timeout). Idempotent. A broker that refuses this client (wrong credentials, an
+    /// unknown virtual host) fails it at its first answer with a non-retryable
+    /// [`BridgeError::Client`]; after any other failure the supervisor keeps trying.
     async fn start(&self) -> Result<(), BridgeError> {
         self.ensure_open()?;
         {
             let mut supervisor = self.supervisor.lock();
-            if supervisor.is_none() {
+            if supervisor.as_ref().is_none_or(JoinHandle::is_finished) {
+                self.shared.link.retry_first();
                 let shared = self.shared.clone();
                 *supervisor = Some(tokio::spawn(reconnect::supervise(
                     shared,
@@ -652,20 +417,31 @@ impl EventBridge for AmqpBridge {
                 )));
             }
         }
-        let mut session = self.shared.session.subscribe();
+        let mut first = self.shared.link.first_connect();
         let wait = self.shared.config.connect_timeout + Duration::from_secs(1);
-        match tokio::time::timeout(wait, session.wait_for(|s| s.is_some())).await {
-            Ok(Ok(_)) => Ok(()),
+        let settled = tokio::time::timeout(
+            wait,
+            first.wait_for(|f| !matches!(f, FirstConnect::Pending)),
+        )
+        .await;
+        match settled {
+            Ok(Ok(outcome)) => match &*outcome {
+                FirstConnect::Refused(error) => Err(error.clone()),
+                _ => Ok(()),
+            },
             _ => {
-                Err(self.shared.connected().err().unwrap_or_else(|| {
+                Err(self.shared.link.connected().err().unwrap_or_else(|| {
                     BridgeError::Unavailable("not connected to the broker".into())
                 }))
             }
         }
     }
 
+    /// `Healthy` while connected and the broker takes messages; unhealthy, with the reason,
+    /// while disconnected, while the broker blocks publishing (a memory or disk alarm) or does
+    /// not answer, before start and after shutdown.
     async fn health(&self) -> BridgeHealth {
-        if self.shared.closing.load(Ordering::Acquire) {
+        if self.shared.work.is_closing() {
             return BridgeHealth::Unhealthy {
                 reason: "shut down".into(),
             };
@@ -675,27 +451,28 @@ impl EventBridge for AmqpBridge {
                 reason: "not started".into(),
             };
         }
-        match self.shared.connected() {
-            Ok(_) => BridgeHealth::Healthy,
-            Err(error) => BridgeHealth::Unhealthy {
-                reason: error.to_string(),
-            },
+        match self.shared.link.problem().await {
+            None => BridgeHealth::Healthy,
+            Some(reason) => BridgeHealth::Unhealthy { reason },
         }
     }
 
+    /// Publishes an event with confirms; returns within `broker_timeout` whatever the broker's
+    /// state (503 when it does not confirm in time).
     async fn emit(&self, mut message: Envelope) -> Result<(), BridgeError> {
         self.ensure_open()?;
         kit::check_emittable(&message)?;
         self.stamp(&mut message);
         let body = self.encode_checked(&message)?;
-        let session = self.shared.connected()?;
+        let properties = publish::properties(&message, headers::project(&message));
+        let session = self.checked_session(&properties)?;
         let verdict = session
             .publish(Outgoing {
                 exchange: self.shared.topology.exchange(),
                 routing_key: "",
                 mandatory: false,
                 body: &body,
-                properties: publish::properties(&message, headers::project(&message)),
+                properties,
             })
             .await?;
         match verdict {
@@ -715,20 +492,24 @@ impl EventBridge for AmqpBridge {
         self.stamp(&mut command);
         let correlation_id = kit::correlation_id(&mut command).to_string();
         let body = self.encode_checked(&command)?;
-        let session = self.shared.connected()?;
-        let (_pending, reply) = self.shared.inbox.wait_for(&correlation_id)?;
-        let label: Arc<str> = receiver.to_string().into();
-        let _in_flight = self.shared.tracker.start(WorkKind::Command, &label);
         let reply_queue = self.shared.topology.reply_queue();
+        let properties = publish::command_properties(&command, reply_queue, ttl_ms);
+        let session = self.checked_session(&properties)?;
+        let (_pending, reply) = self.shared.work.inbox.wait_for(&correlation_id)?;
+        let label: Arc<str> = receiver.to_string().into();
+        let _in_flight = self.shared.work.tracker.start(WorkKind::Command, &label);
         let waited = tokio::time::timeout_at(deadline, async {
             let out = Outgoing {
                 exchange: self.shared.topology.exchange(),
                 routing_key: "",
                 mandatory: true,
                 body: &body,
-                properties: publish::command_properties(&command, &reply_queue, ttl_ms),
+                properties,
             };
-            self.shared.publish_routed(session, out, &receiver).await?;
+            self.shared
+                .link
+                .publish_routed(session, out, &receiver)
+                .await?;
             reply
                 .await
                 .unwrap_or_else(|_| Err(BridgeError::Unavailable("bridge shutting down".into())))
@@ -748,27 +529,16 @@ impl EventBridge for AmqpBridge {
         address: Address,
         handler: Arc<dyn CommandHandler>,
     ) -> Result<(), BridgeError> {
-        let queue = self.shared.topology.command_queue(&address);
-        topology::name(&queue)?;
+        let queue = self.shared.topology.command_queue(&address)?;
         let label = endpoint_label(&address);
-        self.register(Registration::new(
-            &label,
-            &queue,
-            Kind::Command { address, handler },
-        ))
-        .await
+        let (reg, ops) = Registration::new(&label, &queue, Kind::Command { address, handler });
+        self.register(reg, ops).await
     }
 
     async fn unregister_command(&self, address: &Address) -> Result<(), BridgeError> {
-        if let Some(reg) = self
-            .shared
-            .registry
-            .remove_command(&endpoint_label(address))
-        {
-            let deadline = deadline_after(self.shared.config.default_command_timeout);
-            consume::stop(&self.shared, reg, deadline).await;
-        }
-        Ok(())
+        let label = endpoint_label(address);
+        self.unregister(self.shared.registry.remove_command(&label))
+            .await
     }
 
     async fn register_subscription(
@@ -776,29 +546,22 @@ impl EventBridge for AmqpBridge {
         spec: SubscriptionSpec,
         handler: Arc<dyn DeliveryHandler>,
     ) -> Result<(), BridgeError> {
-        let queue = self.shared.topology.subscription_queue(&spec);
-        topology::name(&queue)?;
+        let queue = self.shared.topology.subscription_queue(&spec)?;
         if let Some(target) = &spec.policy.dead_letter_target {
-            topology::name(&self.shared.topology.dead_letter_queue(target))?;
+            self.shared.topology.dead_letter_queue(target)?;
         }
         let key = spec.key.to_string();
-        self.register(Registration::new(
-            &key,
-            &queue,
-            Kind::Subscription {
-                spec: Box::new(spec),
-                handler,
-            },
-        ))
-        .await
+        let kind = Kind::Subscription {
+            spec: Box::new(spec),
+            handler,
+        };
+        let (reg, ops) = Registration::new(&key, &queue, kind);
+        self.register(reg, ops).await
     }
 
     async fn unregister_subscription(&self, key: &RegistrationKey) -> Result<(), BridgeError> {
-        if let Some(reg) = self.shared.registry.remove_subscription(key.as_str()) {
-            let deadline = deadline_after(self.shared.config.default_command_timeout);
-            consume::stop(&self.shared, reg, deadline).await;
-        }
-        Ok(())
+        self.unregister(self.shared.registry.remove_subscription(key.as_str()))
+            .await
     }
 
     /// Serves stream sessions for `address` from its stream queue (competing consumers: each
@@ -808,23 +571,16 @@ impl EventBridge for AmqpBridge {
         address: Address,
         handler: Arc<dyn StreamHandler>,
     ) -> Result<(), BridgeError> {
-        let queue = self.shared.topology.stream_queue(&address);
-        topology::name(&queue)?;
+        let queue = self.shared.topology.stream_queue(&address)?;
         let label = endpoint_label(&address);
-        self.register(Registration::new(
-            &label,
-            &queue,
-            Kind::Stream { address, handler },
-        ))
-        .await
+        let (reg, ops) = Registration::new(&label, &queue, Kind::Stream { address, handler });
+        self.register(reg, ops).await
     }
 
     async fn unregister_stream(&self, address: &Address) -> Result<(), BridgeError> {
-        if let Some(reg) = self.shared.registry.remove_stream(&endpoint_label(address)) {
-            let deadline = deadline_after(self.shared.config.default_command_timeout);
-            consume::stop(&self.shared, reg, deadline).await;
-        }
-        Ok(())
+        let label = endpoint_label(address);
+        self.unregister(self.shared.registry.remove_stream(&label))
+            .await
     }
 
     /// Stamps `sender.instanceId` on the open frame (id and timestamp stay as core built them),
@@ -839,25 +595,24 @@ impl EventBridge for AmqpBridge {
         let body = self.encode_checked(&open)?;
         // Straight to the endpoint's stream queue through the default exchange: no
         // subscription queue ever gets a stream frame, and no queue means nobody serves it.
-        let stream_queue = self.shared.topology.stream_queue(&receiver);
-        topology::name(&stream_queue)?;
-        let session = self.shared.connected()?;
-        let label: Arc<str> = endpoint_label(&receiver).into();
-        let in_flight = self.shared.tracker.start(WorkKind::Stream, &label);
-        let origin = streams::origin(&receiver, &self.shared.instance_id);
-        let (end, watch) = self.shared.streams.open_consumer(
-            &correlation_id,
-            open.sender.clone(),
-            origin,
-            in_flight,
-        )?;
+        let stream_queue = self.shared.topology.stream_queue(&receiver)?;
         let reply_queue = self.shared.topology.reply_queue();
         // An open frame that waited in its queue longer than a default session (its servers
         // vanished without leaving) is not served after its reader most likely gave up.
         let ttl_ms = millis(self.shared.config.default_command_timeout).max(1);
         let properties = publish::properties(&open, headers::project(&open))
-            .with_reply_to(reply_queue.as_str().into())
+            .with_reply_to(reply_queue.into())
             .with_expiration(ttl_ms.to_string().into());
+        let session = self.checked_session(&properties)?;
+        let label: Arc<str> = endpoint_label(&receiver).into();
+        let in_flight = self.shared.work.tracker.start(WorkKind::Stream, &label);
+        let origin = streams::origin(&receiver, &self.shared.instance_id);
+        let (end, watch) = self.shared.work.streams.open_consumer(
+            &correlation_id,
+            open.sender.clone(),
+            origin,
+            in_flight,
+        )?;
         let deadline = deadline_after(self.shared.config.default_command_timeout);
         let published = tokio::time::timeout_at(deadline, async {
             let out = Outgoing {
@@ -867,7 +622,10 @@ impl EventBridge for AmqpBridge {
                 body: &body,
                 properties,
             };
-            self.shared.publish_routed(session, out, &receiver).await
+            self.shared
+                .link
+                .publish_routed(session, out, &receiver)
+                .await
         })
         .await
         .unwrap_or_else(|_| {
@@ -876,18 +634,19 @@ impl EventBridge for AmqpBridge {
             )))
         });
         if let Err(error) = published {
-            self.shared.streams.remove_consumer(&correlation_id);
+            self.shared.work.streams.remove_consumer(&correlation_id);
             return Err(error);
         }
         let watcher = tokio::spawn(streams::watch_consumer(self.shared.clone(), watch));
         self.shared
+            .work
             .streams
             .attach_watcher(&correlation_id, watcher.abort_handle());
         Ok(end)
     }
 
     fn in_flight(&self) -> InFlight {
-        self.shared.tracker.snapshot()
+        self.shared.work.tracker.snapshot()
     }
 
     fn counters(&self) -> BridgeCounters {
@@ -898,9 +657,14 @@ impl EventBridge for AmqpBridge {
         }
     }
 
+    /// Drains and closes the bridge (see `shutdown.rs`); returns by `deadline` whatever the
+    /// broker's state.
     async fn shutdown(&self, deadline: Instant) -> DrainReport {
         self.drained
-            .get_or_init(|| self.drain(deadline))
+            .get_or_init(|| async {
+                let supervisor = self.supervisor.lock().take();
+                shutdown::drain(&self.shared, &self.stop, supervisor, deadline).await
+            })
             .await
             .clone()
     }

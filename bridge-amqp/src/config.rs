@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use purista_core::envelope::DEFAULT_MAX_ENVELOPE_BYTES;
+
+use crate::budget::{DEFAULT_MAX_METADATA_BYTES, LARGEST_MAX_METADATA_BYTES};
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -71,6 +73,17 @@ pub enum ConfigError {
         /// What is wrong with its content.
         reason: String,
     },
+    /// `max_metadata_bytes` leaves no room in RabbitMQ's frame for the bridge's own headers.
+    #[error(
+        "max_metadata_bytes of {0} is over {LARGEST_MAX_METADATA_BYTES}: the bridge's own headers and the broker's must still fit one frame"
+    )]
+    MetadataLimit(usize),
+    /// The instance id `dead-letter` would name a reply queue like the dead-letter queue of a
+    /// target named `reply`.
+    #[error(
+        "the instance id `dead-letter` is reserved: its reply queue would be a dead-letter queue's name"
+    )]
+    ReservedInstanceId,
     /// Only one of the client certificate and its private key is set in the environment.
     #[error("{given} is set but {missing} is not: a client certificate needs its private key")]
     IncompleteClientIdentity {
@@ -250,6 +263,13 @@ pub struct AmqpConfig {
     pub instance_id: Option<String>,
     /// Largest encoded envelope this bridge sends or accepts (1 MiB).
     pub max_payload_bytes: usize,
+    /// Largest metadata a caller may send beside the body: the AMQP properties, headers
+    /// included, as encoded (96 KiB). It must leave room within RabbitMQ's frame (131 072
+    /// bytes) for the bridge's own headers and the broker's, so it is at most
+    /// [`LARGEST_MAX_METADATA_BYTES`](crate::LARGEST_MAX_METADATA_BYTES); a broker configured
+    /// with a smaller `frame_max` lowers it further (with a warning at connect). Over it,
+    /// `emit`, `invoke` and `open_stream` fail with 400 before anything is sent.
+    pub max_metadata_bytes: usize,
     /// How long connecting may take before an attempt counts as failed (10 s).
     pub connect_timeout: Duration,
     /// How long one broker call may take (a publish until its confirm, a declaration, a
@@ -290,6 +310,7 @@ impl AmqpConfig {
             command_prefetch: DEFAULT_COMMAND_PREFETCH,
             instance_id: None,
             max_payload_bytes: DEFAULT_MAX_ENVELOPE_BYTES,
+            max_metadata_bytes: DEFAULT_MAX_METADATA_BYTES,
             connect_timeout: Duration::from_secs(10),
             broker_timeout: Duration::from_secs(10),
             reconnect_initial_delay: Duration::from_millis(100),
@@ -424,8 +445,9 @@ impl AmqpConfig {
         redact_url(&self.url)
     }
 
-    /// Checks the scheme, the prefix and the TLS settings, reading every TLS file: a missing
-    /// or unusable one is reported here, naming the file, not as a failed connect later.
+    /// Checks the scheme, the prefix, the metadata limit, the instance id and the TLS settings,
+    /// reading every TLS file: a missing or unusable one is reported here, naming the file, not
+    /// as a failed connect later.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let scheme = self.url.split_once("://").map(|(s, _)| s);
         if !matches!(scheme, Some("amqp" | "amqps")) {
@@ -446,6 +468,12 @@ impl AmqpConfig {
             && !valid(exchange)
         {
             return Err(ConfigError::InvalidPrefix(exchange.clone()));
+        }
+        if self.max_metadata_bytes > LARGEST_MAX_METADATA_BYTES {
+            return Err(ConfigError::MetadataLimit(self.max_metadata_bytes));
+        }
+        if self.instance_id.as_deref() == Some("dead-letter") {
+            return Err(ConfigError::ReservedInstanceId);
         }
         self.tls.load()?;
         Ok(())
@@ -471,6 +499,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("command_prefetch", &self.command_prefetch)
             .field("instance_id", &self.instance_id)
             .field("max_payload_bytes", &self.max_payload_bytes)
+            .field("max_metadata_bytes", &self.max_metadata_bytes)
             .field("connect_timeout", &self.connect_timeout)
             .field("broker_timeout", &self.broker_timeout)
             .field("reconnect_initial_delay", &self.reconnect_initial_delay)

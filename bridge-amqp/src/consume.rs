@@ -1,74 +1,145 @@
-//! Consumers: one channel and one consumer loop per registration, and the settlements of what
-//! they deliver.
+//! Consumers: one channel, one consumer loop and one *keeper* per registration.
 //!
 //! Every registration consumes its queue on its own channel with manual acks and a prefetch
 //! (the broker never hands one instance more unacknowledged messages than that, which also
-//! bounds how many handlers run at once). The loop decodes each delivery and runs the handler
-//! in a task. A delivery that does not decode (not JSON, wrong field types, an unknown
-//! `messageType`, a body over `max_payload_bytes`, which is refused by its size before any
-//! parsing), or a valid envelope that is not a command on a command queue, is poison: it is
+//! bounds how many handlers run at once). The loop hands each delivery on at once — commands
+//! to `serve.rs`, stream open frames to `streams.rs`, subscription deliveries to their handler
+//! here, settled through `settle.rs` — so it never waits for a handler.
+//!
+//! The keeper is the one task that changes the registration's consumer on the broker: it
+//! takes [`ConsumerOp`]s (start, pause, resume, stop) in order and carries each out, every
+//! broker call bounded by the bridge's `broker_timeout`. So a restore after a reconnect never
+//! races a resume or a pause into two consumers, and nothing holds a lock while the broker is
+//! asked: the supervisor and shutdown hand the keeper an op and wait for its answer at most
+//! until their own deadline.
+//!
+//! Each delivery is checked against the poison watch (`suspects.rs`) first: a suspect (in hand
+//! when a connection died) waits for its registration's turn and is handled alone; a delivery
+//! in hand at two losses is quarantined without reaching its handler.
+//!
+//! A delivery that does not decode (not JSON, wrong field types, an unknown `messageType`, a
+//! body over `max_payload_bytes`, which is refused by its size before any parsing) is poison:
 //! counted (`poison_messages`), dead-lettered with the reason in a header where the
 //! subscription has a dead-letter target, otherwise acked and dropped, each with a warning that
-//! names the queue; the loop goes on. Commands have no dead-letter target: poison there is
-//! always dropped. A stream queue's deliveries are open frames: each is acked at once and its
-//! session runs in a task of its own (`streams.rs`), so the prefetch does not bound sessions.
-//!
-//! Settlements are translated, not decided (core's failure policy decides):
-//!
-//! | settlement | on the broker |
-//! |---|---|
-//! | ack, drop | `basic.ack` |
-//! | redeliver, no delay | republish to the queue with `x-purista-attempt` + 1, then ack |
-//! | redeliver after a delay | republish to `<queue>.retry.<ms>` (message TTL = delay, dead-letters back to the queue), then ack |
-//! | dead letter | publish to `P.<target>.dead-letter` with reason, attempts, origin and source-queue headers, then ack |
-//! | pause | cancel the consumer, then `basic.nack` with requeue: the message waits in the queue |
-//!
-//! A republish is confirmed before the original is acked, so a crash in between duplicates
-//! rather than loses. Nothing is ever requeued to a running consumer of the same queue, so there
-//! is no hot redelivery loop.
-//!
-//! Commands are served at most once: a command the broker redelivers (its first consumer went
-//! away mid-handling) is answered with 503 instead of being run a second time, and a command
-//! whose ttl passed while it waited in the client's prefetch buffer is dropped unserved. A
-//! command that reaches an instance after it began to unregister is not requeued (that would
-//! mark it redelivered) but handed back as a fresh copy with the rest of its ttl.
+//! names the queue; the loop goes on.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
+use lapin::Acker;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
-    BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Acker, BasicProperties, Channel};
 use purista_core::envelope::now_ms;
+use purista_core::kit::broker_call;
 use purista_core::{
-    BridgeError, CommandHandler, DeadLetterEntry, DeadLetterNote, Delivery, DeliveryHandler,
-    Envelope, ErrorPayload, MessageType, PausedConsumer, SettleOnce, Settlement, Settler,
-    StatusCode, WorkKind, ids,
+    BridgeError, DeadLetterNote, Delivery, DeliveryHandler, Envelope, MessageType, PausedConsumer,
+    SettleOnce, Settlement, Settler, WorkKind,
 };
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 
-use crate::bridge::Shared;
 use crate::headers;
-use crate::publish::{self, Outgoing, Verdict};
-use crate::reconnect::Session;
-use crate::registry::{Kind, Registration};
+use crate::registry::{ConsumerOp, Kind, Registration};
+use crate::serve;
+use crate::session::Session;
+use crate::settle::AmqpSettler;
+use crate::shared::Shared;
 use crate::streams;
-use crate::topology::{self, millis, name};
+use crate::suspects::{DeliveryId, InHand, Standing};
+use crate::topology::{self, name};
+
+/// Why a quarantined delivery never reaches its handler again.
+pub(crate) const QUARANTINED: &str = "quarantined: the connection to the broker closed twice \
+    while this message was being handled";
+
+/// The broker-call deadline left before `deadline`.
+pub(crate) fn within(timeout: Duration, deadline: Instant) -> Duration {
+    timeout.min(deadline.saturating_duration_since(Instant::now()))
+}
+
+/// Runs the keeper of `reg` until it is stopped: carries out its consumer changes in order.
+pub(crate) async fn keep(
+    shared: Arc<Shared>,
+    reg: Arc<Registration>,
+    mut ops: mpsc::UnboundedReceiver<ConsumerOp>,
+) {
+    while let Some(op) = ops.recv().await {
+        match op {
+            ConsumerOp::Start { session, done } => {
+                let started = start(&shared, &reg, &session).await;
+                match done {
+                    Some(done) => {
+                        let _ = done.send(started);
+                    }
+                    None => {
+                        if let Err(error) = started {
+                            tracing::warn!(registration = %reg.label, %error, "starting a consumer failed");
+                        }
+                    }
+                }
+            }
+            ConsumerOp::Pause { reason, done } => {
+                pause(&shared, &reg, reason).await;
+                let _ = done.send(());
+            }
+            ConsumerOp::Resume { done } => {
+                let _ = done.send(resume(&shared, &reg).await);
+            }
+            ConsumerOp::Stop { deadline, done } => {
+                retire(&shared, &reg, deadline).await;
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+                // Whoever still waits on this keeper (a handler pausing its consumer) gets its
+                // answer now, not after the cleanup that waits for that very handler.
+                ops.close();
+                while let Ok(op) = ops.try_recv() {
+                    refuse(op);
+                }
+                clean_up(&shared, &reg, deadline).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Answers an op that came after the registration stopped.
+fn refuse(op: ConsumerOp) {
+    match op {
+        ConsumerOp::Start { done, .. } => {
+            if let Some(done) = done {
+                let _ = done.send(Ok(()));
+            }
+        }
+        ConsumerOp::Pause { done, .. } => {
+            let _ = done.send(());
+        }
+        ConsumerOp::Resume { done } => {
+            let _ = done.send(Ok(false));
+        }
+        ConsumerOp::Stop { done, .. } => {
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
+        }
+    }
+}
 
 /// Starts `reg`'s consumer on `session`, declaring its queue and bindings first. Does nothing
-/// when it is paused, removed or already consuming on this session. Caller holds the topology
-/// lock.
-pub(crate) async fn start_locked(
+/// when it is paused, removed, already consuming on this session, or `session` is no longer
+/// the current one.
+async fn start(
     shared: &Arc<Shared>,
     reg: &Arc<Registration>,
     session: &Arc<Session>,
 ) -> Result<(), BridgeError> {
+    let current = shared.link.current().map(|s| s.generation);
+    if current != Some(session.generation) {
+        return Ok(());
+    }
     let reusable = {
         let state = reg.state.lock();
         if state.removed || state.paused.is_some() {
@@ -86,20 +157,20 @@ pub(crate) async fn start_locked(
             _ => None,
         }
     };
+    let timeout = session.timeout;
     let channel = match reusable {
         Some(channel) => channel,
         None => {
-            let channel =
-                session.connection.create_channel().await.map_err(|e| {
-                    BridgeError::Unavailable(format!("opening a channel failed: {e}"))
-                })?;
-            channel
-                .basic_qos(
-                    reg.prefetch(shared.config.command_prefetch),
-                    BasicQosOptions::default(),
-                )
-                .await
-                .map_err(|e| topology::broker_error("setting prefetch for", &reg.queue, &e))?;
+            let channel = session.new_channel().await?;
+            let prefetch = reg.prefetch(shared.config.command_prefetch);
+            session
+                .call("setting a prefetch", async {
+                    channel
+                        .basic_qos(prefetch, BasicQosOptions::default())
+                        .await
+                        .map_err(|e| topology::broker_error("setting prefetch for", &reg.queue, &e))
+                })
+                .await?;
             channel
         }
     };
@@ -107,28 +178,34 @@ pub(crate) async fn start_locked(
     // declarations are idempotent.
     match &reg.kind {
         Kind::Command { address, .. } => {
-            topology::declare_command_queue(&channel, &shared.topology, address).await?;
+            topology::declare_command_queue(&channel, &shared.topology, address, timeout).await?;
         }
         Kind::Stream { address, .. } => {
-            topology::declare_stream_queue(&channel, &shared.topology, address).await?;
+            topology::declare_stream_queue(&channel, &shared.topology, address, timeout).await?;
         }
         Kind::Subscription { spec, .. } => {
-            topology::declare_subscription_queue(&channel, &shared.topology, spec).await?;
+            topology::declare_subscription_queue(&channel, &shared.topology, spec, timeout).await?;
             if let Some(target) = &spec.policy.dead_letter_target {
-                shared.record(&shared.topology.dead_letter_queue(target));
+                shared
+                    .ledger
+                    .record(&shared.topology.dead_letter_queue(target)?);
             }
         }
     }
-    shared.record(&reg.queue);
-    let consumer = channel
-        .basic_consume(
-            name(&reg.queue)?,
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| topology::broker_error("consuming", &reg.queue, &e))?;
+    shared.ledger.record(&reg.queue);
+    let consumer = session
+        .call("starting a consumer", async {
+            channel
+                .basic_consume(
+                    name(&reg.queue)?,
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| topology::broker_error("consuming", &reg.queue, &e))
+        })
+        .await?;
     {
         let mut state = reg.state.lock();
         state.channel = Some((session.generation, channel.clone()));
@@ -140,17 +217,17 @@ pub(crate) async fn start_locked(
         Kind::Stream { .. } => WorkKind::Stream,
         Kind::Subscription { .. } => WorkKind::Subscription,
     };
-    if !shared.tasks.spawn(kind, reg.label.clone(), run) {
-        cancel_locked(reg).await;
+    if !shared.work.tasks.spawn(kind, reg.label.clone(), run) {
+        cancel(reg, timeout).await;
         return Err(BridgeError::Unavailable("bridge shut down".into()));
     }
     tracing::debug!(registration = %reg.label, queue = %reg.queue, generation = session.generation, "consuming");
     Ok(())
 }
 
-/// Cancels `reg`'s consumer (if any); its channel stays open for in-flight settlements.
-/// Caller holds the topology lock.
-pub(crate) async fn cancel_locked(reg: &Registration) {
+/// Cancels `reg`'s consumer (if any) within `timeout`; its channel stays open for in-flight
+/// settlements.
+async fn cancel(reg: &Registration, timeout: Duration) {
     let (channel, tag) = {
         let mut state = reg.state.lock();
         (
@@ -158,19 +235,26 @@ pub(crate) async fn cancel_locked(reg: &Registration) {
             state.tag.take(),
         )
     };
-    if let (Some(channel), Some(tag)) = (channel, tag)
-        && channel.status().connected()
-        && let Err(error) = channel
+    let (Some(channel), Some(tag)) = (channel, tag) else {
+        return;
+    };
+    if !channel.status().connected() {
+        return;
+    }
+    let cancelled = broker_call(timeout, "cancelling a consumer", async {
+        channel
             .basic_cancel(tag, BasicCancelOptions::default())
             .await
-    {
+            .map_err(|e| topology::broker_error("cancelling the consumer of", &reg.queue, &e))
+    })
+    .await;
+    if let Err(error) = cancelled {
         tracing::debug!(registration = %reg.label, %error, "cancelling consumer failed");
     }
 }
 
 /// Pauses a subscription consumer (`stop_consumer`): nothing is delivered to it until resumed.
-pub(crate) async fn pause(shared: &Arc<Shared>, reg: &Registration, reason: String) {
-    let _topology = shared.topology_lock.lock().await;
+async fn pause(shared: &Shared, reg: &Registration, reason: String) {
     {
         let mut state = reg.state.lock();
         if state.paused.is_some() || state.removed {
@@ -182,22 +266,18 @@ pub(crate) async fn pause(shared: &Arc<Shared>, reg: &Registration, reason: Stri
             paused_at: now_ms(),
         });
     }
-    cancel_locked(reg).await;
+    cancel(reg, shared.config.broker_timeout).await;
     tracing::warn!(registration = %reg.label, %reason, "subscription consumer paused");
 }
 
 /// Resumes a paused consumer. `Ok(false)` when it was not paused.
-pub(crate) async fn resume(
-    shared: &Arc<Shared>,
-    reg: &Arc<Registration>,
-) -> Result<bool, BridgeError> {
-    let _topology = shared.topology_lock.lock().await;
+async fn resume(shared: &Arc<Shared>, reg: &Arc<Registration>) -> Result<bool, BridgeError> {
     let Some(paused) = reg.state.lock().paused.take() else {
         return Ok(false);
     };
     // While disconnected the next restore starts it; otherwise start it now.
-    if let Some(session) = shared.current()
-        && let Err(error) = start_locked(shared, reg, &session).await
+    if let Some(session) = shared.link.current()
+        && let Err(error) = start(shared, reg, &session).await
     {
         reg.state.lock().paused = Some(paused);
         return Err(error);
@@ -206,52 +286,49 @@ pub(crate) async fn resume(
     Ok(true)
 }
 
-/// Stops a registration for good: cancels its consumer now, and once its running handlers have
-/// settled (or `deadline` passed) closes its channel and deletes a per-instance queue.
-pub(crate) async fn stop(
-    shared: &Arc<Shared>,
-    reg: Arc<Registration>,
-    deadline: tokio::time::Instant,
-) {
+/// Stops a registration for good: cancels its consumer and retires its queue when this
+/// instance was the last to serve it (each bounded by `deadline`).
+async fn retire(shared: &Shared, reg: &Registration, deadline: Instant) {
+    let timeout = shared.config.broker_timeout;
+    reg.state.lock().removed = true;
+    cancel(reg, within(timeout, deadline)).await;
+    if reg.is_endpoint()
+        && let Some(session) = shared.link.current()
     {
-        let _topology = shared.topology_lock.lock().await;
-        reg.state.lock().removed = true;
-        cancel_locked(&reg).await;
-        if reg.is_endpoint()
-            && let Some(session) = shared.current()
-        {
-            topology::retire_command_queue(&session.connection, &reg.queue).await;
-        }
-        reg.retired.send_replace(true);
+        topology::retire_command_queue(&session.connection, &reg.queue, within(timeout, deadline))
+            .await;
     }
-    let delete_queue = reg.spec().is_some_and(|s| !s.shared && !s.durable);
-    let label = reg.label.clone();
-    let cleanup = async move {
-        if !reg.activity.wait_idle(deadline).await {
-            tracing::warn!(registration = %reg.label, "handlers still running when their channel closes");
-        }
-        let channel = reg.state.lock().channel.take();
-        if let Some((_, channel)) = channel
-            && channel.status().connected()
-        {
-            if delete_queue
-                && let Err(error) = channel
-                    .queue_delete(name_or_skip(&reg.queue), QueueDeleteOptions::default())
-                    .await
-            {
-                tracing::debug!(queue = %reg.queue, %error, "deleting the instance queue failed");
-            }
-            let _ = channel.close(200, "OK".into()).await;
-        }
-    };
-    if !shared.tasks.spawn(WorkKind::Generic, label, cleanup) {
-        tracing::debug!("bridge shut down: registration cleanup skipped");
-    }
+    reg.retired.send_replace(true);
 }
 
-fn name_or_skip(queue: &str) -> lapin::types::ShortString {
-    // The queue was declared under this name, so it fits.
-    lapin::types::ShortString::try_new(queue).unwrap_or_default()
+/// Once a stopped registration's running handlers have settled (or `deadline` passed), closes
+/// its channel and deletes a per-instance queue.
+async fn clean_up(shared: &Shared, reg: &Registration, deadline: Instant) {
+    let timeout = shared.config.broker_timeout;
+    if !reg.activity.wait_idle(deadline).await {
+        tracing::warn!(registration = %reg.label, "handlers still running when their channel closes");
+    }
+    let delete_queue = reg.spec().is_some_and(|s| !s.shared && !s.durable);
+    let channel = reg.state.lock().channel.take();
+    let Some((_, channel)) = channel else { return };
+    if !channel.status().connected() {
+        return;
+    }
+    let closed = broker_call(within(timeout, deadline), "closing a channel", async {
+        if delete_queue
+            && let Err(error) = channel
+                .queue_delete(name(&reg.queue)?, QueueDeleteOptions::default())
+                .await
+        {
+            tracing::debug!(queue = %reg.queue, %error, "deleting the instance queue failed");
+        }
+        let _ = channel.close(200, "OK".into()).await;
+        Ok(())
+    })
+    .await;
+    if let Err(error) = closed {
+        tracing::debug!(registration = %reg.label, %error, "closing a registration's channel");
+    }
 }
 
 /// The consumer loop of one registration on one connection generation.
@@ -272,11 +349,17 @@ async fn run_consumer(
                 break;
             }
         };
-        if shared.closing.load(Ordering::Acquire) || reg.refuses_deliveries() {
+        let id = DeliveryId::of(&reg.queue, &delivery.properties, &delivery.data);
+        let standing = shared.suspects.standing(&id);
+        // A suspect counts as in hand only once it has its turn (`Taken::turn`): waiting for
+        // it, it cannot be what brings the connection down.
+        let held =
+            (standing != Standing::Suspect).then(|| shared.suspects.hold(generation, id.clone()));
+        if shared.work.is_closing() || reg.refuses_deliveries() {
             // Paused, unregistered or shutting down, and the cancel is still on its way: hand
             // the message back (another instance, or the resumed consumer, gets it).
             match reg.kind {
-                Kind::Command { .. } => hand_back_command(&shared, &reg, delivery).await,
+                Kind::Command { .. } => serve::hand_back_command(&shared, &reg, delivery).await,
                 // An open frame is served whether redelivered or not (it is acked before its
                 // handler runs), so a plain requeue hands it to another instance.
                 Kind::Stream { .. } | Kind::Subscription { .. } => {
@@ -285,22 +368,60 @@ async fn run_consumer(
             }
             continue;
         }
+        let taken = Taken {
+            delivery,
+            id,
+            held,
+            generation,
+        };
+        if let Standing::Quarantined { losses } = standing {
+            quarantine(&shared, &reg, taken, losses);
+            continue;
+        }
         match &reg.kind {
             Kind::Command { handler, .. } => {
-                serve_command(&shared, &reg, handler.clone(), delivery);
+                serve::serve_command(&shared, &reg, handler.clone(), taken);
             }
             Kind::Stream { handler, .. } => {
-                streams::serve_open(&shared, &reg, handler.clone(), delivery);
+                streams::serve_open(&shared, &reg, handler.clone(), taken);
             }
             Kind::Subscription { handler, .. } => {
-                deliver(&shared, &reg, handler.clone(), delivery, generation);
+                deliver(&shared, &reg, handler.clone(), taken);
             }
         }
     }
     tracing::debug!(registration = %reg.label, generation, "consumer stopped");
 }
 
-async fn requeue(acker: &Acker) {
+/// A delivery taken from a queue, with its place in the poison watch.
+pub(crate) struct Taken {
+    pub delivery: lapin::message::Delivery,
+    id: DeliveryId,
+    /// In hand until settled; `None` for a suspect until it has its turn.
+    pub held: Option<InHand>,
+    /// The connection generation it came on; its acker only works there.
+    pub generation: u64,
+}
+
+impl Taken {
+    /// For a suspect (in hand at an earlier connection loss): waits for the registration's
+    /// turn and only then counts it as in hand, so that it is handled alone.
+    pub(crate) async fn turn(
+        &mut self,
+        shared: &Shared,
+        reg: &Registration,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if self.held.is_some() {
+            return None;
+        }
+        let permit = reg.turn.clone().acquire_owned().await.ok();
+        self.held = Some(shared.suspects.hold(self.generation, self.id.clone()));
+        permit
+    }
+}
+
+/// Hands a delivery back to its queue.
+pub(crate) async fn requeue(acker: &Acker) {
     let options = BasicNackOptions {
         requeue: true,
         ..BasicNackOptions::default()
@@ -310,224 +431,57 @@ async fn requeue(acker: &Acker) {
     }
 }
 
-async fn ack(acker: &Acker) -> Result<(), BridgeError> {
+/// Acks a delivery.
+pub(crate) async fn ack(acker: &Acker) -> Result<(), BridgeError> {
     acker
-        .ack(BasicAckOptions::default())
+        .ack(lapin::options::BasicAckOptions::default())
         .await
         .map(|_| ())
-        .map_err(|e| BridgeError::Unavailable(format!("ack failed: {e}")))
+        .map_err(|e| BridgeError::client("ack failed", e, true))
 }
 
-/// Decodes a delivery of a command queue. Anything but a command is poison: counted and
-/// warned about here; the caller acks (drops) it.
-fn decode_command(shared: &Shared, reg: &Registration, data: &[u8]) -> Option<Envelope> {
-    match Envelope::decode_with_limit(data, shared.config.max_payload_bytes) {
-        Ok(command) if command.message_type == MessageType::Command => Some(command),
-        Ok(other) => {
-            shared.count_poison();
-            tracing::warn!(registration = %reg.label, queue = %reg.queue, message_id = %other.id, message_type = %other.message_type, "non-command on a command queue dropped");
-            None
-        }
-        Err(error) => {
-            shared.count_poison();
-            tracing::warn!(registration = %reg.label, queue = %reg.queue, %error, bytes = data.len(), "undecodable command dropped");
-            None
-        }
-    }
-}
-
-/// True when the command's ttl (the AMQP expiration its caller set) has passed.
-fn expired(command: &Envelope, properties: &BasicProperties) -> bool {
-    let ttl = properties
-        .expiration()
+/// Keeps a delivery that was in hand at `losses` connection losses from its handler: a
+/// subscription's goes to its dead-letter target with the reason (or is dropped), a command or
+/// open frame is dropped; each with a warning, counted as poison. After a third loss (the
+/// quarantine itself closed the connection) it is only acked away.
+fn quarantine(shared: &Arc<Shared>, reg: &Arc<Registration>, taken: Taken, losses: u32) {
+    shared.ledger.count_poison();
+    let target = reg.spec().and_then(|s| s.policy.dead_letter_target.clone());
+    let message_id = taken
+        .delivery
+        .properties
+        .message_id()
         .as_ref()
-        .and_then(|e| e.as_str().parse::<u64>().ok());
-    ttl.is_some_and(|ttl| command.timestamp.saturating_add(ttl) < now_ms())
-}
-
-/// Runs one command delivery in a task: handler, response, ack.
-fn serve_command(
-    shared: &Arc<Shared>,
-    reg: &Arc<Registration>,
-    handler: Arc<dyn CommandHandler>,
-    delivery: lapin::message::Delivery,
-) {
-    let shared_task = shared.clone();
-    let reg_task = reg.clone();
-    // Counted from now, not from when the task first runs: an unregister must not close the
-    // channel under a command that is about to be served.
-    let active = reg.activity.enter();
-    let run = async move {
-        let (shared, reg) = (shared_task, reg_task);
-        let _active = active;
-        let lapin::message::Delivery {
-            data,
-            properties,
-            acker,
-            redelivered,
-            ..
-        } = delivery;
-        let Some(command) = decode_command(&shared, &reg, &data) else {
-            let _ = ack(&acker).await;
-            return;
-        };
-        if expired(&command, &properties) {
-            tracing::debug!(registration = %reg.label, correlation_id = command.correlation_id.as_deref().unwrap_or(""), "command expired before it was served; dropped");
-            let _ = ack(&acker).await;
-            return;
+        .map(|id| id.to_string())
+        .unwrap_or_default();
+    let settlement = match target {
+        Some(target) if losses < 3 => {
+            tracing::warn!(registration = %reg.label, queue = %reg.queue, %message_id, losses, "delivery quarantined and dead-lettered: the connection closed twice while it was in hand");
+            Settlement::DeadLetter(DeadLetterNote {
+                target,
+                reason: QUARANTINED.into(),
+                attempts: headers::attempt(taken.delivery.properties.headers().as_ref()),
+                origin: reg.label.to_string(),
+            })
         }
-        let command = Arc::new(command);
-        let response = if redelivered {
-            tracing::warn!(
-                registration = %reg.label,
-                correlation_id = command.correlation_id.as_deref().unwrap_or(""),
-                "redelivered command answered with 503: the instance that took it went away, and commands are not retried"
-            );
-            unhandled(&command, StatusCode::SERVICE_UNAVAILABLE)
-        } else {
-            match AssertUnwindSafe(handler.handle(command.clone()))
-                .catch_unwind()
-                .await
-            {
-                Ok(response) => response,
-                Err(_) => {
-                    tracing::error!(registration = %reg.label, correlation_id = command.correlation_id.as_deref().unwrap_or(""), "command handler panicked; answering 500");
-                    unhandled(&command, StatusCode::INTERNAL_SERVER_ERROR)
-                }
+        _ => {
+            tracing::warn!(registration = %reg.label, queue = %reg.queue, %message_id, losses, "delivery quarantined and dropped: the connection closed while it was in hand, again and again");
+            Settlement::Drop {
+                reason: QUARANTINED.into(),
             }
-        };
-        respond(&shared, &reg, &command, response, &properties).await;
-        if let Err(error) = ack(&acker).await {
-            tracing::debug!(registration = %reg.label, %error, "acking a served command failed");
         }
     };
-    if !shared
+    let settler = AmqpSettler::new(shared, reg, taken, None);
+    let label = reg.label.clone();
+    let run = async move {
+        if let Err(error) = Box::new(settler).settle(settlement).await {
+            tracing::debug!(registration = %label, %error, "settling a quarantined delivery failed");
+        }
+    };
+    shared
+        .work
         .tasks
-        .spawn(WorkKind::Command, reg.label.clone(), run)
-    {
-        tracing::debug!(registration = %reg.label, "bridge shut down: command left to the broker");
-    }
-}
-
-/// Stamps a command's response as this instance's and publishes it to the caller.
-async fn respond(
-    shared: &Shared,
-    reg: &Registration,
-    command: &Envelope,
-    mut response: Envelope,
-    properties: &BasicProperties,
-) {
-    response.id = ids::new_id();
-    response.timestamp = now_ms();
-    response.sender.instance_id.clone_from(&shared.instance_id);
-    if response.correlation_id.is_none() {
-        response.correlation_id = command.correlation_id.clone();
-    }
-    if response.receiver.is_none() {
-        response.receiver = Some(command.sender.to_address());
-    }
-    let reply_to = properties.reply_to().as_ref().map(|r| r.to_string());
-    if let Err(error) = shared
-        .publish_response(&response, reply_to.as_deref())
-        .await
-    {
-        tracing::warn!(registration = %reg.label, correlation_id = response.correlation_id.as_deref().unwrap_or(""), %error, "response could not be published");
-    }
-}
-
-/// How long a hand-back waits for the unregister or shutdown to deal with the queue.
-const RETIRE_WAIT: Duration = Duration::from_secs(5);
-
-/// Returns a command this instance took but never started (it is unregistering or shutting
-/// down) to its queue for another instance.
-///
-/// A plain requeue would mark it redelivered, and the next instance would refuse it as
-/// possibly run before; a fresh copy with the rest of its ttl is served normally. When no
-/// instance is left (the last one deletes the queue on its way out), the caller is answered
-/// with 503 at once.
-async fn hand_back_command(
-    shared: &Arc<Shared>,
-    reg: &Registration,
-    delivery: lapin::message::Delivery,
-) {
-    let lapin::message::Delivery {
-        data,
-        properties,
-        acker,
-        ..
-    } = delivery;
-    let Some(command) = decode_command(shared, reg, &data) else {
-        let _ = ack(&acker).await;
-        return;
-    };
-    // Hand it back only once the queue's fate is settled: published before the last server
-    // deleted the queue, it would go down with it and its caller would wait for the ttl.
-    let mut retired = reg.retired.subscribe();
-    if tokio::time::timeout(RETIRE_WAIT, retired.wait_for(|done| *done))
-        .await
-        .is_err()
-    {
-        tracing::debug!(registration = %reg.label, "queue retirement still running; handing the command back anyway");
-    }
-    let ttl = properties
-        .expiration()
-        .as_ref()
-        .and_then(|e| e.as_str().parse::<u64>().ok());
-    let remaining = ttl.map(|ttl| {
-        command
-            .timestamp
-            .saturating_add(ttl)
-            .saturating_sub(now_ms())
-    });
-    if remaining == Some(0) {
-        let _ = ack(&acker).await;
-        return;
-    }
-    let Some(session) = shared.current() else {
-        requeue(&acker).await;
-        return;
-    };
-    let mut copy = publish::republish_properties(
-        &properties,
-        properties.headers().clone().unwrap_or_default(),
-    );
-    if let Some(remaining) = remaining {
-        copy = copy.with_expiration(remaining.to_string().into());
-    }
-    let verdict = session
-        .publish(Outgoing {
-            exchange: "",
-            routing_key: &reg.queue,
-            mandatory: true,
-            body: &data,
-            properties: copy,
-        })
-        .await;
-    match verdict {
-        Ok(Verdict::Confirmed) => {
-            tracing::debug!(registration = %reg.label, correlation_id = command.correlation_id.as_deref().unwrap_or(""), "command handed back to its queue");
-        }
-        Ok(Verdict::Returned { .. }) => {
-            tracing::debug!(registration = %reg.label, correlation_id = command.correlation_id.as_deref().unwrap_or(""), "no instance left for a handed-back command; answering 503");
-            let response = unhandled(&command, StatusCode::SERVICE_UNAVAILABLE);
-            respond(shared, reg, &command, response, &properties).await;
-        }
-        Ok(Verdict::Nacked) | Err(_) => {
-            requeue(&acker).await;
-            return;
-        }
-    }
-    let _ = ack(&acker).await;
-}
-
-fn unhandled(command: &Envelope, status: StatusCode) -> Envelope {
-    let payload = ErrorPayload {
-        status,
-        message: status.generic_text().to_string(),
-        data: None,
-        trace_id: command.trace_id.clone(),
-    };
-    command.error_response(&payload, false)
+        .spawn(WorkKind::Generic, reg.label.clone(), run);
 }
 
 /// Hands one subscription delivery to its handler in a task.
@@ -535,30 +489,16 @@ fn deliver(
     shared: &Arc<Shared>,
     reg: &Arc<Registration>,
     handler: Arc<dyn DeliveryHandler>,
-    delivery: lapin::message::Delivery,
-    generation: u64,
+    taken: Taken,
 ) {
-    let lapin::message::Delivery {
-        data,
-        properties,
-        acker,
-        ..
-    } = delivery;
-    let attempt = headers::attempt(properties.headers().as_ref());
-    let envelope = match Envelope::decode_with_limit(&data, shared.config.max_payload_bytes) {
+    let decoded =
+        Envelope::decode_with_limit(&taken.delivery.data, shared.config.max_payload_bytes);
+    let envelope = match decoded {
         Ok(envelope) => envelope,
         Err(error) => {
-            shared.count_poison();
-            let bytes = data.len();
-            let settler = AmqpSettler {
-                shared: shared.clone(),
-                reg: reg.clone(),
-                acker,
-                generation,
-                properties,
-                body: data,
-                attempt,
-            };
+            shared.ledger.count_poison();
+            let bytes = taken.delivery.data.len();
+            let attempt = headers::attempt(taken.delivery.properties.headers().as_ref());
             let target = reg.spec().and_then(|s| s.policy.dead_letter_target.clone());
             let settlement = match target {
                 Some(target) => {
@@ -577,6 +517,7 @@ fn deliver(
                     }
                 }
             };
+            let settler = AmqpSettler::new(shared, reg, taken, None);
             let label = reg.label.clone();
             let run = async move {
                 if let Err(error) = Box::new(settler).settle(settlement).await {
@@ -584,25 +525,17 @@ fn deliver(
                 }
             };
             shared
+                .work
                 .tasks
                 .spawn(WorkKind::Subscription, reg.label.clone(), run);
             return;
         }
     };
-    let message_id = envelope.id.clone();
-    let settler = AmqpSettler {
-        shared: shared.clone(),
-        reg: reg.clone(),
-        acker,
-        generation,
-        properties,
-        body: data,
-        attempt,
-    };
     if envelope.message_type == MessageType::Stream {
         // Stream frames are point to point: no subscription filter matches them (core's
         // matcher), but a binding without a `messageType` cannot exclude them. Settle unseen.
-        tracing::debug!(registration = %reg.label, %message_id, "stream frame on a subscription queue ignored");
+        tracing::debug!(registration = %reg.label, message_id = %envelope.id, "stream frame on a subscription queue ignored");
+        let settler = AmqpSettler::new(shared, reg, taken, None);
         let label = reg.label.clone();
         let run = async move {
             if let Err(error) = Box::new(settler).settle(Settlement::Ack).await {
@@ -610,21 +543,29 @@ fn deliver(
             }
         };
         shared
+            .work
             .tasks
             .spawn(WorkKind::Subscription, reg.label.clone(), run);
         return;
     }
-    let delivery = Delivery {
-        envelope: Arc::new(envelope),
-        attempt,
-        settle: SettleOnce::new(message_id, Box::new(settler)),
-    };
     let active = reg.activity.enter();
+    let (task_shared, task_reg) = (shared.clone(), reg.clone());
     let run = async move {
         let _active = active;
+        let mut taken = taken;
+        let turn = taken.turn(&task_shared, &task_reg).await;
+        let attempt = headers::attempt(taken.delivery.properties.headers().as_ref());
+        let message_id = envelope.id.clone();
+        let settler = AmqpSettler::new(&task_shared, &task_reg, taken, turn);
+        let delivery = Delivery {
+            envelope: Arc::new(envelope),
+            attempt,
+            settle: SettleOnce::new(message_id, Box::new(settler)),
+        };
         handler.deliver(delivery).await;
     };
     if !shared
+        .work
         .tasks
         .spawn(WorkKind::Subscription, reg.label.clone(), run)
     {
@@ -632,198 +573,74 @@ fn deliver(
     }
 }
 
-/// Carries out one subscription delivery's settlement on the broker.
-struct AmqpSettler {
-    shared: Arc<Shared>,
-    reg: Arc<Registration>,
-    acker: Acker,
-    /// The connection generation the delivery arrived on; its acker only works there.
-    generation: u64,
-    properties: BasicProperties,
-    body: Vec<u8>,
-    attempt: u32,
+/// Starts the keeper of a new registration. `false` when the bridge is shutting down.
+pub(crate) fn start_keeper(
+    shared: &Arc<Shared>,
+    reg: &Arc<Registration>,
+    ops: mpsc::UnboundedReceiver<ConsumerOp>,
+) -> bool {
+    let keeper = keep(shared.clone(), reg.clone(), ops);
+    shared
+        .work
+        .tasks
+        .spawn(WorkKind::Generic, reg.label.clone(), keeper)
 }
 
-impl AmqpSettler {
-    /// The session the delivery arrived on, if it is still the live one.
-    fn session(&self) -> Result<Arc<Session>, BridgeError> {
-        self.shared
-            .current()
-            .filter(|s| s.generation == self.generation && s.is_live())
-            .ok_or_else(|| {
-                BridgeError::Unavailable(
-                    "the connection this message arrived on is gone; the broker redelivers it"
-                        .into(),
-                )
-            })
+/// Asks the keeper of `reg` to start it on `session` and waits for the answer, at most
+/// `timeout`.
+pub(crate) async fn request_start(
+    reg: &Registration,
+    session: Arc<Session>,
+    timeout: Duration,
+) -> Result<(), BridgeError> {
+    let (done, answer) = tokio::sync::oneshot::channel();
+    if !reg.send(ConsumerOp::Start {
+        session,
+        done: Some(done),
+    }) {
+        // Stopped meanwhile: nothing to start.
+        return Ok(());
     }
-
-    /// Republishes the delivery through the default exchange to `queue` with `table` as headers.
-    async fn republish(
-        &self,
-        session: &Session,
-        queue: &str,
-        table: FieldTable,
-    ) -> Result<(), BridgeError> {
-        let verdict = session
-            .publish(Outgoing {
-                exchange: "",
-                routing_key: queue,
-                mandatory: true,
-                body: &self.body,
-                properties: publish::republish_properties(&self.properties, table),
-            })
-            .await?;
-        match verdict {
-            Verdict::Confirmed => Ok(()),
-            Verdict::Returned { code, text } => Err(BridgeError::Broker(format!(
-                "queue `{queue}` does not exist ({code} {text})"
-            ))),
-            Verdict::Nacked => Err(BridgeError::Broker(format!(
-                "the broker refused the message for `{queue}`"
-            ))),
-        }
-    }
-
-    fn headers(&self) -> FieldTable {
-        self.properties.headers().clone().unwrap_or_default()
-    }
-
-    async fn redeliver(&self, delay: Duration, next_attempt: u32) -> Result<(), BridgeError> {
-        let session = self.session()?;
-        let mut table = self.headers();
-        headers::set_u64(&mut table, headers::ATTEMPT, u64::from(next_attempt));
-        let target = if delay.is_zero() {
-            self.reg.queue.to_string()
-        } else {
-            let channel = session.admin_channel().await?;
-            let retry = topology::declare_retry_queue(
-                &channel,
-                &self.shared.topology,
-                &self.reg.queue,
-                delay,
-            )
-            .await?;
-            self.shared.record(&retry);
-            retry
-        };
-        self.republish(&session, &target, table).await?;
-        tracing::debug!(registration = %self.reg.label, next_attempt, delay_ms = millis(delay), queue = %target, "redelivery scheduled");
-        ack(&self.acker).await
-    }
-
-    async fn dead_letter(&self, note: DeadLetterNote) -> Result<(), BridgeError> {
-        let session = self.session()?;
-        let channel = session.admin_channel().await?;
-        let queue =
-            topology::declare_dead_letter_queue(&channel, &self.shared.topology, &note.target)
-                .await?;
-        self.shared.record(&queue);
-        let mut table = self.headers();
-        headers::set_str(&mut table, headers::DEAD_LETTER_REASON, &note.reason);
-        headers::set_u64(
-            &mut table,
-            headers::DEAD_LETTER_ATTEMPTS,
-            u64::from(note.attempts),
-        );
-        headers::set_str(&mut table, headers::DEAD_LETTER_ORIGIN, &note.origin);
-        headers::set_u64(&mut table, headers::DEAD_LETTERED_AT, now_ms());
-        // Where a replay sends it back to (`replay.rs`).
-        headers::set_str(&mut table, headers::DEAD_LETTER_QUEUE, &self.reg.queue);
-        self.republish(&session, &queue, table).await?;
-        ack(&self.acker).await
+    match tokio::time::timeout(timeout, answer).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Ok(()),
+        Err(_) => Err(BridgeError::Unavailable(format!(
+            "starting the consumer of {} took longer than {} ms",
+            reg.label,
+            timeout.as_millis()
+        ))),
     }
 }
 
-#[async_trait]
-impl Settler for AmqpSettler {
-    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), BridgeError> {
-        match settlement {
-            Settlement::Ack | Settlement::Drop { .. } => {
-                self.session()?;
-                ack(&self.acker).await
-            }
-            Settlement::Redeliver {
-                delay,
-                next_attempt,
-            } => self.redeliver(delay, next_attempt).await,
-            Settlement::DeadLetter(note) => self.dead_letter(note).await,
-            Settlement::Pause { reason } => {
-                // Cancel first, then hand the message back: requeued before the cancel, it
-                // could come straight back to this very consumer.
-                pause(&self.shared, &self.reg, reason).await;
-                self.session()?;
-                requeue(&self.acker).await;
-                tracing::debug!(registration = %self.reg.label, attempt = self.attempt, "paused delivery returned to its queue");
-                Ok(())
-            }
-        }
+/// Asks the keeper of `reg` to stop it and waits until its queue is dealt with, at most until
+/// `deadline`.
+pub(crate) async fn request_stop(reg: &Registration, deadline: Instant) {
+    let (done, answer) = tokio::sync::oneshot::channel();
+    if !reg.send(ConsumerOp::Stop {
+        deadline,
+        done: Some(done),
+    }) {
+        return;
+    }
+    if tokio::time::timeout_at(deadline, answer).await.is_err() {
+        tracing::debug!(registration = %reg.label, "stopping the consumer did not finish by the deadline");
     }
 }
 
-/// Reads up to `limit` messages of a dead-letter queue without removing them: they are fetched
-/// unacknowledged and go back to the queue, in order, when the channel closes.
-pub(crate) async fn peek_dead_letters(
-    session: &Session,
-    queue: &str,
-    target: &str,
-    limit: usize,
-    max_bytes: usize,
-) -> Result<Vec<DeadLetterEntry>, BridgeError> {
-    let channel: Channel = session
-        .connection
-        .create_channel()
-        .await
-        .map_err(|e| BridgeError::Unavailable(format!("opening a channel failed: {e}")))?;
-    let exists = channel
-        .queue_declare(
-            name(queue)?,
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .is_ok();
-    let mut entries = Vec::new();
-    if exists {
-        while entries.len() < limit {
-            let message = channel
-                .basic_get(name(queue)?, BasicGetOptions::default())
-                .await
-                .map_err(|e| topology::broker_error("reading", queue, &e))?;
-            let Some(message) = message else { break };
-            let delivery = message.delivery;
-            let table = delivery.properties.headers().as_ref();
-            let note = DeadLetterNote {
-                target: target.to_string(),
-                reason: headers::get_str(table, headers::DEAD_LETTER_REASON)
-                    .unwrap_or("")
-                    .to_string(),
-                attempts: headers::get_u64(table, headers::DEAD_LETTER_ATTEMPTS)
-                    .and_then(|v| u32::try_from(v).ok())
-                    .unwrap_or(0),
-                origin: headers::get_str(table, headers::DEAD_LETTER_ORIGIN)
-                    .unwrap_or("")
-                    .to_string(),
-            };
-            let dead_lettered_at = headers::get_u64(table, headers::DEAD_LETTERED_AT).unwrap_or(0);
-            let (envelope, raw) = match Envelope::decode_with_limit(&delivery.data, max_bytes) {
-                Ok(envelope) => (Some(envelope), None),
-                Err(_) => (None, Some(delivery.data.clone())),
-            };
-            entries.push(DeadLetterEntry {
-                note,
-                envelope,
-                raw,
-                dead_lettered_at,
-            });
-        }
+/// Asks the keeper of `reg` to pause it and waits until the consumer is cancelled (bounded by
+/// the keeper's own broker deadlines).
+pub(crate) async fn request_pause(reg: &Registration, reason: String) {
+    let (done, answer) = tokio::sync::oneshot::channel();
+    if reg.send(ConsumerOp::Pause { reason, done }) {
+        let _ = answer.await;
     }
-    // Closing the channel returns every fetched message to the queue.
-    if channel.status().connected() {
-        let _ = channel.close(200, "OK".into()).await;
+}
+
+/// Asks the keeper of `reg` to resume it.
+pub(crate) async fn request_resume(reg: &Registration) -> Result<bool, BridgeError> {
+    let (done, answer) = tokio::sync::oneshot::channel();
+    if !reg.send(ConsumerOp::Resume { done }) {
+        return Ok(false);
     }
-    Ok(entries)
+    answer.await.unwrap_or(Ok(false))
 }

@@ -75,6 +75,22 @@ const RETRY_STATE: [&str; 6] = [
     DEAD_LETTER_QUEUE,
 ];
 
+/// Longest dead-letter reason carried in a header (the rest is cut at a character boundary):
+/// a handler's text must not eat the room the message itself needs.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// Headers RabbitMQ adds when it dead-letters a message (from a retry queue back to its source
+/// queue). The bridge sheds them when it republishes, so they never pile up over many retries.
+const BROKER_BOOKKEEPING: [&str; 7] = [
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+];
+
 /// W3C trace-context keys copied from the `otp` carrier into headers.
 const TRACE_CONTEXT_KEYS: [&str; 2] = ["traceparent", "tracestate"];
 
@@ -240,6 +256,55 @@ pub(crate) fn without_retry_state(table: &FieldTable) -> FieldTable {
         .map(|(key, value)| (key.clone(), value.clone()))
         .collect::<std::collections::BTreeMap<_, _>>()
         .into()
+}
+
+/// `table` without RabbitMQ's dead-lettering bookkeeping (`x-death`, `x-first-death-*`,
+/// `x-last-death-*`).
+pub(crate) fn without_broker_bookkeeping(table: &FieldTable) -> FieldTable {
+    table
+        .inner()
+        .iter()
+        .filter(|(key, _)| !BROKER_BOOKKEEPING.contains(&key.as_str()))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into()
+}
+
+/// True for the headers a message keeps when the bridge must shed headers to make it fit one
+/// frame: the message type, where a response goes, and the bridge's own bookkeeping.
+pub(crate) fn is_kept_when_shrinking(key: &str) -> bool {
+    key == MESSAGE_TYPE || key == REPLY_TO || key.starts_with("x-purista-")
+}
+
+/// Roughly how many bytes a header value takes (exact for strings and integers): enough to
+/// pick the largest one to shed.
+pub(crate) fn value_len(value: &AMQPValue) -> usize {
+    match value {
+        AMQPValue::LongString(s) => s.as_bytes().len() + 5,
+        AMQPValue::ShortString(s) => s.as_str().len() + 2,
+        AMQPValue::FieldTable(t) => {
+            t.inner()
+                .iter()
+                .map(|(k, v)| k.as_str().len() + 1 + value_len(v))
+                .sum::<usize>()
+                + 5
+        }
+        AMQPValue::FieldArray(a) => a.as_slice().iter().map(value_len).sum::<usize>() + 5,
+        AMQPValue::ByteArray(b) => b.as_slice().len() + 5,
+        _ => 9,
+    }
+}
+
+/// `reason` cut to [`MAX_REASON_BYTES`] at a character boundary.
+pub(crate) fn cut_reason(reason: &str) -> &str {
+    if reason.len() <= MAX_REASON_BYTES {
+        return reason;
+    }
+    let mut end = MAX_REASON_BYTES;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
 }
 
 /// Sets an unsigned integer header.

@@ -74,26 +74,40 @@
 #![warn(missing_docs)]
 
 mod bridge;
+mod budget;
 mod config;
+mod connect;
 mod consume;
+mod dead_letters;
 mod driver;
 pub mod headers;
+mod lapin_logs;
+mod ledger;
+mod link;
 mod publish;
 mod reconnect;
 mod registry;
-mod replay;
 mod reply;
+mod serve;
+mod session;
+mod settle;
+mod shared;
+mod shutdown;
+mod stream_table;
 mod streams;
+mod suspects;
 mod topology;
+mod work;
 
 pub use bridge::{AmqpBridge, BRIDGE_NAME};
+pub use budget::{DEFAULT_MAX_METADATA_BYTES, LARGEST_MAX_METADATA_BYTES};
 pub use config::{
     AmqpConfig, CA_FILE_ENV, CLIENT_CERT_FILE_ENV, CLIENT_KEY_FILE_ENV, ClientIdentity,
     ConfigError, DEFAULT_COMMAND_PREFETCH, DEFAULT_COMMAND_TIMEOUT, DEFAULT_PREFIX, PREFIX_ENV,
     TlsFile, TlsSettings, URL_ENV, redact_url,
 };
 pub use driver::driver;
-pub use streams::STREAM_FRAME_BUFFER;
+pub use stream_table::STREAM_FRAME_BUFFER;
 pub use topology::{MAX_NAME_LEN, Topology};
 
 /// The `lapin` this bridge is built on, for tests and tools that talk to the broker directly.

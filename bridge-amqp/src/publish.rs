@@ -181,11 +181,13 @@ pub(crate) fn stream_properties(envelope: &Envelope, to: &str, reply_to: &str) -
 }
 
 /// A copy of `props` for republishing a delivery (retry, dead letter): same ids and headers,
-/// no expiration (a copy must not expire on its way), `table` as headers.
+/// no expiration (a copy must not expire on its way), `table` as headers without RabbitMQ's
+/// dead-lettering bookkeeping (a copy starts a fresh `x-death` history, so retries never pile
+/// it up).
 pub(crate) fn republish_properties(props: &BasicProperties, table: FieldTable) -> BasicProperties {
     let mut p = BasicProperties::default()
         .with_delivery_mode(PERSISTENT)
-        .with_headers(table);
+        .with_headers(headers::without_broker_bookkeeping(&table));
     if let Some(v) = props.message_id() {
         p = p.with_message_id(v.clone());
     }
@@ -208,6 +210,18 @@ pub(crate) fn republish_properties(props: &BasicProperties, table: FieldTable) -
         p = p.with_reply_to(v.clone());
     }
     p
+}
+
+/// The bytes `properties` take on the wire (property flags and every value, the headers table
+/// included), as lapin encodes them: what must fit one content-header frame with the frame's
+/// fixed overhead (see `budget.rs`).
+pub(crate) fn metadata_len(properties: &BasicProperties) -> usize {
+    let encode = lapin::protocol::basic::gen_properties::<Vec<u8>>(properties);
+    match encode(Vec::new().into()) {
+        Ok(written) => usize::try_from(written.position).unwrap_or(usize::MAX),
+        // Only a writer that runs out of room fails; a Vec never does.
+        Err(_) => usize::MAX,
+    }
 }
 
 /// Envelope fields are free text; an AMQP short string holds 255 bytes. Longer values keep a
@@ -249,6 +263,32 @@ mod tests {
         assert_eq!(p.kind().as_ref().map(ShortString::as_str), Some("command"));
         assert_eq!(p.delivery_mode(), &Some(PERSISTENT));
         assert_eq!(p.timestamp(), &Some(cmd.timestamp / 1000));
+    }
+
+    #[test]
+    fn metadata_len_counts_every_property_and_header_byte() {
+        let bare = metadata_len(&BasicProperties::default());
+        assert_eq!(bare, 2, "only the property flags");
+        let mut table = FieldTable::default();
+        headers::set_str(&mut table, "k", "vvvv");
+        // flags 2 + table length 4 + key (1 + 1) + type 1 + string length 4 + value 4
+        assert_eq!(
+            metadata_len(&BasicProperties::default().with_headers(table)),
+            2 + 4 + 2 + 1 + 4 + 4
+        );
+        let with_id = BasicProperties::default().with_message_id("abc".into());
+        assert_eq!(metadata_len(&with_id), 2 + 1 + 3);
+    }
+
+    #[test]
+    fn a_republished_copy_sheds_the_brokers_dead_lettering_headers() {
+        let mut table = FieldTable::default();
+        headers::set_str(&mut table, "x-first-death-queue", "q");
+        headers::set_str(&mut table, "eventName", "sold");
+        let copy = republish_properties(&BasicProperties::default(), table);
+        let headers = copy.headers().as_ref().expect("headers");
+        assert!(!headers.contains_key("x-first-death-queue"));
+        assert!(headers.contains_key("eventName"));
     }
 
     #[test]

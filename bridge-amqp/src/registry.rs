@@ -5,9 +5,11 @@
 //! re-consumes after every reconnect. Its [`ConsumerState`] says which connection generation
 //! its channel belongs to, whether a consumer is running on it, and whether it is paused.
 //!
-//! Changes to consumer state that talk to the broker (start, pause, resume, stop) are
-//! serialized by the bridge's topology lock, so a restore after a reconnect never races a
-//! resume or a pause into two consumers or a running consumer on a paused registration.
+//! Changes to consumer state that talk to the broker (start, pause, resume, stop) are carried
+//! out one after the other by the registration's *keeper* task (`consume.rs`), which takes them
+//! as [`ConsumerOp`]s: a restore after a reconnect never races a resume or a pause into two
+//! consumers or a running consumer on a paused registration, and no lock is held while the
+//! broker is asked.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,11 +17,41 @@ use std::sync::Arc;
 use lapin::Channel;
 use lapin::types::ShortString;
 use parking_lot::Mutex;
-use purista_core::{
-    Address, CommandHandler, DeliveryHandler, PausedConsumer, StreamHandler, SubscriptionSpec,
-};
-
 use purista_core::kit::Activity;
+use purista_core::{
+    Address, BridgeError, CommandHandler, DeliveryHandler, PausedConsumer, StreamHandler,
+    SubscriptionSpec,
+};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::session::Session;
+
+/// A change of a registration's consumer, for its keeper.
+pub(crate) enum ConsumerOp {
+    /// Declare the queue and consume it on `session` (nothing when paused, removed or already
+    /// consuming there).
+    Start {
+        session: Arc<Session>,
+        done: Option<oneshot::Sender<Result<(), BridgeError>>>,
+    },
+    /// Cancel the consumer until resumed (`stop_consumer`).
+    Pause {
+        reason: String,
+        done: oneshot::Sender<()>,
+    },
+    /// Consume again; `false` when it was not paused.
+    Resume {
+        done: oneshot::Sender<Result<bool, BridgeError>>,
+    },
+    /// Stop for good: cancel, retire the queue when this instance was its last server, then,
+    /// once the running handlers settled or `deadline` passed, close the channel. `done` is
+    /// answered once the queue is dealt with; the keeper ends after the cleanup.
+    Stop {
+        deadline: Instant,
+        done: Option<oneshot::Sender<()>>,
+    },
+}
 
 /// What a registration serves.
 pub(crate) enum Kind {
@@ -69,18 +101,36 @@ pub(crate) struct Registration {
     /// is handed back only after that, so with no instance left it is answered 503 at once
     /// instead of going down with the deleted queue.
     pub retired: tokio::sync::watch::Sender<bool>,
+    /// The keeper's inbox (see [`ConsumerOp`]).
+    ops: mpsc::UnboundedSender<ConsumerOp>,
+    /// One suspect delivery at a time (see `suspects.rs`).
+    pub turn: Arc<Semaphore>,
 }
 
 impl Registration {
-    pub(crate) fn new(label: &str, queue: &str, kind: Kind) -> Arc<Self> {
-        Arc::new(Registration {
+    /// A registration and the inbox of its keeper, which the caller starts.
+    pub(crate) fn new(
+        label: &str,
+        queue: &str,
+        kind: Kind,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<ConsumerOp>) {
+        let (ops, inbox) = mpsc::unbounded_channel();
+        let reg = Arc::new(Registration {
             label: label.into(),
             queue: queue.into(),
             kind,
             activity: Arc::default(),
             state: Mutex::new(ConsumerState::default()),
             retired: tokio::sync::watch::Sender::new(false),
-        })
+            ops,
+            turn: Arc::new(Semaphore::new(1)),
+        });
+        (reg, inbox)
+    }
+
+    /// Hands `op` to the keeper; `false` when the keeper is gone (the registration stopped).
+    pub(crate) fn send(&self, op: ConsumerOp) -> bool {
+        self.ops.send(op).is_ok()
     }
 
     /// Deliveries it takes at once: the subscription's prefetch, or the command prefetch (for

@@ -1,6 +1,6 @@
 //! Responses: the per-instance reply queue's consumer and the pending invocations it completes.
 //!
-//! Each invocation registers a pending entry (core's [`PendingInvocations`]) under its
+//! Each invocation registers a pending entry (core's `PendingInvocations`) under its
 //! `correlationId` before the command is published; the entry is removed however the invocation ends (response, timeout, error, or
 //! the caller dropping its future). A response that finds no entry — it came after the
 //! timeout, or carries an unknown correlation id — is ignored with a warning and counted
@@ -17,14 +17,10 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
-use purista_core::kit::PendingInvocations;
 use purista_core::{Envelope, MessageType};
 
-use crate::bridge::Shared;
+use crate::shared::Shared;
 use crate::streams;
-
-/// Pending invocations of one bridge instance, by `correlationId`.
-pub(crate) type ReplyInbox = PendingInvocations<Envelope>;
 
 /// Consumes the reply queue (auto-ack: a response is useful once, or never) until the
 /// consumer ends with its connection. Stream frames are routed to their sessions without
@@ -40,12 +36,14 @@ pub(crate) async fn run_reply_consumer(mut consumer: lapin::Consumer, shared: &A
             }
         };
         match Envelope::decode_with_limit(&delivery.data, shared.config.max_payload_bytes) {
-            Ok(response) if response.message_type.is_response() => shared.inbox.resolve(response),
+            Ok(response) if response.message_type.is_response() => {
+                shared.work.inbox.resolve(response)
+            }
             Ok(frame) if frame.message_type == MessageType::Stream => {
                 streams::route(shared, frame, &delivery.properties);
             }
             Ok(other) => {
-                shared.count_poison();
+                shared.ledger.count_poison();
                 tracing::warn!(
                     %queue,
                     message_id = %other.id,
@@ -54,7 +52,7 @@ pub(crate) async fn run_reply_consumer(mut consumer: lapin::Consumer, shared: &A
                 );
             }
             Err(error) => {
-                shared.count_poison();
+                shared.ledger.count_poison();
                 tracing::warn!(
                     %queue,
                     %error,

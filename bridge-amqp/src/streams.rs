@@ -34,351 +34,27 @@
 //! Which frames are valid, the one terminal frame and the session timeout are core's business
 //! (`purista_core::stream`); this file only transports frames.
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use futures::FutureExt;
 use lapin::BasicProperties;
-use parking_lot::Mutex;
-use purista_core::inflight::InFlightGuard;
-use purista_core::stream::{FrameType, frame, frame_type, session_error_frame};
+use purista_core::stream::{FrameType, frame, frame_type};
 use purista_core::{
-    Address, BridgeError, Envelope, MessageType, SenderAddress, StatusCode, StreamConsumerEnd,
-    StreamHandler, StreamProducerEnd, WorkKind,
+    Address, BridgeError, Envelope, MessageType, SenderAddress, StreamHandler, StreamProducerEnd,
+    WorkKind,
 };
 use serde_json::Value;
-use tokio::sync::{mpsc, watch};
-use tokio::task::AbortHandle;
+use tokio::sync::mpsc;
 
-use crate::bridge::Shared;
+use crate::consume::Taken;
 use crate::headers::{self, STREAM_TO, STREAM_TO_CONSUMER, STREAM_TO_PRODUCER};
 use crate::publish::{self, Outgoing, Verdict};
 use crate::registry::Registration;
-
-/// Frames buffered per session end before the producer waits (the in-memory bridge's figure).
-pub const STREAM_FRAME_BUFFER: usize = 256;
-
-/// Why a producer is cancelled when the consumer end is gone.
-const CONSUMER_GONE: &str = "stream consumer went away";
-/// Why sessions end when the connection drops.
-pub(crate) const CONNECTION_LOST: &str = "connection to the broker lost";
-
-/// The opener's side of one session.
-struct ConsumerSession {
-    /// Into the reader's buffer; one slot beyond [`STREAM_FRAME_BUFFER`] is kept for the error
-    /// frame of an overflow or a connection loss.
-    frames: mpsc::Sender<Envelope>,
-    /// The producer's reply queue, from the first frame's `reply_to`.
-    producer: watch::Sender<Option<String>>,
-    /// Sender of the frames this bridge makes up for the session (the endpoint, this instance).
-    origin: SenderAddress,
-    /// Counts the session as `stream` in-flight work until its terminal frame.
-    in_flight: Option<InFlightGuard>,
-    terminal: bool,
-    /// The task that carries the consumer's cancel and removes the session at the end.
-    watcher: Option<AbortHandle>,
-}
-
-impl ConsumerSession {
-    /// Ends the session for good: a 503 error frame unless it already ended, then the buffer
-    /// closes (the watcher holds the other sender).
-    fn fail(mut self, correlation_id: &str, reason: &str) {
-        if !self.terminal {
-            let _ = self
-                .frames
-                .try_send(error_frame(&self.origin, correlation_id, reason));
-        }
-        self.in_flight = None;
-        if let Some(watcher) = self.watcher.take() {
-            watcher.abort();
-        }
-    }
-}
-
-/// A frame this bridge writes to end a session with a 503 (the reader turns it into an error).
-fn error_frame(origin: &SenderAddress, correlation_id: &str, reason: &str) -> Envelope {
-    session_error_frame(
-        origin.clone(),
-        correlation_id,
-        StatusCode::SERVICE_UNAVAILABLE,
-        reason,
-    )
-}
-
-/// What the reply consumer must do after routing a frame to a consumer session.
-pub(crate) enum Routed {
-    /// Handed to the session (or ignored after its end).
-    Delivered,
-    /// No such session here: tell the producer at `reply_to` to stop.
-    Unmatched { reply_to: Option<String> },
-    /// The reader fell behind and the session failed: cancel the producer.
-    Overflowed { producer: Option<String> },
-}
-
-/// The stream sessions of one bridge instance, both ends, by `correlationId`.
-#[derive(Default)]
-pub(crate) struct StreamSessions {
-    consumers: Mutex<HashMap<String, ConsumerSession>>,
-    producers: Mutex<HashMap<String, ProducerSession>>,
-    closed: AtomicBool,
-    unmatched: AtomicU64,
-}
-
-/// The serving side of one session.
-struct ProducerSession {
-    /// Becomes `Some(reason)` when the session is cancelled.
-    cancel: watch::Sender<Option<String>>,
-    /// The opener's reply queue.
-    reply_to: String,
-    /// Sender of the frames this bridge makes up for the session.
-    origin: SenderAddress,
-}
-
-impl ProducerSession {
-    fn cancel(&self, reason: &str) {
-        self.cancel.send_if_modified(|current| {
-            if current.is_some() {
-                return false;
-            }
-            *current = Some(reason.to_string());
-            true
-        });
-    }
-}
-
-/// What the watcher of a consumer session needs.
-pub(crate) struct ConsumerWatch {
-    correlation_id: String,
-    /// The opener, sender of the session's cancel.
-    opener: SenderAddress,
-    frames: mpsc::Sender<Envelope>,
-    cancel: watch::Receiver<Option<String>>,
-    producer: watch::Receiver<Option<String>>,
-}
-
-impl StreamSessions {
-    /// Registers a consumer session (before its open frame is published, so no frame can come
-    /// first) for `opener`; `origin` is the sender of the frames the bridge makes up for the
-    /// reader (the endpoint, on this instance).
-    pub(crate) fn open_consumer(
-        &self,
-        correlation_id: &str,
-        opener: SenderAddress,
-        origin: SenderAddress,
-        in_flight: InFlightGuard,
-    ) -> Result<(StreamConsumerEnd, ConsumerWatch), BridgeError> {
-        let (frames_tx, frames_rx) = mpsc::channel(STREAM_FRAME_BUFFER + 1);
-        let (cancel_tx, cancel_rx) = watch::channel(None);
-        let (producer_tx, producer_rx) = watch::channel(None);
-        let mut consumers = self.consumers.lock();
-        if self.closed.load(Ordering::Acquire) {
-            return Err(BridgeError::Unavailable("bridge shutting down".into()));
-        }
-        match consumers.entry(correlation_id.to_string()) {
-            Entry::Occupied(_) => Err(BridgeError::InvalidRequest(format!(
-                "a stream session with correlationId {correlation_id} is already open"
-            ))),
-            Entry::Vacant(slot) => {
-                slot.insert(ConsumerSession {
-                    frames: frames_tx.clone(),
-                    producer: producer_tx,
-                    origin,
-                    in_flight: Some(in_flight),
-                    terminal: false,
-                    watcher: None,
-                });
-                Ok((
-                    StreamConsumerEnd {
-                        frames: frames_rx,
-                        cancel: cancel_tx,
-                    },
-                    ConsumerWatch {
-                        correlation_id: correlation_id.to_string(),
-                        opener,
-                        frames: frames_tx,
-                        cancel: cancel_rx,
-                        producer: producer_rx,
-                    },
-                ))
-            }
-        }
-    }
-
-    /// Remembers the watcher task of a session; aborts it when the session is already gone.
-    pub(crate) fn attach_watcher(&self, correlation_id: &str, watcher: AbortHandle) {
-        match self.consumers.lock().get_mut(correlation_id) {
-            Some(session) => session.watcher = Some(watcher),
-            None => watcher.abort(),
-        }
-    }
-
-    /// Removes a consumer session (its open failed, or its reader is gone).
-    pub(crate) fn remove_consumer(&self, correlation_id: &str) {
-        let removed = self.consumers.lock().remove(correlation_id);
-        drop(removed);
-    }
-
-    fn is_terminal(&self, correlation_id: &str) -> bool {
-        self.consumers
-            .lock()
-            .get(correlation_id)
-            .is_none_or(|s| s.terminal)
-    }
-
-    /// Hands a frame from a producer to its consumer session.
-    pub(crate) fn route_to_consumer(&self, frame: Envelope, reply_to: Option<&str>) -> Routed {
-        let correlation_id = frame.correlation_id.clone().unwrap_or_default();
-        let kind = frame_type(&frame);
-        let mut consumers = self.consumers.lock();
-        let Some(session) = consumers
-            .get_mut(&correlation_id)
-            .filter(|s| !s.frames.is_closed())
-        else {
-            drop(consumers);
-            self.unmatched.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                correlation_id,
-                frame = ?kind,
-                "stream frame for an unknown or ended session ignored"
-            );
-            let answer = kind.is_some_and(|k| !k.is_terminal());
-            return Routed::Unmatched {
-                reply_to: reply_to.filter(|_| answer).map(str::to_string),
-            };
-        };
-        if session.producer.borrow().is_none()
-            && let Some(queue) = reply_to
-        {
-            session.producer.send_replace(Some(queue.to_string()));
-        }
-        let terminal = kind.is_some_and(FrameType::is_terminal);
-        if !session.terminal && !terminal && session.frames.capacity() <= 1 {
-            // Only the reserved slot is left: the reader fell behind.
-            tracing::warn!(
-                correlation_id,
-                buffer = STREAM_FRAME_BUFFER,
-                "stream consumer fell behind; session failed"
-            );
-            let failed = error_frame(
-                &session.origin,
-                &correlation_id,
-                "stream consumer fell behind: its frame buffer is full",
-            );
-            let _ = session.frames.try_send(failed);
-            session.terminal = true;
-            session.in_flight = None;
-            return Routed::Overflowed {
-                producer: session.producer.borrow().clone(),
-            };
-        }
-        if session.frames.try_send(frame).is_err() {
-            // Only after the session failed (an overflow leaves no room): the reader would
-            // ignore it anyway, and a warning per frame of a flood helps nobody.
-            tracing::debug!(
-                correlation_id,
-                frame = ?kind,
-                "stream frame after the session ended dropped: the buffer is full"
-            );
-        }
-        if terminal && !session.terminal {
-            session.terminal = true;
-            session.in_flight = None;
-        }
-        Routed::Delivered
-    }
-
-    /// Registers a producer session answering on `reply_to`; `None` when one with this id
-    /// already runs here.
-    fn open_producer(
-        &self,
-        correlation_id: &str,
-        reply_to: &str,
-        origin: SenderAddress,
-    ) -> Option<ProducerSlot<'_>> {
-        let (tx, rx) = watch::channel(None);
-        match self.producers.lock().entry(correlation_id.to_string()) {
-            Entry::Occupied(_) => None,
-            Entry::Vacant(slot) => {
-                slot.insert(ProducerSession {
-                    cancel: tx,
-                    reply_to: reply_to.to_string(),
-                    origin,
-                });
-                Some(ProducerSlot {
-                    sessions: self,
-                    correlation_id: correlation_id.to_string(),
-                    cancelled: rx,
-                })
-            }
-        }
-    }
-
-    /// Cancels a producer session (a consumer's `cancel` frame, a lost consumer).
-    pub(crate) fn cancel_producer(&self, correlation_id: &str, reason: &str) -> bool {
-        match self.producers.lock().get(correlation_id) {
-            Some(session) => {
-                session.cancel(reason);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// The producer sessions still running: `(correlationId, opener's reply queue, origin)`.
-    pub(crate) fn running_producers(&self) -> Vec<(String, String, SenderAddress)> {
-        self.producers
-            .lock()
-            .iter()
-            .map(|(id, s)| (id.clone(), s.reply_to.clone(), s.origin.clone()))
-            .collect()
-    }
-
-    /// Ends every session: consumer sessions with a 503 error frame, producers cancelled with
-    /// `reason`. Used when the connection drops (new sessions are taken afterwards) and, with
-    /// `close`, at shutdown (none are). Returns how many sessions were open.
-    pub(crate) fn end_all(&self, reason: &str, close: bool) -> usize {
-        let consumers: Vec<(String, ConsumerSession)> = {
-            let mut consumers = self.consumers.lock();
-            if close {
-                self.closed.store(true, Ordering::Release);
-            }
-            consumers.drain().collect()
-        };
-        let producers = {
-            let producers = self.producers.lock();
-            for session in producers.values() {
-                session.cancel(reason);
-            }
-            producers.len()
-        };
-        let n = consumers.iter().filter(|(_, s)| !s.terminal).count();
-        for (correlation_id, session) in consumers {
-            session.fail(&correlation_id, reason);
-        }
-        n + producers
-    }
-
-    /// Stream frames that found no session.
-    pub(crate) fn unmatched(&self) -> u64 {
-        self.unmatched.load(Ordering::Relaxed)
-    }
-}
-
-/// A producer session's entry; removed when dropped.
-struct ProducerSlot<'a> {
-    sessions: &'a StreamSessions,
-    correlation_id: String,
-    cancelled: watch::Receiver<Option<String>>,
-}
-
-impl Drop for ProducerSlot<'_> {
-    fn drop(&mut self) {
-        self.sessions.producers.lock().remove(&self.correlation_id);
-    }
-}
+use crate::shared::Shared;
+use crate::stream_table::{
+    CONNECTION_LOST, CONSUMER_GONE, ConsumerWatch, Routed, STREAM_FRAME_BUFFER, error_frame,
+};
 
 /// Routes a frame that reached this instance's reply queue. Never waits: anything to publish
 /// is done in a task.
@@ -399,7 +75,7 @@ pub(crate) fn route(shared: &Arc<Shared>, frame: Envelope, properties: &BasicPro
             .get("reason")
             .and_then(Value::as_str)
             .unwrap_or("cancelled");
-        if !shared.streams.cancel_producer(correlation_id, reason) {
+        if !shared.work.streams.cancel_producer(correlation_id, reason) {
             tracing::debug!(
                 correlation_id,
                 "cancel for a stream session that already ended"
@@ -413,7 +89,7 @@ pub(crate) fn route(shared: &Arc<Shared>, frame: Envelope, properties: &BasicPro
         None => SenderAddress::default(),
     };
     let correlation_id = frame.correlation_id.clone().unwrap_or_default();
-    let (queue, reason) = match shared.streams.route_to_consumer(frame, reply_to) {
+    let (queue, reason) = match shared.work.streams.route_to_consumer(frame, reply_to) {
         Routed::Delivered => return,
         Routed::Unmatched { reply_to } => (reply_to, "no such stream session"),
         Routed::Overflowed { producer } => (producer, "stream consumer fell behind"),
@@ -421,9 +97,12 @@ pub(crate) fn route(shared: &Arc<Shared>, frame: Envelope, properties: &BasicPro
     let Some(queue) = queue else { return };
     let task_shared = shared.clone();
     let label: Arc<str> = correlation_id.clone().into();
-    shared.tasks.spawn(WorkKind::Stream, label, async move {
-        send_cancel(&task_shared, &queue, &correlation_id, consumer, reason).await;
-    });
+    shared
+        .work
+        .tasks
+        .spawn(WorkKind::Stream, label, async move {
+            send_cancel(&task_shared, &queue, &correlation_id, consumer, reason).await;
+        });
 }
 
 /// Publishes a `cancel` frame from `consumer` to a producer's reply queue. Best effort: a
@@ -435,7 +114,7 @@ async fn send_cancel(
     consumer: SenderAddress,
     reason: &str,
 ) {
-    let Some(session) = shared.current() else {
+    let Some(session) = shared.link.current() else {
         return;
     };
     let cancel = frame(
@@ -453,7 +132,7 @@ async fn send_cancel(
             routing_key: queue,
             mandatory: false,
             body: &body,
-            properties: publish::stream_properties(&cancel, STREAM_TO_PRODUCER, &reply_queue),
+            properties: publish::stream_properties(&cancel, STREAM_TO_PRODUCER, reply_queue),
         })
         .await;
     if let Err(error) = published {
@@ -478,7 +157,7 @@ pub(crate) async fn watch_consumer(shared: Arc<Shared>, watch: ConsumerWatch) {
         },
         () = frames.closed() => CONSUMER_GONE.to_string(),
     };
-    if !shared.streams.is_terminal(&correlation_id) {
+    if !shared.work.streams.is_terminal(&correlation_id) {
         let known = producer.borrow().clone();
         let queue = match known {
             Some(queue) => Some(queue),
@@ -495,7 +174,7 @@ pub(crate) async fn watch_consumer(shared: Arc<Shared>, watch: ConsumerWatch) {
         }
     }
     frames.closed().await;
-    shared.streams.remove_consumer(&correlation_id);
+    shared.work.streams.remove_consumer(&correlation_id);
 }
 
 /// Serves one open frame taken from a stream queue: ack, then the handler and the forwarder of
@@ -505,7 +184,7 @@ pub(crate) fn serve_open(
     shared: &Arc<Shared>,
     reg: &Arc<Registration>,
     handler: Arc<dyn StreamHandler>,
-    delivery: lapin::message::Delivery,
+    taken: Taken,
 ) {
     let task_shared = shared.clone();
     let task_reg = reg.clone();
@@ -513,6 +192,9 @@ pub(crate) fn serve_open(
     let active = reg.activity.enter();
     let run = async move {
         let (shared, reg) = (task_shared, task_reg);
+        let mut taken = taken;
+        let turn = taken.turn(&shared, &reg).await;
+        let Taken { delivery, held, .. } = taken;
         let lapin::message::Delivery {
             data,
             properties,
@@ -521,6 +203,12 @@ pub(crate) fn serve_open(
         } = delivery;
         let opened = decode_open(&shared, &reg, &data, &properties);
         let acked = acker.ack(lapin::options::BasicAckOptions::default()).await;
+        if acked.is_ok()
+            && let Some(held) = held
+        {
+            held.settled();
+        }
+        drop(turn);
         drop(active);
         let Some((open, reply_to)) = opened else {
             return;
@@ -536,9 +224,11 @@ pub(crate) fn serve_open(
             .map(SenderAddress::from)
             .unwrap_or_default();
         origin.instance_id.clone_from(&shared.instance_id);
-        let Some(slot) = shared
-            .streams
-            .open_producer(&correlation_id, &reply_to, origin.clone())
+        let Some(slot) =
+            shared
+                .work
+                .streams
+                .open_producer(&correlation_id, &reply_to, origin.clone())
         else {
             tracing::warn!(registration = %reg.label, correlation_id, "open frame for a session this instance already serves dropped");
             return;
@@ -557,7 +247,11 @@ pub(crate) fn serve_open(
         }
         drop(slot);
     };
-    if !shared.tasks.spawn(WorkKind::Stream, reg.label.clone(), run) {
+    if !shared
+        .work
+        .tasks
+        .spawn(WorkKind::Stream, reg.label.clone(), run)
+    {
         tracing::debug!(registration = %reg.label, "bridge shut down: open frame left to the broker");
     }
 }
@@ -573,7 +267,7 @@ fn decode_open(
     let open = match Envelope::decode_with_limit(data, shared.config.max_payload_bytes) {
         Ok(open) => open,
         Err(error) => {
-            shared.count_poison();
+            shared.ledger.count_poison();
             tracing::warn!(registration = %reg.label, queue = %reg.queue, %error, bytes = data.len(), "undecodable open frame dropped");
             return None;
         }
@@ -585,7 +279,7 @@ fn decode_open(
     match reply_to {
         Some(reply_to) if valid => Some((open, reply_to)),
         _ => {
-            shared.count_poison();
+            shared.ledger.count_poison();
             tracing::warn!(registration = %reg.label, queue = %reg.queue, message_id = %open.id, message_type = %open.message_type, "not an open frame with a correlationId and a reply queue; dropped");
             None
         }
@@ -626,6 +320,7 @@ async fn forward(
                 tracing::debug!(correlation_id, "stream session lost its connection");
                 lost = true;
                 shared
+                    .work
                     .streams
                     .cancel_producer(correlation_id, CONNECTION_LOST);
             }
@@ -635,7 +330,7 @@ async fn forward(
                     reason,
                     "stream session ended by the transport"
                 );
-                shared.streams.cancel_producer(correlation_id, reason);
+                shared.work.streams.cancel_producer(correlation_id, reason);
                 return;
             }
         }
@@ -653,6 +348,9 @@ async fn forward(
     }
 }
 
+/// Why a session ends when one of its frames cannot fit the broker's frame.
+const FRAME_TOO_LARGE: &str = "a stream frame's headers are too large for the broker";
+
 /// How long a session's last frame waits for this instance to reconnect.
 const RECONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -662,7 +360,7 @@ async fn publish_when_connected(
     frame: &Envelope,
     reply_to: &str,
 ) -> Result<(), &'static str> {
-    let mut session = shared.session.subscribe();
+    let mut session = shared.link.subscribe();
     let live = async {
         session
             .wait_for(|s| s.as_ref().is_some_and(|s| s.is_live()))
@@ -681,7 +379,7 @@ async fn publish_frame(
     frame: &Envelope,
     reply_to: &str,
 ) -> Result<(), &'static str> {
-    let session = shared.current().ok_or(CONNECTION_LOST)?;
+    let session = shared.link.current().ok_or(CONNECTION_LOST)?;
     let body = frame.encode();
     let reply_queue = shared.topology.reply_queue();
     let verdict = session
@@ -690,10 +388,13 @@ async fn publish_frame(
             routing_key: reply_to,
             mandatory: true,
             body: &body,
-            properties: publish::stream_properties(frame, STREAM_TO_CONSUMER, &reply_queue),
+            properties: publish::stream_properties(frame, STREAM_TO_CONSUMER, reply_queue),
         })
         .await
-        .map_err(|_| CONNECTION_LOST)?;
+        .map_err(|error| match error {
+            BridgeError::TooLarge { .. } => FRAME_TOO_LARGE,
+            _ => CONNECTION_LOST,
+        })?;
     match verdict {
         Verdict::Confirmed => Ok(()),
         Verdict::Returned { .. } => Err(CONSUMER_GONE),
@@ -732,104 +433,4 @@ pub(crate) fn origin(receiver: &Address, instance_id: &str) -> SenderAddress {
     let mut origin = SenderAddress::from(receiver);
     origin.instance_id = instance_id.to_string();
     origin
-}
-
-#[cfg(test)]
-mod tests {
-    use purista_core::InFlightTracker;
-
-    use super::*;
-
-    fn chunk(correlation_id: &str, seq: u64) -> Envelope {
-        frame(
-            SenderAddress::default(),
-            correlation_id,
-            FrameType::Chunk,
-            seq,
-            Some(("chunk", Value::from(seq))),
-        )
-    }
-
-    fn session(sessions: &StreamSessions, id: &str) -> (StreamConsumerEnd, ConsumerWatch) {
-        let tracker = InFlightTracker::new();
-        let guard = tracker.start(WorkKind::Stream, &Arc::from("s"));
-        sessions
-            .open_consumer(
-                id,
-                SenderAddress::default(),
-                SenderAddress::default(),
-                guard,
-            )
-            .expect("a fresh session opens")
-    }
-
-    #[test]
-    fn frames_reach_their_session_and_the_first_names_the_producer() {
-        let sessions = StreamSessions::default();
-        let (mut end, watch) = session(&sessions, "c");
-        assert!(matches!(
-            sessions.route_to_consumer(chunk("c", 0), Some("p.reply.x")),
-            Routed::Delivered
-        ));
-        assert_eq!(
-            end.frames.try_recv().map(|f| f.payload["sequence"].clone()),
-            Ok(Value::from(0))
-        );
-        assert_eq!(watch.producer.borrow().as_deref(), Some("p.reply.x"));
-    }
-
-    #[test]
-    fn a_frame_for_no_session_is_counted_and_answered_unless_terminal() {
-        let sessions = StreamSessions::default();
-        let answered = sessions.route_to_consumer(chunk("gone", 1), Some("p.reply.x"));
-        assert!(matches!(answered, Routed::Unmatched { reply_to: Some(q) } if q == "p.reply.x"));
-        let done = frame(
-            SenderAddress::default(),
-            "gone",
-            FrameType::Complete,
-            2,
-            None,
-        );
-        let quiet = sessions.route_to_consumer(done, Some("p.reply.x"));
-        assert!(matches!(quiet, Routed::Unmatched { reply_to: None }));
-        assert_eq!(sessions.unmatched(), 2);
-    }
-
-    #[test]
-    fn a_reader_that_falls_behind_gets_an_error_frame_and_the_producer_is_named() {
-        let sessions = StreamSessions::default();
-        let (mut end, _watch) = session(&sessions, "slow");
-        for seq in 0..STREAM_FRAME_BUFFER as u64 {
-            assert!(matches!(
-                sessions.route_to_consumer(chunk("slow", seq), Some("p.reply.x")),
-                Routed::Delivered
-            ));
-        }
-        let overflow = sessions.route_to_consumer(chunk("slow", 999), Some("p.reply.x"));
-        assert!(matches!(overflow, Routed::Overflowed { producer: Some(q) } if q == "p.reply.x"));
-        let mut last = None;
-        while let Ok(f) = end.frames.try_recv() {
-            last = Some(f);
-        }
-        let last = last.expect("frames were buffered");
-        assert_eq!(frame_type(&last), Some(FrameType::Error));
-        assert_eq!(last.payload["error"]["status"], Value::from(503));
-    }
-
-    #[test]
-    fn ending_all_sessions_fails_consumers_and_cancels_producers() {
-        let sessions = StreamSessions::default();
-        let (mut end, _watch) = session(&sessions, "a");
-        let slot = sessions
-            .open_producer("b", "p.reply.x", SenderAddress::default())
-            .expect("a fresh producer session");
-        assert_eq!(sessions.end_all(CONNECTION_LOST, false), 2);
-        let failed = end.frames.try_recv().expect("an error frame");
-        assert_eq!(frame_type(&failed), Some(FrameType::Error));
-        assert_eq!(slot.cancelled.borrow().as_deref(), Some(CONNECTION_LOST));
-        let again = || sessions.open_producer("b", "p.reply.x", SenderAddress::default());
-        assert!(again().is_none(), "still running");
-        drop(slot);
-        assert!(again().is_some(), "removed when it ends");
-    }
 }

@@ -1,4 +1,4 @@
-//! Broker resource names and their declarations.
+//! Broker resource names and their declarations: the one place that names things.
 //!
 //! Everything lives under the configured prefix `P`:
 //!
@@ -13,9 +13,22 @@
 //! | retry queue | `<queue>.retry.<delay ms>` | message TTL = delay, dead-letters back to `<queue>` |
 //! | dead-letter queue | `P.<target>.dead-letter` | durable |
 //!
+//! **Names are injective**: two different addresses never share a queue. Each `<…>` part is
+//! escaped with core's [`NameRules`] before the parts are joined with dots: a `.` inside a part
+//! becomes `~2e`, a `~` becomes `~7e`, and every other character RabbitMQ would not take in a
+//! name (space, `*`, `>`, anything outside printable ASCII) becomes `~` and the hex of its UTF-8
+//! bytes. So `orders.v2@1/get` is served from `P.cmd.orders~2ev2.1.get` and `orders@v2.1/get`
+//! from `P.cmd.orders.v2~2e1.get`; names made of letters, digits, `-`, `_`, `@` and the like
+//! read as before. The kinds keep apart by their first part (`cmd`, `stream`, `reply`, `sub`)
+//! or by their number of parts, and the one pair that could meet (a dead-letter target named
+//! `reply` and an instance named `dead-letter`) is ruled out by refusing that instance id
+//! ([`AmqpConfig::validate`]). A name over [`MAX_NAME_LEN`] bytes is refused at registration
+//! with a 400 naming the parts to shorten; only retry queues, whose source queue already fits,
+//! are shortened instead (cut, ending in `~h` and a hash of the whole name).
+//!
 //! Declarations are idempotent and re-run after every reconnect. Argument sets are a pure
 //! function of the names and the config, because RabbitMQ refuses (406) a re-declaration with
-//! different arguments.
+//! different arguments. Every declaration waits for the broker at most the given timeout.
 
 use std::time::Duration;
 
@@ -25,6 +38,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
 pub(crate) use purista_core::kit::millis;
+use purista_core::kit::{NameRules, Overflow, broker_call};
 use purista_core::{Address, BridgeError, SubscriptionSpec};
 
 use crate::config::AmqpConfig;
@@ -32,6 +46,9 @@ use crate::headers;
 
 /// Longest queue or exchange name AMQP allows.
 pub const MAX_NAME_LEN: usize = 255;
+
+/// How RabbitMQ names are spelled: dot-separated parts, `~` escapes.
+const NAMES: NameRules = NameRules::permissive('.', '~', MAX_NAME_LEN);
 
 /// How long an unused retry queue outlives its delay before the broker removes it.
 const RETRY_QUEUE_GRACE: Duration = Duration::from_secs(60);
@@ -42,15 +59,20 @@ const RETRY_QUEUE_GRACE: Duration = Duration::from_secs(60);
 /// use purista_bridge_amqp::{AmqpConfig, Topology};
 /// use purista_core::Address;
 /// let topology = Topology::new(&AmqpConfig::new("amqp://localhost").with_prefix("shop"), "i-1");
-/// assert_eq!(topology.command_queue(&Address::new("orders", "1", "place")), "shop.cmd.orders.1.place");
+/// assert_eq!(topology.command_queue(&Address::new("orders", "1", "place"))?, "shop.cmd.orders.1.place");
+/// // A dot inside a part is escaped: these two never share a queue.
+/// assert_eq!(topology.command_queue(&Address::new("orders.v2", "1", "get"))?, "shop.cmd.orders~2ev2.1.get");
+/// assert_eq!(topology.command_queue(&Address::new("orders", "v2.1", "get"))?, "shop.cmd.orders.v2~2e1.get");
 /// assert_eq!(topology.reply_queue(), "shop.reply.i-1");
-/// assert_eq!(topology.dead_letter_queue("failed"), "shop.failed.dead-letter");
+/// assert_eq!(topology.dead_letter_queue("failed")?, "shop.failed.dead-letter");
+/// # Ok::<(), purista_core::BridgeError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     prefix: String,
     exchange: String,
     instance_id: String,
+    reply_queue: String,
     idle_queue_expiry_ms: u64,
     command_queue_expiry_ms: u64,
 }
@@ -58,10 +80,15 @@ pub struct Topology {
 impl Topology {
     /// Names for `instance_id` under `config`'s prefix.
     pub fn new(config: &AmqpConfig, instance_id: &str) -> Self {
+        let reply_queue = NAMES
+            .on_overflow(Overflow::Hash)
+            .join(&config.prefix, &["reply", instance_id])
+            .unwrap_or_else(|_| format!("{}.reply", config.prefix));
         Topology {
             prefix: config.prefix.clone(),
             exchange: config.exchange_name().to_string(),
             instance_id: instance_id.to_string(),
+            reply_queue,
             idle_queue_expiry_ms: millis(config.idle_queue_expiry).max(1),
             command_queue_expiry_ms: millis(config.command_queue_expiry).max(1),
         }
@@ -78,11 +105,11 @@ impl Topology {
     }
 
     /// The queue a command endpoint is served from.
-    pub fn command_queue(&self, address: &Address) -> String {
-        format!(
-            "{}.cmd.{}.{}.{}",
-            self.prefix, address.service_name, address.service_version, address.service_target
-        )
+    ///
+    /// # Errors
+    /// [`BridgeError::InvalidRequest`] when the name would be longer than [`MAX_NAME_LEN`].
+    pub fn command_queue(&self, address: &Address) -> Result<String, BridgeError> {
+        self.endpoint("cmd", address)
     }
 
     /// The queue a stream endpoint takes its open frames from.
@@ -91,43 +118,80 @@ impl Topology {
     /// use purista_bridge_amqp::{AmqpConfig, Topology};
     /// use purista_core::Address;
     /// let topology = Topology::new(&AmqpConfig::new("amqp://localhost").with_prefix("shop"), "i-1");
-    /// assert_eq!(topology.stream_queue(&Address::new("orders", "1", "feed")), "shop.stream.orders.1.feed");
+    /// assert_eq!(topology.stream_queue(&Address::new("orders", "1", "feed"))?, "shop.stream.orders.1.feed");
+    /// # Ok::<(), purista_core::BridgeError>(())
     /// ```
-    pub fn stream_queue(&self, address: &Address) -> String {
-        format!(
-            "{}.stream.{}.{}.{}",
-            self.prefix, address.service_name, address.service_version, address.service_target
-        )
+    ///
+    /// # Errors
+    /// [`BridgeError::InvalidRequest`] when the name would be longer than [`MAX_NAME_LEN`].
+    pub fn stream_queue(&self, address: &Address) -> Result<String, BridgeError> {
+        self.endpoint("stream", address)
+    }
+
+    fn endpoint(&self, kind: &str, address: &Address) -> Result<String, BridgeError> {
+        NAMES
+            .join(
+                &self.prefix,
+                &[
+                    kind,
+                    &address.service_name,
+                    &address.service_version,
+                    &address.service_target,
+                ],
+            )
+            .map_err(|e| too_long(e, "service, version or target names"))
     }
 
     /// This instance's reply queue.
-    pub fn reply_queue(&self) -> String {
-        format!("{}.reply.{}", self.prefix, self.instance_id)
+    pub fn reply_queue(&self) -> &str {
+        &self.reply_queue
     }
 
     /// The queue of a subscription: one per subscription when shared, one per instance when
     /// broadcast.
-    pub fn subscription_queue(&self, spec: &SubscriptionSpec) -> String {
+    ///
+    /// # Errors
+    /// [`BridgeError::InvalidRequest`] when the name would be longer than [`MAX_NAME_LEN`].
+    pub fn subscription_queue(&self, spec: &SubscriptionSpec) -> Result<String, BridgeError> {
         let s = &spec.subscriber;
-        let base = format!(
-            "{}.sub.{}.{}.{}",
-            self.prefix, s.service_name, s.service_version, s.service_target
-        );
-        if spec.shared {
-            base
-        } else {
-            format!("{base}.{}", self.instance_id)
+        let mut parts = vec![
+            "sub",
+            s.service_name.as_str(),
+            s.service_version.as_str(),
+            s.service_target.as_str(),
+        ];
+        if !spec.shared {
+            parts.push(&self.instance_id);
         }
+        NAMES
+            .join(&self.prefix, &parts)
+            .map_err(|e| too_long(e, "subscriber service, version or subscription names"))
     }
 
-    /// The retry queue that holds messages of `queue` for `delay` before they return to it.
+    /// The retry queue that holds messages of `queue` (a name of this topology) for `delay`
+    /// before they return to it. Shortened with a hash when it would be too long.
     pub fn retry_queue(&self, queue: &str, delay: Duration) -> String {
-        format!("{queue}.retry.{}", millis(delay))
+        let name = format!("{queue}.retry.{}", millis(delay));
+        NAMES
+            .on_overflow(Overflow::Hash)
+            .fit(name)
+            .unwrap_or_else(|_| queue.to_string())
     }
 
     /// The queue behind a dead-letter target.
-    pub fn dead_letter_queue(&self, target: &str) -> String {
-        format!("{}.{target}.dead-letter", self.prefix)
+    ///
+    /// # Errors
+    /// [`BridgeError::InvalidRequest`] for an empty target or a name longer than
+    /// [`MAX_NAME_LEN`].
+    pub fn dead_letter_queue(&self, target: &str) -> Result<String, BridgeError> {
+        if target.is_empty() {
+            return Err(BridgeError::InvalidRequest(
+                "a dead-letter target needs a name".into(),
+            ));
+        }
+        NAMES
+            .join(&self.prefix, &[target, "dead-letter"])
+            .map_err(|e| too_long(e, "dead-letter target"))
     }
 
     /// True for a name under this prefix's subscription queues: the only queues a dead-letter
@@ -140,11 +204,20 @@ impl Topology {
     }
 }
 
+fn too_long(error: BridgeError, what: &str) -> BridgeError {
+    match error {
+        BridgeError::InvalidRequest(text) => {
+            BridgeError::InvalidRequest(format!("{text}; use shorter {what}"))
+        }
+        other => other,
+    }
+}
+
 /// A queue or exchange name as AMQP wants it; names over 255 bytes are refused, not truncated.
 pub(crate) fn name(s: &str) -> Result<ShortString, BridgeError> {
     ShortString::try_new(s).map_err(|_| {
         BridgeError::InvalidRequest(format!(
-            "resource name `{s}` is longer than {MAX_NAME_LEN} bytes; use shorter service, version or target names"
+            "resource name `{s}` is longer than {MAX_NAME_LEN} bytes"
         ))
     })
 }
@@ -162,19 +235,41 @@ pub(crate) fn broker_error(what: &str, resource: &str, e: &lapin::Error) -> Brid
     BridgeError::Broker(format!("{what} `{resource}` failed: {e}"))
 }
 
+/// One broker round trip of a declaration, bounded by `timeout`; a refusal names the resource.
+async fn call<T>(
+    timeout: Duration,
+    what: &str,
+    resource: &str,
+    fut: impl Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, BridgeError> {
+    broker_call(timeout, what, async {
+        fut.await.map_err(|e| broker_error(what, resource, &e))
+    })
+    .await
+}
+
 /// Declares the durable headers exchange.
-pub(crate) async fn declare_exchange(ch: &Channel, topology: &Topology) -> Result<(), BridgeError> {
-    ch.exchange_declare(
-        name(topology.exchange())?,
-        ExchangeKind::Headers,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        },
-        FieldTable::default(),
+pub(crate) async fn declare_exchange(
+    ch: &Channel,
+    topology: &Topology,
+    timeout: Duration,
+) -> Result<(), BridgeError> {
+    let exchange = topology.exchange();
+    call(
+        timeout,
+        "declaring exchange",
+        exchange,
+        ch.exchange_declare(
+            name(exchange)?,
+            ExchangeKind::Headers,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ),
     )
     .await
-    .map_err(|e| broker_error("declaring exchange", topology.exchange(), &e))
 }
 
 /// Declares this instance's reply queue and binds it on the `replyTo` header, PURISTA's way of
@@ -182,23 +277,28 @@ pub(crate) async fn declare_exchange(ch: &Channel, topology: &Topology) -> Resul
 pub(crate) async fn declare_reply_queue(
     ch: &Channel,
     topology: &Topology,
+    timeout: Duration,
 ) -> Result<(), BridgeError> {
     let queue = topology.reply_queue();
-    ch.queue_declare(
-        name(&queue)?,
-        QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..QueueDeclareOptions::default()
-        },
-        FieldTable::default(),
+    call(
+        timeout,
+        "declaring reply queue",
+        queue,
+        ch.queue_declare(
+            name(queue)?,
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ),
     )
-    .await
-    .map_err(|e| broker_error("declaring reply queue", &queue, &e))?;
+    .await?;
     let mut args = FieldTable::default();
     args.insert("x-match".into(), long("all"));
-    args.insert(headers::REPLY_TO.into(), long(&queue));
-    bind(ch, topology, &queue, args).await
+    args.insert(headers::REPLY_TO.into(), long(queue));
+    bind(ch, topology, queue, args, timeout).await
 }
 
 /// Declares a command endpoint's queue and binds it to commands for that receiver.
@@ -211,14 +311,20 @@ pub(crate) async fn declare_command_queue(
     ch: &Channel,
     topology: &Topology,
     address: &Address,
+    timeout: Duration,
 ) -> Result<String, BridgeError> {
-    let queue = topology.command_queue(address);
+    let queue = topology.command_queue(address)?;
     let mut args = FieldTable::default();
     args.insert("x-expires".into(), int(topology.command_queue_expiry_ms));
-    ch.queue_declare(name(&queue)?, QueueDeclareOptions::default(), args)
-        .await
-        .map_err(|e| broker_error("declaring command queue", &queue, &e))?;
-    bind(ch, topology, &queue, headers::command_binding(address)).await?;
+    call(
+        timeout,
+        "declaring command queue",
+        &queue,
+        ch.queue_declare(name(&queue)?, QueueDeclareOptions::default(), args),
+    )
+    .await?;
+    let binding = headers::command_binding(address);
+    bind(ch, topology, &queue, binding, timeout).await?;
     Ok(queue)
 }
 
@@ -229,72 +335,109 @@ pub(crate) async fn declare_stream_queue(
     ch: &Channel,
     topology: &Topology,
     address: &Address,
+    timeout: Duration,
 ) -> Result<String, BridgeError> {
-    let queue = topology.stream_queue(address);
+    let queue = topology.stream_queue(address)?;
     let mut args = FieldTable::default();
     args.insert("x-expires".into(), int(topology.command_queue_expiry_ms));
-    ch.queue_declare(name(&queue)?, QueueDeclareOptions::default(), args)
-        .await
-        .map_err(|e| broker_error("declaring stream queue", &queue, &e))?;
+    call(
+        timeout,
+        "declaring stream queue",
+        &queue,
+        ch.queue_declare(name(&queue)?, QueueDeclareOptions::default(), args),
+    )
+    .await?;
     Ok(queue)
 }
 
-/// Deletes a command (or stream) queue unless another instance still consumes it. Runs on a
-/// channel of its own: the broker answers an "in use" refusal by closing the channel.
-pub(crate) async fn retire_command_queue(connection: &lapin::Connection, queue: &str) {
+/// Deletes a command (or stream) queue unless another instance still consumes it.
+///
+/// Another instance serving it is the normal case in a deployment of several instances, so it
+/// is asked first (a passive declare reports the consumers); only a queue nobody consumes is
+/// deleted, `if-unused` still, should a consumer arrive in between (the broker then refuses,
+/// which closes the channel of its own this runs on).
+pub(crate) async fn retire_command_queue(
+    connection: &lapin::Connection,
+    queue: &str,
+    timeout: Duration,
+) {
     let Ok(queue_name) = name(queue) else {
         return;
     };
-    let channel = match connection.create_channel().await {
-        Ok(channel) => channel,
-        Err(error) => {
-            tracing::debug!(%queue, %error, "no channel to retire a command queue");
-            return;
-        }
-    };
-    let options = QueueDeleteOptions {
-        if_unused: true,
-        ..QueueDeleteOptions::default()
-    };
-    match channel.queue_delete(queue_name, options).await {
-        Ok(_) => {
-            tracing::debug!(%queue, "last server left: command queue deleted");
+    let retired = broker_call(timeout, "retiring a command queue", async {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| broker_error("opening a channel to retire", queue, &e))?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let declared = channel
+            .queue_declare(queue_name.clone(), passive, FieldTable::default())
+            .await;
+        let outcome = match declared {
+            Ok(state) if state.consumer_count() > 0 => {
+                tracing::debug!(%queue, consumers = state.consumer_count(), "other instances still serve it: command queue kept");
+                Ok(())
+            }
+            // Gone already (expired, or another instance deleted it): the channel is closed.
+            Err(_) => return Ok(()),
+            Ok(_) => {
+                let options = QueueDeleteOptions {
+                    if_unused: true,
+                    ..QueueDeleteOptions::default()
+                };
+                channel
+                    .queue_delete(queue_name, options)
+                    .await
+                    .map(|_| tracing::debug!(%queue, "last server left: command queue deleted"))
+                    .map_err(|e| broker_error("deleting", queue, &e))
+            }
+        };
+        if channel.status().connected() {
             let _ = channel.close(200, "OK".into()).await;
         }
-        // 406 PRECONDITION_FAILED: other instances still serve it (the channel is closed).
-        Err(error) => tracing::debug!(%queue, %error, "command queue kept"),
+        outcome
+    })
+    .await;
+    if let Err(error) = retired {
+        tracing::debug!(%queue, %error, "command queue not retired");
     }
 }
 
 /// Purges `queue`; returns how many messages it held. A queue that does not exist holds none.
 /// Runs on a channel of its own: the broker answers a missing queue by closing the channel.
 pub(crate) async fn purge_queue(
-    session: &crate::reconnect::Session,
+    connection: &lapin::Connection,
     queue: &str,
+    timeout: Duration,
 ) -> Result<usize, BridgeError> {
     let queue_name = name(queue)?;
-    let channel = session
-        .connection
-        .create_channel()
-        .await
-        .map_err(|e| BridgeError::client("opening a channel to purge a queue", e, true))?;
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    if channel
-        .queue_declare(queue_name.clone(), passive, FieldTable::default())
-        .await
-        .is_err()
-    {
-        return Ok(0);
-    }
-    let purged = channel
-        .queue_purge(queue_name, lapin::options::QueuePurgeOptions::default())
-        .await
-        .map_err(|e| broker_error("purging queue", queue, &e))?;
-    let _ = channel.close(200, "OK".into()).await;
-    Ok(usize::try_from(purged).unwrap_or(usize::MAX))
+    broker_call(timeout, "purging a queue", async {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| BridgeError::client("opening a channel to purge a queue", e, true))?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        if channel
+            .queue_declare(queue_name.clone(), passive, FieldTable::default())
+            .await
+            .is_err()
+        {
+            return Ok(0);
+        }
+        let purged = channel
+            .queue_purge(queue_name, lapin::options::QueuePurgeOptions::default())
+            .await
+            .map_err(|e| broker_error("purging queue", queue, &e))?;
+        let _ = channel.close(200, "OK".into()).await;
+        Ok(usize::try_from(purged).unwrap_or(usize::MAX))
+    })
+    .await
 }
 
 /// Declares a subscription's queue (and its dead-letter queue) and binds it with its filter.
@@ -302,8 +445,9 @@ pub(crate) async fn declare_subscription_queue(
     ch: &Channel,
     topology: &Topology,
     spec: &SubscriptionSpec,
+    timeout: Duration,
 ) -> Result<String, BridgeError> {
-    let queue = topology.subscription_queue(spec);
+    let queue = topology.subscription_queue(spec)?;
     let mut args = FieldTable::default();
     if !spec.shared || !spec.durable {
         // A broadcast queue belongs to one instance: it is deleted at unregister, and the
@@ -313,19 +457,30 @@ pub(crate) async fn declare_subscription_queue(
         // non-durable shared queue likewise disappears once no instance consumes it.
         args.insert("x-expires".into(), int(topology.idle_queue_expiry_ms));
     }
-    ch.queue_declare(
-        name(&queue)?,
-        QueueDeclareOptions {
-            durable: spec.durable,
-            ..QueueDeclareOptions::default()
-        },
-        args,
+    call(
+        timeout,
+        "declaring subscription queue",
+        &queue,
+        ch.queue_declare(
+            name(&queue)?,
+            QueueDeclareOptions {
+                durable: spec.durable,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        ),
     )
-    .await
-    .map_err(|e| broker_error("declaring subscription queue", &queue, &e))?;
-    bind(ch, topology, &queue, headers::filter_binding(&spec.filter)).await?;
+    .await?;
+    bind(
+        ch,
+        topology,
+        &queue,
+        headers::filter_binding(&spec.filter),
+        timeout,
+    )
+    .await?;
     if let Some(target) = &spec.policy.dead_letter_target {
-        declare_dead_letter_queue(ch, topology, target).await?;
+        declare_dead_letter_queue(ch, topology, target, timeout).await?;
     }
     Ok(queue)
 }
@@ -335,18 +490,23 @@ pub(crate) async fn declare_dead_letter_queue(
     ch: &Channel,
     topology: &Topology,
     target: &str,
+    timeout: Duration,
 ) -> Result<String, BridgeError> {
-    let queue = topology.dead_letter_queue(target);
-    ch.queue_declare(
-        name(&queue)?,
-        QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        },
-        FieldTable::default(),
+    let queue = topology.dead_letter_queue(target)?;
+    call(
+        timeout,
+        "declaring dead-letter queue",
+        &queue,
+        ch.queue_declare(
+            name(&queue)?,
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ),
     )
-    .await
-    .map_err(|e| broker_error("declaring dead-letter queue", &queue, &e))?;
+    .await?;
     Ok(queue)
 }
 
@@ -360,6 +520,7 @@ pub(crate) async fn declare_retry_queue(
     topology: &Topology,
     queue: &str,
     delay: Duration,
+    timeout: Duration,
 ) -> Result<String, BridgeError> {
     let retry = topology.retry_queue(queue, delay);
     let delay_ms = millis(delay);
@@ -371,16 +532,20 @@ pub(crate) async fn declare_retry_queue(
         "x-expires".into(),
         int(delay_ms.saturating_add(millis(RETRY_QUEUE_GRACE))),
     );
-    ch.queue_declare(
-        name(&retry)?,
-        QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        },
-        args,
+    call(
+        timeout,
+        "declaring retry queue",
+        &retry,
+        ch.queue_declare(
+            name(&retry)?,
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        ),
     )
-    .await
-    .map_err(|e| broker_error("declaring retry queue", &retry, &e))?;
+    .await?;
     Ok(retry)
 }
 
@@ -389,28 +554,39 @@ async fn bind(
     topology: &Topology,
     queue: &str,
     args: FieldTable,
+    timeout: Duration,
 ) -> Result<(), BridgeError> {
-    ch.queue_bind(
-        name(queue)?,
-        name(topology.exchange())?,
-        ShortString::from(""),
-        QueueBindOptions::default(),
-        args,
+    call(
+        timeout,
+        "binding queue",
+        queue,
+        ch.queue_bind(
+            name(queue)?,
+            name(topology.exchange())?,
+            ShortString::from(""),
+            QueueBindOptions::default(),
+            args,
+        ),
     )
     .await
-    .map_err(|e| broker_error("binding queue", queue, &e))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use purista_core::{FailurePolicy, SubscriptionFilter};
 
     use super::*;
 
     fn spec(shared: bool) -> SubscriptionSpec {
+        spec_of(Address::new("billing", "2", "onPaid"), shared)
+    }
+
+    fn spec_of(subscriber: Address, shared: bool) -> SubscriptionSpec {
         SubscriptionSpec {
-            key: "billing@2/onPaid".into(),
-            subscriber: Address::new("billing", "2", "onPaid"),
+            key: subscriber.to_string().into(),
+            subscriber,
             filter: SubscriptionFilter::new(),
             shared,
             durable: true,
@@ -426,9 +602,12 @@ mod tests {
     #[test]
     fn shared_subscriptions_have_one_queue_and_broadcast_one_per_instance() {
         let t = topology();
-        assert_eq!(t.subscription_queue(&spec(true)), "p.sub.billing.2.onPaid");
         assert_eq!(
-            t.subscription_queue(&spec(false)),
+            t.subscription_queue(&spec(true)).unwrap(),
+            "p.sub.billing.2.onPaid"
+        );
+        assert_eq!(
+            t.subscription_queue(&spec(false)).unwrap(),
             "p.sub.billing.2.onPaid.inst"
         );
     }
@@ -440,13 +619,83 @@ mod tests {
             t.retry_queue("p.sub.billing.2.onPaid", Duration::from_millis(1500)),
             "p.sub.billing.2.onPaid.retry.1500"
         );
+        let long = t.retry_queue(&"q".repeat(250), Duration::from_millis(1500));
+        assert!(long.len() <= MAX_NAME_LEN, "shortened: {long}");
+    }
+
+    #[test]
+    fn addresses_that_join_alike_get_names_of_their_own() {
+        let t = topology();
+        let pairs = [
+            (
+                Address::new("orders.v2", "1", "get"),
+                Address::new("orders", "v2.1", "get"),
+            ),
+            (Address::new("a", "b.c", "d"), Address::new("a.b", "c", "d")),
+            (Address::new("a~2e", "b", "c"), Address::new("a.", "b", "c")),
+        ];
+        for (a, b) in pairs {
+            assert_ne!(t.command_queue(&a).unwrap(), t.command_queue(&b).unwrap());
+            assert_ne!(t.stream_queue(&a).unwrap(), t.stream_queue(&b).unwrap());
+            assert_ne!(
+                t.subscription_queue(&spec_of(a.clone(), true)).unwrap(),
+                t.subscription_queue(&spec_of(b.clone(), true)).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn no_two_kinds_of_resource_share_a_name() {
+        let t = topology();
+        // Parts chosen to look like the other kinds' tags and suffixes.
+        let parts = [
+            "cmd",
+            "stream",
+            "reply",
+            "sub",
+            "retry",
+            "dead-letter",
+            "inst",
+            "1",
+        ];
+        let mut names = HashSet::new();
+        let mut count = 0;
+        for a in parts {
+            for b in parts {
+                for c in parts {
+                    let address = Address::new(a, b, c);
+                    let shared = spec_of(address.clone(), true);
+                    let broadcast = spec_of(address.clone(), false);
+                    let shared_queue = t.subscription_queue(&shared).unwrap();
+                    let broadcast_queue = t.subscription_queue(&broadcast).unwrap();
+                    for name in [
+                        t.command_queue(&address).unwrap(),
+                        t.stream_queue(&address).unwrap(),
+                        t.retry_queue(&shared_queue, Duration::from_millis(5)),
+                        t.retry_queue(&broadcast_queue, Duration::from_millis(5)),
+                        shared_queue,
+                        broadcast_queue,
+                    ] {
+                        names.insert(name);
+                        count += 1;
+                    }
+                }
+                names.insert(t.dead_letter_queue(a).unwrap());
+                count += 1;
+            }
+        }
+        names.insert(t.reply_queue().to_string());
+        count += 1;
+        // Each dead-letter target was named |parts| times over.
+        let repeated_targets = parts.len() * (parts.len() - 1);
+        assert_eq!(names.len(), count - repeated_targets);
     }
 
     #[test]
     fn only_subscription_queues_under_the_prefix_are_replay_destinations() {
         let t = topology();
-        assert!(t.is_subscription_queue(&t.subscription_queue(&spec(true))));
-        assert!(t.is_subscription_queue(&t.subscription_queue(&spec(false))));
+        assert!(t.is_subscription_queue(&t.subscription_queue(&spec(true)).unwrap()));
+        assert!(t.is_subscription_queue(&t.subscription_queue(&spec(false)).unwrap()));
         assert!(!t.is_subscription_queue("p.sub."));
         assert!(!t.is_subscription_queue("p.cmd.billing.2.pay"));
         assert!(!t.is_subscription_queue("other.sub.billing.2.onPaid"));
@@ -454,12 +703,20 @@ mod tests {
     }
 
     #[test]
-    fn names_longer_than_255_bytes_are_refused() {
+    fn names_longer_than_255_bytes_are_refused_with_what_to_shorten() {
         assert!(name(&"x".repeat(255)).is_ok());
         assert!(matches!(
             name(&"x".repeat(256)),
             Err(BridgeError::InvalidRequest(_))
         ));
+        let error = topology()
+            .command_queue(&Address::new("x".repeat(300), "1", "y"))
+            .unwrap_err();
+        assert!(
+            matches!(&error, BridgeError::InvalidRequest(text) if text.contains("shorter")),
+            "{error:?}"
+        );
+        assert!(topology().dead_letter_queue("").is_err());
     }
 
     #[test]

@@ -105,12 +105,7 @@ async fn assert_warned(queue: &str, bad: &[Bad], verdict: &str) {
             b.problem,
             logs::warnings(|w| w.field("queue") == Some(queue))
         );
-        assert_eq!(
-            logs::warnings(pick).len(),
-            1,
-            "warned once: {}",
-            b.problem
-        );
+        assert_eq!(logs::warnings(pick).len(), 1, "warned once: {}", b.problem);
     }
 }
 
@@ -125,7 +120,7 @@ async fn bad_input_on_a_command_queue_is_dropped_with_a_warning_and_commands_sti
         .register_command(address.clone(), echo.clone())
         .await
         .unwrap();
-    let queue = bridge.topology().command_queue(&address);
+    let queue = bridge.topology().command_queue(&address).unwrap();
     let mut bad = undecodable();
     bad.push(stray_event());
 
@@ -169,8 +164,8 @@ async fn bad_input_on_the_reply_queue_is_dropped_with_a_warning_and_invocations_
     answered.correlation_id = Some(nobody_waits.clone());
     let stray_response = answered.success_response(json!("late"), None).encode();
 
-    feed(&broker, &queue, &bad).await;
-    broker.publish_into(&queue, &[&stray_response]).await;
+    feed(&broker, queue, &bad).await;
+    broker.publish_into(queue, &[&stray_response]).await;
     let n = bad.len() as u64;
     assert!(
         eventually(WITHIN, || bridge.poison_messages() == n).await,
@@ -191,7 +186,7 @@ async fn bad_input_on_the_reply_queue_is_dropped_with_a_warning_and_invocations_
     );
     // The reply queue is exclusive to the bridge's connection (no passive declare from here)
     // and consumed with auto-ack: what was counted is gone.
-    assert_warned(&queue, &bad, "dropped").await;
+    assert_warned(queue, &bad, "dropped").await;
     let unmatched = logs::warnings(|w| w.field("correlation_id") == Some(&nobody_waits));
     assert_eq!(unmatched.len(), 1, "{unmatched:#?}");
     assert!(
@@ -213,7 +208,7 @@ async fn subscription_queue_case(broker: TestBroker, shape: impl FnOnce(&mut Sub
         .register_subscription(spec.clone(), recorder.clone())
         .await
         .unwrap();
-    let queue = bridge.topology().subscription_queue(&spec);
+    let queue = bridge.topology().subscription_queue(&spec).unwrap();
     let bad = undecodable();
     feed(&broker, &queue, &bad).await;
     assert_settled(&broker, &bridge, &spec, &recorder, &bad).await;
@@ -230,7 +225,7 @@ async fn assert_settled(
     recorder: &Recorder,
     bad: &[Bad],
 ) {
-    let queue = bridge.topology().subscription_queue(spec);
+    let queue = bridge.topology().subscription_queue(spec).unwrap();
     let n = bad.len() as u64;
     assert!(
         eventually(WITHIN, || bridge.poison_messages() == n).await,
@@ -344,7 +339,7 @@ async fn bad_input_in_a_retry_queue_returns_to_its_source_queue_and_is_dead_lett
         .unwrap();
     bridge.emit(event(0)).await.unwrap();
     assert!(eventually(WITHIN, || recorder.count() == 2).await);
-    let source = bridge.topology().subscription_queue(&spec);
+    let source = bridge.topology().subscription_queue(&spec).unwrap();
     let retry = bridge
         .topology()
         .retry_queue(&source, Duration::from_millis(200));
@@ -369,7 +364,7 @@ async fn bad_input_in_a_dead_letter_queue_is_listed_raw_and_hides_no_entry() {
         .register_subscription(spec.clone(), recorder.clone())
         .await
         .unwrap();
-    let dead_letter_queue = bridge.topology().dead_letter_queue("sold-failed");
+    let dead_letter_queue = bridge.topology().dead_letter_queue("sold-failed").unwrap();
     bridge.emit(event(1)).await.unwrap();
     assert_eq!(dead_letters(&bridge, "sold-failed", 1).await.len(), 1);
 

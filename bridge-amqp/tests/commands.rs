@@ -345,7 +345,7 @@ async fn shutdown_rejects_pending_invocations_with_503_and_removes_the_reply_que
     };
     let reply_queue = client.topology().reply_queue();
     assert!(
-        ch.queue_declare(reply_queue.as_str().into(), passive, FieldTable::default())
+        ch.queue_declare(reply_queue.into(), passive, FieldTable::default())
             .await
             .is_err(),
         "reply queue {reply_queue} is gone"

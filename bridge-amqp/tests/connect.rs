@@ -34,9 +34,18 @@ async fn assert_fails_at_once(config: AmqpConfig, secret: Option<&str>, what: &s
         .expect("start returns")
         .expect_err(what);
     let took = began.elapsed();
-    assert!(took < AT_ONCE, "{what}: failed after {took:?}, not at the first answer");
     assert!(
-        matches!(error, BridgeError::Client { retryable: false, .. }),
+        took < AT_ONCE,
+        "{what}: failed after {took:?}, not at the first answer"
+    );
+    assert!(
+        matches!(
+            error,
+            BridgeError::Client {
+                retryable: false,
+                ..
+            }
+        ),
         "{what}: a non-retryable client error, got {error:?}"
     );
     assert!(!error.is_retryable());

@@ -34,8 +34,8 @@ async fn addresses_that_join_to_the_same_dotted_name_get_queues_of_their_own() {
     let dotted_service = Address::new("orders.v2", "1", "get");
     let dotted_version = Address::new("orders", "v2.1", "get");
     assert_ne!(
-        one.topology().command_queue(&dotted_service),
-        one.topology().command_queue(&dotted_version)
+        one.topology().command_queue(&dotted_service).unwrap(),
+        one.topology().command_queue(&dotted_version).unwrap()
     );
     one.register_command(dotted_service.clone(), Arc::new(Named("orders.v2@1")))
         .await
@@ -59,7 +59,11 @@ async fn addresses_that_join_to_the_same_dotted_name_get_queues_of_their_own() {
                 .invoke(cmd, Duration::from_secs(5))
                 .await
                 .expect("served");
-            assert_eq!(answer.payload, json!(expected), "{address} served by its own handler");
+            assert_eq!(
+                answer.payload,
+                json!(expected),
+                "{address} served by its own handler"
+            );
         }
     }
     broker.finish().await;
@@ -77,8 +81,8 @@ async fn subscriptions_whose_names_join_alike_keep_queues_of_their_own() {
     b.key = "a@b.1/x".into();
     b.subscriber = Address::new("a", "b.1", "x");
     assert_ne!(
-        bridge.topology().subscription_queue(&a),
-        bridge.topology().subscription_queue(&b)
+        bridge.topology().subscription_queue(&a).unwrap(),
+        bridge.topology().subscription_queue(&b).unwrap()
     );
     let (ra, rb) = (Recorder::acking(&a), Recorder::acking(&b));
     bridge.register_subscription(a, ra.clone()).await.unwrap();
@@ -94,7 +98,9 @@ async fn subscriptions_whose_names_join_alike_keep_queues_of_their_own() {
             .unwrap();
     }
     assert!(
-        eventually(Duration::from_secs(5), || ra.count() == 4 && rb.count() == 4).await,
+        eventually(Duration::from_secs(5), || ra.count() == 4
+            && rb.count() == 4)
+        .await,
         "each subscription got every event: {} and {}",
         ra.count(),
         rb.count()

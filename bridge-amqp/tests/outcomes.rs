@@ -63,7 +63,7 @@ async fn a_delayed_retry_waits_at_least_the_delay_and_counts_attempts() {
         "the same message each time"
     );
     let retry_queue = bridge.topology().retry_queue(
-        &bridge.topology().subscription_queue(&spec),
+        &bridge.topology().subscription_queue(&spec).unwrap(),
         Duration::from_millis(600),
     );
     assert!(bridge.declared_queues().contains(&retry_queue));
@@ -95,7 +95,7 @@ async fn a_dead_lettered_message_carries_reason_attempts_and_origin_headers() {
     bridge.emit(event("sold", 7)).await.unwrap();
     assert!(eventually(Duration::from_secs(5), || recorder.count() == 1).await);
 
-    let queue = bridge.topology().dead_letter_queue("sold-bad");
+    let queue = bridge.topology().dead_letter_queue("sold-bad").unwrap();
     assert_eq!(queue, format!("{}.sold-bad.dead-letter", broker.prefix));
     let entries = dead_letters(&bridge, "sold-bad", 1).await;
     assert_eq!(entries.len(), 1);
@@ -231,7 +231,11 @@ async fn a_poison_message_is_dead_lettered_and_the_next_one_is_delivered() {
         .await
         .unwrap();
 
-    publish_garbage_into(&broker, &bridge.topology().subscription_queue(&spec)).await;
+    publish_garbage_into(
+        &broker,
+        &bridge.topology().subscription_queue(&spec).unwrap(),
+    )
+    .await;
     bridge.emit(event("sold", 1)).await.unwrap();
     assert!(eventually(Duration::from_secs(5), || recorder.count() == 1).await);
     assert!(eventually(Duration::from_secs(5), || bridge.poison_messages() == 1).await);
@@ -259,7 +263,7 @@ async fn a_poison_message_without_dead_letter_target_is_dropped_and_the_next_one
         .register_subscription(spec.clone(), recorder.clone())
         .await
         .unwrap();
-    let queue = bridge.topology().subscription_queue(&spec);
+    let queue = bridge.topology().subscription_queue(&spec).unwrap();
 
     publish_garbage_into(&broker, &queue).await;
     bridge.emit(event("sold", 1)).await.unwrap();

@@ -57,7 +57,9 @@ fn assert_too_large(what: &str, result: Result<impl std::fmt::Debug, BridgeError
 
 /// Runs a caller's call with a bound, so that a call the broker never answers fails the test
 /// instead of hanging it.
-async fn bounded<T>(fut: impl std::future::Future<Output = Result<T, BridgeError>>) -> Result<T, BridgeError> {
+async fn bounded<T>(
+    fut: impl std::future::Future<Output = Result<T, BridgeError>>,
+) -> Result<T, BridgeError> {
     tokio::time::timeout(WITHIN, fut)
         .await
         .unwrap_or_else(|_| Err(BridgeError::Unavailable("test bound: no answer".into())))
@@ -88,13 +90,16 @@ async fn oversized_metadata_is_refused_at_the_caller_with_400_and_the_connection
     c.otp = Some(trace_context.clone());
     invokes.push(("invoke with a 200 KB trace context", c));
     for (what, c) in invokes {
-        assert_too_large(what, bounded(client.invoke(c, Duration::from_secs(5))).await);
+        assert_too_large(
+            what,
+            bounded(client.invoke(c, Duration::from_secs(5))).await,
+        );
     }
 
     let mut emits = Vec::new();
     emits.push((
         "emit with a 200 KB eventName",
-        Envelope::custom(seller(), &huge('e'), json!({})),
+        Envelope::custom(seller(), huge('e'), json!({})),
     ));
     let mut e = event();
     e.principal_id = Some(huge('p'));
@@ -141,7 +146,9 @@ async fn a_foreign_command_with_an_oversized_principal_is_answered_400_without_a
         .register_command(echo.clone(), handler.clone())
         .await
         .unwrap();
-    let replies = broker.own_queue("replies").await;
+    let replies = broker
+        .own_reply_queue("replies", server.topology().exchange())
+        .await;
 
     let mut command = Envelope::command(seller(), echo.clone(), json!("big"), json!({}));
     command.correlation_id = Some("foreign-1".into());
@@ -150,20 +157,17 @@ async fn a_foreign_command_with_an_oversized_principal_is_answered_400_without_a
         .with_reply_to(replies.as_str().into())
         .with_correlation_id("foreign-1".into())
         .with_expiration("10000".into());
-    let queue = server.topology().command_queue(&echo);
+    let queue = server.topology().command_queue(&echo).unwrap();
     broker
         .publish_with(&queue, &command.encode(), properties)
         .await;
 
-    let reply = broker
-        .take_one(&replies, WITHIN)
-        .await
-        .unwrap_or_else(|| {
-            panic!(
-                "no answer to the foreign command (server reconnects: {})",
-                server.reconnects()
-            )
-        });
+    let reply = broker.take_one(&replies, WITHIN).await.unwrap_or_else(|| {
+        panic!(
+            "no answer to the foreign command (server reconnects: {})",
+            server.reconnects()
+        )
+    });
     let reply = Envelope::decode(&reply).expect("the answer is an envelope");
     assert_eq!(reply.correlation_id.as_deref(), Some("foreign-1"));
     assert_eq!(reply.payload["status"], json!(400), "{:?}", reply.payload);
@@ -256,7 +260,7 @@ async fn near_limit_headers_through_retry_and_dead_letter_paths_never_cost_a_rec
             .register_subscription(s.clone(), recorder.clone())
             .await
             .unwrap();
-        let queue = subscriber.topology().subscription_queue(&s);
+        let queue = subscriber.topology().subscription_queue(&s).unwrap();
         recorders.push((queue, recorder));
     }
 

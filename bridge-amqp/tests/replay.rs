@@ -90,7 +90,7 @@ async fn a_replayed_dead_letter_comes_back_as_attempt_one_and_leaves_the_queue()
     assert_eq!(seen[3].envelope.payload, json!({"n": 1}));
     assert_eq!(seen[3].attempt, 1, "a fresh retry budget");
     assert_eq!(dead_letter_count(&bridge, "sold-failed").await, 0);
-    let queue = bridge.topology().subscription_queue(&spec);
+    let queue = bridge.topology().subscription_queue(&spec).unwrap();
     assert_eq!(broker.ready_messages(&queue).await, Some(0), "acked");
     broker.finish().await;
 }
@@ -195,7 +195,7 @@ async fn undecodable_and_orphaned_dead_letters_stay_in_the_queue_with_their_reas
 
     broker
         .publish_into(
-            &bridge.topology().subscription_queue(&poisoned),
+            &bridge.topology().subscription_queue(&poisoned).unwrap(),
             &[b"{not an envelope"],
         )
         .await;
@@ -206,7 +206,7 @@ async fn undecodable_and_orphaned_dead_letters_stay_in_the_queue_with_their_reas
 
     // The orphan's subscription goes away, queue and all.
     bridge.unregister_subscription(&orphan.key).await.unwrap();
-    let orphan_queue = bridge.topology().subscription_queue(&orphan);
+    let orphan_queue = bridge.topology().subscription_queue(&orphan).unwrap();
     let conn = broker.raw_connection().await;
     let ch = conn.create_channel().await.unwrap();
     ch.queue_delete(orphan_queue.as_str().into(), QueueDeleteOptions::default())
@@ -255,7 +255,7 @@ async fn a_dead_letter_without_its_source_queue_stays_and_says_so() {
         .unwrap();
     // As an older bridge dead-lettered it: no source-queue header.
     let legacy = event(1);
-    let dead_letter_queue = bridge.topology().dead_letter_queue("sold-failed");
+    let dead_letter_queue = bridge.topology().dead_letter_queue("sold-failed").unwrap();
     broker
         .publish_into(&dead_letter_queue, &[&legacy.encode()])
         .await;

@@ -524,7 +524,7 @@ async fn no_stream_frame_reaches_a_subscription_queue() {
     // A durable catch-all subscription without a consumer: whatever is routed to it stays.
     let mut everything = common::spec("everything", purista_core::SubscriptionFilter::new());
     everything.durable = true;
-    let queue = producer.topology().subscription_queue(&everything);
+    let queue = producer.topology().subscription_queue(&everything).unwrap();
     producer
         .register_subscription(everything.clone(), common::Recorder::acking(&everything))
         .await

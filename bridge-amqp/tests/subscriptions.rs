@@ -71,8 +71,8 @@ async fn a_broadcast_subscription_reaches_every_instance() {
         .await
         .unwrap();
     assert_ne!(
-        a.topology().subscription_queue(&spec),
-        b.topology().subscription_queue(&spec),
+        a.topology().subscription_queue(&spec).unwrap(),
+        b.topology().subscription_queue(&spec).unwrap(),
         "one queue per instance"
     );
 

@@ -79,8 +79,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.expect("no panic")
 }
 
-fn config(url: &str) -> AmqpConfig {
-    let mut config = AmqpConfig::new(url).with_prefix(new_prefix());
+fn config(url: &str, prefix: &str) -> AmqpConfig {
+    let mut config = AmqpConfig::new(url).with_prefix(prefix);
     config.default_command_timeout = Duration::from_secs(5);
     config.reconnect_initial_delay = Duration::from_millis(50);
     config.reconnect_max_delay = Duration::from_millis(500);
@@ -89,8 +89,8 @@ fn config(url: &str) -> AmqpConfig {
     config
 }
 
-async fn started(url: &str) -> Arc<AmqpBridge> {
-    let bridge = Arc::new(AmqpBridge::new(config(url)).expect("valid config"));
+async fn started(url: &str, prefix: &str) -> Arc<AmqpBridge> {
+    let bridge = Arc::new(AmqpBridge::new(config(url, prefix)).expect("valid config"));
     bridge.start().await.expect("the bridge connects");
     bridge
 }
@@ -148,8 +148,8 @@ fn subscription(name: &str) -> SubscriptionSpec {
 }
 
 /// A bridge serving a command and a subscription, with an invocation in flight.
-async fn busy(url: &str) -> Arc<AmqpBridge> {
-    let bridge = started(url).await;
+async fn busy(url: &str, prefix: &str) -> Arc<AmqpBridge> {
+    let bridge = started(url, prefix).await;
     bridge
         .register_command(Address::new("echo", "1", "say"), Arc::new(Echo))
         .await
@@ -181,8 +181,9 @@ async fn by<T>(what: &str, deadline: Duration, call: impl std::future::Future<Ou
 async fn a_frozen_broker_fails_emit_by_its_deadline_and_shutdown_returns_by_its_own() {
     let node = node().await;
     let url = node.url();
-    let emitter = started(&url).await;
-    let leaving = busy(&url).await;
+    let prefix = new_prefix();
+    let emitter = started(&url, &prefix).await;
+    let leaving = busy(&url, &prefix).await;
     emitter
         .emit(event(0))
         .await
@@ -242,7 +243,8 @@ async fn a_frozen_broker_fails_emit_by_its_deadline_and_shutdown_returns_by_its_
 async fn a_memory_alarm_turns_health_not_ok_and_emit_returns_by_its_deadline() {
     let node = node().await;
     let url = node.url();
-    let bridge = busy(&url).await;
+    let prefix = new_prefix();
+    let bridge = busy(&url, &prefix).await;
     bridge.emit(event(0)).await.expect("emit before the alarm");
 
     let alarmed = node.clone();
@@ -294,9 +296,10 @@ async fn a_memory_alarm_turns_health_not_ok_and_emit_returns_by_its_deadline() {
 async fn during_an_outage_shutdown_returns_by_its_deadline_and_the_others_reconnect_after_it() {
     let node = node().await;
     let url = node.url();
-    let leaving = busy(&url).await;
-    let staying = busy(&url).await;
-    let client = started(&url).await;
+    let prefix = new_prefix();
+    let leaving = busy(&url, &prefix).await;
+    let staying = busy(&url, &prefix).await;
+    let client = started(&url, &prefix).await;
 
     let down = node.clone();
     blocking(move || down.take_down()).await;

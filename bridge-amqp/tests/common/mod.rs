@@ -536,6 +536,34 @@ impl TestBroker {
         queue
     }
 
+    /// Declares a queue of the test's own bound to `exchange` the way a caller's reply queue
+    /// is: responses whose `replyTo` header names it reach it.
+    pub async fn own_reply_queue(&self, name: &str, exchange: &str) -> String {
+        let queue = self.own_queue(name).await;
+        let conn = self.raw_connection().await;
+        let ch = conn.create_channel().await.expect("channel");
+        let mut args = lapin::types::FieldTable::default();
+        args.insert(
+            "x-match".into(),
+            lapin::types::AMQPValue::LongString("all".into()),
+        );
+        args.insert(
+            "replyTo".into(),
+            lapin::types::AMQPValue::LongString(queue.as_str().into()),
+        );
+        ch.queue_bind(
+            queue.as_str().into(),
+            exchange.into(),
+            "".into(),
+            lapin::options::QueueBindOptions::default(),
+            args,
+        )
+        .await
+        .expect("reply queue bound");
+        let _ = conn.close(200, "OK".into()).await;
+        queue
+    }
+
     /// Takes one message from `queue`, waiting up to `within` for one to arrive.
     pub async fn take_one(&self, queue: &str, within: Duration) -> Option<Vec<u8>> {
         let conn = self.raw_connection().await;
@@ -545,9 +573,7 @@ impl TestBroker {
             let message = ch
                 .basic_get(
                     queue.into(),
-                    lapin::options::BasicGetOptions {
-                        no_ack: true,
-                    },
+                    lapin::options::BasicGetOptions { no_ack: true },
                 )
                 .await
                 .expect("basic.get");
