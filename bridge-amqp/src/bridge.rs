@@ -251,10 +251,10 @@ impl AmqpBridge {
         }
         if let Some(session) = self.shared.link.current() {
             let timeout = session.timeout * START_CALLS;
-            if let Err(error) = consume::request_start(&reg, session, timeout).await {
+            if let Err(error) = reg.request_start(session, timeout).await {
                 forget();
                 let deadline = deadline_after(self.shared.config.broker_timeout);
-                consume::request_stop(&reg, deadline).await;
+                reg.request_stop(deadline).await;
                 return Err(error);
             }
         }
@@ -264,7 +264,7 @@ impl AmqpBridge {
     async fn unregister(&self, reg: Option<Arc<Registration>>) -> Result<(), BridgeError> {
         if let Some(reg) = reg {
             let deadline = deadline_after(self.shared.config.default_command_timeout);
-            consume::request_stop(&reg, deadline).await;
+            reg.request_stop(deadline).await;
         }
         Ok(())
     }
@@ -311,7 +311,7 @@ impl SubscriptionOperator for AmqpBridge {
         key: &RegistrationKey,
     ) -> Result<bool, BridgeError> {
         match self.shared.registry.subscription(key.as_str()) {
-            Some(reg) => consume::request_resume(&reg).await,
+            Some(reg) => reg.request_resume().await,
             None => Ok(false),
         }
     }

@@ -27,9 +27,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::Acker;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeleteOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use purista_core::envelope::now_ms;
@@ -41,6 +40,7 @@ use purista_core::{
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::delivery::{Taken, requeue};
 use crate::headers;
 use crate::registry::{ConsumerOp, Kind, Registration};
 use crate::serve;
@@ -48,7 +48,7 @@ use crate::session::Session;
 use crate::settle::AmqpSettler;
 use crate::shared::Shared;
 use crate::streams;
-use crate::suspects::{DeliveryId, InHand, Standing};
+use crate::suspects::{DeliveryId, Standing};
 use crate::topology::{self, name};
 
 /// Why a quarantined delivery never reaches its handler again.
@@ -393,53 +393,6 @@ async fn run_consumer(
     tracing::debug!(registration = %reg.label, generation, "consumer stopped");
 }
 
-/// A delivery taken from a queue, with its place in the poison watch.
-pub(crate) struct Taken {
-    pub delivery: lapin::message::Delivery,
-    id: DeliveryId,
-    /// In hand until settled; `None` for a suspect until it has its turn.
-    pub held: Option<InHand>,
-    /// The connection generation it came on; its acker only works there.
-    pub generation: u64,
-}
-
-impl Taken {
-    /// For a suspect (in hand at an earlier connection loss): waits for the registration's
-    /// turn and only then counts it as in hand, so that it is handled alone.
-    pub(crate) async fn turn(
-        &mut self,
-        shared: &Shared,
-        reg: &Registration,
-    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        if self.held.is_some() {
-            return None;
-        }
-        let permit = reg.turn.clone().acquire_owned().await.ok();
-        self.held = Some(shared.suspects.hold(self.generation, self.id.clone()));
-        permit
-    }
-}
-
-/// Hands a delivery back to its queue.
-pub(crate) async fn requeue(acker: &Acker) {
-    let options = BasicNackOptions {
-        requeue: true,
-        ..BasicNackOptions::default()
-    };
-    if let Err(error) = acker.nack(options).await {
-        tracing::debug!(%error, "handing a delivery back failed; the broker requeues it when the channel closes");
-    }
-}
-
-/// Acks a delivery.
-pub(crate) async fn ack(acker: &Acker) -> Result<(), BridgeError> {
-    acker
-        .ack(lapin::options::BasicAckOptions::default())
-        .await
-        .map(|_| ())
-        .map_err(|e| BridgeError::client("ack failed", e, true))
-}
-
 /// Keeps a delivery that was in hand at `losses` connection losses from its handler: a
 /// subscription's goes to its dead-letter target with the reason (or is dropped), a command or
 /// open frame is dropped; each with a warning, counted as poison. After a third loss (the
@@ -584,63 +537,4 @@ pub(crate) fn start_keeper(
         .work
         .tasks
         .spawn(WorkKind::Generic, reg.label.clone(), keeper)
-}
-
-/// Asks the keeper of `reg` to start it on `session` and waits for the answer, at most
-/// `timeout`.
-pub(crate) async fn request_start(
-    reg: &Registration,
-    session: Arc<Session>,
-    timeout: Duration,
-) -> Result<(), BridgeError> {
-    let (done, answer) = tokio::sync::oneshot::channel();
-    if !reg.send(ConsumerOp::Start {
-        session,
-        done: Some(done),
-    }) {
-        // Stopped meanwhile: nothing to start.
-        return Ok(());
-    }
-    match tokio::time::timeout(timeout, answer).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(_)) => Ok(()),
-        Err(_) => Err(BridgeError::Unavailable(format!(
-            "starting the consumer of {} took longer than {} ms",
-            reg.label,
-            timeout.as_millis()
-        ))),
-    }
-}
-
-/// Asks the keeper of `reg` to stop it and waits until its queue is dealt with, at most until
-/// `deadline`.
-pub(crate) async fn request_stop(reg: &Registration, deadline: Instant) {
-    let (done, answer) = tokio::sync::oneshot::channel();
-    if !reg.send(ConsumerOp::Stop {
-        deadline,
-        done: Some(done),
-    }) {
-        return;
-    }
-    if tokio::time::timeout_at(deadline, answer).await.is_err() {
-        tracing::debug!(registration = %reg.label, "stopping the consumer did not finish by the deadline");
-    }
-}
-
-/// Asks the keeper of `reg` to pause it and waits until the consumer is cancelled (bounded by
-/// the keeper's own broker deadlines).
-pub(crate) async fn request_pause(reg: &Registration, reason: String) {
-    let (done, answer) = tokio::sync::oneshot::channel();
-    if reg.send(ConsumerOp::Pause { reason, done }) {
-        let _ = answer.await;
-    }
-}
-
-/// Asks the keeper of `reg` to resume it.
-pub(crate) async fn request_resume(reg: &Registration) -> Result<bool, BridgeError> {
-    let (done, answer) = tokio::sync::oneshot::channel();
-    if !reg.send(ConsumerOp::Resume { done }) {
-        return Ok(false);
-    }
-    answer.await.unwrap_or(Ok(false))
 }

@@ -79,6 +79,7 @@ mod config;
 mod connect;
 mod consume;
 mod dead_letters;
+mod delivery;
 mod driver;
 pub mod headers;
 mod lapin_logs;

@@ -30,7 +30,6 @@ use purista_core::BridgeError;
 use tokio::sync::watch;
 
 use crate::connect::{self, ConnectFailure};
-use crate::consume;
 use crate::reply;
 use crate::session::Session;
 use crate::shared::Shared;
@@ -124,7 +123,7 @@ async fn restore(shared: &Arc<Shared>, session: &Arc<Session>) -> Result<(), Bri
     let registrations = shared.registry.all();
     let starts = registrations
         .iter()
-        .map(|reg| consume::request_start(reg, session.clone(), timeout));
+        .map(|reg| reg.request_start(session.clone(), timeout));
     let results = futures::future::join_all(starts).await;
     let mut broken = None;
     for (reg, result) in registrations.iter().zip(results) {

@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use lapin::Channel;
 use lapin::types::ShortString;
@@ -160,6 +161,66 @@ impl Registration {
     /// leaves, so that an unserved address is unroutable (502) at once.
     pub(crate) fn is_endpoint(&self) -> bool {
         matches!(self.kind, Kind::Command { .. } | Kind::Stream { .. })
+    }
+}
+
+impl Registration {
+    /// Asks the keeper to start consuming on `session` and waits for the answer, at most
+    /// `timeout`. A registration stopped meanwhile has nothing to start.
+    pub(crate) async fn request_start(
+        &self,
+        session: Arc<Session>,
+        timeout: Duration,
+    ) -> Result<(), BridgeError> {
+        let (done, answer) = oneshot::channel();
+        if !self.send(ConsumerOp::Start {
+            session,
+            done: Some(done),
+        }) {
+            return Ok(());
+        }
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Ok(()),
+            Err(_) => Err(BridgeError::Unavailable(format!(
+                "starting the consumer of {} took longer than {} ms",
+                self.label,
+                timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// Asks the keeper to stop for good and waits until the queue is dealt with, at most until
+    /// `deadline`.
+    pub(crate) async fn request_stop(&self, deadline: Instant) {
+        let (done, answer) = oneshot::channel();
+        if !self.send(ConsumerOp::Stop {
+            deadline,
+            done: Some(done),
+        }) {
+            return;
+        }
+        if tokio::time::timeout_at(deadline, answer).await.is_err() {
+            tracing::debug!(registration = %self.label, "stopping the consumer did not finish by the deadline");
+        }
+    }
+
+    /// Asks the keeper to pause and waits until the consumer is cancelled (bounded by the
+    /// keeper's own broker deadlines).
+    pub(crate) async fn request_pause(&self, reason: String) {
+        let (done, answer) = oneshot::channel();
+        if self.send(ConsumerOp::Pause { reason, done }) {
+            let _ = answer.await;
+        }
+    }
+
+    /// Asks the keeper to resume; `false` when it was not paused.
+    pub(crate) async fn request_resume(&self) -> Result<bool, BridgeError> {
+        let (done, answer) = oneshot::channel();
+        if !self.send(ConsumerOp::Resume { done }) {
+            return Ok(false);
+        }
+        answer.await.unwrap_or(Ok(false))
     }
 }
 

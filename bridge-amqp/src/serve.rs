@@ -28,7 +28,7 @@ use purista_core::{
 };
 
 use crate::budget;
-use crate::consume::{self, Taken};
+use crate::delivery::{self, Taken};
 use crate::headers;
 use crate::publish::{self, Outgoing, Verdict};
 use crate::registry::Registration;
@@ -100,14 +100,14 @@ pub(crate) fn serve_command(
             ..
         } = delivery;
         let Some(command) = decode_command(&shared, &reg, &data) else {
-            if consume::ack(&acker).await.is_ok() {
+            if delivery::ack(&acker).await.is_ok() {
                 suspects::settled(held);
             }
             return;
         };
         if expired(&command, &properties) {
             tracing::debug!(registration = %reg.label, correlation_id = command.correlation_id.as_deref().unwrap_or(""), "command expired before it was served; dropped");
-            if consume::ack(&acker).await.is_ok() {
+            if delivery::ack(&acker).await.is_ok() {
                 suspects::settled(held);
             }
             return;
@@ -138,7 +138,7 @@ pub(crate) fn serve_command(
             }
         };
         respond(&shared, &reg, &command, response, &properties).await;
-        match consume::ack(&acker).await {
+        match delivery::ack(&acker).await {
             Ok(()) => {
                 suspects::settled(held);
             }
@@ -249,7 +249,7 @@ pub(crate) async fn hand_back_command(
         ..
     } = delivery;
     let Some(command) = decode_command(shared, reg, &data) else {
-        let _ = consume::ack(&acker).await;
+        let _ = delivery::ack(&acker).await;
         return;
     };
     // Hand it back only once the queue's fate is settled: published before the last server
@@ -272,11 +272,11 @@ pub(crate) async fn hand_back_command(
             .saturating_sub(now_ms())
     });
     if remaining == Some(0) {
-        let _ = consume::ack(&acker).await;
+        let _ = delivery::ack(&acker).await;
         return;
     }
     let Some(session) = shared.link.current() else {
-        consume::requeue(&acker).await;
+        delivery::requeue(&acker).await;
         return;
     };
     let mut copy = publish::republish_properties(
@@ -307,9 +307,9 @@ pub(crate) async fn hand_back_command(
             respond(shared, reg, &command, response, &properties).await;
         }
         Ok(Verdict::Nacked) | Err(_) => {
-            consume::requeue(&acker).await;
+            delivery::requeue(&acker).await;
             return;
         }
     }
-    let _ = consume::ack(&acker).await;
+    let _ = delivery::ack(&acker).await;
 }

@@ -33,7 +33,7 @@ use purista_core::{BridgeError, DeadLetterNote, Settlement, Settler};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::budget;
-use crate::consume::{self, Taken};
+use crate::delivery::{self, Taken};
 use crate::headers;
 use crate::publish::{self, Outgoing, Verdict};
 use crate::registry::Registration;
@@ -153,7 +153,7 @@ impl AmqpSettler {
     }
 
     async fn ack(self) -> Result<(), BridgeError> {
-        consume::ack(&self.acker).await?;
+        delivery::ack(&self.acker).await?;
         suspects::settled(self.held);
         Ok(())
     }
@@ -298,9 +298,9 @@ impl Settler for AmqpSettler {
             Settlement::Pause { reason } => {
                 // Cancel first, then hand the message back: requeued before the cancel, it
                 // could come straight back to this very consumer.
-                consume::request_pause(&this.reg, reason).await;
+                this.reg.request_pause(reason).await;
                 this.session()?;
-                consume::requeue(&this.acker).await;
+                delivery::requeue(&this.acker).await;
                 tracing::debug!(registration = %this.reg.label, attempt = this.attempt, "paused delivery returned to its queue");
                 suspects::settled(this.held);
                 Ok(())

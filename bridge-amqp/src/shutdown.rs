@@ -20,7 +20,6 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::consume;
 use crate::registry::Registration;
 use crate::session::Session;
 use crate::shared::Shared;
@@ -41,12 +40,7 @@ pub(crate) async fn drain(
     shared.work.close();
     let registrations = shared.registry.drain();
     // Commands and streams this instance was the last to serve fail with 502 from now on.
-    futures::future::join_all(
-        registrations
-            .iter()
-            .map(|reg| consume::request_stop(reg, deadline)),
-    )
-    .await;
+    futures::future::join_all(registrations.iter().map(|reg| reg.request_stop(deadline))).await;
     let idle = shared.work.tracker.wait_idle(deadline).await;
     shared.work.tasks.close();
     let tasks_done = shared.work.tasks.wait_empty(deadline).await;
@@ -103,10 +97,7 @@ pub(crate) async fn drain(
 /// reply queue: it is exclusive and goes with the connection, and deleting it under its
 /// consumer makes lapin close that channel while the connection closes, which it reports as an
 /// error.)
-async fn delete_instance_queues(
-    session: &Session,
-    registrations: &[Arc<Registration>],
-) {
+async fn delete_instance_queues(session: &Session, registrations: &[Arc<Registration>]) {
     if !session.is_live() {
         return;
     }

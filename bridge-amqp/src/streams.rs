@@ -47,7 +47,7 @@ use purista_core::{
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::consume::Taken;
+use crate::delivery::Taken;
 use crate::headers::{self, STREAM_TO, STREAM_TO_CONSUMER, STREAM_TO_PRODUCER};
 use crate::publish::{self, Outgoing, Verdict};
 use crate::registry::Registration;
