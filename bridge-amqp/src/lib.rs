@@ -39,15 +39,32 @@
 //!   with reason, attempts, origin and source-queue headers; pause cancels the consumer and
 //!   resume consumes again. No message is ever requeued to a running consumer: no hot
 //!   redelivery loop.
-//! * **Operator calls**: [`inspect_dead_letters`](purista_core::EventBridge::inspect_dead_letters)
+//! * **Operator calls**: [`inspect_dead_letters`](purista_core::SubscriptionOperator::inspect_dead_letters)
 //!   reads a dead-letter queue without removing anything;
-//!   [`AmqpBridge::replay_dead_letters`] sends its messages back to the subscription queues
+//!   [`replay_dead_letters`](purista_core::SubscriptionOperator::replay_dead_letters) sends its messages back to the subscription queues
 //!   they came from with a fresh retry budget and reports what it left behind
-//!   ([`ReplayReport`]); paused consumers are listed and resumed through
+//!   ([`ReplayReport`](purista_core::ReplayReport)); paused consumers are listed and resumed through
 //!   [`EventBridge`](purista_core::EventBridge).
-//! * **Connection**: a supervisor reconnects with backoff and re-declares every queue, binding
-//!   and consumer; invocations in flight when the connection drops fail with 503; health is
-//!   an error while disconnected. The URL's password never reaches a log.
+//! * **Connection**: a supervisor reconnects with backoff, for as long as the bridge is not
+//!   shut down, and re-declares every queue, binding and consumer; invocations in flight when
+//!   the connection drops fail with 503; health is an error while disconnected, while the
+//!   broker blocks publishing (a memory or disk alarm) and while it does not answer. Every
+//!   broker call is bounded by [`AmqpConfig::broker_timeout`], so `emit` returns by it (503)
+//!   and `shutdown` by its deadline whatever the broker's state. Wrong credentials or an
+//!   unknown virtual host fail `start` at the broker's first answer with a non-retryable
+//!   error. The URL's password never reaches a log, and no message body does either (lapin's
+//!   warning about returned messages, which carries the body, is filtered out: the bridge
+//!   handles returns itself).
+//! * **Sizes**: a body over [`AmqpConfig::max_payload_bytes`] or metadata (the AMQP properties
+//!   with the headers) over [`AmqpConfig::max_metadata_bytes`] is a 400 at the caller before
+//!   anything is sent; the metadata limit leaves room in RabbitMQ's frame for the bridge's own
+//!   headers and the broker's, so what a caller could send can always be retried and
+//!   dead-lettered, and a message that arrives too large for that (a foreign publisher's) is
+//!   dead-lettered without the extra headers or dropped with one warning — never a broker
+//!   protocol error, never a reconnect.
+//! * **Poison isolation**: one message never costs more than two reconnects: a delivery that
+//!   was in hand at two connection losses is quarantined (dead-lettered with the reason, or
+//!   dropped) instead of reaching its handler again, and counted as poison.
 //! * **TLS**: `amqps://` URLs use TLS (rustls), trusting the platform's root certificates
 //!   plus, for a broker whose certificate a private CA signed, the CA certificates of a PEM file
 //!   ([`AmqpConfig::with_ca_certificate_file`], `PURISTA_AMQP_CA_FILE`). For a broker that
@@ -58,7 +75,11 @@
 //!   connect fail with an `Unavailable` error, and health an error, that says it is a TLS
 //!   certificate problem and what to check.
 //!
-//! [`Topology`] lists every resource name; they all live under [`AmqpConfig::prefix`].
+//! [`Topology`] is the one place that names broker resources; they all live under
+//! [`AmqpConfig::prefix`], and the naming is injective: each part (service, version, target,
+//! instance, dead-letter target) is escaped before the parts are joined with dots (`.` → `~2e`,
+//! `~` → `~7e`, other characters RabbitMQ would not take → `~` and their UTF-8 hex), so
+//! `orders.v2@1/get` and `orders@v2.1/get` never share `P.cmd.orders.v2.1.get`.
 //!
 //! ```no_run
 //! use std::sync::Arc;

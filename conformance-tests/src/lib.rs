@@ -189,6 +189,16 @@ pub fn all_cases() -> Vec<Case> {
                 needs(&[SharedSubscription]).payload_limit(),
             metadata_at_the_declared_limit_arrives_and_one_byte_more_is_400:
                 needs(&[SharedSubscription]).metadata_limit(),
+            oversized_metadata_fields_are_400_at_the_caller_and_cost_no_reconnect:
+                needs(&[SharedSubscription]).metadata_limit(),
+            a_message_at_the_metadata_limit_is_retried_and_dead_lettered_without_a_reconnect:
+                needs(&[
+                    ManualAck,
+                    SharedSubscription,
+                    BoundedRetry { max_attempts: 2 },
+                    DeadLetter,
+                ])
+                .metadata_limit(),
         }
         lifecycle {
             info_messages_arrive_in_order_with_function_metadata:

@@ -10,7 +10,8 @@
 use std::sync::Arc;
 
 use purista_core::{
-    BridgeError, Envelope, MessagePart, Service, StatusCode, SubscriptionFilter, kit,
+    BridgeError, Envelope, MessagePart, Outcome, Service, StatusCode, SubscriptionContext,
+    SubscriptionDef, SubscriptionFilter, kit,
 };
 use serde_json::json;
 
@@ -215,6 +216,239 @@ pub async fn metadata_at_the_declared_limit_arrives_and_one_byte_more_is_400(h: 
         largest + SLACK_BYTES >= limit,
         "the bridge refuses a tenant id of {} bytes although it declares a metadata limit of {limit}",
         largest + 1
+    );
+    env.finish().await;
+}
+
+/// What a caller gets for one envelope field far over the declared metadata limit: a typed 400
+/// (`TooLarge` of the metadata, or an invalid request where the field is also a name the broker
+/// limits), or, where the bridge carries that field in the body only, success. Never anything
+/// that a retry could cure (a 503 from a connection the broker dropped over it).
+fn assert_refused_or_carried(result: Result<(), BridgeError>, what: &str) -> bool {
+    match result {
+        Ok(()) => false,
+        Err(BridgeError::TooLarge {
+            part: MessagePart::Metadata,
+            ..
+        }) => true,
+        Err(other) if other.status() == StatusCode::BAD_REQUEST && !other.is_retryable() => true,
+        Err(other) => panic!(
+            "{what} failed with {other} ({}), not a typed 400 at the caller",
+            other.status()
+        ),
+    }
+}
+
+/// A principal, tenant, event name or trace context far larger than the declared metadata
+/// limit is refused at the caller with a typed 400, on emit and (where commands are declared)
+/// on invoke, before anything reaches the broker: the bridge keeps its connection (no
+/// reconnect counted) and delivers the next message as if nothing happened.
+pub async fn oversized_metadata_fields_are_400_at_the_caller_and_cost_no_reconnect(
+    h: Arc<dyn Harness>,
+) {
+    let limit = h
+        .capabilities()
+        .limits
+        .max_metadata_bytes
+        .expect("planned only for a declared metadata limit");
+    let commands = h.capabilities().commands;
+    let mut env = TestEnv::new(&h, 2).await;
+    let event = env.name("after");
+    let seen: Arc<Collector<Envelope>> = Collector::new();
+    let mut consumer = Service::builder(env.name("consumer"), "1")
+        .subscription(recording("after", seen.clone()).event_name(&event));
+    if commands {
+        consumer = consumer.command(purista_core::CommandDef::new(
+            "echo",
+            |_ctx: purista_core::Context, v: serde_json::Value, _p: purista_core::Empty| async move {
+                Ok(v)
+            },
+        ));
+    }
+    env.start(1, consumer).await;
+    env.start(0, Service::builder(env.name("publisher"), "1"))
+        .await;
+    let bridge = env.bridge(0);
+    let reconnects_before = bridge.counters().reconnects;
+    let sender = purista_core::SenderAddress {
+        service_name: env.name("publisher"),
+        service_version: "1".into(),
+        service_target: String::new(),
+        instance_id: bridge.instance_id().to_string(),
+    };
+    let huge = "x".repeat(limit + 64 * 1024);
+    let trace_context = json!({ "traceparent": huge }).to_string();
+    let tag = |m: &mut Envelope, field: &str| match field {
+        "principalId" => m.principal_id = Some(huge.clone()),
+        "tenantId" => m.tenant_id = Some(huge.clone()),
+        "otp" => m.otp = Some(trace_context.clone()),
+        _ => unreachable!("a field this case sets"),
+    };
+
+    let mut tenant_refused = false;
+    for field in ["principalId", "tenantId", "otp"] {
+        let mut m = Envelope::custom(sender.clone(), &event, json!({ "oversized": field }));
+        tag(&mut m, field);
+        let refused = assert_refused_or_carried(
+            bridge.emit(m).await,
+            &format!("an emit with a {} KiB {field}", huge.len() / 1024),
+        );
+        tenant_refused |= refused && field == "tenantId";
+    }
+    assert!(
+        tenant_refused,
+        "a tenant id larger than the declared metadata limit was sent anyway"
+    );
+    let named = Envelope::custom(sender.clone(), &huge, json!({ "oversized": "eventName" }));
+    assert_refused_or_carried(bridge.emit(named).await, "an emit with a huge event name");
+    if commands {
+        let receiver = purista_core::Address::new(env.name("consumer"), "1", "echo");
+        for field in ["principalId", "tenantId", "otp"] {
+            let mut command =
+                Envelope::command(sender.clone(), receiver.clone(), json!(1), json!({}));
+            tag(&mut command, field);
+            let invoked = bridge.invoke(command, ARRIVAL).await.map(|_| ());
+            assert_refused_or_carried(invoked, &format!("an invocation with a huge {field}"));
+        }
+    }
+
+    assert_eq!(
+        bridge.counters().reconnects,
+        reconnects_before,
+        "oversized metadata cost the bridge its connection"
+    );
+    let after = Envelope::custom(sender, &event, json!({ "after": true }));
+    bridge
+        .emit(after)
+        .await
+        .expect("an ordinary emit after the refusals succeeds");
+    seen.wait_until(ARRIVAL, |e| {
+        e.iter().any(|e| e.payload["after"] == json!(true))
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the event after the refused ones never arrived"));
+    env.finish().await;
+}
+
+/// A message whose metadata is as large as the bridge accepts still leaves room for what the
+/// bridge adds when it retries and dead-letters it: it is delivered, retried, and dead-lettered
+/// with its metadata and payload intact, the consumer goes on with the next message, and the
+/// bridge keeps its connection throughout.
+pub async fn a_message_at_the_metadata_limit_is_retried_and_dead_lettered_without_a_reconnect(
+    h: Arc<dyn Harness>,
+) {
+    let limit = h
+        .capabilities()
+        .limits
+        .max_metadata_bytes
+        .expect("planned only for a declared metadata limit");
+    let mut env = TestEnv::new(&h, 2).await;
+    let event = env.name("heavy");
+    let probe = env.name("probe");
+    let target = env.name("heavy-dead-letters");
+    let attempts: Arc<Collector<(String, u32)>> = Collector::new();
+    let sink = attempts.clone();
+    env.start(
+        1,
+        Service::builder(env.name("consumer"), "1").subscription(
+            SubscriptionDef::new(
+                "heavy",
+                move |ctx: SubscriptionContext, v: serde_json::Value| {
+                    let sink = sink.clone();
+                    async move {
+                        let kind = v["kind"].as_str().unwrap_or_default().to_string();
+                        sink.push((kind.clone(), ctx.attempt()));
+                        Ok(if kind == "heavy" {
+                            Outcome::retry()
+                        } else {
+                            Outcome::Ack
+                        })
+                    }
+                },
+            )
+            .event_name(&event)
+            .max_attempts(2)
+            .dead_letter_target(&target),
+        ),
+    )
+    .await;
+    env.start(0, Service::builder(env.name("publisher"), "1"))
+        .await;
+    let bridge = env.bridge(0);
+    let reconnects_before = bridge.counters().reconnects;
+    let sender = purista_core::SenderAddress {
+        service_name: env.name("publisher"),
+        service_version: "1".into(),
+        service_target: String::new(),
+        instance_id: bridge.instance_id().to_string(),
+    };
+    let message = |name: &str, n: usize, kind: &str| {
+        let mut m = Envelope::custom(sender.clone(), name, json!({ "kind": kind }));
+        m.tenant_id = Some("t".repeat(n));
+        m
+    };
+    // The largest tenant id the bridge accepts, found on an event nobody subscribes to.
+    let largest =
+        largest_accepted(limit, |n| {
+            let (bridge, m) = (bridge.clone(), message(&probe, n, "probe"));
+            async move {
+                refused_part(bridge.emit(m).await, &format!("a tenant id of {n} bytes")).is_none()
+            }
+        })
+        .await;
+    bridge
+        .emit(message(&event, largest, "heavy"))
+        .await
+        .expect("the message at the limit is accepted");
+    bridge
+        .emit(message(&event, 1, "light"))
+        .await
+        .expect("the next message is accepted");
+
+    attempts
+        .wait_until(ARRIVAL, |a| {
+            a.iter()
+                .any(|(kind, attempt)| kind == "heavy" && *attempt == 2)
+                && a.iter().any(|(kind, _)| kind == "light")
+        })
+        .await
+        .unwrap_or_else(|got| {
+            panic!(
+                "the message at the limit was not retried, or the next one never came: {:?} \
+                 (reconnects: {})",
+                got,
+                bridge.counters().reconnects - reconnects_before
+            )
+        });
+    let entry = crate::support::eventually_some(
+        "the message at the limit is dead-lettered",
+        ARRIVAL,
+        || {
+            let (bridge, target) = (bridge.clone(), target.clone());
+            async move {
+                let entries = bridge
+                    .inspect_dead_letters(&target, 10)
+                    .await
+                    .unwrap_or_else(|e| panic!("inspecting `{target}` failed: {e}"));
+                entries.into_iter().find(|e| {
+                    e.envelope
+                        .as_ref()
+                        .is_some_and(|m| m.payload["kind"] == json!("heavy"))
+                })
+            }
+        },
+    )
+    .await;
+    let dead = entry.envelope.expect("found by its envelope");
+    assert_eq!(
+        dead.tenant_id.as_deref().map(str::len),
+        Some(largest),
+        "the dead letter lost or changed its metadata"
+    );
+    assert_eq!(
+        bridge.counters().reconnects,
+        reconnects_before,
+        "retrying or dead-lettering the message at the limit cost the bridge its connection"
     );
     env.finish().await;
 }
