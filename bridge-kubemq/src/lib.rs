@@ -7,7 +7,7 @@
 //! * **Commands** are KubeMQ *queries*: native request/reply with a mandatory timeout, which
 //!   is the invocation's ttl. One channel per command endpoint, every instance serving it in
 //!   one responder group (competing consumers). KubeMQ cannot tell a sender that nobody
-//!   listens, so a command nobody serves fails with 504 at its ttl. See [`commands`].
+//!   listens, so a command nobody serves fails with 504 at its ttl. See `commands.rs`.
 //! * **Subscriptions** are KubeMQ *Events* (live fan-out, at most once): every message is
 //!   published on a channel that spells all its filter fields, and a subscription listens on
 //!   the same shape with `*` for what it leaves open — KubeMQ does all the filtering

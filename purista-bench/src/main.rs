@@ -84,11 +84,28 @@ fn main() -> ExitCode {
     }
 }
 
-async fn bench(options: Options) -> anyhow::Result<()> {
+async fn bench(mut options: Options) -> anyhow::Result<()> {
     let workload = if options.quick {
         Workload::quick()
     } else {
         Workload::FULL
+    };
+    // `kubemq://double`: KubeMQ's protocol double in this process, for the whole run.
+    #[cfg(feature = "kubemq")]
+    let _double = if options.url.starts_with("kubemq://double") {
+        let double = purista_bridge_kubemq::double::KubemqDouble::start(Default::default())?;
+        options.url = options.url.replacen(
+            "kubemq://double",
+            &format!("kubemq://{}", double.address()),
+            1,
+        );
+        eprintln!(
+            "purista-bench: KubeMQ protocol double on {}",
+            double.address()
+        );
+        Some(double)
+    } else {
+        None
     };
     let url = purista::redact_url(&options.url);
     let prefix = format!("purista-bench-{}", &purista::ids::new_id()[..8]);

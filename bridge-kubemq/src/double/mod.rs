@@ -106,7 +106,17 @@ impl KubemqDouble {
                     return;
                 }
             };
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            // Small gRPC frames back and forth: without TCP_NODELAY, Nagle and delayed ACKs
+            // add ~40 ms to every request/reply.
+            let incoming = futures::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                |accepted| {
+                    if let Ok(stream) = &accepted {
+                        let _ = stream.set_nodelay(true);
+                    }
+                    accepted
+                },
+            );
             let result = tonic012::transport::Server::builder()
                 .add_service(service::server(state))
                 .serve_with_incoming(incoming)

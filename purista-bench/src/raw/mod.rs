@@ -8,6 +8,8 @@
 //! settings (`lapin`, cargo feature `amqp`). A further broker brings its own module and one arm
 //! in [`Baseline`].
 
+#[cfg(feature = "kubemq")]
+mod kubemq;
 #[cfg(feature = "amqp")]
 mod lapin;
 mod tokio;
@@ -28,6 +30,14 @@ pub enum Baseline {
         /// The broker URL.
         url: String,
         /// The run's resource prefix.
+        prefix: String,
+    },
+    /// The bare `kubemq` SDK on the KubeMQ at `address` (`host:port`), channels under `prefix`.
+    #[cfg(feature = "kubemq")]
+    Kubemq {
+        /// `host:port`.
+        address: String,
+        /// The run's channel prefix.
         prefix: String,
     },
 }
@@ -52,6 +62,13 @@ impl Baseline {
             "amqp" | "amqps" => bail!(
                 "the raw baseline for `{scheme}://` needs the cargo feature `amqp` of purista-bench"
             ),
+            #[cfg(feature = "kubemq")]
+            "kubemq" => Ok(Baseline::Kubemq {
+                address: purista::kubemq::KubemqConfig::from_url(url)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .address(),
+                prefix: prefix.to_string(),
+            }),
             other => bail!(
                 "no raw baseline for `{other}://` yet; it is added together with that bridge's adapter"
             ),
@@ -64,6 +81,8 @@ impl Baseline {
             Baseline::Tokio => "raw-tokio",
             #[cfg(feature = "amqp")]
             Baseline::Lapin { .. } => "raw-lapin",
+            #[cfg(feature = "kubemq")]
+            Baseline::Kubemq { .. } => "raw-kubemq",
         }
     }
 
@@ -74,6 +93,10 @@ impl Baseline {
             #[cfg(feature = "amqp")]
             (Baseline::Lapin { .. }, Scenario::Queue) => {
                 Some("RabbitMQ has no queue bridge, so there is nothing to compare")
+            }
+            #[cfg(feature = "kubemq")]
+            (Baseline::Kubemq { .. }, Scenario::Queue) => {
+                Some("the kubemq bridge has no queue bridge yet, so there is nothing to compare")
             }
             _ => None,
         }
@@ -90,6 +113,10 @@ impl Baseline {
             #[cfg(feature = "amqp")]
             Baseline::Lapin { url, prefix } => {
                 self::lapin::run(scenario, workload, url, prefix).await?
+            }
+            #[cfg(feature = "kubemq")]
+            Baseline::Kubemq { address, prefix } => {
+                self::kubemq::run(scenario, workload, address, prefix).await?
             }
         };
         Ok(measured)
@@ -123,7 +150,16 @@ mod tests {
 
     #[test]
     fn brokers_without_a_baseline_say_so() {
-        let err = Baseline::for_url("kubemq://localhost", "p").expect_err("no baseline yet");
-        assert!(err.to_string().contains("kubemq://"), "{err}");
+        let err = Baseline::for_url("dapr://localhost", "p").expect_err("no baseline yet");
+        assert!(err.to_string().contains("dapr://"), "{err}");
+    }
+
+    #[cfg(feature = "kubemq")]
+    #[test]
+    fn kubemq_urls_use_the_sdk_baseline_which_has_no_queue_scenario() {
+        let baseline = Baseline::for_url("kubemq://mq:50001", "bench-1").expect("kubemq baseline");
+        assert_eq!(baseline.label(), "raw-kubemq");
+        assert!(baseline.lacks(Scenario::Queue).is_some());
+        assert!(baseline.lacks(Scenario::CmdSeq).is_none());
     }
 }

@@ -1,0 +1,183 @@
+//! The KubeMQ baseline: the same work with the bare `kubemq` SDK and none of purista.
+//!
+//! * `cmd-seq` / `cmd-conc`: queries on one channel, answered by one responder (a query
+//!   subscription in a group, replying with the query's body), as the bridge does commands.
+//! * `fanout`: events on one channel to 4 subscribers, each its own client, counted on arrival.
+//! * `queue`: none (the kubemq bridge has no queue bridge yet).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use purista::kubemq::kubemq::{Event, KubemqClient, Query, QueryReply, RetryPolicy};
+use tokio::time::Instant;
+
+use crate::drive::{self, Progress};
+use crate::measurement::{Measurement, Percentiles};
+use crate::payload;
+use crate::workload::{Scenario, Workload};
+
+const LABEL: &str = "raw-kubemq";
+
+/// Runs `scenario` on the KubeMQ at `host:port`, channels under `prefix`.
+pub async fn run(
+    scenario: Scenario,
+    workload: &Workload,
+    address: &str,
+    prefix: &str,
+) -> anyhow::Result<Measurement> {
+    match scenario {
+        Scenario::CmdSeq | Scenario::CmdConc => commands(scenario, workload, address, prefix).await,
+        Scenario::Fanout => fanout(workload, address, prefix).await,
+        Scenario::Queue => anyhow::bail!("no raw KubeMQ queue baseline"),
+    }
+}
+
+async fn client(address: &str, role: &str) -> anyhow::Result<KubemqClient> {
+    let (host, port) = address
+        .rsplit_once(':')
+        .context("KubeMQ address is host:port")?;
+    KubemqClient::builder()
+        .host(host)
+        .port(port.parse().context("KubeMQ port")?)
+        .client_id(format!("raw-{role}-{}", &purista::ids::new_id()[..8]))
+        .rpc_timeout(Duration::from_secs(60))
+        .retry_policy(RetryPolicy {
+            max_retries: 0,
+            ..RetryPolicy::default()
+        })
+        .build()
+        .await
+        .context("connecting the raw KubeMQ client")
+}
+
+async fn commands(
+    scenario: Scenario,
+    workload: &Workload,
+    address: &str,
+    prefix: &str,
+) -> anyhow::Result<Measurement> {
+    let channel = format!("{prefix}.raw.echo");
+    let server = client(address, "server").await?;
+    let replier = server.clone();
+    let subscription = server
+        .subscribe_to_queries(
+            &channel,
+            "raw",
+            move |query| {
+                let replier = replier.clone();
+                Box::pin(async move {
+                    let reply = QueryReply::builder()
+                        .request_id(&query.id)
+                        .response_to(&query.response_to)
+                        .body(query.body)
+                        .build();
+                    let _ = replier.send_query_response(reply).await;
+                })
+            },
+            None,
+        )
+        .await?;
+    let caller = Arc::new(client(address, "caller").await?);
+    let call = {
+        let (caller, channel) = (caller.clone(), channel.clone());
+        move |seq: u64| {
+            let (caller, channel) = (caller.clone(), channel.clone());
+            async move {
+                let body = serde_json::to_vec(&payload::value(seq))?;
+                let query = Query::builder()
+                    .channel(channel)
+                    .body(body)
+                    .timeout(Duration::from_secs(30))
+                    .build();
+                let reply = caller.send_query(query).await?;
+                anyhow::ensure!(reply.executed, "query {seq} not executed: {}", reply.error);
+                Ok(())
+            }
+        }
+    };
+    // KubeMQ confirms no subscription: the first answered query says the responder is in.
+    let ready = Instant::now() + Duration::from_secs(10);
+    while call(0).await.is_err() {
+        anyhow::ensure!(Instant::now() < ready, "the raw responder never answered");
+    }
+    let measured = if scenario == Scenario::CmdSeq {
+        drive::sequential(workload.warmup, &call).await?;
+        let timed = drive::sequential(workload.cmd_seq_calls, &call).await?;
+        Measurement::new(LABEL, scenario, workload.cmd_seq_calls, timed.elapsed)
+            .with_latency(Percentiles::of(timed.latencies_ns))
+    } else {
+        let in_flight = workload.cmd_conc_in_flight;
+        drive::concurrent(workload.warmup, in_flight, call.clone()).await?;
+        let timed = drive::concurrent(workload.cmd_conc_calls, in_flight, call).await?;
+        Measurement::new(LABEL, scenario, workload.cmd_conc_calls, timed.elapsed)
+            .with_latency(Percentiles::of(timed.latencies_ns))
+            .with_note(format!("{in_flight} in flight"))
+    };
+    subscription.unsubscribe().await;
+    let _ = caller.close().await;
+    let _ = server.close().await;
+    Ok(measured)
+}
+
+async fn fanout(workload: &Workload, address: &str, prefix: &str) -> anyhow::Result<Measurement> {
+    let channel = format!("{prefix}.raw.tick");
+    let delivered = Progress::new();
+    let subscribers = workload.fanout_subscribers;
+    let mut receivers = Vec::new();
+    for i in 0..subscribers {
+        let receiver = client(address, &format!("receiver-{i}")).await?;
+        let counter = delivered.clone();
+        let subscription = receiver
+            .subscribe_to_events(
+                &channel,
+                "",
+                move |_event| {
+                    counter.add_one();
+                    Box::pin(async {})
+                },
+                None,
+            )
+            .await?;
+        receivers.push((receiver, subscription));
+    }
+    let producer = client(address, "producer").await?;
+    let emit_all = async |from: u64, count: u64| -> anyhow::Result<()> {
+        for seq in from..from + count {
+            let body = serde_json::to_vec(&payload::value(seq))?;
+            producer
+                .send_event(Event::builder().channel(channel.clone()).body(body).build())
+                .await
+                .with_context(|| format!("publishing event {seq}"))?;
+        }
+        Ok(())
+    };
+    // Subscriptions are in once one marker reached every receiver.
+    let ready = Instant::now() + Duration::from_secs(10);
+    while delivered.done() < subscribers {
+        anyhow::ensure!(Instant::now() < ready, "the raw receivers never subscribed");
+        let before = delivered.done();
+        emit_all(u64::MAX - 1, 1).await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if delivered.done() < before + subscribers {
+            continue;
+        }
+    }
+    delivered.expect(delivered.done() + workload.warmup * subscribers);
+    emit_all(0, workload.warmup).await?;
+    delivered.wait("raw fanout warm-up").await?;
+    let events = workload.fanout_events;
+    let ops = events * subscribers;
+    delivered.expect(delivered.done() + ops);
+    let start = Instant::now();
+    emit_all(workload.warmup, events).await?;
+    delivered.wait("raw fanout deliveries").await?;
+    let elapsed = start.elapsed();
+    for (receiver, subscription) in receivers {
+        subscription.unsubscribe().await;
+        let _ = receiver.close().await;
+    }
+    let _ = producer.close().await;
+    Ok(Measurement::new(LABEL, Scenario::Fanout, ops, elapsed)
+        .with_note(format!("{events} events × {subscribers} receivers")))
+}
