@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use crate::broker::{Hub, MemoryBroker};
 use crate::commands::{self, CommandMember, Inbox, ReplyTo};
 use crate::config::MemoryBridgeConfig;
-use crate::consumer_queue::Queued;
+use crate::consumer_queue::{Drops, Queued};
 use crate::streams::{self, StreamMember};
 use crate::subscriptions::{self, Consumer};
 
@@ -44,9 +44,12 @@ pub const BRIDGE_NAME: &str = "default";
 /// Several instances on one [`MemoryBroker`] behave like several service instances on one
 /// broker: commands and shared subscriptions compete, broadcast subscriptions fan out.
 ///
-/// Delivery is at most once: nothing survives the process, messages buffered for a consumer
-/// are dropped when it unregisters, and redeliveries still waiting for their delay are dropped
-/// when the bridge that delivered them shuts down. Publishing applies backpressure: `emit` (and `invoke`, which
+/// Delivery is at most once: nothing survives the process, and redeliveries still waiting for
+/// their delay are dropped when the bridge that delivered them shuts down. When a consumer
+/// leaves (unregisters or shuts down), the messages in its buffer and those a publisher was
+/// waiting to put there go to another instance of its shared subscription; with none left
+/// (or for a broadcast subscription) they are dropped with a warning and counted in
+/// [`MemoryBridge::dropped_after_close`]. Publishing applies backpressure: `emit` (and `invoke`, which
 /// offers the command to subscriptions) waits while a matching consumer's buffer
 /// ([`MemoryBridgeConfig::consumer_buffer`]) is full, except when that consumer is paused: then
 /// the newest message is dropped with a warning and counted in
@@ -107,7 +110,7 @@ pub struct MemoryBridge {
     closing: watch::Sender<bool>,
     registrations: Mutex<Registrations>,
     poison: AtomicU64,
-    dropped_while_paused: Arc<AtomicU64>,
+    drops: Arc<Drops>,
     drained: OnceCell<DrainReport>,
 }
 
@@ -160,7 +163,7 @@ impl MemoryBridge {
             closing: watch::Sender::new(false),
             registrations: Mutex::new(Registrations::default()),
             poison: AtomicU64::new(0),
-            dropped_while_paused: Arc::new(AtomicU64::new(0)),
+            drops: Arc::default(),
             drained: OnceCell::new(),
         }
     }
@@ -221,7 +224,17 @@ impl MemoryBridge {
 
     /// Messages dropped because one of this instance's consumers was paused with a full buffer.
     pub fn dropped_while_paused(&self) -> u64 {
-        self.dropped_while_paused.load(Ordering::Relaxed)
+        self.drops.while_paused.load(Ordering::Relaxed)
+    }
+
+    /// Messages meant for one of this instance's consumers that nobody handled: the consumer
+    /// closed (its subscription was unregistered or the instance shut down) with them in its
+    /// buffer, or while a publisher waited for room in it, and no other instance of the
+    /// subscription was left to take them (a broadcast subscription's copies never go to
+    /// another instance). Each drop is also logged as a warning. Delivery is at most once:
+    /// nothing waits for a consumer that is gone.
+    pub fn dropped_after_close(&self) -> u64 {
+        self.drops.after_close.load(Ordering::Relaxed)
     }
 
     fn ensure_open(&self) -> Result<(), BridgeError> {
@@ -452,15 +465,18 @@ impl EventBridge for MemoryBridge {
     {
         Box::pin(async move {
             self.ensure_open()?;
+            kit::check_command(&command)?;
+            // Stamped and measured before anything else: a command over the limit is the
+            // caller's 400 whether or not anybody serves it.
+            kit::stamp(&mut command, &self.instance_id);
+            kit::correlation_id(&mut command);
+            self.check_size(&command)?;
             let receiver = kit::check_command(&command)?;
             let member = self
                 .hub
                 .commands
                 .pick(receiver)
                 .ok_or_else(|| BridgeError::NoHandler(receiver.to_string()))?;
-            kit::stamp(&mut command, &self.instance_id);
-            kit::correlation_id(&mut command);
-            self.check_size(&command)?;
 
             let deadline = kit::deadline_after(ttl);
             let (pending, reply) = self
@@ -547,7 +563,7 @@ impl EventBridge for MemoryBridge {
             &self.hub,
             &self.instance_id,
             self.config.consumer_buffer,
-            self.dropped_while_paused.clone(),
+            self.drops.clone(),
             self.closing.subscribe(),
         );
         let run = subscriptions::run_consumer(consumer.clone(), handler);
@@ -604,13 +620,16 @@ impl EventBridge for MemoryBridge {
     /// and runs the session on one producer instance.
     async fn open_stream(&self, mut open: Envelope) -> Result<StreamConsumerEnd, BridgeError> {
         self.ensure_open()?;
+        kit::check_stream_open(&open)?;
+        open.sender.instance_id.clone_from(&self.instance_id);
+        // Like a command: over the limit is the caller's 400 before anything else.
+        self.check_size(&open)?;
         let (_, receiver) = kit::check_stream_open(&open)?;
         let member = self
             .hub
             .streams
             .pick(receiver)
             .ok_or_else(|| BridgeError::NoHandler(receiver.to_string()))?;
-        open.sender.instance_id.clone_from(&self.instance_id);
         streams::open(member, open)
     }
 

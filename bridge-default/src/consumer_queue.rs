@@ -7,7 +7,9 @@
 //!
 //! Backpressure: [`ConsumerQueue::push`] waits while the buffer is full and the consumer is
 //! running. While the consumer is paused, nobody would ever make room, so a full buffer drops
-//! the newest message instead (logged and counted): publishing never blocks forever.
+//! the newest message instead (logged and counted): publishing never blocks forever. A push
+//! into a closed buffer hands the message back, so that the caller can offer it to another
+//! instance of the subscription (the consumer leaves its group before it closes).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -31,8 +33,24 @@ pub(crate) enum Pushed {
     Queued,
     /// The consumer is paused and its buffer full: the message was dropped.
     DroppedWhilePaused,
+}
+
+/// Why [`ConsumerQueue::try_push`] gave a message back.
+pub(crate) enum NotPushed {
+    /// The buffer is full and the consumer runs: [`ConsumerQueue::push`] would wait.
+    Full(Queued),
     /// The consumer is gone.
-    Closed,
+    Closed(Queued),
+}
+
+/// Messages one bridge instance's consumers dropped, by reason.
+#[derive(Debug, Default)]
+pub(crate) struct Drops {
+    /// A paused consumer's buffer was full.
+    pub(crate) while_paused: AtomicU64,
+    /// The consumer closed before handling them and no other instance of its subscription was
+    /// left to take them.
+    pub(crate) after_close: AtomicU64,
 }
 
 struct State {
@@ -48,12 +66,12 @@ pub(crate) struct ConsumerQueue {
     readable: Notify,
     writable: Notify,
     paused: AtomicBool,
-    dropped: Arc<AtomicU64>,
+    drops: Arc<Drops>,
 }
 
 impl ConsumerQueue {
-    /// A buffer of `capacity` (at least 1); drops are also counted in `dropped`.
-    pub(crate) fn new(capacity: usize, dropped: Arc<AtomicU64>) -> Self {
+    /// A buffer of `capacity` (at least 1); drops while paused are counted in `drops`.
+    pub(crate) fn new(capacity: usize, drops: Arc<Drops>) -> Self {
         ConsumerQueue {
             state: Mutex::new(State {
                 items: VecDeque::new(),
@@ -64,16 +82,18 @@ impl ConsumerQueue {
             readable: Notify::new(),
             writable: Notify::new(),
             paused: AtomicBool::new(false),
-            dropped,
+            drops,
         }
     }
 
-    /// Appends `item`, waiting for space while the consumer runs (see the module docs).
-    pub(crate) async fn push(&self, item: Queued, key: &str) -> Pushed {
+    /// Appends `item`, waiting for space while the consumer runs (see the module docs). `Err`
+    /// gives the item back: the consumer closed, before or while this waited.
+    pub(crate) async fn push(&self, item: Queued, key: &str) -> Result<Pushed, Queued> {
         // Without waiting first: registering for a wake-up costs a lock of its own.
         let mut item = match self.try_push(item, key) {
-            Ok(pushed) => return pushed,
-            Err(item) => item,
+            Ok(pushed) => return Ok(pushed),
+            Err(NotPushed::Closed(item)) => return Err(item),
+            Err(NotPushed::Full(item)) => item,
         };
         loop {
             // Registered before looking again, so space made in between is not missed.
@@ -81,18 +101,20 @@ impl ConsumerQueue {
             tokio::pin!(notified);
             notified.as_mut().enable();
             item = match self.try_push(item, key) {
-                Ok(pushed) => return pushed,
-                Err(item) => item,
+                Ok(pushed) => return Ok(pushed),
+                Err(NotPushed::Closed(item)) => return Err(item),
+                Err(NotPushed::Full(item)) => item,
             };
             notified.await;
         }
     }
 
-    /// Appends `item` unless the buffer is full while the consumer runs; then gives it back.
-    pub(crate) fn try_push(&self, item: Queued, key: &str) -> Result<Pushed, Queued> {
+    /// Appends `item` unless the buffer is full while the consumer runs or the consumer is
+    /// gone; then gives it back, saying which.
+    pub(crate) fn try_push(&self, item: Queued, key: &str) -> Result<Pushed, NotPushed> {
         let mut state = self.state.lock();
         if state.closed {
-            return Ok(Pushed::Closed);
+            return Err(NotPushed::Closed(item));
         }
         if state.items.len() < self.capacity {
             state.items.push_back(item);
@@ -101,10 +123,10 @@ impl ConsumerQueue {
             return Ok(Pushed::Queued);
         }
         if state.paused.is_none() {
-            return Err(item);
+            return Err(NotPushed::Full(item));
         }
         drop(state);
-        self.dropped.fetch_add(1, Ordering::Relaxed);
+        self.drops.while_paused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             registration = %key,
             message_id = %item.envelope.id,

@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -33,7 +33,7 @@ use purista_core::{
 use tokio::sync::watch;
 
 use crate::broker::Hub;
-use crate::consumer_queue::{ConsumerQueue, Pushed, Queued};
+use crate::consumer_queue::{ConsumerQueue, Drops, NotPushed, Queued};
 
 /// One bridge instance's consumer of one subscription.
 pub(crate) struct Consumer {
@@ -43,6 +43,8 @@ pub(crate) struct Consumer {
     /// The registration key, as a cheap label for tasks and logs.
     pub(crate) label: Arc<str>,
     pub(crate) queue: ConsumerQueue,
+    /// The counters of this consumer's bridge instance.
+    drops: Arc<Drops>,
     /// Where settlements go. Weak: the hub holds its consumers.
     hub: Weak<Hub>,
     closing: watch::Receiver<bool>,
@@ -54,7 +56,7 @@ impl Consumer {
         hub: &Arc<Hub>,
         instance_id: &str,
         buffer: usize,
-        dropped: Arc<AtomicU64>,
+        drops: Arc<Drops>,
         closing: watch::Receiver<bool>,
     ) -> Arc<Self> {
         let group: Arc<str> = if spec.shared {
@@ -65,7 +67,8 @@ impl Consumer {
         Arc::new(Consumer {
             label: spec.key.as_str().into(),
             group,
-            queue: ConsumerQueue::new(buffer, dropped),
+            queue: ConsumerQueue::new(buffer, drops.clone()),
+            drops,
             hub: Arc::downgrade(hub),
             closing,
             spec,
@@ -81,12 +84,44 @@ impl Consumer {
     /// Drops what a closed consumer had buffered, with a warning (nothing here is durable).
     pub(crate) fn drop_buffered(&self, left: Vec<Queued>) {
         if !left.is_empty() {
+            self.count_lost(left.len());
             tracing::warn!(
                 registration = %self.label,
                 dropped = left.len(),
                 "subscription consumer closed: buffered messages dropped"
             );
         }
+    }
+
+    /// Counts `n` messages meant for this consumer that nobody will handle: it closed first
+    /// and no other instance of its subscription was left.
+    fn count_lost(&self, n: usize) {
+        self.drops
+            .after_close
+            .fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+}
+
+/// Offers `item` to `member`, waiting for buffer space; should the member close first (it has
+/// left its group by then), to another member of the group.
+async fn push_to_member(member: &Consumer, item: Queued) {
+    let Err(item) = member.queue.push(item, member.spec.key.as_str()).await else {
+        return;
+    };
+    let Some(hub) = member.hub.upgrade() else {
+        return;
+    };
+    if hub
+        .subscriptions
+        .push_to_group(&member.group, item)
+        .await
+        .is_err()
+    {
+        member.count_lost(1);
+        tracing::warn!(
+            registration = %member.label,
+            "subscription consumer closed while a message waited for room in its buffer, and no other instance of the subscription is left: message dropped"
+        );
     }
 }
 
@@ -287,9 +322,10 @@ impl RouteTable {
         }
     }
 
-    /// Offers to every matching group in order without waiting, until a buffer is full. Then
-    /// returns the rest of the offer, which waits for space: boxed, so that publishing, whose
-    /// future is allocated per message, stays small in the usual case of no waiting at all.
+    /// Offers to every matching group in order without waiting, until a buffer is full (or the
+    /// picked member closed after this snapshot was taken). Then returns the rest of the offer,
+    /// which waits for space or finds another member: boxed, so that publishing, whose future
+    /// is allocated per message, stays small in the usual case of no waiting at all.
     fn offer_now(self: Arc<Self>, envelope: &Arc<Envelope>) -> Option<BoxFuture<'static, ()>> {
         for (i, group) in self.groups.iter().enumerate() {
             let Some(member) = group.pick(envelope, true) else {
@@ -299,18 +335,20 @@ impl RouteTable {
                 envelope: envelope.clone(),
                 attempt: 1,
             };
-            if let Err(item) = member.queue.try_push(item, member.spec.key.as_str()) {
+            if let Err(NotPushed::Full(item) | NotPushed::Closed(item)) =
+                member.queue.try_push(item, member.spec.key.as_str())
+            {
                 let member = member.clone();
                 let envelope = envelope.clone();
                 return Some(Box::pin(async move {
-                    member.queue.push(item, member.spec.key.as_str()).await;
+                    push_to_member(&member, item).await;
                     for group in &self.groups[i + 1..] {
                         if let Some(member) = group.pick(&envelope, true) {
                             let item = Queued {
                                 envelope: envelope.clone(),
                                 attempt: 1,
                             };
-                            member.queue.push(item, member.spec.key.as_str()).await;
+                            push_to_member(member, item).await;
                         }
                     }
                 }));
@@ -373,10 +411,31 @@ impl SubscriptionRoutes {
         self.snapshot().offer(envelope).await;
     }
 
+    /// Pushes `item` into the buffer of a member of group `group` (any member: they share the
+    /// filter), waiting for space; a member that closes meanwhile has left the group, so the
+    /// next try picks another. `Err` gives the item back when no member is left.
+    pub(crate) async fn push_to_group(&self, group: &str, mut item: Queued) -> Result<(), Queued> {
+        loop {
+            let table = self.snapshot();
+            let member = table
+                .by_id
+                .get(group)
+                .and_then(|&i| table.groups[i].pick(&item.envelope, false))
+                .cloned();
+            let Some(member) = member else {
+                return Err(item);
+            };
+            match member.queue.push(item, member.spec.key.as_str()).await {
+                Ok(_) => return Ok(()),
+                Err(back) => item = back,
+            }
+        }
+    }
+
     /// Hands what a leaving member of a shared group had buffered but not started back to the
     /// group, so that another instance handles it (the consumer must have left the group
     /// first). A broadcast member's buffer holds its own copies: dropped, with a warning, as is
-    /// what finds no member left (nothing in-process is durable).
+    /// what finds no member left (nothing in-process is durable); both are counted.
     pub(crate) async fn hand_back(&self, consumer: &Consumer, left: Vec<Queued>) {
         if left.is_empty() {
             return;
@@ -388,21 +447,12 @@ impl SubscriptionRoutes {
         let mut dropped = 0usize;
         let handed_back = left.len();
         for item in left {
-            let table = self.table.read().clone();
-            let member = table
-                .by_id
-                .get(&consumer.group)
-                .and_then(|&i| table.groups[i].pick(&item.envelope, false))
-                .cloned();
-            let pushed = match member {
-                Some(member) => member.queue.push(item, member.spec.key.as_str()).await,
-                None => Pushed::Closed,
-            };
-            if pushed != Pushed::Queued {
+            if self.push_to_group(&consumer.group, item).await.is_err() {
                 dropped += 1;
             }
         }
         if dropped > 0 {
+            consumer.count_lost(dropped);
             tracing::warn!(
                 registration = %consumer.label,
                 dropped,
@@ -418,22 +468,11 @@ impl SubscriptionRoutes {
     }
 
     /// Puts a redelivery back into group `group`, to any member. False (and a warning) when the
-    /// group is gone or its consumer closed.
+    /// group has no member left.
     pub(crate) async fn requeue(&self, group: &str, item: Queued) -> bool {
-        let table = self.table.read().clone();
-        let member = table
-            .by_id
-            .get(group)
-            .and_then(|&i| table.groups[i].pick(&item.envelope, false));
-        match member {
-            Some(member) => {
-                if member.queue.push(item, member.spec.key.as_str()).await == Pushed::Closed {
-                    tracing::warn!(registration = %group, "redelivery dropped: consumer closed");
-                    return false;
-                }
-                true
-            }
-            None => {
+        match self.push_to_group(group, item).await {
+            Ok(()) => true,
+            Err(item) => {
                 tracing::warn!(
                     registration = %group,
                     message_id = %item.envelope.id,
@@ -578,5 +617,130 @@ mod tests {
 
         assert!(report.completed, "{report:?}");
         assert_eq!(held.done.load(Ordering::SeqCst), 2);
+    }
+
+    /// Records the `n` of every delivery and acks it.
+    #[derive(Default)]
+    struct Recording(parking_lot::Mutex<Vec<u64>>);
+
+    #[async_trait]
+    impl DeliveryHandler for Recording {
+        async fn deliver(&self, delivery: Delivery) {
+            let n = delivery.envelope.payload["n"].as_u64().unwrap_or(u64::MAX);
+            self.0.lock().push(n);
+            delivery.settle.settle(Settlement::Ack).await.unwrap();
+        }
+    }
+
+    fn shared() -> SubscriptionSpec {
+        SubscriptionSpec {
+            shared: true,
+            ..spec(1)
+        }
+    }
+
+    fn numbered(n: u64) -> Envelope {
+        Envelope::custom(
+            SenderAddress::default(),
+            "tick",
+            serde_json::json!({ "n": n }),
+        )
+    }
+
+    /// A consumer with a buffer of one, holding message 0 in hand and message 1 in its buffer,
+    /// and a publisher (another instance) waiting for room for message 2.
+    async fn full_consumer_and_waiting_publisher(
+        broker: &MemoryBroker,
+    ) -> (
+        crate::MemoryBridge,
+        Arc<Held>,
+        tokio::task::JoinHandle<Result<(), purista_core::BridgeError>>,
+    ) {
+        let small = crate::MemoryBridgeConfig {
+            consumer_buffer: 1,
+            ..crate::MemoryBridgeConfig::default()
+        };
+        let leaving = broker.bridge_with(small);
+        let held = Held::new();
+        leaving
+            .register_subscription(shared(), Arc::new(Holding(held.clone())))
+            .await
+            .unwrap();
+        let publisher = Arc::new(broker.bridge());
+        publisher.emit(numbered(0)).await.unwrap();
+        eventually("message 0 in hand", || {
+            held.running.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        publisher.emit(numbered(1)).await.unwrap();
+        let (waiting, about_to) = tokio::sync::oneshot::channel();
+        let publishing = tokio::spawn(async move {
+            let _ = waiting.send(());
+            publisher.emit(numbered(2)).await
+        });
+        // On this single-threaded runtime the publisher runs until it waits for room before
+        // this test runs again.
+        about_to.await.unwrap();
+        tokio::task::yield_now().await;
+        assert!(
+            !publishing.is_finished(),
+            "the publisher did not wait for room"
+        );
+        (leaving, held, publishing)
+    }
+
+    #[tokio::test]
+    async fn a_message_waiting_for_room_goes_to_another_instance_when_its_consumer_leaves() {
+        let broker = MemoryBroker::new();
+        let (leaving, held, publishing) = full_consumer_and_waiting_publisher(&broker).await;
+        let staying = broker.bridge();
+        let got = Arc::new(Recording::default());
+        staying
+            .register_subscription(shared(), got.clone())
+            .await
+            .unwrap();
+
+        leaving
+            .unregister_subscription(&shared().key)
+            .await
+            .unwrap();
+        publishing
+            .await
+            .unwrap()
+            .expect("the waiting emit returns Ok");
+        eventually("messages 1 and 2 at the staying instance", || {
+            got.0.lock().len() == 2
+        })
+        .await;
+        let mut seen = got.0.lock().clone();
+        seen.sort_unstable();
+        assert_eq!(
+            seen,
+            vec![1, 2],
+            "the buffered and the waiting message both reach the other instance"
+        );
+        assert_eq!(leaving.dropped_after_close(), 0);
+        held.gate.add_permits(1);
+    }
+
+    #[tokio::test]
+    async fn a_message_waiting_for_room_is_counted_when_no_instance_is_left_to_take_it() {
+        let broker = MemoryBroker::new();
+        let (leaving, held, publishing) = full_consumer_and_waiting_publisher(&broker).await;
+
+        leaving
+            .unregister_subscription(&shared().key)
+            .await
+            .unwrap();
+        publishing
+            .await
+            .unwrap()
+            .expect("the waiting emit returns Ok: delivery is at most once");
+        assert_eq!(
+            leaving.dropped_after_close(),
+            2,
+            "the buffered message and the one waiting for room are both counted as dropped"
+        );
+        held.gate.add_permits(1);
     }
 }

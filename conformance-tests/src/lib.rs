@@ -187,6 +187,8 @@ pub fn all_cases() -> Vec<Case> {
         limits {
             a_body_at_the_declared_limit_arrives_and_one_byte_more_is_400:
                 needs(&[SharedSubscription]).payload_limit(),
+            an_oversized_invocation_is_400_whether_or_not_anyone_serves_it:
+                needs(&[Commands]).payload_limit(),
             metadata_at_the_declared_limit_arrives_and_one_byte_more_is_400:
                 needs(&[SharedSubscription]).metadata_limit(),
             oversized_metadata_fields_are_400_at_the_caller_and_cost_no_reconnect:

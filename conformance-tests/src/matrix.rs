@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 
 use crate::harness::Harness;
-use crate::runner::{Case, Verdict, panic_text, run_case};
+use crate::runner::{Case, Verdict, run_case_isolated};
 
 /// Marks the start of the generated section in a markdown file.
 pub const START_MARKER: &str = "<!-- matrix:start -->";
@@ -46,8 +46,9 @@ pub struct CaseResult {
     pub outcome: Outcome,
 }
 
-/// Runs every case on every harness, at most `jobs` at once, each in its own task bounded by
-/// `timeout`. `progress` sees each result as it comes. Results come back in suite order.
+/// Runs every case on every harness, at most `jobs` at once, each on a runtime of its own
+/// ([`run_case_isolated`]: no case's timing depends on the others) bounded by `timeout`.
+/// `progress` sees each result as it comes. Results come back in suite order.
 pub async fn run(
     harnesses: &[Arc<dyn Harness>],
     cases: &[Case],
@@ -71,18 +72,13 @@ pub async fn run(
                 };
                 let _slot = slots.acquire_owned().await.expect("never closed");
                 let bridge = h.name();
-                let task = tokio::spawn(run_case(case, h));
-                let abort = task.abort_handle();
-                let outcome = match tokio::time::timeout(timeout, task).await {
+                let run = tokio::task::spawn_blocking(move || run_case_isolated(case, h, timeout));
+                let outcome = match run.await {
                     Ok(Ok(Verdict::Passed)) => Outcome::Passed,
                     Ok(Ok(Verdict::RejectedAsUndeclared(need))) => Outcome::Rejected(need),
                     Ok(Ok(Verdict::Skipped(why))) => Outcome::Skipped(why),
-                    Ok(Err(e)) if e.is_panic() => Outcome::Failed(panic_text(&*e.into_panic())),
-                    Ok(Err(e)) => Outcome::Failed(e.to_string()),
-                    Err(_) => {
-                        abort.abort();
-                        Outcome::Failed(format!("did not finish within {timeout:?}"))
-                    }
+                    Ok(Err(why)) => Outcome::Failed(why),
+                    Err(e) => Outcome::Failed(e.to_string()),
                 };
                 CaseResult {
                     bridge,

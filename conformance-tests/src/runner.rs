@@ -117,14 +117,44 @@ pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// One trial: its own runtime, `copies` copies of the case at once, each bounded by
-/// [`CASE_TIMEOUT`].
-fn run_trial(case: Case, h: Arc<dyn Harness>, plan: Plan, copies: usize) -> Result<(), Failed> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// The runtime one test runs on: two worker threads, the cores of the machines CI runs on.
+fn case_runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| Failed::from(format!("no tokio runtime: {e}")))?;
+        .map_err(|e| format!("no tokio runtime: {e}"))
+}
+
+/// Plans and runs `case` on `h` on a runtime of its own, on the calling thread, bounded by
+/// `timeout`; `Err` with the failure.
+///
+/// For a runner that runs many cases at once in one process (the matrix binary): each test of a
+/// test target runs like this too (nextest gives each a process of its own), so a case's timing
+/// never depends on what the cases next to it do to a shared runtime's worker threads.
+pub fn run_case_isolated(
+    case: Case,
+    h: Arc<dyn Harness>,
+    timeout: Duration,
+) -> Result<Verdict, String> {
+    let runtime = case_runtime()?;
+    let outcome = runtime.block_on(async move {
+        match tokio::time::timeout(timeout, tokio::spawn(run_case(case, h))).await {
+            Ok(Ok(verdict)) => Ok(verdict),
+            Ok(Err(e)) if e.is_panic() => Err(panic_text(&*e.into_panic())),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("did not finish within {timeout:?}")),
+        }
+    });
+    // Tasks a failed case left behind must not keep the runner waiting.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    outcome
+}
+
+/// One trial: its own runtime, `copies` copies of the case at once, each bounded by
+/// [`CASE_TIMEOUT`].
+fn run_trial(case: Case, h: Arc<dyn Harness>, plan: Plan, copies: usize) -> Result<(), Failed> {
+    let runtime = case_runtime().map_err(Failed::from)?;
     let result = runtime.block_on(async move {
         let runs = (0..copies).map(|_| {
             let (h, plan) = (h.clone(), plan.clone());
@@ -213,11 +243,7 @@ pub fn run_tests(tests: Vec<ListedTest>) -> ExitCode {
         .map(|t| {
             let run = t.run;
             let trial = Trial::test(t.name, move || {
-                let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .map_err(|e| Failed::from(format!("no tokio runtime: {e}")))?;
+                let runtime = case_runtime().map_err(Failed::from)?;
                 let outcome = runtime.block_on(async move {
                     match tokio::time::timeout(CASE_TIMEOUT, tokio::spawn(run())).await {
                         Ok(Ok(())) => Ok(()),

@@ -9,18 +9,26 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// How late a timer-driven event (a ttl, a retry delay, a visibility timeout) may fire on a
-/// loaded 2-core machine before the suite calls it broken.
+/// How late a timer-driven event (a ttl, a retry delay, a visibility timeout) may fire after
+/// its time, beyond what the machine stalled meanwhile ([`Stopwatch`]), before the suite calls
+/// it broken.
 pub const LATE_SLACK: Duration = Duration::from_millis(300);
 
 /// How early such an event may fire (clock granularity of brokers that count in ms).
 pub const EARLY_SLACK: Duration = Duration::from_millis(5);
+
+/// How often the [`Stopwatch`]'s probe asks the runtime to wake it.
+const PROBE_TICK: Duration = Duration::from_millis(10);
+
+/// How late a probe tick may wake before it counts as a stall: ordinary timer jitter.
+const PROBE_JITTER: Duration = Duration::from_millis(15);
 
 /// Deadline for "this should arrive soon" waits. Generous: it only bounds a failing case.
 pub const ARRIVAL: Duration = Duration::from_secs(10);
@@ -163,16 +171,104 @@ pub fn count_by_id<'a>(ids: impl IntoIterator<Item = &'a String>) -> BTreeMap<St
     counts
 }
 
-/// Asserts that `elapsed` is `expected` within the suite's slack.
-pub fn assert_on_time(what: &str, elapsed: Duration, expected: Duration) {
-    assert!(
-        elapsed + EARLY_SLACK >= expected,
-        "{what} happened after {elapsed:?}, before the {expected:?} it must wait"
-    );
-    assert!(
-        elapsed <= expected + LATE_SLACK,
-        "{what} happened after {elapsed:?}, more than {LATE_SLACK:?} later than {expected:?}"
-    );
+/// A stopwatch for timer-driven events that also measures how long the machine stalled the
+/// case while it ran.
+///
+/// "Fires within [`LATE_SLACK`] after its time" cannot hold on a machine that does not run the
+/// test at all for longer than that: a loaded 2-core CI host with many test processes and the
+/// brokers on the same cores, or a runtime whose worker threads another case keeps busy. So a
+/// probe task on the case's own runtime asks to be woken every 10 ms, and every wake-up more
+/// than 15 ms late adds its lateness to the measured *stall*. The late bound is then
+/// `expected + LATE_SLACK + stall`: the time the bridge had and did not get is not blamed on
+/// it, while a bridge whose timer fires late on a machine that ran it is still caught (its
+/// lateness is no stall of the probe). The early bound ([`EARLY_SLACK`]) does not move: a
+/// stall never makes an event early.
+pub struct Stopwatch {
+    began: Instant,
+    stalled_us: Arc<AtomicU64>,
+    probe: tokio::task::AbortHandle,
+}
+
+impl Stopwatch {
+    /// Starts now, with its probe on the current runtime.
+    pub fn start() -> Self {
+        let began = Instant::now();
+        let stalled_us = Arc::new(AtomicU64::new(0));
+        let sink = stalled_us.clone();
+        // Counted from `began`, not from the probe's first run: a stall before that counts.
+        let probe = tokio::spawn(async move {
+            let mut asked = began;
+            loop {
+                let due = asked + PROBE_TICK;
+                tokio::time::sleep_until(due).await;
+                let woke = Instant::now();
+                let late = woke.saturating_duration_since(due);
+                if late > PROBE_JITTER {
+                    let us = u64::try_from(late.as_micros()).unwrap_or(u64::MAX);
+                    sink.fetch_add(us, Ordering::Relaxed);
+                }
+                asked = woke;
+            }
+        })
+        .abort_handle();
+        Stopwatch {
+            began,
+            stalled_us,
+            probe,
+        }
+    }
+
+    /// When it started.
+    pub fn began(&self) -> Instant {
+        self.began
+    }
+
+    /// Time since the start.
+    pub fn elapsed(&self) -> Duration {
+        self.began.elapsed()
+    }
+
+    /// How long the probe found the case's runtime stalled since the start.
+    pub fn stalled(&self) -> Duration {
+        Duration::from_micros(self.stalled_us.load(Ordering::Relaxed))
+    }
+
+    /// What an event may come late: [`LATE_SLACK`] plus the stall so far.
+    pub fn late_slack(&self) -> Duration {
+        LATE_SLACK + self.stalled()
+    }
+
+    /// Asserts that the event observed just now happened `expected` after the start: not
+    /// before it (less [`EARLY_SLACK`]), not later than [`Stopwatch::late_slack`] after it.
+    pub fn assert_on_time(&self, what: &str, expected: Duration) {
+        self.assert_on_time_at(what, self.elapsed(), expected);
+    }
+
+    /// Like [`Stopwatch::assert_on_time`] for an event `elapsed` after the start.
+    pub fn assert_on_time_at(&self, what: &str, elapsed: Duration, expected: Duration) {
+        assert!(
+            elapsed + EARLY_SLACK >= expected,
+            "{what} happened after {elapsed:?}, before the {expected:?} it must wait"
+        );
+        self.assert_by_at(what, elapsed, expected);
+    }
+
+    /// Asserts that `elapsed` (since the start) is no later than `bound` plus
+    /// [`Stopwatch::late_slack`]: "fast", "by its deadline".
+    pub fn assert_by_at(&self, what: &str, elapsed: Duration, bound: Duration) {
+        let stalled = self.stalled();
+        assert!(
+            elapsed <= bound + LATE_SLACK + stalled,
+            "{what} happened after {elapsed:?}, more than {LATE_SLACK:?} later than {bound:?} \
+             (beyond the {stalled:?} the machine stalled this case meanwhile)"
+        );
+    }
+}
+
+impl Drop for Stopwatch {
+    fn drop(&mut self) {
+        self.probe.abort();
+    }
 }
 
 /// A subscription named `name` whose handler records every envelope it gets and acks.

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use crate::env::TestEnv;
 use crate::gate::declares;
 use crate::harness::Harness;
-use crate::support::{ARRIVAL, Collector, assert_on_time, eventually, recording};
+use crate::support::{ARRIVAL, Collector, Stopwatch, eventually, recording};
 
 /// A gate handlers wait on until the case opens it.
 #[derive(Clone)]
@@ -388,9 +388,9 @@ pub async fn shutdown_rejects_pending_invocations_and_reports_what_still_runs(h:
     )
     .await;
 
-    let began = Instant::now();
-    let report = draining.shutdown(Instant::now() + DEADLINE).await;
-    assert_on_time("shutdown at its deadline", began.elapsed(), DEADLINE);
+    let clock = Stopwatch::start();
+    let report = draining.shutdown(clock.began() + DEADLINE).await;
+    clock.assert_on_time("shutdown at its deadline", DEADLINE);
     assert!(
         !report.completed,
         "the report claims everything completed: {report:?}"
@@ -469,7 +469,7 @@ pub async fn a_failed_start_leaves_nothing_registered(h: Arc<dyn Harness>) {
     let client = env
         .start(1, Service::builder(env.name("client"), "1"))
         .await;
-    let began = Instant::now();
+    let clock = Stopwatch::start();
     let result = client
         .invoke_with::<Value>(
             purista_core::Address::new(&name, "1", "leftover"),
@@ -478,14 +478,13 @@ pub async fn a_failed_start_leaves_nothing_registered(h: Arc<dyn Harness>) {
             InvokeOptions::ttl(TTL),
         )
         .await;
-    let took = began.elapsed();
+    let took = clock.elapsed();
     match result {
         Ok(v) => panic!("a command of a service whose start failed is still served: {v}"),
-        Err(e) if e.status == StatusCode::BAD_GATEWAY => assert!(
-            took <= TTL + crate::support::LATE_SLACK,
-            "502 came after {took:?}, not fast"
-        ),
-        Err(e) if e.status == StatusCode::GATEWAY_TIMEOUT => assert_on_time("the 504", took, TTL),
+        Err(e) if e.status == StatusCode::BAD_GATEWAY => clock.assert_by_at("the 502", took, TTL),
+        Err(e) if e.status == StatusCode::GATEWAY_TIMEOUT => {
+            clock.assert_on_time_at("the 504", took, TTL)
+        }
         Err(e) => panic!("the leftover command failed with {e}, not 502 or 504"),
     }
     env.finish().await;

@@ -452,3 +452,70 @@ pub async fn a_message_at_the_metadata_limit_is_retried_and_dead_lettered_withou
     );
     env.finish().await;
 }
+
+/// A command over the declared body limit is refused with 400 at the caller whether or not
+/// anybody serves its receiver, and so is a stream open frame where streams are declared: the
+/// size is checked before the route, so the caller learns that its message is too large, not
+/// that nobody is there (a 502, which it might retry elsewhere with the same message).
+pub async fn an_oversized_invocation_is_400_whether_or_not_anyone_serves_it(h: Arc<dyn Harness>) {
+    let limit = h
+        .capabilities()
+        .limits
+        .max_payload_bytes
+        .expect("planned only for a declared body limit");
+    let streams = h.capabilities().streams;
+    let mut env = TestEnv::new(&h, 2).await;
+    let mut server = Service::builder(env.name("server"), "1").command(
+        purista_core::CommandDef::new(
+            "big",
+            |_ctx: purista_core::Context, _v: serde_json::Value, _p: purista_core::Empty| async move {
+                Ok(())
+            },
+        ),
+    );
+    if streams {
+        server = server.stream(purista_core::StreamDef::new(
+            "big",
+            |_ctx: purista_core::Context,
+             _v: serde_json::Value,
+             _p: purista_core::Empty,
+             _out: purista_core::StreamWriter| async move { Ok(json!(null)) },
+        ));
+    }
+    env.start(1, server).await;
+    let client = env
+        .start(0, Service::builder(env.name("client"), "1"))
+        .await;
+    let oversized = json!({ "fill": "x".repeat(limit) });
+    for (whose, service) in [("a served", "server"), ("an unserved", "nobody")] {
+        let to = purista_core::Address::new(env.name(service), "1", "big");
+        let err = client
+            .invoke_with::<serde_json::Value>(
+                to.clone(),
+                oversized.clone(),
+                purista_core::Empty,
+                purista_core::InvokeOptions::ttl(ARRIVAL),
+            )
+            .await
+            .expect_err("an invocation over the body limit cannot succeed");
+        assert_eq!(
+            err.status,
+            StatusCode::BAD_REQUEST,
+            "an oversized invocation of {whose} command failed with {err}, not 400"
+        );
+        if streams {
+            match client
+                .open_stream(to, oversized.clone(), purista_core::Empty, Some(ARRIVAL))
+                .await
+            {
+                Ok(_) => panic!("a stream session opened with a body over the limit"),
+                Err(err) => assert_eq!(
+                    err.status,
+                    StatusCode::BAD_REQUEST,
+                    "opening {whose} stream with an oversized body failed with {err}, not 400"
+                ),
+            }
+        }
+    }
+    env.finish().await;
+}
