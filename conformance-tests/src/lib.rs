@@ -169,6 +169,7 @@ pub fn all_cases() -> Vec<Case> {
             consumer_cancel_reaches_the_producer: needs(&[Streams]),
             session_timeout_ends_the_session: needs(&[Streams]),
             a_producer_ignoring_the_deadline_is_stopped: needs(&[Streams]),
+            a_reader_that_stops_reading_holds_or_fails_the_producer: needs(&[Streams]),
         }
         queues {
             lease_hides_the_job: nothing().queue_bridge(),
@@ -219,6 +220,7 @@ pub fn all_cases() -> Vec<Case> {
                 needs(&[SharedSubscription, DurableSubscription, AtLeastOnce]).broker_control(),
             invocations_during_an_outage_fail_or_complete_within_ttl:
                 needs(&[Commands]).broker_control(),
+            a_command_cut_off_mid_handling_is_not_run_twice: needs(&[Commands]).broker_control(),
         }
         strict {
             declared_capabilities_are_the_bridges_own: nothing(),

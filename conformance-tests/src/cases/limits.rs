@@ -508,7 +508,7 @@ pub async fn an_oversized_invocation_is_400_whether_or_not_anyone_serves_it(h: A
                 .open_stream(to, oversized.clone(), purista_core::Empty, Some(ARRIVAL))
                 .await
             {
-                Ok(_) => panic!("a stream session opened with a body over the limit"),
+                Ok(_) => panic!("{whose} stream session opened with a body over the limit"),
                 Err(err) => assert_eq!(
                     err.status,
                     StatusCode::BAD_REQUEST,

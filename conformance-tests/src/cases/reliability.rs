@@ -250,3 +250,95 @@ pub async fn invocations_during_an_outage_fail_or_complete_within_ttl(h: Arc<dyn
     }
     env.finish().await;
 }
+
+/// From the runbook: a command whose serving instance loses its connection while the handler
+/// runs is not run a second time when the broker hands it out again (it is answered 503, or
+/// not at all), and its caller hears 503 or 504 (or the one run's answer, where its own link
+/// survived) within its ttl, never a hang. Commands served afterwards run normally.
+pub async fn a_command_cut_off_mid_handling_is_not_run_twice(h: Arc<dyn Harness>) {
+    const TTL: Duration = Duration::from_secs(5);
+    const AFTER: u64 = 5;
+    let control = broker_control(&h).await;
+    let mut env = TestEnv::on_broker(&h, &control, 2).await;
+    let runs: Arc<Collector<u64>> = Collector::new();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let handler = {
+        let (runs, release) = (runs.clone(), release.clone());
+        CommandDef::new("slow", move |_ctx: Context, n: u64, _p: Empty| {
+            let (runs, release) = (runs.clone(), release.clone());
+            async move {
+                runs.push(n);
+                if n == 0 {
+                    release.notified().await;
+                }
+                Ok(n)
+            }
+        })
+    };
+    env.start(
+        1,
+        Service::builder(env.name("server"), "1").command(handler),
+    )
+    .await;
+    let client = env
+        .start(0, Service::builder(env.name("client"), "1"))
+        .await;
+    let to = Address::new(env.name("server"), "1", "slow");
+
+    let clock = Stopwatch::start();
+    let first = {
+        let (client, to) = (client.clone(), to.clone());
+        tokio::spawn(async move {
+            client
+                .invoke_with::<u64>(to, 0u64, Empty, InvokeOptions::ttl(TTL))
+                .await
+        })
+    };
+    runs.wait_for_len(1, RECOVERY, "the first command reaching its handler")
+        .await;
+    inject(&control, &env, Fault::DropConnections).await;
+    release.notify_one();
+    let answer = first.await.expect("the invoking task panicked");
+    clock.assert_by_at(
+        "the answer to a command cut off mid-handling",
+        clock.elapsed(),
+        TTL,
+    );
+    match answer {
+        // A bridge whose caller kept its link may still hear the one run's answer.
+        Ok(v) => assert_eq!(v, 0, "the cut-off command got another command's answer"),
+        Err(e) => assert!(
+            matches!(
+                e.status,
+                StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+            ),
+            "a command cut off mid-handling failed with {e}, not 503/504"
+        ),
+    }
+
+    // Commands sent after the fault are served again; they queue behind anything the broker
+    // hands out again, so once they were served, a second run of the first would have happened.
+    let mut served = 0;
+    let mut n = 0;
+    let deadline = Instant::now() + RECOVERY;
+    while served < AFTER {
+        assert!(
+            Instant::now() < deadline,
+            "commands are not served again {RECOVERY:?} after the connection drop"
+        );
+        n += 1;
+        if let Ok(v) = client
+            .invoke_with::<u64>(to.clone(), n, Empty, InvokeOptions::ttl(TTL))
+            .await
+        {
+            assert_eq!(v, n, "an invocation got another invocation's answer");
+            served += 1;
+        }
+    }
+    let first_runs = runs.snapshot().iter().filter(|&&r| r == 0).count();
+    assert_eq!(
+        first_runs, 1,
+        "the command cut off mid-handling ran {first_runs} times; commands are never run twice"
+    );
+    env.finish().await;
+}

@@ -415,3 +415,106 @@ pub async fn a_producer_ignoring_the_deadline_is_stopped(h: Arc<dyn Harness>) {
     );
     env.finish().await;
 }
+
+/// From the runbook: a reader that stops reading never lets its producer run unboundedly ahead.
+/// Either the producer is held until the reader reads again (and then every frame arrives in
+/// order), or the session fails with 503 and the producer is stopped; the frames read before
+/// the failure are in order without a gap.
+pub async fn a_reader_that_stops_reading_holds_or_fails_the_producer(h: Arc<dyn Harness>) {
+    /// Frames the producer tries to write.
+    const TOTAL: u64 = 5_000;
+    /// How far a producer may run ahead of a reader that stopped (broker and client buffers).
+    const MAX_AHEAD: u64 = 2_048;
+    const QUIET: Duration = Duration::from_millis(500);
+    let mut env = TestEnv::new(&h, 2).await;
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let firehose = {
+        let written = written.clone();
+        StreamDef::new(
+            "firehose",
+            move |_ctx: Context, _i: Empty, _p: Empty, out: StreamWriter| {
+                let written = written.clone();
+                async move {
+                    for i in 0..TOTAL {
+                        out.write(json!({ "i": i })).await?;
+                        written.store(i + 1, std::sync::atomic::Ordering::Release);
+                    }
+                    Ok(json!({ "total": TOTAL }))
+                }
+            },
+        )
+    };
+    let (producer, consumer) = producer_and_consumer(&mut env, vec![firehose]).await;
+    let mut reader = open(
+        &consumer,
+        addr(&env, "firehose"),
+        json!({}),
+        Duration::from_secs(60),
+    )
+    .await;
+    match reader.next().await {
+        Some(StreamItem::Chunk(c)) => assert_eq!(c, json!({ "i": 0 }), "the first chunk"),
+        other => panic!("expected the first chunk, got {other:?}"),
+    }
+
+    // The reader stops; wait until the producer stops making progress (held or stopped).
+    let mut last = u64::MAX;
+    let mut still_since = tokio::time::Instant::now();
+    let deadline = tokio::time::Instant::now() + ARRIVAL;
+    loop {
+        let now = written.load(std::sync::atomic::Ordering::Acquire);
+        if now != last {
+            last = now;
+            still_since = tokio::time::Instant::now();
+        } else if still_since.elapsed() >= QUIET {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the producer kept writing for {ARRIVAL:?} to a reader that stopped ({now} frames)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        last <= MAX_AHEAD,
+        "the producer wrote {last} frames to a reader that read one: a slow reader must hold \
+         its producer or fail its session, not buffer without bound"
+    );
+
+    // The reader reads again: the rest in order, then the end of the session.
+    let mut next = 1u64;
+    let terminal = loop {
+        match reader.next().await {
+            Some(StreamItem::Chunk(c)) => {
+                assert_eq!(
+                    c,
+                    json!({ "i": next }),
+                    "a chunk out of order, lost or repeated"
+                );
+                next += 1;
+            }
+            Some(terminal) => break terminal,
+            None => panic!("the session ended without a terminal item"),
+        }
+    };
+    match terminal {
+        StreamItem::Complete(v) => {
+            assert_eq!(next, TOTAL, "the session completed without every chunk");
+            assert_eq!(v, Some(json!({ "total": TOTAL })), "the final value");
+        }
+        StreamItem::Error(e) => {
+            assert_eq!(
+                e.status,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "a reader that fell behind failed with {e}, not 503"
+            );
+            eventually("the producer of a failed session stops", ARRIVAL, || {
+                let n = producer.in_flight().by_kind.stream;
+                async move { n == 0 }
+            })
+            .await;
+        }
+        other => panic!("a reader that stopped reading ended with {other:?}, not complete or 503"),
+    }
+    env.finish().await;
+}
