@@ -103,6 +103,17 @@ impl KubemqBridge {
         &self.shared.channels
     }
 
+    /// A queue bridge on this instance's connection, under its prefix (jobs on
+    /// `<prefix>.q.<queue>`). It has a lifecycle of its own: shut it down with
+    /// [`QueueBridge::shutdown`](purista_core::QueueBridge::shutdown).
+    pub fn queue_bridge(&self) -> crate::KubemqQueues {
+        crate::KubemqQueues::new(
+            &self.shared.config,
+            self.shared.channels.clone(),
+            &self.shared.connection,
+        )
+    }
+
     /// The high-level KubeMQ client of this instance (for tools and tests).
     pub fn client(&self) -> &kubemq::KubemqClient {
         &self.shared.connection.sdk

@@ -27,7 +27,9 @@
 //!
 //! Commands are queries on `<prefix>.c.<service>.<version>.<target>`; dead letters are queue
 //! messages on `<prefix>.dl.<target>`; a shared subscription's members also listen on its
-//! hand-off channel `<prefix>.h.<registration key>`.
+//! hand-off channel `<prefix>.h.<registration key>`. Job queues are KubeMQ queues on
+//! `<prefix>.q.<queue>` (their dead-letter queues too, under the dead-letter queue's name),
+//! their declarations Events Store channels `<prefix>.qc.<queue>`.
 
 use purista_core::kit::{NameRules, Overflow};
 use purista_core::{Address, BridgeError, Envelope, SubscriptionFilter};
@@ -192,6 +194,16 @@ impl Channels {
     /// The queue that holds the dead letters of `target`.
     pub fn dead_letter(&self, target: &str) -> String {
         self.join("dl", &[token(&ADDRESS_RULES, Some(target))])
+    }
+
+    /// The KubeMQ queue channel of job queue `queue` (a dead-letter queue is a queue too).
+    pub fn queue(&self, queue: &str) -> String {
+        self.join("q", &[token(&ADDRESS_RULES, Some(queue))])
+    }
+
+    /// The Events Store channel that holds the declarations of job queue `queue`.
+    pub fn queue_declarations(&self, queue: &str) -> String {
+        self.join("qc", &[token(&ADDRESS_RULES, Some(queue))])
     }
 
     fn join(&self, kind: &str, tokens: &[String]) -> String {

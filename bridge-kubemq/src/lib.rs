@@ -34,6 +34,7 @@ pub mod double;
 mod driver;
 mod probe;
 mod publish;
+pub mod queues;
 mod shared;
 mod stream;
 mod subscriptions;
@@ -44,4 +45,5 @@ pub use driver::driver;
 /// The KubeMQ Rust SDK the bridge is built on.
 pub use kubemq;
 pub use purista_core::redact_url;
+pub use queues::{KubemqQueues, queue_capabilities};
 pub use subscriptions::{TAG_AT, TAG_ATTEMPTS, TAG_ORIGIN, TAG_REASON};

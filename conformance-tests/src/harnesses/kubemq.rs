@@ -9,6 +9,7 @@
 //!   Events leave nothing behind, and dead-letter queues are named under the prefix.
 //! * **Raw publisher**: publishes bytes as an Events event on the channel the bridge would
 //!   use, through the KubeMQ SDK client of a bridge instance of its own.
+//! * **Queue bridge**: the KubeMQ queue bridge on that same extra instance's connection.
 //! * **Faults** (double only): each case that breaks the broker gets a private double; a
 //!   restart stops it (every connection cut) and serves again with its store kept.
 
@@ -19,7 +20,7 @@ use async_trait::async_trait;
 use purista_bridge_kubemq::double::{DoubleOptions, KubemqDouble};
 use purista_bridge_kubemq::kubemq::Event;
 use purista_bridge_kubemq::{KubemqBridge, KubemqConfig};
-use purista_core::{Capabilities, Envelope, EventBridge, QueueCapabilities};
+use purista_core::{Capabilities, Envelope, EventBridge, QueueBridge, QueueCapabilities};
 use tokio::sync::OnceCell;
 
 use crate::harness::{BrokerControl, Deployment, Harness, Offer, RawPublisher, TestMode};
@@ -123,13 +124,15 @@ async fn deploy<H: Send + Sync + 'static>(
     }
     let raw = bridges.pop().expect("one bridge for raw publishing");
     let started = futures::future::try_join_all(bridges.iter().map(|b| b.start())).await;
+    // The queue half rides on the raw publisher's connection, like a separate process.
+    let queues: Arc<dyn QueueBridge> = Arc::new(raw.queue_bridge());
     let raw_bridge = raw.clone();
     let deployment = Deployment::new(
         bridges
             .into_iter()
             .map(|b| b as Arc<dyn EventBridge>)
             .collect(),
-        None,
+        Some(queues),
         Some(Arc::new(SdkPublisher(raw)) as Arc<dyn RawPublisher>),
     )
     .on_cleanup(move || {
@@ -165,7 +168,7 @@ impl Harness for KubemqHarness {
     }
 
     fn queue_capabilities(&self) -> Option<QueueCapabilities> {
-        None
+        Some(purista_bridge_kubemq::queue_capabilities())
     }
 
     fn offers_raw_publisher(&self) -> bool {
