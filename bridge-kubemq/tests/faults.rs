@@ -287,3 +287,121 @@ async fn the_bridge_fails_fast_while_kubemq_is_down_and_works_again_after() {
         .shutdown(Instant::now() + Duration::from_secs(2))
         .await;
 }
+
+/// 2 000 jobs through the queue bridge, with KubeMQ restarted while workers lease and
+/// complete them: every job is completed (at least once: a lease cut by the restart comes
+/// back), none is lost or dead-lettered, and the queue ends empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_jobs_through_the_queue_bridge_survive_a_restart() {
+    use purista_core::QueueBridge;
+    use purista_core::queue::{JobSettlement, NewJob, QueueConfig, QueueDeclaration};
+    use std::collections::BTreeSet;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const WORKERS: usize = 8;
+    let double = Arc::new(KubemqDouble::start(DoubleOptions::default()).unwrap());
+    let mut config = KubemqConfig::new("127.0.0.1", double.port()).with_prefix("jobs");
+    config.publish_timeout = Duration::from_secs(2);
+    let bridge = KubemqBridge::new(config).await.unwrap();
+    bridge.start().await.unwrap();
+    let queues: Arc<dyn QueueBridge> = Arc::new(bridge.queue_bridge());
+    let queue = "restart-jobs";
+    let declaration = QueueConfig {
+        visibility_timeout: Duration::from_secs(2),
+        ..QueueConfig::default()
+    };
+    queues
+        .declare_queue(queue, QueueDeclaration::new("faults@1", declaration))
+        .await
+        .unwrap();
+    let enqueue = |n: usize| {
+        let queues = queues.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let job = NewJob {
+                    payload: serde_json::json!({ "n": n }),
+                    ..NewJob::default()
+                };
+                match queues.enqueue(queue, job).await {
+                    Ok(_) => return,
+                    Err(e) if Instant::now() < deadline => {
+                        let _ = e;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(e) => panic!("job {n} could not be enqueued 30 s after the restart: {e}"),
+                }
+            }
+        }
+    };
+    for n in 0..JOBS / 2 {
+        enqueue(n).await;
+    }
+    let done: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|_| {
+            let (queues, done, stop) = (queues.clone(), done.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Acquire) {
+                    match queues.lease(queue, Duration::from_millis(200)).await {
+                        Ok(Some(job)) => {
+                            let n = job.payload["n"].as_u64().expect("a job number") as usize;
+                            if queues.settle(&job, JobSettlement::Complete).await.is_ok() {
+                                done.lock().push(n);
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+            })
+        })
+        .collect();
+    eventually(
+        "a quarter of the jobs are done before the restart",
+        async || done.lock().len() >= JOBS / 4,
+    )
+    .await;
+    restart(&double).await;
+    for n in JOBS / 2..JOBS {
+        enqueue(n).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let distinct: BTreeSet<usize> = done.lock().iter().copied().collect();
+        if distinct.len() == JOBS {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {JOBS} jobs were completed 60 s after the restart; e.g. missing {:?}",
+            distinct.len(),
+            (0..JOBS)
+                .filter(|n| !distinct.contains(n))
+                .take(5)
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eventually("the queue is empty once every job is done", async || {
+        queues
+            .metrics(queue)
+            .await
+            .is_ok_and(|m| m.depth == 0 && m.leased == 0 && m.delayed == 0)
+    })
+    .await;
+    stop.store(true, Ordering::Release);
+    for w in workers {
+        w.await.expect("a worker panicked");
+    }
+    let metrics = queues.metrics(queue).await.unwrap();
+    assert_eq!(
+        metrics.dead_lettered, 0,
+        "jobs were dead-lettered: {metrics:?}"
+    );
+    queues.shutdown().await;
+    bridge
+        .shutdown(Instant::now() + Duration::from_secs(2))
+        .await;
+}

@@ -17,6 +17,7 @@
 // language rather than box it on every call.
 #![allow(clippy::result_large_err)]
 
+mod lease_stream;
 mod pubsub;
 mod queues;
 mod requests;
@@ -148,7 +149,7 @@ impl KubemqDouble {
         }
         self.state.pubsub.disconnect_all();
         self.state.requests.disconnect_all();
-        self.state.queues.release_transactions();
+        self.state.queues.release_holds();
     }
 
     /// Serves again on the same port with what was stored before the stop.

@@ -58,6 +58,9 @@ pub struct Queues {
     arrived: Notify,
 }
 
+/// KubeMQ's receive limit of a message whose policy names none (its `MaxReceiveCount`).
+const DEFAULT_MAX_RECEIVE_COUNT: i32 = 1024;
+
 /// How long a waiting receiver sleeps at most between looks (delays and leases end on time).
 const LOOK_AGAIN: Duration = Duration::from_millis(25);
 
@@ -340,17 +343,28 @@ impl Queues {
         d
     }
 
-    /// Returns what every transaction still holds (a server stop ends every stream).
-    pub fn release_transactions(&self) {
+    /// Returns what every transaction and lease still holds (a server stop ends every stream:
+    /// a lease ends as if its client went away, so the message counts one more receive).
+    pub fn release_holds(&self) {
         let mut channels = self.channels.lock();
-        for c in channels.values_mut() {
-            for e in c.entries.values_mut() {
-                if matches!(e.hold, Some(Hold::Transaction(_))) {
-                    e.hold = None;
+        let mut rerouted = Vec::new();
+        for (name, c) in channels.iter_mut() {
+            let held: Vec<u64> = c
+                .entries
+                .iter()
+                .filter(|(_, e)| e.hold.is_some())
+                .map(|(s, _)| *s)
+                .collect();
+            for sequence in held {
+                if let Some(m) = release(c, name, sequence) {
+                    rerouted.push(m);
                 }
             }
         }
         drop(channels);
+        for m in rerouted {
+            self.store(m);
+        }
         self.arrived.notify_waiters();
     }
 }
@@ -408,7 +422,13 @@ fn release(channel: &mut Channel, name: &str, sequence: u64) -> Option<QueueMess
         .attributes
         .as_ref()
         .map_or(0, |a| a.receive_count);
-    if policy.max_receive_count > 0 && received >= policy.max_receive_count {
+    // KubeMQ's default limit applies to a message that names none.
+    let max_receive_count = if policy.max_receive_count > 0 {
+        policy.max_receive_count
+    } else {
+        DEFAULT_MAX_RECEIVE_COUNT
+    };
+    if received >= max_receive_count {
         let mut m = channel.entries.remove(&sequence)?.message;
         if policy.max_receive_queue.is_empty() {
             tracing::debug!(

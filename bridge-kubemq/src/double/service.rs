@@ -14,8 +14,7 @@ use kubemq::proto::kubemq::{
     QueuesDownstreamRequest, QueuesDownstreamRequestType as Down, QueuesDownstreamResponse,
     QueuesUpstreamRequest, QueuesUpstreamResponse, ReceiveQueueMessagesRequest,
     ReceiveQueueMessagesResponse, Request, Response, SendQueueMessageResult,
-    StreamQueueMessagesRequest, StreamQueueMessagesResponse, StreamRequestType, Subscribe,
-    subscribe::SubscribeType,
+    StreamQueueMessagesRequest, StreamQueueMessagesResponse, Subscribe, subscribe::SubscribeType,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -58,7 +57,7 @@ impl DoubleService {
     }
 }
 
-fn check_channel(channel: &str, wildcards_allowed: bool) -> Result<(), Status> {
+pub(crate) fn check_channel(channel: &str, wildcards_allowed: bool) -> Result<(), Status> {
     if channel.is_empty() {
         return Err(Status::invalid_argument("channel cannot be empty"));
     }
@@ -104,6 +103,12 @@ fn send_event(state: &State, event: Event) -> Result<pb::Result, Status> {
         sent: true,
         error: String::new(),
     })
+}
+
+fn tonic12_response<T: Send + 'static>(
+    rx: mpsc::Receiver<Result<T, Status>>,
+) -> tonic012::Response<Out<T>> {
+    tonic012::Response::new(Box::pin(ReceiverStream::new(rx)))
 }
 
 #[tonic012::async_trait]
@@ -299,106 +304,10 @@ impl Kubemq for DoubleService {
         request: tonic012::Request<Streaming<StreamQueueMessagesRequest>>,
     ) -> Result<tonic012::Response<Self::StreamQueueMessageStream>, Status> {
         self.authorize(&request)?;
-        let mut incoming = request.into_inner();
-        let state = self.state.clone();
+        let incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(async move {
-            let holder = super::new_id();
-            let lease = |until| Hold::Lease {
-                holder: holder.clone(),
-                until,
-            };
-            let mut received = false;
-            while let Ok(Some(r)) = incoming.message().await {
-                let kind = StreamRequestType::try_from(r.stream_request_type_data)
-                    .unwrap_or(StreamRequestType::Unknown);
-                let mut answer = StreamQueueMessagesResponse {
-                    request_id: r.request_id.clone(),
-                    stream_request_type_data: r.stream_request_type_data,
-                    ..Default::default()
-                };
-                let mut fail = |text: &str| {
-                    answer.is_error = true;
-                    answer.error = text.to_string();
-                };
-                match kind {
-                    StreamRequestType::ReceiveMessage => {
-                        if received {
-                            fail("stream already holds a message");
-                        } else if let Err(s) = check_channel(&r.channel, false) {
-                            fail(s.message());
-                        } else if r.visibility_seconds <= 0 {
-                            fail("visibility seconds must be greater than 0");
-                        } else {
-                            let until = tokio::time::Instant::now()
-                                + Duration::from_secs(r.visibility_seconds as u64);
-                            let wait = Duration::from_secs(r.wait_time_seconds.max(0) as u64);
-                            let mut got = state
-                                .queues
-                                .take(&r.channel, 1, wait, Some(lease(until)))
-                                .await;
-                            match got.pop() {
-                                Some(m) => {
-                                    received = true;
-                                    answer.message = Some(m);
-                                }
-                                None => fail("no new messages in queue"),
-                            }
-                        }
-                    }
-                    StreamRequestType::AckMessage
-                    | StreamRequestType::RejectMessage
-                    | StreamRequestType::ResendMessage
-                    | StreamRequestType::SendModifiedMessage => {
-                        let hold = lease(tokio::time::Instant::now());
-                        if !received || !state.queues.holds(&holder) {
-                            fail("no active message to settle: visibility expired or not received");
-                        } else {
-                            let how = match kind {
-                                StreamRequestType::AckMessage
-                                | StreamRequestType::SendModifiedMessage => Settle::Ack,
-                                StreamRequestType::RejectMessage => Settle::Reject,
-                                _ => Settle::Move(r.channel.clone()),
-                            };
-                            let seq = [r.ref_sequence];
-                            let which = (r.ref_sequence != 0).then_some(&seq[..]);
-                            if state.queues.settle(&hold, which, &how) == 0 {
-                                fail("no message with that sequence is held");
-                            } else if kind == StreamRequestType::SendModifiedMessage {
-                                match r.modified_message.clone() {
-                                    Some(m) => {
-                                        let result = state.queues.send(m);
-                                        if result.is_error {
-                                            fail(&result.error);
-                                        }
-                                    }
-                                    None => fail("modified message missing"),
-                                }
-                            }
-                        }
-                    }
-                    StreamRequestType::ModifyVisibility => {
-                        if r.visibility_seconds <= 0 {
-                            fail("visibility seconds must be greater than 0");
-                        } else if !state
-                            .queues
-                            .modify_visibility(&holder, r.visibility_seconds)
-                        {
-                            fail("no active message: visibility expired or not received");
-                        }
-                    }
-                    StreamRequestType::Unknown => fail("unknown request type"),
-                }
-                if tx.send(Ok(answer)).await.is_err() {
-                    break;
-                }
-            }
-            // The stream ended: what it still holds goes back.
-            state
-                .queues
-                .settle(&lease(tokio::time::Instant::now()), None, &Settle::Reject);
-        });
-        Ok(tonic012::Response::new(Box::pin(ReceiverStream::new(rx))))
+        tokio::spawn(super::lease_stream::serve(self.state.clone(), incoming, tx));
+        Ok(tonic12_response(rx))
     }
 
     async fn ack_all_queue_messages(

@@ -17,8 +17,8 @@ use purista_core::envelope::now_ms;
 use purista_core::queue::{DeadLetteredJob, QueueError};
 
 use super::lease::{MAX_RECEIVES, QueueState};
-use super::stream::LeaseStream;
 use super::record::DeadRecord;
+use super::stream::LeaseStream;
 use crate::connection::RawClient;
 
 /// KubeMQ's most messages per read (`MaxNumberOfMessages`).
@@ -52,11 +52,16 @@ pub async fn peek(
     let wait = timeout + Duration::from_secs(READ_WAIT_SECONDS as u64);
     let answer = tokio::time::timeout(wait, raw.receive_queue_messages(request))
         .await
-        .map_err(|_| QueueError::Unavailable(format!("KubeMQ did not answer a peek of `{channel}`")))?
+        .map_err(|_| {
+            QueueError::Unavailable(format!("KubeMQ did not answer a peek of `{channel}`"))
+        })?
         .map_err(|s| QueueError::Unavailable(format!("peeking `{channel}`: {}", s.message())))?
         .into_inner();
     if answer.is_error {
-        return Err(QueueError::Broker(format!("peeking `{channel}`: {}", answer.error)));
+        return Err(QueueError::Broker(format!(
+            "peeking `{channel}`: {}",
+            answer.error
+        )));
     }
     Ok(answer.messages)
 }
@@ -183,7 +188,10 @@ pub async fn send(
         .map_err(|s| QueueError::Unavailable(format!("sending a job to KubeMQ: {}", s.message())))?
         .into_inner();
     if result.is_error {
-        return Err(QueueError::Broker(format!("KubeMQ refused the job: {}", result.error)));
+        return Err(QueueError::Broker(format!(
+            "KubeMQ refused the job: {}",
+            result.error
+        )));
     }
     Ok(())
 }

@@ -40,7 +40,9 @@ pub async fn first_declaration(
         let stored = raw
             .send_event(event)
             .await
-            .map_err(|s| QueueError::Unavailable(format!("storing the queue declaration: {}", s.message())))?
+            .map_err(|s| {
+                QueueError::Unavailable(format!("storing the queue declaration: {}", s.message()))
+            })?
             .into_inner();
         if !stored.sent {
             return Err(QueueError::Broker(format!(
@@ -59,14 +61,18 @@ pub async fn first_declaration(
         let mut events = raw
             .subscribe_to_events(subscribe)
             .await
-            .map_err(|s| QueueError::Unavailable(format!("reading queue declarations: {}", s.message())))?
+            .map_err(|s| {
+                QueueError::Unavailable(format!("reading queue declarations: {}", s.message()))
+            })?
             .into_inner();
         match events.message().await {
-            Ok(Some(first)) => serde_json::from_slice::<QueueDeclaration>(&first.body).map_err(|e| {
-                QueueError::Broker(format!(
-                    "the first declaration on `{channel}` is not a queue declaration: {e}"
-                ))
-            }),
+            Ok(Some(first)) => {
+                serde_json::from_slice::<QueueDeclaration>(&first.body).map_err(|e| {
+                    QueueError::Broker(format!(
+                        "the first declaration on `{channel}` is not a queue declaration: {e}"
+                    ))
+                })
+            }
             Ok(None) => Err(QueueError::Unavailable(
                 "KubeMQ ended the declaration stream".into(),
             )),

@@ -31,9 +31,7 @@ use kubemq::proto::kubemq::{QueueMessage, QueueMessagePolicy};
 use parking_lot::Mutex;
 use purista_core::envelope::now_ms;
 use purista_core::kit::millis;
-use purista_core::queue::{
-    JobDisposition, JobSettlement, LeasedJob, QueueDeclaration, QueueError,
-};
+use purista_core::queue::{JobDisposition, JobSettlement, LeasedJob, QueueDeclaration, QueueError};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
@@ -155,7 +153,12 @@ impl QueueState {
     }
 
     /// The KubeMQ message of `record`, delayed by KubeMQ for the whole seconds of `delay`.
-    pub fn job_message(&self, client_id: &str, record: &JobRecord, delay: Duration) -> QueueMessage {
+    pub fn job_message(
+        &self,
+        client_id: &str,
+        record: &JobRecord,
+        delay: Duration,
+    ) -> QueueMessage {
         let seconds = delay_seconds(delay);
         if seconds > 0 {
             self.note_delayed(now_ms() + u64::try_from(seconds).unwrap_or(0) * 1000);
@@ -204,7 +207,12 @@ impl QueueState {
             ready,
             early: pool.len() - ready,
             leased: self.leased.load(Ordering::SeqCst),
-            delayed: self.delayed_until.lock().iter().filter(|t| **t > now).count(),
+            delayed: self
+                .delayed_until
+                .lock()
+                .iter()
+                .filter(|t| **t > now)
+                .count(),
         }
     }
 
@@ -259,7 +267,9 @@ pub async fn lease(
     let mut closed = link.closed.clone();
     loop {
         if *closed.borrow() {
-            return Err(QueueError::Unavailable("the queue bridge is shut down".into()));
+            return Err(QueueError::Unavailable(
+                "the queue bridge is shut down".into(),
+            ));
         }
         let arrived = queue.arrived.notified();
         tokio::pin!(arrived);
@@ -283,7 +293,9 @@ pub async fn lease(
             let task = receive(link.clone(), queue.clone());
             if !spawn(Box::pin(task)) {
                 queue.receivers.fetch_sub(1, Ordering::SeqCst);
-                return Err(QueueError::Unavailable("the queue bridge is shut down".into()));
+                return Err(QueueError::Unavailable(
+                    "the queue bridge is shut down".into(),
+                ));
             }
         }
         let now = Instant::now();
@@ -336,7 +348,8 @@ async fn receive(link: Arc<QueueLink>, queue: Arc<QueueState>) {
         Ok(Some((stream, message))) => {
             queue.receivers.fetch_sub(1, Ordering::SeqCst);
             queue.arrived.notify_waiters();
-            let broker_until = received_at + Duration::from_secs(u64::try_from(visibility).unwrap_or(1));
+            let broker_until =
+                received_at + Duration::from_secs(u64::try_from(visibility).unwrap_or(1));
             hold(link, queue, stream, message, broker_until).await;
         }
         Ok(None) => {
@@ -409,8 +422,9 @@ async fn hold(
         claim: claim_tx,
     });
     queue.arrived.notify_waiters();
-    let give_back_at =
-        Instant::now() + Duration::from_millis(record.visible_at_ms.saturating_sub(now)) + POOL_HOLD;
+    let give_back_at = Instant::now()
+        + Duration::from_millis(record.visible_at_ms.saturating_sub(now))
+        + POOL_HOLD;
     let mut closed = link.closed.clone();
     enum Next {
         Claimed(Option<Claim>),
@@ -437,11 +451,23 @@ async fn hold(
     };
     match claim {
         Some(claim) => {
-            serve(link, queue, stream, record, attempt, sequence, claim, broker_until).await;
+            serve(
+                link,
+                queue,
+                stream,
+                record,
+                attempt,
+                sequence,
+                claim,
+                broker_until,
+            )
+            .await;
         }
         None => {
             // Nobody wanted it: back to the queue, not counted as an attempt.
-            let _ = tokio::time::timeout(link.call_timeout, stream.resend(sequence, &queue.channel)).await;
+            let _ =
+                tokio::time::timeout(link.call_timeout, stream.resend(sequence, &queue.channel))
+                    .await;
         }
     }
 }
@@ -488,7 +514,7 @@ async fn serve(
     let (tx, mut rx) = mpsc::channel(4);
     link.leases.lock().insert(token.clone(), tx);
     queue.leased.fetch_add(1, Ordering::SeqCst);
-    let _registered = Registered {
+    let registered = Registered {
         link: &link,
         queue: &queue,
         token: token.clone(),
@@ -496,7 +522,8 @@ async fn serve(
     let mut job = record.leased(attempt, token, expires_at_ms);
     if claim.send(Ok(job.clone())).is_err() {
         // The lease call went away before it got the job: back, not an attempt.
-        let _ = tokio::time::timeout(link.call_timeout, stream.resend(sequence, &queue.channel)).await;
+        let _ =
+            tokio::time::timeout(link.call_timeout, stream.resend(sequence, &queue.channel)).await;
         return;
     }
     let mut closed = link.closed.clone();
@@ -547,18 +574,35 @@ async fn serve(
             }
             Event::Command(Some(LeaseCommand::Settle { settlement, reply })) => {
                 let disposition = config.plan(&job, &settlement, now_ms());
-                let done =
-                    carry_out(&link, &queue, &mut stream, &record, &job, sequence, disposition)
-                        .await;
+                let done = carry_out(
+                    &link,
+                    &queue,
+                    &mut stream,
+                    &record,
+                    &job,
+                    sequence,
+                    disposition,
+                )
+                .await;
+                // Off the books before the caller hears of it: metrics read right after a
+                // settlement must not count the lease.
+                drop(registered);
                 let _ = reply.send(done);
                 return;
             }
             Event::Command(None) | Event::Closing => return,
             Event::Expired => {
                 let disposition = config.plan_lease_expiry(&job, now_ms());
-                if let Err(error) =
-                    carry_out(&link, &queue, &mut stream, &record, &job, sequence, disposition)
-                        .await
+                if let Err(error) = carry_out(
+                    &link,
+                    &queue,
+                    &mut stream,
+                    &record,
+                    &job,
+                    sequence,
+                    disposition,
+                )
+                .await
                 {
                     tracing::warn!(queue = %queue.name, job_id = %job.id, %error, "an expired lease could not be settled; KubeMQ returns the job");
                 }

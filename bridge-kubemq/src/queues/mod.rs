@@ -39,6 +39,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
+use purista_core::WorkKind;
 use purista_core::capabilities::{DeliveryGuarantee, QueueCapabilities};
 use purista_core::envelope::now_ms;
 use purista_core::kit::TaskSet;
@@ -46,7 +47,6 @@ use purista_core::queue::{
     DeadLetteredJob, JobSettlement, LeasedJob, NewJob, QueueBridge, QueueDeclaration, QueueError,
     QueueMetrics,
 };
-use purista_core::WorkKind;
 use tokio::sync::{oneshot, watch};
 
 use self::lease::{LeaseCommand, QueueLink, QueueState};
@@ -310,7 +310,8 @@ impl QueueBridge for KubemqQueues {
             .get_or_init(|| async {
                 let _ = self.close.send(true);
                 self.tasks.close();
-                let deadline = tokio::time::Instant::now() + self.link.call_timeout.min(Duration::from_secs(5));
+                let deadline = tokio::time::Instant::now()
+                    + self.link.call_timeout.min(Duration::from_secs(5));
                 if !self.tasks.wait_empty(deadline).await {
                     self.tasks.abort_all();
                 }

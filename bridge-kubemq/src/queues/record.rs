@@ -194,7 +194,11 @@ mod tests {
         assert_eq!(back, job);
         assert_eq!(back.visible_at_ms, 5_000);
         assert_eq!(back.attempt_at(1), 1);
-        assert_eq!(back.attempt_at(3), 3, "two unsettled returns are two attempts");
+        assert_eq!(
+            back.attempt_at(3),
+            3,
+            "two unsettled returns are two attempts"
+        );
         assert_eq!(back.attempt_at(0), 1);
     }
 
@@ -208,10 +212,7 @@ mod tests {
             reason: "bad".into(),
             dead_lettered_at_ms: 9,
         };
-        assert_eq!(
-            DeadRecord::decode(&record.encode(), "x").unwrap(),
-            record
-        );
+        assert_eq!(DeadRecord::decode(&record.encode(), "x").unwrap(), record);
         assert!(DeadRecord::decode(b"not json", "x").is_none());
     }
 }

@@ -69,12 +69,8 @@ impl LeaseStream {
         wait: i32,
     ) -> Result<Option<(LeaseStream, QueueMessage)>, BridgeError> {
         let (tx, requests) = mpsc::channel::<StreamQueueMessagesRequest>(4);
-        let mut stream_requests = LeaseStream::request(
-            client_id,
-            channel,
-            "r0",
-            StreamRequestType::ReceiveMessage,
-        );
+        let mut stream_requests =
+            LeaseStream::request(client_id, channel, "r0", StreamRequestType::ReceiveMessage);
         stream_requests.visibility_seconds = visibility.max(1);
         stream_requests.wait_time_seconds = wait.max(1);
         // Queued before the call: a server may send its headers only with its first answer.
@@ -208,7 +204,10 @@ mod tests {
         assert_eq!(visibility_seconds(Duration::from_millis(200)), 2);
         assert_eq!(visibility_seconds(Duration::from_secs(1)), 2);
         assert_eq!(visibility_seconds(Duration::from_millis(1001)), 3);
-        assert_eq!(visibility_seconds(Duration::from_secs(100_000)), MAX_SECONDS);
+        assert_eq!(
+            visibility_seconds(Duration::from_secs(100_000)),
+            MAX_SECONDS
+        );
         assert_eq!(delay_seconds(Duration::from_millis(1999)), 1);
         assert_eq!(delay_seconds(Duration::from_millis(300)), 0);
     }
