@@ -54,7 +54,9 @@ pub fn capabilities(config: &KubemqConfig) -> Capabilities {
 pub struct KubemqBridge {
     shared: Arc<Shared>,
     capabilities: Capabilities,
-    responders: Mutex<HashMap<String, Responder>>,
+    responders: Mutex<HashMap<String, Arc<Responder>>>,
+    /// Responders that left but forward what still reaches them until shutdown.
+    retired_responders: Mutex<Vec<Arc<Responder>>>,
     consumers: Mutex<HashMap<RegistrationKey, Arc<Consumer>>>,
     /// Consumers that left but keep forwarding to their group until shutdown.
     retired: Mutex<Vec<Arc<Consumer>>>,
@@ -91,6 +93,7 @@ impl KubemqBridge {
             shared: Shared::new(config, channels, instance_id, connection),
             capabilities,
             responders: Mutex::new(HashMap::new()),
+            retired_responders: Mutex::new(Vec::new()),
             consumers: Mutex::new(HashMap::new()),
             retired: Mutex::new(Vec::new()),
             started: OnceCell::new(),
@@ -153,6 +156,9 @@ impl KubemqBridge {
             .closing
             .store(true, std::sync::atomic::Ordering::Release);
         for responder in self.responders.lock().values() {
+            responder.stop();
+        }
+        for responder in self.retired_responders.lock().drain(..) {
             responder.stop();
         }
         let mut consumers: Vec<Arc<Consumer>> = self.consumers.lock().values().cloned().collect();
@@ -336,13 +342,19 @@ impl EventBridge for KubemqBridge {
             responder.stop();
             return Err(BridgeError::AlreadyRegistered(label));
         }
-        responders.insert(label, responder);
+        responders.insert(label, Arc::new(responder));
         Ok(())
     }
 
     async fn unregister_command(&self, address: &Address) -> Result<(), BridgeError> {
-        if let Some(r) = self.responders.lock().remove(&endpoint_label(address)) {
-            r.stop();
+        let responder = self.responders.lock().remove(&endpoint_label(address));
+        if let Some(r) = responder {
+            r.leave().await;
+            if self.shared.is_closing() {
+                r.stop();
+            } else {
+                self.retired_responders.lock().push(r);
+            }
         }
         Ok(())
     }

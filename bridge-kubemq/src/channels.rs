@@ -25,7 +25,8 @@
 //! * info messages are published with an absent receiver, so a filter with a receiver part
 //!   never sees them (DESIGN §3.3).
 //!
-//! Commands are queries on `<prefix>.c.<service>.<version>.<target>`; dead letters are queue
+//! Commands are queries on `<prefix>.c.<service>.<version>.<target>` (and the endpoint's
+//! hand-off channel `<prefix>.ch.<service>.<version>.<target>`); dead letters are queue
 //! messages on `<prefix>.dl.<target>`; a shared subscription's members also listen on its
 //! hand-off channel `<prefix>.h.<registration key>`. Job queues are KubeMQ queues on
 //! `<prefix>.q.<queue>` (their dead-letter queues too, under the dead-letter queue's name),
@@ -184,6 +185,20 @@ impl Channels {
     /// subscription's group), so a member that is shutting down can hand a delivery to another.
     pub fn handoff(&self, key: &purista_core::RegistrationKey) -> String {
         self.join("h", &[token(&ADDRESS_RULES, Some(key.as_str()))])
+    }
+
+    /// The hand-off query channel of a command endpoint: every responder of the endpoint also
+    /// answers there, and a responder that left forwards what still reaches it there.
+    pub fn command_handoff(&self, address: &Address) -> String {
+        let t = |v: &str| token(&ADDRESS_RULES, Some(v));
+        self.join(
+            "ch",
+            &[
+                t(&address.service_name),
+                t(&address.service_version),
+                t(&address.service_target),
+            ],
+        )
     }
 
     /// Where a starting instance sends one event to learn whether KubeMQ takes its token.

@@ -15,8 +15,16 @@
 //!   handler's response is stamped, sent back as the query's response and published as an
 //!   event (subscriptions see responses, and a success `eventName`). A query whose body is no
 //!   envelope is answered with an error and counted as poison.
+//! * **Leaving** (`unregister_command`): KubeMQ confirms no unsubscribe, and a query routed to
+//!   a stream the responder just closed would be lost (its caller waiting for a 504 at its
+//!   ttl). So every responder also answers on the endpoint's hand-off channel
+//!   ([`Channels::command_handoff`](crate::channels::Channels::command_handoff)); a leaving
+//!   responder first stops listening there, then keeps its main stream open and forwards what
+//!   still reaches it to the hand-off channel, relaying the answer to the caller. Its main
+//!   stream closes with the bridge.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -151,12 +159,28 @@ fn query_error(error: KubemqError, ttl: Duration) -> BridgeError {
 pub struct Responder {
     stop: watch::Sender<bool>,
     up: watch::Receiver<bool>,
+    handoff_stop: watch::Sender<bool>,
+    handoff_ended: watch::Receiver<bool>,
+    leaving: Arc<AtomicBool>,
 }
 
 impl Responder {
-    /// Stops answering (queries then go to the other instances, or time out).
+    /// Stops answering at once (the bridge shuts down: what still arrives is lost, its callers
+    /// get 504 at their ttl).
     pub fn stop(&self) {
+        let _ = self.handoff_stop.send(true);
         let _ = self.stop.send(true);
+    }
+
+    /// Leaves the endpoint without losing a query: stops listening on the hand-off channel,
+    /// waits until KubeMQ had time to notice, then forwards whatever still reaches the main
+    /// stream to the other responders (see the module docs). [`Responder::stop`] ends it.
+    pub async fn leave(&self) {
+        let _ = self.handoff_stop.send(true);
+        let mut ended = self.handoff_ended.clone();
+        let _ = ended.wait_for(|e| *e).await;
+        tokio::time::sleep(crate::subscriptions::LEAVE_GRACE).await;
+        self.leaving.store(true, Ordering::Release);
     }
 
     /// Whether its subscription stream is open.
@@ -181,6 +205,7 @@ pub async fn serve(
         events_store_type_data: 0,
         events_store_type_value: 0,
     };
+    let subscribe_handoff = subscribe.clone();
     let seen = Arc::new(ProbeSeen::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let (up_tx, up_rx) = watch::channel(false);
@@ -193,12 +218,21 @@ pub async fn serve(
         }
         .boxed()
     });
+    let handoff = shared.channels.command_handoff(address);
+    let leaving = Arc::new(AtomicBool::new(false));
     let on_message = {
         let shared = shared.clone();
         let seen = seen.clone();
         let label = label.clone();
+        let handler = handler.clone();
+        let leaving = leaving.clone();
+        let handoff = handoff.clone();
         move |request: Request| {
-            take_request(&shared, &seen, &label, &handler, request);
+            if leaving.load(Ordering::Acquire) && !request.tags.contains_key(PROBE_TAG) {
+                forward(&shared, &handoff, request);
+            } else {
+                take_request(&shared, &seen, &label, &handler, request);
+            }
             std::future::ready(())
         }
     };
@@ -218,10 +252,68 @@ pub async fn serve(
             "the bridge is shutting down".into(),
         ));
     }
+    // The hand-off stream: the same group, the handler always runs.
+    let handoff_subscribe = Subscribe {
+        channel: handoff.clone(),
+        ..subscribe_handoff
+    };
+    let open_handoff: stream::Open<Request> = Box::new(move |mut raw| {
+        let subscribe = handoff_subscribe.clone();
+        async move {
+            raw.subscribe_to_requests(subscribe)
+                .await
+                .map(|r| r.into_inner())
+        }
+        .boxed()
+    });
+    let on_handoff = {
+        let shared = shared.clone();
+        let seen = seen.clone();
+        let label = label.clone();
+        move |request: Request| {
+            take_request(&shared, &seen, &label, &handler, request);
+            std::future::ready(())
+        }
+    };
+    let (handoff_stop_tx, handoff_stop_rx) = watch::channel(false);
+    let (handoff_ended_tx, handoff_ended_rx) = watch::channel(false);
+    let handoff_label = format!("responder {label} (hand-off)");
+    let reopened = {
+        let shared = shared.clone();
+        move || shared.count_reconnect()
+    };
+    let raw = shared.connection.raw.clone();
+    let spawned = shared.tasks.spawn(
+        WorkKind::Generic,
+        handoff_label.clone().into(),
+        async move {
+            let (up, _) = watch::channel(false);
+            stream::run(
+                raw,
+                open_handoff,
+                handoff_label,
+                on_handoff,
+                up,
+                handoff_stop_rx,
+                reopened,
+            )
+            .await;
+            let _ = handoff_ended_tx.send(true);
+        },
+    );
     let responder = Responder {
         stop: stop_tx,
         up: up_rx,
+        handoff_stop: handoff_stop_tx,
+        handoff_ended: handoff_ended_rx,
+        leaving,
     };
+    if !spawned {
+        responder.stop();
+        return Err(BridgeError::Unavailable(
+            "the bridge is shutting down".into(),
+        ));
+    }
     let probe_shared = shared.clone();
     let ready = probe::until_routed(
         &seen,
@@ -283,6 +375,48 @@ fn take_request(
         .spawn(WorkKind::Command, label.clone(), async move {
             let _in_flight = in_flight;
             respond(&shared2, &*handler, request, received).await;
+        });
+}
+
+/// A query that reached a responder after it left: sent on to the endpoint's hand-off
+/// channel (the responders still serving it), the answer relayed to the caller. Nobody there,
+/// or no answer in time: the caller's own query times out (504 at its ttl).
+fn forward(shared: &Arc<Shared>, handoff: &str, request: Request) {
+    let received = tokio::time::Instant::now();
+    let ttl = Duration::from_millis(u64::try_from(request.timeout).unwrap_or(0));
+    let query = Query::builder()
+        .channel(handoff)
+        .metadata(request.metadata)
+        .body(request.body)
+        .tags(request.tags);
+    let reply = QueryReply::builder()
+        .request_id(&request.request_id)
+        .response_to(&request.reply_channel);
+    let shared2 = shared.clone();
+    shared
+        .tasks
+        .spawn(WorkKind::Generic, "forwarded command".into(), async move {
+            let left = ttl.saturating_sub(received.elapsed());
+            if left.is_zero() {
+                return;
+            }
+            let query = query.timeout(left).build();
+            match shared2.connection.sdk.send_query(query).await {
+                Ok(answer) if answer.executed => {
+                    let reply = reply
+                        .metadata(answer.metadata)
+                        .body(answer.body)
+                        .tags(answer.tags)
+                        .build();
+                    send_reply(&shared2, reply).await;
+                }
+                Ok(answer) if !answer.error.to_ascii_lowercase().contains("timeout") => {
+                    send_reply(&shared2, reply.error(answer.error).build()).await;
+                }
+                Ok(_) | Err(_) => {
+                    tracing::debug!(request_id = %request.request_id, "a command forwarded by a leaving responder found no other responder in time");
+                }
+            }
         });
 }
 

@@ -16,8 +16,12 @@
 //!   with the instance; dead letters are durable KubeMQ queue messages (`<prefix>.dl.<target>`)
 //!   with reason, attempts and origin, which the operator calls inspect, replay and purge;
 //!   pause closes the stream, resume subscribes again.
+//! * **Settlement** is manual: the handler's outcome settles each delivery (ack, retry, dead
+//!   letter, drop, pause).
+//! * **Queue bridge** ([`KubemqQueues`]): jobs on KubeMQ queues with visibility leases
+//!   ([`queues`]).
 //! * Not provided, and refused by the strict startup check: durable subscriptions,
-//!   at-least-once subscriptions, manual ack, streams.
+//!   at-least-once subscriptions, streams.
 //!
 //! The in-repo protocol double ([`double`], cargo feature `double`) is the KubeMQ server of
 //! the tests and benchmarks here; the same tests run against a real KubeMQ when
