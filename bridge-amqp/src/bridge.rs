@@ -388,6 +388,11 @@ impl EventBridge for AmqpBridge {
         BRIDGE_NAME
     }
 
+    fn messaging_system(&self) -> &str {
+        // OpenTelemetry's well-known name for the broker.
+        "rabbitmq"
+    }
+
     fn instance_id(&self) -> &str {
         &self.shared.instance_id
     }

@@ -1,6 +1,7 @@
 //! Queue jobs stay in the flow that enqueued them (issue 8, defect 2): a job enqueued inside a
-//! traced, authenticated handler runs with the same trace id, W3C carrier (`otp`), principal
-//! and tenant, and what the job handler invokes carries them on.
+//! traced, authenticated handler runs with the same trace id, W3C trace (`otp`), principal
+//! and tenant, and what the job handler invokes carries them on. (Each hop's `otp` names the
+//! span that sent it, so the trace is the same while the span id moves on: issue 13.)
 
 mod common;
 
@@ -137,10 +138,24 @@ async fn a_job_runs_in_the_flow_that_enqueued_it_and_passes_it_on() {
         )),
         "the job handler's context must carry the enqueuing flow"
     );
+    let audited = audited.lock().clone().expect("the audit record");
     assert_eq!(
-        audited.lock().clone(),
-        Some(flow),
+        (&audited.trace, &audited.principal, &audited.tenant),
+        (&flow.trace, &flow.principal, &flow.tenant),
         "a command the job invokes must stay in the enqueuing flow"
+    );
+    let carried = purista_core::observe::read_otp(audited.otp.as_deref().expect("an otp"))
+        .expect("a W3C carrier")
+        .expect("a trace context");
+    assert_eq!(
+        carried.trace_id_hex(),
+        "0af7651916cd43dd8448eb211c80319c",
+        "a command the job invokes must stay in the caller's W3C trace"
+    );
+    assert_ne!(
+        carried.span_id_hex(),
+        "b7ad6b7169203331",
+        "the job's invocation is a span of its own, not the caller's"
     );
 
     let deadline = Instant::now() + Duration::from_secs(5);

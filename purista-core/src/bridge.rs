@@ -207,6 +207,12 @@ pub trait EventBridge: SubscriptionOperator + Send + Sync {
     /// This bridge instance's id (stamped as `sender.instanceId`).
     fn instance_id(&self) -> &str;
 
+    /// The `messaging.system` of spans and metrics: OpenTelemetry's well-known name of the
+    /// broker where it has one (`rabbitmq`), else the bridge's [`name`](EventBridge::name).
+    fn messaging_system(&self) -> &str {
+        self.name()
+    }
+
     /// What this bridge can do. Truthful: the conformance suite proves each declared capability.
     fn capabilities(&self) -> &Capabilities;
 

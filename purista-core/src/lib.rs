@@ -23,6 +23,7 @@ pub mod idempotency;
 pub mod ids;
 pub mod inflight;
 pub mod kit;
+pub mod observe;
 pub mod operator;
 pub mod outcome;
 pub mod queue;

@@ -491,6 +491,22 @@ pub enum QueueError {
     Broker(String),
 }
 
+impl QueueError {
+    /// A short, stable name of the failure (`error.type` on spans and metrics).
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            QueueError::UnknownQueue(_) => "unknown_queue",
+            QueueError::LeaseLost { .. } => "lease_lost",
+            QueueError::ExtensionCapReached { .. } => "extension_cap_reached",
+            QueueError::ConflictingDeclaration { .. } => "conflicting_declaration",
+            QueueError::Unsupported(_) => "unsupported",
+            QueueError::InvalidRequest(_) => "invalid_request",
+            QueueError::Unavailable(_) => "unavailable",
+            QueueError::Broker(_) => "broker",
+        }
+    }
+}
+
 /// A job store with leases. Object safe.
 #[async_trait]
 pub trait QueueBridge: Send + Sync + 'static {

@@ -414,12 +414,27 @@ struct WriterState {
 impl StreamWriter {
     /// Wraps a bridge's producer end for the session opened by `open`.
     pub fn new(end: StreamProducerEnd, open: &Envelope, sender: SenderAddress) -> Self {
+        Self::continuing(end, open, sender, None)
+    }
+
+    /// [`StreamWriter::new`] whose frames carry `otp` (the producer's span) instead of the
+    /// open frame's.
+    pub(crate) fn continuing(
+        end: StreamProducerEnd,
+        open: &Envelope,
+        sender: SenderAddress,
+        otp: Option<String>,
+    ) -> Self {
+        let mut template = open.clone();
+        if otp.is_some() {
+            template.otp = otp;
+        }
         StreamWriter {
             state: std::sync::Arc::new(tokio::sync::Mutex::new(WriterState {
                 frames: end.frames,
                 sender,
                 correlation_id: open.correlation_id.clone().unwrap_or_default(),
-                template: open.clone(),
+                template,
                 sequence: 0,
                 terminal: false,
             })),

@@ -86,6 +86,20 @@ impl<S: Subscriber> Layer<S> for Capture {
     }
 }
 
+/// The process's span recorder, installed as the global subscriber on first use. Tests of one
+/// binary share it (under `cargo test` they run in one process), so each finds its spans by
+/// its own trace ids or service names.
+pub fn recorded_spans() -> &'static purista_core::observe::SpanRecorder {
+    static RECORDER: std::sync::OnceLock<purista_core::observe::SpanRecorder> =
+        std::sync::OnceLock::new();
+    RECORDER.get_or_init(|| {
+        let recorder = purista_core::observe::SpanRecorder::new();
+        tracing::subscriber::set_global_default(Registry::default().with(recorder.layer()))
+            .expect("no other global subscriber in this test binary");
+        recorder
+    })
+}
+
 /// Captures log events on this thread until the returned guard is dropped.
 pub fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
     let logs = Logs::default();

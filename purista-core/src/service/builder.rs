@@ -24,6 +24,7 @@ pub struct Service {
     pub(super) workers: Vec<QueueWorkerDef>,
     pub(super) queues_declared: Vec<(String, QueueConfig)>,
     pub(super) queue_bridge: Option<Arc<dyn QueueBridge>>,
+    pub(super) trace_identities: bool,
 }
 
 /// Builds a [`Service`].
@@ -46,6 +47,7 @@ impl Service {
                 workers: Vec::new(),
                 queues_declared: Vec::new(),
                 queue_bridge: None,
+                trace_identities: false,
             },
         }
     }
@@ -98,6 +100,14 @@ impl ServiceBuilder {
     /// The queue bridge for workers and `enqueue`.
     pub fn queue_bridge(mut self, queues: Arc<dyn QueueBridge>) -> Self {
         self.service.queue_bridge = Some(queues);
+        self
+    }
+
+    /// Records principal and tenant ids on this service's spans (`purista.principalId`,
+    /// `purista.tenantId`). Off by default: they may be personal data, and spans leave the
+    /// process for a tracing backend. They travel in the envelope either way.
+    pub fn trace_identities(mut self, record: bool) -> Self {
+        self.service.trace_identities = record;
         self
     }
 

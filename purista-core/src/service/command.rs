@@ -27,6 +27,8 @@ use crate::bridge::CommandHandler;
 use crate::envelope::Envelope;
 use crate::error::{ErrorPayload, Failure, IntoFailure, StatusCode};
 use crate::inflight::InFlightCounter;
+use crate::observe::spans::{self, Traced};
+use crate::observe::write_otp;
 
 pub(crate) type ErasedCommandFn =
     dyn Fn(Context, &Value, &Value) -> BoxFuture<'static, Result<Value, Failure>> + Send + Sync;
@@ -185,8 +187,26 @@ pub(crate) struct CommandRuntime {
 #[async_trait]
 impl CommandHandler for CommandRuntime {
     async fn handle(&self, command: Arc<Envelope>) -> Envelope {
+        let traced = spans::command(
+            &self.shared.site,
+            &self.registration,
+            &self.target,
+            &command,
+        );
+        let mut response = self.respond(&command, &traced).await;
+        // The response continues the trace from the handler's span.
+        response.otp = Some(write_otp(&traced.cx));
+        response
+    }
+}
+
+impl CommandRuntime {
+    /// Runs the handler for `command` inside its span and builds the response.
+    async fn respond(&self, command: &Arc<Envelope>, traced: &Traced) -> Envelope {
+        let span = &traced.span;
         if self.shared.is_closing() {
             let status = StatusCode::SERVICE_UNAVAILABLE;
+            traced.fail(status);
             let p = ErrorPayload {
                 status,
                 message: status.generic_text().into(),
@@ -196,17 +216,12 @@ impl CommandHandler for CommandRuntime {
             return command.error_response(&p, false);
         }
         let _guard = self.in_flight.start();
-        let span = tracing::info_span!(
-            "purista.command",
-            registration = %self.registration,
-            trace_id = command.trace_id.as_deref().unwrap_or(""),
-            correlation_id = command.correlation_id.as_deref().unwrap_or(""),
-        );
-        let (payload, parameter) = split_body(&command);
+        let (payload, parameter) = split_body(command);
         let ctx = Context {
             shared: self.shared.clone(),
             flow: Flow::Message(command.clone()),
             target: self.target.clone(),
+            trace: Some(traced.cx.clone()),
         };
         let result = run_guarded(|| (self.handler)(ctx, payload, parameter))
             .instrument(span.clone())
@@ -216,6 +231,7 @@ impl CommandHandler for CommandRuntime {
             Ok(Ok(value)) => command.success_response(value, self.success_event.clone()),
             Ok(Err(failure)) => {
                 let (payload, handled) = failure.payload(command.trace_id.clone());
+                traced.fail(payload.status);
                 match &failure {
                     Failure::Handled(_) => {
                         tracing::info!(status = payload.status.0, message = %payload.message, "command returned a handled error");
@@ -229,6 +245,7 @@ impl CommandHandler for CommandRuntime {
             Err(_) => {
                 tracing::error!("command handler panicked");
                 let status = StatusCode::INTERNAL_SERVER_ERROR;
+                traced.fail(status);
                 let p = ErrorPayload {
                     status,
                     message: status.generic_text().into(),

@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::{Notify, watch};
+use tracing::Instrument;
 
 use super::contract::CommandContract;
 use super::flow::Flow;
@@ -20,6 +21,8 @@ use crate::envelope::{Address, Envelope, SenderAddress};
 use crate::error::{BridgeError, CommandError, ErrorPayload, SettleError, StatusCode};
 use crate::ids;
 use crate::inflight::InFlightTracker;
+use crate::observe::TraceContext;
+use crate::observe::spans::{self, Site};
 use crate::outcome::Outcome;
 use crate::queue::{LeasedJob, NewJob, QueueBridge, QueueError};
 use crate::stream::{StreamReader, open_frame};
@@ -38,6 +41,8 @@ pub(crate) struct Shared {
     /// Paused queue workers: queue → reason.
     pub paused_workers: Mutex<std::collections::BTreeMap<String, String>>,
     pub workers_resumed: Notify,
+    /// What this service's spans say about where they run.
+    pub site: Site,
 }
 
 impl Shared {
@@ -92,6 +97,8 @@ pub struct Context {
     pub(crate) shared: Arc<Shared>,
     pub(crate) flow: Flow,
     pub(crate) target: Arc<str>,
+    /// The handler's span identity: what it starts continues this (`None` outside handlers).
+    pub(crate) trace: Option<TraceContext>,
 }
 
 impl std::fmt::Debug for Context {
@@ -114,9 +121,16 @@ impl Context {
         self.flow.trace_id()
     }
 
-    /// The W3C trace-context carrier (`otp`, a JSON string) of the current flow.
+    /// The W3C trace-context carrier (`otp`, a JSON string) of the message or job this handler
+    /// runs for, as it arrived.
     pub fn otp(&self) -> Option<&str> {
         self.flow.otp()
+    }
+
+    /// The W3C trace context of this handler's span: what the handler sends continues it
+    /// (absent outside handlers, where each operation starts a trace of its own).
+    pub fn trace_context(&self) -> Option<&TraceContext> {
+        self.trace.as_ref()
     }
 
     /// Principal of the current flow.
@@ -224,7 +238,10 @@ impl Context {
     ) -> Result<Value, CommandError> {
         let shared = &self.shared;
         let mut cmd = Envelope::command(shared.sender(&self.target), receiver, payload, parameter);
-        self.flow.stamp(&mut cmd);
+        let traced = spans::invoke(&shared.site, &self.target, &cmd, self.trace.as_ref());
+        // The flow's trace id, or else the W3C one: not the random one `command` made up.
+        cmd.trace_id = None;
+        self.flow.stamp(&mut cmd, &traced.cx);
         if opts.trace_id.is_some() {
             cmd.trace_id = opts.trace_id;
         }
@@ -234,33 +251,59 @@ impl Context {
         if opts.tenant_id.is_some() {
             cmd.tenant_id = opts.tenant_id;
         }
+        spans::record_sent(&shared.site, &traced, &cmd);
         let ttl = opts
             .ttl
             .unwrap_or_else(|| shared.bridge.default_command_timeout());
         let trace = cmd.trace_id.clone();
-        let mut reject = shared.reject_pending.subscribe();
-        if *reject.borrow() {
-            return Err(shutting_down(trace));
+        let result = async {
+            let mut reject = shared.reject_pending.subscribe();
+            if *reject.borrow() {
+                return Err(shutting_down(trace));
+            }
+            shared.pending_invocations.fetch_add(1, Ordering::AcqRel);
+            let _pending = PendingGuard(&shared.pending_invocations);
+            // The bridge enforces the ttl (the conformance suite proves it for every bridge),
+            // so no second timer here; shutdown can still cut a pending call short with 503.
+            let response = tokio::select! {
+                r = shared.bridge.invoke(cmd, ttl) => r,
+                _ = reject.wait_for(|v| *v) => return Err(shutting_down(trace)),
+            };
+            let response = response.map_err(|e| CommandError::from_bridge(&e, trace.clone()))?;
+            response_result(response, trace)
         }
-        shared.pending_invocations.fetch_add(1, Ordering::AcqRel);
-        let _pending = PendingGuard(&shared.pending_invocations);
-        // The bridge enforces the ttl (the conformance suite proves it for every bridge), so no
-        // second timer here; shutdown can still cut a pending call short with 503.
-        let response = tokio::select! {
-            r = shared.bridge.invoke(cmd, ttl) => r,
-            _ = reject.wait_for(|v| *v) => return Err(shutting_down(trace)),
-        };
-        let response = response.map_err(|e| CommandError::from_bridge(&e, trace.clone()))?;
-        response_result(response, trace)
+        .instrument(traced.span.clone())
+        .await;
+        if let Err(e) = &result {
+            traced.fail(e.status);
+        }
+        result
     }
 
     /// Emits a custom event named `event_name`, with this flow's trace, principal and tenant.
     pub async fn emit(&self, event_name: &str, payload: impl Serialize) -> Result<(), BridgeError> {
         let payload = serde_json::to_value(payload)
             .map_err(|e| BridgeError::InvalidRequest(e.to_string()))?;
-        let mut e = Envelope::custom(self.shared.sender(&self.target), event_name, payload);
-        self.flow.stamp(&mut e);
-        self.shared.bridge.emit(e).await
+        let e = Envelope::custom(self.shared.sender(&self.target), event_name, payload);
+        self.emit_envelope(e).await
+    }
+
+    /// Emits `e` in this flow, from a producer span: the flow's ids and the span's context.
+    pub(crate) async fn emit_envelope(&self, mut e: Envelope) -> Result<(), BridgeError> {
+        let site = &self.shared.site;
+        let traced = spans::emit(site, &self.target, &e, self.trace.as_ref());
+        self.flow.stamp(&mut e, &traced.cx);
+        spans::record_sent(site, &traced, &e);
+        let sent = self
+            .shared
+            .bridge
+            .emit(e)
+            .instrument(traced.span.clone())
+            .await;
+        if let Err(err) = &sent {
+            traced.fail(err.status());
+        }
+        sent
     }
 
     /// Opens a stream session with a producer; `timeout` (the session deadline for both ends)
@@ -285,14 +328,22 @@ impl Context {
             timeout,
         );
         open.receiver = Some(receiver);
-        self.flow.stamp(&mut open);
+        let site = &self.shared.site;
+        let traced = spans::stream_open(site, &self.target, &open, self.trace.as_ref());
+        self.flow.stamp(&mut open, &traced.cx);
+        spans::record_sent(site, &traced, &open);
+        let trace = open.trace_id.clone();
         let deadline = tokio::time::Instant::now() + timeout;
         let end = self
             .shared
             .bridge
             .open_stream(open)
+            .instrument(traced.span.clone())
             .await
-            .map_err(|e| CommandError::from_bridge(&e, trace))?;
+            .map_err(|e| {
+                traced.fail(e.status());
+                CommandError::from_bridge(&e, trace)
+            })?;
         Ok(StreamReader::new(end, correlation_id, deadline))
     }
 
@@ -321,8 +372,18 @@ impl Context {
             self.shared.queues.as_ref().ok_or_else(|| {
                 QueueError::Unavailable("this service has no queue bridge".into())
             })?;
-        self.flow.stamp_job(&mut job);
-        q.enqueue(queue, job).await
+        let site = &self.shared.site;
+        let traced = spans::enqueue(site, q.name(), &self.target, queue, self.trace.as_ref());
+        self.flow.stamp_job(&mut job, &traced.cx);
+        spans::record_sent_job(site, &traced, &job);
+        let enqueued = q.enqueue(queue, job).instrument(traced.span.clone()).await;
+        match &enqueued {
+            Ok(id) => {
+                traced.span.record("messaging.message.id", id.as_str());
+            }
+            Err(e) => traced.fail_with(e.error_type()),
+        }
+        enqueued
     }
 }
 

@@ -23,7 +23,8 @@ use super::handler::{HandlerArgs, run_guarded};
 use crate::capabilities::Need;
 use crate::error::HandledError;
 use crate::inflight::InFlightCounter;
-use crate::queue::{JobSettlement, LeasedJob, QueueBridge, QueueConfig};
+use crate::observe::spans;
+use crate::queue::{JobDisposition, JobSettlement, LeasedJob, QueueBridge, QueueConfig};
 
 /// How a worker takes jobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,19 +329,15 @@ impl WorkerRuntime {
 
     async fn handle(&self, job: LeasedJob) {
         let _guard = self.in_flight.start();
-        let span = tracing::info_span!(
-            "purista.job",
-            queue = %self.queue,
-            job_id = %job.id,
-            attempt = job.attempt,
-            trace_id = job.trace_id.as_deref().unwrap_or(""),
-        );
+        let traced = spans::job(&self.shared.site, self.queues.name(), &self.queue, &job);
+        let span = traced.span.clone();
         let job = Arc::new(job);
         let ctx = JobContext {
             ctx: Context {
                 shared: self.shared.clone(),
                 flow: Flow::Job(job.clone()),
                 target: self.registration.clone(),
+                trace: Some(traced.cx.clone()),
             },
             job: job.clone(),
             queues: self.queues.clone(),
@@ -362,16 +359,19 @@ impl WorkerRuntime {
             Ok(Ok(s)) => s,
             Ok(Err(err)) => {
                 if let Some(m) = err.downcast_ref::<JobPayloadMismatch>() {
+                    traced.fail_with("payload_mismatch");
                     tracing::warn!(error = %m, "poison job dead-lettered");
                     JobSettlement::DeadLetter {
                         reason: m.to_string(),
                     }
                 } else if let Some(h) = err.downcast_ref::<HandledError>() {
+                    traced.fail(h.status);
                     JobSettlement::Fail {
                         fatal: false,
                         reason: h.message.clone(),
                     }
                 } else {
+                    traced.fail_with("unhandled_error");
                     tracing::warn!(error = %format!("{err:#}"), "job failed; retry per policy");
                     JobSettlement::Retry {
                         delay: None,
@@ -380,6 +380,7 @@ impl WorkerRuntime {
                 }
             }
             Err(()) => {
+                traced.fail_with("panic");
                 tracing::error!("job handler panicked; retry per policy");
                 JobSettlement::Retry {
                     delay: None,
@@ -387,6 +388,14 @@ impl WorkerRuntime {
                 }
             }
         });
+        // The queue bridge applies the same plan; its kind is the attempt's outcome.
+        traced.outcome(
+            match self.config.plan(&job, &settlement, crate::envelope::now_ms()) {
+                JobDisposition::Complete => "complete",
+                JobDisposition::RetryAfter { .. } => "retry",
+                JobDisposition::DeadLetter { .. } => "dead_letter",
+            },
+        );
         if let Err(e) = self.queues.settle(&job, settlement).instrument(span).await {
             tracing::warn!(error = %e, "settling the job failed; the lease will expire and the job reappear");
         }

@@ -71,6 +71,7 @@ impl RunningService {
             shared: self.shared.clone(),
             flow: Flow::Fresh,
             target: "".into(),
+            trace: None,
         }
     }
 

@@ -34,6 +34,8 @@ pub(crate) struct DeliverySettler {
     claim: Option<String>,
     settle: SettleOnce,
     taken: AtomicBool,
+    /// The delivery attempt's span, which learns the outcome.
+    span: tracing::Span,
 }
 
 impl DeliverySettler {
@@ -43,6 +45,7 @@ impl DeliverySettler {
         attempt: u32,
         claim: Option<String>,
         settle: SettleOnce,
+        span: tracing::Span,
     ) -> Self {
         DeliverySettler {
             rules,
@@ -51,6 +54,7 @@ impl DeliverySettler {
             claim,
             settle,
             taken: AtomicBool::new(false),
+            span,
         }
     }
 
@@ -84,6 +88,7 @@ impl DeliverySettler {
             other => other,
         };
         let settlement = rules.policy.settle(self.attempt, &outcome, &rules.key);
+        self.span.record("purista.outcome", settlement_name(&settlement));
         match &settlement {
             Settlement::Drop { reason } => tracing::warn!(%reason, "message dropped"),
             Settlement::DeadLetter(note) => {
@@ -108,5 +113,16 @@ impl DeliverySettler {
             guard.release(key).await;
         }
         self.settle.settle(settlement).await
+    }
+}
+
+/// The `purista.outcome` of a settlement.
+pub(crate) fn settlement_name(s: &Settlement) -> &'static str {
+    match s {
+        Settlement::Ack => "ack",
+        Settlement::Redeliver { .. } => "retry",
+        Settlement::DeadLetter(_) => "dead_letter",
+        Settlement::Drop { .. } => "drop",
+        Settlement::Pause { .. } => "pause",
     }
 }

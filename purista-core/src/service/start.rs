@@ -21,6 +21,7 @@ use crate::capabilities::{StrictCheckError, check};
 use crate::envelope::{Address, MessageType};
 use crate::error::BridgeError;
 use crate::inflight::{InFlightTracker, WorkKind};
+use crate::observe::spans::Site;
 use crate::queue::{QueueDeclaration, QueueError};
 
 /// Why a service did not start.
@@ -147,6 +148,12 @@ impl Service {
             pending_invocations: AtomicUsize::new(0),
             paused_workers: Mutex::new(BTreeMap::new()),
             workers_resumed: Notify::new(),
+            site: Site {
+                service: self.name.as_str().into(),
+                version: self.version.as_str().into(),
+                system: bridge.messaging_system().into(),
+                identities: self.trace_identities,
+            },
         });
         emit_info(
             &shared,

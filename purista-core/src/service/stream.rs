@@ -29,6 +29,8 @@ use crate::bridge::{StreamHandler, StreamProducerEnd};
 use crate::envelope::Envelope;
 use crate::error::{ErrorPayload, StatusCode, error_payload_for};
 use crate::inflight::InFlightCounter;
+use crate::observe::spans;
+use crate::observe::write_otp;
 use crate::stream::{StreamWriter, open_ttl};
 use tokio::time::Instant;
 
@@ -160,19 +162,27 @@ impl StreamRuntime {
 impl StreamHandler for StreamRuntime {
     async fn open(&self, open: Arc<Envelope>, producer: StreamProducerEnd) {
         let _guard = self.in_flight.start();
+        let traced = spans::stream_session(
+            &self.shared.site,
+            &self.registration,
+            &self.target,
+            &open,
+        );
         let ttl = open_ttl(&open).unwrap_or_else(|| self.shared.bridge.default_command_timeout());
         let deadline = Instant::now() + ttl;
-        let writer = StreamWriter::new(producer, &open, self.shared.sender(&self.target))
-            .with_deadline(deadline);
-        let span = tracing::info_span!(
-            "purista.stream",
-            registration = %self.registration,
-            trace_id = open.trace_id.as_deref().unwrap_or(""),
-            correlation_id = open.correlation_id.as_deref().unwrap_or(""),
-        );
+        // Every frame the session writes continues the trace from the session's span.
+        let writer = StreamWriter::continuing(
+            producer,
+            &open,
+            self.shared.sender(&self.target),
+            Some(write_otp(&traced.cx)),
+        )
+        .with_deadline(deadline);
+        let span = traced.span.clone();
         async {
             if self.shared.is_closing() {
                 let status = StatusCode::SERVICE_UNAVAILABLE;
+                traced.fail(status);
                 let _ = writer
                     .fail(
                         ErrorPayload {
@@ -194,6 +204,7 @@ impl StreamHandler for StreamRuntime {
                 shared: self.shared.clone(),
                 flow: Flow::Message(open.clone()),
                 target: self.target.clone(),
+                trace: Some(traced.cx.clone()),
             };
             // The handler does not outlive its session. At the deadline or on the consumer's
             // cancel it is told (`on_cancel`, failing writes) and gets a short grace to return;
@@ -204,30 +215,38 @@ impl StreamHandler for StreamRuntime {
                 biased;
                 r = &mut handler => r,
                 () = tokio::time::sleep_until(deadline) => {
+                    traced.outcome("cancel");
+                    traced.fail(StatusCode::GATEWAY_TIMEOUT);
                     writer.end_session(SESSION_TIMEOUT);
                     self.wind_down(handler, &writer, SESSION_TIMEOUT).await;
                     return;
                 }
                 reason = writer.on_cancel() => {
+                    traced.outcome("cancel");
                     self.wind_down(handler, &writer, &reason).await;
                     return;
                 }
             };
             if writer.is_closed().await {
+                traced.outcome("closed");
                 return;
             }
             if let Some(reason) = writer.cancelled() {
+                traced.outcome("cancel");
                 let _ = writer.cancel(reason).await;
                 return;
             }
             let _ = match result {
                 Ok(Ok(final_value)) => {
+                    traced.outcome("complete");
                     writer
                         .complete(Some(final_value).filter(|v| !v.is_null()))
                         .await
                 }
                 Ok(Err(err)) => {
                     let (payload, handled) = error_payload_for(&err, open.trace_id.clone());
+                    traced.outcome("error");
+                    traced.fail(payload.status);
                     if !handled {
                         tracing::error!(error = %format!("{err:#}"), "stream producer failed");
                     }
@@ -236,6 +255,8 @@ impl StreamHandler for StreamRuntime {
                 Err(_) => {
                     tracing::error!("stream producer panicked");
                     let status = StatusCode::INTERNAL_SERVER_ERROR;
+                    traced.outcome("error");
+                    traced.fail(status);
                     writer
                         .fail(
                             ErrorPayload {

@@ -33,6 +33,7 @@ use crate::error::HandledError;
 use crate::filter::SubscriptionFilter;
 use crate::idempotency::{Claim, IdempotencyGuard};
 use crate::inflight::InFlightCounter;
+use crate::observe::spans::{self, Traced};
 use crate::operator::RegistrationKey;
 use crate::outcome::{FailurePolicy, Outcome, Settlement};
 
@@ -324,39 +325,47 @@ pub(crate) struct SubscriptionRuntime {
 }
 
 impl SubscriptionRuntime {
-    async fn run_handler(&self, ctx: SubscriptionContext, envelope: &Envelope) -> Reply {
+    async fn run_handler(
+        &self,
+        ctx: SubscriptionContext,
+        envelope: &Envelope,
+        traced: &Traced,
+    ) -> Reply {
         let result = run_guarded(|| (self.handler)(ctx, &envelope.payload)).await;
         match result {
             Ok(Ok(reply)) => reply,
             Ok(Err(err)) => {
                 if let Some(m) = err.downcast_ref::<PayloadMismatch>() {
+                    traced.fail_with("payload_mismatch");
                     tracing::warn!(error = %m, "poison message: payload does not deserialize");
                     Outcome::dead_letter(m.to_string()).into_reply()
                 } else if let Some(h) = err.downcast_ref::<HandledError>() {
                     tracing::info!(status = h.status.0, message = %h.message, "subscription returned a handled error; acked");
                     Reply::ack()
                 } else {
+                    traced.fail_with("unhandled_error");
                     tracing::warn!(error = %format!("{err:#}"), "subscription failed; retry per policy");
                     Outcome::retry().into_reply()
                 }
             }
             Err(()) => {
+                traced.fail_with("panic");
                 tracing::error!("subscription handler panicked; retry per policy");
                 Outcome::retry().into_reply()
             }
         }
     }
 
-    async fn emit_reply(&self, envelope: &Envelope, value: Value) -> Result<(), ()> {
+    /// Emits the reply's value as the subscription's `emit_event`, from the handler's flow.
+    async fn emit_reply(&self, ctx: &Context, value: Value) -> Result<(), ()> {
         let Some(event_name) = &self.emit_event else {
             tracing::warn!(
                 "subscription returned a value to emit but has no emit_event; nothing emitted"
             );
             return Ok(());
         };
-        let mut e = Envelope::custom(self.shared.sender(&self.target), event_name.clone(), value);
-        e.propagate_from(envelope);
-        self.shared.bridge.emit(e).await.map_err(|err| {
+        let e = Envelope::custom(self.shared.sender(&self.target), event_name.clone(), value);
+        ctx.emit_envelope(e).await.map_err(|err| {
             tracing::warn!(error = %err, "emitting the subscription's event failed; retry per policy");
         })
     }
@@ -370,23 +379,25 @@ impl DeliveryHandler for SubscriptionRuntime {
             attempt,
             settle,
         } = delivery;
-        let span = tracing::info_span!(
-            "purista.subscription",
-            registration = %self.key,
-            message_id = %envelope.id,
-            trace_id = envelope.trace_id.as_deref().unwrap_or(""),
-            correlation_id = envelope.correlation_id.as_deref().unwrap_or(""),
+        let traced = spans::delivery(
+            &self.shared.site,
+            &self.key,
+            &self.target,
+            &envelope,
             attempt,
         );
+        let span = traced.span.clone();
         async {
             if let Some(f) = &self.local_filter
                 && !f.matches(&envelope)
             {
+                traced.outcome("filtered");
                 let _ = settle.settle(Settlement::Ack).await;
                 return;
             }
             if self.shared.is_closing() {
                 // Intake has stopped: hand the delivery back untouched.
+                traced.outcome("handed_back");
                 let _ = settle
                     .settle(Settlement::Redeliver {
                         delay: std::time::Duration::ZERO,
@@ -400,6 +411,7 @@ impl DeliveryHandler for SubscriptionRuntime {
                 Some(g) => match g.key_of(&envelope) {
                     Some(k) if g.claim(&k).await == Claim::Duplicate => {
                         tracing::debug!(key = %k, "duplicate delivery skipped by idempotency guard");
+                        traced.outcome("duplicate");
                         let _ = settle.settle(Settlement::Ack).await;
                         return;
                     }
@@ -413,23 +425,26 @@ impl DeliveryHandler for SubscriptionRuntime {
                 attempt,
                 claimed_key,
                 settle,
+                traced.span.clone(),
             ));
             if self.ack_on_arrival {
                 // Non-strict mode on a bridge without manual ack: settled before the handler.
                 let _ = settler.settle(Outcome::Ack).await;
             }
-            let ctx = SubscriptionContext {
-                ctx: Context {
-                    shared: self.shared.clone(),
-                    flow: Flow::Message(envelope.clone()),
-                    target: self.target.clone(),
-                },
+            let ctx = Context {
+                shared: self.shared.clone(),
+                flow: Flow::Message(envelope.clone()),
+                target: self.target.clone(),
+                trace: Some(traced.cx.clone()),
+            };
+            let sub_ctx = SubscriptionContext {
+                ctx: ctx.clone(),
                 settler: settler.clone(),
             };
-            let mut reply = self.run_handler(ctx, &envelope).await;
+            let mut reply = self.run_handler(sub_ctx, &envelope, &traced).await;
             if reply.outcome == Outcome::Ack
                 && let Some(value) = reply.emit.take()
-                && self.emit_reply(&envelope, value).await.is_err()
+                && self.emit_reply(&ctx, value).await.is_err()
             {
                 reply.outcome = Outcome::retry();
             }
