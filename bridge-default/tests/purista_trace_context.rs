@@ -23,7 +23,8 @@ fn capture() -> Value {
 }
 
 fn str_of<'a>(v: &'a Value, what: &str) -> &'a str {
-    v.as_str().unwrap_or_else(|| panic!("{what} is a string in the capture"))
+    v.as_str()
+        .unwrap_or_else(|| panic!("{what} is a string in the capture"))
 }
 
 /// `(trace id, span id)` of the `traceparent` in an `otp` string.
@@ -72,7 +73,11 @@ fn the_otp_we_write_is_byte_for_byte_what_purista_continued() {
 #[test]
 fn what_purista_writes_we_read_and_write_back_identically() {
     let capture = capture();
-    for section in ["puristaStarts", "puristaContinuesOurs", "puristaKeepsTracestate"] {
+    for section in [
+        "puristaStarts",
+        "puristaContinuesOurs",
+        "puristaKeepsTracestate",
+    ] {
         let s = &capture[section];
         let span_ids: Vec<&str> = s["spans"]
             .as_array()
@@ -82,7 +87,9 @@ fn what_purista_writes_we_read_and_write_back_identically() {
             .collect();
         for m in s["messages"].as_array().unwrap() {
             let otp = str_of(&m["otp"], "otp");
-            let cx = read_otp(otp).unwrap().expect("PURISTA's otp carries a context");
+            let cx = read_otp(otp)
+                .unwrap()
+                .expect("PURISTA's otp carries a context");
             assert_eq!(write_otp(&cx), otp, "{section}: {}", m["messageType"]);
             assert!(
                 span_ids.contains(&cx.span_id_hex().as_str()),
@@ -111,9 +118,10 @@ async fn a_command_purista_sent_is_handled_in_a_child_of_puristas_span() {
     // The service PURISTA invoked, in Rust.
     let broker = MemoryBroker::new();
     let ping = Service::builder("Ping", "1")
-        .command(CommandDef::new("ping", |_ctx: Context, p: Value| async move {
-            Ok(json!({ "pong": p["ping"] }))
-        }))
+        .command(CommandDef::new(
+            "ping",
+            |_ctx: Context, p: Value| async move { Ok(json!({ "pong": p["ping"] })) },
+        ))
         .build()
         .start(Arc::new(broker.bridge()))
         .await

@@ -102,13 +102,16 @@ async fn one_request_is_one_trace_across_command_event_retried_subscription_and_
     let shipping = Service::builder("trace-shipping", "1")
         .queue_bridge(queues.clone())
         .subscription(
-            SubscriptionDef::new("onPlaced", |ctx: SubscriptionContext, e: Value| async move {
-                if ctx.attempt() == 1 {
-                    return Ok(Outcome::retry());
-                }
-                ctx.enqueue("labels", e["order"].clone(), Empty).await?;
-                Ok(Outcome::Ack)
-            })
+            SubscriptionDef::new(
+                "onPlaced",
+                |ctx: SubscriptionContext, e: Value| async move {
+                    if ctx.attempt() == 1 {
+                        return Ok(Outcome::retry());
+                    }
+                    ctx.enqueue("labels", e["order"].clone(), Empty).await?;
+                    Ok(Outcome::Ack)
+                },
+            )
             .event_name("orderPlaced")
             .max_attempts(2),
         )
@@ -162,7 +165,11 @@ async fn one_request_is_one_trace_across_command_event_retried_subscription_and_
     let enqueue = one(&spans, "purista.enqueue", |_| true);
     let job = one(&spans, "purista.job", |_| true);
 
-    assert_eq!(invoke.parent_span_id(), None, "a fresh invocation is a root");
+    assert_eq!(
+        invoke.parent_span_id(),
+        None,
+        "a fresh invocation is a root"
+    );
     assert_child(command, invoke);
     assert_child(emit, command);
     assert_child(first, emit);
@@ -193,7 +200,10 @@ async fn one_request_is_one_trace_across_command_event_retried_subscription_and_
             span.name
         );
     }
-    assert_eq!(invoke.field("otel.name"), Some("invoke trace-orders@1/place"));
+    assert_eq!(
+        invoke.field("otel.name"),
+        Some("invoke trace-orders@1/place")
+    );
     assert_eq!(
         command.field("messaging.destination.name"),
         Some("trace-orders@1/place")
@@ -205,7 +215,10 @@ async fn one_request_is_one_trace_across_command_event_retried_subscription_and_
         "the correlation id is the conversation id on both sides"
     );
     assert!(command.field("messaging.message.id").is_some());
-    assert_eq!(emit.field("messaging.destination.name"), Some("orderPlaced"));
+    assert_eq!(
+        emit.field("messaging.destination.name"),
+        Some("orderPlaced")
+    );
     assert_eq!(emit.field("purista.eventName"), Some("orderPlaced"));
     assert_eq!(
         first.field("messaging.consumer.group.name"),
@@ -245,9 +258,10 @@ async fn the_command_span_continues_the_callers_otp_and_the_response_continues_t
     let recorder = recorded_spans();
     let broker = MemoryBroker::new();
     let service = Service::builder("trace-echo", "1")
-        .command(CommandDef::new("echo", |_ctx: Context, v: Value| async move {
-            Ok(v)
-        }))
+        .command(CommandDef::new(
+            "echo",
+            |_ctx: Context, v: Value| async move { Ok(v) },
+        ))
         .build()
         .start(Arc::new(broker.bridge()))
         .await
@@ -275,7 +289,11 @@ async fn the_command_span_continues_the_callers_otp_and_the_response_continues_t
     let carried = read_otp(response.otp.as_deref().expect("the response carries otp"))
         .expect("a W3C carrier")
         .expect("a trace context");
-    assert_eq!(carried.trace_id(), sender.trace_id(), "the response stays in the trace");
+    assert_eq!(
+        carried.trace_id(),
+        sender.trace_id(),
+        "the response stays in the trace"
+    );
     assert_eq!(
         Some(carried.span_id_hex().as_str()),
         command_span.span_id(),
@@ -300,9 +318,10 @@ async fn an_unusable_otp_starts_a_new_trace_and_the_command_still_answers() {
     let recorder = recorded_spans();
     let broker = MemoryBroker::new();
     let service = Service::builder("trace-garbled", "1")
-        .command(CommandDef::new("echo", |_ctx: Context, v: Value| async move {
-            Ok(v)
-        }))
+        .command(CommandDef::new(
+            "echo",
+            |_ctx: Context, v: Value| async move { Ok(v) },
+        ))
         .build()
         .start(Arc::new(broker.bridge()))
         .await
@@ -340,9 +359,12 @@ async fn failures_mark_their_spans_with_status_and_error_type() {
     let recorder = recorded_spans();
     let broker = MemoryBroker::new();
     let service = Service::builder("trace-failing", "1")
-        .command(CommandDef::new("refuse", |_ctx: Context, _v: Value| async move {
-            Err::<Value, _>(HandledError::new(StatusCode(409), "already there").into())
-        }))
+        .command(CommandDef::new(
+            "refuse",
+            |_ctx: Context, _v: Value| async move {
+                Err::<Value, _>(HandledError::new(StatusCode(409), "already there").into())
+            },
+        ))
         .build()
         .start(Arc::new(broker.bridge()))
         .await
@@ -402,18 +424,20 @@ async fn principal_and_tenant_are_on_spans_only_when_the_service_opts_in() {
     let recorder = recorded_spans();
     let broker = MemoryBroker::new();
     let quiet = Service::builder("trace-quiet", "1")
-        .command(CommandDef::new("who", |_ctx: Context, _v: Value| async move {
-            Ok(())
-        }))
+        .command(CommandDef::new(
+            "who",
+            |_ctx: Context, _v: Value| async move { Ok(()) },
+        ))
         .build()
         .start(Arc::new(broker.bridge()))
         .await
         .expect("quiet starts");
     let open = Service::builder("trace-open", "1")
         .trace_identities(true)
-        .command(CommandDef::new("who", |_ctx: Context, _v: Value| async move {
-            Ok(())
-        }))
+        .command(CommandDef::new(
+            "who",
+            |_ctx: Context, _v: Value| async move { Ok(()) },
+        ))
         .build()
         .start(Arc::new(broker.bridge()))
         .await
@@ -476,7 +500,10 @@ async fn a_dead_letter_keeps_the_trace_and_its_replay_continues_it() {
         .await
         .expect("service starts");
 
-    service.emit("badThing", json!({ "n": 1 })).await.expect("emitted");
+    service
+        .emit("badThing", json!({ "n": 1 }))
+        .await
+        .expect("emitted");
     let entry = {
         let deadline = deadline();
         loop {

@@ -13,10 +13,14 @@
 //!   trace. A flow this service starts takes the W3C trace id as its `traceId`; a `traceId`
 //!   that arrives is kept as it is (PURISTA's `traceId` is its own id, not the W3C one).
 //!   Bridges only carry `otp` through, unchanged.
+//! * **Metrics** ([`metrics`]): handler durations, outcomes (handled, failed, retried,
+//!   dead-lettered, dropped, paused), in-flight handlers, invocation latency and messages sent,
+//!   through the `metrics` facade.
 //!
 //! The identity is minted in core (random ids), so propagation works with the default build;
 //! under the `otel` feature with its layer installed, the OpenTelemetry span's ids are used.
 
+pub mod metrics;
 #[cfg(feature = "otel")]
 pub mod otel;
 mod otp;

@@ -24,9 +24,7 @@
 //! the request span of an HTTP server calling [`RunningService::invoke`](crate::RunningService::invoke),
 //! is the parent. Without the layer installed, spans keep core's own ids, as without the feature.
 
-use opentelemetry::trace::{
-    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
-};
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -85,8 +83,9 @@ pub(crate) fn identify(span: &Span, parent: &Parent<'_>) -> Option<(TraceContext
     let parent_id = match parent {
         Parent::Carried(carried) => {
             let cx = match carried {
-                Some(p) => opentelemetry::Context::new()
-                    .with_remote_span_context(to_span_context(p, true)),
+                Some(p) => {
+                    opentelemetry::Context::new().with_remote_span_context(to_span_context(p, true))
+                }
                 // A message without context starts a trace of its own, whatever span the
                 // bridge's task happens to be in.
                 None => opentelemetry::Context::new(),
@@ -116,4 +115,135 @@ pub(crate) fn identify(span: &Span, parent: &Parent<'_>) -> Option<(TraceContext
     let built = span.context();
     let cx = from_span_context(built.span().span_context())?;
     Some((cx, parent_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::error::OTelSdkResult;
+    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::super::otp::write_otp;
+    use super::super::spans::{self, Site};
+    use super::*;
+    use crate::envelope::{Address, Envelope, SenderAddress};
+
+    #[derive(Clone, Default, Debug)]
+    struct Collect(Arc<Mutex<Vec<SpanData>>>);
+
+    impl SpanExporter for Collect {
+        async fn export(&self, mut batch: Vec<SpanData>) -> OTelSdkResult {
+            if let Ok(mut spans) = self.0.lock() {
+                spans.append(&mut batch);
+            }
+            Ok(())
+        }
+    }
+
+    fn site() -> Site {
+        Site {
+            service: "orders".into(),
+            version: "1".into(),
+            system: "default".into(),
+            identities: false,
+        }
+    }
+
+    fn sender() -> SenderAddress {
+        SenderAddress {
+            service_name: "web".into(),
+            service_version: "1".into(),
+            service_target: "checkout".into(),
+            instance_id: String::new(),
+        }
+    }
+
+    /// The exported span whose own span id is `span_id`.
+    fn exported(spans: &[SpanData], span_id: u64) -> &SpanData {
+        spans
+            .iter()
+            .find(|s| s.span_context.span_id() == SpanId::from(span_id))
+            .expect("the identity that travels is an exported OpenTelemetry span's")
+    }
+
+    #[test]
+    fn what_travels_in_otp_is_the_opentelemetry_spans_identity_and_parents_follow_it() {
+        let exporter = Collect::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry().with(layer(provider.tracer("test")));
+        let site = site();
+
+        let (invoke, command, emit, nested) = tracing::subscriber::with_default(subscriber, || {
+            let mut cmd = Envelope::command(
+                sender(),
+                Address::new("orders", "1", "place"),
+                serde_json::json!(1),
+                serde_json::json!({}),
+            );
+            // A call outside any handler and any span: a new trace.
+            let invoke = spans::invoke(&site, "checkout", &cmd, None);
+            cmd.otp = Some(write_otp(&invoke.cx));
+            // The receiver continues what the command carries.
+            let command = spans::command(&site, "orders@1/place", "place", &cmd);
+            // Code that left the handler's span (a spawned task) still starts a child of it.
+            let event = Envelope::custom(sender(), "placed", serde_json::json!(1));
+            let emit = spans::emit(&site, "place", &event, Some(&command.cx));
+            // Inside the handler's span, the current span is the parent.
+            let nested = command
+                .span
+                .in_scope(|| spans::emit(&site, "place", &event, Some(&command.cx)));
+            let ids = |t: &spans::Traced| (t.cx.clone(), t.span.clone());
+            (ids(&invoke), ids(&command), ids(&emit), ids(&nested))
+        });
+        drop((invoke.1, command.1, emit.1, nested.1));
+        provider.shutdown().expect("flushed");
+        let spans = exporter.0.lock().expect("not poisoned").clone();
+        assert_eq!(spans.len(), 4, "{spans:#?}");
+
+        let root = exported(&spans, invoke.0.span_id());
+        assert_eq!(root.parent_span_id, SpanId::INVALID, "a new trace's root");
+        assert_eq!(
+            root.span_context.trace_id(),
+            TraceId::from(invoke.0.trace_id())
+        );
+        assert_eq!(root.name, "invoke orders@1/place");
+
+        let served = exported(&spans, command.0.span_id());
+        assert_eq!(
+            served.span_context.trace_id(),
+            TraceId::from(invoke.0.trace_id())
+        );
+        assert_eq!(served.parent_span_id, SpanId::from(invoke.0.span_id()));
+        assert!(
+            served.parent_span_is_remote,
+            "the sender is another process"
+        );
+
+        for child in [&emit.0, &nested.0] {
+            let e = exported(&spans, child.span_id());
+            assert_eq!(
+                e.span_context.trace_id(),
+                TraceId::from(invoke.0.trace_id())
+            );
+            assert_eq!(e.parent_span_id, SpanId::from(command.0.span_id()));
+        }
+    }
+
+    #[test]
+    fn contexts_convert_both_ways() {
+        let cx = TraceContext::parse(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            Some("congo=t61rcWkgMzE"),
+        )
+        .expect("valid");
+        let sc = to_span_context(&cx, true);
+        assert!(sc.is_remote());
+        assert_eq!(from_span_context(&sc), Some(cx));
+        assert_eq!(from_span_context(&SpanContext::empty_context()), None);
+    }
 }

@@ -21,9 +21,9 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use tracing::Subscriber;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
-use tracing::Subscriber;
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
@@ -155,11 +155,10 @@ impl SpanRecorder {
                 }
             }
             out.push('\n');
-            let children = spans
-                .iter()
-                .enumerate()
-                .rev()
-                .filter(|(_, c)| c.parent_span_id().is_some() && c.parent_span_id() == s.span_id());
+            let children =
+                spans.iter().enumerate().rev().filter(|(_, c)| {
+                    c.parent_span_id().is_some() && c.parent_span_id() == s.span_id()
+                });
             stack.extend(children.map(|(c, _)| (c, depth + 1)));
         }
         out

@@ -207,11 +207,19 @@ pub(crate) fn command(site: &Site, endpoint: &str, target: &str, cmd: &Envelope)
         cmd.principal_id.as_deref(),
         cmd.tenant_id.as_deref(),
     );
-    Traced::new(span, Parent::Carried(super::otp::carried(cmd.otp.as_deref())))
+    Traced::new(
+        span,
+        Parent::Carried(super::otp::carried(cmd.otp.as_deref())),
+    )
 }
 
 /// The span of emitting an event (producer side).
-pub(crate) fn emit(site: &Site, target: &str, e: &Envelope, parent: Option<&TraceContext>) -> Traced {
+pub(crate) fn emit(
+    site: &Site,
+    target: &str,
+    e: &Envelope,
+    parent: Option<&TraceContext>,
+) -> Traced {
     let destination = destination_of(e);
     let span = tracing::info_span!(
         "purista.emit",
@@ -277,7 +285,12 @@ pub(crate) fn delivery(
         purista.outcome = Empty,
         purista.statusCode = Empty,
     );
-    identities(site, &span, e.principal_id.as_deref(), e.tenant_id.as_deref());
+    identities(
+        site,
+        &span,
+        e.principal_id.as_deref(),
+        e.tenant_id.as_deref(),
+    );
     Traced::new(span, Parent::Carried(super::otp::carried(e.otp.as_deref())))
 }
 
@@ -352,7 +365,10 @@ pub(crate) fn stream_session(site: &Site, endpoint: &str, target: &str, open: &E
         open.principal_id.as_deref(),
         open.tenant_id.as_deref(),
     );
-    Traced::new(span, Parent::Carried(super::otp::carried(open.otp.as_deref())))
+    Traced::new(
+        span,
+        Parent::Carried(super::otp::carried(open.otp.as_deref())),
+    )
 }
 
 /// The span of enqueueing a job (producer side); `system` is the queue bridge's name.
@@ -420,7 +436,10 @@ pub(crate) fn job(site: &Site, system: &str, queue: &str, job: &LeasedJob) -> Tr
         job.principal_id.as_deref(),
         job.tenant_id.as_deref(),
     );
-    Traced::new(span, Parent::Carried(super::otp::carried(job.otp.as_deref())))
+    Traced::new(
+        span,
+        Parent::Carried(super::otp::carried(job.otp.as_deref())),
+    )
 }
 
 /// Records what an outgoing message ended up carrying: its `traceId`, and (opt-in) its

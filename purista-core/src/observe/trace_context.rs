@@ -96,7 +96,9 @@ impl TraceContext {
     /// is not printable ASCII or longer than 512 characters is left out (the trace goes on
     /// without it), as W3C allows.
     pub fn parse(traceparent: &str, tracestate: Option<&str>) -> Result<Self, TraceContextError> {
-        let s = traceparent.trim_matches(|c| c == ' ' || c == '\t').as_bytes();
+        let s = traceparent
+            .trim_matches(|c| c == ' ' || c == '\t')
+            .as_bytes();
         if s.len() < TRACEPARENT_LEN {
             return Err(TraceContextError::Malformed);
         }
@@ -237,7 +239,9 @@ fn write_hex(bytes: &[u8], out: &mut [u8]) {
 
 /// Only ASCII was written into `buf`, so this never falls back.
 fn ascii(buf: &[u8]) -> String {
-    std::str::from_utf8(buf).map(str::to_owned).unwrap_or_default()
+    std::str::from_utf8(buf)
+        .map(str::to_owned)
+        .unwrap_or_default()
 }
 
 /// One lowercase hex digit (W3C allows no uppercase).
@@ -342,7 +346,10 @@ mod tests {
     #[test]
     fn tracestate_is_passed_on_or_left_out_when_invalid() {
         let cx = TraceContext::parse(W3C_EXAMPLE, Some("congo=t61rcWkgMzE,rojo=00f067aa")).unwrap();
-        assert_eq!(cx.child().trace_state(), Some("congo=t61rcWkgMzE,rojo=00f067aa"));
+        assert_eq!(
+            cx.child().trace_state(),
+            Some("congo=t61rcWkgMzE,rojo=00f067aa")
+        );
         let bad = TraceContext::parse(W3C_EXAMPLE, Some("bad\u{7f}state")).unwrap();
         assert_eq!(bad.trace_state(), None);
         let long = "k=".to_string() + &"v".repeat(600);

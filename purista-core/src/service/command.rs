@@ -24,9 +24,10 @@ use super::contract::CommandContract;
 use super::flow::Flow;
 use super::handler::{HandlerArgs, run_guarded, split_body};
 use crate::bridge::CommandHandler;
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, MessageType};
 use crate::error::{ErrorPayload, Failure, IntoFailure, StatusCode};
 use crate::inflight::InFlightCounter;
+use crate::observe::metrics::{RegistrationMeters, Settled};
 use crate::observe::spans::{self, Traced};
 use crate::observe::write_otp;
 
@@ -182,6 +183,7 @@ pub(crate) struct CommandRuntime {
     pub target: Arc<str>,
     pub success_event: Option<String>,
     pub handler: Arc<ErasedCommandFn>,
+    pub meters: RegistrationMeters,
 }
 
 #[async_trait]
@@ -193,7 +195,17 @@ impl CommandHandler for CommandRuntime {
             &self.target,
             &command,
         );
+        let _running = self.meters.running();
+        let started = std::time::Instant::now();
         let mut response = self.respond(&command, &traced).await;
+        self.meters.took(started.elapsed());
+        self.meters.settled(
+            if response.message_type == MessageType::CommandErrorResponse {
+                Settled::Error
+            } else {
+                Settled::Ok
+            },
+        );
         // The response continues the trace from the handler's span.
         response.otp = Some(write_otp(&traced.cx));
         response

@@ -22,6 +22,7 @@ use crate::error::{BridgeError, CommandError, ErrorPayload, SettleError, StatusC
 use crate::ids;
 use crate::inflight::InFlightTracker;
 use crate::observe::TraceContext;
+use crate::observe::metrics::{ClientMeters, SendKind};
 use crate::observe::spans::{self, Site};
 use crate::outcome::Outcome;
 use crate::queue::{LeasedJob, NewJob, QueueBridge, QueueError};
@@ -43,6 +44,8 @@ pub(crate) struct Shared {
     pub workers_resumed: Notify,
     /// What this service's spans say about where they run.
     pub site: Site,
+    /// What this service sends, counted.
+    pub meters: ClientMeters,
 }
 
 impl Shared {
@@ -256,6 +259,8 @@ impl Context {
             .ttl
             .unwrap_or_else(|| shared.bridge.default_command_timeout());
         let trace = cmd.trace_id.clone();
+        let started = std::time::Instant::now();
+        shared.meters.sent(SendKind::Invoke);
         let result = async {
             let mut reject = shared.reject_pending.subscribe();
             if *reject.borrow() {
@@ -274,6 +279,7 @@ impl Context {
         }
         .instrument(traced.span.clone())
         .await;
+        shared.meters.invoked(started.elapsed(), result.is_err());
         if let Err(e) = &result {
             traced.fail(e.status);
         }
@@ -300,8 +306,9 @@ impl Context {
             .emit(e)
             .instrument(traced.span.clone())
             .await;
-        if let Err(err) = &sent {
-            traced.fail(err.status());
+        match &sent {
+            Ok(()) => self.shared.meters.sent(SendKind::Emit),
+            Err(err) => traced.fail(err.status()),
         }
         sent
     }
@@ -380,6 +387,7 @@ impl Context {
         match &enqueued {
             Ok(id) => {
                 traced.span.record("messaging.message.id", id.as_str());
+                self.shared.meters.sent(SendKind::Enqueue);
             }
             Err(e) => traced.fail_with(e.error_type()),
         }

@@ -23,6 +23,7 @@ use super::handler::{HandlerArgs, run_guarded};
 use crate::capabilities::Need;
 use crate::error::HandledError;
 use crate::inflight::InFlightCounter;
+use crate::observe::metrics::{RegistrationMeters, Settled};
 use crate::observe::spans;
 use crate::queue::{JobDisposition, JobSettlement, LeasedJob, QueueBridge, QueueConfig};
 
@@ -235,6 +236,7 @@ pub(crate) struct WorkerRuntime {
     pub mode: WorkerMode,
     pub lease_wait: Duration,
     pub handler: Arc<ErasedJobFn>,
+    pub meters: RegistrationMeters,
 }
 
 impl WorkerSignal {
@@ -329,6 +331,8 @@ impl WorkerRuntime {
 
     async fn handle(&self, job: LeasedJob) {
         let _guard = self.in_flight.start();
+        let _running = self.meters.running();
+        let started = std::time::Instant::now();
         let traced = spans::job(&self.shared.site, self.queues.name(), &self.queue, &job);
         let span = traced.span.clone();
         let job = Arc::new(job);
@@ -388,14 +392,19 @@ impl WorkerRuntime {
                 }
             }
         });
+        self.meters.took(started.elapsed());
         // The queue bridge applies the same plan; its kind is the attempt's outcome.
-        traced.outcome(
-            match self.config.plan(&job, &settlement, crate::envelope::now_ms()) {
-                JobDisposition::Complete => "complete",
-                JobDisposition::RetryAfter { .. } => "retry",
-                JobDisposition::DeadLetter { .. } => "dead_letter",
-            },
-        );
+        let (outcome, settled) =
+            match self
+                .config
+                .plan(&job, &settlement, crate::envelope::now_ms())
+            {
+                JobDisposition::Complete => ("complete", Settled::Ok),
+                JobDisposition::RetryAfter { .. } => ("retry", Settled::Retry),
+                JobDisposition::DeadLetter { .. } => ("dead_letter", Settled::DeadLetter),
+            };
+        traced.outcome(outcome);
+        self.meters.settled(settled);
         if let Err(e) = self.queues.settle(&job, settlement).instrument(span).await {
             tracing::warn!(error = %e, "settling the job failed; the lease will expire and the job reappear");
         }

@@ -14,6 +14,7 @@ use crate::bridge::SettleOnce;
 use crate::envelope::Envelope;
 use crate::error::SettleError;
 use crate::idempotency::IdempotencyGuard;
+use crate::observe::metrics::{RegistrationMeters, Settled};
 use crate::outcome::{FailurePolicy, Outcome, Settlement};
 
 /// A subscription's settlement rules, shared by all its deliveries.
@@ -23,6 +24,8 @@ pub(crate) struct SettleRules {
     pub key: Arc<str>,
     pub pausable: bool,
     pub guard: Option<IdempotencyGuard>,
+    /// The subscription's meters: each settlement is counted by its kind.
+    pub meters: RegistrationMeters,
 }
 
 /// Settles one delivery, once.
@@ -88,7 +91,15 @@ impl DeliverySettler {
             other => other,
         };
         let settlement = rules.policy.settle(self.attempt, &outcome, &rules.key);
-        self.span.record("purista.outcome", settlement_name(&settlement));
+        self.span
+            .record("purista.outcome", settlement_name(&settlement));
+        rules.meters.settled(match &settlement {
+            Settlement::Ack => Settled::Ok,
+            Settlement::Redeliver { .. } => Settled::Retry,
+            Settlement::DeadLetter(_) => Settled::DeadLetter,
+            Settlement::Drop { .. } => Settled::Drop,
+            Settlement::Pause { .. } => Settled::Pause,
+        });
         match &settlement {
             Settlement::Drop { reason } => tracing::warn!(%reason, "message dropped"),
             Settlement::DeadLetter(note) => {

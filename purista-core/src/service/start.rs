@@ -21,6 +21,7 @@ use crate::capabilities::{StrictCheckError, check};
 use crate::envelope::{Address, MessageType};
 use crate::error::BridgeError;
 use crate::inflight::{InFlightTracker, WorkKind};
+use crate::observe::metrics::{ClientMeters, RegistrationMeters};
 use crate::observe::spans::Site;
 use crate::queue::{QueueDeclaration, QueueError};
 
@@ -154,6 +155,7 @@ impl Service {
                 system: bridge.messaging_system().into(),
                 identities: self.trace_identities,
             },
+            meters: ClientMeters::new(bridge.messaging_system(), &self.name),
         });
         emit_info(
             &shared,
@@ -193,6 +195,7 @@ impl Service {
                     mode: w.mode,
                     lease_wait: w.lease_wait,
                     handler: w.handler.clone(),
+                    meters: RegistrationMeters::new(q.name(), "job", &w.queue),
                 });
                 worker_tasks.push(tokio::spawn(runtime.run(signal_tx.subscribe())));
             }
@@ -259,6 +262,7 @@ impl Service {
                     target: c.name.clone().into(),
                     success_event: c.success_event.clone(),
                     handler: c.handler.clone(),
+                    meters: RegistrationMeters::new(&shared.site.system, "command", &registration),
                 };
                 bridge
                     .register_command(address.clone(), Arc::new(runtime))
@@ -289,6 +293,7 @@ impl Service {
                     registration: registration.clone(),
                     target: s.name.clone().into(),
                     handler: s.handler.clone(),
+                    meters: RegistrationMeters::new(&shared.site.system, "stream", &registration),
                 };
                 bridge
                     .register_stream(address.clone(), Arc::new(runtime))
@@ -316,6 +321,7 @@ impl Service {
                     key: key.clone(),
                     pausable: s.pausable,
                     guard: s.guard.clone(),
+                    meters: RegistrationMeters::new(&shared.site.system, "subscription", &key),
                 }),
                 ack_on_arrival: s.ack_on_arrival,
                 local_filter: plan.local_filters.get(&s.name).cloned(),

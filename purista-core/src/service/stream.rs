@@ -29,6 +29,7 @@ use crate::bridge::{StreamHandler, StreamProducerEnd};
 use crate::envelope::Envelope;
 use crate::error::{ErrorPayload, StatusCode, error_payload_for};
 use crate::inflight::InFlightCounter;
+use crate::observe::metrics::{RegistrationMeters, Settled};
 use crate::observe::spans;
 use crate::observe::write_otp;
 use crate::stream::{StreamWriter, open_ttl};
@@ -138,6 +139,7 @@ pub(crate) struct StreamRuntime {
     pub in_flight: InFlightCounter,
     pub target: Arc<str>,
     pub handler: Arc<ErasedStreamFn>,
+    pub meters: RegistrationMeters,
 }
 
 impl StreamRuntime {
@@ -162,12 +164,10 @@ impl StreamRuntime {
 impl StreamHandler for StreamRuntime {
     async fn open(&self, open: Arc<Envelope>, producer: StreamProducerEnd) {
         let _guard = self.in_flight.start();
-        let traced = spans::stream_session(
-            &self.shared.site,
-            &self.registration,
-            &self.target,
-            &open,
-        );
+        let _running = self.meters.running();
+        let started = std::time::Instant::now();
+        let traced =
+            spans::stream_session(&self.shared.site, &self.registration, &self.target, &open);
         let ttl = open_ttl(&open).unwrap_or_else(|| self.shared.bridge.default_command_timeout());
         let deadline = Instant::now() + ttl;
         // Every frame the session writes continues the trace from the session's span.
@@ -179,7 +179,7 @@ impl StreamHandler for StreamRuntime {
         )
         .with_deadline(deadline);
         let span = traced.span.clone();
-        async {
+        let settled = async {
             if self.shared.is_closing() {
                 let status = StatusCode::SERVICE_UNAVAILABLE;
                 traced.fail(status);
@@ -194,10 +194,10 @@ impl StreamHandler for StreamRuntime {
                         false,
                     )
                     .await;
-                return;
+                return Settled::Error;
             }
             if writer.start().await.is_err() {
-                return;
+                return Settled::Error;
             }
             let (payload, parameter) = split_body(&open);
             let ctx = Context {
@@ -219,23 +219,28 @@ impl StreamHandler for StreamRuntime {
                     traced.fail(StatusCode::GATEWAY_TIMEOUT);
                     writer.end_session(SESSION_TIMEOUT);
                     self.wind_down(handler, &writer, SESSION_TIMEOUT).await;
-                    return;
+                    return Settled::Error;
                 }
                 reason = writer.on_cancel() => {
                     traced.outcome("cancel");
                     self.wind_down(handler, &writer, &reason).await;
-                    return;
+                    return Settled::Ok;
                 }
             };
             if writer.is_closed().await {
                 traced.outcome("closed");
-                return;
+                return Settled::Ok;
             }
             if let Some(reason) = writer.cancelled() {
                 traced.outcome("cancel");
                 let _ = writer.cancel(reason).await;
-                return;
+                return Settled::Ok;
             }
+            let settled = if matches!(result, Ok(Ok(_))) {
+                Settled::Ok
+            } else {
+                Settled::Error
+            };
             let _ = match result {
                 Ok(Ok(final_value)) => {
                     traced.outcome("complete");
@@ -270,8 +275,11 @@ impl StreamHandler for StreamRuntime {
                         .await
                 }
             };
+            settled
         }
         .instrument(span)
-        .await
+        .await;
+        self.meters.took(started.elapsed());
+        self.meters.settled(settled);
     }
 }

@@ -441,7 +441,10 @@ impl DeliveryHandler for SubscriptionRuntime {
                 ctx: ctx.clone(),
                 settler: settler.clone(),
             };
+            let _running = self.rules.meters.running();
+            let started = std::time::Instant::now();
             let mut reply = self.run_handler(sub_ctx, &envelope, &traced).await;
+            self.rules.meters.took(started.elapsed());
             if reply.outcome == Outcome::Ack
                 && let Some(value) = reply.emit.take()
                 && self.emit_reply(&ctx, value).await.is_err()
