@@ -140,9 +140,12 @@ async fn main() -> anyhow::Result<()> {
             &["span_id", "purista.attempt", "purista.outcome"]
         )
     );
-    println!("\nmetrics (histograms: samples):");
+    println!("\nmetrics that moved (histograms: number of samples):");
     for (series, value) in snapshot.0.lock().iter() {
-        println!("  {series} {}", value.load(Ordering::Relaxed));
+        let value = value.load(Ordering::Relaxed);
+        if value > 0 {
+            println!("  {series} {value}");
+        }
     }
     Ok(())
 }

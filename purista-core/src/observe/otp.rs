@@ -10,6 +10,8 @@
 //! carries no context: the receiver starts a new trace and says why at debug level, as
 //! PURISTA logs and goes on.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 
 use super::trace_context::{TraceContext, TraceContextError};
@@ -75,12 +77,13 @@ pub fn write_otp(cx: &TraceContext) -> String {
 /// # Ok::<(), purista_core::observe::OtpError>(())
 /// ```
 pub fn read_otp(otp: &str) -> Result<Option<TraceContext>, OtpError> {
+    // Borrowed from `otp` unless escaped: reading a carrier allocates nothing in the usual case.
     #[derive(Deserialize)]
-    struct Carrier {
-        #[serde(default)]
-        traceparent: Option<String>,
-        #[serde(default)]
-        tracestate: Option<String>,
+    struct Carrier<'a> {
+        #[serde(default, borrow)]
+        traceparent: Option<Cow<'a, str>>,
+        #[serde(default, borrow)]
+        tracestate: Option<Cow<'a, str>>,
     }
     // A struct would also read from a JSON array; a carrier is an object.
     if !otp.trim_start().starts_with('{') {
