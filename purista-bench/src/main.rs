@@ -21,7 +21,8 @@
 //! deletes them at the end ([`cleanup`]).
 //!
 //! No tracing subscriber is installed, so the runtime's logging costs what it costs a user who
-//! turned logging off.
+//! turned logging off. With `PURISTA_BENCH_SPANS=1` a subscriber that keeps every `info` span
+//! (a `tracing-subscriber` registry, no exporter) is installed: the spans' cost (issue 13).
 
 mod cleanup;
 mod cli;
@@ -57,6 +58,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if std::env::var_os("PURISTA_BENCH_SPANS").is_some_and(|v| v == "1") {
+        use tracing_subscriber::layer::SubscriberExt;
+        let spans =
+            tracing_subscriber::registry().with(tracing_subscriber::filter::LevelFilter::INFO);
+        if tracing::subscriber::set_global_default(spans).is_err() {
+            eprintln!("purista-bench: a tracing subscriber is already installed");
+        }
+        eprintln!("purista-bench: spans on (registry, no exporter)");
+    }
     // The default multi-thread runtime: one worker per core, as a user's `#[tokio::main]`.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -67,15 +67,14 @@ impl Traced {
     fn new(span: Span, parent: Parent<'_>) -> Traced {
         let (cx, parent_id) = identify(&span, parent);
         if !span.is_disabled() {
-            span.record("trace_id", cx.trace_id_hex());
-            span.record("span_id", cx.span_id_hex());
+            // Hex on the stack: recording the ids allocates nothing.
+            let mut trace = [0u8; 32];
+            span.record("trace_id", hex(&cx.trace_id().to_be_bytes(), &mut trace));
+            let mut own = [0u8; 16];
+            span.record("span_id", hex(&cx.span_id().to_be_bytes(), &mut own));
             if let Some(id) = parent_id {
-                let mut buf = [0u8; 16];
-                for (i, b) in id.to_be_bytes().iter().enumerate() {
-                    buf[2 * i] = HEX[usize::from(b >> 4)];
-                    buf[2 * i + 1] = HEX[usize::from(b & 0xf)];
-                }
-                span.record("parent_span_id", std::str::from_utf8(&buf).unwrap_or(""));
+                let mut parent = [0u8; 16];
+                span.record("parent_span_id", hex(&id.to_be_bytes(), &mut parent));
             }
         }
         Traced { span, cx }
@@ -105,6 +104,16 @@ impl Traced {
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// `bytes` as lowercase hex in `out` (twice as long).
+fn hex<'a>(bytes: &[u8], out: &'a mut [u8]) -> &'a str {
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
+    }
+    // Only ASCII hex digits were written.
+    std::str::from_utf8(out).unwrap_or_default()
+}
 
 /// The span's identity: OpenTelemetry's when its layer builds the span (`otel` feature), else
 /// a child of the parent, else a new trace. Also the parent's span id, for the record.
