@@ -142,13 +142,20 @@ pub async fn unsettled_lease_reappears_after_visibility_timeout(h: Arc<dyn Harne
 
 /// `extend_lease` keeps the job hidden and stops at the cap.
 pub async fn lease_extension_is_capped(h: Arc<dyn Harness>) {
-    let (env, queue) = queue_env(&h, fast_config()).await;
+    // A visibility long enough that a loaded machine reaches the first extension before it
+    // runs out (200 ms did not always suffice on 2 busy cores), short enough to wait past.
+    const VISIBILITY: Duration = Duration::from_secs(1);
+    let config = QueueConfig {
+        visibility_timeout: VISIBILITY,
+        ..fast_config()
+    };
+    let (env, queue) = queue_env(&h, config).await;
     let q = env.queues();
     enqueue(&q, &queue, json!({})).await;
     let mut leased = lease_now(&q, &queue, "the enqueued job").await;
     let mut expiry = leased.lease_expires_at_ms;
     // Extensions far longer than the check below: however long the machine stalls the case, it
-    // is the original 200 ms that must not apply, never an extension that ran out.
+    // is the original visibility that must not apply, never an extension that ran out.
     for n in 1..=3 {
         let until = q
             .extend_lease(&leased, Some(Duration::from_secs(30)))
@@ -159,9 +166,9 @@ pub async fn lease_extension_is_capped(h: Arc<dyn Harness>) {
         leased.lease_expires_at_ms = until;
         leased.extensions = n;
     }
-    // Without the extensions the job would reappear after 200 ms.
+    // Without the extensions the job would reappear after the visibility timeout.
     assert!(
-        lease(&q, &queue, Duration::from_millis(400))
+        lease(&q, &queue, VISIBILITY * 2)
             .await
             .is_none(),
         "an extended lease expired at the original visibility timeout"
