@@ -168,9 +168,7 @@ pub async fn lease_extension_is_capped(h: Arc<dyn Harness>) {
     }
     // Without the extensions the job would reappear after the visibility timeout.
     assert!(
-        lease(&q, &queue, VISIBILITY * 2)
-            .await
-            .is_none(),
+        lease(&q, &queue, VISIBILITY * 2).await.is_none(),
         "an extended lease expired at the original visibility timeout"
     );
     match q.extend_lease(&leased, None).await {
