@@ -226,9 +226,9 @@ impl From<&Address> for SenderAddress {
 /// A PURISTA message.
 ///
 /// Field names serialize in camelCase exactly as PURISTA writes them; unknown fields are kept in
-/// [`Envelope::extra`] and written back unchanged.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// [`Envelope::extra`] and written back unchanged. A `payload` that is `null` is written only when
+/// it was `null` on the wire (see [`Envelope::payload_is_explicit_null`]).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Envelope {
     /// Unique message id (32 lowercase hex chars when generated here).
     pub id: String,
@@ -237,50 +237,164 @@ pub struct Envelope {
     /// The message family.
     pub message_type: MessageType,
     /// Payload content type, `application/json` by default (also when `null` on the wire).
-    #[serde(
-        default = "default_content_type",
-        deserialize_with = "content_type_or_default"
-    )]
     pub content_type: String,
     /// Payload content encoding, `utf-8` by default (also when `null` on the wire).
-    #[serde(
-        default = "default_content_encoding",
-        deserialize_with = "content_encoding_or_default"
-    )]
     pub content_encoding: String,
     /// One id for a whole distributed flow.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
     /// Links a command to its response and the frames of a stream session.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
     /// Caller identity.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub principal_id: Option<String>,
     /// Tenant.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant_id: Option<String>,
     /// Business event name, used for subscription routing.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_name: Option<String>,
     /// W3C trace-context carrier, a JSON string.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub otp: Option<String>,
     /// Who sent it.
     pub sender: SenderAddress,
     /// Who it is for (commands, responses, directed events).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub receiver: Option<Address>,
     /// The payload. Commands: `{payload, parameter}`; success responses: the result; error
-    /// responses: `{status, message, data?, traceId?}`.
-    #[serde(default, skip_serializing_if = "Value::is_null")]
+    /// responses: `{status, message, data?, traceId?}`. `Null` when absent on the wire.
     pub payload: Value,
     /// Only on `commandErrorResponse`: whether the error was a handled (business) error.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub is_handled_error: Option<bool>,
     /// Unknown fields, passed through untouched.
-    #[serde(flatten)]
     pub extra: Map<String, Value>,
+    /// `payload: null` was on the wire (or must be written): PURISTA tells "returned `null`"
+    /// from "returned nothing" by it, and a TypeScript caller sees `null` or `undefined`.
+    explicit_null_payload: bool,
+}
+
+/// The wire shape an [`Envelope`] is written as (borrowing, so encoding copies nothing).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WireOut<'a> {
+    id: &'a str,
+    timestamp: u64,
+    message_type: MessageType,
+    content_type: &'a str,
+    content_encoding: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    correlation_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    principal_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    otp: Option<&'a str>,
+    sender: &'a SenderAddress,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    receiver: Option<&'a Address>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    is_handled_error: Option<bool>,
+    #[serde(flatten)]
+    extra: &'a Map<String, Value>,
+}
+
+/// The wire shape an [`Envelope`] is read from: `payload` keeps "absent" apart from `null`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireIn {
+    id: String,
+    timestamp: u64,
+    message_type: MessageType,
+    #[serde(
+        default = "default_content_type",
+        deserialize_with = "content_type_or_default"
+    )]
+    content_type: String,
+    #[serde(
+        default = "default_content_encoding",
+        deserialize_with = "content_encoding_or_default"
+    )]
+    content_encoding: String,
+    #[serde(default)]
+    trace_id: Option<String>,
+    #[serde(default)]
+    correlation_id: Option<String>,
+    #[serde(default)]
+    principal_id: Option<String>,
+    #[serde(default)]
+    tenant_id: Option<String>,
+    #[serde(default)]
+    event_name: Option<String>,
+    #[serde(default)]
+    otp: Option<String>,
+    sender: SenderAddress,
+    #[serde(default)]
+    receiver: Option<Address>,
+    #[serde(default, deserialize_with = "present_value")]
+    payload: Option<Value>,
+    #[serde(default)]
+    is_handled_error: Option<bool>,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
+}
+
+/// `Some(value)` for a field that is present, `Some(Null)` included (plain `Option` reads a
+/// `null` as `None`).
+fn present_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+impl Serialize for Envelope {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let payload =
+            (!self.payload.is_null() || self.explicit_null_payload).then_some(&self.payload);
+        WireOut {
+            id: &self.id,
+            timestamp: self.timestamp,
+            message_type: self.message_type,
+            content_type: &self.content_type,
+            content_encoding: &self.content_encoding,
+            trace_id: self.trace_id.as_deref(),
+            correlation_id: self.correlation_id.as_deref(),
+            principal_id: self.principal_id.as_deref(),
+            tenant_id: self.tenant_id.as_deref(),
+            event_name: self.event_name.as_deref(),
+            otp: self.otp.as_deref(),
+            sender: &self.sender,
+            receiver: self.receiver.as_ref(),
+            payload,
+            is_handled_error: self.is_handled_error,
+            extra: &self.extra,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Envelope {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let wire = WireIn::deserialize(deserializer)?;
+        Ok(Envelope {
+            id: wire.id,
+            timestamp: wire.timestamp,
+            message_type: wire.message_type,
+            content_type: wire.content_type,
+            content_encoding: wire.content_encoding,
+            trace_id: wire.trace_id,
+            correlation_id: wire.correlation_id,
+            principal_id: wire.principal_id,
+            tenant_id: wire.tenant_id,
+            event_name: wire.event_name,
+            otp: wire.otp,
+            sender: wire.sender,
+            receiver: wire.receiver,
+            explicit_null_payload: matches!(wire.payload, Some(Value::Null)),
+            payload: wire.payload.unwrap_or(Value::Null),
+            is_handled_error: wire.is_handled_error,
+            extra: wire.extra,
+        })
+    }
 }
 
 fn default_content_type() -> String {
@@ -327,7 +441,26 @@ impl Envelope {
             payload: Value::Null,
             is_handled_error: None,
             extra: Map::new(),
+            explicit_null_payload: false,
         }
+    }
+
+    /// True when a `null` payload is written as `payload: null` rather than left out: it was
+    /// `null` on the wire, or [`Envelope::set_explicit_null_payload`] asked for it.
+    ///
+    /// ```
+    /// let e = purista_core::Envelope::decode(br#"{"id":"m","timestamp":1,"messageType":"commandSuccessResponse","correlationId":"c","sender":{"serviceName":"s","serviceVersion":"1","serviceTarget":"t","instanceId":"i"},"payload":null}"#).unwrap();
+    /// assert!(e.payload_is_explicit_null());
+    /// assert!(String::from_utf8(e.encode()).unwrap().contains(r#""payload":null"#));
+    /// ```
+    pub fn payload_is_explicit_null(&self) -> bool {
+        self.payload.is_null() && self.explicit_null_payload
+    }
+
+    /// Sets the payload to `null` and writes it as `payload: null` (PURISTA's "returned `null`").
+    pub fn set_explicit_null_payload(&mut self) {
+        self.payload = Value::Null;
+        self.explicit_null_payload = true;
     }
 
     /// A command to `receiver` with PURISTA's two-part body `{payload, parameter}`.
@@ -382,6 +515,8 @@ impl Envelope {
     /// sender and receiver swapped. `event_name` is the command's declared success event.
     pub fn success_response(&self, result: Value, event_name: Option<String>) -> Envelope {
         let mut r = self.response_skeleton(MessageType::CommandSuccessResponse);
+        // PURISTA always writes a response's payload; `null` is the answer, not a gap.
+        r.explicit_null_payload = result.is_null();
         r.payload = result;
         r.event_name = event_name;
         r

@@ -50,24 +50,10 @@ fn billing_sender() -> SenderAddress {
 
 /// An envelope with every optional field unset; tests fill in what their fixture has.
 fn base(id: &str, timestamp: u64, message_type: MessageType, from: SenderAddress) -> Envelope {
-    Envelope {
-        id: id.into(),
-        timestamp,
-        message_type,
-        content_type: "application/json".into(),
-        content_encoding: "utf-8".into(),
-        trace_id: None,
-        correlation_id: None,
-        principal_id: None,
-        tenant_id: None,
-        event_name: None,
-        otp: None,
-        sender: from,
-        receiver: None,
-        payload: Value::Null,
-        is_handled_error: None,
-        extra: Map::new(),
-    }
+    let mut e = Envelope::new(message_type, from);
+    e.id = id.into();
+    e.timestamp = timestamp;
+    e
 }
 
 fn as_json(bytes: &[u8]) -> Value {
@@ -513,4 +499,48 @@ fn constructed_responses_round_trip_through_the_wire() {
     );
     assert_eq!(Envelope::decode(&ok.encode()), Ok(ok));
     assert_eq!(Envelope::decode(&err.encode()), Ok(err));
+}
+
+// Regression (issue 14, item 2): a PURISTA command that returns `null` answers with
+// `payload: null`; re-encoding skipped the null field, so a TypeScript caller resolved
+// `undefined` instead of `null`.
+#[test]
+fn explicit_null_payload_survives_decode_and_re_encode() {
+    let mut doc = fixture_json(SUCCESS);
+    doc["payload"] = Value::Null;
+    let decoded = Envelope::decode(&serde_json::to_vec(&doc).expect("json")).expect("decode");
+    assert_eq!(decoded.payload, Value::Null);
+    assert!(decoded.payload_is_explicit_null());
+    assert_eq!(as_json(&decoded.encode()), doc);
+    assert_eq!(Envelope::decode(&decoded.encode()), Ok(decoded));
+}
+
+#[test]
+fn absent_payload_stays_absent_after_re_encode() {
+    let mut doc = fixture_json(FUNCTION_ADDED);
+    doc.as_object_mut().expect("object").remove("payload");
+    let decoded = Envelope::decode(&serde_json::to_vec(&doc).expect("json")).expect("decode");
+    assert!(!decoded.payload_is_explicit_null());
+    let encoded = as_json(&decoded.encode());
+    assert!(encoded.get("payload").is_none(), "{encoded}");
+    assert_eq!(encoded, doc);
+}
+
+#[test]
+fn success_response_to_a_null_result_writes_payload_null() {
+    let command = decode(COMMAND);
+    let response = command.success_response(Value::Null, None);
+    let encoded = as_json(&response.encode());
+    assert_eq!(encoded.get("payload"), Some(&Value::Null), "{encoded}");
+}
+
+#[test]
+fn explicit_null_is_forgotten_once_a_value_replaces_it() {
+    let command = decode(COMMAND);
+    let mut response = command.success_response(Value::Null, None);
+    response.payload = json!({ "ok": true });
+    assert_eq!(
+        as_json(&response.encode())["payload"],
+        json!({ "ok": true })
+    );
 }
