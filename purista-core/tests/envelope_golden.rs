@@ -544,3 +544,13 @@ fn explicit_null_is_forgotten_once_a_value_replaces_it() {
         json!({ "ok": true })
     );
 }
+
+#[test]
+fn explicit_null_payload_survives_beside_unknown_fields() {
+    let mut doc = fixture_json(SUCCESS);
+    doc["payload"] = Value::Null;
+    doc["instanceId"] = json!("i-1");
+    let decoded = Envelope::decode(&serde_json::to_vec(&doc).expect("json")).expect("decode");
+    assert!(decoded.payload_is_explicit_null());
+    assert_eq!(as_json(&decoded.encode()), doc);
+}
