@@ -18,6 +18,7 @@ import net from 'node:net'
 import readline from 'node:readline'
 import {
 	DefaultEventBridge,
+	EBMessageType,
 	HandledError,
 	ServiceBuilder,
 	StatusCode,
@@ -175,6 +176,15 @@ const onRust = tsCalc
 		send({ observed: { subscription: 'onRust', message: context.message } })
 	})
 
+// What a PURISTA tool listing functions sees: every infoServiceFunctionAdded from Rust.
+const onFunctionAdded = tsCalc
+	.getSubscriptionBuilder('onFunctionAdded', 'sees functions Rust registers')
+	.filterForMessageType(EBMessageType.InfoServiceFunctionAdded)
+	.filterSentFrom('rsCalc', '1')
+	.setSubscriptionFunction(async function (context) {
+		send({ observed: { subscription: 'onFunctionAdded', message: context.message } })
+	})
+
 const count = tsCalc
 	.getStreamBuilder('count', 'counts to payload.to')
 	.setStreamFunction(async function (_context, payload, _parameter, writer) {
@@ -193,7 +203,7 @@ const failing = tsCalc
 
 const definitions = builders => builders.map(b => b.getDefinition())
 tsCalc.addCommandDefinition(...definitions([double, nothing, refuse, crash, whoAmI, announce]))
-tsCalc.addSubscriptionDefinition(...definitions([onRust]))
+tsCalc.addSubscriptionDefinition(...definitions([onRust, onFunctionAdded]))
 tsCalc.addStreamDefinition(...definitions([count, failing]))
 
 const bridge = new PipeEventBridge({ logLevel: 'error' })

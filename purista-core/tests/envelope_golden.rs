@@ -4,7 +4,7 @@
 
 use purista_core::stream::{FrameType, frame_sequence, frame_type};
 use purista_core::{Address, DecodeError, Envelope, ErrorPayload, MessageType, SenderAddress};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 const COMMAND: &str = include_str!("golden/command.json");
 const SUCCESS: &str = include_str!("golden/command_success_response.json");
@@ -187,10 +187,19 @@ fn function_added_fixture_decodes_to_expected_values() {
     );
     expected.trace_id = Some("1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f".into());
     expected.payload = json!({
-        "name": "placeOrder",
-        "description": "places an order",
-        "successEventName": "orderPlaced",
-        "metadata": null
+        "expose": {
+            "contentTypeRequest": "application/json",
+            "contentEncodingRequest": "utf-8",
+            "contentTypeResponse": "application/json",
+            "contentEncodingResponse": "utf-8",
+            "inputPayload": {
+                "$schema": "https://json-schema.org/draft/2020-12/schema",
+                "type": "object",
+                "properties": { "orderId": { "type": "string" } },
+                "required": ["orderId"]
+            },
+            "deprecated": false
+        }
     });
 
     let decoded = decode(FUNCTION_ADDED);

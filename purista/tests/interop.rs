@@ -339,9 +339,20 @@ fn rs(target: &str) -> Address {
     Address::new("rsCalc", "1", target)
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, schemars::JsonSchema)]
 struct Amount {
     n: i64,
+}
+
+#[derive(serde::Serialize, schemars::JsonSchema)]
+struct Tripled {
+    n: i64,
+    unit: String,
+}
+
+#[derive(serde::Serialize, schemars::JsonSchema)]
+struct Total {
+    total: i64,
 }
 
 /// The Rust side: `rsCalc@1` with commands, a subscription to `tsAnnounced` (deliveries go to
@@ -349,12 +360,18 @@ struct Amount {
 async fn rust_service(peer: &Peer, announced: mpsc::UnboundedSender<Value>) -> RunningService {
     let bridge: Arc<dyn EventBridge> = peer.bridge.clone();
     Service::builder("rsCalc", "1")
-        .command(CommandDef::new(
-            "triple",
-            |_ctx: Context, input: Amount, unit: String| async move {
-                Ok(json!({ "n": input.n * 3, "unit": unit }))
-            },
-        ))
+        .command(
+            CommandDef::new(
+                "triple",
+                |_ctx: Context, input: Amount, unit: String| async move {
+                    Ok(Tripled {
+                        n: input.n * 3,
+                        unit,
+                    })
+                },
+            )
+            .schemas::<Amount, String, Tripled>(),
+        )
         .command(CommandDef::new("nothing", |_ctx: Context, _i: Empty| async move {
             Ok(None::<i64>)
         }))
@@ -377,15 +394,18 @@ async fn rust_service(peer: &Peer, announced: mpsc::UnboundedSender<Value>) -> R
             })
             .event_name("tsAnnounced"),
         )
-        .stream(StreamDef::new(
-            "count",
-            |_ctx: Context, to: i64, out: StreamWriter| async move {
-                for i in 1..=to {
-                    out.write(i).await?;
-                }
-                Ok(json!({ "total": to }))
-            },
-        ))
+        .stream(
+            StreamDef::new(
+                "count",
+                |_ctx: Context, to: i64, out: StreamWriter| async move {
+                    for i in 1..=to {
+                        out.write(i).await?;
+                    }
+                    Ok(Total { total: to })
+                },
+            )
+            .schemas::<i64, Empty, i64, Total>(),
+        )
         .stream(StreamDef::new(
             "failing",
             |_ctx: Context, _i: Empty, out: StreamWriter| async move {
@@ -674,5 +694,87 @@ async fn a_rust_stream_reads_correctly_in_typescript() {
     assert_eq!(error["error"]["status"], 422, "{reply}");
     assert_eq!(error["error"]["message"], "cannot continue", "{reply}");
     assert_eq!(error["error"]["data"], json!({ "at": 1 }), "{reply}");
+    peer.assert_wire_round_trips().await;
+}
+
+/// The keys of `message.payload.expose`, sorted.
+fn expose_keys(message: &Value) -> Vec<String> {
+    let mut keys: Vec<String> = message["payload"]["expose"]
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    keys.sort();
+    keys
+}
+
+#[tokio::test]
+async fn purista_lists_rust_functions_with_their_schemas() {
+    let Some((peer, _service, _)) = setup("purista_lists_rust_functions_with_their_schemas").await
+    else {
+        return;
+    };
+    let added = |log: &Log, target: &str| {
+        log.observed.iter().find_map(|(name, m)| {
+            (name == "onFunctionAdded" && m["sender"]["serviceTarget"] == target).then(|| m.clone())
+        })
+    };
+    peer.wait_for("PURISTA to see rsCalc's functions", |log| {
+        ["triple", "nothing", "count", "failing"]
+            .iter()
+            .all(|t| added(log, t).is_some())
+    })
+    .await;
+    let (triple, count, nothing) = {
+        let log = peer.log.lock();
+        (
+            added(&log, "triple").expect("triple"),
+            added(&log, "count").expect("count"),
+            added(&log, "nothing").expect("nothing"),
+        )
+    };
+    let typescript = |target: &str| {
+        peer.log
+            .lock()
+            .received
+            .iter()
+            .find(|e| {
+                e["messageType"] == "infoServiceFunctionAdded"
+                    && e["sender"]["serviceTarget"] == target
+            })
+            .cloned()
+            .expect("TypeScript's own infoServiceFunctionAdded")
+    };
+
+    // The same `expose` block PURISTA sends for a command with all three schemas…
+    assert_eq!(expose_keys(&triple), expose_keys(&typescript("double")));
+    let expose = &triple["payload"]["expose"];
+    assert_eq!(expose["inputPayload"]["properties"]["n"]["type"], "integer");
+    assert_eq!(expose["inputPayload"]["required"], json!(["n"]));
+    assert_eq!(expose["parameter"]["type"], "string");
+    assert_eq!(expose["outputPayload"]["required"], json!(["n", "unit"]));
+    assert_eq!(expose["deprecated"], false);
+    // … for one without schemas …
+    assert_eq!(expose_keys(&nothing), expose_keys(&typescript("nothing")));
+    // … and for a stream: chunks and final value, no response content type.
+    let expose = &count["payload"]["expose"];
+    assert_eq!(expose["chunkPayload"]["type"], "integer", "{count}");
+    assert_eq!(
+        expose["finalPayload"]["required"],
+        json!(["total"]),
+        "{count}"
+    );
+    assert!(expose.get("contentTypeResponse").is_none(), "{count}");
+    assert_eq!(expose["contentEncodingResponse"], "utf-8");
+
+    // Init and ready carry no payload, as PURISTA's.
+    for kind in ["infoServiceInit", "infoServiceReady"] {
+        let log = peer.log.lock();
+        let info = log
+            .sent
+            .values()
+            .find(|e| e["messageType"] == kind)
+            .unwrap_or_else(|| panic!("Rust sent {kind}"));
+        assert!(info.get("payload").is_none(), "{info}");
+    }
     peer.assert_wire_round_trips().await;
 }

@@ -54,7 +54,7 @@ impl Service {
 }
 
 impl ServiceBuilder {
-    /// A description (sent in `infoServiceInit`).
+    /// A description, for the logs (PURISTA's `infoServiceInit` carries no payload).
     pub fn description(mut self, d: impl Into<String>) -> Self {
         self.service.description = d.into();
         self

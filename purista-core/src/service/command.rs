@@ -126,6 +126,7 @@ pub struct CommandDef {
     pub(crate) description: String,
     pub(crate) success_event: Option<String>,
     pub(crate) metadata: Value,
+    pub(crate) expose: super::expose::Expose,
     pub(crate) handler: Arc<ErasedCommandFn>,
     /// The `(service, version)` of the contract it was made from, checked at start.
     pub(crate) contract: Option<(&'static str, &'static str)>,
@@ -147,6 +148,7 @@ impl CommandDef {
             description: String::new(),
             success_event: None,
             metadata: Value::Null,
+            expose: super::expose::Expose::default(),
             handler: erase(handler),
             contract: None,
         }
@@ -169,7 +171,34 @@ impl CommandDef {
         self
     }
 
-    /// Free-form metadata (schemas, flags), sent in `infoServiceFunctionAdded`.
+    /// The JSON Schemas (and `deprecated` flag) sent in `infoServiceFunctionAdded`, PURISTA's
+    /// `expose` block.
+    pub fn expose(mut self, expose: super::expose::Expose) -> Self {
+        self.expose = expose;
+        self
+    }
+
+    /// Derives the exposed schemas of input `I`, parameter `P` and output `O` from the types.
+    ///
+    /// ```
+    /// use purista_core::service::{CommandDef, Context, Empty};
+    /// #[derive(serde::Deserialize, schemars::JsonSchema)] struct Add { a: i64, b: i64 }
+    /// let def = CommandDef::new("add", |_ctx: Context, i: Add| async move { Ok(i.a + i.b) })
+    ///     .schemas::<Add, Empty, i64>();
+    /// # let _ = def;
+    /// ```
+    #[cfg(feature = "schemars")]
+    pub fn schemas<I: schemars::JsonSchema, P: schemars::JsonSchema, O: schemars::JsonSchema>(
+        mut self,
+    ) -> Self {
+        use super::expose::schema_of;
+        self.expose.input = Some(schema_of::<I>());
+        self.expose.parameter = Some(schema_of::<P>());
+        self.expose.output = Some(schema_of::<O>());
+        self
+    }
+
+    /// Free-form metadata, merged beside `expose` in `infoServiceFunctionAdded`.
     pub fn metadata(mut self, metadata: Value) -> Self {
         self.metadata = metadata;
         self
@@ -314,6 +343,7 @@ where
             description: String::new(),
             success_event: None,
             metadata: Value::Null,
+            expose: super::expose::Expose::default(),
             handler: erase(handler),
             contract: Some((self.service(), self.version())),
         }

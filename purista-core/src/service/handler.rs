@@ -28,6 +28,18 @@ pub(crate) async fn run_guarded<T>(
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Empty;
 
+/// `{}`: an object with no properties (what [`Empty`] serializes as).
+#[cfg(feature = "schemars")]
+impl schemars::JsonSchema for Empty {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Empty".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": "object" })
+    }
+}
+
 impl<'de> Deserialize<'de> for Empty {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         IgnoredAny::deserialize(d).map(|_| Empty)

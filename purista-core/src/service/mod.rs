@@ -32,6 +32,7 @@ mod command;
 mod context;
 mod contract;
 mod degrade;
+mod expose;
 mod flow;
 mod handler;
 mod health;
@@ -47,6 +48,9 @@ pub use builder::{Service, ServiceBuilder};
 pub use command::{CommandDef, CommandFn, ContractArgs};
 pub use context::{Context, InvokeOptions, JobContext, SubscriptionContext};
 pub use contract::CommandContract;
+pub use expose::Expose;
+#[cfg(feature = "schemars")]
+pub use expose::schema_of;
 pub use handler::{Empty, HandlerArgs};
 pub use health::{HealthState, ServiceHealth};
 pub use queue_worker::{IntoJobSettlement, JobFn, QueueWorkerDef, WorkerMode};

@@ -161,7 +161,8 @@ impl Service {
             &shared,
             MessageType::InfoServiceInit,
             "",
-            json!({ "serviceName": self.name, "serviceVersion": self.version, "description": self.description }),
+            // PURISTA's init and ready carry no payload.
+            Value::Null,
         )
         .await;
 
@@ -200,14 +201,8 @@ impl Service {
                 worker_tasks.push(tokio::spawn(runtime.run(signal_tx.subscribe())));
             }
         }
-        emit_info(
-            &shared,
-            MessageType::InfoServiceReady,
-            "",
-            json!({ "serviceName": self.name, "serviceVersion": self.version }),
-        )
-        .await;
-        tracing::info!(service = %self.name, version = %self.version, bridge = %bridge.name(), "service ready");
+        emit_info(&shared, MessageType::InfoServiceReady, "", Value::Null).await;
+        tracing::info!(service = %self.name, version = %self.version, description = %self.description, bridge = %bridge.name(), "service ready");
         Ok(RunningService::new(
             mismatches,
             shared,
@@ -273,12 +268,7 @@ impl Service {
                     shared,
                     MessageType::InfoServiceFunctionAdded,
                     &c.name,
-                    json!({
-                        "name": c.name,
-                        "description": c.description,
-                        "successEventName": c.success_event,
-                        "metadata": c.metadata,
-                    }),
+                    c.expose.command_info(&c.metadata),
                 )
                 .await;
             }
@@ -300,6 +290,13 @@ impl Service {
                     .await
                     .map_err(reg_err(format!("stream {registration}")))?;
                 registered.streams.push(address);
+                emit_info(
+                    shared,
+                    MessageType::InfoServiceFunctionAdded,
+                    &s.name,
+                    s.expose.stream_info(&Value::Null),
+                )
+                .await;
             }
         }
         for s in &self.subscriptions {

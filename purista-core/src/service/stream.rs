@@ -89,6 +89,7 @@ where
 /// ```
 pub struct StreamDef {
     pub(crate) name: String,
+    pub(crate) expose: super::expose::Expose,
     pub(crate) handler: Arc<ErasedStreamFn>,
 }
 
@@ -116,6 +117,7 @@ impl StreamDef {
         };
         StreamDef {
             name: name.into(),
+            expose: super::expose::Expose::default(),
             handler: Arc::new(erased),
         }
     }
@@ -123,6 +125,30 @@ impl StreamDef {
     /// The stream name (`serviceTarget`).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The JSON Schemas sent in `infoServiceFunctionAdded` (`output` is the chunks' schema,
+    /// `final_value` the final value's).
+    pub fn expose(mut self, expose: super::expose::Expose) -> Self {
+        self.expose = expose;
+        self
+    }
+
+    /// Derives the exposed schemas of input `I`, parameter `P`, chunk `C` and final value `F`.
+    #[cfg(feature = "schemars")]
+    pub fn schemas<I, P, C, F>(mut self) -> Self
+    where
+        I: schemars::JsonSchema,
+        P: schemars::JsonSchema,
+        C: schemars::JsonSchema,
+        F: schemars::JsonSchema,
+    {
+        use super::expose::schema_of;
+        self.expose.input = Some(schema_of::<I>());
+        self.expose.parameter = Some(schema_of::<P>());
+        self.expose.output = Some(schema_of::<C>());
+        self.expose.final_value = Some(schema_of::<F>());
+        self
     }
 }
 
