@@ -778,3 +778,59 @@ async fn purista_lists_rust_functions_with_their_schemas() {
     }
     peer.assert_wire_round_trips().await;
 }
+
+#[tokio::test]
+async fn an_event_addressed_to_a_receiver_reaches_typescript_with_it() {
+    let Some((peer, service, _)) =
+        setup("an_event_addressed_to_a_receiver_reaches_typescript_with_it").await
+    else {
+        return;
+    };
+    service
+        .emit_to(ts("onRust"), "rustHappened", json!({ "what": "for you" }))
+        .await
+        .expect("emit_to");
+    peer.wait_for("tsCalc.onRust to see the addressed event", |log| {
+        log.observed.iter().any(|(name, message)| {
+            name == "onRust"
+                && message["payload"] == json!({ "what": "for you" })
+                && message["receiver"]["serviceName"] == "tsCalc"
+                && message["receiver"]["serviceTarget"] == "onRust"
+        })
+    })
+    .await;
+    peer.assert_wire_round_trips().await;
+}
+
+#[tokio::test]
+async fn a_stream_opened_outside_a_handler_carries_principal_and_tenant() {
+    let Some((peer, service, _)) =
+        setup("a_stream_opened_outside_a_handler_carries_principal_and_tenant").await
+    else {
+        return;
+    };
+    let opts = InvokeOptions {
+        principal_id: Some("user-9".into()),
+        tenant_id: Some("acme".into()),
+        ..InvokeOptions::default()
+    };
+    let mut reader = service
+        .open_stream_with(ts("count"), json!({ "to": 1 }), Empty, opts)
+        .await
+        .expect("open tsCalc.count");
+    while reader.next().await.is_some() {}
+    // PURISTA's producer copies the open frame's principal and tenant onto every frame.
+    let log = peer.log.lock();
+    let frames: Vec<&Value> = log
+        .received
+        .iter()
+        .filter(|e| e["messageType"] == "stream" && e["sender"]["serviceTarget"] == "count")
+        .collect();
+    assert_eq!(frames.len(), 3, "start, chunk, complete: {frames:?}");
+    for frame in frames {
+        assert_eq!(frame["principalId"], "user-9", "{frame}");
+        assert_eq!(frame["tenantId"], "acme", "{frame}");
+    }
+    drop(log);
+    peer.assert_wire_round_trips().await;
+}

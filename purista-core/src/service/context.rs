@@ -288,9 +288,31 @@ impl Context {
 
     /// Emits a custom event named `event_name`, with this flow's trace, principal and tenant.
     pub async fn emit(&self, event_name: &str, payload: impl Serialize) -> Result<(), BridgeError> {
+        self.emit_event(None, event_name, payload).await
+    }
+
+    /// Emits a custom event addressed to `receiver` (PURISTA's directed custom message): it
+    /// still reaches every subscription whose filter matches, and one filtering on the
+    /// receiver sees it.
+    pub async fn emit_to(
+        &self,
+        receiver: Address,
+        event_name: &str,
+        payload: impl Serialize,
+    ) -> Result<(), BridgeError> {
+        self.emit_event(Some(receiver), event_name, payload).await
+    }
+
+    async fn emit_event(
+        &self,
+        receiver: Option<Address>,
+        event_name: &str,
+        payload: impl Serialize,
+    ) -> Result<(), BridgeError> {
         let payload = serde_json::to_value(payload)
             .map_err(|e| BridgeError::InvalidRequest(e.to_string()))?;
-        let e = Envelope::custom(self.shared.sender(&self.target), event_name, payload);
+        let mut e = Envelope::custom(self.shared.sender(&self.target), event_name, payload);
+        e.receiver = receiver;
         self.emit_envelope(e).await
     }
 
@@ -322,8 +344,30 @@ impl Context {
         parameter: impl Serialize,
         timeout: Option<Duration>,
     ) -> Result<StreamReader, CommandError> {
-        let trace = self.trace_id().map(str::to_string);
-        let timeout = timeout.unwrap_or_else(|| self.shared.bridge.default_command_timeout());
+        let opts = InvokeOptions {
+            ttl: timeout,
+            ..InvokeOptions::default()
+        };
+        self.open_stream_with(receiver, payload, parameter, opts)
+            .await
+    }
+
+    /// Opens a stream session with options: `ttl` is the session timeout, and trace, principal
+    /// and tenant override the flow's (a stream opened outside a handler has none of its own).
+    pub async fn open_stream_with(
+        &self,
+        receiver: Address,
+        payload: impl Serialize,
+        parameter: impl Serialize,
+        opts: InvokeOptions,
+    ) -> Result<StreamReader, CommandError> {
+        let trace = opts
+            .trace_id
+            .clone()
+            .or_else(|| self.trace_id().map(str::to_string));
+        let timeout = opts
+            .ttl
+            .unwrap_or_else(|| self.shared.bridge.default_command_timeout());
         let correlation_id = ids::new_id();
         // `timeout` travels as the open frame's `ttl`: the producer's runtime ends its handler
         // at the same deadline.
@@ -338,6 +382,15 @@ impl Context {
         let site = &self.shared.site;
         let traced = spans::stream_open(site, &self.target, &open, self.trace.as_ref());
         self.flow.stamp(&mut open, &traced.cx);
+        if opts.trace_id.is_some() {
+            open.trace_id = opts.trace_id;
+        }
+        if opts.principal_id.is_some() {
+            open.principal_id = opts.principal_id;
+        }
+        if opts.tenant_id.is_some() {
+            open.tenant_id = opts.tenant_id;
+        }
         spans::record_sent(site, &traced, &open);
         let trace = open.trace_id.clone();
         let deadline = tokio::time::Instant::now() + timeout;

@@ -152,6 +152,30 @@ impl RunningService {
         self.context().emit(event_name, payload).await
     }
 
+    /// Emits a custom event addressed to `receiver` (see [`Context::emit_to`]).
+    pub async fn emit_to(
+        &self,
+        receiver: Address,
+        event_name: &str,
+        payload: impl Serialize,
+    ) -> Result<(), BridgeError> {
+        self.context().emit_to(receiver, event_name, payload).await
+    }
+
+    /// Opens a stream session with options: session timeout (`ttl`), trace, principal and
+    /// tenant (see [`Context::open_stream_with`]).
+    pub async fn open_stream_with(
+        &self,
+        receiver: Address,
+        payload: impl Serialize,
+        parameter: impl Serialize,
+        opts: InvokeOptions,
+    ) -> Result<StreamReader, CommandError> {
+        self.context()
+            .open_stream_with(receiver, payload, parameter, opts)
+            .await
+    }
+
     /// Opens a stream session.
     pub async fn open_stream(
         &self,
