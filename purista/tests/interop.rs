@@ -820,17 +820,18 @@ async fn a_stream_opened_outside_a_handler_carries_principal_and_tenant() {
         .expect("open tsCalc.count");
     while reader.next().await.is_some() {}
     // PURISTA's producer copies the open frame's principal and tenant onto every frame.
-    let log = peer.log.lock();
-    let frames: Vec<&Value> = log
+    let frames: Vec<Value> = peer
+        .log
+        .lock()
         .received
         .iter()
         .filter(|e| e["messageType"] == "stream" && e["sender"]["serviceTarget"] == "count")
+        .cloned()
         .collect();
     assert_eq!(frames.len(), 3, "start, chunk, complete: {frames:?}");
-    for frame in frames {
+    for frame in &frames {
         assert_eq!(frame["principalId"], "user-9", "{frame}");
         assert_eq!(frame["tenantId"], "acme", "{frame}");
     }
-    drop(log);
     peer.assert_wire_round_trips().await;
 }

@@ -37,6 +37,10 @@ fn endpoint(a: &Address) -> Address {
     )
 }
 
+/// Sessions this side consumes, by correlation id: the reader's frames and, once known, the
+/// producer's instance.
+type Consuming = HashMap<String, (mpsc::Sender<Envelope>, Option<String>)>;
+
 /// See the module docs.
 pub struct PipeBridge {
     instance_id: String,
@@ -48,7 +52,7 @@ pub struct PipeBridge {
     pending: Mutex<HashMap<String, oneshot::Sender<Envelope>>>,
     /// Sessions this side consumes: frames go to the reader; the producer's instance is kept
     /// to address a cancel.
-    consuming: Mutex<HashMap<String, (mpsc::Sender<Envelope>, Option<String>)>>,
+    consuming: Mutex<Consuming>,
     /// Sessions this side produces: a cancel frame from the consumer lands here.
     producing: Mutex<HashMap<String, watch::Sender<Option<String>>>>,
 }
