@@ -142,6 +142,8 @@ async fn a_failed_start_unregisters_what_it_registered_and_says_the_service_is_g
         *lifecycle.lock(),
         vec![
             MessageType::InfoServiceInit,
+            // The command, then the stream (PURISTA announces both).
+            MessageType::InfoServiceFunctionAdded,
             MessageType::InfoServiceFunctionAdded,
             MessageType::InfoServiceNotReady,
             MessageType::InfoServiceShutdown,
