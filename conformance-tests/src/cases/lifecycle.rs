@@ -89,14 +89,19 @@ pub async fn info_messages_arrive_in_order_with_function_metadata(h: Arc<dyn Har
         added.sender.service_target, "placeOrder",
         "function-added names no target"
     );
-    assert_eq!(added.payload["name"], json!("placeOrder"));
-    assert_eq!(added.payload["description"], json!("places an order"));
+    // PURISTA's shape: the expose block, the definition's metadata merged beside it.
     assert_eq!(
-        added.payload["metadata"],
-        json!({"schema": {"type": "object"}})
+        added.payload["expose"]["contentTypeRequest"],
+        json!("application/json"),
+        "function-added without PURISTA's expose block: {}",
+        added.payload
     );
-    assert_eq!(added.payload["successEventName"], json!("orderPlaced"));
-    assert_eq!(started[2].payload["name"], json!("cancelOrder"));
+    assert_eq!(added.payload["schema"], json!({"type": "object"}));
+    assert_eq!(started[2].sender.service_target, "cancelOrder");
+    assert!(
+        started[0].payload.is_null() && started[3].payload.is_null(),
+        "init and ready carry no payload"
+    );
     assert!(
         started
             .iter()
