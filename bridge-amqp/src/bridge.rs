@@ -469,7 +469,11 @@ impl EventBridge for AmqpBridge {
         kit::check_emittable(&message)?;
         self.stamp(&mut message);
         let body = self.encode_checked(&message)?;
-        let properties = publish::properties(&message, headers::project(&message));
+        let properties = publish::in_mode(
+            publish::properties(&message, headers::project(&message)),
+            &message,
+            self.shared.config.topology,
+        );
         let session = self.checked_session(&properties)?;
         let verdict = session
             .publish(Outgoing {
@@ -498,7 +502,11 @@ impl EventBridge for AmqpBridge {
         let correlation_id = kit::correlation_id(&mut command).to_string();
         let body = self.encode_checked(&command)?;
         let reply_queue = self.shared.topology.reply_queue();
-        let properties = publish::command_properties(&command, reply_queue, ttl_ms);
+        let properties = publish::in_mode(
+            publish::command_properties(&command, reply_queue, ttl_ms),
+            &command,
+            self.shared.config.topology,
+        );
         let session = self.checked_session(&properties)?;
         let (_pending, reply) = self.shared.work.inbox.wait_for(&correlation_id)?;
         let label: Arc<str> = receiver.to_string().into();

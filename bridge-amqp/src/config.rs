@@ -30,6 +30,9 @@ pub const CA_FILE_ENV: &str = "PURISTA_AMQP_CA_FILE";
 pub const CLIENT_CERT_FILE_ENV: &str = "PURISTA_AMQP_CLIENT_CERT_FILE";
 /// Environment variable naming the PEM private key of the client certificate.
 pub const CLIENT_KEY_FILE_ENV: &str = "PURISTA_AMQP_CLIENT_KEY_FILE";
+/// Environment variable choosing the queue topology: `native` (the default) or `purista`
+/// ([`TopologyMode`]). The URL option `?topology=…` wins over it.
+pub const TOPOLOGY_ENV: &str = "PURISTA_AMQP_TOPOLOGY";
 /// Default resource-name prefix (and exchange name), as in PURISTA.
 pub const DEFAULT_PREFIX: &str = "purista";
 /// Default ttl of invocations: 30 s.
@@ -43,6 +46,9 @@ pub enum ConfigError {
     /// The URL variable is not set.
     #[error("environment variable {URL_ENV} is not set")]
     MissingUrl,
+    /// The topology option (URL `?topology=` or `PURISTA_AMQP_TOPOLOGY`) names no mode.
+    #[error("unknown AMQP topology `{0}`: use `native` or `purista`")]
+    UnknownTopology(String),
     /// The URL is not `amqp://…` or `amqps://…` (shown redacted).
     #[error("`{0}` is not an amqp:// or amqps:// URL")]
     NotAmqp(String),
@@ -296,6 +302,110 @@ pub struct AmqpConfig {
     /// deleted by the broker after this long without any consumer (30 min): what a crashed or
     /// retired deployment leaves behind cleans itself up. Durable shared queues never expire.
     pub idle_queue_expiry: Duration,
+    /// How queues are declared: this bridge's own way (the default) or exactly as PURISTA's
+    /// TypeScript AMQP bridge does, so that TypeScript and Rust instances of one service share
+    /// its queues ([`TopologyMode`]).
+    pub topology: TopologyMode,
+    /// In [`TopologyMode::Purista`], whether command queues are declared durable: PURISTA
+    /// declares them as its command definition says (`durable` is `false` unless the
+    /// definition asks), and both sides must agree or the broker refuses the second
+    /// declaration. Ignored in [`TopologyMode::Native`].
+    pub purista_durable_command_queues: bool,
+}
+
+/// How the bridge declares its command and shared subscription queues.
+///
+/// RabbitMQ refuses (406 `PRECONDITION_FAILED`, "inequivalent arg") a queue declaration whose
+/// flags or arguments differ from the queue's, so instances that share a queue must declare it
+/// alike. Both modes use the same names, the same headers exchange, the same bindings and the
+/// same envelope; they differ in how long queues live:
+///
+/// | | [`Native`](TopologyMode::Native) (default) | [`Purista`](TopologyMode::Purista) |
+/// |---|---|---|
+/// | command queue | not auto-delete, `x-expires` = [`AmqpConfig::command_queue_expiry`]; deleted by its last server when it leaves | auto-delete, no arguments, durable per [`AmqpConfig::purista_durable_command_queues`] (PURISTA's declaration) |
+/// | shared subscription queue, durable | durable, no arguments | the same |
+/// | shared subscription queue, not durable | `x-expires` = [`AmqpConfig::idle_queue_expiry`] | no arguments (PURISTA's declaration): stays until deleted by hand |
+/// | response headers | `receiverInstanceId` | `receiverInstanceId` and PURISTA's `receiverServiceInstanceId` |
+/// | AMQP `timestamp` property | seconds, as AMQP defines it | milliseconds, as PURISTA writes it |
+///
+/// What the PURISTA mode gives up: an auto-delete command queue disappears, with the commands
+/// waiting in it, as soon as its last consumer goes, also when that consumer merely lost its
+/// connection. While every server of a command reconnects, its commands are unroutable: a Rust
+/// caller gets 502 (or, within [`AmqpConfig::reconnect_grace`] after its own reconnect, a
+/// retry within the ttl), a TypeScript caller waits for its timeout, and commands that were
+/// waiting in the queue are lost (their callers time out). The native mode keeps the queue, and
+/// its commands, for [`AmqpConfig::command_queue_expiry`]. Everything else holds in both modes
+/// and is proven by the conformance suite in both (`amqp` and `amqp_purista`): commands are
+/// still published `mandatory` with an expiration (PURISTA's servers simply ignore both), so no
+/// Rust server runs a command whose caller gave up, and the reply queue, stream queues,
+/// broadcast queues, retry and dead-letter queues are this bridge's own in both modes (PURISTA
+/// declares none of them under these names).
+///
+/// ```
+/// use purista_bridge_amqp::{AmqpConfig, TopologyMode};
+/// let config = AmqpConfig::from_lookup(|name| match name {
+///     "PURISTA_BRIDGE_URL" => Some("amqp://localhost/%2f?topology=purista".into()),
+///     _ => None,
+/// })?;
+/// assert_eq!(config.topology, TopologyMode::Purista);
+/// // The option is the bridge's, not the broker's: it is taken off the URL.
+/// assert_eq!(config.url, "amqp://localhost/%2f");
+/// # Ok::<(), purista_bridge_amqp::ConfigError>(())
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TopologyMode {
+    /// This bridge's own declarations: queues that outlive a lost connection.
+    #[default]
+    Native,
+    /// PURISTA's declarations, for deployments that mix TypeScript and Rust instances of one
+    /// service on one exchange.
+    Purista,
+}
+
+impl TopologyMode {
+    /// `native` or `purista`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TopologyMode::Native => "native",
+            TopologyMode::Purista => "purista",
+        }
+    }
+}
+
+impl std::str::FromStr for TopologyMode {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "native" => Ok(TopologyMode::Native),
+            "purista" => Ok(TopologyMode::Purista),
+            _ => Err(ConfigError::UnknownTopology(s.to_string())),
+        }
+    }
+}
+
+/// Takes the bridge's own `topology` option off a broker URL's query: `(url without it, its
+/// value)`. Other query options (lapin's `heartbeat`, `frame_max`, …) stay.
+fn take_topology_option(url: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_string(), None);
+    };
+    let mut value = None;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| match pair.split_once('=') {
+            Some(("topology", v)) => {
+                value = Some(v.to_string());
+                false
+            }
+            _ => !pair.is_empty(),
+        })
+        .collect();
+    if kept.is_empty() {
+        (base.to_string(), value)
+    } else {
+        (format!("{base}?{}", kept.join("&")), value)
+    }
 }
 
 impl AmqpConfig {
@@ -318,10 +428,13 @@ impl AmqpConfig {
             reconnect_grace: Duration::from_secs(10),
             command_queue_expiry: Duration::from_secs(60),
             idle_queue_expiry: Duration::from_secs(30 * 60),
+            topology: TopologyMode::Native,
+            purista_durable_command_queues: false,
         }
     }
 
     /// Reads `PURISTA_BRIDGE_URL` (required), and optionally `PURISTA_AMQP_PREFIX`,
+    /// `PURISTA_AMQP_TOPOLOGY` (`native` or `purista`; the URL option `?topology=` wins),
     /// `PURISTA_AMQP_CA_FILE`, and `PURISTA_AMQP_CLIENT_CERT_FILE` with
     /// `PURISTA_AMQP_CLIENT_KEY_FILE` (both or neither); then [validates](Self::validate).
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -344,7 +457,11 @@ impl AmqpConfig {
         let url = lookup(URL_ENV)
             .filter(|u| !u.trim().is_empty())
             .ok_or(ConfigError::MissingUrl)?;
-        let mut config = AmqpConfig::new(url.trim());
+        let (url, url_topology) = take_topology_option(url.trim());
+        let mut config = AmqpConfig::new(url);
+        if let Some(topology) = url_topology.or_else(|| lookup(TOPOLOGY_ENV)) {
+            config.topology = topology.parse()?;
+        }
         if let Some(prefix) = lookup(PREFIX_ENV).filter(|p| !p.trim().is_empty()) {
             config.prefix = prefix.trim().to_string();
         }
@@ -429,6 +546,12 @@ impl AmqpConfig {
         self
     }
 
+    /// The same config declaring queues the given way ([`TopologyMode`]).
+    pub fn with_topology(mut self, topology: TopologyMode) -> Self {
+        self.topology = topology;
+        self
+    }
+
     /// The same config with a fixed instance id.
     pub fn with_instance_id(mut self, instance_id: impl Into<String>) -> Self {
         self.instance_id = Some(instance_id.into());
@@ -507,6 +630,11 @@ impl std::fmt::Debug for AmqpConfig {
             .field("reconnect_grace", &self.reconnect_grace)
             .field("command_queue_expiry", &self.command_queue_expiry)
             .field("idle_queue_expiry", &self.idle_queue_expiry)
+            .field("topology", &self.topology)
+            .field(
+                "purista_durable_command_queues",
+                &self.purista_durable_command_queues,
+            )
             .finish()
     }
 }
@@ -539,6 +667,30 @@ mod tests {
         assert_eq!(
             config.scrub("failed to reach amqp://u:p4ss@h/"),
             "failed to reach amqp://u:***@h/"
+        );
+    }
+
+    #[test]
+    fn the_topology_option_comes_off_the_url_and_wins_over_the_variable() {
+        let read = |url: &str, variable: Option<&str>| {
+            AmqpConfig::from_lookup(|n| match n {
+                URL_ENV => Some(url.to_string()),
+                TOPOLOGY_ENV => variable.map(str::to_string),
+                _ => None,
+            })
+        };
+        let config = read("amqp://h/%2f?heartbeat=5&topology=purista", Some("native")).unwrap();
+        assert_eq!(config.topology, TopologyMode::Purista);
+        assert_eq!(config.url, "amqp://h/%2f?heartbeat=5");
+        let config = read("amqp://h/%2f", Some("PURISTA")).unwrap();
+        assert_eq!(config.topology, TopologyMode::Purista);
+        assert_eq!(
+            read("amqp://h/%2f", None).unwrap().topology,
+            TopologyMode::Native
+        );
+        assert_eq!(
+            read("amqp://h/%2f?topology=typescript", None),
+            Err(ConfigError::UnknownTopology("typescript".into()))
         );
     }
 

@@ -36,6 +36,10 @@ pub const RECEIVER_SERVICE_VERSION: &str = "receiverServiceVersion";
 pub const RECEIVER_SERVICE_TARGET: &str = "receiverServiceTarget";
 /// `receiverInstanceId`.
 pub const RECEIVER_INSTANCE_ID: &str = "receiverInstanceId";
+/// `receiverServiceInstanceId`: where PURISTA's TypeScript AMQP bridge writes the receiver's
+/// instance on a command response (written beside [`RECEIVER_INSTANCE_ID`] in the PURISTA
+/// topology mode).
+pub const RECEIVER_SERVICE_INSTANCE_ID: &str = "receiverServiceInstanceId";
 /// `eventName`.
 pub const EVENT_NAME: &str = "eventName";
 /// `principalId`.

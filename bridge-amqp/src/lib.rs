@@ -126,7 +126,7 @@ pub use budget::{DEFAULT_MAX_METADATA_BYTES, LARGEST_MAX_METADATA_BYTES};
 pub use config::{
     AmqpConfig, CA_FILE_ENV, CLIENT_CERT_FILE_ENV, CLIENT_KEY_FILE_ENV, ClientIdentity,
     ConfigError, DEFAULT_COMMAND_PREFETCH, DEFAULT_COMMAND_TIMEOUT, DEFAULT_PREFIX, PREFIX_ENV,
-    TlsFile, TlsSettings, URL_ENV, redact_url,
+    TOPOLOGY_ENV, TlsFile, TlsSettings, TopologyMode, URL_ENV, redact_url,
 };
 pub use driver::driver;
 pub use stream_table::STREAM_FRAME_BUFFER;

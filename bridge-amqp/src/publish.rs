@@ -16,6 +16,7 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use parking_lot::Mutex;
 use purista_core::{BridgeError, Envelope};
 
+use crate::config::TopologyMode;
 use crate::headers;
 
 /// AMQP delivery mode 2: the broker writes the message to disk in durable queues.
@@ -144,6 +145,46 @@ pub(crate) fn properties(envelope: &Envelope, headers: FieldTable) -> BasicPrope
         p = p.with_correlation_id(short(correlation_id));
     }
     p
+}
+
+/// `props` as the topology mode writes them: unchanged in the native mode; in the PURISTA mode
+/// the AMQP timestamp in milliseconds and, on a command response, the receiver's instance also
+/// under PURISTA's header name, as PURISTA's TypeScript bridge writes both.
+pub(crate) fn in_mode(
+    props: BasicProperties,
+    envelope: &Envelope,
+    mode: TopologyMode,
+) -> BasicProperties {
+    if mode == TopologyMode::Native {
+        return props;
+    }
+    let mut table = props.headers().clone().unwrap_or_default();
+    mode_headers(&mut table, envelope, mode);
+    timestamp_in_mode(props.with_headers(table), envelope, mode)
+}
+
+/// Adds the headers the topology mode writes beside the projection (see [`in_mode`]).
+pub(crate) fn mode_headers(table: &mut FieldTable, envelope: &Envelope, mode: TopologyMode) {
+    let instance = envelope
+        .receiver
+        .as_ref()
+        .and_then(|r| r.instance_id.as_deref())
+        .filter(|_| mode == TopologyMode::Purista && envelope.message_type.is_response());
+    if let Some(instance) = instance {
+        headers::set_str(table, headers::RECEIVER_SERVICE_INSTANCE_ID, instance);
+    }
+}
+
+/// The AMQP timestamp in the topology mode's unit: seconds (AMQP's) or milliseconds (PURISTA's).
+pub(crate) fn timestamp_in_mode(
+    props: BasicProperties,
+    envelope: &Envelope,
+    mode: TopologyMode,
+) -> BasicProperties {
+    match mode {
+        TopologyMode::Native => props,
+        TopologyMode::Purista => props.with_timestamp(envelope.timestamp),
+    }
 }
 
 /// The properties of a command: expiring after `ttl_ms`, so no command is served after its

@@ -188,7 +188,12 @@ async fn publish_response(
 ) -> Result<(), BridgeError> {
     let session = shared.link.connected()?;
     let body = response.encode();
-    let mut properties = publish::response_properties(response, reply_to);
+    let mode = shared.config.topology;
+    let mut properties = publish::in_mode(
+        publish::response_properties(response, reply_to),
+        response,
+        mode,
+    );
     let limit = session.budget.republish;
     if publish::metadata_len(&properties) > limit {
         let mut table: FieldTable = properties.headers().clone().unwrap_or_default();
@@ -200,7 +205,8 @@ async fn publish_response(
             ?shed,
             "response headers shed to fit one frame"
         );
-        properties = publish::properties(response, table);
+        properties =
+            publish::timestamp_in_mode(publish::properties(response, table), response, mode);
     }
     let verdict = session
         .publish(Outgoing {

@@ -26,6 +26,11 @@
 //! with a 400 naming the parts to shorten; only retry queues, whose source queue already fits,
 //! are shortened instead (cut, ending in `~h` and a hash of the whole name).
 //!
+//! In [`TopologyMode::Purista`] the command queues and the shared subscription queues are
+//! declared exactly as PURISTA's TypeScript AMQP bridge declares them (same names, flags and
+//! arguments), so TypeScript and Rust instances of one service share them; the table in
+//! [`TopologyMode`] lists the differences and what they cost.
+//!
 //! Declarations are idempotent and re-run after every reconnect. Argument sets are a pure
 //! function of the names and the config, because RabbitMQ refuses (406) a re-declaration with
 //! different arguments. Every declaration waits for the broker at most the given timeout.
@@ -41,7 +46,7 @@ pub(crate) use purista_core::kit::millis;
 use purista_core::kit::{NameRules, Overflow, broker_call};
 use purista_core::{Address, BridgeError, SubscriptionSpec};
 
-use crate::config::AmqpConfig;
+use crate::config::{AmqpConfig, TopologyMode};
 use crate::headers;
 
 /// Longest queue or exchange name AMQP allows.
@@ -75,6 +80,8 @@ pub struct Topology {
     reply_queue: String,
     idle_queue_expiry_ms: u64,
     command_queue_expiry_ms: u64,
+    mode: TopologyMode,
+    purista_durable_command_queues: bool,
 }
 
 impl Topology {
@@ -91,7 +98,47 @@ impl Topology {
             reply_queue,
             idle_queue_expiry_ms: millis(config.idle_queue_expiry).max(1),
             command_queue_expiry_ms: millis(config.command_queue_expiry).max(1),
+            mode: config.topology,
+            purista_durable_command_queues: config.purista_durable_command_queues,
         }
+    }
+
+    /// How queues are declared.
+    pub fn mode(&self) -> TopologyMode {
+        self.mode
+    }
+
+    /// The flags and arguments of a command queue: this bridge's own (a queue that outlives a
+    /// lost connection, removed by its last server or by expiry), or PURISTA's (auto-delete,
+    /// no arguments).
+    fn command_queue_declaration(&self) -> (QueueDeclareOptions, FieldTable) {
+        match self.mode {
+            TopologyMode::Native => {
+                let mut args = FieldTable::default();
+                args.insert("x-expires".into(), int(self.command_queue_expiry_ms));
+                (QueueDeclareOptions::default(), args)
+            }
+            TopologyMode::Purista => (
+                QueueDeclareOptions {
+                    durable: self.purista_durable_command_queues,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            ),
+        }
+    }
+
+    /// The arguments of a subscription's queue. A queue of one instance (broadcast) expires
+    /// once abandoned in both modes; a shared one that is not durable expires too in the native
+    /// mode and has no arguments in PURISTA's.
+    fn subscription_queue_arguments(&self, spec: &SubscriptionSpec) -> FieldTable {
+        let mut args = FieldTable::default();
+        let expires = !spec.shared || (!spec.durable && self.mode == TopologyMode::Native);
+        if expires {
+            args.insert("x-expires".into(), int(self.idle_queue_expiry_ms));
+        }
+        args
     }
 
     /// The resource-name prefix.
@@ -303,10 +350,12 @@ pub(crate) async fn declare_reply_queue(
 
 /// Declares a command endpoint's queue and binds it to commands for that receiver.
 ///
-/// Not auto-delete: a queue whose consumers vanished with their connection (a crash, a network
-/// fault) keeps taking commands until its instances are back or `x-expires` removes it. An
-/// instance that leaves on purpose deletes it when it was the last consumer
-/// ([`retire_command_queue`]), so a command nobody serves fails with 502 at once.
+/// Natively not auto-delete: a queue whose consumers vanished with their connection (a crash,
+/// a network fault) keeps taking commands until its instances are back or `x-expires` removes
+/// it. An instance that leaves on purpose deletes it when it was the last consumer
+/// ([`retire_command_queue`]), so a command nobody serves fails with 502 at once. In the
+/// PURISTA mode the queue is auto-delete, as PURISTA declares it: the broker deletes it when its
+/// last consumer goes, for whatever reason.
 pub(crate) async fn declare_command_queue(
     ch: &Channel,
     topology: &Topology,
@@ -314,13 +363,12 @@ pub(crate) async fn declare_command_queue(
     timeout: Duration,
 ) -> Result<String, BridgeError> {
     let queue = topology.command_queue(address)?;
-    let mut args = FieldTable::default();
-    args.insert("x-expires".into(), int(topology.command_queue_expiry_ms));
+    let (options, args) = topology.command_queue_declaration();
     call(
         timeout,
         "declaring command queue",
         &queue,
-        ch.queue_declare(name(&queue)?, QueueDeclareOptions::default(), args),
+        ch.queue_declare(name(&queue)?, options, args),
     )
     .await?;
     let binding = headers::command_binding(address);
@@ -448,15 +496,11 @@ pub(crate) async fn declare_subscription_queue(
     timeout: Duration,
 ) -> Result<String, BridgeError> {
     let queue = topology.subscription_queue(spec)?;
-    let mut args = FieldTable::default();
-    if !spec.shared || !spec.durable {
-        // A broadcast queue belongs to one instance: it is deleted at unregister, and the
-        // broker removes it once abandoned by a crashed instance. It is not exclusive, so it
-        // survives a reconnect (nothing is lost while the connection is down) and a pause
-        // (an exclusive auto-delete queue would vanish with its cancelled consumer). A
-        // non-durable shared queue likewise disappears once no instance consumes it.
-        args.insert("x-expires".into(), int(topology.idle_queue_expiry_ms));
-    }
+    // A broadcast queue belongs to one instance: it is deleted at unregister, and the broker
+    // removes it once abandoned by a crashed instance. It is not exclusive, so it survives a
+    // reconnect (nothing is lost while the connection is down) and a pause (an exclusive
+    // auto-delete queue would vanish with its cancelled consumer).
+    let args = topology.subscription_queue_arguments(spec);
     call(
         timeout,
         "declaring subscription queue",
@@ -717,6 +761,57 @@ mod tests {
             "{error:?}"
         );
         assert!(topology().dead_letter_queue("").is_err());
+    }
+
+    #[test]
+    fn the_purista_mode_declares_command_and_shared_queues_as_purista_does() {
+        let native = topology();
+        let purista = Topology::new(
+            &AmqpConfig::new("amqp://h")
+                .with_prefix("p")
+                .with_topology(TopologyMode::Purista),
+            "inst",
+        );
+        let (options, args) = native.command_queue_declaration();
+        assert!(!options.auto_delete && args.contains_key("x-expires"));
+        let (options, args) = purista.command_queue_declaration();
+        assert!(options.auto_delete && !options.durable && !options.exclusive);
+        assert!(args.inner().is_empty(), "{args:?}");
+
+        let mut transient = spec(true);
+        transient.durable = false;
+        assert!(
+            native
+                .subscription_queue_arguments(&transient)
+                .contains_key("x-expires")
+        );
+        assert!(
+            purista
+                .subscription_queue_arguments(&transient)
+                .inner()
+                .is_empty()
+        );
+        for t in [&native, &purista] {
+            assert!(
+                t.subscription_queue_arguments(&spec(true))
+                    .inner()
+                    .is_empty()
+            );
+            assert!(
+                t.subscription_queue_arguments(&spec(false))
+                    .contains_key("x-expires")
+            );
+        }
+        // Same names in both modes: PURISTA's `<prefix>.cmd.…` and `<prefix>.sub.…`.
+        let address = Address::new("billing", "2", "pay");
+        assert_eq!(
+            native.command_queue(&address).unwrap(),
+            purista.command_queue(&address).unwrap()
+        );
+        assert_eq!(
+            purista.command_queue(&address).unwrap(),
+            "p.cmd.billing.2.pay"
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use purista_bridge_amqp::lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use purista_bridge_amqp::lapin::{Connection, ConnectionProperties};
-use purista_bridge_amqp::{AmqpBridge, AmqpConfig, redact_url};
+use purista_bridge_amqp::{AmqpBridge, AmqpConfig, TopologyMode, redact_url};
 use purista_core::{Capabilities, EventBridge, QueueCapabilities};
 use tokio::sync::OnceCell;
 
@@ -45,12 +45,22 @@ const CLEANUP_DEADLINE: Duration = Duration::from_secs(15);
 /// Harness of `purista-bridge-amqp`. Cheap to make: the broker is resolved once per process, on
 /// first use.
 #[derive(Debug, Default, Clone)]
-pub struct AmqpHarness;
+pub struct AmqpHarness {
+    topology: TopologyMode,
+}
 
 impl AmqpHarness {
-    /// The harness.
+    /// The harness, bridges in their native topology.
     pub fn new() -> Self {
-        AmqpHarness
+        AmqpHarness::default()
+    }
+
+    /// The harness, bridges in the PURISTA topology mode ([`TopologyMode::Purista`]): queues
+    /// declared as PURISTA's TypeScript AMQP bridge declares them.
+    pub fn purista() -> Self {
+        AmqpHarness {
+            topology: TopologyMode::Purista,
+        }
     }
 
     /// Whether the matrix can list this harness: `Err(why)` when no broker is configured and
@@ -72,8 +82,10 @@ impl AmqpHarness {
 
     /// A bridge config under `prefix` with timings fit for tests: a forgotten ttl does not
     /// stall a case, reconnects are quick, and queues a failed run leaves behind expire.
-    fn config(url: &str, prefix: &str) -> AmqpConfig {
-        let mut config = AmqpConfig::new(url).with_prefix(prefix);
+    fn config(url: &str, prefix: &str, topology: TopologyMode) -> AmqpConfig {
+        let mut config = AmqpConfig::new(url)
+            .with_prefix(prefix)
+            .with_topology(topology);
         config.default_command_timeout = Duration::from_secs(5);
         config.reconnect_initial_delay = Duration::from_millis(50);
         config.reconnect_max_delay = Duration::from_millis(500);
@@ -160,12 +172,13 @@ async fn deploy<H: Send + Sync + 'static>(
     url: &str,
     prefix: &str,
     instances: usize,
+    topology: TopologyMode,
     hold: H,
 ) -> Deployment {
     let bridges: Vec<Arc<AmqpBridge>> = (0..instances)
         .map(|_| {
             Arc::new(
-                AmqpBridge::new(AmqpHarness::config(url, prefix))
+                AmqpBridge::new(AmqpHarness::config(url, prefix, topology))
                     .unwrap_or_else(|e| panic!("the amqp bridge refused its test config: {e}")),
             )
         })
@@ -240,7 +253,10 @@ async fn remove(url: &str, queues: &BTreeSet<String>, exchange: &str) {
 #[async_trait]
 impl Harness for AmqpHarness {
     fn name(&self) -> &'static str {
-        "amqp"
+        match self.topology {
+            TopologyMode::Native => "amqp",
+            TopologyMode::Purista => "amqp-purista",
+        }
     }
 
     fn mode(&self) -> TestMode {
@@ -248,10 +264,14 @@ impl Harness for AmqpHarness {
     }
 
     fn capabilities(&self) -> Capabilities {
-        AmqpBridge::new(AmqpHarness::config(DEFAULT_URL, "capabilities"))
-            .expect("the test config is valid")
-            .capabilities()
-            .clone()
+        AmqpBridge::new(AmqpHarness::config(
+            DEFAULT_URL,
+            "capabilities",
+            self.topology,
+        ))
+        .expect("the test config is valid")
+        .capabilities()
+        .clone()
     }
 
     fn queue_capabilities(&self) -> Option<QueueCapabilities> {
@@ -282,13 +302,13 @@ impl Harness for AmqpHarness {
         let url = AmqpHarness::url()
             .await
             .unwrap_or_else(|why| panic!("no broker for the amqp harness: {why}"));
-        deploy(&url, prefix, instances, ()).await
+        deploy(&url, prefix, instances, self.topology, ()).await
     }
 
     async fn control(&self) -> Result<Arc<dyn BrokerControl>, String> {
         #[cfg(unix)]
         {
-            private_node_control().await
+            private_node_control(self.topology).await
         }
         #[cfg(not(unix))]
         Err("private RabbitMQ nodes are started on unix hosts only".into())
@@ -297,7 +317,7 @@ impl Harness for AmqpHarness {
 
 /// The private node of this process, started on first use.
 #[cfg(unix)]
-async fn private_node_control() -> Result<Arc<dyn BrokerControl>, String> {
+async fn private_node_control(topology: TopologyMode) -> Result<Arc<dyn BrokerControl>, String> {
     use private_node::PrivateNode;
     static NODE: OnceCell<Result<Arc<PrivateNode>, String>> = OnceCell::const_new();
     static ONE_AT_A_TIME: std::sync::OnceLock<Arc<tokio::sync::Mutex<()>>> =
@@ -312,6 +332,7 @@ async fn private_node_control() -> Result<Arc<dyn BrokerControl>, String> {
         .clone()?;
     Ok(Arc::new(PrivateNodeControl {
         node,
+        topology,
         one_at_a_time: ONE_AT_A_TIME.get_or_init(Default::default).clone(),
     }))
 }
@@ -324,6 +345,7 @@ async fn private_node_control() -> Result<Arc<dyn BrokerControl>, String> {
 #[cfg(unix)]
 struct PrivateNodeControl {
     node: Arc<private_node::PrivateNode>,
+    topology: TopologyMode,
     one_at_a_time: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -332,7 +354,7 @@ struct PrivateNodeControl {
 impl BrokerControl for PrivateNodeControl {
     async fn deployment(&self, prefix: &str, instances: usize) -> Deployment {
         let turn = self.one_at_a_time.clone().lock_owned().await;
-        deploy(&self.node.url(), prefix, instances, turn).await
+        deploy(&self.node.url(), prefix, instances, self.topology, turn).await
     }
 
     async fn drop_connections(&self, prefix: &str) {
