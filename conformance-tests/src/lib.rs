@@ -185,6 +185,18 @@ pub fn all_cases() -> Vec<Case> {
             worker_settles_jobs_through_the_service: nothing().queue_bridge(),
             a_job_runs_in_the_flow_that_enqueued_it: needs(&[Commands]).queue_bridge(),
         }
+        observability {
+            one_request_is_one_trace_across_instances:
+                needs(&[Commands, SharedSubscription]),
+            retries_and_dead_letters_stay_in_the_trace: needs(&[
+                ManualAck,
+                SharedSubscription,
+                BoundedRetry { max_attempts: 2 },
+                DeadLetter,
+            ]),
+            a_job_continues_the_trace_of_the_command_that_enqueued_it:
+                needs(&[Commands]).queue_bridge(),
+        }
         limits {
             a_body_at_the_declared_limit_arrives_and_one_byte_more_is_400:
                 needs(&[SharedSubscription]).payload_limit(),

@@ -5,11 +5,17 @@
 //! (bounded, newest kept). Cases run in parallel in one process, so a case finds *its*
 //! warnings by a value only it uses (its resource prefix in a registration or reason). With
 //! `RUST_LOG` set, events are also printed to the test output.
+//!
+//! The same subscriber records finished spans (core's [`SpanRecorder`]) once a case asks for
+//! them ([`spans`]): the observability cases read their traces back by trace id. Until then
+//! span recording is off, so the other cases pay nothing for it.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
+use purista_core::observe::SpanRecorder;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::filter::LevelFilter;
@@ -48,6 +54,17 @@ impl Captured {
 type Store = Arc<Mutex<VecDeque<Captured>>>;
 
 static STORE: OnceLock<Option<Store>> = OnceLock::new();
+
+/// Finished spans, recorded while [`RECORDING`] is on.
+static SPANS: OnceLock<SpanRecorder> = OnceLock::new();
+/// Whether spans are recorded: off until a case asks for them.
+static RECORDING: AtomicBool = AtomicBool::new(false);
+/// Spans kept; older ones are forgotten.
+const SPAN_CAPACITY: usize = 100_000;
+
+fn span_recorder() -> &'static SpanRecorder {
+    SPANS.get_or_init(|| SpanRecorder::with_capacity(SPAN_CAPACITY))
+}
 
 struct CaptureLayer(Store);
 
@@ -109,8 +126,15 @@ pub fn install() -> bool {
                     .with_test_writer()
                     .with_filter(EnvFilter::from_default_env())
             });
+            let spans =
+                span_recorder()
+                    .layer()
+                    .with_filter(tracing_subscriber::filter::dynamic_filter_fn(|_, _| {
+                        RECORDING.load(Ordering::Relaxed)
+                    }));
             let installed = tracing_subscriber::registry()
                 .with(CaptureLayer(store.clone()).with_filter(LevelFilter::WARN))
+                .with(spans)
                 .with(print)
                 .try_init()
                 .is_ok();
@@ -133,4 +157,16 @@ pub fn warnings(pick: impl Fn(&Captured) -> bool) -> Vec<Captured> {
 /// True when capturing works in this process.
 pub fn capturing() -> bool {
     matches!(STORE.get(), Some(Some(_)))
+}
+
+/// The process's span recorder, recording from now on. Installs the capture if nobody did;
+/// panics when it cannot record (another global subscriber came first): a case that checks a
+/// trace must not pass because nothing could be seen.
+pub fn spans() -> &'static SpanRecorder {
+    install();
+    if !capturing() {
+        panic!("spans cannot be recorded: another tracing subscriber was installed first");
+    }
+    RECORDING.store(true, Ordering::Relaxed);
+    span_recorder()
 }

@@ -10,6 +10,7 @@ pub mod duplicates;
 pub mod envelope;
 pub mod lifecycle;
 pub mod limits;
+pub mod observability;
 pub mod outcomes;
 pub mod queues;
 pub mod reliability;
