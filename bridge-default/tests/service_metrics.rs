@@ -20,8 +20,8 @@ use purista_bridge_default::{MemoryBroker, MemoryQueueBridge};
 use purista_core::observe::metrics::names;
 use purista_core::service::SubscriptionContext;
 use purista_core::{
-    Address, CommandDef, Context, Empty, HandledError, JobContext, Outcome, QueueWorkerDef,
-    Service, StatusCode, SubscriptionDef,
+    Address, CommandDef, Context, Empty, EventBridge, HandledError, JobContext, JobSettlement,
+    Outcome, QueueWorkerDef, Service, StatusCode, SubscriptionDef, SubscriptionOperator,
 };
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -394,5 +394,110 @@ async fn jobs_count_their_attempts_and_enqueues() {
         3
     );
 
+    service.shutdown(deadline()).await;
+}
+
+#[tokio::test]
+async fn sampled_state_follows_paused_consumers_and_each_queue_s_jobs() {
+    let m = recorder();
+    let broker = MemoryBroker::new();
+    let bridge = Arc::new(broker.bridge());
+    let queues = Arc::new(MemoryQueueBridge::new());
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let held = gate.clone();
+    let paused_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let service = Service::builder("metrics-state", "1")
+        .state_metrics_interval(Duration::from_millis(20))
+        .queue_bridge(queues.clone())
+        .subscription(
+            SubscriptionDef::new("pauses", move |_ctx: SubscriptionContext, _e: Value| {
+                let first = !paused_once.swap(true, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    // Pauses once; the redelivery after the resume is settled.
+                    Ok(if first {
+                        Outcome::StopConsumer {
+                            reason: "downstream is down".into(),
+                        }
+                    } else {
+                        Outcome::Ack
+                    })
+                }
+            })
+            .event_name("metricsStatePause")
+            .pausable(),
+        )
+        .queue_worker(
+            QueueWorkerDef::new("metrics-state-jobs", move |_ctx: JobContext, n: u32| {
+                let held = held.clone();
+                async move {
+                    Ok(match n {
+                        0 => JobSettlement::DeadLetter {
+                            reason: "unusable".into(),
+                        },
+                        1 => JobSettlement::Retry {
+                            delay: Some(Duration::from_secs(600)),
+                            reason: None,
+                        },
+                        _ => {
+                            held.notified().await;
+                            JobSettlement::Complete
+                        }
+                    })
+                }
+            })
+            .lease_wait(Duration::from_millis(20)),
+        )
+        .build()
+        .start(bridge.clone())
+        .await
+        .expect("starts");
+    let instance = bridge.instance_id().to_string();
+    let on_bridge = [
+        ("messaging.system", "default"),
+        ("purista.instance.id", instance.as_str()),
+    ];
+    let queue = [("messaging.destination.name", "metrics-state-jobs")];
+    assert_eq!(m.gauge(names::PAUSED_CONSUMERS, &on_bridge), 0.0);
+
+    // One job dead-lettered, one waiting for its retry, one held in its handler, two waiting
+    // for the one worker slot.
+    let ctx = service.context();
+    for n in 0..5u32 {
+        ctx.enqueue("metrics-state-jobs", n, Empty)
+            .await
+            .expect("enqueued");
+    }
+    eventually("the queue's state sampled", || {
+        m.gauge(names::QUEUE_DEAD_LETTERED, &queue) == 1.0
+            && m.gauge(names::QUEUE_DELAYED, &queue) == 1.0
+            && m.gauge(names::QUEUE_LEASED, &queue) == 1.0
+            && m.gauge(names::QUEUE_DEPTH, &queue) == 2.0
+    })
+    .await;
+
+    // A consumer that pauses itself shows up, and goes once resumed.
+    service
+        .emit("metricsStatePause", json!({ "n": 1 }))
+        .await
+        .expect("emitted");
+    eventually("the paused consumer sampled", || {
+        m.gauge(names::PAUSED_CONSUMERS, &on_bridge) == 1.0
+    })
+    .await;
+    let paused = bridge.paused_subscription_consumers();
+    assert_eq!(paused.len(), 1);
+    assert!(
+        bridge
+            .resume_subscription_consumer(&paused[0].key)
+            .await
+            .expect("resumes")
+    );
+    eventually("the resumed consumer sampled", || {
+        m.gauge(names::PAUSED_CONSUMERS, &on_bridge) == 0.0
+    })
+    .await;
+    assert_eq!(m.counter(names::RECONNECTS, &on_bridge), 0);
+
+    gate.notify_waiters();
     service.shutdown(deadline()).await;
 }

@@ -17,6 +17,24 @@
 //! | `messaging.client.sent.messages` | counter | {message} | `messaging.system`, `messaging.operation.name` (`invoke`, `emit`, `enqueue`), `purista.service.name` |
 //! | `purista.invoke.failures` | counter | {message} | `messaging.system`, `purista.service.name` |
 //!
+//!
+//! Sampled state, set every [`ServiceBuilder::state_metrics_interval`](crate::ServiceBuilder::state_metrics_interval)
+//! (15 s by default) by every running service from its bridges:
+//!
+//! | name | kind | unit | labels |
+//! |---|---|---|---|
+//! | `purista.bridge.reconnects` | counter | {reconnect} | `messaging.system`, `purista.instance.id` |
+//! | `purista.bridge.poison_messages` | counter | {message} | the same |
+//! | `purista.consumers.paused` | gauge | {consumer} | the same |
+//! | `purista.queue.depth` | gauge | {job} | `messaging.system` (the queue bridge's), `messaging.destination.name` (the queue) |
+//! | `purista.queue.leased` | gauge | {job} | the same |
+//! | `purista.queue.delayed` | gauge | {job} | the same |
+//! | `purista.queue.dead_lettered` | gauge | {job} | the same |
+//!
+//! The bridge series are per bridge instance (`purista.instance.id`), whichever of the services
+//! on it samples them: services sharing one instance set the same values. The queue series are
+//! the queue bridge's view of each queue a service works.
+//!
 //! `purista.kind` is `command`, `subscription`, `stream` or `job`; `messaging.destination.name`
 //! is the registration (`orders@1/place`, a subscription's key, a queue's name).
 //! `purista.outcome` is `ok` (answered, acked, completed), `error` (a command or stream that
@@ -68,6 +86,85 @@ pub mod names {
     pub const SENT: &str = "messaging.client.sent.messages";
     /// Invocations that ended in an error (counter).
     pub const INVOKE_FAILURES: &str = "purista.invoke.failures";
+    /// Reconnects of a bridge instance since it started (counter, sampled).
+    pub const RECONNECTS: &str = "purista.bridge.reconnects";
+    /// Poison deliveries a bridge instance set aside (counter, sampled).
+    pub const POISON_MESSAGES: &str = "purista.bridge.poison_messages";
+    /// Subscription consumers paused by `stop_consumer` on a bridge instance (gauge, sampled).
+    pub const PAUSED_CONSUMERS: &str = "purista.consumers.paused";
+    /// Jobs ready to lease (gauge, sampled).
+    pub const QUEUE_DEPTH: &str = "purista.queue.depth";
+    /// Jobs under lease (gauge, sampled).
+    pub const QUEUE_LEASED: &str = "purista.queue.leased";
+    /// Jobs waiting for their run-at or retry time (gauge, sampled).
+    pub const QUEUE_DELAYED: &str = "purista.queue.delayed";
+    /// Jobs in the dead-letter queue (gauge, sampled).
+    pub const QUEUE_DEAD_LETTERED: &str = "purista.queue.dead_lettered";
+}
+
+/// The sampled meters of one bridge instance.
+pub(crate) struct BridgeMeters {
+    reconnects: Counter,
+    poison: Counter,
+    paused: Gauge,
+}
+
+impl BridgeMeters {
+    /// Registers the meters of bridge instance `instance` on `system`.
+    pub fn new(system: &str, instance: &str) -> Self {
+        let labels = || {
+            vec![
+                Label::new("messaging.system", system.to_string()),
+                Label::new("purista.instance.id", instance.to_string()),
+            ]
+        };
+        BridgeMeters {
+            reconnects: metrics::counter!(names::RECONNECTS, labels()),
+            poison: metrics::counter!(names::POISON_MESSAGES, labels()),
+            paused: metrics::gauge!(names::PAUSED_CONSUMERS, labels()),
+        }
+    }
+
+    /// Sets the values read from the bridge.
+    pub fn set(&self, counters: &crate::BridgeCounters, paused: usize) {
+        self.reconnects.absolute(counters.reconnects);
+        self.poison.absolute(counters.poison_messages);
+        self.paused.set(paused as f64);
+    }
+}
+
+/// The sampled meters of one queue.
+pub(crate) struct QueueMeters {
+    depth: Gauge,
+    leased: Gauge,
+    delayed: Gauge,
+    dead_lettered: Gauge,
+}
+
+impl QueueMeters {
+    /// Registers the meters of `queue` on the queue bridge `system`.
+    pub fn new(system: &str, queue: &str) -> Self {
+        let labels = || {
+            vec![
+                Label::new("messaging.system", system.to_string()),
+                Label::new("messaging.destination.name", queue.to_string()),
+            ]
+        };
+        QueueMeters {
+            depth: metrics::gauge!(names::QUEUE_DEPTH, labels()),
+            leased: metrics::gauge!(names::QUEUE_LEASED, labels()),
+            delayed: metrics::gauge!(names::QUEUE_DELAYED, labels()),
+            dead_lettered: metrics::gauge!(names::QUEUE_DEAD_LETTERED, labels()),
+        }
+    }
+
+    /// Sets the values read from the queue bridge.
+    pub fn set(&self, m: &crate::QueueMetrics) {
+        self.depth.set(m.depth as f64);
+        self.leased.set(m.leased as f64);
+        self.delayed.set(m.delayed as f64);
+        self.dead_lettered.set(m.dead_lettered as f64);
+    }
 }
 
 /// The meters of one registration, registered once at start.
@@ -209,4 +306,17 @@ pub fn describe() {
     );
     metrics::describe_counter!(names::SENT, "Messages sent, by operation");
     metrics::describe_counter!(names::INVOKE_FAILURES, "Invocations that ended in an error");
+    metrics::describe_counter!(names::RECONNECTS, "Reconnects of a bridge instance");
+    metrics::describe_counter!(
+        names::POISON_MESSAGES,
+        "Deliveries a bridge instance could not process as what their queue carries"
+    );
+    metrics::describe_gauge!(
+        names::PAUSED_CONSUMERS,
+        "Subscription consumers paused by stop_consumer"
+    );
+    metrics::describe_gauge!(names::QUEUE_DEPTH, "Jobs ready to lease");
+    metrics::describe_gauge!(names::QUEUE_LEASED, "Jobs under lease");
+    metrics::describe_gauge!(names::QUEUE_DELAYED, "Jobs waiting for their time");
+    metrics::describe_gauge!(names::QUEUE_DEAD_LETTERED, "Jobs in the dead-letter queue");
 }

@@ -4,6 +4,7 @@
 //! compares with the bridge's capabilities.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::command::CommandDef;
 use super::queue_worker::QueueWorkerDef;
@@ -25,7 +26,11 @@ pub struct Service {
     pub(super) queues_declared: Vec<(String, QueueConfig)>,
     pub(super) queue_bridge: Option<Arc<dyn QueueBridge>>,
     pub(super) trace_identities: bool,
+    pub(super) state_metrics_interval: Duration,
 }
+
+/// How often a running service samples its bridges' state into the metrics by default.
+pub const DEFAULT_STATE_METRICS_INTERVAL: Duration = Duration::from_secs(15);
 
 /// Builds a [`Service`].
 pub struct ServiceBuilder {
@@ -48,6 +53,7 @@ impl Service {
                 queues_declared: Vec::new(),
                 queue_bridge: None,
                 trace_identities: false,
+                state_metrics_interval: DEFAULT_STATE_METRICS_INTERVAL,
             },
         }
     }
@@ -108,6 +114,24 @@ impl ServiceBuilder {
     /// process for a tracing backend. They travel in the envelope either way.
     pub fn trace_identities(mut self, record: bool) -> Self {
         self.service.trace_identities = record;
+        self
+    }
+
+    /// How often the running service samples its bridges' state into the metrics: reconnects,
+    /// poison messages and paused consumers of its event bridge, and the depth, leased, delayed
+    /// and dead-lettered jobs of every queue it works ([`observe::metrics`](crate::observe::metrics)).
+    /// 15 s by default; `Duration::ZERO` turns sampling off (the other metrics stay).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use purista_core::Service;
+    /// let service = Service::builder("billing", "1")
+    ///     .state_metrics_interval(Duration::from_secs(5))
+    ///     .build();
+    /// # let _ = service;
+    /// ```
+    pub fn state_metrics_interval(mut self, every: Duration) -> Self {
+        self.service.state_metrics_interval = every;
         self
     }
 

@@ -39,12 +39,13 @@ mod health;
 mod lifecycle;
 mod queue_worker;
 mod running;
+mod sampler;
 mod settle;
 mod start;
 mod stream;
 mod subscription;
 
-pub use builder::{Service, ServiceBuilder};
+pub use builder::{DEFAULT_STATE_METRICS_INTERVAL, Service, ServiceBuilder};
 pub use command::{CommandDef, CommandFn, ContractArgs};
 pub use context::{Context, InvokeOptions, JobContext, SubscriptionContext};
 pub use contract::CommandContract;

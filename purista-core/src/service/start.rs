@@ -15,13 +15,13 @@ use super::lifecycle::{Registered, emit_info, unregister_all};
 use super::queue_worker::{self, WorkerSignal};
 use super::running::RunningService;
 use super::settle::SettleRules;
-use super::{command, context, stream, subscription};
+use super::{command, context, sampler, stream, subscription};
 use crate::bridge::{BridgeHealth, EventBridge};
 use crate::capabilities::{StrictCheckError, check};
 use crate::envelope::{Address, MessageType};
 use crate::error::BridgeError;
 use crate::inflight::{InFlightTracker, WorkKind};
-use crate::observe::metrics::{ClientMeters, RegistrationMeters};
+use crate::observe::metrics::{BridgeMeters, ClientMeters, QueueMeters, RegistrationMeters};
 use crate::observe::spans::Site;
 use crate::queue::{QueueDeclaration, QueueError};
 
@@ -200,6 +200,23 @@ impl Service {
                 });
                 worker_tasks.push(tokio::spawn(runtime.run(signal_tx.subscribe())));
             }
+        }
+        if !self.state_metrics_interval.is_zero() {
+            let queues = self.queue_bridge.as_ref().map(|q| {
+                let meters = self
+                    .workers
+                    .iter()
+                    .map(|w| (w.queue.clone(), QueueMeters::new(q.name(), &w.queue)))
+                    .collect();
+                (q.clone(), meters)
+            });
+            let sampler = sampler::StateSampler {
+                shared: shared.clone(),
+                every: self.state_metrics_interval,
+                bridge: BridgeMeters::new(bridge.messaging_system(), bridge.instance_id()),
+                queues,
+            };
+            worker_tasks.push(tokio::spawn(sampler.run(signal_tx.subscribe())));
         }
         emit_info(&shared, MessageType::InfoServiceReady, "", Value::Null).await;
         tracing::info!(service = %self.name, version = %self.version, description = %self.description, bridge = %bridge.name(), "service ready");
