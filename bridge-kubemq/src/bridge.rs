@@ -23,6 +23,7 @@ use crate::commands::{self, Responder};
 use crate::config::KubemqConfig;
 use crate::connection::{Connection, sdk_error};
 use crate::dead_letters;
+use crate::durable::{DurableConsumer, Registry};
 use crate::publish::{encode_checked, publish_event};
 use crate::shared::Shared;
 use crate::subscriptions::Consumer;
@@ -43,7 +44,11 @@ pub fn capabilities(config: &KubemqConfig) -> Capabilities {
     caps.delayed_retry = true;
     caps.dead_letter = true;
     caps.pause_resume = true;
+    // A queue per durable subscription, filled by the publishers (crate::durable).
+    caps.durable_subscriptions = true;
     caps.command_delivery = DeliveryGuarantee::AtMostOnce;
+    // Durable subscriptions are at least once; the others ride Events, at most once, and the
+    // capability speaks for every subscription.
     caps.subscription_delivery = DeliveryGuarantee::AtMostOnce;
     caps.limits.max_payload_bytes = Some(config.max_payload_bytes);
     caps.limits.max_name_len = Some(MAX_CHANNEL_LEN);
@@ -60,6 +65,8 @@ pub struct KubemqBridge {
     consumers: Mutex<HashMap<RegistrationKey, Arc<Consumer>>>,
     /// Consumers that left but keep forwarding to their group until shutdown.
     retired: Mutex<Vec<Arc<Consumer>>>,
+    /// Durable subscription consumers by registration key.
+    durables: Mutex<HashMap<RegistrationKey, Arc<DurableConsumer>>>,
     started: OnceCell<()>,
     drained: OnceCell<DrainReport>,
 }
@@ -96,6 +103,7 @@ impl KubemqBridge {
             retired_responders: Mutex::new(Vec::new()),
             consumers: Mutex::new(HashMap::new()),
             retired: Mutex::new(Vec::new()),
+            durables: Mutex::new(HashMap::new()),
             started: OnceCell::new(),
             drained: OnceCell::new(),
         })
@@ -163,11 +171,17 @@ impl KubemqBridge {
         }
         let mut consumers: Vec<Arc<Consumer>> = self.consumers.lock().values().cloned().collect();
         consumers.extend(self.retired.lock().drain(..));
+        let durables: Vec<Arc<DurableConsumer>> =
+            self.durables.lock().drain().map(|(_, d)| d).collect();
         let _ = tokio::time::timeout_at(
             deadline,
-            futures::future::join_all(consumers.iter().map(|c| c.stop())),
+            futures::future::join(
+                futures::future::join_all(consumers.iter().map(|c| c.stop())),
+                futures::future::join_all(durables.iter().map(|d| d.close())),
+            ),
         )
         .await;
+        self.shared.durable.stop();
         let idle = self.shared.tracker.wait_idle(deadline).await;
         let mut still_running = self.shared.tracker.running();
         let rejected = self.shared.pending.close(&BridgeError::Unavailable(
@@ -199,6 +213,7 @@ impl SubscriptionOperator for KubemqBridge {
             .values()
             .filter_map(|c| c.paused())
             .collect();
+        out.extend(self.durables.lock().values().filter_map(|d| d.paused()));
         out.sort_by(|a, b| a.key.as_str().cmp(b.key.as_str()));
         out
     }
@@ -208,9 +223,11 @@ impl SubscriptionOperator for KubemqBridge {
         key: &RegistrationKey,
     ) -> Result<bool, BridgeError> {
         let consumer = self.consumers.lock().get(key).cloned();
-        match consumer {
-            Some(c) => c.resume().await,
-            None => Ok(false),
+        let durable = self.durables.lock().get(key).cloned();
+        match (consumer, durable) {
+            (Some(c), _) => c.resume().await,
+            (None, Some(d)) => d.resume().await,
+            (None, None) => Ok(false),
         }
     }
 
@@ -228,7 +245,8 @@ impl SubscriptionOperator for KubemqBridge {
         limit: usize,
     ) -> Result<ReplayReport, BridgeError> {
         let consumers = self.consumers.lock().clone();
-        dead_letters::replay(&self.shared, &consumers, target, limit).await
+        let durables = self.durables.lock().clone();
+        dead_letters::replay(&self.shared, &consumers, &durables, target, limit).await
     }
 
     async fn purge_dead_letters(&self, target: &str) -> Result<usize, BridgeError> {
@@ -265,7 +283,12 @@ impl EventBridge for KubemqBridge {
                 loop {
                     let left = deadline.saturating_duration_since(Instant::now());
                     match self.ping(left.max(Duration::from_millis(1))).await {
-                        Ok(()) => return self.check_token().await,
+                        Ok(()) => {
+                            self.check_token().await?;
+                            // Every durable subscription under the prefix, before the first
+                            // publish: where published events also go.
+                            return Registry::start(&self.shared).await;
+                        }
                         Err(e) if Instant::now() >= deadline || !e.is_retryable() => {
                             return Err(BridgeError::Unavailable(format!(
                                 "KubeMQ at {} does not answer: {e}",
@@ -302,7 +325,8 @@ impl EventBridge for KubemqBridge {
             .lock()
             .values()
             .filter(|c| !c.is_up())
-            .count();
+            .count()
+            + self.durables.lock().values().filter(|d| !d.is_up()).count();
         if down_responders + down_consumers > 0 {
             return BridgeHealth::Unhealthy {
                 reason: format!(
@@ -364,12 +388,20 @@ impl EventBridge for KubemqBridge {
         spec: SubscriptionSpec,
         handler: Arc<dyn DeliveryHandler>,
     ) -> Result<(), BridgeError> {
-        if spec.durable {
-            return Err(BridgeError::Unsupported(
-                "durable subscriptions on the kubemq bridge".into(),
-            ));
-        }
         let key = spec.key.clone();
+        if spec.durable {
+            if self.durables.lock().contains_key(&key) {
+                return Err(BridgeError::AlreadyRegistered(key.to_string()));
+            }
+            let durable = DurableConsumer::start(&self.shared, spec, handler).await?;
+            let raced = self.durables.lock().insert(key.clone(), durable.clone());
+            if let Some(earlier) = raced {
+                self.durables.lock().insert(key.clone(), earlier);
+                durable.close().await;
+                return Err(BridgeError::AlreadyRegistered(key.to_string()));
+            }
+            return Ok(());
+        }
         if self.consumers.lock().contains_key(&key) {
             return Err(BridgeError::AlreadyRegistered(key.to_string()));
         }
@@ -391,6 +423,10 @@ impl EventBridge for KubemqBridge {
     }
 
     async fn unregister_subscription(&self, key: &RegistrationKey) -> Result<(), BridgeError> {
+        let durable = self.durables.lock().remove(key);
+        if let Some(d) = durable {
+            d.close().await;
+        }
         let consumer = self.consumers.lock().remove(key);
         if let Some(c) = consumer {
             c.close().await;

@@ -187,6 +187,17 @@ impl Channels {
         self.join("h", &[token(&ADDRESS_RULES, Some(key.as_str()))])
     }
 
+    /// The Events Store channel that records the durable subscriptions under the prefix
+    /// (every publishing instance reads it to know which durable queues an event goes to).
+    pub fn durable_registry(&self) -> String {
+        self.join("durable", &[])
+    }
+
+    /// The KubeMQ queue that keeps the deliveries of durable subscription `key`.
+    pub fn durable_queue(&self, key: &purista_core::RegistrationKey) -> String {
+        self.join("dq", &[token(&ADDRESS_RULES, Some(key.as_str()))])
+    }
+
     /// The hand-off query channel of a command endpoint: every responder of the endpoint also
     /// answers there, and a responder that left forwards what still reaches it there.
     pub fn command_handoff(&self, address: &Address) -> String {

@@ -17,6 +17,7 @@ use purista_core::{
 };
 
 use crate::connection::sdk_error;
+use crate::durable::DurableConsumer;
 use crate::shared::Shared;
 use crate::subscriptions::{Consumer, TAG_AT, TAG_ATTEMPTS, TAG_ORIGIN, TAG_REASON};
 
@@ -100,6 +101,7 @@ pub async fn purge(shared: &Shared, target: &str) -> Result<usize, BridgeError> 
 pub async fn replay(
     shared: &Shared,
     consumers: &HashMap<RegistrationKey, Arc<Consumer>>,
+    durables: &HashMap<RegistrationKey, Arc<DurableConsumer>>,
     target: &str,
     limit: usize,
 ) -> Result<ReplayReport, BridgeError> {
@@ -137,14 +139,22 @@ pub async fn replay(
         let left = if note.origin.is_empty() {
             Some(NotReplayed::UnknownSource)
         } else {
-            match consumers.get(&RegistrationKey::from(note.origin.as_str())) {
-                Some(consumer) => match consumer.hand_in(envelope.clone()).await {
+            let origin = RegistrationKey::from(note.origin.as_str());
+            match (consumers.get(&origin), durables.get(&origin)) {
+                (Some(consumer), _) => match consumer.hand_in(envelope.clone()).await {
                     true => None,
                     false => Some(NotReplayed::Refused {
                         source: note.origin.clone(),
                     }),
                 },
-                None => Some(NotReplayed::SourceGone {
+                // A durable subscription's: into its queue, for any of its instances.
+                (None, Some(durable)) => match durable.hand_in(&envelope).await {
+                    Ok(()) => None,
+                    Err(_) => Some(NotReplayed::Refused {
+                        source: note.origin.clone(),
+                    }),
+                },
+                (None, None) => Some(NotReplayed::SourceGone {
                     source: note.origin.clone(),
                 }),
             }

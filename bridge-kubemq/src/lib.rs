@@ -20,8 +20,10 @@
 //!   letter, drop, pause).
 //! * **Queue bridge** ([`KubemqQueues`]): jobs on KubeMQ queues with visibility leases
 //!   ([`queues`]).
-//! * Not provided, and refused by the strict startup check: durable subscriptions,
-//!   at-least-once subscriptions, streams.
+//! * **Durable subscriptions** (`durable.rs`): a KubeMQ queue per
+//!   subscription, filled by the publishers from a registry on Events Store; at least once.
+//! * Not provided, and refused by the strict startup check: at-least-once delivery for every
+//!   subscription (non-durable ones ride Events, at most once), streams.
 //!
 //! The in-repo protocol double ([`double`], cargo feature `double`) is the KubeMQ server of
 //! the tests and benchmarks here; the same tests run against a real KubeMQ when
@@ -36,6 +38,7 @@ mod dead_letters;
 #[cfg(feature = "double")]
 pub mod double;
 mod driver;
+mod durable;
 mod probe;
 mod publish;
 pub mod queues;

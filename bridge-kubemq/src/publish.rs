@@ -22,18 +22,23 @@ pub fn encode_checked(shared: &Shared, message: &Envelope) -> Result<Vec<u8>, Br
     Ok(bytes)
 }
 
-/// Publishes already encoded `bytes` of `message` as an Events event.
+/// Publishes already encoded `bytes` of `message` as an Events event, and into the queue of
+/// every durable subscription it belongs to ([`crate::durable`]).
 pub async fn publish_event(
     shared: &Shared,
     message: &Envelope,
     bytes: Vec<u8>,
 ) -> Result<(), BridgeError> {
+    let durable =
+        crate::durable::fan_out(shared, crate::durable::deliveries(shared, message, &bytes));
     let event = Event::builder()
         .id(message.id.clone())
         .channel(shared.channels.event(message))
         .body(bytes)
         .build();
-    send_event(shared, event).await
+    futures::future::try_join(send_event(shared, event), durable)
+        .await
+        .map(|_| ())
 }
 
 /// Sends a readiness probe event on `channel`.

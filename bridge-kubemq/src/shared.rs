@@ -34,6 +34,8 @@ pub struct Shared {
     pub pending: PendingInvocations<Envelope>,
     /// Set once shutdown began: no new work is taken.
     pub closing: AtomicBool,
+    /// The durable subscriptions under the prefix (where published events also go).
+    pub durable: crate::durable::Registry,
     reconnects: AtomicU64,
     poison: AtomicU64,
     late: AtomicU64,
@@ -56,6 +58,7 @@ impl Shared {
             tracker: InFlightTracker::new(),
             pending: PendingInvocations::default(),
             closing: AtomicBool::new(false),
+            durable: crate::durable::Registry::default(),
             reconnects: AtomicU64::new(0),
             poison: AtomicU64::new(0),
             late: AtomicU64::new(0),

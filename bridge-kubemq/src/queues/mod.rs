@@ -29,9 +29,9 @@
 
 mod dead_jobs;
 mod declarations;
-mod lease;
+pub(crate) mod lease;
 pub mod record;
-mod stream;
+pub(crate) mod stream;
 
 use std::collections::HashMap;
 use std::sync::Arc;
