@@ -130,6 +130,7 @@ impl Registry {
                     },
                 )
                 .await
+                .inspect_err(|_| registry.stop())
             })
             .await
             .map(|_| ())
