@@ -41,8 +41,8 @@ fn kubemqs_python_sdk_gets_what_kubemqs_docs_say_from_the_double() {
     println!("{stdout}");
     let passed = stdout.lines().filter(|l| l.starts_with("PASS ")).count();
     assert!(
-        output.status.success() && passed == 7,
-        "the KubeMQ SDK check failed ({passed}/7 passed):\n{stdout}\n{stderr}"
+        output.status.success() && passed == 8,
+        "the KubeMQ SDK check failed ({passed}/8 passed):\n{stdout}\n{stderr}"
     );
 }
 

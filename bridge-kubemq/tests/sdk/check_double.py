@@ -217,6 +217,66 @@ async def check_events_store(pubsub):
     assert new_only[0][0] >= 4, new_only
 
 
+async def check_events_store_group(pubsub):
+    """Events Store subscribers sharing a group get each stored event once between them, in
+    sequence order per member; the events stay stored for a later StartFromFirst reader."""
+    chan = channel("store-group")
+    sinks = [Collector(), Collector()]
+    tasks = [
+        start(
+            pubsub.subscribe_to_events_store(
+                EventsStoreSubscription(
+                    channel=chan,
+                    group="sg",
+                    on_receive_event_callback=noop,
+                    events_store_type=EventStoreStartPosition.StartFromNew,
+                )
+            ),
+            s,
+        )
+        for s in sinks
+    ]
+    # Markers go to one member at a time: keep storing them until both have seen one.
+    deadline = time.monotonic() + WAIT
+    markers = 0
+    while time.monotonic() < deadline:
+        await pubsub.send_event_store(EventStoreMessage(channel=chan, body=b"ready"))
+        markers += 1
+        await asyncio.sleep(0.05)
+        if all(any(describe(i) == "ready" for i in s.items) for s in sinks):
+            break
+    else:
+        raise AssertionError(f"events store group on {chan} never received anything")
+    for n in range(20):
+        result = await pubsub.send_event_store(EventStoreMessage(channel=chan, body=f"q{n}".encode()))
+        assert result.sent, result
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline and len(bodies(sinks[0].items) + bodies(sinks[1].items)) < 20:
+        await asyncio.sleep(0.02)
+    got = bodies(sinks[0].items) + bodies(sinks[1].items)
+    assert sorted(got) == sorted(f"q{n}" for n in range(20)), got
+    assert bodies(sinks[0].items) and bodies(sinks[1].items), "one member got everything"
+    for s in sinks:
+        sequences = [i.sequence for i in s.items]
+        assert sequences == sorted(sequences), f"a member got stored events out of order: {sequences}"
+    for t in tasks:
+        t.cancel()
+    reader = Collector()
+    task = start(
+        pubsub.subscribe_to_events_store(
+            EventsStoreSubscription(
+                channel=chan,
+                on_receive_event_callback=noop,
+                events_store_type=EventStoreStartPosition.StartFromFirst,
+            )
+        ),
+        reader,
+    )
+    await reader.wait_for(lambda items: len(items) >= markers + 20, "StartFromFirst replays what the group took")
+    task.cancel()
+    assert bodies(reader.items) == [f"q{n}" for n in range(20)], bodies(reader.items)
+
+
 async def check_queries(cq):
     """A query is answered by one responder of a group; nobody subscribed = error at timeout."""
     chan = channel("query")
@@ -317,6 +377,7 @@ async def main():
         await run("events group", check_events_group, pubsub)
         await run("events wildcards", check_wildcards, pubsub)
         await run("events store start positions", check_events_store, pubsub)
+        await run("events store group", check_events_store_group, pubsub)
     async with AsyncCQClient(address=ADDRESS, auth_token=TOKEN, client_id=f"sdk-cq-{RUN}") as cq:
         await run("queries", check_queries, cq)
     async with AsyncQueuesClient(address=ADDRESS, auth_token=TOKEN, client_id=f"sdk-q-{RUN}") as queues:
