@@ -31,6 +31,10 @@ use crate::shared::Shared;
 use crate::subscriptions::Consumer;
 use crate::topology::{self, Queue};
 
+/// How long a shutdown waits for the receive loops to finish their open long polls (they
+/// finish by themselves afterwards).
+const RECEIVER_GRACE: Duration = Duration::from_millis(1500);
+
 /// The bridge's name in capabilities and the matrix.
 pub const BRIDGE_NAME: &str = "aws";
 
@@ -207,6 +211,14 @@ impl AwsBridge {
         if let Some(reply) = self.reply.get() {
             let _ = reply.stop.send(true);
         }
+        // Receive loops end with their open long poll and release what it brings. Aborting
+        // one would not cancel it in SQS: its messages would hide for a visibility timeout.
+        // So the drain waits a moment for them and then lets them end by themselves (within
+        // `wait_seconds` plus one call timeout).
+        self.shared.receivers.close();
+        let grace = deadline.min(Instant::now() + RECEIVER_GRACE);
+        let _ = self.shared.receivers.wait_empty(grace).await;
+        self.shared.stop_batches();
         self.shared.tasks.close();
         let tasks_done = self.shared.tasks.wait_empty(deadline).await;
         let aborted = self.shared.tasks.abort_all();

@@ -1,9 +1,12 @@
 //! Commands over SQS (DESIGN §3.2).
 //!
 //! * **Caller**: the command goes to its endpoint's command queue
-//!   ([`Names::command_queue`](crate::names::Names::command_queue)) with two message
-//!   attributes: the caller's reply queue and the epoch ms at which the caller gives up. It is
-//!   also put on the bus for the subscriptions that watch commands. The response comes back on
+//!   ([`Names::command_queue`](crate::names::Names::command_queue)) as an item
+//!   `{expiresAt, replyTo, envelope}`: the epoch ms at which the caller gives up and the
+//!   caller's reply queue travel with it. Commands (and responses) sent while others to the same
+//!   queue are on their way share one SQS message (`{"puristaPack":[…]}`, up to 50 items and
+//!   the message limit): under load that divides SQS calls and queue depth. It is also put on
+//!   the bus for the subscriptions that watch commands. The response comes back on
 //!   the instance's reply queue and is matched by `correlationId`
 //!   ([`kit::PendingInvocations`]). A command queue that does not exist means that no service
 //!   ever served the endpoint: 502 at once. Otherwise nobody answering is a 504 at the ttl.
@@ -21,14 +24,13 @@ use std::time::Duration;
 
 use aws_sdk_sqs::types::Message;
 use parking_lot::Mutex;
-use purista_core::kit::{self, broker_call, deadline_after, endpoint_label, millis};
+use purista_core::kit::{self, deadline_after, endpoint_label, millis};
 use purista_core::{Address, BridgeError, Capabilities, CommandHandler, Envelope, WorkKind};
 use tokio::sync::{Semaphore, watch};
 
-use crate::client::sdk_error;
 use crate::publish::{encode_checked, put_event};
-use crate::receive::{self, attr, string_attribute};
-use crate::shared::{ATTR_EXPIRES_AT, ATTR_REPLY_TO, Shared, now_ms};
+use crate::receive;
+use crate::shared::{Shared, now_ms};
 use crate::topology;
 
 /// Commands one responder runs at once.
@@ -36,9 +38,10 @@ const RESPONDER_SLOTS: usize = 64;
 /// Responses the reply loop handles at once.
 const REPLY_SLOTS: usize = 256;
 
-/// Command queue URLs by endpoint label (they never change once created).
+/// Command queue URLs by endpoint label (they never change once created). Looked up once per
+/// endpoint however many invocations start at the same time.
 #[derive(Default)]
-pub struct QueueUrls(Mutex<HashMap<String, String>>);
+pub struct QueueUrls(Mutex<HashMap<String, Arc<tokio::sync::OnceCell<String>>>>);
 
 /// Sends `command` to its endpoint and waits for the response.
 pub async fn invoke(
@@ -67,20 +70,8 @@ pub async fn invoke(
     let exchange = async {
         let url = command_queue_url(shared, urls, &receiver, &label).await?;
         let expires = now_ms().saturating_add(millis(ttl));
-        let call = shared
-            .clients
-            .sqs
-            .send_message()
-            .queue_url(url)
-            .message_body(body.clone())
-            .message_attributes(ATTR_REPLY_TO, attr(reply_url)?)
-            .message_attributes(ATTR_EXPIRES_AT, attr(expires.to_string())?)
-            .send();
-        let sent = broker_call(shared.config.call_timeout, "SendMessage", async {
-            call.await
-                .map(|_| ())
-                .map_err(|e| sdk_error(&format!("sending a command to {label}"), e))
-        });
+        let item = command_item(expires, reply_url, &body);
+        let sent = shared.send_packed(&url, item);
         let announced = put_event(shared, &command, body.clone());
         let (sent, announced) = futures::join!(sent, announced);
         if let Err(error) = announced {
@@ -113,17 +104,17 @@ async fn command_queue_url(
     receiver: &Address,
     label: &str,
 ) -> Result<String, BridgeError> {
-    if let Some(url) = urls.0.lock().get(label) {
-        return Ok(url.clone());
-    }
-    let name = shared.names.command_queue(receiver)?;
-    match topology::queue_url(shared, &name).await? {
-        Some(url) => {
-            urls.0.lock().insert(label.to_string(), url.clone());
-            Ok(url)
+    let cell = urls.0.lock().entry(label.to_string()).or_default().clone();
+    cell.get_or_try_init(|| async {
+        let name = shared.names.command_queue(receiver)?;
+        match topology::queue_url(shared, &name).await? {
+            Some(url) => Ok(url),
+            // Not cached: the next invocation looks again (a server may have come).
+            None => Err(BridgeError::NoHandler(label.to_string())),
         }
-        None => Err(BridgeError::NoHandler(label.to_string())),
-    }
+    })
+    .await
+    .cloned()
 }
 
 /// One endpoint's responder on this instance.
@@ -173,13 +164,13 @@ pub async fn serve(
                 .tasks
                 .spawn(WorkKind::Command, label.clone(), async move {
                     let _in_flight = in_flight;
-                    respond(&shared2, &caps, &url, &*handler, message).await;
+                    take_commands(&shared2, &caps, &url, &handler, message).await;
                     drop(permit);
                 });
         })
     };
     for i in 0..shared.config.receivers_per_queue {
-        let spawned = shared.tasks.spawn(
+        let spawned = shared.receivers.spawn(
             WorkKind::Generic,
             format!("responder {label} #{i}").into(),
             receive::run(
@@ -206,28 +197,54 @@ pub async fn serve(
     })
 }
 
-/// Runs one command and answers it.
-async fn respond(
+/// One command in a pack on a command queue: the envelope, where to answer, and when its
+/// caller gives up (epoch ms).
+#[derive(serde::Deserialize)]
+struct CommandItem<'a> {
+    #[serde(rename = "expiresAt")]
+    expires_at: u64,
+    #[serde(rename = "replyTo")]
+    reply_to: String,
+    #[serde(borrow)]
+    envelope: &'a serde_json::value::RawValue,
+}
+
+/// The pack item of a command (its envelope already encoded).
+fn command_item(expires_at: u64, reply_to: &str, envelope: &str) -> String {
+    let reply_to = serde_json::Value::String(reply_to.to_string()).to_string();
+    format!("{{\"expiresAt\":{expires_at},\"replyTo\":{reply_to},\"envelope\":{envelope}}}")
+}
+
+/// Takes one message off a command queue (deleted first: commands are at most once) and runs
+/// each command of its pack in a task of its own.
+async fn take_commands(
     shared: &Arc<Shared>,
     caps: &Capabilities,
     url: &str,
-    handler: &dyn CommandHandler,
+    handler: &Arc<dyn CommandHandler>,
     message: Message,
 ) {
-    // At most once: gone from the queue before the handler runs.
     if let Err(error) = receive::delete(shared, url, &message).await {
-        tracing::warn!(%error, "a received command could not be deleted; it is not run (it may reach another responder)");
+        tracing::warn!(%error, "a received command message could not be deleted; it is not run (it may reach another responder)");
         return;
     }
-    let reply_to = string_attribute(&message, ATTR_REPLY_TO).map(str::to_string);
-    let expires = string_attribute(&message, ATTR_EXPIRES_AT).and_then(|v| v.parse::<u64>().ok());
-    let Some(body) = message.body() else {
+    let body = message.body().unwrap_or_default();
+    let Some(items) = crate::shared::unpack(body) else {
         shared.count_poison();
-        tracing::warn!("a command message without a body was dropped");
+        tracing::warn!("a message on a command queue is no command pack; dropped");
         return;
     };
-    let command =
-        match Envelope::decode_with_limit(body.as_bytes(), shared.config.max_message_bytes) {
+    let mut running = Vec::with_capacity(items.len());
+    for raw in items {
+        let Ok(item) = serde_json::from_str::<CommandItem<'_>>(raw.get()) else {
+            shared.count_poison();
+            tracing::warn!("an item of a command pack is no command; dropped");
+            continue;
+        };
+        let command = match Envelope::decode_with_limit(
+            item.envelope.get().as_bytes(),
+            shared.config.max_message_bytes,
+        ) {
             Ok(c) if c.message_type == purista_core::MessageType::Command => c,
             Ok(other) => {
                 shared.count_poison();
@@ -235,23 +252,31 @@ async fn respond(
                     message_type = other.message_type.as_str(),
                     "a message on a command queue is no command; dropped"
                 );
-                return;
+                continue;
             }
             Err(error) => {
                 shared.count_poison();
-                tracing::warn!(%error, "an undecodable message on a command queue was dropped");
-                return;
+                tracing::warn!(%error, "an undecodable command was dropped");
+                continue;
             }
         };
-    if expires.is_some_and(|at| at <= now_ms()) {
-        tracing::debug!(correlation_id = ?command.correlation_id, "a command whose caller gave up was not run");
-        return;
+        if item.expires_at <= now_ms() {
+            tracing::debug!(correlation_id = ?command.correlation_id, "a command whose caller gave up was not run");
+            continue;
+        }
+        running.push(respond(shared, caps, &**handler, command, item.reply_to));
     }
-    let Some(reply_to) = reply_to else {
-        shared.count_poison();
-        tracing::warn!(correlation_id = ?command.correlation_id, "a command without a reply queue was dropped");
-        return;
-    };
+    futures::future::join_all(running).await;
+}
+
+/// Runs one command and answers it.
+async fn respond(
+    shared: &Arc<Shared>,
+    caps: &Capabilities,
+    handler: &dyn CommandHandler,
+    command: Envelope,
+    reply_to: String,
+) {
     let command = Arc::new(command);
     let mut response = handler.handle(command.clone()).await;
     kit::stamp_response(&mut response, &command, &shared.instance_id);
@@ -271,22 +296,7 @@ async fn respond(
             String::from_utf8(response.encode()).unwrap_or_default()
         }
     };
-    let call = shared
-        .clients
-        .sqs
-        .send_message()
-        .queue_url(reply_to)
-        .message_body(body.clone())
-        .send();
-    let sent = broker_call(
-        shared.config.call_timeout,
-        "SendMessage (response)",
-        async {
-            call.await
-                .map(|_| ())
-                .map_err(|e| sdk_error("sending a response", e))
-        },
-    );
+    let sent = shared.send_packed(&reply_to, body.clone());
     let announced = put_event(shared, &response, body);
     let (sent, announced) = futures::join!(sent, announced);
     if let Err(error) = sent {
@@ -331,7 +341,7 @@ pub async fn open_reply_queue(
                 });
         })
     };
-    let spawned = shared.tasks.spawn(
+    let spawned = shared.receivers.spawn(
         WorkKind::Generic,
         "reply queue".into(),
         receive::run(
@@ -354,25 +364,25 @@ pub async fn open_reply_queue(
 }
 
 async fn take_response(shared: &Shared, url: &str, message: Message) {
-    let decoded = message
-        .body()
-        .map(|b| Envelope::decode_with_limit(b.as_bytes(), shared.config.max_message_bytes));
     if let Err(error) = receive::delete(shared, url, &message).await {
         tracing::debug!(%error, "a response could not be deleted from the reply queue");
     }
-    match decoded {
-        Some(Ok(response)) if response.correlation_id.is_some() => shared.pending.resolve(response),
-        Some(Ok(_)) => {
-            shared.count_poison();
-            tracing::warn!("a message without correlationId on the reply queue was dropped");
-        }
-        Some(Err(error)) => {
-            shared.count_poison();
-            tracing::warn!(%error, "an undecodable message on the reply queue was dropped");
-        }
-        None => {
-            shared.count_poison();
-            tracing::warn!("a message without a body on the reply queue was dropped");
+    let Some(items) = crate::shared::unpack(message.body().unwrap_or_default()) else {
+        shared.count_poison();
+        tracing::warn!("a message on the reply queue is no response pack; dropped");
+        return;
+    };
+    for item in items {
+        match Envelope::decode_with_limit(item.get().as_bytes(), shared.config.max_message_bytes) {
+            Ok(response) if response.correlation_id.is_some() => shared.pending.resolve(response),
+            Ok(_) => {
+                shared.count_poison();
+                tracing::warn!("a message without correlationId on the reply queue was dropped");
+            }
+            Err(error) => {
+                shared.count_poison();
+                tracing::warn!(%error, "an undecodable message on the reply queue was dropped");
+            }
         }
     }
 }

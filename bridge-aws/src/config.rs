@@ -14,7 +14,7 @@
 //! * `endpoint`: one endpoint for both services, for moto or LocalStack
 //!   (`http://127.0.0.1:5000`); default AWS's own (or `AWS_ENDPOINT_URL`).
 //! * `wait_seconds`: SQS long-polling wait of the receivers (default 20, AWS's maximum, which
-//!   costs nothing while a queue is idle; moto answers fastest with 1).
+//!   costs nothing while a queue is idle; the tests on moto use 5).
 //! * `max_message_bytes`: the largest SQS message and EventBridge entry the account takes
 //!   (default 262 144 = 256 KiB, the limit every account and moto has; accounts with the
 //!   1 MiB limit may set 1048576).

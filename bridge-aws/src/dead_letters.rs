@@ -59,12 +59,10 @@ pub async fn send(
             note.target
         )));
     };
-    let call = shared
-        .clients
-        .sqs
-        .send_message()
-        .queue_url(url)
-        .message_body(String::from_utf8(envelope.encode()).unwrap_or_default())
+    let body = String::from_utf8(envelope.encode()).unwrap_or_default();
+    let size = body.len() + note.reason.len() + note.origin.len() + 256;
+    let entry = aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+        .message_body(body)
         .message_attributes(
             ATTR_REASON,
             attr(if note.reason.is_empty() {
@@ -82,18 +80,8 @@ pub async fn send(
                 note.origin.as_str()
             })?,
         )
-        .message_attributes(ATTR_AT, attr(now_ms().to_string())?)
-        .send();
-    broker_call(
-        shared.config.call_timeout,
-        "SendMessage (dead letter)",
-        async {
-            call.await
-                .map(|_| ())
-                .map_err(|e| sdk_error(&format!("dead-lettering to {}", note.target), e))
-        },
-    )
-    .await
+        .message_attributes(ATTR_AT, attr(now_ms().to_string())?);
+    shared.send(&url, entry, size).await
 }
 
 async fn receive_batch(

@@ -33,6 +33,7 @@
 //! # Ok(()) }
 //! ```
 
+mod batch;
 mod bridge;
 mod client;
 mod commands;
@@ -54,7 +55,7 @@ pub use config::{AwsConfig, ConfigError};
 pub use driver::driver;
 pub use pattern::event_pattern;
 pub use publish::MAX_ENTRIES_PER_PUT;
-pub use shared::{ATTR_ATTEMPT, ATTR_EXPIRES_AT, ATTR_REPLY_TO, TAG_OWNER, TAG_RULE, TAG_SEEN};
+pub use shared::{ATTR_ATTEMPT, PACK_ITEMS, TAG_OWNER, TAG_RULE, TAG_SEEN, pack_body, unpack};
 pub use subscriptions::{ATTR_AT, ATTR_ATTEMPTS, ATTR_ORIGIN, ATTR_REASON, decode_body};
 /// The SDK crates the bridge is built on.
 pub use {aws_sdk_eventbridge, aws_sdk_sqs};

@@ -3,10 +3,9 @@
 //! EventBridge takes at most 10 entries per call.
 
 use aws_sdk_eventbridge::types::PutEventsRequestEntry;
-use purista_core::kit::{self, broker_call};
+use purista_core::kit;
 use purista_core::{BridgeError, Capabilities, Envelope};
 
-use crate::client::sdk_error;
 use crate::shared::Shared;
 
 /// Most entries EventBridge takes in one `PutEvents`.
@@ -40,50 +39,15 @@ fn entry(shared: &Shared, envelope: &Envelope, detail: String) -> PutEventsReque
         .build()
 }
 
-/// Puts one envelope (already encoded and checked) on the bus.
+/// Puts one envelope (already encoded and checked) on the bus; concurrent calls share
+/// `PutEvents` calls of up to 10 entries.
 pub async fn put_event(
     shared: &Shared,
     envelope: &Envelope,
     detail: String,
 ) -> Result<(), BridgeError> {
-    put_entries(shared, vec![entry(shared, envelope, detail)]).await
-}
-
-async fn put_entries(
-    shared: &Shared,
-    entries: Vec<PutEventsRequestEntry>,
-) -> Result<(), BridgeError> {
-    let call = shared
-        .clients
-        .events
-        .put_events()
-        .set_entries(Some(entries))
-        .send();
-    let out = broker_call(shared.config.call_timeout, "PutEvents", async {
-        call.await
-            .map_err(|e| sdk_error("putting events on the bus", e))
-    })
-    .await?;
-    if out.failed_entry_count > 0 {
-        let why = out
-            .entries
-            .unwrap_or_default()
-            .into_iter()
-            .find_map(|e| {
-                e.error_code
-                    .map(|c| format!("{c}: {}", e.error_message.unwrap_or_default()))
-            })
-            .unwrap_or_default();
-        // Throttling and internal failures of single entries can pass with a retry.
-        if why.contains("Throttl") || why.contains("InternalFailure") {
-            return Err(BridgeError::Unavailable(format!(
-                "EventBridge refused an event: {why}"
-            )));
-        }
-        return Err(BridgeError::Refused(format!(
-            "the bus {}: {why}",
-            shared.config.bus_name()
-        )));
-    }
-    Ok(())
+    let size = detail.len() + 256;
+    shared
+        .put_event(entry(shared, envelope, detail), size)
+        .await
 }

@@ -73,12 +73,13 @@ pub async fn run(
             .send();
         let deadline =
             shared.config.call_timeout + Duration::from_secs(u64::from(shared.config.wait_seconds));
-        let received = tokio::select! {
-            r = broker_call(deadline, "ReceiveMessage", async {
-                call.await.map_err(|e| sdk_error(&format!("receiving from {label}"), e))
-            }) => r,
-            _ = stop.wait_for(|s| *s) => return,
-        };
+        // Not abandoned when told to stop: SQS may already have handed out messages, which
+        // are released below instead of staying invisible for their visibility timeout.
+        let received = broker_call(deadline, "ReceiveMessage", async {
+            call.await
+                .map_err(|e| sdk_error(&format!("receiving from {label}"), e))
+        })
+        .await;
         match received {
             Ok(out) => {
                 if failing {
@@ -88,7 +89,12 @@ pub async fn run(
                 }
                 let _ = up.send(true);
                 backoff = BACKOFF_START;
-                for message in out.messages.unwrap_or_default() {
+                let messages = out.messages.unwrap_or_default();
+                if *stop.borrow() || *paused.borrow() {
+                    release(&shared, &url, &messages).await;
+                    continue;
+                }
+                for message in messages {
                     match permits.pop() {
                         Some(permit) => on_message(message, permit),
                         // SQS never hands out more than asked; if it did, the message
@@ -143,28 +149,55 @@ pub fn string_attribute<'a>(message: &'a Message, name: &str) -> Option<&'a str>
         .and_then(|v| v.string_value())
 }
 
-/// Deletes a message (its receipt), bounded. Errors are returned for the caller to log.
+/// Deletes a message (its receipt); batched with others of the queue.
 pub async fn delete(
     shared: &Shared,
     url: &str,
     message: &Message,
 ) -> Result<(), purista_core::BridgeError> {
-    let Some(receipt) = message.receipt_handle() else {
-        return Ok(());
-    };
+    match message.receipt_handle() {
+        Some(receipt) => shared.delete(url, receipt).await,
+        None => Ok(()),
+    }
+}
+
+/// Makes messages visible again at once (received but not to be handled here).
+pub async fn release(shared: &Shared, url: &str, messages: &[Message]) {
+    let entries: Vec<_> = messages
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| {
+            aws_sdk_sqs::types::ChangeMessageVisibilityBatchRequestEntry::builder()
+                .id(i.to_string())
+                .set_receipt_handle(m.receipt_handle().map(str::to_string))
+                .visibility_timeout(0)
+                .build()
+                .ok()
+        })
+        .collect();
+    if entries.is_empty() {
+        return;
+    }
     let call = shared
         .clients
         .sqs
-        .delete_message()
+        .change_message_visibility_batch()
         .queue_url(url)
-        .receipt_handle(receipt)
+        .set_entries(Some(entries))
         .send();
-    broker_call(shared.config.call_timeout, "DeleteMessage", async {
-        call.await
-            .map(|_| ())
-            .map_err(|e| sdk_error("deleting a settled message", e))
-    })
+    if let Err(error) = broker_call(
+        shared.config.call_timeout,
+        "ChangeMessageVisibilityBatch",
+        async {
+            call.await
+                .map(|_| ())
+                .map_err(|e| sdk_error("releasing messages", e))
+        },
+    )
     .await
+    {
+        tracing::debug!(%error, "received messages could not be released; they reappear after their visibility timeout");
+    }
 }
 
 /// A string message attribute value.

@@ -21,9 +21,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_sqs::types::Message;
+use aws_sdk_sqs::types::{Message, SendMessageBatchRequestEntry};
 use parking_lot::Mutex;
-use purista_core::kit::broker_call;
+use purista_core::kit::{self, broker_call};
 use purista_core::{
     BridgeError, DeadLetterNote, Delivery, DeliveryHandler, Envelope, PausedConsumer, SettleOnce,
     Settlement, Settler, SubscriptionSpec, WorkKind,
@@ -45,6 +45,8 @@ pub const ATTR_ATTEMPTS: &str = "purista-attempts";
 pub const ATTR_ORIGIN: &str = "purista-origin";
 /// Dead-letter message attribute: when (epoch ms).
 pub const ATTR_AT: &str = "purista-dead-lettered-at";
+/// A retry due within this many ms waits in the consumer instead of in SQS.
+const SHORT_WAIT_MS: u64 = 5_000;
 /// SQS's longest `DelaySeconds`.
 pub const MAX_NATIVE_DELAY: Duration = Duration::from_secs(15 * 60);
 /// SQS's longest visibility timeout, the longest retry delay the bridge takes.
@@ -149,7 +151,7 @@ impl Consumer {
             })
         };
         for i in 0..shared.config.receivers_per_queue {
-            let spawned = shared.tasks.spawn(
+            let spawned = shared.receivers.spawn(
                 WorkKind::Generic,
                 format!("subscription {label} #{i}").into(),
                 receive::run(
@@ -233,6 +235,11 @@ impl Consumer {
 
     async fn handle(self: &Arc<Self>, handler: &dyn DeliveryHandler, message: Message) {
         let shared = &self.shared;
+        if self.pause_note.lock().is_some() {
+            // Received in the moment the consumer paused: it waits in the queue.
+            receive::release(shared, &self.queue.url, std::slice::from_ref(&message)).await;
+            return;
+        }
         let body = message.body().unwrap_or_default();
         let envelope = match decode_body(body, shared.config.max_message_bytes) {
             Ok(e) => e,
@@ -249,7 +256,12 @@ impl Consumer {
             string_attribute(&message, ATTR_NOT_BEFORE).and_then(|v| v.parse::<u64>().ok())
         {
             let left = not_before.saturating_sub(now_ms());
-            if left > 0 {
+            let short = SHORT_WAIT_MS.min(kit::millis(shared.config.visibility_timeout) / 2);
+            if left > 0 && left <= short {
+                // The last fraction of a delay (SQS counts whole seconds) waits here, the
+                // message still leased.
+                tokio::time::sleep(Duration::from_millis(left)).await;
+            } else if left > 0 {
                 let secs = (left.div_ceil(1000)).min(MAX_RETRY_DELAY.as_secs());
                 if let Err(error) = self.change_visibility(&message, secs).await {
                     tracing::debug!(%error, "a delayed retry could not be put back to sleep; it is handled early");
@@ -259,9 +271,10 @@ impl Consumer {
             }
         }
         let attempt = attempt_of(&message);
+        let receipt = message.receipt_handle().map(str::to_string);
         let settler = SqsSettler {
             consumer: self.clone(),
-            message,
+            message: Some(message),
             envelope: Arc::new(envelope),
             attempt,
         };
@@ -271,17 +284,41 @@ impl Consumer {
             attempt,
             settle: SettleOnce::new(envelope.id.clone(), Box::new(settler)),
         };
-        handler.deliver(delivery).await;
+        // The lease: renewed every half visibility timeout while the handler runs, so a slow
+        // handler keeps its message and a short timeout still returns what a dead consumer
+        // (or an abandoned long poll) took.
+        let visibility = shared.config.visibility_timeout;
+        let renew = async {
+            loop {
+                tokio::time::sleep(visibility / 2).await;
+                let _ = self
+                    .change_visibility_of(receipt.clone(), visibility.as_secs())
+                    .await;
+            }
+        };
+        tokio::select! {
+            () = handler.deliver(delivery) => {}
+            () = renew => {}
+        }
     }
 
     async fn change_visibility(&self, message: &Message, secs: u64) -> Result<(), BridgeError> {
+        self.change_visibility_of(message.receipt_handle().map(str::to_string), secs)
+            .await
+    }
+
+    async fn change_visibility_of(
+        &self,
+        receipt: Option<String>,
+        secs: u64,
+    ) -> Result<(), BridgeError> {
         let call = self
             .shared
             .clients
             .sqs
             .change_message_visibility()
             .queue_url(&self.queue.url)
-            .set_receipt_handle(message.receipt_handle().map(str::to_string))
+            .set_receipt_handle(receipt)
             .visibility_timeout(i32::try_from(secs).unwrap_or(i32::MAX))
             .send();
         broker_call(
@@ -314,46 +351,39 @@ impl Consumer {
                 delay.as_secs()
             )));
         }
-        let native = delay.min(MAX_NATIVE_DELAY);
+        // DelaySeconds counts whole seconds (rounded down here); `purista-not-before` carries
+        // the exact time, and the consumer waits out the rest (or sleeps the message again by
+        // a visibility change when it is long).
+        let native_secs = delay.min(MAX_NATIVE_DELAY).as_secs();
         let body = String::from_utf8(envelope.encode()).unwrap_or_default();
-        let mut call = self
-            .shared
-            .clients
-            .sqs
-            .send_message()
-            .queue_url(&self.queue.url)
+        let size = body.len() + 128;
+        let mut entry = SendMessageBatchRequestEntry::builder()
             .message_body(body)
-            .delay_seconds(i32::try_from(native.as_secs()).unwrap_or(900))
+            .delay_seconds(i32::try_from(native_secs).unwrap_or(900))
             .message_attributes(ATTR_ATTEMPT, attr(attempt.to_string())?);
-        if delay > MAX_NATIVE_DELAY {
+        if !delay.is_zero() {
             let at = now_ms().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
-            call = call.message_attributes(ATTR_NOT_BEFORE, attr(at.to_string())?);
+            entry = entry.message_attributes(ATTR_NOT_BEFORE, attr(at.to_string())?);
         }
-        let call = call.send();
-        broker_call(
-            self.shared.config.call_timeout,
-            "SendMessage (retry)",
-            async {
-                call.await
-                    .map(|_| ())
-                    .map_err(|e| sdk_error("sending a retry copy", e))
-            },
-        )
-        .await
+        self.shared.send(&self.queue.url, entry, size).await
     }
 }
 
 /// Settles one SQS message.
 struct SqsSettler {
     consumer: Arc<Consumer>,
-    message: Message,
+    /// Taken when settled; still here when dropped unsettled.
+    message: Option<Message>,
     envelope: Arc<Envelope>,
     attempt: u32,
 }
 
 #[async_trait]
 impl Settler for SqsSettler {
-    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), BridgeError> {
+    async fn settle(mut self: Box<Self>, settlement: Settlement) -> Result<(), BridgeError> {
+        let Some(message) = self.message.take() else {
+            return Ok(());
+        };
         let c = &self.consumer;
         match settlement {
             Settlement::Ack | Settlement::Drop { .. } => {}
@@ -372,7 +402,24 @@ impl Settler for SqsSettler {
                     .await?;
             }
         }
-        receive::delete(&c.shared, &c.queue.url, &self.message).await
+        receive::delete(&c.shared, &c.queue.url, &message).await
+    }
+}
+
+/// A delivery dropped unsettled (its handler aborted at a shutdown deadline) goes back to the
+/// queue at once rather than after its visibility timeout: another consumer takes it.
+impl Drop for SqsSettler {
+    fn drop(&mut self) {
+        let Some(message) = self.message.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let shared = self.consumer.shared.clone();
+        let url = self.consumer.queue.url.clone();
+        // Bounded by the call timeout inside `release`; ends by itself.
+        runtime.spawn(async move { receive::release(&shared, &url, &[message]).await });
     }
 }
 

@@ -202,8 +202,9 @@ async fn random_filters_route_through_real_rules_like_the_reference_matcher() {
         })
         .collect();
     let matched = route_and_compare(&endpoint, &filters, messages).await;
+    // Half the rules are made from a message, so about that many pairs match at least.
     assert!(
-        matched > RULES * MESSAGES / 100,
+        matched > RULES / 4,
         "too few matching pairs ({matched}) to prove anything"
     );
 }

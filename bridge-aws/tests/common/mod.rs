@@ -16,7 +16,8 @@ pub fn endpoint(test: &str) -> Option<String> {
         .ok()
         .filter(|e| !e.trim().is_empty())
     {
-        Some(e) => Some(e.trim().to_string()),
+        // The first of the moto servers scripts/test lists.
+        Some(e) => e.split(',').next().map(|e| e.trim().to_string()),
         None => {
             let why = format!("{ENDPOINT_ENV} is not set (scripts/test starts moto and sets it)");
             if std::env::var("PURISTA_REQUIRE_BROKERS").as_deref() == Ok("1") {
@@ -39,7 +40,8 @@ pub fn config(endpoint: &str, prefix: &str) -> AwsConfig {
     let mut c = AwsConfig::new("us-east-1")
         .with_emulator(endpoint)
         .with_prefix(prefix);
-    c.wait_seconds = 1;
+    c.wait_seconds = 5;
+    c.visibility_timeout = Duration::from_secs(10);
     c.default_command_timeout = Duration::from_secs(5);
     c
 }
