@@ -104,12 +104,12 @@ impl Consumer {
                 (TAG_RULE, rule.clone()),
             ]
         };
-        let queue = topology::ensure_queue(shared, &queue_name, &[], &tags).await?;
-        topology::ensure_rule(
+        let queue = topology::ensure_route(
             shared,
             &rule,
             &crate::pattern::event_pattern(&spec.filter),
-            &queue,
+            &queue_name,
+            &tags,
         )
         .await?;
         if !spec.shared {

@@ -27,8 +27,6 @@ pub struct Queue {
     pub name: String,
     /// Its URL (what SQS calls take).
     pub url: String,
-    /// Its ARN (what rules and policies name).
-    pub arn: String,
 }
 
 /// Creates the bus when it is missing.
@@ -78,19 +76,30 @@ pub async fn ensure_queue(
     .await?;
     let url = match created {
         Ok(out) => out.queue_url.unwrap_or_default(),
-        // Exists with other attributes (a policy of an earlier run): use it as it is.
+        // Exists with other attributes (an earlier version's): set the ones asked for.
         Err(e) if error_code(&e).is_some_and(|c| c.contains("QueueAlreadyExists")) => {
-            queue_url(shared, name)
+            let url = queue_url(shared, name)
                 .await?
-                .ok_or_else(|| BridgeError::Broker(format!("queue {name} vanished")))?
+                .ok_or_else(|| BridgeError::Broker(format!("queue {name} vanished")))?;
+            if !attributes.is_empty() {
+                let mut set = shared.clients.sqs.set_queue_attributes().queue_url(&url);
+                for (k, v) in attributes {
+                    set = set.attributes(k.clone(), v.clone());
+                }
+                let call = set.send();
+                broker_call(shared.config.call_timeout, "SetQueueAttributes", async {
+                    call.await
+                        .map_err(|e| sdk_error(&format!("updating queue {name}"), e))
+                })
+                .await?;
+            }
+            url
         }
         Err(e) => return Err(sdk_error(&format!("creating queue {name}"), e)),
     };
-    let arn = queue_arn(shared, &url).await?;
     Ok(Queue {
         name: name.to_string(),
         url,
-        arn,
     })
 }
 
@@ -113,24 +122,6 @@ pub fn is_missing_queue(code: Option<&str>) -> bool {
     code.is_some_and(|c| c.contains("NonExistentQueue") || c.contains("QueueDoesNotExist"))
 }
 
-async fn queue_arn(shared: &Shared, url: &str) -> Result<String, BridgeError> {
-    let call = shared
-        .clients
-        .sqs
-        .get_queue_attributes()
-        .queue_url(url)
-        .attribute_names(QueueAttributeName::QueueArn)
-        .send();
-    let out = broker_call(shared.config.call_timeout, "GetQueueAttributes", async {
-        call.await
-            .map_err(|e| sdk_error("reading a queue's ARN", e))
-    })
-    .await?;
-    out.attributes
-        .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
-        .ok_or_else(|| BridgeError::Broker(format!("SQS gave no ARN for {url}")))
-}
-
 /// The queue policy that lets EventBridge send to `queue` for rule `rule_arn` only.
 pub fn rule_policy(queue_arn: &str, rule_arn: &str) -> String {
     json!({
@@ -147,14 +138,17 @@ pub fn rule_policy(queue_arn: &str, rule_arn: &str) -> String {
     .to_string()
 }
 
-/// A rule on the bus with `pattern` whose one target is `queue`, which lets the rule (and
-/// nothing else) send to it. Idempotent.
-pub async fn ensure_rule(
+/// A subscription's route: the rule on the bus with `pattern` and its one target, queue
+/// `queue_name`, created with the policy that lets that rule (and nothing else) send to it.
+/// Three calls: the rule first (its ARN names the partition, region and account, from which
+/// the queue's ARN follows), then the queue with its policy, then the target. Idempotent.
+pub async fn ensure_route(
     shared: &Shared,
     rule: &str,
     pattern: &serde_json::Value,
-    queue: &Queue,
-) -> Result<(), BridgeError> {
+    queue_name: &str,
+    tags: &[(&str, String)],
+) -> Result<Queue, BridgeError> {
     let bus = shared.config.bus_name();
     let call = shared
         .clients
@@ -171,24 +165,22 @@ pub async fn ensure_rule(
     .await?
     .rule_arn
     .unwrap_or_default();
-    let call = shared
-        .clients
-        .sqs
-        .set_queue_attributes()
-        .queue_url(&queue.url)
-        .attributes(
-            QueueAttributeName::Policy,
-            rule_policy(&queue.arn, &rule_arn),
-        )
-        .send();
-    broker_call(shared.config.call_timeout, "SetQueueAttributes", async {
-        call.await
-            .map_err(|e| sdk_error(&format!("setting the policy of {}", queue.name), e))
-    })
+    let queue_arn = queue_arn_beside(&rule_arn, queue_name).ok_or_else(|| {
+        BridgeError::Broker(format!(
+            "EventBridge gave rule {rule} an unexpected ARN `{rule_arn}`"
+        ))
+    })?;
+    let policy = rule_policy(&queue_arn, &rule_arn);
+    let queue = ensure_queue(
+        shared,
+        queue_name,
+        &[(QueueAttributeName::Policy, policy)],
+        tags,
+    )
     .await?;
     let target = aws_sdk_eventbridge::types::Target::builder()
         .id(TARGET_ID)
-        .arn(&queue.arn)
+        .arn(&queue_arn)
         .build()
         .map_err(|e| BridgeError::InvalidRequest(format!("rule target: {e}")))?;
     let call = shared
@@ -209,7 +201,26 @@ pub async fn ensure_rule(
             "EventBridge refused the queue target of rule {rule}"
         )));
     }
-    Ok(())
+    Ok(queue)
+}
+
+/// The ARN of SQS queue `name` in the partition, region and account of `rule_arn`
+/// (`arn:<partition>:events:<region>:<account>:rule/…`).
+///
+/// ```text
+/// arn:aws:events:eu-west-1:123456789012:rule/bus/r  →  arn:aws:sqs:eu-west-1:123456789012:q
+/// ```
+pub fn queue_arn_beside(rule_arn: &str, name: &str) -> Option<String> {
+    let mut parts = rule_arn.splitn(6, ':');
+    let (arn, partition, service, region, account) = (
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+    );
+    (arn == "arn" && service == "events" && !account.is_empty())
+        .then(|| format!("arn:{partition}:sqs:{region}:{account}:{name}"))
 }
 
 /// Removes a rule: its target first, then the rule. A missing rule is fine.
@@ -300,5 +311,19 @@ pub async fn list_queues(shared: &Shared, start: &str) -> Result<Vec<String>, Br
             Some(t) if !t.is_empty() => token = Some(t),
             _ => return Ok(urls),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_queue_arn_follows_from_the_rule_arn() {
+        assert_eq!(
+            queue_arn_beside("arn:aws:events:eu-west-1:123456789012:rule/bus/r", "q").as_deref(),
+            Some("arn:aws:sqs:eu-west-1:123456789012:q")
+        );
+        assert_eq!(queue_arn_beside("nonsense", "q"), None);
     }
 }
