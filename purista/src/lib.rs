@@ -12,6 +12,7 @@
 //! | `memory://` or `memory://NAME` | in-process ([`purista_bridge_default`]) | always on |
 //! | `amqp://…`, `amqps://…` | RabbitMQ | `amqp` |
 //! | `kubemq://[:TOKEN@]host[:port][?client_id=…&prefix=…]` | KubeMQ | `kubemq` |
+//! | `aws://[REGION][?prefix=…&bus=…&endpoint=…&wait_seconds=…&max_message_bytes=…]` | AWS EventBridge + SQS | `aws` |
 //!
 //! The table behind [`connect`] is [`drivers`]: one [`Driver`] per bridge crate compiled in, each
 //! naming its URL schemes. A scheme whose bridge exists but whose feature is off is an error
@@ -55,6 +56,11 @@ pub use purista_bridge_amqp as amqp;
 /// names and the `kubemq` SDK it uses.
 #[cfg(feature = "kubemq")]
 pub use purista_bridge_kubemq as kubemq;
+
+/// The AWS bridge (cargo feature `aws`): its config (URL grammar, environment), resource names
+/// and the AWS SDK crates it uses.
+#[cfg(feature = "aws")]
+pub use purista_bridge_aws as aws;
 
 /// The names most programs need, for `use purista::prelude::*`.
 pub mod prelude {
@@ -155,13 +161,19 @@ pub fn drivers() -> Vec<Driver> {
         purista_bridge_amqp::driver(),
         #[cfg(feature = "kubemq")]
         purista_bridge_kubemq::driver(),
+        #[cfg(feature = "aws")]
+        purista_bridge_aws::driver(),
     ]
 }
 
 /// Schemes of bridges that exist but are behind a cargo feature of this crate, with the
 /// feature. Only features that exist are listed here.
-const FEATURE_SCHEMES: &[(&str, &str)] =
-    &[("amqp", "amqp"), ("amqps", "amqp"), ("kubemq", "kubemq")];
+const FEATURE_SCHEMES: &[(&str, &str)] = &[
+    ("amqp", "amqp"),
+    ("amqps", "amqp"),
+    ("kubemq", "kubemq"),
+    ("aws", "aws"),
+];
 
 /// What [`connect_with`] connects to: a bridge URL and the settings every bridge understands.
 ///

@@ -99,7 +99,7 @@ async fn a_scheme_whose_feature_is_off_names_the_feature_to_enable() {
 
 #[tokio::test]
 async fn a_bridge_that_does_not_exist_is_not_promised_behind_a_feature() {
-    for url in ["aws://eu-west-1", "dapr://localhost:3500"] {
+    for url in ["dapr://localhost:3500"] {
         let err = connect(url).await.unwrap_err();
         assert!(
             matches!(err, ConnectError::UnknownScheme { .. }),
@@ -118,6 +118,17 @@ fn the_driver_table_lists_what_is_compiled_in() {
     assert!(schemes.contains(&"memory"));
     assert_eq!(schemes.contains(&"amqp"), cfg!(feature = "amqp"));
     assert_eq!(schemes.contains(&"kubemq"), cfg!(feature = "kubemq"));
+    assert_eq!(schemes.contains(&"aws"), cfg!(feature = "aws"));
+}
+
+#[cfg(not(feature = "aws"))]
+#[tokio::test]
+async fn an_aws_url_without_the_feature_names_the_feature() {
+    let err = connect("aws://eu-west-1?prefix=shop").await.unwrap_err();
+    match &err {
+        ConnectError::FeatureDisabled { feature, .. } => assert_eq!(*feature, "aws"),
+        other => panic!("expected FeatureDisabled, got {other:?}"),
+    }
 }
 
 #[cfg(not(feature = "kubemq"))]

@@ -3,6 +3,7 @@
 //! an entry in [`all`].
 
 mod amqp;
+mod aws;
 mod default;
 mod kubemq;
 
@@ -12,6 +13,9 @@ pub use amqp::AmqpHarness;
 /// Private RabbitMQ nodes (restart faults, TLS listeners), for tests beyond the suite.
 #[cfg(unix)]
 pub use amqp::private_node;
+/// The AWS harness is built and runs the suite on moto (57 of 59 cases pass), but is not in
+/// [`all`] yet: two cases exceed their 120 s on moto on a loaded 2-core machine (issue 10).
+pub use aws::AwsHarness;
 pub use default::DefaultHarness;
 pub use kubemq::KubemqHarness;
 

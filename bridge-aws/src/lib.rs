@@ -1,0 +1,61 @@
+//! # purista-bridge-aws
+//!
+//! The `aws` bridge: PURISTA's semantics on AWS, with EventBridge routing and SQS delivering,
+//! over the official SDK (`aws-sdk-eventbridge`, `aws-sdk-sqs`, `aws-config`).
+//!
+//! ## The mapping
+//!
+//! * **Events**: every message (events, commands, responses, info) is put on a custom bus
+//!   (`PutEvents`; the whole envelope is the event's `detail`, `detail-type` its
+//!   `messageType`, `source` = `purista.<sender service>`).
+//! * **Subscriptions**: one rule per subscription whose event pattern is built from the whole
+//!   filter ([`event_pattern`]), so EventBridge does all the filtering; its single target is
+//!   an SQS queue — one per subscription when shared (instances compete), one per instance
+//!   when broadcast. A rule per subscription means no 5-targets ceiling per event: what bounds
+//!   fan-out is the bus's rule quota (300 by default, raisable). The queue's policy lets only
+//!   that rule send to it (`aws:SourceArn`). See `subscriptions.rs`.
+//! * **Delivery** is SQS's: at least once, long polling, a bounded number of handlers per
+//!   consumer; outcomes (retry with the attempt carried in the message, delayed retry,
+//!   dead-letter queue with reason, drop, pause/resume) in `subscriptions.rs`.
+//! * **Commands**: a command queue per endpoint (competing consumers), a reply queue per
+//!   instance, the caller's expiry carried so that nobody runs a command its caller gave up.
+//!   See `commands.rs`. Stale per-instance queues of crashed instances are removed by the
+//!   janitor (`janitor.rs`).
+//! * Not provided, and refused by the strict startup check: streams; commands are at most
+//!   once (deleted when received, never retried).
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), purista_core::BridgeError> {
+//! use purista_bridge_aws::{AwsBridge, AwsConfig};
+//! use purista_core::EventBridge;
+//! let bridge = AwsBridge::new(AwsConfig::from_url("aws://eu-central-1?prefix=shop").unwrap()).await?;
+//! bridge.start().await?;
+//! # Ok(()) }
+//! ```
+
+mod batch;
+mod bridge;
+mod client;
+mod commands;
+pub mod config;
+mod dead_letters;
+mod driver;
+mod janitor;
+pub mod names;
+mod pattern;
+mod publish;
+mod receive;
+mod shared;
+mod subscriptions;
+mod topology;
+
+pub use bridge::{AwsBridge, BRIDGE_NAME, capabilities};
+pub use client::install_crypto_provider;
+pub use config::{AwsConfig, ConfigError};
+pub use driver::driver;
+pub use pattern::event_pattern;
+pub use publish::MAX_ENTRIES_PER_PUT;
+pub use shared::{ATTR_ATTEMPT, PACK_ITEMS, TAG_OWNER, TAG_RULE, TAG_SEEN, pack_body, unpack};
+pub use subscriptions::{ATTR_AT, ATTR_ATTEMPTS, ATTR_ORIGIN, ATTR_REASON, decode_body};
+/// The SDK crates the bridge is built on.
+pub use {aws_sdk_eventbridge, aws_sdk_sqs};

@@ -1,0 +1,84 @@
+//! What the bridge's own tests share: the moto endpoint (or a loud skip), configs under a
+//! fresh prefix, and cleanup of a prefix's rules, bus and queues.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use purista_bridge_aws::{AwsBridge, AwsConfig};
+
+/// Environment variable with moto's endpoint (set by `scripts/test`).
+pub const ENDPOINT_ENV: &str = "PURISTA_AWS_ENDPOINT";
+
+/// moto's endpoint; `None` after a loud skip notice (a panic under
+/// `PURISTA_REQUIRE_BROKERS=1`).
+pub fn endpoint(test: &str) -> Option<String> {
+    match std::env::var(ENDPOINT_ENV)
+        .ok()
+        .filter(|e| !e.trim().is_empty())
+    {
+        // The first of the moto servers scripts/test lists.
+        Some(e) => e.split(',').next().map(|e| e.trim().to_string()),
+        None => {
+            let why = format!("{ENDPOINT_ENV} is not set (scripts/test starts moto and sets it)");
+            if std::env::var("PURISTA_REQUIRE_BROKERS").as_deref() == Ok("1") {
+                panic!("{test}: {why} (PURISTA_REQUIRE_BROKERS=1)");
+            }
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "\n*** SKIPPED {test}: {why} ***\n");
+            None
+        }
+    }
+}
+
+/// A fresh prefix.
+pub fn prefix() -> String {
+    format!("b{}", &purista_core::ids::new_id()[..10])
+}
+
+/// A test config against moto under `prefix`.
+pub fn config(endpoint: &str, prefix: &str) -> AwsConfig {
+    let mut c = AwsConfig::new("us-east-1")
+        .with_emulator(endpoint)
+        .with_prefix(prefix);
+    c.wait_seconds = 5;
+    c.visibility_timeout = Duration::from_secs(10);
+    c.default_command_timeout = Duration::from_secs(5);
+    c
+}
+
+/// Removes every rule on the prefix's bus, the bus and the prefix's queues.
+pub async fn remove_all(bridge: &AwsBridge) {
+    let bus = bridge.config().bus_name().to_string();
+    let events = bridge.eventbridge();
+    if let Ok(out) = events.list_rules().event_bus_name(&bus).send().await {
+        for rule in out.rules.unwrap_or_default() {
+            let Some(name) = rule.name else { continue };
+            let _ = events
+                .remove_targets()
+                .rule(&name)
+                .event_bus_name(&bus)
+                .ids("purista-queue")
+                .send()
+                .await;
+            let _ = events
+                .delete_rule()
+                .name(&name)
+                .event_bus_name(&bus)
+                .send()
+                .await;
+        }
+    }
+    let _ = events.delete_event_bus().name(&bus).send().await;
+    let prefix = format!("{}-", bridge.names().prefix());
+    if let Ok(out) = bridge
+        .sqs()
+        .list_queues()
+        .queue_name_prefix(prefix)
+        .send()
+        .await
+    {
+        for url in out.queue_urls.unwrap_or_default() {
+            let _ = bridge.sqs().delete_queue().queue_url(url).send().await;
+        }
+    }
+}
