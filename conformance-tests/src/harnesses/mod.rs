@@ -3,6 +3,7 @@
 //! an entry in [`all`].
 
 mod amqp;
+mod dapr;
 mod default;
 mod kubemq;
 
@@ -12,6 +13,7 @@ pub use amqp::AmqpHarness;
 /// Private RabbitMQ nodes (restart faults, TLS listeners), for tests beyond the suite.
 #[cfg(unix)]
 pub use amqp::private_node;
+pub use dapr::DaprHarness;
 pub use default::DefaultHarness;
 pub use kubemq::KubemqHarness;
 
@@ -24,5 +26,6 @@ pub fn all() -> Vec<Arc<dyn Harness>> {
         Arc::new(DefaultHarness::new()),
         Arc::new(AmqpHarness::new()),
         Arc::new(KubemqHarness::new()),
+        Arc::new(DaprHarness::new()),
     ]
 }
