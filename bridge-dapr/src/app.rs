@@ -21,6 +21,7 @@ use purista_core::{Envelope, MessageType};
 use serde_json::json;
 
 use crate::cloudevent::{self, CLOUDEVENT_CONTENT_TYPE};
+use crate::copies;
 use crate::shared::Shared;
 
 /// Path of topic deliveries.
@@ -166,14 +167,25 @@ async fn command(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
     let label: Arc<str> = label.into();
     let _running = shared.tracker.start(WorkKind::Command, &label);
     let command = Arc::new(command);
-    let mut response = handler.handle(command.clone()).await;
+    // Subscriptions see commands and responses too (DESIGN §3.3): wanted ones travel as copies
+    // on the topic, published before the caller gets its answer. Who wants them is read while
+    // the handler runs.
+    let (wanted, mut response) =
+        futures::join!(copies::wanted(&shared), handler.handle(command.clone()));
     kit::stamp_response(&mut response, &command, &shared.instance_id);
-    // Subscriptions see commands and responses too (DESIGN §3.3): both travel as copies on
-    // the topic, published before the caller gets its answer.
-    let (c, r) = futures::join!(
-        shared.publish_copy(&command),
-        shared.publish_copy(&response)
-    );
+    let publish = |message: &Envelope| {
+        let wanted = copies::is_wanted(&wanted, message);
+        let shared = shared.clone();
+        let message = message.clone();
+        async move {
+            if wanted {
+                shared.publish_copy(&message).await
+            } else {
+                Ok(())
+            }
+        }
+    };
+    let (c, r) = futures::join!(publish(&command), publish(&response));
     for e in [c, r].into_iter().filter_map(Result::err) {
         tracing::warn!(error = %e, endpoint = %label, "a copy of a command or response for subscriptions was not published");
     }

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use crate::app::{self, COMMAND_METHOD};
 use crate::cloudevent;
 use crate::config::DaprConfig;
+use crate::copies;
 use crate::shared::Shared;
 use crate::sidecar::{InvokeFailure, Sidecar};
 use crate::subscriptions::Consumer;
@@ -35,6 +36,9 @@ use crate::subscriptions::Consumer;
 /// How long past the caller's ttl an invocation's request stays open, so that a late response
 /// is seen (and ignored with a warning) rather than cut off.
 const LATE_RESPONSE_GRACE: Duration = Duration::from_secs(30);
+
+/// Apps an invocation tries at most when one does not serve the endpoint (any more).
+const MAX_APPS_TRIED: usize = 3;
 
 /// The bridge's name in capabilities and the matrix.
 pub const BRIDGE_NAME: &str = "dapr";
@@ -71,6 +75,7 @@ pub struct DaprBridge {
     capabilities: Capabilities,
     listener: parking_lot::Mutex<Option<std::net::TcpListener>>,
     app_port: u16,
+    endpoints: crate::endpoints::EndpointCache,
     stop_server: watch::Sender<bool>,
     started: OnceCell<()>,
     drained: OnceCell<DrainReport>,
@@ -99,16 +104,12 @@ impl DaprBridge {
         config
             .validate()
             .map_err(|e| BridgeError::InvalidRequest(e.to_string()))?;
-        let listener = std::net::TcpListener::bind((config.app_host.as_str(), config.app_port))
-            .map_err(|e| {
-                BridgeError::Unavailable(format!(
-                    "the app server cannot listen on {}:{}: {e}",
-                    config.app_host, config.app_port
-                ))
-            })?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| BridgeError::Unavailable(format!("app server socket: {e}")))?;
+        let listener = crate::listen(&config.app_host, config.app_port).map_err(|e| {
+            BridgeError::Unavailable(format!(
+                "the app server cannot listen on {}:{}: {e}",
+                config.app_host, config.app_port
+            ))
+        })?;
         let app_port = listener
             .local_addr()
             .map_err(|e| BridgeError::Unavailable(format!("app server socket: {e}")))?
@@ -121,6 +122,7 @@ impl DaprBridge {
             capabilities,
             listener: parking_lot::Mutex::new(Some(listener)),
             app_port,
+            endpoints: crate::endpoints::EndpointCache::default(),
             stop_server,
             started: OnceCell::new(),
             drained: OnceCell::new(),
@@ -154,47 +156,68 @@ impl DaprBridge {
 
     /// Adds (`add = true`) or removes this app id in the endpoint's list in the state store.
     async fn update_endpoint(&self, address: &Address, add: bool) -> Result<(), BridgeError> {
-        let shared = &self.shared;
-        let key = self.endpoint_key(address);
-        let store = &shared.config.statestore;
-        let within = shared.config.call_timeout;
-        for _ in 0..50 {
-            let current = shared.sidecar.get_state(store, &key, within).await?;
-            let (mut apps, etag) = match current {
-                Some((Value::Array(apps), etag)) => (apps, etag),
-                Some((_, etag)) => (Vec::new(), etag),
-                None => (Vec::new(), None),
-            };
-            let me = Value::String(shared.config.app_id.clone());
-            let present = apps.contains(&me);
-            if present == add {
-                return Ok(());
+        let me = Value::String(self.shared.config.app_id.clone());
+        self.shared
+            .update_list(&self.endpoint_key(address), |apps| {
+                let present = apps.contains(&me);
+                if present == add {
+                    return false;
+                }
+                if add {
+                    apps.push(me.clone());
+                } else {
+                    apps.retain(|a| *a != me);
+                }
+                true
+            })
+            .await
+    }
+
+    /// One invocation through the sidecar. The request runs in a task of its own: past the
+    /// ttl the caller gets its 504 at once, and a response that still comes is ignored with a
+    /// warning naming its correlation id.
+    async fn attempt(
+        &self,
+        app_id: &str,
+        body: Vec<u8>,
+        correlation: &str,
+        deadline: Instant,
+        ttl: Duration,
+    ) -> Result<crate::sidecar::Invoked, BridgeError> {
+        let timeout = || BridgeError::Timeout(kit::millis(ttl));
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let watcher = {
+            let shared = self.shared.clone();
+            let app_id = app_id.to_string();
+            let correlation = correlation.to_string();
+            let within = deadline.saturating_duration_since(Instant::now()) + LATE_RESPONSE_GRACE;
+            async move {
+                let result = shared
+                    .sidecar
+                    .invoke(&app_id, COMMAND_METHOD, body, within)
+                    .await;
+                if let Err(Ok(late)) = reply.send(result)
+                    && late.status == StatusCode::OK
+                {
+                    shared.count_late_response();
+                    tracing::warn!(
+                        correlation_id = %correlation,
+                        app_id = %app_id,
+                        "ignored a command response that came after its caller's ttl"
+                    );
+                }
             }
-            if add {
-                apps.push(me);
-            } else {
-                apps.retain(|a| *a != me);
-            }
-            if shared
-                .sidecar
-                .save_state(
-                    store,
-                    &key,
-                    &Value::Array(apps),
-                    etag.as_deref(),
-                    None,
-                    within,
-                )
-                .await?
-            {
-                return Ok(());
-            }
-            let pause = rand::rng().random_range(1..20);
-            tokio::time::sleep(Duration::from_millis(pause)).await;
+        };
+        tokio::spawn(watcher);
+        match tokio::time::timeout_at(deadline, answer).await {
+            Err(_) => Err(timeout()),
+            Ok(Err(_)) => Err(BridgeError::Unavailable(
+                "the invocation's request task ended without an answer".into(),
+            )),
+            Ok(Ok(Ok(invoked))) => Ok(invoked),
+            Ok(Ok(Err(InvokeFailure::Timeout))) => Err(timeout()),
+            Ok(Ok(Err(InvokeFailure::Unreachable(e)))) => Err(e),
         }
-        Err(BridgeError::Broker(format!(
-            "the command registry entry {key} kept changing under concurrent writers"
-        )))
     }
 
     async fn drain(&self, deadline: Instant) -> DrainReport {
@@ -209,6 +232,22 @@ impl DaprBridge {
                     let _ = self.update_endpoint(&a, false).await;
                 })
             })),
+        )
+        .await;
+        let watching: Vec<SubscriptionSpec> = shared
+            .consumers
+            .read()
+            .values()
+            .filter(|c| copies::wants_copies(&c.spec.filter))
+            .map(|c| c.spec.clone())
+            .collect();
+        let _ = tokio::time::timeout_at(
+            deadline,
+            futures::future::join_all(
+                watching
+                    .iter()
+                    .map(|spec| copies::announce(shared, spec, false)),
+            ),
         )
         .await;
         shared
@@ -288,7 +327,12 @@ impl EventBridge for DaprBridge {
                 let router = app::router(self.shared.clone());
                 let mut stop = self.stop_server.subscribe();
                 tokio::spawn(async move {
-                    let served = axum::serve(listener, router)
+                    let served = axum::serve(
+                        axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                            let _ = tcp.set_nodelay(true);
+                        }),
+                        router,
+                    )
                         .with_graceful_shutdown(async move {
                             let _ = stop.wait_for(|s| *s).await;
                         })
@@ -306,7 +350,13 @@ impl EventBridge for DaprBridge {
                         .healthz(left.min(shared.config.call_timeout))
                         .await
                     {
-                        Ok(()) => break,
+                        Ok(()) => {
+                            let app_id = shared.sidecar.metadata(shared.config.call_timeout).await?;
+                            if app_id != shared.config.app_id {
+                                tracing::warn!(sidecar_app_id = %app_id, configured_app_id = %shared.config.app_id, "the sidecar serves another app id than the bridge is configured with");
+                            }
+                            break;
+                        }
                         Err(e) if Instant::now() >= deadline => {
                             return Err(BridgeError::Unavailable(format!(
                                 "the Dapr sidecar at {} does not answer: {e}",
@@ -396,90 +446,65 @@ impl EventBridge for DaprBridge {
         let _pending = shared.tracker.start(WorkKind::Command, &label);
         let timeout = || BridgeError::Timeout(kit::millis(ttl));
         let left = || deadline.saturating_duration_since(Instant::now());
-        let apps = match tokio::time::timeout_at(
-            deadline,
-            shared.sidecar.get_state(
-                &shared.config.statestore,
-                &self.endpoint_key(&receiver),
-                shared.config.call_timeout,
-            ),
-        )
-        .await
-        {
-            Err(_) => return Err(timeout()),
-            Ok(Err(e)) => return Err(e),
-            Ok(Ok(Some((Value::Array(apps), _)))) => apps,
-            Ok(Ok(_)) => Vec::new(),
-        };
-        let apps: Vec<&str> = apps.iter().filter_map(Value::as_str).collect();
-        if apps.is_empty() {
-            return Err(BridgeError::NoHandler(label.to_string()));
-        }
-        let app_id = apps[rand::rng().random_range(0..apps.len())];
-        if left().is_zero() {
-            return Err(timeout());
-        }
-        // The request runs in a task of its own: past the ttl the caller gets its 504 at once,
-        // and a response that still comes is ignored with a warning naming its correlation id.
-        let (reply, answer) = tokio::sync::oneshot::channel();
+        let key = self.endpoint_key(&receiver);
         let correlation = command.correlation_id.clone().unwrap_or_default();
-        let watcher = {
-            let shared = shared.clone();
-            let app_id = app_id.to_string();
-            let within = left() + LATE_RESPONSE_GRACE;
-            async move {
-                let result = shared
-                    .sidecar
-                    .invoke(&app_id, COMMAND_METHOD, body, within)
-                    .await;
-                if let Err(Ok(late)) = reply.send(result)
-                    && late.status == StatusCode::OK
-                {
-                    shared.count_late_response();
-                    tracing::warn!(
-                        correlation_id = %correlation,
-                        app_id = %app_id,
-                        "ignored a command response that came after its caller's ttl"
-                    );
+        // An app that answers 404 (it no longer serves the endpoint), 503 (it is shutting
+        // down) or that Dapr cannot reach did not run the command: another is tried, with a
+        // fresh list of apps.
+        let mut last = BridgeError::NoHandler(label.to_string());
+        for _ in 0..MAX_APPS_TRIED {
+            let apps = match tokio::time::timeout_at(deadline, self.endpoints.lookup(shared, &key))
+                .await
+            {
+                Err(_) => return Err(timeout()),
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(apps)) => apps,
+            };
+            if apps.is_empty() {
+                return Err(BridgeError::NoHandler(label.to_string()));
+            }
+            let app_id = apps[rand::rng().random_range(0..apps.len())].clone();
+            if left().is_zero() {
+                return Err(timeout());
+            }
+            let invoked = self
+                .attempt(&app_id, body.clone(), &correlation, deadline, ttl)
+                .await?;
+            match invoked.status {
+                StatusCode::OK => {
+                    return Envelope::decode_with_limit(&invoked.body, usize::MAX).map_err(|e| {
+                        BridgeError::Broker(format!(
+                            "the response of {label} is not an envelope: {e}"
+                        ))
+                    });
+                }
+                StatusCode::NOT_FOUND => {
+                    last = BridgeError::NoHandler(label.to_string());
+                }
+                StatusCode::SERVICE_UNAVAILABLE => {
+                    last = BridgeError::Unavailable(format!(
+                        "the app serving {label} is shutting down"
+                    ));
+                }
+                StatusCode::PAYLOAD_TOO_LARGE => {
+                    return Err(BridgeError::InvalidRequest(format!(
+                        "the app serving {label} refused the command's size"
+                    )));
+                }
+                status => {
+                    let text = String::from_utf8_lossy(&invoked.body);
+                    if !text.contains("ERR_DIRECT_INVOKE") {
+                        return Err(BridgeError::Broker(format!(
+                            "invoking {label} on app {app_id} failed with {status}"
+                        )));
+                    }
+                    last =
+                        BridgeError::NoHandler(format!("{label}: Dapr cannot reach app {app_id}"));
                 }
             }
-        };
-        tokio::spawn(watcher);
-        let invoked = match tokio::time::timeout_at(deadline, answer).await {
-            Err(_) => return Err(timeout()),
-            Ok(Err(_)) => {
-                return Err(BridgeError::Unavailable(
-                    "the invocation's request task ended without an answer".into(),
-                ));
-            }
-            Ok(Ok(Ok(i))) => i,
-            Ok(Ok(Err(InvokeFailure::Timeout))) => return Err(timeout()),
-            Ok(Ok(Err(InvokeFailure::Unreachable(e)))) => return Err(e),
-        };
-        match invoked.status {
-            StatusCode::OK => Envelope::decode_with_limit(&invoked.body, usize::MAX).map_err(|e| {
-                BridgeError::Broker(format!("the response of {label} is not an envelope: {e}"))
-            }),
-            StatusCode::NOT_FOUND => Err(BridgeError::NoHandler(label.to_string())),
-            StatusCode::SERVICE_UNAVAILABLE => Err(BridgeError::Unavailable(format!(
-                "the app serving {label} is shutting down"
-            ))),
-            StatusCode::PAYLOAD_TOO_LARGE => Err(BridgeError::InvalidRequest(format!(
-                "the app serving {label} refused the command's size"
-            ))),
-            status => {
-                let text = String::from_utf8_lossy(&invoked.body);
-                if text.contains("ERR_DIRECT_INVOKE") {
-                    Err(BridgeError::NoHandler(format!(
-                        "{label}: Dapr cannot reach app {app_id}"
-                    )))
-                } else {
-                    Err(BridgeError::Broker(format!(
-                        "invoking {label} on app {app_id} failed with {status}"
-                    )))
-                }
-            }
+            self.endpoints.forget(&key);
         }
+        Err(last)
     }
 
     async fn register_command(
@@ -521,16 +546,28 @@ impl EventBridge for DaprBridge {
                 "durable subscriptions on the dapr bridge".into(),
             ));
         }
+        if self.shared.consumers.read().contains_key(&spec.key) {
+            return Err(BridgeError::AlreadyRegistered(spec.key.to_string()));
+        }
+        if copies::wants_copies(&spec.filter) {
+            copies::announce(&self.shared, &spec, true).await?;
+        }
         let mut consumers = self.shared.consumers.write();
         if consumers.contains_key(&spec.key) {
             return Err(BridgeError::AlreadyRegistered(spec.key.to_string()));
         }
-        consumers.insert(spec.key.clone(), Consumer::new(spec, handler));
+        let consumer = Consumer::new(&self.shared, spec, handler);
+        consumers.insert(consumer.spec.key.clone(), consumer);
         Ok(())
     }
 
     async fn unregister_subscription(&self, key: &RegistrationKey) -> Result<(), BridgeError> {
-        self.shared.consumers.write().remove(key);
+        let consumer = self.shared.consumers.write().remove(key);
+        if let Some(c) = consumer
+            && copies::wants_copies(&c.spec.filter)
+        {
+            copies::announce(&self.shared, &c.spec, false).await?;
+        }
         Ok(())
     }
 

@@ -21,10 +21,11 @@
 //! * `GET /v1.0/state/{store}/{key}` (200 with an `ETag`, or 204) and `POST /v1.0/state/{store}`
 //!   with ETags (409 on a mismatch; with `first-write` concurrency and no ETag, 409 when the
 //!   key exists) and `metadata.ttlInSeconds`, like a state store with `keyPrefix: none`.
+//! * `GET /v1.0/metadata` (the app id).
 //! * `GET /v1.0/healthz` (204). With an API token set, every other call needs the header
 //!   `dapr-api-token` (401 otherwise); with an app token set, the sidecar sends it to its app.
 //!
-//! The double runs on a runtime of its own (two threads), so it outlives the tests' runtimes.
+//! The double runs on a runtime of its own (four threads), so it outlives the tests' runtimes.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -141,6 +142,7 @@ impl Cluster {
         self.client.get_or_init(|| {
             reqwest::Client::builder()
                 .pool_max_idle_per_host(64)
+                .tcp_nodelay(true)
                 .timeout(Duration::from_secs(30))
                 .build()
                 .unwrap_or_default()
@@ -266,10 +268,34 @@ enum Answer {
     Drop,
 }
 
+/// The double's runtime, shut down in the background when the last holder goes (dropping a
+/// runtime inside a test's async context would panic).
+struct OwnedRuntime(Option<tokio::runtime::Runtime>);
+
+impl OwnedRuntime {
+    fn handle(&self) -> Option<&tokio::runtime::Handle> {
+        self.0.as_ref().map(tokio::runtime::Runtime::handle)
+    }
+
+    fn spawn<F: std::future::Future<Output = ()> + Send + 'static>(&self, future: F) {
+        if let Some(handle) = self.handle() {
+            handle.spawn(future);
+        }
+    }
+}
+
+impl Drop for OwnedRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// A running double: a set of sidecars sharing one pub/sub broker and one state store.
 pub struct DaprDouble {
     cluster: Arc<Cluster>,
-    runtime: Arc<tokio::runtime::Runtime>,
+    runtime: Arc<OwnedRuntime>,
 }
 
 impl std::fmt::Debug for DaprDouble {
@@ -282,7 +308,7 @@ impl DaprDouble {
     /// A double with no sidecars yet.
     pub fn start(options: DoubleOptions) -> std::io::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(4)
             .thread_name("dapr-double")
             .enable_all()
             .build()?;
@@ -290,7 +316,7 @@ impl DaprDouble {
         *cluster.resiliency.lock() = options.resiliency;
         Ok(DaprDouble {
             cluster,
-            runtime: Arc::new(runtime),
+            runtime: Arc::new(OwnedRuntime(Some(runtime))),
         })
     }
 
@@ -341,7 +367,7 @@ impl Drop for DaprDouble {
 /// One sidecar of a [`DaprDouble`].
 pub struct Sidecar {
     state: Arc<SidecarState>,
-    runtime: Arc<tokio::runtime::Runtime>,
+    runtime: Arc<OwnedRuntime>,
     server: Mutex<Option<watch::Sender<bool>>>,
     port: Mutex<u16>,
 }
@@ -357,14 +383,22 @@ impl std::fmt::Debug for Sidecar {
 
 impl Sidecar {
     fn serve(&self, port: u16) -> std::io::Result<()> {
-        let listener = std::net::TcpListener::bind(("127.0.0.1", port))?;
-        listener.set_nonblocking(true)?;
+        let handle = self
+            .runtime
+            .handle()
+            .ok_or_else(|| std::io::Error::other("the double's runtime is gone"))?;
+        let _guard = handle.enter();
+        let listener = crate::listen("127.0.0.1", port)?;
         let bound = listener.local_addr()?.port();
         let (stop, mut stopped) = watch::channel(false);
         let router = router(self.state.clone());
-        let _guard = self.runtime.enter();
         let listener = tokio::net::TcpListener::from_std(listener)?;
         self.runtime.spawn(async move {
+            // Small request/response pairs: without TCP_NODELAY, Nagle's algorithm and delayed
+            // acknowledgements stall each exchange by tens of milliseconds.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let _ = axum::serve(
                 listener,
                 router.into_make_service_with_connect_info::<SocketAddr>(),
@@ -522,6 +556,7 @@ async fn read_subscriptions(state: &SidecarState) -> Option<Vec<Subscription>> {
 fn router(state: Arc<SidecarState>) -> Router {
     Router::new()
         .route("/v1.0/healthz", get(|| async { StatusCode::NO_CONTENT }))
+        .route("/v1.0/metadata", get(metadata))
         .route("/v1.0/publish/{pubsub}/{topic}", post(publish))
         .route("/v1.0/invoke/{app_id}/method/{*method}", any(invoke))
         .route("/v1.0/state/{store}/{key}", get(get_state))
@@ -553,6 +588,13 @@ fn unauthorized() -> Response {
         "ERR_API_TOKEN",
         "invalid api token".into(),
     )
+}
+
+async fn metadata(State(state): State<Arc<SidecarState>>, headers: HeaderMap) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    axum::Json(json!({ "id": state.options.app_id, "runtimeVersion": "double" })).into_response()
 }
 
 async fn publish(

@@ -21,7 +21,9 @@ pub mod app;
 mod bridge;
 pub mod cloudevent;
 pub mod config;
+pub mod copies;
 mod driver;
+mod endpoints;
 mod shared;
 pub mod sidecar;
 pub mod subscriptions;
@@ -32,3 +34,31 @@ pub mod double;
 pub use bridge::{BRIDGE_NAME, DaprBridge, capabilities};
 pub use config::{ConfigError, DaprConfig};
 pub use driver::driver;
+
+/// Pending connections a listener of this crate queues (the standard library's 128 is too few
+/// for a burst of invocations: connections beyond it are refused or reset).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A non-blocking listener on `host:port` with a deep accept queue. Inside a Tokio runtime the
+/// socket is set up through Tokio (which can set the backlog); outside one, the standard
+/// library's defaults apply.
+pub(crate) fn listen(host: &str, port: u16) -> std::io::Result<std::net::TcpListener> {
+    use std::net::ToSocketAddrs;
+    let address = (host, port)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::other(format!("{host} resolves to no address")))?;
+    if tokio::runtime::Handle::try_current().is_ok() {
+        let socket = if address.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(address)?;
+        return socket.listen(LISTEN_BACKLOG)?.into_std();
+    }
+    let listener = std::net::TcpListener::bind(address)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}

@@ -100,6 +100,47 @@ impl Shared {
             .await
     }
 
+    /// Read-modify-write of a JSON list in the state store with first-write concurrency:
+    /// `change` edits the list and says whether it changed; retried while others write.
+    pub async fn update_list(
+        &self,
+        key: &str,
+        mut change: impl FnMut(&mut Vec<serde_json::Value>) -> bool,
+    ) -> Result<(), BridgeError> {
+        use serde_json::Value;
+        let store = &self.config.statestore;
+        let within = self.config.call_timeout;
+        for _ in 0..50 {
+            let (mut items, etag) = match self.sidecar.get_state(store, key, within).await? {
+                Some((Value::Array(items), etag)) => (items, etag),
+                Some((_, etag)) => (Vec::new(), etag),
+                None => (Vec::new(), None),
+            };
+            if !change(&mut items) {
+                return Ok(());
+            }
+            if self
+                .sidecar
+                .save_state(
+                    store,
+                    key,
+                    &Value::Array(items),
+                    etag.as_deref(),
+                    None,
+                    within,
+                )
+                .await?
+            {
+                return Ok(());
+            }
+            let pause = rand::Rng::random_range(&mut rand::rng(), 1..20);
+            tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+        }
+        Err(BridgeError::Broker(format!(
+            "the state entry {key} kept changing under concurrent writers"
+        )))
+    }
+
     /// The operator's counters.
     pub fn counters(&self) -> BridgeCounters {
         BridgeCounters {

@@ -27,8 +27,15 @@ pub struct Invoked {
 }
 
 fn unreachable(what: &str, e: &reqwest::Error) -> BridgeError {
-    // The error's text names the URL (no credentials travel in it) and the cause.
-    BridgeError::Unavailable(format!("the Dapr sidecar did not answer {what}: {e}"))
+    // The error's text names the URL (no credentials travel in it); its causes say why.
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    BridgeError::Unavailable(format!("the Dapr sidecar did not answer {what}: {text}"))
 }
 
 impl Sidecar {
@@ -69,6 +76,37 @@ impl Sidecar {
                 "the Dapr sidecar reports itself unhealthy ({})",
                 response.status()
             )))
+        }
+    }
+
+    /// `GET /v1.0/metadata`: the sidecar's app id. It needs the API token, so a sidecar that
+    /// refuses the bridge's token says so here (health checks go without a token).
+    pub async fn metadata(&self, within: Duration) -> Result<String, BridgeError> {
+        let response = self
+            .request(reqwest::Method::GET, "/v1.0/metadata")
+            .timeout(within)
+            .send()
+            .await
+            .map_err(|e| unreachable("a metadata request", &e))?;
+        match response.status() {
+            s if s.is_success() => {
+                let body: Value = response
+                    .json()
+                    .await
+                    .map_err(|e| unreachable("a metadata request", &e))?;
+                Ok(body
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string())
+            }
+            StatusCode::UNAUTHORIZED => Err(BridgeError::Broker(
+                "the Dapr sidecar refused the API token (set DAPR_API_TOKEN to the sidecar's)"
+                    .into(),
+            )),
+            s => Err(BridgeError::Unavailable(format!(
+                "the Dapr sidecar failed a metadata request ({s})"
+            ))),
         }
     }
 

@@ -1,7 +1,7 @@
 //! Subscription consumers: a delivery from the sidecar reaches every local subscription whose
 //! filter matches (core's matcher). Deliveries are acknowledged on arrival: the sidecar gets
-//! `SUCCESS` once the handlers are started (the bridge declares no manual ack), `RETRY` when
-//! the message could not be handed over (a claim failed, the bridge is closing).
+//! `SUCCESS` once the message is in line at every matching subscription (the bridge declares
+//! no manual ack), `RETRY` when it could not be handed over.
 //!
 //! Every instance is its own consumer group, so every instance receives every message. A
 //! shared subscription is handled by one instance only: each instance that holds it claims the
@@ -16,6 +16,7 @@ use purista_core::{
     BridgeError, Delivery, DeliveryHandler, Envelope, SettleOnce, Settlement, Settler,
     SubscriptionSpec, WorkKind,
 };
+use tokio::sync::mpsc;
 
 use crate::shared::Shared;
 
@@ -28,23 +29,66 @@ pub enum Verdict {
     Retry,
 }
 
+/// A delivery waiting in a consumer's line: its claim (running) and its message.
+struct Waiting {
+    claim: Option<tokio::task::JoinHandle<Result<bool, BridgeError>>>,
+    envelope: Arc<Envelope>,
+    running: purista_core::inflight::InFlightGuard,
+}
+
 /// One subscription registered on this instance.
+///
+/// Deliveries wait in a line per subscription: their claims run concurrently, but handlers
+/// start in the order the sidecar delivered, so a message delivered before another never
+/// starts after it.
 pub struct Consumer {
     /// The registration.
     pub spec: SubscriptionSpec,
-    handler: Arc<dyn DeliveryHandler>,
     label: Arc<str>,
+    line: mpsc::UnboundedSender<Waiting>,
 }
 
 impl Consumer {
-    /// A consumer of `spec`.
-    pub fn new(spec: SubscriptionSpec, handler: Arc<dyn DeliveryHandler>) -> Arc<Self> {
+    /// A consumer of `spec`; its line is served until the consumer is dropped.
+    pub fn new(
+        shared: &Arc<Shared>,
+        spec: SubscriptionSpec,
+        handler: Arc<dyn DeliveryHandler>,
+    ) -> Arc<Self> {
         let label: Arc<str> = spec.key.as_str().into();
-        Arc::new(Consumer {
-            spec,
-            handler,
-            label,
-        })
+        let (line, mut waiting) = mpsc::unbounded_channel::<Waiting>();
+        let tasks = shared.tasks.clone();
+        let task_label = label.clone();
+        tokio::spawn(async move {
+            while let Some(w) = waiting.recv().await {
+                let run = match w.claim {
+                    None => true,
+                    Some(claim) => match claim.await {
+                        Ok(Ok(won)) => won,
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, subscription = %task_label, message_id = %w.envelope.id, "could not claim a message of a shared subscription; this instance leaves it (at most once)");
+                            false
+                        }
+                        Err(_) => false,
+                    },
+                };
+                if !run {
+                    continue;
+                }
+                let delivery = Delivery {
+                    envelope: w.envelope.clone(),
+                    attempt: 1,
+                    settle: SettleOnce::new(w.envelope.id.clone(), Box::new(AckedOnArrival)),
+                };
+                let handler = handler.clone();
+                let running = w.running;
+                tasks.spawn(WorkKind::Subscription, task_label.clone(), async move {
+                    let _running = running;
+                    handler.deliver(delivery).await;
+                });
+            }
+        });
+        Arc::new(Consumer { spec, label, line })
     }
 }
 
@@ -71,47 +115,30 @@ impl Shared {
             .filter(|c| c.spec.filter.matches(&envelope))
             .cloned()
             .collect();
-        let claims = matching.iter().map(|c| self.claim(c, delivery_id));
-        let mut consumers = Vec::with_capacity(matching.len());
-        for (consumer, claimed) in matching.iter().zip(futures::future::join_all(claims).await) {
-            match claimed {
-                Ok(true) => consumers.push(consumer.clone()),
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, subscription = %consumer.label, message_id = %envelope.id, "could not claim a message of a shared subscription; the sidecar redelivers it");
-                    return Verdict::Retry;
-                }
-            }
-        }
-        for consumer in consumers {
-            let delivery = Delivery {
+        for consumer in matching {
+            let running = self.tracker.start(WorkKind::Subscription, &consumer.label);
+            let claim = consumer.spec.shared.then(|| {
+                let shared = self.clone();
+                let consumer = consumer.clone();
+                let delivery_id = delivery_id.to_string();
+                tokio::spawn(async move { shared.claim(&consumer, &delivery_id).await })
+            });
+            let waiting = Waiting {
+                claim,
                 envelope: envelope.clone(),
-                attempt: 1,
-                settle: SettleOnce::new(envelope.id.clone(), Box::new(AckedOnArrival)),
+                running,
             };
-            let tracker_guard = self.tracker.start(WorkKind::Subscription, &consumer.label);
-            let spawned =
-                self.tasks
-                    .spawn(WorkKind::Subscription, consumer.label.clone(), async move {
-                        let _guard = tracker_guard;
-                        consumer.handler.deliver(delivery).await;
-                    });
-            if !spawned {
+            if consumer.line.send(waiting).is_err() {
                 return Verdict::Retry;
             }
         }
         Verdict::Done
     }
 
-    /// Whether this instance runs `consumer`'s handler for `envelope`: always for a broadcast
-    /// subscription; for a shared one, when its claim in the state store was the first.
     /// The claim is per delivery (the CloudEvent id), not per message id: the same message
-    /// published twice is two deliveries. A redelivery to the instance that claimed it runs
-    /// again there.
+    /// published twice is two deliveries. A failed claim write answers RETRY, and the
+    /// redelivery claims again.
     async fn claim(&self, consumer: &Consumer, delivery_id: &str) -> Result<bool, BridgeError> {
-        if !consumer.spec.shared {
-            return Ok(true);
-        }
         let key = format!(
             "{}||claim||{}||{}",
             self.config.prefix,
@@ -119,16 +146,15 @@ impl Shared {
             crate::bridge::key_part(delivery_id)
         );
         let mine = serde_json::Value::String(self.instance_id.clone());
-        let store = &self.config.statestore;
-        let within = self.config.call_timeout;
-        if self
-            .sidecar
-            .save_state(store, &key, &mine, None, Some(CLAIM_TTL_SECS), within)
-            .await?
-        {
-            return Ok(true);
-        }
-        let holder = self.sidecar.get_state(store, &key, within).await?;
-        Ok(holder.is_some_and(|(value, _)| value == mine))
+        self.sidecar
+            .save_state(
+                &self.config.statestore,
+                &key,
+                &mine,
+                None,
+                Some(CLAIM_TTL_SECS),
+                self.config.call_timeout,
+            )
+            .await
     }
 }
