@@ -170,8 +170,10 @@ async fn command(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
     // Subscriptions see commands and responses too (DESIGN §3.3): wanted ones travel as copies
     // on the topic, published before the caller gets its answer. Who wants them is read while
     // the handler runs.
-    let (wanted, mut response) =
-        futures::join!(copies::wanted(&shared), handler.handle(command.clone()));
+    let (wanted, mut response) = futures::join!(
+        shared.copy_reads.wanted(&shared),
+        handler.handle(command.clone())
+    );
     kit::stamp_response(&mut response, &command, &shared.instance_id);
     let publish = |message: &Envelope| {
         let wanted = copies::is_wanted(&wanted, message);

@@ -59,9 +59,38 @@ pub async fn announce(
         .await
 }
 
+/// What one read of the registry found (`None`: the read failed).
+pub type Wanted = Option<Vec<SubscriptionFilter>>;
+
+/// Commands arriving while a read of the registry runs share it; the next read starts when
+/// one arrives after it finished (a subscription registered before a command arrived is seen,
+/// unless a read already running then missed it).
+#[derive(Default)]
+pub struct Reads {
+    current: parking_lot::Mutex<Option<std::sync::Arc<tokio::sync::OnceCell<Wanted>>>>,
+}
+
+impl Reads {
+    /// The filters that want copies, read or joined.
+    pub async fn wanted(&self, shared: &Shared) -> Wanted {
+        let cell = {
+            let mut current = self.current.lock();
+            match current.as_ref() {
+                Some(cell) if !cell.initialized() => cell.clone(),
+                _ => {
+                    let cell = std::sync::Arc::new(tokio::sync::OnceCell::new());
+                    *current = Some(cell.clone());
+                    cell
+                }
+            }
+        };
+        cell.get_or_init(|| read(shared)).await.clone()
+    }
+}
+
 /// The filters that want copies, as the state store has them now. On a failed read every
 /// message is wanted (a copy too many is cheaper than one missing).
-pub async fn wanted(shared: &Shared) -> Option<Vec<SubscriptionFilter>> {
+async fn read(shared: &Shared) -> Wanted {
     let read = shared
         .sidecar
         .get_state(

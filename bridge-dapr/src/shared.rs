@@ -40,6 +40,8 @@ pub struct Shared {
     pub subscribe_read_once: AtomicBool,
     /// Set once shutdown began: no new work is taken.
     pub closing: AtomicBool,
+    /// Reads of the command copy registry, shared by commands arriving together.
+    pub copy_reads: crate::copies::Reads,
     poison: AtomicU64,
     late: AtomicU64,
 }
@@ -60,6 +62,7 @@ impl Shared {
             subscribe_read: Notify::new(),
             subscribe_read_once: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            copy_reads: crate::copies::Reads::default(),
             poison: AtomicU64::new(0),
             late: AtomicU64::new(0),
         })
