@@ -16,6 +16,9 @@ use crate::config::DaprConfig;
 use crate::sidecar::Sidecar;
 use crate::subscriptions::Consumer;
 
+/// Claims of shared subscriptions' deliveries in flight at once, per instance.
+pub const MAX_CLAIMS_IN_FLIGHT: usize = 32;
+
 /// Shared state of one bridge instance.
 pub struct Shared {
     /// Settings.
@@ -40,6 +43,9 @@ pub struct Shared {
     pub subscribe_read_once: AtomicBool,
     /// Set once shutdown began: no new work is taken.
     pub closing: AtomicBool,
+    /// Bounds the claims in flight (a burst of deliveries would otherwise open a connection
+    /// to the sidecar per claim).
+    pub claims: tokio::sync::Semaphore,
     /// Reads of the command copy registry, shared by commands arriving together.
     pub copy_reads: crate::copies::Reads,
     poison: AtomicU64,
@@ -62,6 +68,7 @@ impl Shared {
             subscribe_read: Notify::new(),
             subscribe_read_once: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            claims: tokio::sync::Semaphore::new(MAX_CLAIMS_IN_FLIGHT),
             copy_reads: crate::copies::Reads::default(),
             poison: AtomicU64::new(0),
             late: AtomicU64::new(0),

@@ -146,6 +146,11 @@ impl Shared {
             crate::bridge::key_part(delivery_id)
         );
         let mine = serde_json::Value::String(self.instance_id.clone());
+        let _permit = self
+            .claims
+            .acquire()
+            .await
+            .map_err(|_| BridgeError::Unavailable("the bridge is shutting down".into()))?;
         self.sidecar
             .save_state(
                 &self.config.statestore,
