@@ -13,6 +13,7 @@
 //! | `amqp://…`, `amqps://…` | RabbitMQ | `amqp` |
 //! | `kubemq://[:TOKEN@]host[:port][?client_id=…&prefix=…]` | KubeMQ | `kubemq` |
 //! | `aws://[REGION][?prefix=…&bus=…&endpoint=…&wait_seconds=…&max_message_bytes=…]` | AWS EventBridge + SQS | `aws` |
+//! | `dapr://[:TOKEN@]sidecar-host[:port][?app_id=…&app_port=…&pubsub=…&statestore=…&prefix=…]` | Dapr sidecar | `dapr` |
 //!
 //! The table behind [`connect`] is [`drivers`]: one [`Driver`] per bridge crate compiled in, each
 //! naming its URL schemes. A scheme whose bridge exists but whose feature is off is an error
@@ -61,6 +62,10 @@ pub use purista_bridge_kubemq as kubemq;
 /// and the AWS SDK crates it uses.
 #[cfg(feature = "aws")]
 pub use purista_bridge_aws as aws;
+/// The Dapr bridge (cargo feature `dapr`): its config (URL grammar, Dapr's environment
+/// variables), the CloudEvent mapping and the sidecar client it uses.
+#[cfg(feature = "dapr")]
+pub use purista_bridge_dapr as dapr;
 
 /// The names most programs need, for `use purista::prelude::*`.
 pub mod prelude {
@@ -163,6 +168,8 @@ pub fn drivers() -> Vec<Driver> {
         purista_bridge_kubemq::driver(),
         #[cfg(feature = "aws")]
         purista_bridge_aws::driver(),
+        #[cfg(feature = "dapr")]
+        purista_bridge_dapr::driver(),
     ]
 }
 
@@ -173,6 +180,7 @@ const FEATURE_SCHEMES: &[(&str, &str)] = &[
     ("amqps", "amqp"),
     ("kubemq", "kubemq"),
     ("aws", "aws"),
+    ("dapr", "dapr"),
 ];
 
 /// What [`connect_with`] connects to: a bridge URL and the settings every bridge understands.
@@ -280,10 +288,15 @@ pub async fn connect_with(options: &ConnectOptions) -> Result<Connection, Connec
 /// Connects to the URL in `PURISTA_BRIDGE_URL`; the bridge reads its other variables itself
 /// (RabbitMQ: `PURISTA_AMQP_PREFIX`; KubeMQ: `KUBEMQ_AUTH_TOKEN`, `PURISTA_KUBEMQ_PREFIX`,
 /// `PURISTA_KUBEMQ_CLIENT_ID`). With the `kubemq` feature and no `PURISTA_BRIDGE_URL`,
-/// `KUBEMQ_ADDRESS` (`host:port`, as KubeMQ's SDKs read it) selects the KubeMQ bridge.
+/// `KUBEMQ_ADDRESS` (`host:port`, as KubeMQ's SDKs read it) selects the KubeMQ bridge. With the
+/// `dapr` feature and neither, Dapr's own `DAPR_HTTP_ENDPOINT` or `DAPR_HTTP_PORT` (set by
+/// Dapr for the app) selects the Dapr bridge, which reads `APP_ID`, `APP_PORT`,
+/// `DAPR_API_TOKEN` and `APP_API_TOKEN` itself.
 pub async fn from_env() -> Result<Connection, ConnectError> {
     let url = match std::env::var(BRIDGE_URL_ENV) {
         Ok(url) => url,
+        #[cfg(feature = "dapr")]
+        Err(_) if dapr_url_from_env().is_some() => dapr_url_from_env().unwrap_or_default(),
         #[cfg(feature = "kubemq")]
         Err(_)
             if std::env::var(purista_bridge_kubemq::config::ADDRESS_ENV)
@@ -296,4 +309,25 @@ pub async fn from_env() -> Result<Connection, ConnectError> {
         Err(_) => return Err(ConnectError::MissingEnv),
     };
     connect(&url).await
+}
+
+/// `dapr://host:port` from Dapr's `DAPR_HTTP_ENDPOINT` (`http://host:port`) or
+/// `DAPR_HTTP_PORT` (the sidecar on localhost), when either is set.
+#[cfg(feature = "dapr")]
+fn dapr_url_from_env() -> Option<String> {
+    use purista_bridge_dapr::config::{HTTP_ENDPOINT_ENV, HTTP_PORT_ENV};
+    let get = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    if let Some(endpoint) = get(HTTP_ENDPOINT_ENV) {
+        let hostport = endpoint
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .trim_end_matches('/');
+        return Some(format!("dapr://{hostport}"));
+    }
+    get(HTTP_PORT_ENV).map(|port| format!("dapr://127.0.0.1:{port}"))
 }

@@ -4,6 +4,7 @@
 
 mod amqp;
 mod aws;
+mod dapr;
 mod default;
 mod kubemq;
 
@@ -16,6 +17,7 @@ pub use amqp::private_node;
 /// The AWS harness is built and runs the suite on moto (57 of 59 cases pass), but is not in
 /// [`all`] yet: two cases exceed their 120 s on moto on a loaded 2-core machine (issue 10).
 pub use aws::AwsHarness;
+pub use dapr::DaprHarness;
 pub use default::DefaultHarness;
 pub use kubemq::KubemqHarness;
 
@@ -28,5 +30,6 @@ pub fn all() -> Vec<Arc<dyn Harness>> {
         Arc::new(DefaultHarness::new()),
         Arc::new(AmqpHarness::new()),
         Arc::new(KubemqHarness::new()),
+        Arc::new(DaprHarness::new()),
     ]
 }

@@ -1,0 +1,213 @@
+//! The app server the sidecar calls: subscription discovery (`GET /dapr/subscribe`), topic
+//! deliveries (`POST /purista/message`), service invocation of commands
+//! (`POST /purista/command`) and the app's own health (`GET /healthz`).
+//!
+//! Every request but the health check must carry the app token (`dapr-api-token`, Dapr's
+//! `APP_API_TOKEN`) when one is configured: without it the answer is 401 and no handler runs.
+//! Bodies over the limit are refused with 413 before anything is parsed.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use purista_core::inflight::WorkKind;
+use purista_core::kit::{self, endpoint_label};
+use purista_core::{Envelope, MessageType};
+use serde_json::json;
+
+use crate::cloudevent::{self, CLOUDEVENT_CONTENT_TYPE};
+use crate::copies;
+use crate::shared::Shared;
+
+/// Path of topic deliveries.
+pub const MESSAGE_ROUTE: &str = "/purista/message";
+/// Method (path) of command invocations.
+pub const COMMAND_METHOD: &str = "purista/command";
+/// Header of both Dapr tokens.
+pub const TOKEN_HEADER: &str = "dapr-api-token";
+
+/// The app server's routes.
+pub fn router(shared: Arc<Shared>) -> Router {
+    let limit = shared.config.max_payload_bytes + 64 * 1024;
+    Router::new()
+        .route("/dapr/subscribe", get(subscribe))
+        .route(MESSAGE_ROUTE, post(message))
+        .route(&format!("/{COMMAND_METHOD}"), post(command))
+        .route_layer(middleware::from_fn_with_state(shared.clone(), app_token))
+        .route("/healthz", get(|| async { StatusCode::OK }))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(shared)
+}
+
+/// Constant-time comparison: the time of a refusal tells nothing about the token.
+fn same_token(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+async fn app_token(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    if let Some(expected) = shared.config.app_api_token.as_deref() {
+        let given = request
+            .headers()
+            .get(TOKEN_HEADER)
+            .map(HeaderValue::as_bytes)
+            .unwrap_or_default();
+        if !same_token(given, expected.as_bytes()) {
+            tracing::warn!(
+                path = request.uri().path(),
+                "app server refused a request without the right app token"
+            );
+            return (StatusCode::UNAUTHORIZED, "missing or wrong dapr-api-token").into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn subscribe(State(shared): State<Arc<Shared>>) -> Response {
+    shared.subscribe_read.notify_waiters();
+    shared
+        .subscribe_read_once
+        .store(true, std::sync::atomic::Ordering::Release);
+    axum::Json(json!([{
+        "pubsubname": shared.config.pubsub,
+        "topic": shared.topic,
+        "routes": { "default": MESSAGE_ROUTE },
+    }]))
+    .into_response()
+}
+
+fn reply(status: &'static str) -> Response {
+    (StatusCode::OK, axum::Json(json!({ "status": status }))).into_response()
+}
+
+fn is_json(headers: &HeaderMap, extra: &str) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .is_some_and(|v| v == "application/json" || v == extra)
+}
+
+/// A topic delivery: the envelope goes to every local subscription whose filter matches.
+async fn message(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    if shared.is_closing() {
+        // Dapr retries a non-2xx delivery; another instance, or this one after a restart,
+        // takes it.
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    if !is_json(&headers, CLOUDEVENT_CONTENT_TYPE) {
+        shared.count_poison();
+        return (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "expected application/cloudevents+json",
+        )
+            .into_response();
+    }
+    let delivered = match cloudevent::unwrap(&body) {
+        Ok(d) => d,
+        Err(e) => {
+            shared.count_poison();
+            tracing::warn!(error = %e, "dropped a delivery that is not a PURISTA CloudEvent");
+            // DROP: redelivering the same bytes cannot help.
+            return reply("DROP");
+        }
+    };
+    match shared
+        .dispatch(&delivered.id, Arc::new(delivered.envelope))
+        .await
+    {
+        crate::subscriptions::Verdict::Done => reply("SUCCESS"),
+        crate::subscriptions::Verdict::Retry => reply("RETRY"),
+    }
+}
+
+/// A command through service invocation: the response envelope is the body (status 200; the
+/// handler's status travels inside, as DESIGN §3.1 says).
+async fn command(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    if shared.is_closing() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    if !is_json(&headers, "application/json") {
+        return (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "expected application/json",
+        )
+            .into_response();
+    }
+    let command = match Envelope::decode_with_limit(&body, shared.config.max_payload_bytes) {
+        Ok(c) if c.message_type == MessageType::Command => c,
+        Ok(_) => return (StatusCode::BAD_REQUEST, "not a command").into_response(),
+        Err(e) => {
+            shared.count_poison();
+            return (StatusCode::BAD_REQUEST, e.to_string()).into_response();
+        }
+    };
+    let Some(receiver) = command.receiver.as_ref() else {
+        return (StatusCode::BAD_REQUEST, "a command needs a receiver").into_response();
+    };
+    let label = endpoint_label(receiver);
+    let Some(handler) = shared.command_handler(&label) else {
+        return (StatusCode::NOT_FOUND, format!("no handler for {label}")).into_response();
+    };
+    let label: Arc<str> = label.into();
+    let _running = shared.tracker.start(WorkKind::Command, &label);
+    let command = Arc::new(command);
+    // Subscriptions see commands and responses too (DESIGN §3.3): wanted ones travel as copies
+    // on the topic, published before the caller gets its answer. Who wants them is read while
+    // the handler runs.
+    let (wanted, mut response) = futures::join!(
+        shared.copy_reads.wanted(&shared),
+        handler.handle(command.clone())
+    );
+    kit::stamp_response(&mut response, &command, &shared.instance_id);
+    let publish = |message: &Envelope| {
+        let wanted = copies::is_wanted(&wanted, message);
+        let shared = shared.clone();
+        let message = message.clone();
+        async move {
+            if wanted {
+                shared.publish_copy(&message).await
+            } else {
+                Ok(())
+            }
+        }
+    };
+    let (c, r) = futures::join!(publish(&command), publish(&response));
+    for e in [c, r].into_iter().filter_map(Result::err) {
+        tracing::warn!(error = %e, endpoint = %label, "a copy of a command or response for subscriptions was not published");
+    }
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        response.encode(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_by_content_and_length() {
+        assert!(same_token(b"abc", b"abc"));
+        assert!(!same_token(b"abd", b"abc"));
+        assert!(!same_token(b"ab", b"abc"));
+        assert!(!same_token(b"", b"abc"));
+    }
+}

@@ -1,0 +1,608 @@
+//! [`DaprBridge`]: the [`EventBridge`] on a Dapr sidecar.
+//!
+//! * Messages (events, info, responses) are published as structured CloudEvents on one topic,
+//!   `<prefix>.messages`, of the pub/sub component. Dapr delivers each once per consumer group
+//!   (by default the app id) to the app server, which hands it to every local subscription
+//!   whose filter matches.
+//! * Commands travel by service invocation to an app that serves them. Which apps serve an
+//!   endpoint is kept in the state store (one key per endpoint, a list of app ids, written with
+//!   first-write concurrency), so a caller needs no configuration per service.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use purista_core::kit::{self, endpoint_label};
+use purista_core::{
+    Address, BridgeCounters, BridgeError, BridgeHealth, Capabilities, CommandHandler,
+    DeliveryGuarantee, DeliveryHandler, DrainReport, Envelope, EventBridge, FilterSupport,
+    InFlight, PausedConsumer, RegistrationKey, StreamConsumerEnd, StreamHandler,
+    SubscriptionOperator, SubscriptionSpec, WorkKind,
+};
+use rand::Rng;
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio::sync::{OnceCell, watch};
+use tokio::time::Instant;
+
+use crate::app::{self, COMMAND_METHOD};
+use crate::cloudevent;
+use crate::config::DaprConfig;
+use crate::copies;
+use crate::shared::Shared;
+use crate::sidecar::{InvokeFailure, Sidecar};
+use crate::subscriptions::Consumer;
+
+/// How long past the caller's ttl an invocation's request stays open, so that a late response
+/// is seen (and ignored with a warning) rather than cut off.
+const LATE_RESPONSE_GRACE: Duration = Duration::from_secs(30);
+
+/// Apps an invocation tries at most when one does not serve the endpoint (any more).
+const MAX_APPS_TRIED: usize = 3;
+
+/// The bridge's name in capabilities and the matrix.
+pub const BRIDGE_NAME: &str = "dapr";
+
+/// What the bridge provides on Dapr (each line proven by the conformance suite; everything
+/// else is refused by the strict check).
+///
+/// * Broadcast and shared: Dapr delivers a topic message once per consumer group, which is
+///   the app id unless the component sets `consumerID`. The bridge expects each instance to be
+///   its own consumer group (its own app id, or `consumerID: "{uuid}"`), so every instance gets
+///   every message: broadcast subscriptions run on each; a shared subscription runs on the one
+///   instance whose claim of the message in the state store is first (see
+///   [`crate::subscriptions`]). Instances sharing one consumer group would split the messages
+///   of *every* subscription, broadcast ones included.
+/// * Filters: every filter of DESIGN §3.3, matched by the app server with core's matcher.
+/// * Delivery: a message reaches a handler at most once as far as the bridge is concerned: the
+///   sidecar gets SUCCESS once the handlers settled; handler outcomes beyond ack/drop
+///   (retries, dead letters, pause) are not declared.
+pub fn capabilities(config: &DaprConfig) -> Capabilities {
+    let mut caps = Capabilities::none(BRIDGE_NAME);
+    caps.commands = true;
+    caps.filters = FilterSupport::Complex;
+    caps.shared_subscriptions = true;
+    caps.broadcast_subscriptions = true;
+    caps.command_delivery = DeliveryGuarantee::AtMostOnce;
+    caps.subscription_delivery = DeliveryGuarantee::AtMostOnce;
+    caps.limits.max_payload_bytes = Some(config.max_payload_bytes);
+    caps
+}
+
+/// One bridge instance on a Dapr sidecar.
+pub struct DaprBridge {
+    shared: Arc<Shared>,
+    capabilities: Capabilities,
+    listener: parking_lot::Mutex<Option<std::net::TcpListener>>,
+    app_port: u16,
+    endpoints: crate::endpoints::EndpointCache,
+    stop_server: watch::Sender<bool>,
+    started: OnceCell<()>,
+    drained: OnceCell<DrainReport>,
+}
+
+impl std::fmt::Debug for DaprBridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaprBridge")
+            .field("instance_id", &self.shared.instance_id)
+            .field("config", &self.shared.config)
+            .field("app_port", &self.app_port)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Characters of a state key part kept as they are; others are escaped.
+pub(crate) fn key_part(raw: &str) -> String {
+    kit::NameRules::permissive('|', '~', 1024).component(raw)
+}
+
+impl DaprBridge {
+    /// A bridge instance for `config`. Binds the app server's port at once (so that
+    /// [`DaprBridge::app_port`] is known before the sidecar is pointed at it); serving and
+    /// talking to the sidecar begin with [`EventBridge::start`].
+    pub fn new(config: DaprConfig) -> Result<Self, BridgeError> {
+        config
+            .validate()
+            .map_err(|e| BridgeError::InvalidRequest(e.to_string()))?;
+        let listener = crate::listen(&config.app_host, config.app_port).map_err(|e| {
+            BridgeError::Unavailable(format!(
+                "the app server cannot listen on {}:{}: {e}",
+                config.app_host, config.app_port
+            ))
+        })?;
+        let app_port = listener
+            .local_addr()
+            .map_err(|e| BridgeError::Unavailable(format!("app server socket: {e}")))?
+            .port();
+        let sidecar = Sidecar::new(&config.sidecar, config.api_token.clone())?;
+        let capabilities = capabilities(&config);
+        let (stop_server, _) = watch::channel(false);
+        Ok(DaprBridge {
+            shared: Shared::new(config, purista_core::ids::new_id(), sidecar),
+            capabilities,
+            listener: parking_lot::Mutex::new(Some(listener)),
+            app_port,
+            endpoints: crate::endpoints::EndpointCache::default(),
+            stop_server,
+            started: OnceCell::new(),
+            drained: OnceCell::new(),
+        })
+    }
+
+    /// The port the app server listens on (the app port the sidecar must be given).
+    pub fn app_port(&self) -> u16 {
+        self.app_port
+    }
+
+    /// The topic every message travels on.
+    pub fn topic(&self) -> &str {
+        &self.shared.topic
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &DaprConfig {
+        &self.shared.config
+    }
+
+    fn endpoint_key(&self, address: &Address) -> String {
+        format!(
+            "{}||cmd||{}||{}||{}",
+            self.shared.config.prefix,
+            key_part(&address.service_name),
+            key_part(&address.service_version),
+            key_part(&address.service_target)
+        )
+    }
+
+    /// Adds (`add = true`) or removes this app id in the endpoint's list in the state store.
+    async fn update_endpoint(&self, address: &Address, add: bool) -> Result<(), BridgeError> {
+        let me = Value::String(self.shared.config.app_id.clone());
+        self.shared
+            .update_list(&self.endpoint_key(address), |apps| {
+                let present = apps.contains(&me);
+                if present == add {
+                    return false;
+                }
+                if add {
+                    apps.push(me.clone());
+                } else {
+                    apps.retain(|a| *a != me);
+                }
+                true
+            })
+            .await
+    }
+
+    /// One invocation through the sidecar. The request runs in a task of its own: past the
+    /// ttl the caller gets its 504 at once, and a response that still comes is ignored with a
+    /// warning naming its correlation id.
+    async fn attempt(
+        &self,
+        app_id: &str,
+        body: Vec<u8>,
+        correlation: &str,
+        deadline: Instant,
+        ttl: Duration,
+    ) -> Result<crate::sidecar::Invoked, BridgeError> {
+        let timeout = || BridgeError::Timeout(kit::millis(ttl));
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let watcher = {
+            let shared = self.shared.clone();
+            let app_id = app_id.to_string();
+            let correlation = correlation.to_string();
+            let within = deadline.saturating_duration_since(Instant::now()) + LATE_RESPONSE_GRACE;
+            async move {
+                let result = shared
+                    .sidecar
+                    .invoke(&app_id, COMMAND_METHOD, body, within)
+                    .await;
+                if let Err(Ok(late)) = reply.send(result)
+                    && late.status == StatusCode::OK
+                {
+                    shared.count_late_response();
+                    tracing::warn!(
+                        correlation_id = %correlation,
+                        app_id = %app_id,
+                        "ignored a command response that came after its caller's ttl"
+                    );
+                }
+            }
+        };
+        tokio::spawn(watcher);
+        match tokio::time::timeout_at(deadline, answer).await {
+            Err(_) => Err(timeout()),
+            Ok(Err(_)) => Err(BridgeError::Unavailable(
+                "the invocation's request task ended without an answer".into(),
+            )),
+            Ok(Ok(Ok(invoked))) => Ok(invoked),
+            Ok(Ok(Err(InvokeFailure::Timeout))) => Err(timeout()),
+            Ok(Ok(Err(InvokeFailure::Unreachable(e)))) => Err(e),
+        }
+    }
+
+    async fn drain(&self, deadline: Instant) -> DrainReport {
+        let started = Instant::now();
+        let shared = &self.shared;
+        // Leave the registry first, so callers stop choosing this app for new commands.
+        let addresses: Vec<String> = shared.commands.read().keys().cloned().collect();
+        let _ = tokio::time::timeout_at(
+            deadline,
+            futures::future::join_all(addresses.iter().filter_map(|label| {
+                parse_label(label).map(|a| async move {
+                    let _ = self.update_endpoint(&a, false).await;
+                })
+            })),
+        )
+        .await;
+        let watching: Vec<SubscriptionSpec> = shared
+            .consumers
+            .read()
+            .values()
+            .filter(|c| copies::wants_copies(&c.spec.filter))
+            .map(|c| c.spec.clone())
+            .collect();
+        let _ = tokio::time::timeout_at(
+            deadline,
+            futures::future::join_all(
+                watching
+                    .iter()
+                    .map(|spec| copies::announce(shared, spec, false)),
+            ),
+        )
+        .await;
+        shared
+            .closing
+            .store(true, std::sync::atomic::Ordering::Release);
+        let idle = shared.tracker.wait_idle(deadline).await;
+        let still_running = if idle {
+            Vec::new()
+        } else {
+            shared.tracker.running()
+        };
+        shared.tasks.close();
+        let tasks_done = shared.tasks.wait_empty(deadline).await;
+        shared.tasks.abort_all();
+        let _ = self.stop_server.send(true);
+        DrainReport {
+            completed: idle && tasks_done,
+            still_running,
+            rejected_invocations: 0,
+            waited_ms: kit::millis(started.elapsed()),
+        }
+    }
+}
+
+/// `service@version/target` back into an address (labels are made by `endpoint_label`).
+fn parse_label(label: &str) -> Option<Address> {
+    let (service, rest) = label.split_once('@')?;
+    let (version, target) = rest.split_once('/')?;
+    Some(Address::new(service, version, target))
+}
+
+#[async_trait]
+impl SubscriptionOperator for DaprBridge {
+    fn paused_subscription_consumers(&self) -> Vec<PausedConsumer> {
+        Vec::new()
+    }
+
+    async fn resume_subscription_consumer(
+        &self,
+        _key: &RegistrationKey,
+    ) -> Result<bool, BridgeError> {
+        Ok(false)
+    }
+}
+
+#[async_trait]
+impl EventBridge for DaprBridge {
+    fn name(&self) -> &str {
+        BRIDGE_NAME
+    }
+
+    fn instance_id(&self) -> &str {
+        &self.shared.instance_id
+    }
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
+    }
+
+    fn default_command_timeout(&self) -> Duration {
+        self.shared.config.default_command_timeout
+    }
+
+    /// Serves the app server, waits until the sidecar answers its health check and has read
+    /// the app's subscriptions (at most the connect timeout). Idempotent.
+    async fn start(&self) -> Result<(), BridgeError> {
+        if self.shared.is_closing() {
+            return Err(BridgeError::Unavailable("the bridge was shut down".into()));
+        }
+        self.started
+            .get_or_try_init(|| async {
+                let listener = self.listener.lock().take().ok_or_else(|| {
+                    BridgeError::Unavailable("the app server socket is gone".into())
+                })?;
+                let listener = tokio::net::TcpListener::from_std(listener)
+                    .map_err(|e| BridgeError::Unavailable(format!("app server socket: {e}")))?;
+                let router = app::router(self.shared.clone());
+                let mut stop = self.stop_server.subscribe();
+                tokio::spawn(async move {
+                    let served = axum::serve(
+                        axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                            let _ = tcp.set_nodelay(true);
+                        }),
+                        router,
+                    )
+                        .with_graceful_shutdown(async move {
+                            let _ = stop.wait_for(|s| *s).await;
+                        })
+                        .await;
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "the Dapr app server stopped");
+                    }
+                });
+                let shared = &self.shared;
+                let deadline = Instant::now() + shared.config.connect_timeout;
+                loop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match shared
+                        .sidecar
+                        .healthz(left.min(shared.config.call_timeout))
+                        .await
+                    {
+                        Ok(()) => {
+                            let app_id = shared.sidecar.metadata(shared.config.call_timeout).await?;
+                            if app_id != shared.config.app_id {
+                                tracing::warn!(sidecar_app_id = %app_id, configured_app_id = %shared.config.app_id, "the sidecar serves another app id than the bridge is configured with");
+                            }
+                            break;
+                        }
+                        Err(e) if Instant::now() >= deadline => {
+                            return Err(BridgeError::Unavailable(format!(
+                                "the Dapr sidecar at {} does not answer: {e}",
+                                shared.config.sidecar
+                            )));
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+                // The sidecar reads /dapr/subscribe once the app port is open; messages
+                // published before that would not reach this app.
+                loop {
+                    let read = shared.subscribe_read.notified();
+                    if shared
+                        .subscribe_read_once
+                        .load(std::sync::atomic::Ordering::Acquire)
+                    {
+                        return Ok(());
+                    }
+                    if tokio::time::timeout_at(deadline, read).await.is_err() {
+                        return Err(BridgeError::Unavailable(format!(
+                            "the Dapr sidecar at {} did not read the app's subscriptions from port {} within {} ms",
+                            shared.config.sidecar,
+                            self.app_port,
+                            kit::millis(shared.config.connect_timeout)
+                        )));
+                    }
+                }
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn health(&self) -> BridgeHealth {
+        if self.shared.is_closing() {
+            return BridgeHealth::Unhealthy {
+                reason: "the bridge is shut down".into(),
+            };
+        }
+        if self.started.get().is_none() {
+            return BridgeHealth::Unhealthy {
+                reason: "the bridge is not started".into(),
+            };
+        }
+        match self.shared.sidecar.healthz(Duration::from_secs(2)).await {
+            Ok(()) => BridgeHealth::Healthy,
+            Err(e) => BridgeHealth::Unhealthy {
+                reason: e.to_string(),
+            },
+        }
+    }
+
+    async fn emit(&self, mut message: Envelope) -> Result<(), BridgeError> {
+        let shared = &self.shared;
+        if shared.is_closing() {
+            return Err(BridgeError::Unavailable("the bridge is shut down".into()));
+        }
+        kit::check_emittable(&message)?;
+        kit::stamp(&mut message, &shared.instance_id);
+        let encoded = message.encode();
+        kit::check_body(encoded.len(), &self.capabilities.limits)?;
+        let event = cloudevent::wrap(&message, &encoded, &shared.config.app_id)
+            .map_err(BridgeError::InvalidRequest)?;
+        shared
+            .sidecar
+            .publish(
+                &shared.config.pubsub,
+                &shared.topic,
+                event,
+                shared.config.call_timeout,
+            )
+            .await
+    }
+
+    async fn invoke(&self, mut command: Envelope, ttl: Duration) -> Result<Envelope, BridgeError> {
+        let shared = &self.shared;
+        if shared.is_closing() {
+            return Err(BridgeError::Unavailable("the bridge is shut down".into()));
+        }
+        let deadline = kit::deadline_after(ttl);
+        let receiver = kit::check_command(&command)?.clone();
+        kit::stamp(&mut command, &shared.instance_id);
+        kit::correlation_id(&mut command);
+        let body = command.encode();
+        kit::check_body(body.len(), &self.capabilities.limits)?;
+        let label: Arc<str> = endpoint_label(&receiver).into();
+        let _pending = shared.tracker.start(WorkKind::Command, &label);
+        let timeout = || BridgeError::Timeout(kit::millis(ttl));
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let key = self.endpoint_key(&receiver);
+        let correlation = command.correlation_id.clone().unwrap_or_default();
+        // An app that answers 404 (it no longer serves the endpoint), 503 (it is shutting
+        // down) or that Dapr cannot reach did not run the command: another is tried, with a
+        // fresh list of apps.
+        let mut last = BridgeError::NoHandler(label.to_string());
+        for _ in 0..MAX_APPS_TRIED {
+            let apps = match tokio::time::timeout_at(deadline, self.endpoints.lookup(shared, &key))
+                .await
+            {
+                Err(_) => return Err(timeout()),
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(apps)) => apps,
+            };
+            if apps.is_empty() {
+                return Err(BridgeError::NoHandler(label.to_string()));
+            }
+            let app_id = apps[rand::rng().random_range(0..apps.len())].clone();
+            if left().is_zero() {
+                return Err(timeout());
+            }
+            let invoked = self
+                .attempt(&app_id, body.clone(), &correlation, deadline, ttl)
+                .await?;
+            match invoked.status {
+                StatusCode::OK => {
+                    return Envelope::decode_with_limit(&invoked.body, usize::MAX).map_err(|e| {
+                        BridgeError::Broker(format!(
+                            "the response of {label} is not an envelope: {e}"
+                        ))
+                    });
+                }
+                StatusCode::NOT_FOUND => {
+                    last = BridgeError::NoHandler(label.to_string());
+                }
+                StatusCode::SERVICE_UNAVAILABLE => {
+                    last = BridgeError::Unavailable(format!(
+                        "the app serving {label} is shutting down"
+                    ));
+                }
+                StatusCode::PAYLOAD_TOO_LARGE => {
+                    return Err(BridgeError::InvalidRequest(format!(
+                        "the app serving {label} refused the command's size"
+                    )));
+                }
+                status => {
+                    let text = String::from_utf8_lossy(&invoked.body);
+                    if !text.contains("ERR_DIRECT_INVOKE") {
+                        return Err(BridgeError::Broker(format!(
+                            "invoking {label} on app {app_id} failed with {status}"
+                        )));
+                    }
+                    last =
+                        BridgeError::NoHandler(format!("{label}: Dapr cannot reach app {app_id}"));
+                }
+            }
+            self.endpoints.forget(&key);
+        }
+        Err(last)
+    }
+
+    async fn register_command(
+        &self,
+        address: Address,
+        handler: Arc<dyn CommandHandler>,
+    ) -> Result<(), BridgeError> {
+        let label = endpoint_label(&address);
+        {
+            let mut commands = self.shared.commands.write();
+            if commands.contains_key(&label) {
+                return Err(BridgeError::AlreadyRegistered(label));
+            }
+            commands.insert(label.clone(), handler);
+        }
+        if let Err(e) = self.update_endpoint(&address, true).await {
+            self.shared.commands.write().remove(&label);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn unregister_command(&self, address: &Address) -> Result<(), BridgeError> {
+        let label = endpoint_label(address);
+        if self.shared.commands.read().contains_key(&label) {
+            self.update_endpoint(address, false).await?;
+            self.shared.commands.write().remove(&label);
+        }
+        Ok(())
+    }
+
+    async fn register_subscription(
+        &self,
+        spec: SubscriptionSpec,
+        handler: Arc<dyn DeliveryHandler>,
+    ) -> Result<(), BridgeError> {
+        if spec.durable {
+            return Err(BridgeError::Unsupported(
+                "durable subscriptions on the dapr bridge".into(),
+            ));
+        }
+        if self.shared.consumers.read().contains_key(&spec.key) {
+            return Err(BridgeError::AlreadyRegistered(spec.key.to_string()));
+        }
+        if copies::wants_copies(&spec.filter) {
+            copies::announce(&self.shared, &spec, true).await?;
+        }
+        let mut consumers = self.shared.consumers.write();
+        if consumers.contains_key(&spec.key) {
+            return Err(BridgeError::AlreadyRegistered(spec.key.to_string()));
+        }
+        let consumer = Consumer::new(&self.shared, spec, handler);
+        consumers.insert(consumer.spec.key.clone(), consumer);
+        Ok(())
+    }
+
+    async fn unregister_subscription(&self, key: &RegistrationKey) -> Result<(), BridgeError> {
+        let consumer = self.shared.consumers.write().remove(key);
+        if let Some(c) = consumer
+            && copies::wants_copies(&c.spec.filter)
+        {
+            copies::announce(&self.shared, &c.spec, false).await?;
+        }
+        Ok(())
+    }
+
+    async fn register_stream(
+        &self,
+        _address: Address,
+        _handler: Arc<dyn StreamHandler>,
+    ) -> Result<(), BridgeError> {
+        Err(BridgeError::Unsupported(
+            "streams on the dapr bridge".into(),
+        ))
+    }
+
+    async fn unregister_stream(&self, _address: &Address) -> Result<(), BridgeError> {
+        Ok(())
+    }
+
+    async fn open_stream(&self, _open: Envelope) -> Result<StreamConsumerEnd, BridgeError> {
+        Err(BridgeError::Unsupported(
+            "streams on the dapr bridge".into(),
+        ))
+    }
+
+    fn in_flight(&self) -> InFlight {
+        self.shared.tracker.snapshot()
+    }
+
+    fn counters(&self) -> BridgeCounters {
+        self.shared.counters()
+    }
+
+    async fn shutdown(&self, deadline: Instant) -> DrainReport {
+        self.drained
+            .get_or_init(|| self.drain(deadline))
+            .await
+            .clone()
+    }
+}

@@ -1,0 +1,123 @@
+//! Copies of commands and responses for subscriptions (DESIGN §3.3: a subscription can filter
+//! on commands and responses too). Commands travel by service invocation, which no subscriber
+//! sees; so the responder publishes a copy of the command and of its response on the topic,
+//! but only when some subscription's filter matches it: publishing copies nobody wants would
+//! cost every command two publishes and their deliveries.
+//!
+//! Which filters want copies is kept in the state store under `<prefix>||copies`: one entry
+//! `{key, instance, filter}` per subscription (and instance) whose filter can match a command
+//! or a response, added before the subscription is registered and removed when it leaves.
+//! The responder reads the list while the handler runs.
+
+use purista_core::{BridgeError, Envelope, MessageType, SubscriptionFilter, SubscriptionSpec};
+use serde_json::{Value, json};
+
+use crate::shared::Shared;
+
+/// Whether a subscription with `filter` can receive commands or responses.
+pub fn wants_copies(filter: &SubscriptionFilter) -> bool {
+    matches!(
+        filter.message_type,
+        None | Some(
+            MessageType::Command
+                | MessageType::CommandSuccessResponse
+                | MessageType::CommandErrorResponse
+        )
+    )
+}
+
+fn registry_key(shared: &Shared) -> String {
+    format!("{}||copies", shared.config.prefix)
+}
+
+/// Adds (`add`) or removes this instance's entry for `spec`.
+pub async fn announce(
+    shared: &Shared,
+    spec: &SubscriptionSpec,
+    add: bool,
+) -> Result<(), BridgeError> {
+    let entry = json!({
+        "key": spec.key.as_str(),
+        "instance": shared.instance_id,
+        "filter": spec.filter,
+    });
+    let same =
+        |v: &Value| v.get("key") == entry.get("key") && v.get("instance") == entry.get("instance");
+    shared
+        .update_list(&registry_key(shared), |items| {
+            let present = items.iter().any(same);
+            if present == add {
+                return false;
+            }
+            if add {
+                items.push(entry.clone());
+            } else {
+                items.retain(|v| !same(v));
+            }
+            true
+        })
+        .await
+}
+
+/// What one read of the registry found (`None`: the read failed).
+pub type Wanted = Option<Vec<SubscriptionFilter>>;
+
+/// Commands arriving while a read of the registry runs share it; the next read starts when
+/// one arrives after it finished (a subscription registered before a command arrived is seen,
+/// unless a read already running then missed it).
+#[derive(Default)]
+pub struct Reads {
+    current: parking_lot::Mutex<Option<std::sync::Arc<tokio::sync::OnceCell<Wanted>>>>,
+}
+
+impl Reads {
+    /// The filters that want copies, read or joined.
+    pub async fn wanted(&self, shared: &Shared) -> Wanted {
+        let cell = {
+            let mut current = self.current.lock();
+            match current.as_ref() {
+                Some(cell) if !cell.initialized() => cell.clone(),
+                _ => {
+                    let cell = std::sync::Arc::new(tokio::sync::OnceCell::new());
+                    *current = Some(cell.clone());
+                    cell
+                }
+            }
+        };
+        cell.get_or_init(|| read(shared)).await.clone()
+    }
+}
+
+/// The filters that want copies, as the state store has them now. On a failed read every
+/// message is wanted (a copy too many is cheaper than one missing).
+async fn read(shared: &Shared) -> Wanted {
+    let read = shared
+        .sidecar
+        .get_state(
+            &shared.config.statestore,
+            &registry_key(shared),
+            shared.config.call_timeout,
+        )
+        .await;
+    match read {
+        Ok(Some((Value::Array(items), _))) => Some(
+            items
+                .iter()
+                .filter_map(|v| v.get("filter"))
+                .filter_map(|f| serde_json::from_value(f.clone()).ok())
+                .collect(),
+        ),
+        Ok(_) => Some(Vec::new()),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read which subscriptions want command copies; publishing them");
+            None
+        }
+    }
+}
+
+/// Whether `message` is wanted by one of `filters` (`None`: by everyone).
+pub fn is_wanted(filters: &Option<Vec<SubscriptionFilter>>, message: &Envelope) -> bool {
+    filters
+        .as_ref()
+        .is_none_or(|fs| fs.iter().any(|f| f.matches(message)))
+}

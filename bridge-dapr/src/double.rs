@@ -1,0 +1,816 @@
+//! An in-repo double of Dapr sidecars (feature `double`), for tests and benchmarks where no
+//! `daprd` can run. It implements the documented HTTP contract of the parts the bridge uses:
+//!
+//! * `POST /v1.0/publish/{pubsub}/{topic}`: a structured CloudEvent (`application/cloudevents+json`)
+//!   is taken as is (missing `id`, `source`, `type`, `specversion` filled in); any other body is
+//!   wrapped as the `data` of a new CloudEvent. The event gets `topic` and `pubsubname`.
+//! * Subscriptions: once its app port is known, each sidecar reads `GET /dapr/subscribe` from
+//!   the app (until it answers 2xx, like daprd at startup). Entries are `{pubsubname, topic,
+//!   route | routes: {rules: [{match, path}], default}, deadLetterTopic}`; rules with a `match`
+//!   are not evaluated by this double (the subscription is refused with a warning), only
+//!   `route` and `routes.default`.
+//! * Delivery: each published event goes once to each consumer group (the app id) subscribed
+//!   to its topic, to one of the group's sidecars (round robin). Each sidecar delivers to its
+//!   app in publish order, one delivery at a time (like one partition of a log). The app answers 2xx with
+//!   `{"status": "SUCCESS"}` (or no body): done; `"RETRY"` or any non-2xx but 404: retried by
+//!   the resiliency policy ([`Resiliency`]), then sent to the `deadLetterTopic` or dropped;
+//!   `"DROP"` or 404: dropped.
+//! * `/v1.0/invoke/{app-id}/method/{method}`: proxied to one sidecar of that app id (round
+//!   robin), with the app's status, content type and body passed through. An unknown app id,
+//!   or an app that cannot be reached, is Dapr's 500 `ERR_DIRECT_INVOKE`.
+//! * `GET /v1.0/state/{store}/{key}` (200 with an `ETag`, or 204) and `POST /v1.0/state/{store}`
+//!   with ETags (409 on a mismatch; with `first-write` concurrency and no ETag, 409 when the
+//!   key exists) and `metadata.ttlInSeconds`, like a state store with `keyPrefix: none`.
+//! * `GET /v1.0/metadata` (the app id).
+//! * `GET /v1.0/healthz` (204). With an API token set, every other call needs the header
+//!   `dapr-api-token` (401 otherwise); with an app token set, the sidecar sends it to its app.
+//!
+//! The double runs on a runtime of its own (four threads), so it outlives the tests' runtimes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use parking_lot::Mutex;
+use serde_json::{Map, Value, json};
+use tokio::sync::watch;
+
+use crate::app::TOKEN_HEADER;
+use crate::cloudevent::CLOUDEVENT_CONTENT_TYPE;
+
+/// Dapr's default largest request (`--max-body-size`, 4 MiB); larger is 413.
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// Delivery retries, as a Dapr resiliency policy's constant retry for a pub/sub component's
+/// inbound direction says them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resiliency {
+    /// Retries after the first delivery.
+    pub max_retries: u32,
+    /// Wait before each retry.
+    pub interval: Duration,
+}
+
+impl Default for Resiliency {
+    fn default() -> Self {
+        Resiliency {
+            max_retries: 3,
+            interval: Duration::from_millis(20),
+        }
+    }
+}
+
+/// Settings of one double.
+#[derive(Debug, Clone, Default)]
+pub struct DoubleOptions {
+    /// Retries of deliveries.
+    pub resiliency: Resiliency,
+}
+
+/// One sidecar's settings.
+#[derive(Debug, Clone, Default)]
+pub struct SidecarOptions {
+    /// The app id.
+    pub app_id: String,
+    /// Consumer group; empty = the app id (Dapr's default `consumerID`).
+    pub consumer_id: String,
+    /// `DAPR_API_TOKEN`: what the app must send to this sidecar.
+    pub api_token: Option<String>,
+    /// `APP_API_TOKEN`: what this sidecar sends to its app.
+    pub app_api_token: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Subscription {
+    pubsub: String,
+    topic: String,
+    path: String,
+    dead_letter_topic: Option<String>,
+}
+
+struct SidecarState {
+    options: SidecarOptions,
+    app_port: Mutex<Option<u16>>,
+    subscriptions: Mutex<Option<Vec<Subscription>>>,
+    cluster: Arc<Cluster>,
+    /// Bumped when the sidecar stops; a loader of an older generation gives up.
+    generation: AtomicU64,
+    /// Deliveries to this sidecar's app, in publish order (one at a time, like a partition).
+    queue: Mutex<Option<tokio::sync::mpsc::UnboundedSender<(Subscription, Value)>>>,
+}
+
+impl SidecarState {
+    fn group(&self) -> &str {
+        if self.options.consumer_id.is_empty() {
+            &self.options.app_id
+        } else {
+            &self.options.consumer_id
+        }
+    }
+
+    fn app_url(&self, path: &str) -> Option<String> {
+        let port = (*self.app_port.lock())?;
+        let path = path.trim_start_matches('/');
+        Some(format!("http://127.0.0.1:{port}/{path}"))
+    }
+}
+
+#[derive(Default)]
+struct Cluster {
+    sidecars: Mutex<Vec<Arc<SidecarState>>>,
+    /// Sidecars serving (started and not stopped), by position in `sidecars`.
+    state: Mutex<HashMap<String, StateItem>>,
+    etags: AtomicU64,
+    round_robin: AtomicUsize,
+    resiliency: Mutex<Resiliency>,
+    client: std::sync::OnceLock<reqwest::Client>,
+    published: AtomicU64,
+    delivered: AtomicU64,
+    dead_lettered: AtomicU64,
+}
+
+impl Cluster {
+    fn client(&self) -> &reqwest::Client {
+        self.client.get_or_init(|| {
+            reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .tcp_nodelay(true)
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap_or_default()
+        })
+    }
+
+    fn serving(&self) -> Vec<Arc<SidecarState>> {
+        self.sidecars
+            .lock()
+            .iter()
+            .filter(|s| s.app_port.lock().is_some())
+            .cloned()
+            .collect()
+    }
+
+    fn pick<T: Clone>(&self, items: &[T]) -> Option<T> {
+        if items.is_empty() {
+            return None;
+        }
+        let n = self.round_robin.fetch_add(1, Ordering::Relaxed);
+        Some(items[n % items.len()].clone())
+    }
+
+    /// Publishes `event` on `pubsub`/`topic`: one delivery per consumer group.
+    fn publish(self: &Arc<Self>, pubsub: &str, topic: &str, event: Value) {
+        self.published.fetch_add(1, Ordering::Relaxed);
+        let mut groups: HashMap<String, Vec<(Arc<SidecarState>, Subscription)>> = HashMap::new();
+        for sidecar in self.serving() {
+            let subscription = sidecar.subscriptions.lock().as_ref().and_then(|subs| {
+                subs.iter()
+                    .find(|s| s.pubsub == pubsub && s.topic == topic)
+                    .cloned()
+            });
+            if let Some(subscription) = subscription {
+                groups
+                    .entry(sidecar.group().to_string())
+                    .or_default()
+                    .push((sidecar, subscription));
+            }
+        }
+        for (_, members) in groups {
+            if let Some((sidecar, subscription)) = self.pick(&members)
+                && let Some(queue) = sidecar.queue.lock().as_ref()
+            {
+                let _ = queue.send((subscription, event.clone()));
+            }
+        }
+    }
+
+    async fn deliver(self: &Arc<Self>, sidecar: &SidecarState, sub: Subscription, event: Value) {
+        let resiliency = *self.resiliency.lock();
+        let body = serde_json::to_vec(&event).unwrap_or_default();
+        for attempt in 0..=resiliency.max_retries {
+            if attempt > 0 {
+                tokio::time::sleep(resiliency.interval).await;
+            }
+            match self.attempt(sidecar, &sub, &body).await {
+                Answer::Done => {
+                    self.delivered.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Answer::Drop => return,
+                Answer::Retry => {}
+            }
+        }
+        if let Some(dead_letter_topic) = &sub.dead_letter_topic {
+            self.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            self.publish(&sub.pubsub, dead_letter_topic, event);
+        }
+    }
+
+    async fn attempt(&self, sidecar: &SidecarState, sub: &Subscription, body: &[u8]) -> Answer {
+        let Some(url) = sidecar.app_url(&sub.path) else {
+            return Answer::Retry;
+        };
+        let mut request = self
+            .client()
+            .post(url)
+            .header(header::CONTENT_TYPE, CLOUDEVENT_CONTENT_TYPE)
+            .body(body.to_vec());
+        if let Some(token) = &sidecar.options.app_api_token {
+            request = request.header(TOKEN_HEADER, token);
+        }
+        let Ok(response) = request.send().await else {
+            return Answer::Retry;
+        };
+        let status = response.status();
+        if status == StatusCode::NOT_FOUND {
+            return Answer::Drop;
+        }
+        if !status.is_success() {
+            return Answer::Retry;
+        }
+        let bytes = response.bytes().await.unwrap_or_default();
+        let verdict = serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("status").and_then(Value::as_str).map(str::to_string));
+        match verdict.as_deref() {
+            None | Some("SUCCESS") => Answer::Done,
+            Some("DROP") => Answer::Drop,
+            // RETRY, and anything Dapr does not know, is retried.
+            Some(_) => Answer::Retry,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct StateItem {
+    value: Value,
+    etag: u64,
+    expires: Option<std::time::Instant>,
+}
+
+impl StateItem {
+    fn live(&self) -> bool {
+        self.expires.is_none_or(|at| at > std::time::Instant::now())
+    }
+}
+
+enum Answer {
+    Done,
+    Retry,
+    Drop,
+}
+
+/// The double's runtime, shut down in the background when the last holder goes (dropping a
+/// runtime inside a test's async context would panic).
+struct OwnedRuntime(Option<tokio::runtime::Runtime>);
+
+impl OwnedRuntime {
+    fn handle(&self) -> Option<&tokio::runtime::Handle> {
+        self.0.as_ref().map(tokio::runtime::Runtime::handle)
+    }
+
+    fn spawn<F: std::future::Future<Output = ()> + Send + 'static>(&self, future: F) {
+        if let Some(handle) = self.handle() {
+            handle.spawn(future);
+        }
+    }
+}
+
+impl Drop for OwnedRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// A running double: a set of sidecars sharing one pub/sub broker and one state store.
+pub struct DaprDouble {
+    cluster: Arc<Cluster>,
+    runtime: Arc<OwnedRuntime>,
+}
+
+impl std::fmt::Debug for DaprDouble {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaprDouble").finish_non_exhaustive()
+    }
+}
+
+impl DaprDouble {
+    /// A double with no sidecars yet.
+    pub fn start(options: DoubleOptions) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .thread_name("dapr-double")
+            .enable_all()
+            .build()?;
+        let cluster = Arc::new(Cluster::default());
+        *cluster.resiliency.lock() = options.resiliency;
+        Ok(DaprDouble {
+            cluster,
+            runtime: Arc::new(OwnedRuntime(Some(runtime))),
+        })
+    }
+
+    /// A new sidecar on a free loopback port. Point it at its app with [`Sidecar::connect_app`].
+    pub fn sidecar(&self, options: SidecarOptions) -> std::io::Result<Sidecar> {
+        let state = Arc::new(SidecarState {
+            options,
+            app_port: Mutex::new(None),
+            subscriptions: Mutex::new(None),
+            cluster: self.cluster.clone(),
+            generation: AtomicU64::new(0),
+            queue: Mutex::new(None),
+        });
+        let sidecar = Sidecar {
+            state,
+            runtime: self.runtime.clone(),
+            server: Mutex::new(None),
+            port: Mutex::new(0),
+        };
+        sidecar.serve(0)?;
+        Ok(sidecar)
+    }
+
+    /// Events published so far.
+    pub fn published(&self) -> u64 {
+        self.cluster.published.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries the apps answered with SUCCESS.
+    pub fn delivered(&self) -> u64 {
+        self.cluster.delivered.load(Ordering::Relaxed)
+    }
+
+    /// Events sent to a dead-letter topic after their retries.
+    pub fn dead_lettered(&self) -> u64 {
+        self.cluster.dead_lettered.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for DaprDouble {
+    fn drop(&mut self) {
+        for s in self.cluster.sidecars.lock().drain(..) {
+            *s.app_port.lock() = None;
+        }
+    }
+}
+
+/// One sidecar of a [`DaprDouble`].
+pub struct Sidecar {
+    state: Arc<SidecarState>,
+    runtime: Arc<OwnedRuntime>,
+    server: Mutex<Option<watch::Sender<bool>>>,
+    port: Mutex<u16>,
+}
+
+impl std::fmt::Debug for Sidecar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sidecar")
+            .field("app_id", &self.state.options.app_id)
+            .field("port", &*self.port.lock())
+            .finish()
+    }
+}
+
+impl Sidecar {
+    fn serve(&self, port: u16) -> std::io::Result<()> {
+        let handle = self
+            .runtime
+            .handle()
+            .ok_or_else(|| std::io::Error::other("the double's runtime is gone"))?;
+        let _guard = handle.enter();
+        let listener = crate::listen("127.0.0.1", port)?;
+        let bound = listener.local_addr()?.port();
+        let (stop, mut stopped) = watch::channel(false);
+        let router = router(self.state.clone());
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        self.runtime.spawn(async move {
+            // Small request/response pairs: without TCP_NODELAY, Nagle's algorithm and delayed
+            // acknowledgements stall each exchange by tens of milliseconds.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            let _ = axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await;
+        });
+        *self.server.lock() = Some(stop);
+        *self.port.lock() = bound;
+        Ok(())
+    }
+
+    /// `http://127.0.0.1:<port>`: what the app's `DAPR_HTTP_ENDPOINT` would be.
+    pub fn address(&self) -> String {
+        format!("http://127.0.0.1:{}", *self.port.lock())
+    }
+
+    /// Points the sidecar at its app on `app_port` and, like daprd, reads the app's
+    /// subscriptions as soon as the app answers.
+    pub fn connect_app(&self, app_port: u16) {
+        *self.state.app_port.lock() = Some(app_port);
+        {
+            let mut sidecars = self.state.cluster.sidecars.lock();
+            if !sidecars.iter().any(|s| Arc::ptr_eq(s, &self.state)) {
+                sidecars.push(self.state.clone());
+            }
+        }
+        let state = self.state.clone();
+        let generation = state.generation.load(Ordering::Acquire);
+        let (queue, mut deliveries) = tokio::sync::mpsc::unbounded_channel();
+        *state.queue.lock() = Some(queue);
+        {
+            let state = state.clone();
+            self.runtime.spawn(async move {
+                while let Some((subscription, event)) = deliveries.recv().await {
+                    let cluster = state.cluster.clone();
+                    cluster.deliver(&state, subscription, event).await;
+                }
+            });
+        }
+        self.runtime.spawn(async move {
+            for _ in 0..600 {
+                if state.generation.load(Ordering::Acquire) != generation {
+                    return;
+                }
+                if let Some(subs) = read_subscriptions(&state).await {
+                    *state.subscriptions.lock() = Some(subs);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tracing::warn!(app_id = %state.options.app_id, "the double sidecar never read its app's subscriptions");
+        });
+    }
+
+    /// Stops serving (every connection to it closed) and leaves the cluster: nothing is
+    /// delivered to its app until [`Sidecar::start_again`].
+    pub fn stop(&self) {
+        self.state.generation.fetch_add(1, Ordering::AcqRel);
+        if let Some(stop) = self.server.lock().take() {
+            let _ = stop.send(true);
+        }
+        self.state
+            .cluster
+            .sidecars
+            .lock()
+            .retain(|s| !Arc::ptr_eq(s, &self.state));
+        *self.state.subscriptions.lock() = None;
+        // What waits for this sidecar's app is lost with it (the double keeps no log).
+        *self.state.queue.lock() = None;
+    }
+
+    /// Serves again on the same port and reads the app's subscriptions again.
+    pub fn start_again(&self) -> std::io::Result<()> {
+        let port = *self.port.lock();
+        let mut tries = 0;
+        loop {
+            match self.serve(port) {
+                Ok(()) => break,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let app_port = *self.state.app_port.lock();
+        if let Some(port) = app_port {
+            self.connect_app(port);
+        }
+        Ok(())
+    }
+
+    /// Whether the sidecar has read its app's subscriptions.
+    pub fn subscribed(&self) -> bool {
+        self.state.subscriptions.lock().is_some()
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn read_subscriptions(state: &SidecarState) -> Option<Vec<Subscription>> {
+    let url = state.app_url("/dapr/subscribe")?;
+    let mut request = state.cluster.client().get(url);
+    if let Some(token) = &state.options.app_api_token {
+        request = request.header(TOKEN_HEADER, token);
+    }
+    let response = request.send().await.ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    let entries: Vec<Value> = response.json().await.ok()?;
+    let mut subscriptions = Vec::new();
+    for entry in entries {
+        let text = |k: &str| entry.get(k).and_then(Value::as_str).map(str::to_string);
+        let (Some(pubsub), Some(topic)) = (text("pubsubname"), text("topic")) else {
+            tracing::warn!("the double ignored a subscription without pubsubname or topic");
+            continue;
+        };
+        let routes = entry.get("routes");
+        let has_rules = routes
+            .and_then(|r| r.get("rules"))
+            .and_then(Value::as_array)
+            .is_some_and(|rules| !rules.is_empty());
+        if has_rules {
+            tracing::warn!(%topic, "the double does not evaluate routing rules; subscription ignored");
+            continue;
+        }
+        let path = text("route").or_else(|| {
+            routes
+                .and_then(|r| r.get("default"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        });
+        let Some(path) = path else {
+            continue;
+        };
+        subscriptions.push(Subscription {
+            pubsub,
+            topic,
+            path,
+            dead_letter_topic: text("deadLetterTopic"),
+        });
+    }
+    Some(subscriptions)
+}
+
+fn router(state: Arc<SidecarState>) -> Router {
+    Router::new()
+        .route("/v1.0/healthz", get(|| async { StatusCode::NO_CONTENT }))
+        .route("/v1.0/metadata", get(metadata))
+        .route("/v1.0/publish/{pubsub}/{topic}", post(publish))
+        .route("/v1.0/invoke/{app_id}/method/{*method}", any(invoke))
+        .route("/v1.0/state/{store}/{key}", get(get_state))
+        .route("/v1.0/state/{store}", post(save_state))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .with_state(state)
+}
+
+fn authorized(state: &SidecarState, headers: &HeaderMap) -> bool {
+    match &state.options.api_token {
+        None => true,
+        Some(token) => headers
+            .get(TOKEN_HEADER)
+            .is_some_and(|v| v.as_bytes() == token.as_bytes()),
+    }
+}
+
+fn dapr_error(status: StatusCode, code: &str, message: String) -> Response {
+    (
+        status,
+        axum::Json(json!({ "errorCode": code, "message": message })),
+    )
+        .into_response()
+}
+
+fn unauthorized() -> Response {
+    dapr_error(
+        StatusCode::UNAUTHORIZED,
+        "ERR_API_TOKEN",
+        "invalid api token".into(),
+    )
+}
+
+async fn metadata(State(state): State<Arc<SidecarState>>, headers: HeaderMap) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    axum::Json(json!({ "id": state.options.app_id, "runtimeVersion": "double" })).into_response()
+}
+
+async fn publish(
+    State(state): State<Arc<SidecarState>>,
+    Path((pubsub, topic)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let mut event: Map<String, Value> = if content_type == CLOUDEVENT_CONTENT_TYPE {
+        match serde_json::from_slice(&body) {
+            Ok(Value::Object(event)) => event,
+            _ => {
+                return dapr_error(
+                    StatusCode::BAD_REQUEST,
+                    "ERR_PUBSUB_CLOUD_EVENTS_SER",
+                    "the body is not a JSON CloudEvent".into(),
+                );
+            }
+        }
+    } else {
+        let data = if content_type.ends_with("json") {
+            serde_json::from_slice(&body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()))
+        } else {
+            Value::String(String::from_utf8_lossy(&body).into())
+        };
+        let mut event = Map::new();
+        event.insert("data".into(), data);
+        event.insert("datacontenttype".into(), Value::String(content_type));
+        event
+    };
+    let id = purista_core::ids::new_id();
+    let defaults = [
+        ("specversion", "1.0"),
+        ("id", id.as_str()),
+        ("source", state.options.app_id.as_str()),
+        ("type", "com.dapr.event.sent"),
+    ];
+    for (k, v) in defaults {
+        event
+            .entry(k.to_string())
+            .or_insert_with(|| Value::String(v.to_string()));
+    }
+    event.insert("topic".into(), Value::String(topic.clone()));
+    event.insert("pubsubname".into(), Value::String(pubsub.clone()));
+    state.cluster.publish(&pubsub, &topic, Value::Object(event));
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn invoke(
+    State(state): State<Arc<SidecarState>>,
+    Path((app_id, method)): Path<(String, String)>,
+    request_method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    let targets: Vec<Arc<SidecarState>> = state
+        .cluster
+        .serving()
+        .into_iter()
+        .filter(|s| s.options.app_id == app_id)
+        .collect();
+    let Some(target) = state.cluster.pick(&targets) else {
+        return dapr_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "ERR_DIRECT_INVOKE",
+            format!("failed to invoke, id: {app_id}, err: couldn't find service: {app_id}"),
+        );
+    };
+    let Some(url) = target.app_url(&method) else {
+        return dapr_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "ERR_DIRECT_INVOKE",
+            format!("failed to invoke, id: {app_id}: app not connected"),
+        );
+    };
+    let mut request = state
+        .cluster
+        .client()
+        .request(request_method, url)
+        .body(body.to_vec());
+    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+        request = request.header(header::CONTENT_TYPE, ct.clone());
+    }
+    if let Some(token) = &target.options.app_api_token {
+        request = request.header(TOKEN_HEADER, token);
+    }
+    let response = match request.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            return dapr_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ERR_DIRECT_INVOKE",
+                format!("failed to invoke, id: {app_id}: {e}"),
+            );
+        }
+    };
+    let status = response.status();
+    let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
+    let bytes = response.bytes().await.unwrap_or_default();
+    let mut out = (status, bytes).into_response();
+    if let Some(ct) = content_type {
+        out.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    out
+}
+
+async fn get_state(
+    State(state): State<Arc<SidecarState>>,
+    Path((store, key)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    let entry = state
+        .cluster
+        .state
+        .lock()
+        .get(&format!("{store}\u{0}{key}"))
+        .filter(|item| item.live())
+        .cloned();
+    match entry {
+        None => StatusCode::NO_CONTENT.into_response(),
+        Some(item) => {
+            let mut response = (StatusCode::OK, axum::Json(item.value)).into_response();
+            if let Ok(v) = HeaderValue::from_str(&item.etag.to_string()) {
+                response.headers_mut().insert(header::ETAG, v);
+            }
+            response
+        }
+    }
+}
+
+async fn save_state(
+    State(state): State<Arc<SidecarState>>,
+    Path(store): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    let Ok(Value::Array(items)) = serde_json::from_slice::<Value>(&body) else {
+        return dapr_error(
+            StatusCode::BAD_REQUEST,
+            "ERR_MALFORMED_REQUEST",
+            "expected a JSON array of state items".into(),
+        );
+    };
+    let mut table = state.cluster.state.lock();
+    // All items are checked before any is written.
+    for item in &items {
+        let Some(key) = item.get("key").and_then(Value::as_str) else {
+            return dapr_error(
+                StatusCode::BAD_REQUEST,
+                "ERR_MALFORMED_REQUEST",
+                "a state item needs a key".into(),
+            );
+        };
+        let current = table
+            .get(&format!("{store}\u{0}{key}"))
+            .filter(|item| item.live())
+            .map(|item| item.etag);
+        let given = item.get("etag").and_then(Value::as_str);
+        let first_write =
+            item.pointer("/options/concurrency").and_then(Value::as_str) == Some("first-write");
+        let conflict = match (given, current) {
+            (Some(given), Some(current)) => given != current.to_string(),
+            (Some(_), None) => true,
+            (None, Some(_)) => first_write,
+            (None, None) => false,
+        };
+        if conflict {
+            return dapr_error(
+                StatusCode::CONFLICT,
+                "ERR_STATE_SAVE",
+                format!("possible etag mismatch for key {key}"),
+            );
+        }
+    }
+    if table.len() > 50_000 {
+        table.retain(|_, item| item.live());
+    }
+    for item in items {
+        let key = item.get("key").and_then(Value::as_str).unwrap_or_default();
+        let value = item.get("value").cloned().unwrap_or(Value::Null);
+        let etag = state.cluster.etags.fetch_add(1, Ordering::Relaxed) + 1;
+        let expires = item
+            .pointer("/metadata/ttlInSeconds")
+            .and_then(Value::as_str)
+            .and_then(|t| t.parse::<u64>().ok())
+            .map(|secs| std::time::Instant::now() + Duration::from_secs(secs));
+        table.insert(
+            format!("{store}\u{0}{key}"),
+            StateItem {
+                value,
+                etag,
+                expires,
+            },
+        );
+    }
+    StatusCode::NO_CONTENT.into_response()
+}

@@ -1,0 +1,275 @@
+//! Calls to the sidecar's HTTP API: publish, service invocation, state, health. Every call
+//! carries `dapr-api-token` when one is configured and is bounded by a deadline.
+
+use std::time::Duration;
+
+use purista_core::BridgeError;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::app::TOKEN_HEADER;
+use crate::cloudevent::CLOUDEVENT_CONTENT_TYPE;
+
+/// The sidecar's HTTP API.
+#[derive(Clone)]
+pub struct Sidecar {
+    base: String,
+    token: Option<String>,
+    client: reqwest::Client,
+}
+
+/// What a service invocation returned.
+pub struct Invoked {
+    /// HTTP status (the app's, passed through by Dapr, or Dapr's own on its errors).
+    pub status: StatusCode,
+    /// The body.
+    pub body: axum::body::Bytes,
+}
+
+fn unreachable(what: &str, e: &reqwest::Error) -> BridgeError {
+    // The error's text names the URL (no credentials travel in it); its causes say why.
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    BridgeError::Unavailable(format!("the Dapr sidecar did not answer {what}: {text}"))
+}
+
+impl Sidecar {
+    /// A client of the sidecar at `base` (`http://host:port`).
+    pub fn new(base: &str, token: Option<String>) -> Result<Self, BridgeError> {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| BridgeError::Broker(format!("building the HTTP client: {e}")))?;
+        Ok(Sidecar {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            client,
+        })
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut request = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(token) = &self.token {
+            request = request.header(TOKEN_HEADER, token);
+        }
+        request
+    }
+
+    /// `GET /v1.0/healthz`: `Ok` when the sidecar answers 2xx.
+    pub async fn healthz(&self, within: Duration) -> Result<(), BridgeError> {
+        let response = self
+            .request(reqwest::Method::GET, "/v1.0/healthz")
+            .timeout(within)
+            .send()
+            .await
+            .map_err(|e| unreachable("its health check", &e))?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(BridgeError::Unavailable(format!(
+                "the Dapr sidecar reports itself unhealthy ({})",
+                response.status()
+            )))
+        }
+    }
+
+    /// `GET /v1.0/metadata`: the sidecar's app id. It needs the API token, so a sidecar that
+    /// refuses the bridge's token says so here (health checks go without a token).
+    pub async fn metadata(&self, within: Duration) -> Result<String, BridgeError> {
+        let response = self
+            .request(reqwest::Method::GET, "/v1.0/metadata")
+            .timeout(within)
+            .send()
+            .await
+            .map_err(|e| unreachable("a metadata request", &e))?;
+        match response.status() {
+            s if s.is_success() => {
+                let body: Value = response
+                    .json()
+                    .await
+                    .map_err(|e| unreachable("a metadata request", &e))?;
+                Ok(body
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string())
+            }
+            StatusCode::UNAUTHORIZED => Err(BridgeError::Broker(
+                "the Dapr sidecar refused the API token (set DAPR_API_TOKEN to the sidecar's)"
+                    .into(),
+            )),
+            s => Err(BridgeError::Unavailable(format!(
+                "the Dapr sidecar failed a metadata request ({s})"
+            ))),
+        }
+    }
+
+    /// Publishes a structured CloudEvent on `topic` of the pub/sub component `pubsub`.
+    pub async fn publish(
+        &self,
+        pubsub: &str,
+        topic: &str,
+        cloudevent: Vec<u8>,
+        within: Duration,
+    ) -> Result<(), BridgeError> {
+        let response = self
+            .request(
+                reqwest::Method::POST,
+                &format!("/v1.0/publish/{pubsub}/{topic}"),
+            )
+            .header(reqwest::header::CONTENT_TYPE, CLOUDEVENT_CONTENT_TYPE)
+            .body(cloudevent)
+            .timeout(within)
+            .send()
+            .await
+            .map_err(|e| unreachable("a publish", &e))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let text = response.text().await.unwrap_or_default();
+        Err(match status {
+            StatusCode::UNAUTHORIZED => BridgeError::Broker(
+                "the Dapr sidecar refused the API token (dapr-api-token)".into(),
+            ),
+            StatusCode::NOT_FOUND | StatusCode::BAD_REQUEST => BridgeError::Refused(format!(
+                "pub/sub {pubsub}: {}",
+                text.chars().take(200).collect::<String>()
+            )),
+            _ => BridgeError::Unavailable(format!("the Dapr sidecar failed a publish ({status})")),
+        })
+    }
+
+    /// Invokes `method` of `app_id` with a JSON body, at most `within`.
+    pub async fn invoke(
+        &self,
+        app_id: &str,
+        method: &str,
+        body: Vec<u8>,
+        within: Duration,
+    ) -> Result<Invoked, InvokeFailure> {
+        let response = self
+            .request(
+                reqwest::Method::POST,
+                &format!("/v1.0/invoke/{app_id}/method/{method}"),
+            )
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .timeout(within)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_timeout() {
+                    InvokeFailure::Timeout
+                } else {
+                    InvokeFailure::Unreachable(unreachable("an invocation", &e))
+                }
+            })?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(|e| {
+            if e.is_timeout() {
+                InvokeFailure::Timeout
+            } else {
+                InvokeFailure::Unreachable(unreachable("an invocation", &e))
+            }
+        })?;
+        Ok(Invoked { status, body })
+    }
+
+    /// `GET /v1.0/state/{store}/{key}`: the value and its ETag, `None` when absent.
+    pub async fn get_state(
+        &self,
+        store: &str,
+        key: &str,
+        within: Duration,
+    ) -> Result<Option<(Value, Option<String>)>, BridgeError> {
+        let response = self
+            .request(reqwest::Method::GET, &format!("/v1.0/state/{store}/{key}"))
+            .timeout(within)
+            .send()
+            .await
+            .map_err(|e| unreachable("a state read", &e))?;
+        let status = response.status();
+        if status == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(BridgeError::Broker(format!(
+                "the Dapr state store {store} failed a read ({status})"
+            )));
+        }
+        let etag = response
+            .headers()
+            .get(reqwest::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.trim_matches('"').to_string());
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| unreachable("a state read", &e))?;
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        let value = serde_json::from_slice(&bytes)
+            .map_err(|e| BridgeError::Broker(format!("state {key} is not JSON: {e}")))?;
+        Ok(Some((value, etag)))
+    }
+
+    /// `POST /v1.0/state/{store}` with first-write concurrency: `Ok(false)` when the ETag no
+    /// longer matches (someone wrote in between), or, without an ETag, when the key exists.
+    /// `ttl_secs` lets the store expire the item (`metadata.ttlInSeconds`).
+    pub async fn save_state(
+        &self,
+        store: &str,
+        key: &str,
+        value: &Value,
+        etag: Option<&str>,
+        ttl_secs: Option<u32>,
+        within: Duration,
+    ) -> Result<bool, BridgeError> {
+        let mut item = serde_json::json!({
+            "key": key,
+            "value": value,
+            "options": { "concurrency": "first-write" },
+        });
+        if let Some(obj) = item.as_object_mut() {
+            if let Some(etag) = etag {
+                obj.insert("etag".into(), Value::String(etag.to_string()));
+            }
+            if let Some(ttl) = ttl_secs {
+                obj.insert(
+                    "metadata".into(),
+                    serde_json::json!({ "ttlInSeconds": ttl.to_string() }),
+                );
+            }
+        }
+        let response = self
+            .request(reqwest::Method::POST, &format!("/v1.0/state/{store}"))
+            .json(&[item])
+            .timeout(within)
+            .send()
+            .await
+            .map_err(|e| unreachable("a state write", &e))?;
+        match response.status() {
+            s if s.is_success() => Ok(true),
+            StatusCode::CONFLICT => Ok(false),
+            s => Err(BridgeError::Broker(format!(
+                "the Dapr state store {store} failed a write ({s})"
+            ))),
+        }
+    }
+}
+
+/// Why an invocation brought no answer.
+pub enum InvokeFailure {
+    /// The deadline passed.
+    Timeout,
+    /// The sidecar could not be reached.
+    Unreachable(BridgeError),
+}
