@@ -64,20 +64,22 @@ pub(crate) struct Traced {
 }
 
 impl Traced {
-    fn new(span: Span, parent: Parent<'_>) -> Traced {
-        let (cx, parent_id) = identify(&span, parent);
-        if !span.is_disabled() {
-            // Hex on the stack: recording the ids allocates nothing.
-            let mut trace = [0u8; 32];
-            span.record("trace_id", hex(&cx.trace_id().to_be_bytes(), &mut trace));
-            let mut own = [0u8; 16];
-            span.record("span_id", hex(&cx.span_id().to_be_bytes(), &mut own));
-            if let Some(id) = parent_id {
-                let mut parent = [0u8; 16];
-                span.record("parent_span_id", hex(&id.to_be_bytes(), &mut parent));
+    /// The span with the identity its parent gives it: `ids`, already recorded on the span
+    /// as it was made, or OpenTelemetry's when its layer builds the span (`otel` feature).
+    fn new(span: Span, parent: Parent<'_>, ids: Ids) -> Traced {
+        #[cfg(feature = "otel")]
+        if let Some((cx, parent_id)) = super::otel::identify(&span, &parent) {
+            if !span.is_disabled() {
+                span.record("trace_id", tracing::field::display(TraceHex(cx.trace_id())));
+                span.record("span_id", tracing::field::display(SpanHex(cx.span_id())));
+                if let Some(id) = parent_id {
+                    span.record("parent_span_id", tracing::field::display(SpanHex(id)));
+                }
             }
+            return Traced { span, cx };
         }
-        Traced { span, cx }
+        let _ = parent;
+        Traced { span, cx: ids.cx }
     }
 
     /// Marks the work failed with `status` (`error.type` is the status code, as HTTP's
@@ -103,34 +105,61 @@ impl Traced {
     }
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
+/// A W3C trace id, formatted as 32 lowercase hex digits only when a span's field is formatted.
+struct TraceHex(u128);
 
-/// `bytes` as lowercase hex in `out` (twice as long).
-fn hex<'a>(bytes: &[u8], out: &'a mut [u8]) -> &'a str {
-    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
-        pair[0] = HEX[usize::from(b >> 4)];
-        pair[1] = HEX[usize::from(b & 0xf)];
+impl std::fmt::Display for TraceHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
     }
-    // Only ASCII hex digits were written.
-    std::str::from_utf8(out).unwrap_or_default()
 }
 
-/// The span's identity: OpenTelemetry's when its layer builds the span (`otel` feature), else
-/// a child of the parent, else a new trace. Also the parent's span id, for the record.
-fn identify(span: &Span, parent: Parent<'_>) -> (TraceContext, Option<u64>) {
-    #[cfg(feature = "otel")]
-    if let Some(found) = super::otel::identify(span, &parent) {
-        return found;
+/// A W3C span id, formatted as 16 lowercase hex digits only when a span's field is formatted.
+struct SpanHex(u64);
+
+impl std::fmt::Display for SpanHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
     }
-    #[cfg(not(feature = "otel"))]
-    let _ = span;
-    let parent = match &parent {
-        Parent::Carried(p) => p.as_ref(),
-        Parent::Local(p) => *p,
-    };
-    match parent {
-        Some(p) => (p.child(), Some(p.span_id())),
-        None => (TraceContext::new_root(), None),
+}
+
+/// The identity of a new unit of work without OpenTelemetry: a child of its parent, else a new
+/// trace. Its ids are the first fields of every span, given as the span is made (formatted as
+/// hex only when a layer asks), so that a subscriber that keeps no field values pays nothing
+/// for them and nothing is recorded afterwards.
+struct Ids {
+    cx: TraceContext,
+    parent: Option<u64>,
+}
+
+impl Ids {
+    fn of(parent: &Parent<'_>) -> Ids {
+        let parent = match parent {
+            Parent::Carried(p) => p.as_ref(),
+            Parent::Local(p) => *p,
+        };
+        match parent {
+            Some(p) => Ids {
+                cx: p.child(),
+                parent: Some(p.span_id()),
+            },
+            None => Ids {
+                cx: TraceContext::new_root(),
+                parent: None,
+            },
+        }
+    }
+
+    fn trace(&self) -> tracing::field::DisplayValue<TraceHex> {
+        tracing::field::display(TraceHex(self.cx.trace_id()))
+    }
+
+    fn span(&self) -> tracing::field::DisplayValue<SpanHex> {
+        tracing::field::display(SpanHex(self.cx.span_id()))
+    }
+
+    fn parent(&self) -> Option<tracing::field::DisplayValue<SpanHex>> {
+        self.parent.map(|id| tracing::field::display(SpanHex(id)))
     }
 }
 
@@ -154,8 +183,14 @@ pub(crate) fn invoke(
     parent: Option<&TraceContext>,
 ) -> Traced {
     let receiver = Endpoint(cmd.receiver.as_ref());
+    let parent = Parent::Local(parent);
+    let ids = Ids::of(&parent);
     let span = tracing::info_span!(
         "purista.invoke",
+        trace_id = ids.trace(),
+        span_id = ids.span(),
+        parent_span_id = ids.parent(),
+        purista.traceId = Empty,
         otel.name = format_args!("invoke {receiver}"),
         otel.kind = "client",
         otel.status_code = Empty,
@@ -165,27 +200,28 @@ pub(crate) fn invoke(
         messaging.destination.name = format_args!("{receiver}"),
         messaging.message.conversation_id = cmd.correlation_id.as_deref(),
         error.type = Empty,
-        trace_id = Empty,
-        span_id = Empty,
-        parent_span_id = Empty,
         purista.service.name = &*site.service,
         purista.service.version = &*site.version,
         purista.service.target = target,
         purista.receiver.name = receiver.0.map(|r| r.service_name.as_str()),
         purista.receiver.version = receiver.0.map(|r| r.service_version.as_str()),
         purista.receiver.target = receiver.0.map(|r| r.service_target.as_str()),
-        purista.traceId = Empty,
         purista.principalId = Empty,
         purista.tenantId = Empty,
         purista.statusCode = Empty,
     );
-    Traced::new(span, Parent::Local(parent))
+    Traced::new(span, parent, ids)
 }
 
 /// The span of serving a command.
 pub(crate) fn command(site: &Site, endpoint: &str, target: &str, cmd: &Envelope) -> Traced {
+    let parent = Parent::Carried(super::otp::carried(cmd.otp.as_deref()));
+    let ids = Ids::of(&parent);
     let span = tracing::info_span!(
         "purista.command",
+        trace_id = ids.trace(),
+        span_id = ids.span(),
+        parent_span_id = ids.parent(),
         otel.name = format_args!("process {endpoint}"),
         otel.kind = "server",
         otel.status_code = Empty,
@@ -196,9 +232,6 @@ pub(crate) fn command(site: &Site, endpoint: &str, target: &str, cmd: &Envelope)
         messaging.message.id = cmd.id.as_str(),
         messaging.message.conversation_id = cmd.correlation_id.as_deref(),
         error.type = Empty,
-        trace_id = Empty,
-        span_id = Empty,
-        parent_span_id = Empty,
         purista.service.name = &*site.service,
         purista.service.version = &*site.version,
         purista.service.target = target,
@@ -216,10 +249,7 @@ pub(crate) fn command(site: &Site, endpoint: &str, target: &str, cmd: &Envelope)
         cmd.principal_id.as_deref(),
         cmd.tenant_id.as_deref(),
     );
-    Traced::new(
-        span,
-        Parent::Carried(super::otp::carried(cmd.otp.as_deref())),
-    )
+    Traced::new(span, parent, ids)
 }
 
 /// The span of emitting an event (producer side).
@@ -230,8 +260,14 @@ pub(crate) fn emit(
     parent: Option<&TraceContext>,
 ) -> Traced {
     let destination = destination_of(e);
+    let parent = Parent::Local(parent);
+    let ids = Ids::of(&parent);
     let span = tracing::info_span!(
         "purista.emit",
+        trace_id = ids.trace(),
+        span_id = ids.span(),
+        parent_span_id = ids.parent(),
+        purista.traceId = Empty,
         otel.name = format_args!("emit {destination}"),
         otel.kind = "producer",
         otel.status_code = Empty,
@@ -240,19 +276,15 @@ pub(crate) fn emit(
         messaging.operation.name = "emit",
         messaging.destination.name = destination,
         error.type = Empty,
-        trace_id = Empty,
-        span_id = Empty,
-        parent_span_id = Empty,
         purista.service.name = &*site.service,
         purista.service.version = &*site.version,
         purista.service.target = target,
         purista.eventName = e.event_name.as_deref(),
-        purista.traceId = Empty,
         purista.principalId = Empty,
         purista.tenantId = Empty,
         purista.statusCode = Empty,
     );
-    Traced::new(span, Parent::Local(parent))
+    Traced::new(span, parent, ids)
 }
 
 /// The span of one delivery attempt to a subscription (consumer side).
@@ -264,8 +296,13 @@ pub(crate) fn delivery(
     attempt: u32,
 ) -> Traced {
     let destination = destination_of(e);
+    let parent = Parent::Carried(super::otp::carried(e.otp.as_deref()));
+    let ids = Ids::of(&parent);
     let span = tracing::info_span!(
         "purista.subscription",
+        trace_id = ids.trace(),
+        span_id = ids.span(),
+        parent_span_id = ids.parent(),
         otel.name = format_args!("process {destination}"),
         otel.kind = "consumer",
         otel.status_code = Empty,
@@ -277,9 +314,6 @@ pub(crate) fn delivery(
         messaging.message.id = e.id.as_str(),
         messaging.message.conversation_id = e.correlation_id.as_deref(),
         error.type = Empty,
-        trace_id = Empty,
-        span_id = Empty,
-        parent_span_id = Empty,
         purista.service.name = &*site.service,
         purista.service.version = &*site.version,
         purista.service.target = target,
@@ -300,7 +334,7 @@ pub(crate) fn delivery(
         e.principal_id.as_deref(),
         e.tenant_id.as_deref(),
     );
-    Traced::new(span, Parent::Carried(super::otp::carried(e.otp.as_deref())))
+    Traced::new(span, parent, ids)
 }
 
 /// The span of opening a stream session (consumer side of the stream).
@@ -311,8 +345,14 @@ pub(crate) fn stream_open(
     parent: Option<&TraceContext>,
 ) -> Traced {
     let receiver = Endpoint(open.receiver.as_ref());
+    let parent = Parent::Local(parent);
+    let ids = Ids::of(&parent);
     let span = tracing::info_span!(
         "purista.stream.open",
+        trace_id = ids.trace(),
+        span_id = ids.span(),
+        parent_span_id = ids.parent(),
+        purista.traceId = Empty,
         otel.name = format_args!("open {receiver}"),
         otel.kind = "client",
         otel.status_code = Empty,
@@ -322,27 +362,28 @@ pub(crate) fn stream_open(
         messaging.destination.name = format_args!("{receiver}"),
         messaging.message.conversation_id = open.correlation_id.as_deref(),
         error.type = Empty,
-        trace_id = Empty,
-        span_id = Empty,
-        parent_span_id = Empty,
         purista.service.name = &*site.service,
         purista.service.version = &*site.version,
         purista.service.target = target,
         purista.receiver.name = receiver.0.map(|r| r.service_name.as_str()),
         purista.receiver.version = receiver.0.map(|r| r.service_version.as_str()),
         purista.receiver.target = receiver.0.map(|r| r.service_target.as_str()),
-        purista.traceId = Empty,
         purista.principalId = Empty,
         purista.tenantId = Empty,
         purista.statusCode = Empty,
     );
-    Traced::new(span, Parent::Local(parent))
+    Traced::new(span, parent, ids)
 }
 
 /// The span of producing one stream session.
 pub(crate) fn stream_session(site: &Site, endpoint: &str, target: &str, open: &Envelope) -> Traced {
+    let parent = Parent::Carried(super::otp::carried(open.otp.as_deref()));
+    let ids = Ids::of(&parent);
     let span = tracing::info_span!(
         "purista.stream",
+        trace_id = ids.trace(),
+        span_id = ids.span(),
+        parent_span_id = ids.parent(),
         otel.name = format_args!("process {endpoint}"),
         otel.kind = "server",
         otel.status_code = Empty,
@@ -353,9 +394,6 @@ pub(crate) fn stream_session(site: &Site, endpoint: &str, target: &str, open: &E
         messaging.message.id = open.id.as_str(),
         messaging.message.conversation_id = open.correlation_id.as_deref(),
         error.type = Empty,
-        trace_id = Empty,
-        span_id = Empty,
-        parent_span_id = Empty,
         purista.service.name = &*site.service,
         purista.service.version = &*site.version,
         purista.service.target = target,
@@ -374,10 +412,7 @@ pub(crate) fn stream_session(site: &Site, endpoint: &str, target: &str, open: &E
         open.principal_id.as_deref(),
         open.tenant_id.as_deref(),
     );
-    Traced::new(
-        span,
-        Parent::Carried(super::otp::carried(open.otp.as_deref())),
-    )
+    Traced::new(span, parent, ids)
 }
 
 /// The span of enqueueing a job (producer side); `system` is the queue bridge's name.
@@ -388,8 +423,14 @@ pub(crate) fn enqueue(
     queue: &str,
     parent: Option<&TraceContext>,
 ) -> Traced {
+    let parent = Parent::Local(parent);
+    let ids = Ids::of(&parent);
     let span = tracing::info_span!(
         "purista.enqueue",
+        trace_id = ids.trace(),
+        span_id = ids.span(),
+        parent_span_id = ids.parent(),
+        purista.traceId = Empty,
         otel.name = format_args!("enqueue {queue}"),
         otel.kind = "producer",
         otel.status_code = Empty,
@@ -399,24 +440,25 @@ pub(crate) fn enqueue(
         messaging.destination.name = queue,
         messaging.message.id = Empty,
         error.type = Empty,
-        trace_id = Empty,
-        span_id = Empty,
-        parent_span_id = Empty,
         purista.service.name = &*site.service,
         purista.service.version = &*site.version,
         purista.service.target = target,
-        purista.traceId = Empty,
         purista.principalId = Empty,
         purista.tenantId = Empty,
         purista.statusCode = Empty,
     );
-    Traced::new(span, Parent::Local(parent))
+    Traced::new(span, parent, ids)
 }
 
 /// The span of one attempt at a job (consumer side); `system` is the queue bridge's name.
 pub(crate) fn job(site: &Site, system: &str, queue: &str, job: &LeasedJob) -> Traced {
+    let parent = Parent::Carried(super::otp::carried(job.otp.as_deref()));
+    let ids = Ids::of(&parent);
     let span = tracing::info_span!(
         "purista.job",
+        trace_id = ids.trace(),
+        span_id = ids.span(),
+        parent_span_id = ids.parent(),
         otel.name = format_args!("process {queue}"),
         otel.kind = "consumer",
         otel.status_code = Empty,
@@ -426,9 +468,6 @@ pub(crate) fn job(site: &Site, system: &str, queue: &str, job: &LeasedJob) -> Tr
         messaging.destination.name = queue,
         messaging.message.id = job.id.as_str(),
         error.type = Empty,
-        trace_id = Empty,
-        span_id = Empty,
-        parent_span_id = Empty,
         purista.service.name = &*site.service,
         purista.service.version = &*site.version,
         purista.service.target = queue,
@@ -445,10 +484,7 @@ pub(crate) fn job(site: &Site, system: &str, queue: &str, job: &LeasedJob) -> Tr
         job.principal_id.as_deref(),
         job.tenant_id.as_deref(),
     );
-    Traced::new(
-        span,
-        Parent::Carried(super::otp::carried(job.otp.as_deref())),
-    )
+    Traced::new(span, parent, ids)
 }
 
 /// Records what an outgoing message ended up carrying: its `traceId`, and (opt-in) its
