@@ -82,10 +82,16 @@ impl Consumer {
                 };
                 let handler = handler.clone();
                 let running = w.running;
+                // The next delivery waits until this one's handler has begun: handlers start
+                // in delivery order, and a service that counts its running handlers never sees
+                // none while a delivery taken before a later one has not started yet.
+                let (started, begun) = tokio::sync::oneshot::channel::<()>();
                 tasks.spawn(WorkKind::Subscription, task_label.clone(), async move {
                     let _running = running;
+                    let _ = started.send(());
                     handler.deliver(delivery).await;
                 });
+                let _ = begun.await;
             }
         });
         Arc::new(Consumer { spec, label, line })
