@@ -87,12 +87,15 @@ impl DeliveryHandler for RetryThenDeadLetter {
 async fn a_durable_retry_waits_its_delay_and_a_dead_letter_keeps_the_envelope() {
     let double = KubemqDouble::start(DoubleOptions::default()).unwrap();
     let consumer = bridge(&double, "durable-outcomes").await;
-    let publisher = bridge(&double, "durable-outcomes").await;
     let seen = Arc::new(RetryThenDeadLetter(Mutex::new(Vec::new())));
     consumer
         .register_subscription(spec("outcomes", true), seen.clone())
         .await
         .unwrap();
+    // Started after the registration: a publisher reads the registry of durable subscriptions
+    // at start, so it knows this one for certain (one started before learns of it live, within
+    // moments, and what it publishes before that is not kept for the subscription).
+    let publisher = bridge(&double, "durable-outcomes").await;
     publisher.emit(tick(7)).await.unwrap();
     eventually("both attempts", || seen.0.lock().len() >= 2).await;
     let got = seen.0.lock().clone();
@@ -151,12 +154,15 @@ impl DeliveryHandler for RetryOnce {
 async fn a_durable_retry_survives_the_instance_that_scheduled_it() {
     let double = KubemqDouble::start(DoubleOptions::default()).unwrap();
     let first = bridge(&double, "durable-retry").await;
-    let publisher = bridge(&double, "durable-retry").await;
     let before = Arc::new(RetryOnce(Mutex::new(Vec::new())));
     first
         .register_subscription(spec("kept", true), before.clone())
         .await
         .unwrap();
+    // Started after the registration: a publisher reads the registry of durable subscriptions
+    // at start, so it knows this one for certain (one started before learns of it live, within
+    // moments, and what it publishes before that is not kept for the subscription).
+    let publisher = bridge(&double, "durable-retry").await;
     publisher.emit(tick(3)).await.unwrap();
     eventually("the first attempt", || !before.0.lock().is_empty()).await;
     first
@@ -208,7 +214,6 @@ impl DeliveryHandler for PauseFirst {
 async fn a_paused_durable_consumer_takes_nothing_until_resumed_and_loses_nothing() {
     let double = KubemqDouble::start(DoubleOptions::default()).unwrap();
     let consumer = bridge(&double, "durable-pause").await;
-    let publisher = bridge(&double, "durable-pause").await;
     let seen = Arc::new(PauseFirst(Mutex::new(Vec::new())));
     let mut paused_spec = spec("paused", true);
     paused_spec.prefetch = 1;
@@ -216,6 +221,10 @@ async fn a_paused_durable_consumer_takes_nothing_until_resumed_and_loses_nothing
         .register_subscription(paused_spec, seen.clone())
         .await
         .unwrap();
+    // Started after the registration: a publisher reads the registry of durable subscriptions
+    // at start, so it knows this one for certain (one started before learns of it live, within
+    // moments, and what it publishes before that is not kept for the subscription).
+    let publisher = bridge(&double, "durable-pause").await;
     publisher.emit(tick(1)).await.unwrap();
     eventually("the pause", || {
         !consumer.paused_subscription_consumers().is_empty()
