@@ -351,9 +351,9 @@ impl EventBridge for DaprBridge {
                         .await
                     {
                         Ok(()) => {
-                            let app_id = shared.sidecar.metadata(shared.config.call_timeout).await?;
-                            if app_id != shared.config.app_id {
-                                tracing::warn!(sidecar_app_id = %app_id, configured_app_id = %shared.config.app_id, "the sidecar serves another app id than the bridge is configured with");
+                            let meta = shared.sidecar.metadata(shared.config.call_timeout).await?;
+                            if meta.app_id != shared.config.app_id {
+                                tracing::warn!(sidecar_app_id = %meta.app_id, configured_app_id = %shared.config.app_id, "the sidecar serves another app id than the bridge is configured with");
                             }
                             break;
                         }
@@ -374,7 +374,7 @@ impl EventBridge for DaprBridge {
                         .subscribe_read_once
                         .load(std::sync::atomic::Ordering::Acquire)
                     {
-                        return Ok(());
+                        break;
                     }
                     if tokio::time::timeout_at(deadline, read).await.is_err() {
                         return Err(BridgeError::Unavailable(format!(
@@ -384,6 +384,36 @@ impl EventBridge for DaprBridge {
                             kit::millis(shared.config.connect_timeout)
                         )));
                     }
+                }
+                // Reading the subscriptions is not yet subscribing: the sidecar subscribes to
+                // the broker after it has the answer, and a message published in between does
+                // not reach this app. The metadata lists the topic once it is subscribed.
+                loop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let meta = shared
+                        .sidecar
+                        .metadata(left.min(shared.config.call_timeout))
+                        .await;
+                    if let Ok(meta) = &meta
+                        && meta.subscribed(&shared.config.pubsub, &shared.topic)
+                    {
+                        return Ok(());
+                    }
+                    if Instant::now() >= deadline {
+                        let why = match meta {
+                            Ok(_) => "it does not list the app's subscription".to_string(),
+                            Err(e) => e.to_string(),
+                        };
+                        return Err(BridgeError::Unavailable(format!(
+                            "the Dapr sidecar at {} did not subscribe the app to topic {} of {} within {} ms: {why}",
+                            shared.config.sidecar,
+                            shared.topic,
+                            shared.config.pubsub,
+                            kit::millis(shared.config.connect_timeout)
+                        )));
+                    }
+                    // Dapr has no notification for this: ask again shortly.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             })
             .await

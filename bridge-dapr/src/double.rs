@@ -73,6 +73,9 @@ impl Default for Resiliency {
 pub struct DoubleOptions {
     /// Retries of deliveries.
     pub resiliency: Resiliency,
+    /// How long a sidecar takes from reading its app's subscriptions to being subscribed
+    /// (daprd subscribes to the broker after it has the answer); default none.
+    pub subscribe_delay: Duration,
 }
 
 /// One sidecar's settings.
@@ -131,6 +134,7 @@ struct Cluster {
     etags: AtomicU64,
     round_robin: AtomicUsize,
     resiliency: Mutex<Resiliency>,
+    subscribe_delay: Mutex<Duration>,
     client: std::sync::OnceLock<reqwest::Client>,
     published: AtomicU64,
     delivered: AtomicU64,
@@ -195,6 +199,7 @@ impl Cluster {
     async fn deliver(self: &Arc<Self>, sidecar: &SidecarState, sub: Subscription, event: Value) {
         let resiliency = *self.resiliency.lock();
         let body = serde_json::to_vec(&event).unwrap_or_default();
+        let mut last = String::new();
         for attempt in 0..=resiliency.max_retries {
             if attempt > 0 {
                 tokio::time::sleep(resiliency.interval).await;
@@ -205,9 +210,10 @@ impl Cluster {
                     return;
                 }
                 Answer::Drop => return,
-                Answer::Retry => {}
+                Answer::Retry(why) => last = why,
             }
         }
+        tracing::warn!(app_id = %sidecar.options.app_id, topic = %sub.topic, last_answer = %last, "the double gave up a delivery after its resiliency retries");
         if let Some(dead_letter_topic) = &sub.dead_letter_topic {
             self.dead_lettered.fetch_add(1, Ordering::Relaxed);
             self.publish(&sub.pubsub, dead_letter_topic, event);
@@ -216,7 +222,7 @@ impl Cluster {
 
     async fn attempt(&self, sidecar: &SidecarState, sub: &Subscription, body: &[u8]) -> Answer {
         let Some(url) = sidecar.app_url(&sub.path) else {
-            return Answer::Retry;
+            return Answer::Retry("no app connected".into());
         };
         let mut request = self
             .client()
@@ -226,15 +232,16 @@ impl Cluster {
         if let Some(token) = &sidecar.options.app_api_token {
             request = request.header(TOKEN_HEADER, token);
         }
-        let Ok(response) = request.send().await else {
-            return Answer::Retry;
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(e) => return Answer::Retry(format!("{e:?}")),
         };
         let status = response.status();
         if status == StatusCode::NOT_FOUND {
             return Answer::Drop;
         }
         if !status.is_success() {
-            return Answer::Retry;
+            return Answer::Retry(format!("status {status}"));
         }
         let bytes = response.bytes().await.unwrap_or_default();
         let verdict = serde_json::from_slice::<Value>(&bytes)
@@ -244,7 +251,7 @@ impl Cluster {
             None | Some("SUCCESS") => Answer::Done,
             Some("DROP") => Answer::Drop,
             // RETRY, and anything Dapr does not know, is retried.
-            Some(_) => Answer::Retry,
+            Some(other) => Answer::Retry(format!("status {other}")),
         }
     }
 }
@@ -264,7 +271,8 @@ impl StateItem {
 
 enum Answer {
     Done,
-    Retry,
+    /// Carries what the app answered, for the log when the retries run out.
+    Retry(String),
     Drop,
 }
 
@@ -314,6 +322,7 @@ impl DaprDouble {
             .build()?;
         let cluster = Arc::new(Cluster::default());
         *cluster.resiliency.lock() = options.resiliency;
+        *cluster.subscribe_delay.lock() = options.subscribe_delay;
         Ok(DaprDouble {
             cluster,
             runtime: Arc::new(OwnedRuntime(Some(runtime))),
@@ -447,6 +456,10 @@ impl Sidecar {
                     return;
                 }
                 if let Some(subs) = read_subscriptions(&state).await {
+                    let delay = *state.cluster.subscribe_delay.lock();
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
                     *state.subscriptions.lock() = Some(subs);
                     return;
                 }
@@ -594,7 +607,29 @@ async fn metadata(State(state): State<Arc<SidecarState>>, headers: HeaderMap) ->
     if !authorized(&state, &headers) {
         return unauthorized();
     }
-    axum::Json(json!({ "id": state.options.app_id, "runtimeVersion": "double" })).into_response()
+    // Like daprd, the subscriptions are listed once they are active: a message published
+    // after an app sees its topic here reaches the app.
+    let subscriptions: Vec<Value> = state
+        .subscriptions
+        .lock()
+        .iter()
+        .flatten()
+        .map(|s| {
+            json!({
+                "pubsubname": s.pubsub,
+                "topic": s.topic,
+                "deadLetterTopic": s.dead_letter_topic.clone().unwrap_or_default(),
+                "rules": [{ "match": "", "path": s.path }],
+                "type": "PROGRAMMATIC",
+            })
+        })
+        .collect();
+    axum::Json(json!({
+        "id": state.options.app_id,
+        "runtimeVersion": "double",
+        "subscriptions": subscriptions,
+    }))
+    .into_response()
 }
 
 async fn publish(

@@ -81,7 +81,7 @@ impl Sidecar {
 
     /// `GET /v1.0/metadata`: the sidecar's app id. It needs the API token, so a sidecar that
     /// refuses the bridge's token says so here (health checks go without a token).
-    pub async fn metadata(&self, within: Duration) -> Result<String, BridgeError> {
+    pub async fn metadata(&self, within: Duration) -> Result<Metadata, BridgeError> {
         let response = self
             .request(reqwest::Method::GET, "/v1.0/metadata")
             .timeout(within)
@@ -94,11 +94,7 @@ impl Sidecar {
                     .json()
                     .await
                     .map_err(|e| unreachable("a metadata request", &e))?;
-                Ok(body
-                    .get("id")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string())
+                Ok(Metadata::from_json(&body))
             }
             StatusCode::UNAUTHORIZED => Err(BridgeError::Broker(
                 "the Dapr sidecar refused the API token (set DAPR_API_TOKEN to the sidecar's)"
@@ -266,10 +262,79 @@ impl Sidecar {
     }
 }
 
+/// What `GET /v1.0/metadata` says about the sidecar.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Metadata {
+    /// The app id the sidecar serves.
+    pub app_id: String,
+    /// The active subscriptions as `(pubsub, topic)`; `None` when the sidecar does not list
+    /// them (Dapr before 1.11).
+    pub subscriptions: Option<Vec<(String, String)>>,
+}
+
+impl Metadata {
+    fn from_json(body: &Value) -> Self {
+        let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        Metadata {
+            app_id: text(body, "id").unwrap_or_default(),
+            subscriptions: body
+                .get("subscriptions")
+                .and_then(Value::as_array)
+                .map(|subs| {
+                    subs.iter()
+                        .filter_map(|s| Some((text(s, "pubsubname")?, text(s, "topic")?)))
+                        .collect()
+                }),
+        }
+    }
+
+    /// Whether the sidecar lists an active subscription to `topic` of `pubsub` (`true` when it
+    /// does not list subscriptions at all: nothing more can be known then).
+    pub fn subscribed(&self, pubsub: &str, topic: &str) -> bool {
+        self.subscriptions
+            .as_ref()
+            .is_none_or(|subs| subs.iter().any(|(p, t)| p == pubsub && t == topic))
+    }
+}
+
 /// Why an invocation brought no answer.
 pub enum InvokeFailure {
     /// The deadline passed.
     Timeout,
     /// The sidecar could not be reached.
     Unreachable(BridgeError),
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::Metadata;
+
+    #[test]
+    fn a_topic_counts_as_subscribed_only_once_the_sidecar_lists_it() {
+        let listed = Metadata::from_json(&json!({
+            "id": "app-1",
+            "subscriptions": [
+                { "pubsubname": "pubsub", "topic": "orders", "rules": [] },
+                { "pubsubname": "other", "topic": "t" },
+            ],
+        }));
+        assert_eq!(listed.app_id, "app-1");
+        assert!(listed.subscribed("pubsub", "orders"));
+        assert!(
+            !listed.subscribed("pubsub", "t"),
+            "pubsub and topic go together"
+        );
+        let none_yet = Metadata::from_json(&json!({ "id": "app-1", "subscriptions": [] }));
+        assert!(!none_yet.subscribed("pubsub", "orders"));
+    }
+
+    #[test]
+    fn a_sidecar_that_lists_no_subscriptions_at_all_is_taken_at_its_word() {
+        // Dapr before 1.11 has no `subscriptions` in its metadata: nothing to wait for.
+        let old = Metadata::from_json(&json!({ "id": "app-1" }));
+        assert_eq!(old.subscriptions, None);
+        assert!(old.subscribed("pubsub", "orders"));
+    }
 }

@@ -144,6 +144,10 @@ impl Shared {
     /// The claim is per delivery (the CloudEvent id), not per message id: the same message
     /// published twice is two deliveries. A failed claim write answers RETRY, and the
     /// redelivery claims again.
+    ///
+    /// A write whose answer is lost may still have landed: a write that fails is tried again,
+    /// and a conflict is resolved by reading who holds the claim, so this instance's own
+    /// earlier write counts as won instead of leaving the message to nobody.
     async fn claim(&self, consumer: &Consumer, delivery_id: &str) -> Result<bool, BridgeError> {
         let key = format!(
             "{}||claim||{}||{}",
@@ -157,15 +161,36 @@ impl Shared {
             .acquire()
             .await
             .map_err(|_| BridgeError::Unavailable("the bridge is shutting down".into()))?;
-        self.sidecar
-            .save_state(
-                &self.config.statestore,
-                &key,
-                &mine,
-                None,
-                Some(CLAIM_TTL_SECS),
-                self.config.call_timeout,
-            )
-            .await
+        let store = &self.config.statestore;
+        let within = self.config.call_timeout;
+        let mut failure = None;
+        for attempt in 0..CLAIM_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(CLAIM_RETRY_PAUSE * attempt).await;
+            }
+            match self
+                .sidecar
+                .save_state(store, &key, &mine, None, Some(CLAIM_TTL_SECS), within)
+                .await
+            {
+                Ok(true) => return Ok(true),
+                Ok(false) => match self.sidecar.get_state(store, &key, within).await {
+                    Ok(Some((holder, _))) => return Ok(holder == mine),
+                    // Expired between the two calls: claim again.
+                    Ok(None) => {}
+                    Err(e) => failure = Some(e),
+                },
+                Err(e) => failure = Some(e),
+            }
+        }
+        Err(failure.unwrap_or_else(|| {
+            BridgeError::Broker(format!("the claim {key} kept expiring while it was read"))
+        }))
     }
 }
+
+/// Tries of one claim before the instance leaves the message.
+const CLAIM_ATTEMPTS: u32 = 3;
+
+/// Pause before the second try of a claim, growing linearly.
+const CLAIM_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);

@@ -17,7 +17,7 @@ use std::time::Duration;
 use purista_conformance::matrix::{self, Outcome};
 use purista_conformance::{all_cases, harnesses, logs, runner};
 
-const USAGE: &str = "usage: matrix [--write FILE | --check FILE] [--jobs N]";
+const USAGE: &str = "usage: matrix [--write FILE | --check FILE] [--jobs N] [--bridge NAME]...";
 
 enum Mode {
     Print,
@@ -25,9 +25,17 @@ enum Mode {
     Check(String),
 }
 
-fn parse_args() -> Result<(Mode, usize), String> {
+struct Args {
+    mode: Mode,
+    jobs: usize,
+    /// Only these bridges (all when empty).
+    bridges: Vec<String>,
+}
+
+fn parse_args() -> Result<Args, String> {
     let mut mode = Mode::Print;
     let mut jobs = 4;
+    let mut bridges = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || {
@@ -42,15 +50,24 @@ fn parse_args() -> Result<(Mode, usize), String> {
                     .parse()
                     .map_err(|e| format!("--jobs: {e}\n{USAGE}"))?
             }
+            "--bridge" => bridges.push(value()?),
             "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
         }
     }
-    Ok((mode, jobs))
+    Ok(Args {
+        mode,
+        jobs,
+        bridges,
+    })
 }
 
 fn main() -> ExitCode {
-    let (mode, jobs) = match parse_args() {
+    let Args {
+        mode,
+        jobs,
+        bridges,
+    } = match parse_args() {
         Ok(parsed) => parsed,
         Err(msg) => {
             eprintln!("{msg}");
@@ -76,7 +93,21 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    let harnesses = harnesses::all();
+    let mut harnesses = harnesses::all();
+    if !bridges.is_empty() {
+        if !matches!(mode, Mode::Print) {
+            eprintln!("--bridge prints a partial matrix; it cannot --write or --check a file");
+            return ExitCode::from(2);
+        }
+        if let Some(unknown) = bridges
+            .iter()
+            .find(|b| !harnesses.iter().any(|h| h.name() == b.as_str()))
+        {
+            eprintln!("no bridge named `{unknown}` in the matrix");
+            return ExitCode::from(2);
+        }
+        harnesses.retain(|h| bridges.iter().any(|b| b == h.name()));
+    }
     let cases = all_cases();
     eprintln!(
         "running {} cases on {} bridge(s): {}",
