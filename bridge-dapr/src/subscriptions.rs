@@ -82,14 +82,20 @@ impl Consumer {
                 };
                 let handler = handler.clone();
                 let running = w.running;
-                // The next delivery waits until this one's handler has begun: handlers start
-                // in delivery order, and a service that counts its running handlers never sees
-                // none while a delivery taken before a later one has not started yet.
+                // The next delivery waits until this one's handler has begun, that is until
+                // its delivery was polled once (core counts the handler as running in that
+                // first poll): handlers start in delivery order, and a service that counts
+                // its running handlers never sees none while a delivery taken before a later
+                // one has not been counted yet.
                 let (started, begun) = tokio::sync::oneshot::channel::<()>();
                 tasks.spawn(WorkKind::Subscription, task_label.clone(), async move {
                     let _running = running;
+                    let mut delivering = std::pin::pin!(handler.deliver(delivery));
+                    let first = futures::poll!(delivering.as_mut());
                     let _ = started.send(());
-                    handler.deliver(delivery).await;
+                    if first.is_pending() {
+                        delivering.await;
+                    }
                 });
                 let _ = begun.await;
             }
@@ -146,8 +152,8 @@ impl Shared {
     /// redelivery claims again.
     ///
     /// A write whose answer is lost may still have landed: a write that fails is tried again,
-    /// and a conflict is resolved by reading who holds the claim, so this instance's own
-    /// earlier write counts as won instead of leaving the message to nobody.
+    /// and a conflict is resolved by reading who holds the claim, so this claim's own earlier
+    /// write counts as won instead of leaving the message to nobody.
     async fn claim(&self, consumer: &Consumer, delivery_id: &str) -> Result<bool, BridgeError> {
         let key = format!(
             "{}||claim||{}||{}",
@@ -155,7 +161,13 @@ impl Shared {
             crate::bridge::key_part(consumer.spec.key.as_str()),
             crate::bridge::key_part(delivery_id)
         );
-        let mine = serde_json::Value::String(self.instance_id.clone());
+        // This claim's own mark: another delivery of the same message to this instance (a
+        // redelivery) claims with another, and loses.
+        let mine = serde_json::Value::String(format!(
+            "{}/{}",
+            self.instance_id,
+            purista_core::ids::new_id()
+        ));
         let _permit = self
             .claims
             .acquire()

@@ -292,14 +292,28 @@ pub async fn emit_event_name_emits_exactly_one_event(h: Arc<dyn Harness>) {
             Service::builder(env.name("relay"), "1").subscription(relay),
         )
         .await;
-    // The last input is the sentinel (even, so relayed): once its event is in and no handler
-    // runs, an extra event for an earlier input would be in too.
-    for n in (0..COUNT).chain([SENTINEL]) {
+    // The sentinel input (even, so relayed) goes in once the relay has handled every other
+    // input: the relay's handlers run side by side, so one sent along with the others could
+    // have its event out first. Once the sentinel's event is in and no handler runs, an event
+    // for an earlier input (published before it, by the same instance) would be in too.
+    for n in 0..COUNT {
         publisher
             .emit(&incoming, json!({ "n": n }))
             .await
             .expect("emit succeeds");
     }
+    let relayed = COUNT.div_ceil(2) as usize;
+    if let Err(got) = seen
+        .wait_until(ARRIVAL, |items| items.len() >= relayed)
+        .await
+    {
+        panic!("the events relayed for the even inputs never all arrived: {got:?}");
+    }
+    handlers_finished(&relay).await;
+    publisher
+        .emit(&incoming, json!({ "n": SENTINEL }))
+        .await
+        .expect("emit succeeds");
     if let Err(got) = seen
         .wait_until(ARRIVAL, |items| {
             items.iter().any(|e| e.payload["n"] == json!(SENTINEL))
