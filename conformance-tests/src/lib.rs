@@ -35,6 +35,7 @@ pub mod harnesses;
 pub mod logs;
 pub mod matrix;
 pub mod plan;
+pub mod results;
 pub mod runner;
 pub mod support;
 

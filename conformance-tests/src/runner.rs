@@ -153,11 +153,18 @@ pub fn run_case_isolated(
 
 /// One trial: its own runtime, `copies` copies of the case at once, each bounded by
 /// [`CASE_TIMEOUT`].
-fn run_trial(case: Case, h: Arc<dyn Harness>, plan: Plan, copies: usize) -> Result<(), Failed> {
+fn run_trial(
+    module: &str,
+    case: Case,
+    h: Arc<dyn Harness>,
+    plan: Plan,
+    copies: usize,
+) -> Result<(), Failed> {
     let runtime = case_runtime().map_err(Failed::from)?;
+    let harness = h.clone();
     let result = runtime.block_on(async move {
         let runs = (0..copies).map(|_| {
-            let (h, plan) = (h.clone(), plan.clone());
+            let (h, plan) = (harness.clone(), plan.clone());
             let task = tokio::spawn(tokio::time::timeout(
                 CASE_TIMEOUT,
                 run_planned(case, h, plan),
@@ -175,6 +182,11 @@ fn run_trial(case: Case, h: Arc<dyn Harness>, plan: Plan, copies: usize) -> Resu
     });
     // Tasks a failed case left behind must not keep the test waiting.
     runtime.shutdown_timeout(Duration::from_secs(1));
+    if copies == 1
+        && let Some(outcome) = result.first()
+    {
+        crate::results::record(module, &*h, case, outcome);
+    }
     let failures: Vec<String> = result.into_iter().filter_map(Result::err).collect();
     if failures.is_empty() {
         Ok(())
@@ -210,7 +222,8 @@ pub fn run_suite(module: &str, harness: Arc<dyn Harness>) -> ExitCode {
             let label = plan.label();
             let skipped = matches!(plan, Plan::Skip(_));
             let h = harness.clone();
-            let trial = Trial::test(name, move || run_trial(case, h, plan, copies));
+            let module = module.to_string();
+            let trial = Trial::test(name, move || run_trial(&module, case, h, plan, copies));
             let trial = match label {
                 Some(label) => trial.with_kind(label),
                 None => trial,

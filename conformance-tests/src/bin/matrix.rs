@@ -30,12 +30,15 @@ struct Args {
     jobs: usize,
     /// Only these bridges (all when empty).
     bridges: Vec<String>,
+    /// Outcomes the test targets recorded (`purista_conformance::results`).
+    results: Option<std::path::PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut mode = Mode::Print;
     let mut jobs = 4;
     let mut bridges = Vec::new();
+    let mut results = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || {
@@ -51,6 +54,7 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("--jobs: {e}\n{USAGE}"))?
             }
             "--bridge" => bridges.push(value()?),
+            "--results" => results = Some(std::path::PathBuf::from(value()?)),
             "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
         }
@@ -59,6 +63,7 @@ fn parse_args() -> Result<Args, String> {
         mode,
         jobs,
         bridges,
+        results,
     })
 }
 
@@ -67,6 +72,7 @@ fn main() -> ExitCode {
         mode,
         jobs,
         bridges,
+        results: recorded,
     } = match parse_args() {
         Ok(parsed) => parsed,
         Err(msg) => {
@@ -119,11 +125,18 @@ fn main() -> ExitCode {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if let Some(dir) = &recorded {
+        eprintln!(
+            "taking the outcomes the test targets recorded in {} where there are any",
+            dir.display()
+        );
+    }
     let results = runtime.block_on(matrix::run(
         &harnesses,
         &cases,
         jobs,
         runner::CASE_TIMEOUT,
+        recorded.as_deref(),
         |r| {
             let what = match &r.outcome {
                 Outcome::Passed => "passed".to_string(),
