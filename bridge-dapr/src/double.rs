@@ -252,6 +252,7 @@ struct Cluster {
     delivered: AtomicU64,
     dead_lettered: AtomicU64,
     unrouted: AtomicU64,
+    given_up: AtomicU64,
 }
 
 impl Cluster {
@@ -337,6 +338,7 @@ impl Cluster {
                 Answer::Retry => {}
             }
         }
+        self.given_up.fetch_add(1, Ordering::Relaxed);
         if let Some(dead_letter_topic) = &sub.dead_letter_topic {
             self.dead_lettered.fetch_add(1, Ordering::Relaxed);
             self.publish(&sub.pubsub, dead_letter_topic, event);
@@ -482,6 +484,11 @@ impl DaprDouble {
     /// Events sent to a dead-letter topic after their retries.
     pub fn dead_lettered(&self) -> u64 {
         self.cluster.dead_lettered.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries given up after the resiliency policy's retries (dead-lettered or dropped).
+    pub fn given_up(&self) -> u64 {
+        self.cluster.given_up.load(Ordering::Relaxed)
     }
 
     /// Deliveries that matched no routing rule and had no default route (acknowledged, not
