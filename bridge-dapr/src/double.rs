@@ -6,9 +6,14 @@
 //!   wrapped as the `data` of a new CloudEvent. The event gets `topic` and `pubsubname`.
 //! * Subscriptions: once its app port is known, each sidecar reads `GET /dapr/subscribe` from
 //!   the app (until it answers 2xx, like daprd at startup). Entries are `{pubsubname, topic,
-//!   route | routes: {rules: [{match, path}], default}, deadLetterTopic}`; rules with a `match`
-//!   are not evaluated by this double (the subscription is refused with a warning), only
-//!   `route` and `routes.default`.
+//!   route | routes: {rules: [{match, path}], default}, deadLetterTopic}`. Each rule's `match`
+//!   is a CEL expression over the CloudEvent (the variable `event`, its JSON `data` as nested
+//!   fields, every JSON number a double as Go's decoder gives daprd), evaluated with a real CEL
+//!   implementation (the `cel` crate) exactly as daprd routes: the first rule that matches
+//!   (or has no `match`) wins, then `routes.default`; no match at all is acknowledged and not
+//!   delivered; a rule that fails to evaluate, or gives no boolean, fails the delivery (retried
+//!   by the resiliency policy, then dead-lettered). An expression that does not parse refuses
+//!   the subscription with a warning.
 //! * Delivery: each published event goes once to each consumer group (the app id) subscribed
 //!   to its topic, to one of the group's sidecars (round robin). Each sidecar delivers to its
 //!   app in publish order, one delivery at a time (like one partition of a log). The app answers 2xx with
@@ -21,7 +26,9 @@
 //! * `GET /v1.0/state/{store}/{key}` (200 with an `ETag`, or 204) and `POST /v1.0/state/{store}`
 //!   with ETags (409 on a mismatch; with `first-write` concurrency and no ETag, 409 when the
 //!   key exists) and `metadata.ttlInSeconds`, like a state store with `keyPrefix: none`.
-//! * `GET /v1.0/metadata` (the app id).
+//! * `GET /v1.0/metadata`: the app id and the subscriptions read from the app (`subscriptions:
+//!   [{pubsubname, topic, deadLetterTopic, rules: [{match, path}], type}]`, the default route
+//!   last with an empty `match`), as daprd reports them.
 //! * `GET /v1.0/healthz` (204). With an API token set, every other call needs the header
 //!   `dapr-api-token` (401 otherwise); with an app token set, the sidecar sends it to its app.
 //!
@@ -95,8 +102,117 @@ pub struct SidecarOptions {
 struct Subscription {
     pubsub: String,
     topic: String,
-    path: String,
+    /// The routing rules in order; the default route (or `route`) last, without a match.
+    rules: Vec<Rule>,
     dead_letter_topic: Option<String>,
+}
+
+/// One routing rule of a subscription.
+#[derive(Clone)]
+struct Rule {
+    /// The CEL expression as given (empty: matches everything).
+    source: String,
+    matcher: Option<Arc<cel::Program>>,
+    path: String,
+}
+
+impl std::fmt::Debug for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rule")
+            .field("match", &self.source)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// Where a delivery goes, as daprd's routing decides it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Route {
+    /// To this path of the app.
+    To(String),
+    /// No rule matched and there is no default: acknowledged, not delivered.
+    Nowhere,
+}
+
+impl Subscription {
+    /// daprd's routing: the rules in order, the first whose expression is true (or that has
+    /// none) wins. An expression that fails to evaluate, or whose result is not a boolean, is
+    /// an error of the delivery.
+    fn route(&self, event: &Value) -> Result<Route, String> {
+        let mut context: Option<cel::Context<'_, '_>> = None;
+        for rule in &self.rules {
+            let Some(matcher) = &rule.matcher else {
+                return Ok(Route::To(rule.path.clone()));
+            };
+            let context = context.get_or_insert_with(|| {
+                let mut context = cel::Context::default();
+                context.add_variable_from_value("event", cel_value(event));
+                context
+            });
+            match matcher.execute(context) {
+                Ok(cel::Value::Bool(true)) => return Ok(Route::To(rule.path.clone())),
+                Ok(cel::Value::Bool(false)) => {}
+                Ok(other) => {
+                    return Err(format!(
+                        "the result of match expression {} was not a boolean: {other:?}",
+                        rule.source
+                    ));
+                }
+                Err(e) => return Err(format!("match expression {}: {e}", rule.source)),
+            }
+        }
+        Ok(Route::Nowhere)
+    }
+
+    /// The subscription as daprd's metadata endpoint lists it.
+    fn metadata(&self) -> Value {
+        let rules: Vec<Value> = self
+            .rules
+            .iter()
+            .map(|r| json!({ "match": r.source, "path": r.path }))
+            .collect();
+        json!({
+            "pubsubname": self.pubsub,
+            "topic": self.topic,
+            "deadLetterTopic": self.dead_letter_topic.clone().unwrap_or_default(),
+            "rules": rules,
+            "type": "PROGRAMMATIC",
+        })
+    }
+}
+
+/// A JSON value as CEL sees the CloudEvent daprd decoded: objects are maps, arrays lists, and
+/// every number a double (Go's `encoding/json` into `interface{}`).
+fn cel_value(value: &Value) -> cel::Value {
+    match value {
+        Value::Null => cel::Value::Null,
+        Value::Bool(b) => cel::Value::Bool(*b),
+        Value::Number(n) => cel::Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+        Value::String(s) => cel::Value::String(Arc::new(s.clone())),
+        Value::Array(items) => cel::Value::List(Arc::new(items.iter().map(cel_value).collect())),
+        Value::Object(map) => {
+            let map: HashMap<String, cel::Value> =
+                map.iter().map(|(k, v)| (k.clone(), cel_value(v))).collect();
+            cel::Value::from(map)
+        }
+    }
+}
+
+/// Compiles a rule; an empty (or blank) expression matches everything, as in daprd.
+fn rule(source: &str, path: &str) -> Result<Rule, String> {
+    let trimmed = source.trim();
+    let matcher = if trimmed.is_empty() {
+        None
+    } else {
+        Some(Arc::new(
+            cel::Program::compile(trimmed).map_err(|e| format!("{trimmed}: {e}"))?,
+        ))
+    };
+    Ok(Rule {
+        source: trimmed.to_string(),
+        matcher,
+        path: path.to_string(),
+    })
 }
 
 struct SidecarState {
@@ -139,6 +255,8 @@ struct Cluster {
     published: AtomicU64,
     delivered: AtomicU64,
     dead_lettered: AtomicU64,
+    unrouted: AtomicU64,
+    given_up: AtomicU64,
 }
 
 impl Cluster {
@@ -200,11 +318,23 @@ impl Cluster {
         let resiliency = *self.resiliency.lock();
         let body = serde_json::to_vec(&event).unwrap_or_default();
         let mut last = String::new();
+        let route = sub.route(&event);
         for attempt in 0..=resiliency.max_retries {
             if attempt > 0 {
                 tokio::time::sleep(resiliency.interval).await;
             }
-            match self.attempt(sidecar, &sub, &body).await {
+            let answer = match &route {
+                Ok(Route::To(path)) => self.attempt(sidecar, path, &body).await,
+                Ok(Route::Nowhere) => {
+                    self.unrouted.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(topic = %sub.topic, error = %e, "the double could not route an event");
+                    Answer::Retry(format!("routing failed: {e}"))
+                }
+            };
+            match answer {
                 Answer::Done => {
                     self.delivered.fetch_add(1, Ordering::Relaxed);
                     return;
@@ -214,14 +344,15 @@ impl Cluster {
             }
         }
         tracing::warn!(app_id = %sidecar.options.app_id, topic = %sub.topic, last_answer = %last, "the double gave up a delivery after its resiliency retries");
+        self.given_up.fetch_add(1, Ordering::Relaxed);
         if let Some(dead_letter_topic) = &sub.dead_letter_topic {
             self.dead_lettered.fetch_add(1, Ordering::Relaxed);
             self.publish(&sub.pubsub, dead_letter_topic, event);
         }
     }
 
-    async fn attempt(&self, sidecar: &SidecarState, sub: &Subscription, body: &[u8]) -> Answer {
-        let Some(url) = sidecar.app_url(&sub.path) else {
+    async fn attempt(&self, sidecar: &SidecarState, path: &str, body: &[u8]) -> Answer {
+        let Some(url) = sidecar.app_url(path) else {
             return Answer::Retry("no app connected".into());
         };
         let mut request = self
@@ -362,6 +493,17 @@ impl DaprDouble {
     /// Events sent to a dead-letter topic after their retries.
     pub fn dead_lettered(&self) -> u64 {
         self.cluster.dead_lettered.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries given up after the resiliency policy's retries (dead-lettered or dropped).
+    pub fn given_up(&self) -> u64 {
+        self.cluster.given_up.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries that matched no routing rule and had no default route (acknowledged, not
+    /// delivered).
+    pub fn unrouted(&self) -> u64 {
+        self.cluster.unrouted.load(Ordering::Relaxed)
     }
 }
 
@@ -538,32 +680,58 @@ async fn read_subscriptions(state: &SidecarState) -> Option<Vec<Subscription>> {
             tracing::warn!("the double ignored a subscription without pubsubname or topic");
             continue;
         };
-        let routes = entry.get("routes");
-        let has_rules = routes
-            .and_then(|r| r.get("rules"))
-            .and_then(Value::as_array)
-            .is_some_and(|rules| !rules.is_empty());
-        if has_rules {
-            tracing::warn!(%topic, "the double does not evaluate routing rules; subscription ignored");
+        let rules = match subscription_rules(&entry) {
+            Ok(rules) => rules,
+            Err(e) => {
+                tracing::warn!(%topic, error = %e, "the double refused a subscription whose routing rules do not compile");
+                continue;
+            }
+        };
+        if rules.is_empty() {
+            tracing::warn!(%topic, "the double ignored a subscription without a route");
             continue;
         }
-        let path = text("route").or_else(|| {
-            routes
-                .and_then(|r| r.get("default"))
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        });
-        let Some(path) = path else {
-            continue;
-        };
         subscriptions.push(Subscription {
             pubsub,
             topic,
-            path,
-            dead_letter_topic: text("deadLetterTopic"),
+            rules,
+            dead_letter_topic: text("deadLetterTopic").filter(|t| !t.is_empty()),
         });
     }
     Some(subscriptions)
+}
+
+/// A programmatic subscription's routes as daprd builds them: `routes.rules` in order, then
+/// `routes.default`; without `routes`, the single `route`.
+fn subscription_rules(entry: &Value) -> Result<Vec<Rule>, String> {
+    let mut rules = Vec::new();
+    match entry.get("routes") {
+        Some(routes) => {
+            for r in routes
+                .get("rules")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let source = r.get("match").and_then(Value::as_str).unwrap_or("");
+                let path = r.get("path").and_then(Value::as_str).unwrap_or("");
+                rules.push(rule(source, path)?);
+            }
+            if let Some(default) = routes.get("default").and_then(Value::as_str)
+                && !default.is_empty()
+            {
+                rules.push(rule("", default)?);
+            }
+        }
+        None => {
+            if let Some(route) = entry.get("route").and_then(Value::as_str)
+                && !route.is_empty()
+            {
+                rules.push(rule("", route)?);
+            }
+        }
+    }
+    Ok(rules)
 }
 
 fn router(state: Arc<SidecarState>) -> Router {
@@ -614,15 +782,7 @@ async fn metadata(State(state): State<Arc<SidecarState>>, headers: HeaderMap) ->
         .lock()
         .iter()
         .flatten()
-        .map(|s| {
-            json!({
-                "pubsubname": s.pubsub,
-                "topic": s.topic,
-                "deadLetterTopic": s.dead_letter_topic.clone().unwrap_or_default(),
-                "rules": [{ "match": "", "path": s.path }],
-                "type": "PROGRAMMATIC",
-            })
-        })
+        .map(Subscription::metadata)
         .collect();
     axum::Json(json!({
         "id": state.options.app_id,
@@ -848,4 +1008,101 @@ async fn save_state(
         );
     }
     StatusCode::NO_CONTENT.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subscription(rules: &[(&str, &str)]) -> Subscription {
+        Subscription {
+            pubsub: "pubsub".into(),
+            topic: "t".into(),
+            rules: rules
+                .iter()
+                .map(|(m, p)| rule(m, p).expect("the rule compiles"))
+                .collect(),
+            dead_letter_topic: None,
+        }
+    }
+
+    fn event(data: Value) -> Value {
+        json!({ "specversion": "1.0", "id": "1", "source": "s", "type": "widget", "data": data })
+    }
+
+    #[test]
+    fn the_first_matching_rule_wins_then_the_default() {
+        let s = subscription(&[
+            (r#"event.type == "widget""#, "/a"),
+            ("event.data.n > 1", "/b"),
+            ("", "/default"),
+        ]);
+        assert_eq!(s.route(&event(json!({"n": 5}))), Ok(Route::To("/a".into())));
+        let gadget = json!({ "type": "gadget", "data": { "n": 5 } });
+        assert_eq!(s.route(&gadget), Ok(Route::To("/b".into())));
+        let small = json!({ "type": "gadget", "data": { "n": 1 } });
+        assert_eq!(s.route(&small), Ok(Route::To("/default".into())));
+    }
+
+    #[test]
+    fn no_match_and_no_default_is_nowhere() {
+        let s = subscription(&[(r#"event.data.kind == "x""#, "/a")]);
+        assert_eq!(s.route(&event(json!({"kind": "y"}))), Ok(Route::Nowhere));
+    }
+
+    #[test]
+    fn json_numbers_are_doubles_and_compare_with_int_literals() {
+        let s = subscription(&[
+            ("event.data.n == 2", "/eq"),
+            ("event.data.n == 2.5", "/half"),
+        ]);
+        assert_eq!(
+            s.route(&event(json!({"n": 2}))),
+            Ok(Route::To("/eq".into()))
+        );
+        assert_eq!(
+            s.route(&event(json!({"n": 2.5}))),
+            Ok(Route::To("/half".into()))
+        );
+        let typed = subscription(&[("type(event.data.n) == double", "/double")]);
+        assert_eq!(
+            typed.route(&event(json!({"n": 2}))),
+            Ok(Route::To("/double".into()))
+        );
+    }
+
+    #[test]
+    fn has_guards_a_missing_field_and_a_bare_missing_field_is_an_error() {
+        let guarded = subscription(&[("has(event.data.p) && event.data.p > 1", "/a")]);
+        assert_eq!(guarded.route(&event(json!({}))), Ok(Route::Nowhere));
+        let bare = subscription(&[("event.data.p > 1", "/a"), ("", "/default")]);
+        assert!(bare.route(&event(json!({}))).is_err());
+    }
+
+    #[test]
+    fn a_non_boolean_result_is_an_error() {
+        let s = subscription(&[("event.data.n", "/a")]);
+        assert!(s.route(&event(json!({"n": 1}))).is_err());
+    }
+
+    #[test]
+    fn routes_are_read_as_daprd_reads_them() {
+        let entry = json!({
+            "pubsubname": "p", "topic": "t",
+            "routes": { "rules": [{ "match": " event.type == \"a\" ", "path": "/a" }, { "match": "", "path": "/any" }], "default": "/d" },
+        });
+        let rules = subscription_rules(&entry).expect("the rules compile");
+        let paths: Vec<_> = rules
+            .iter()
+            .map(|r| (r.source.as_str(), r.path.as_str()))
+            .collect();
+        assert_eq!(
+            paths,
+            [("event.type == \"a\"", "/a"), ("", "/any"), ("", "/d")]
+        );
+        let single = json!({ "pubsubname": "p", "topic": "t", "route": "/r" });
+        assert_eq!(subscription_rules(&single).map(|r| r.len()), Ok(1));
+        let broken = json!({ "pubsubname": "p", "topic": "t", "routes": { "rules": [{ "match": "event.type ==", "path": "/a" }] } });
+        assert!(subscription_rules(&broken).is_err());
+    }
 }

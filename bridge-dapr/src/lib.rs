@@ -24,6 +24,7 @@ pub mod config;
 pub mod copies;
 mod driver;
 mod endpoints;
+pub mod routing;
 mod shared;
 pub mod sidecar;
 pub mod subscriptions;
