@@ -519,7 +519,8 @@ impl Drop for DaprDouble {
 pub struct Sidecar {
     state: Arc<SidecarState>,
     runtime: Arc<OwnedRuntime>,
-    server: Mutex<Option<watch::Sender<bool>>>,
+    /// Stops the server, and hears when it has closed its last connection.
+    server: Mutex<Option<(watch::Sender<bool>, std::sync::mpsc::Receiver<()>)>>,
     port: Mutex<u16>,
 }
 
@@ -544,6 +545,7 @@ impl Sidecar {
         let (stop, mut stopped) = watch::channel(false);
         let router = router(self.state.clone());
         let listener = tokio::net::TcpListener::from_std(listener)?;
+        let (closed, all_closed) = std::sync::mpsc::channel();
         self.runtime.spawn(async move {
             // Small request/response pairs: without TCP_NODELAY, Nagle's algorithm and delayed
             // acknowledgements stall each exchange by tens of milliseconds.
@@ -558,8 +560,9 @@ impl Sidecar {
                 let _ = stopped.wait_for(|s| *s).await;
             })
             .await;
+            let _ = closed.send(());
         });
-        *self.server.lock() = Some(stop);
+        *self.server.lock() = Some((stop, all_closed));
         *self.port.lock() = bound;
         Ok(())
     }
@@ -615,8 +618,12 @@ impl Sidecar {
     /// delivered to its app until [`Sidecar::start_again`].
     pub fn stop(&self) {
         self.state.generation.fetch_add(1, Ordering::AcqRel);
-        if let Some(stop) = self.server.lock().take() {
+        let server = self.server.lock().take();
+        if let Some((stop, all_closed)) = server {
             let _ = stop.send(true);
+            // Gone means gone: no keep-alive connection of the app's still answers after this
+            // returns (the server closes idle ones at once and lets running requests finish).
+            let _ = all_closed.recv_timeout(Duration::from_secs(5));
         }
         self.state
             .cluster
