@@ -38,7 +38,7 @@ pub mod plan;
 pub mod runner;
 pub mod support;
 
-pub use harness::{BrokerControl, Deployment, Harness, Offer, RawPublisher, TestMode};
+pub use harness::{BrokerControl, Deployment, Harness, Offer, RawPublisher, TestMode, Workload};
 pub use runner::{Case, Verdict};
 
 /// The suite of one bridge as a test target's `main`: `suite!(module, harness_expr)`. The

@@ -31,12 +31,14 @@ use async_trait::async_trait;
 use purista_bridge_aws::{AwsBridge, AwsConfig};
 use purista_core::{Capabilities, Envelope, EventBridge, QueueCapabilities};
 
-use crate::harness::{Deployment, Harness, RawPublisher, TestMode};
+use crate::harness::{Deployment, Harness, RawPublisher, TestMode, Workload};
 
 /// Environment variable with the emulator endpoint (moto).
 pub const ENDPOINT_ENV: &str = "PURISTA_AWS_ENDPOINT";
 /// Environment variable that runs the suite against real AWS.
 pub const LIVE_ENV: &str = "PURISTA_AWS_LIVE";
+/// The share of their full size the load cases run on moto ([`Harness::workload`]).
+pub const MOTO_WORKLOAD_PERCENT: u32 = 25;
 /// Region of the emulator runs.
 const EMULATOR_REGION: &str = "us-east-1";
 
@@ -224,6 +226,20 @@ impl Harness for AwsHarness {
 
     fn queue_capabilities(&self) -> Option<QueueCapabilities> {
         None
+    }
+
+    /// Real AWS: the full size. moto: a quarter of it, because moto serves one request at a
+    /// time per process and the two load cases (10 000 routed pairs over 100 rules and queues;
+    /// 4 000 events into one queue) take it a minute or more each on a 2-core machine.
+    fn workload(&self) -> Workload {
+        if endpoint().is_some() {
+            Workload::scaled(
+                MOTO_WORKLOAD_PERCENT,
+                "moto serves one request at a time per process; real AWS runs the full size",
+            )
+        } else {
+            Workload::full()
+        }
     }
 
     fn offers_raw_publisher(&self) -> bool {
