@@ -211,11 +211,20 @@ impl Consumer {
         self.stop();
         if let Some(rule) = &self.own_rule {
             self.shared.own_queues.lock().remove(&self.queue.url);
-            if let Err(error) = topology::remove_rule(&self.shared, rule).await {
+            // The target first (a rule pointing at a deleted queue fails deliveries); then the
+            // rule and the queue at once: two round trips, not three.
+            if let Err(error) = topology::remove_target(&self.shared, rule).await {
                 tracing::warn!(%error, rule, "a broadcast rule could not be removed; the janitor removes it later");
                 return;
             }
-            if let Err(error) = topology::delete_queue(&self.shared, &self.queue.url).await {
+            let (rule_removed, queue_deleted) = tokio::join!(
+                topology::delete_rule(&self.shared, rule),
+                topology::delete_queue(&self.shared, &self.queue.url)
+            );
+            if let Err(error) = rule_removed {
+                tracing::warn!(%error, rule, "a broadcast rule could not be deleted; the janitor removes it later");
+            }
+            if let Err(error) = queue_deleted {
                 tracing::warn!(%error, queue = %self.queue.name, "a broadcast queue could not be deleted; the janitor removes it later");
             }
         }

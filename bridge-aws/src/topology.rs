@@ -238,6 +238,15 @@ pub fn queue_arn_beside(rule_arn: &str, name: &str) -> Option<String> {
 
 /// Removes a rule: its target first, then the rule. A missing rule is fine.
 pub async fn remove_rule(shared: &Shared, rule: &str) -> Result<(), BridgeError> {
+    if remove_target(shared, rule).await? {
+        delete_rule(shared, rule).await?;
+    }
+    Ok(())
+}
+
+/// Removes a rule's target (after which nothing reaches its queue, so the rule and the queue
+/// may go in any order, or at once); `false` when the rule does not exist.
+pub async fn remove_target(shared: &Shared, rule: &str) -> Result<bool, BridgeError> {
     let bus = shared.config.bus_name();
     let call = shared
         .clients
@@ -252,10 +261,15 @@ pub async fn remove_rule(shared: &Shared, rule: &str) -> Result<(), BridgeError>
     })
     .await?
     {
-        Ok(_) => {}
-        Err(e) if error_code(&e) == Some("ResourceNotFoundException") => return Ok(()),
-        Err(e) => return Err(sdk_error(&format!("removing the target of rule {rule}"), e)),
+        Ok(_) => Ok(true),
+        Err(e) if error_code(&e) == Some("ResourceNotFoundException") => Ok(false),
+        Err(e) => Err(sdk_error(&format!("removing the target of rule {rule}"), e)),
     }
+}
+
+/// Deletes a rule whose target is removed. A missing rule is fine.
+pub async fn delete_rule(shared: &Shared, rule: &str) -> Result<(), BridgeError> {
+    let bus = shared.config.bus_name();
     let call = shared
         .clients
         .events

@@ -181,27 +181,41 @@ impl RawPublisher for SdkPublisher {
     }
 }
 
+/// Calls the cleanup makes at once.
+const CLEANUP_AT_ONCE: usize = 8;
+
 /// Removes everything a case left under its prefix: rules (targets first), the bus, queues.
+/// Several calls at once: a case with many subscriptions leaves many rules and queues.
 pub async fn remove_all(bridge: &AwsBridge) {
+    use futures::StreamExt;
     let bus = bridge.config().bus_name().to_string();
     let events = bridge.eventbridge();
     if let Ok(out) = events.list_rules().event_bus_name(&bus).send().await {
-        for rule in out.rules.unwrap_or_default() {
-            let Some(name) = rule.name else { continue };
-            let _ = events
-                .remove_targets()
-                .rule(&name)
-                .event_bus_name(&bus)
-                .ids("purista-queue")
-                .send()
-                .await;
-            let _ = events
-                .delete_rule()
-                .name(&name)
-                .event_bus_name(&bus)
-                .send()
-                .await;
-        }
+        futures::stream::iter(
+            out.rules
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|r| r.name),
+        )
+        .for_each_concurrent(CLEANUP_AT_ONCE, |name| {
+            let bus = bus.clone();
+            async move {
+                let _ = events
+                    .remove_targets()
+                    .rule(&name)
+                    .event_bus_name(&bus)
+                    .ids("purista-queue")
+                    .send()
+                    .await;
+                let _ = events
+                    .delete_rule()
+                    .name(&name)
+                    .event_bus_name(&bus)
+                    .send()
+                    .await;
+            }
+        })
+        .await;
     }
     let _ = events.delete_event_bus().name(&bus).send().await;
     let prefix = format!("{}-", bridge.names().prefix());
@@ -212,9 +226,11 @@ pub async fn remove_all(bridge: &AwsBridge) {
         .send()
         .await
     {
-        for url in out.queue_urls.unwrap_or_default() {
-            let _ = bridge.sqs().delete_queue().queue_url(url).send().await;
-        }
+        futures::stream::iter(out.queue_urls.unwrap_or_default())
+            .for_each_concurrent(CLEANUP_AT_ONCE, |url| async move {
+                let _ = bridge.sqs().delete_queue().queue_url(url).send().await;
+            })
+            .await;
     }
 }
 
