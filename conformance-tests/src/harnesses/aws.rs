@@ -17,9 +17,9 @@
 //! **Status** (issue 10): all 61 cases the `aws` target runs pass on moto 5.2.5 (53 behaviours,
 //! 8 proofs that the strict check refuses undeclared streams; 21 are skipped with their reason:
 //! no queue bridge, no broker-control hooks, no metadata limit), in the default test run
-//! (`cargo nextest run --workspace`; the `aws` target alone: 142 to 153 s of wall time on a
-//! shared, loaded 2-core machine with `scripts/test`'s 4 moto servers, 195 s before the load
-//! cases were scaled). moto handles one request at a time
+//! (`cargo nextest run --workspace`; the `aws` target alone, with `scripts/test`'s 4 moto
+//! servers on a shared 2-core machine at load 7 to 8: 105 to 108 s of wall time, 208 to 217 s
+//! of case time; 195 s and 371 s before the load cases were scaled and teardown parallelised). moto handles one request at a time
 //! per process, so on moto the two load cases run at [`MOTO_WORKLOAD_PERCENT`] % of their full
 //! size ([`Harness::workload`]): `routing::random_filters_route_like_the_reference_matcher` with
 //! 50 subscriptions × 50 messages instead of 100 × 100, and
