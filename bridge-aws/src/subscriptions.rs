@@ -52,7 +52,8 @@ pub const MAX_NATIVE_DELAY: Duration = Duration::from_secs(15 * 60);
 /// SQS's longest visibility timeout, the longest retry delay the bridge takes.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(12 * 3600);
 
-/// An EventBridge event as SQS delivers it: the envelope is its `detail`.
+/// An EventBridge event as SQS delivers it through a rule of an earlier version (no input
+/// transformer): the envelope is its `detail`.
 #[derive(Deserialize)]
 struct Wrapped<'a> {
     #[serde(borrow)]
@@ -61,9 +62,22 @@ struct Wrapped<'a> {
     _detail_type: Option<&'a str>,
 }
 
-/// The envelope in a subscription queue's message body: an EventBridge event's `detail`, or
-/// the envelope itself (retry copies and replays).
+/// What a rule's target delivers ([`crate::topology::TARGET_TEMPLATE`]): `{"detail": …}` and
+/// nothing else (an envelope always has more fields).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Detail<'a> {
+    #[serde(borrow)]
+    detail: &'a RawValue,
+}
+
+/// The envelope in a subscription queue's message body: the `detail` a rule delivers (alone,
+/// or in the whole EventBridge event a rule of an earlier version delivered), or the envelope
+/// itself (retry copies and replays).
 pub fn decode_body(body: &str, max: usize) -> Result<Envelope, purista_core::DecodeError> {
+    if let Ok(d) = serde_json::from_str::<Detail<'_>>(body) {
+        return Envelope::decode_with_limit(d.detail.get().as_bytes(), max);
+    }
     if let Ok(w) = serde_json::from_str::<Wrapped<'_>>(body)
         && w._detail_type.is_some()
     {
@@ -197,11 +211,20 @@ impl Consumer {
         self.stop();
         if let Some(rule) = &self.own_rule {
             self.shared.own_queues.lock().remove(&self.queue.url);
-            if let Err(error) = topology::remove_rule(&self.shared, rule).await {
+            // The target first (a rule pointing at a deleted queue fails deliveries); then the
+            // rule and the queue at once: two round trips, not three.
+            if let Err(error) = topology::remove_target(&self.shared, rule).await {
                 tracing::warn!(%error, rule, "a broadcast rule could not be removed; the janitor removes it later");
                 return;
             }
-            if let Err(error) = topology::delete_queue(&self.shared, &self.queue.url).await {
+            let (rule_removed, queue_deleted) = tokio::join!(
+                topology::delete_rule(&self.shared, rule),
+                topology::delete_queue(&self.shared, &self.queue.url)
+            );
+            if let Err(error) = rule_removed {
+                tracing::warn!(%error, rule, "a broadcast rule could not be deleted; the janitor removes it later");
+            }
+            if let Err(error) = queue_deleted {
                 tracing::warn!(%error, queue = %self.queue.name, "a broadcast queue could not be deleted; the janitor removes it later");
             }
         }
@@ -436,5 +459,32 @@ pub fn note_of(message: &Message, target: &str) -> DeadLetterNote {
         origin: string_attribute(message, ATTR_ORIGIN)
             .unwrap_or_default()
             .to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_body;
+    use purista_core::{Envelope, SenderAddress};
+    use serde_json::json;
+
+    #[test]
+    fn every_body_shape_a_subscription_queue_carries_decodes_to_the_envelope() {
+        let envelope = Envelope::custom(SenderAddress::default(), "paid", json!({"n": 1}));
+        let bare = String::from_utf8(envelope.encode()).expect("an envelope is UTF-8");
+        let transformed = format!(r#"{{"detail":{bare}}}"#);
+        let whole_event = format!(
+            r#"{{"version":"0","id":"x","detail-type":"customMessage","source":"purista.s","detail":{bare}}}"#
+        );
+        for body in [&bare, &transformed, &whole_event] {
+            let got = decode_body(body, 1 << 20).expect("the body decodes");
+            assert_eq!(got.id, envelope.id, "{body}");
+            assert_eq!(got.payload, envelope.payload, "{body}");
+        }
+        // An envelope whose unknown fields include `detail` is still the envelope itself.
+        let mut with_detail: serde_json::Value = serde_json::from_str(&bare).expect("JSON");
+        with_detail["detail"] = json!({"not": "an envelope"});
+        let got = decode_body(&with_detail.to_string(), 1 << 20).expect("the body decodes");
+        assert_eq!(got.id, envelope.id);
     }
 }

@@ -35,6 +35,63 @@ impl TestMode {
     }
 }
 
+/// How much of their full size the load cases (many subscriptions, many messages) run on a
+/// harness: the full size by default. A harness whose broker is an emulator that serves one
+/// request at a time (moto) may declare a smaller share, with why; what the cases assert is the
+/// same at every size, and each load case prints the size it ran. The matrix names a scaled
+/// harness's share next to its test mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    percent: u32,
+    why: Option<String>,
+}
+
+impl Workload {
+    /// The full size.
+    pub fn full() -> Self {
+        Workload {
+            percent: 100,
+            why: None,
+        }
+    }
+
+    /// `percent` (1..=100, clamped) of the full size, because `why`.
+    pub fn scaled(percent: u32, why: impl Into<String>) -> Self {
+        let percent = percent.clamp(1, 100);
+        if percent == 100 {
+            return Workload::full();
+        }
+        Workload {
+            percent,
+            why: Some(why.into()),
+        }
+    }
+
+    /// The share of the full size, in percent.
+    pub fn percent(&self) -> u32 {
+        self.percent
+    }
+
+    /// Why the size is scaled; `None` at the full size.
+    pub fn why(&self) -> Option<&str> {
+        self.why.as_deref()
+    }
+
+    /// The share of `full` items (rounded up, at least 1).
+    pub fn of(&self, full: usize) -> usize {
+        (full.saturating_mul(self.percent as usize))
+            .div_ceil(100)
+            .max(1)
+    }
+
+    /// The side of a square whose area is this share of `full_side`² (rounded up, at least 1):
+    /// for cases whose work is the product of two sizes (subscriptions × messages).
+    pub fn side_of(&self, full_side: usize) -> usize {
+        let area = (full_side * full_side) as f64 * f64::from(self.percent) / 100.0;
+        (area.sqrt().ceil() as usize).clamp(1, full_side.max(1))
+    }
+}
+
 /// Publishes bytes straight to the broker, bypassing a bridge's encoding and stamping: the way
 /// to put poison messages and duplicate message ids on the wire.
 #[async_trait]
@@ -110,6 +167,12 @@ pub trait Harness: Send + Sync + 'static {
     /// a cheap probe (a TCP connect with a short timeout), not a broker session.
     fn availability(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    /// The share of their full size the load cases run here ([`Workload`]): the full size
+    /// unless the harness says otherwise (and why).
+    fn workload(&self) -> Workload {
+        Workload::full()
     }
 
     /// Whether [`Harness::control`] can hand out a broker to break.
@@ -258,5 +321,30 @@ impl Drop for Deployment {
         };
         self.cleaned = true;
         rt.spawn(async move { rest.cleanup().await });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Workload;
+
+    #[test]
+    fn a_scaled_workload_takes_its_share_and_the_full_one_everything() {
+        let full = Workload::full();
+        assert_eq!(
+            (full.of(500), full.side_of(100), full.why()),
+            (500, 100, None)
+        );
+        let quarter = Workload::scaled(25, "an emulator");
+        assert_eq!(quarter.of(500), 125);
+        assert_eq!(
+            quarter.side_of(100),
+            50,
+            "50 × 50 is a quarter of 100 × 100"
+        );
+        assert_eq!(quarter.why(), Some("an emulator"));
+        let tiny = Workload::scaled(0, "clamped to 1 %");
+        assert_eq!((tiny.percent(), tiny.of(10), tiny.side_of(10)), (1, 1, 1));
+        assert_eq!(Workload::scaled(100, "no reason needed"), Workload::full());
     }
 }

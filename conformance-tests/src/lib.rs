@@ -39,7 +39,7 @@ pub mod results;
 pub mod runner;
 pub mod support;
 
-pub use harness::{BrokerControl, Deployment, Harness, Offer, RawPublisher, TestMode};
+pub use harness::{BrokerControl, Deployment, Harness, Offer, RawPublisher, TestMode, Workload};
 pub use runner::{Case, Verdict};
 
 /// The suite of one bridge as a test target's `main`: `suite!(module, harness_expr)`. The

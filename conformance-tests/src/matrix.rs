@@ -196,6 +196,13 @@ pub fn render(harnesses: &[Arc<dyn Harness>], cases: &[Case], results: &[CaseRes
     out.push('\n');
     for h in harnesses {
         out.push_str(&format!("- `{}`: tested {}", h.name(), h.mode().describe()));
+        let workload = h.workload();
+        if let Some(why) = workload.why() {
+            out.push_str(&format!(
+                "; load cases at {} % of their full size ({why})",
+                workload.percent()
+            ));
+        }
         match rejected.get(h.name()) {
             Some(needs) if !needs.is_empty() => {
                 let needs: Vec<&str> = needs.iter().map(String::as_str).collect();

@@ -19,13 +19,20 @@ use crate::support::{
     may_duplicate, n_of, recording_runs, set_difference, settle_with_sentinels,
 };
 
-/// 8 publisher tasks × 500 emits into a shared subscription on 5 instances: the set delivered
-/// is exactly the set published, each message at one instance (once, on an at-most-once
-/// bridge).
+/// 8 publisher tasks × 500 emits (fewer where the harness scales its [`crate::Workload`]; the
+/// size run is printed) into a shared subscription on 5 instances: the set delivered is
+/// exactly the set published, each message at one instance (once, on an at-most-once bridge).
 pub async fn concurrent_publishers_into_many_instances_deliver_the_exact_set(h: Arc<dyn Harness>) {
     const INSTANCES: usize = 5;
     const PUBLISHERS: u64 = 8;
-    const PER_PUBLISHER: u64 = 500;
+    const FULL_PER_PUBLISHER: usize = 500;
+    let workload = h.workload();
+    let per_publisher = workload.of(FULL_PER_PUBLISHER) as u64;
+    println!(
+        "{PUBLISHERS} publishers × {per_publisher} emits ({} % of the full {FULL_PER_PUBLISHER} each{})",
+        workload.percent(),
+        workload.why().map(|w| format!(": {w}")).unwrap_or_default()
+    );
     let mut env = TestEnv::new(&h, INSTANCES + 1).await;
     let event = env.name("bulk");
     let runs: Runs = Collector::new();
@@ -47,9 +54,9 @@ pub async fn concurrent_publishers_into_many_instances_deliver_the_exact_set(h: 
         .map(|p| {
             let (publisher, event) = (publisher.clone(), event.clone());
             tokio::spawn(async move {
-                for k in 0..PER_PUBLISHER {
+                for k in 0..per_publisher {
                     publisher
-                        .emit(&event, json!({ "n": p * PER_PUBLISHER + k }))
+                        .emit(&event, json!({ "n": p * per_publisher + k }))
                         .await
                         .unwrap_or_else(|e| panic!("publisher {p}: emit {k} failed: {e}"));
                 }
@@ -59,7 +66,7 @@ pub async fn concurrent_publishers_into_many_instances_deliver_the_exact_set(h: 
     for t in futures::future::join_all(tasks).await {
         t.expect("a publisher task panicked");
     }
-    let expected: BTreeSet<u64> = (0..PUBLISHERS * PER_PUBLISHER).collect();
+    let expected: BTreeSet<u64> = (0..PUBLISHERS * per_publisher).collect();
     let _ = runs
         .wait_until(BULK_ARRIVAL, |r| {
             r.iter()
@@ -73,7 +80,7 @@ pub async fn concurrent_publishers_into_many_instances_deliver_the_exact_set(h: 
     settle_with_sentinels(&publisher, &event, &runs, &consumers).await;
     let got = by_message(&runs.snapshot());
     if let Some(diff) = set_difference(&got.keys().copied().collect(), &expected) {
-        panic!("8 concurrent publishers into 5 instances: {diff}");
+        panic!("{PUBLISHERS} concurrent publishers into {INSTANCES} instances: {diff}");
     }
     let broadcast: Vec<_> = got.iter().filter(|(_, (at, _))| at.len() > 1).collect();
     assert!(

@@ -59,6 +59,8 @@ pub async fn filter_table_routes_like_the_reference_matcher(h: Arc<dyn Harness>)
     );
 }
 
+/// Subscriptions and messages of the random routing case at its full size; a harness's
+/// [`crate::Workload`] may shrink both alike (the pairs are its share of 10 000).
 const SUBSCRIPTIONS: usize = 100;
 const MESSAGES: usize = 100;
 const DEFAULT_SEED: u64 = 0x5eed_f117_e125;
@@ -66,7 +68,8 @@ const DEFAULT_SEED: u64 = 0x5eed_f117_e125;
 pub const SEED_ENV: &str = "PURISTA_PROPERTY_SEED";
 
 /// 100 broadcast subscriptions with random filters and 100 random messages of every family: the
-/// 10 000 pairs route as the reference matcher says. The seed is printed; set
+/// 10 000 pairs route as the reference matcher says (fewer where the harness scales its
+/// [`crate::Workload`]; the size run is printed). The seed is printed; set
 /// `PURISTA_PROPERTY_SEED` to replay a failure.
 pub async fn random_filters_route_like_the_reference_matcher(h: Arc<dyn Harness>) {
     let seed = std::env::var(SEED_ENV)
@@ -74,11 +77,21 @@ pub async fn random_filters_route_like_the_reference_matcher(h: Arc<dyn Harness>
         .and_then(|s| s.parse().ok())
         .unwrap_or(DEFAULT_SEED);
     println!("filter property seed: {seed} (replay with {SEED_ENV}={seed})");
+    let workload = h.workload();
+    let (subscriptions, message_count) =
+        (workload.side_of(SUBSCRIPTIONS), workload.side_of(MESSAGES));
+    println!(
+        "{subscriptions} subscriptions × {message_count} messages ({} % of the full {SUBSCRIPTIONS} × {MESSAGES}{})",
+        workload.percent(),
+        workload.why().map(|w| format!(": {w}")).unwrap_or_default()
+    );
     let mut rng = StdRng::seed_from_u64(seed);
-    let filters: Vec<SubscriptionFilter> = (0..SUBSCRIPTIONS)
+    let filters: Vec<SubscriptionFilter> = (0..subscriptions)
         .map(|_| random_filter(&mut rng))
         .collect();
-    let messages: Vec<Envelope> = (0..MESSAGES).map(|_| random_message(&mut rng)).collect();
+    let messages: Vec<Envelope> = (0..message_count)
+        .map(|_| random_message(&mut rng))
+        .collect();
     let problems = route(
         &h,
         &filters,
