@@ -14,8 +14,6 @@ pub use amqp::AmqpHarness;
 /// Private RabbitMQ nodes (restart faults, TLS listeners), for tests beyond the suite.
 #[cfg(unix)]
 pub use amqp::private_node;
-/// The AWS harness runs the suite on moto in the default test run (the `aws` target), but is
-/// not in [`all`] yet: the matrix check re-runs every harness in CI, which would run it twice.
 pub use aws::AwsHarness;
 pub use dapr::DaprHarness;
 pub use default::DefaultHarness;
@@ -31,5 +29,6 @@ pub fn all() -> Vec<Arc<dyn Harness>> {
         Arc::new(AmqpHarness::new()),
         Arc::new(KubemqHarness::new()),
         Arc::new(DaprHarness::new()),
+        Arc::new(AwsHarness::new()),
     ]
 }
