@@ -307,13 +307,14 @@ impl Consumer {
             attempt,
             settle: SettleOnce::new(envelope.id.clone(), Box::new(settler)),
         };
-        // The lease: renewed every half visibility timeout while the handler runs, so a slow
-        // handler keeps its message and a short timeout still returns what a dead consumer
-        // (or an abandoned long poll) took.
+        // The lease: renewed every third of the visibility timeout while the handler runs
+        // and its settlement is sent (a renewal may wait behind a busy SQS endpoint), so a
+        // slow handler keeps its message and a short timeout still returns what a dead
+        // consumer (or an abandoned long poll) took.
         let visibility = shared.config.visibility_timeout;
         let renew = async {
             loop {
-                tokio::time::sleep(visibility / 2).await;
+                tokio::time::sleep(visibility / 3).await;
                 let _ = self
                     .change_visibility_of(receipt.clone(), visibility.as_secs())
                     .await;

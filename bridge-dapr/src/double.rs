@@ -671,7 +671,12 @@ impl Drop for Sidecar {
 
 async fn read_subscriptions(state: &SidecarState) -> Option<Vec<Subscription>> {
     let url = state.app_url("/dapr/subscribe")?;
-    let mut request = state.cluster.client().get(url);
+    // Each try is short: one that hangs must not hold up the next (the loader tries again).
+    let mut request = state
+        .cluster
+        .client()
+        .get(url)
+        .timeout(Duration::from_secs(2));
     if let Some(token) = &state.options.app_api_token {
         request = request.header(TOKEN_HEADER, token);
     }

@@ -16,8 +16,10 @@ use purista_core::{Capabilities, Envelope, EventBridge, QueueBridge, QueueCapabi
 pub enum TestMode {
     /// The bridge is its own broker (the in-process bridge).
     InProcess,
-    /// A real broker process (RabbitMQ, moto, …).
+    /// A real broker process (RabbitMQ, …).
     RealBroker,
+    /// A third-party emulator of a cloud service, speaking its real API (moto for AWS).
+    Emulator,
     /// An in-repo fake that speaks the broker's real protocol.
     ProtocolDouble,
 }
@@ -28,6 +30,7 @@ impl TestMode {
         match self {
             TestMode::InProcess => "in process (the bridge is its own broker)",
             TestMode::RealBroker => "against a real broker",
+            TestMode::Emulator => "against an emulator of the service's real API (moto)",
             TestMode::ProtocolDouble => {
                 "against a protocol double (an in-repo fake speaking the broker's real protocol)"
             }

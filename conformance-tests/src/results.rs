@@ -4,8 +4,10 @@
 //! With [`RESULTS_ENV`] naming a directory, each case a bridge's test target runs (one copy,
 //! not the stress mode) leaves `<dir>/<bridge>/<group>::<case>` holding its outcome: `passed`,
 //! `rejected\t<need>` or `failed\t<why>`. `matrix --results <dir>` takes a recorded outcome
-//! where there is one and runs the case itself where there is none. Use a fresh directory per
-//! run (`scripts/test` does), or outcomes of an older build would count.
+//! where there is one and runs the case itself where there is none. Give an absolute path
+//! (test binaries run in their package's directory, the matrix where it is started) and a
+//! fresh directory per run (`scripts/test` does both), or outcomes of an older build would
+//! count.
 
 use std::path::{Path, PathBuf};
 
