@@ -351,6 +351,11 @@ pub async fn two_services_sharing_one_event_each_handle_every_message_once(h: Ar
     env.finish().await;
 }
 
+/// How long [`prefetch_bounds_the_handlers_running_at_once`] watches for a second handler
+/// starting while the first is held: a bridge that ignores the prefetch starts one in
+/// milliseconds once the messages have reached the consumer.
+const PREFETCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// With prefetch 1 and the handler holding message 1, message 2 does not start — although a
 /// second subscription of the same event already has it — and it starts once message 1 is
 /// settled.
@@ -401,6 +406,11 @@ pub async fn prefetch_bounds_the_handlers_running_at_once(h: Arc<dyn Harness>) {
         .await
     {
         panic!("messages 1..=3 did not reach the second subscription: {got:?}");
+    }
+    // Messages 2 and 3 are at the consumer (the second subscription has them); a bridge that
+    // ignored the prefetch would start one of them now. Give it a moment to show that.
+    if let Ok(got) = started.wait_until(PREFETCH_WINDOW, |s| s.len() >= 2).await {
+        panic!("with prefetch 1, another message started while message 1 was held: {got:?}");
     }
     assert_eq!(
         started.snapshot(),
