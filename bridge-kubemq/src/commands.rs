@@ -36,7 +36,7 @@ use tokio::sync::watch;
 
 use crate::connection::sdk_error;
 use crate::probe::{self, ProbeSeen};
-use crate::publish::{encode_checked, publish_event};
+use crate::publish::{encode_checked, publish_best_effort};
 use crate::shared::{PROBE_TAG, Shared};
 use crate::stream;
 
@@ -74,7 +74,7 @@ pub async fn invoke(
         .build();
     let sdk = shared.connection.sdk.clone();
     let ask = async move { sdk.send_query(query).await };
-    let announce = publish_event(shared, &command, bytes);
+    let announce = publish_best_effort(shared, &command, bytes);
     let deadline = deadline_after(ttl + TTL_GRACE);
     let max = shared.config.max_payload_bytes;
     let exchange = async {
@@ -474,7 +474,7 @@ async fn respond(
         );
     }
     send_reply(shared, reply.body(bytes.clone()).build()).await;
-    if let Err(error) = publish_event(shared, &response, bytes).await {
+    if let Err(error) = publish_best_effort(shared, &response, bytes).await {
         tracing::debug!(%error, correlation_id = ?response.correlation_id, "the response was not published for subscriptions");
     }
 }
