@@ -72,11 +72,12 @@ pub async fn publish_best_effort(
                     .channel(event.channel)
                     .body(event.body)
                     .build();
-                send_event(shared, event).await
+                // Boxed: the unary path is the rare one, and its future is large.
+                Box::pin(send_event(shared, event)).await
             }
         };
     }
-    publish_event(shared, message, bytes).await
+    Box::pin(publish_event(shared, message, bytes)).await
 }
 
 /// Sends a readiness probe event on `channel`.
