@@ -142,7 +142,7 @@ impl Channels {
 
     /// The Events channel `message` is published on. Built in one buffer, each field
     /// appended as it is when it is its own token, else from the cache (the same name as
-    /// [`token`] gives, which the tests check).
+    /// `token` gives, which the tests check).
     pub fn event(&self, message: &Envelope) -> String {
         let s = &message.sender;
         let receiver = if message.message_type.is_info() {

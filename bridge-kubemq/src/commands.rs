@@ -3,13 +3,15 @@
 //!
 //! * **Caller**: the command is sent as a query on its endpoint's channel
 //!   ([`Channels::command`](crate::channels::Channels::command)) and, like every message, as
-//!   an event for the subscriptions that watch commands. The query's response carries the
-//!   response envelope, which the pending-invocation table ([`kit::PendingInvocations`]) takes
-//!   by `correlationId`: one from another invocation is counted and ignored. KubeMQ does not
-//!   tell the sender that nobody subscribes to a channel — it answers "timeout for request"
-//!   when the timeout passes — so a command nobody serves fails with 504 at its ttl (never
-//!   later: the bridge's own deadline is the ttl plus a short grace). A lost connection fails
-//!   the invocation with 503, and shutdown fails every pending one with 503.
+//!   an event for the subscriptions that watch commands (that event and the response's below
+//!   ride the instance's event pipe, [`crate::pipe`]: one stream instead of a call each). The
+//!   query's response carries the response envelope, which the pending-invocation table
+//!   ([`kit::PendingInvocations`]) takes by `correlationId`: one from another invocation is
+//!   counted and ignored. KubeMQ does not tell the sender that nobody subscribes to a
+//!   channel — it answers "timeout for request" when the timeout passes — so a command
+//!   nobody serves fails with 504 at its ttl (never later: the bridge's own deadline is the
+//!   ttl plus a short grace). A lost connection fails the invocation with 503, and shutdown
+//!   fails every pending one with 503.
 //! * **Responder**: every instance serving an endpoint subscribes to its channel in one
 //!   group, so KubeMQ hands each query to exactly one of them (competing consumers). The
 //!   handler's response is stamped, sent back as the query's response and published as an
