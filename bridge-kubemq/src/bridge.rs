@@ -183,6 +183,7 @@ impl KubemqBridge {
         .await;
         self.shared.durable.stop();
         let idle = self.shared.tracker.wait_idle(deadline).await;
+        self.shared.pipe.close();
         let mut still_running = self.shared.tracker.running();
         let rejected = self.shared.pending.close(&BridgeError::Unavailable(
             "the bridge shut down before the response arrived".into(),

@@ -32,6 +32,10 @@
 //! `<prefix>.q.<queue>` (their dead-letter queues too, under the dead-letter queue's name),
 //! their declarations Events Store channels `<prefix>.qc.<queue>`.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use purista_core::kit::{NameRules, Overflow};
 use purista_core::{Address, BridgeError, Envelope, SubscriptionFilter};
 
@@ -73,10 +77,38 @@ const ADDRESS_RULES: NameRules = NameRules {
     overflow: Overflow::Hash,
 };
 
+/// Field tokens the cache keeps at most (it starts over when full).
+const TOKEN_CACHE_MAX: usize = 4096;
+
 /// Channel names under one prefix.
 #[derive(Debug, Clone)]
 pub struct Channels {
     prefix: String,
+    /// Field tokens that needed escaping or shortening, by value: every message's event
+    /// channel spells twelve fields, and the long ones (instance ids, `commandSuccessResponse`,
+    /// service names) repeat from message to message.
+    tokens: Arc<TokenCache>,
+}
+
+#[derive(Default)]
+struct TokenCache(Mutex<HashMap<Box<str>, Box<str>>>);
+
+impl std::fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenCache")
+            .field("tokens", &self.0.lock().len())
+            .finish()
+    }
+}
+
+/// Whether `value` is its own token under `max`: not empty, short enough, only characters
+/// that stay as they are (so escaping and shortening leave it unchanged).
+fn plain(value: &str, max: usize) -> bool {
+    !value.is_empty()
+        && value.len() <= max
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
 fn token(rules: &NameRules, value: Option<&str>) -> String {
@@ -99,6 +131,7 @@ impl Channels {
         }
         Ok(Channels {
             prefix: prefix.to_string(),
+            tokens: Arc::default(),
         })
     }
 
@@ -107,32 +140,60 @@ impl Channels {
         &self.prefix
     }
 
-    /// The Events channel `message` is published on.
+    /// The Events channel `message` is published on. Built in one buffer, each field
+    /// appended as it is when it is its own token, else from the cache (the same name as
+    /// `token` gives, which the tests check).
     pub fn event(&self, message: &Envelope) -> String {
-        let t = |v: Option<&str>| token(&FIELD_RULES, v);
         let s = &message.sender;
         let receiver = if message.message_type.is_info() {
             None
         } else {
             message.receiver.as_ref()
         };
-        let fields = [
-            t(Some(message.message_type.as_str())),
-            t(message.event_name.as_deref()),
-            t(message.principal_id.as_deref()),
-            t(message.tenant_id.as_deref()),
-            t(Some(&s.service_name)),
-            t(Some(&s.service_version)),
-            t(Some(&s.service_target)),
-            t(Some(&s.instance_id)),
-            t(receiver.map(|r| r.service_name.as_str())),
-            t(receiver.map(|r| r.service_version.as_str())),
-            t(receiver.map(|r| r.service_target.as_str())),
-            // An absent receiver and a receiver without instance id both spell `~`: a filter
+        let mut out = String::with_capacity(MAX_CHANNEL_LEN);
+        out.push_str(&self.prefix);
+        out.push_str(".e");
+        for value in [
+            Some(message.message_type.as_str()),
+            message.event_name.as_deref(),
+            message.principal_id.as_deref(),
+            message.tenant_id.as_deref(),
+            Some(s.service_name.as_str()),
+            Some(s.service_version.as_str()),
+            Some(s.service_target.as_str()),
+            Some(s.instance_id.as_str()),
+            receiver.map(|r| r.service_name.as_str()),
+            receiver.map(|r| r.service_version.as_str()),
+            receiver.map(|r| r.service_target.as_str()),
+            // An absent receiver and a receiver without instance id both spell `_`: a filter
             // on the receiver's instance id rejects both, as the reference matcher does.
-            t(receiver.and_then(|r| r.instance_id.as_deref())),
-        ];
-        self.join("e", &fields)
+            receiver.and_then(|r| r.instance_id.as_deref()),
+        ] {
+            out.push('.');
+            self.push_field(&mut out, value);
+        }
+        out
+    }
+
+    /// Appends the token of one filter field's value.
+    fn push_field(&self, out: &mut String, value: Option<&str>) {
+        match value {
+            Some(v) if plain(v, TOKEN_MAX) => out.push_str(v),
+            Some(v) if !v.is_empty() => {
+                if let Some(t) = self.tokens.0.lock().get(v) {
+                    out.push_str(t);
+                    return;
+                }
+                let t = token(&FIELD_RULES, Some(v));
+                out.push_str(&t);
+                let mut cache = self.tokens.0.lock();
+                if cache.len() >= TOKEN_CACHE_MAX {
+                    cache.clear();
+                }
+                cache.insert(v.into(), t.into());
+            }
+            other => out.push_str(&token(&FIELD_RULES, other)),
+        }
     }
 
     /// The Events subscription channel (with wildcards) of `filter`.
@@ -170,7 +231,13 @@ impl Channels {
 
     /// The query channel of a command endpoint.
     pub fn command(&self, address: &Address) -> String {
-        let t = |v: &str| token(&ADDRESS_RULES, Some(v));
+        let t = |v: &str| {
+            if plain(v, ADDRESS_TOKEN_MAX) {
+                v.to_string()
+            } else {
+                token(&ADDRESS_RULES, Some(v))
+            }
+        };
         self.join(
             "c",
             &[
@@ -304,6 +371,95 @@ mod tests {
             c.event(&e).len()
         );
         assert!(Channels::new(&"p".repeat(MAX_PREFIX_LEN + 1)).is_err());
+    }
+
+    /// The event channel as the plain composition of [`token`] spells it.
+    fn event_by_tokens(c: &Channels, m: &Envelope) -> String {
+        let t = |v: Option<&str>| token(&FIELD_RULES, v);
+        let s = &m.sender;
+        let r = if m.message_type.is_info() {
+            None
+        } else {
+            m.receiver.as_ref()
+        };
+        c.join(
+            "e",
+            &[
+                t(Some(m.message_type.as_str())),
+                t(m.event_name.as_deref()),
+                t(m.principal_id.as_deref()),
+                t(m.tenant_id.as_deref()),
+                t(Some(&s.service_name)),
+                t(Some(&s.service_version)),
+                t(Some(&s.service_target)),
+                t(Some(&s.instance_id)),
+                t(r.map(|r| r.service_name.as_str())),
+                t(r.map(|r| r.service_version.as_str())),
+                t(r.map(|r| r.service_target.as_str())),
+                t(r.and_then(|r| r.instance_id.as_deref())),
+            ],
+        )
+    }
+
+    #[test]
+    fn the_event_channel_is_the_composition_of_its_tokens_cached_or_not() {
+        let c = channels();
+        let values = [
+            "",
+            "a",
+            "orders-v2",
+            "a.b",
+            "a_2eb",
+            "*",
+            "ünïcode",
+            "exactly-18-chars-x",
+            "nineteen-chars-long",
+            "commandSuccessResponse",
+            &"x".repeat(300),
+            "0123456789abcdef0123456789abcdef",
+        ];
+        for (i, v) in values.iter().enumerate() {
+            let w = values[(i * 7 + 3) % values.len()];
+            let mut e = Envelope::custom(
+                SenderAddress {
+                    service_name: v.to_string(),
+                    service_version: w.to_string(),
+                    service_target: "t".into(),
+                    instance_id: v.to_string(),
+                },
+                w.to_string(),
+                serde_json::json!({}),
+            );
+            e.principal_id = (i % 2 == 0).then(|| v.to_string());
+            e.tenant_id = (i % 3 == 0).then(|| w.to_string());
+            for (message_type, receiver) in [
+                (MessageType::CustomMessage, None),
+                (
+                    MessageType::Command,
+                    Some(Address::new(*v, w, "x.y").with_instance(*v)),
+                ),
+                (
+                    MessageType::CommandSuccessResponse,
+                    Some(Address::new(w, *v, *v)),
+                ),
+            ] {
+                e.message_type = message_type;
+                e.receiver = receiver;
+                // Twice: the second time from the cache.
+                assert_eq!(c.event(&e), event_by_tokens(&c, &e), "{v:?} / {w:?}");
+                assert_eq!(c.event(&e), event_by_tokens(&c, &e), "{v:?} / {w:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_command_channel_is_the_composition_of_its_tokens() {
+        let c = channels();
+        for v in ["echo", "a.b", "", &"y".repeat(61), &"z".repeat(60), "ünï"] {
+            let a = Address::new(v, "1", v);
+            let t = |v: &str| token(&ADDRESS_RULES, Some(v));
+            assert_eq!(c.command(&a), c.join("c", &[t(v), t("1"), t(v)]));
+        }
     }
 
     #[test]

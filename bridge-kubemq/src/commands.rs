@@ -3,13 +3,15 @@
 //!
 //! * **Caller**: the command is sent as a query on its endpoint's channel
 //!   ([`Channels::command`](crate::channels::Channels::command)) and, like every message, as
-//!   an event for the subscriptions that watch commands. The query's response carries the
-//!   response envelope, which the pending-invocation table ([`kit::PendingInvocations`]) takes
-//!   by `correlationId`: one from another invocation is counted and ignored. KubeMQ does not
-//!   tell the sender that nobody subscribes to a channel — it answers "timeout for request"
-//!   when the timeout passes — so a command nobody serves fails with 504 at its ttl (never
-//!   later: the bridge's own deadline is the ttl plus a short grace). A lost connection fails
-//!   the invocation with 503, and shutdown fails every pending one with 503.
+//!   an event for the subscriptions that watch commands (that event and the response's below
+//!   ride the instance's event pipe, [`crate::pipe`]: one stream instead of a call each). The
+//!   query's response carries the response envelope, which the pending-invocation table
+//!   ([`kit::PendingInvocations`]) takes by `correlationId`: one from another invocation is
+//!   counted and ignored. KubeMQ does not tell the sender that nobody subscribes to a
+//!   channel — it answers "timeout for request" when the timeout passes — so a command
+//!   nobody serves fails with 504 at its ttl (never later: the bridge's own deadline is the
+//!   ttl plus a short grace). A lost connection fails the invocation with 503, and shutdown
+//!   fails every pending one with 503.
 //! * **Responder**: every instance serving an endpoint subscribes to its channel in one
 //!   group, so KubeMQ hands each query to exactly one of them (competing consumers). The
 //!   handler's response is stamped, sent back as the query's response and published as an
@@ -30,13 +32,14 @@ use std::time::Duration;
 use futures::FutureExt;
 use kubemq::proto::kubemq::{Request, Subscribe, subscribe::SubscribeType};
 use kubemq::{KubemqError, Query, QueryReply};
+use purista_core::inflight::InFlightCounter;
 use purista_core::kit::{self, deadline_after, endpoint_label, millis};
 use purista_core::{Address, BridgeError, CommandHandler, Envelope, WorkKind};
 use tokio::sync::watch;
 
 use crate::connection::sdk_error;
 use crate::probe::{self, ProbeSeen};
-use crate::publish::{encode_checked, publish_event};
+use crate::publish::{encode_checked, publish_best_effort};
 use crate::shared::{PROBE_TAG, Shared};
 use crate::stream;
 
@@ -73,8 +76,10 @@ pub async fn invoke(
         .timeout(ttl)
         .build();
     let sdk = shared.connection.sdk.clone();
-    let ask = async move { sdk.send_query(query).await };
-    let announce = publish_event(shared, &command, bytes);
+    // Boxed here, where it is made: the SDK's call future is large, and unboxed it made the
+    // invocation's own future large, copied whole each time it moved.
+    let ask = Box::pin(async move { sdk.send_query(query).await });
+    let announce = publish_best_effort(shared, &command, bytes);
     let deadline = deadline_after(ttl + TTL_GRACE);
     let max = shared.config.max_payload_bytes;
     let exchange = async {
@@ -197,6 +202,8 @@ pub async fn serve(
 ) -> Result<Responder, BridgeError> {
     let channel = shared.channels.command(address);
     let label: Arc<str> = endpoint_label(address).into();
+    // Made once: counting a request in flight is then lock-free.
+    let in_flight = shared.tracker.counter(WorkKind::Command, &label);
     let subscribe = Subscribe {
         subscribe_type_data: SubscribeType::Queries as i32,
         client_id: shared.connection.client_id.clone(),
@@ -224,6 +231,7 @@ pub async fn serve(
         let shared = shared.clone();
         let seen = seen.clone();
         let label = label.clone();
+        let in_flight = in_flight.clone();
         let handler = handler.clone();
         let leaving = leaving.clone();
         let handoff = handoff.clone();
@@ -231,7 +239,7 @@ pub async fn serve(
             if leaving.load(Ordering::Acquire) && !request.tags.contains_key(PROBE_TAG) {
                 forward(&shared, &handoff, request);
             } else {
-                take_request(&shared, &seen, &label, &handler, request);
+                take_request(&shared, &seen, (&label, &in_flight), &handler, request);
             }
             std::future::ready(())
         }
@@ -271,7 +279,7 @@ pub async fn serve(
         let seen = seen.clone();
         let label = label.clone();
         move |request: Request| {
-            take_request(&shared, &seen, &label, &handler, request);
+            take_request(&shared, &seen, (&label, &in_flight), &handler, request);
             std::future::ready(())
         }
     };
@@ -347,7 +355,7 @@ pub async fn serve(
 fn take_request(
     shared: &Arc<Shared>,
     seen: &Arc<ProbeSeen>,
-    label: &Arc<str>,
+    (label, counter): (&Arc<str>, &InFlightCounter),
     handler: &Arc<dyn CommandHandler>,
     request: Request,
 ) {
@@ -368,7 +376,7 @@ fn take_request(
     }
     let shared2 = shared.clone();
     let handler = handler.clone();
-    let in_flight = shared.tracker.start(WorkKind::Command, label);
+    let in_flight = counter.start();
     let received = tokio::time::Instant::now();
     shared
         .tasks
@@ -438,7 +446,7 @@ async fn respond(
             let reply = reply
                 .error(format!("not a PURISTA command envelope: {error}"))
                 .build();
-            send_reply(shared, reply).await;
+            Box::pin(send_reply(shared, reply)).await;
             return;
         }
     };
@@ -473,8 +481,10 @@ async fn respond(
             "late response ignored: the caller's ttl passed before the handler answered"
         );
     }
-    send_reply(shared, reply.body(bytes.clone()).build()).await;
-    if let Err(error) = publish_event(shared, &response, bytes).await {
+    // Boxed: the spawned responder task stays small (it is moved into the task set and into
+    // tokio on every query).
+    Box::pin(send_reply(shared, reply.body(bytes.clone()).build())).await;
+    if let Err(error) = publish_best_effort(shared, &response, bytes).await {
         tracing::debug!(%error, correlation_id = ?response.correlation_id, "the response was not published for subscriptions");
     }
 }

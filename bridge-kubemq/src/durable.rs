@@ -260,6 +260,15 @@ impl Registry {
             .collect()
     }
 
+    /// Whether `message` belongs to any durable subscription (no allocation: the publish path
+    /// asks for every message).
+    pub fn any_for(&self, message: &Envelope) -> bool {
+        self.entries
+            .lock()
+            .values()
+            .any(|r| r.filter.matches(message))
+    }
+
     /// Stops following the registry (the bridge shuts down).
     pub fn stop(&self) {
         if let Some(stop) = self.stop.lock().take() {

@@ -39,6 +39,7 @@ mod dead_letters;
 pub mod double;
 mod driver;
 mod durable;
+mod pipe;
 mod probe;
 mod publish;
 pub mod queues;

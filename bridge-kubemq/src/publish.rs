@@ -41,6 +41,45 @@ pub async fn publish_event(
         .map(|_| ())
 }
 
+/// Publishes already encoded `bytes` of `message` for the subscriptions, where its sender only
+/// logs a failure (a command announced, a command's response): on the instance's event pipe
+/// ([`crate::pipe`]) when it belongs to no durable subscription and the pipe takes it, else as
+/// [`publish_event`] does.
+pub async fn publish_best_effort(
+    shared: &Shared,
+    message: &Envelope,
+    bytes: Vec<u8>,
+) -> Result<(), BridgeError> {
+    if !shared.durable.any_for(message) {
+        let event = kubemq::proto::kubemq::Event {
+            event_id: message.id.clone(),
+            client_id: shared.connection.client_id.clone(),
+            channel: shared.channels.event(message),
+            metadata: String::new(),
+            body: bytes,
+            store: false,
+            tags: HashMap::new(),
+        };
+        return match shared
+            .pipe
+            .offer(&shared.tasks, &shared.connection.raw, event)
+        {
+            Ok(()) => Ok(()),
+            Err(event) => {
+                let event = *event;
+                let event = Event::builder()
+                    .id(event.event_id)
+                    .channel(event.channel)
+                    .body(event.body)
+                    .build();
+                // Boxed: the unary path is the rare one, and its future is large.
+                Box::pin(send_event(shared, event)).await
+            }
+        };
+    }
+    Box::pin(publish_event(shared, message, bytes)).await
+}
+
 /// Sends a readiness probe event on `channel`.
 pub async fn publish_probe(shared: &Shared, channel: &str, id: &str) {
     let mut tags = HashMap::new();

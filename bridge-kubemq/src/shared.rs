@@ -36,6 +36,8 @@ pub struct Shared {
     pub closing: AtomicBool,
     /// The durable subscriptions under the prefix (where published events also go).
     pub durable: crate::durable::Registry,
+    /// The stream that carries the command path's best-effort publications.
+    pub pipe: crate::pipe::EventPipe,
     reconnects: AtomicU64,
     poison: AtomicU64,
     late: AtomicU64,
@@ -59,6 +61,7 @@ impl Shared {
             pending: PendingInvocations::default(),
             closing: AtomicBool::new(false),
             durable: crate::durable::Registry::default(),
+            pipe: crate::pipe::EventPipe::default(),
             reconnects: AtomicU64::new(0),
             poison: AtomicU64::new(0),
             late: AtomicU64::new(0),

@@ -26,15 +26,17 @@
 //! consumer goes on.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use kubemq::QueueMessage;
 use kubemq::proto::kubemq::{EventReceive, Subscribe, subscribe::SubscribeType};
 use parking_lot::Mutex;
+use purista_core::inflight::InFlightCounter;
 use purista_core::{
     BridgeError, DeadLetterNote, Delivery, DeliveryHandler, Envelope, PausedConsumer, SettleOnce,
     Settlement, Settler, SubscriptionSpec, WorkKind,
@@ -82,6 +84,8 @@ pub struct Consumer {
     group: String,
     shared: Arc<Shared>,
     handler: Arc<dyn DeliveryHandler>,
+    /// Counts deliveries in the handler (made once: lock-free per delivery).
+    in_flight: InFlightCounter,
     /// Deliveries for the handler (from the stream, from retry timers).
     tx: mpsc::Sender<Item>,
     /// Deliveries a pause put back, handed over first after resume.
@@ -116,8 +120,10 @@ impl Consumer {
         };
         let (tx, rx) = mpsc::channel(shared.config.consumer_buffer.max(1));
         let (spec_shared, spec_key) = (spec.shared, spec.key.clone());
+        let label: Arc<str> = spec.key.as_str().into();
         let consumer = Arc::new(Consumer {
-            label: spec.key.as_str().into(),
+            in_flight: shared.tracker.counter(WorkKind::Subscription, &label),
+            label,
             spec,
             pattern,
             group,
@@ -358,10 +364,7 @@ impl Consumer {
     }
 
     async fn deliver(self: Arc<Self>, (envelope, attempt): Item) {
-        let _in_flight = self
-            .shared
-            .tracker
-            .start(WorkKind::Subscription, &self.label);
+        let _in_flight = self.in_flight.start();
         let settler = EventSettler {
             consumer: Arc::downgrade(&self),
             envelope: envelope.clone(),
@@ -489,9 +492,27 @@ struct EventSettler {
     attempt: u32,
 }
 
-#[async_trait]
+// By hand rather than with `async_trait`: an ack (nearly every settlement) is then a ready
+// future that allocates nothing, where the generated one boxed (and copied) the state of
+// every branch, hand-off and dead letter included, on each delivery.
 impl Settler for EventSettler {
-    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), BridgeError> {
+    fn settle<'a>(
+        self: Box<Self>,
+        settlement: Settlement,
+    ) -> Pin<Box<dyn Future<Output = Result<(), BridgeError>> + Send + 'a>>
+    where
+        Self: 'a,
+    {
+        match settlement {
+            Settlement::Ack | Settlement::Drop { .. } => Box::pin(std::future::ready(Ok(()))),
+            other => Box::pin(self.settle_other(other)),
+        }
+    }
+}
+
+impl EventSettler {
+    /// Every settlement but ack and drop.
+    async fn settle_other(self: Box<Self>, settlement: Settlement) -> Result<(), BridgeError> {
         let Some(consumer) = self.consumer.upgrade() else {
             return Ok(());
         };

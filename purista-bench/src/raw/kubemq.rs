@@ -97,8 +97,17 @@ async fn commands(
         }
     };
     // KubeMQ confirms no subscription: the first answered query says the responder is in.
+    // The probe's own timeout is short: one sent before the responder is in waits for it.
     let ready = Instant::now() + Duration::from_secs(10);
-    while call(0).await.is_err() {
+    loop {
+        let probe = Query::builder()
+            .channel(channel.clone())
+            .body(serde_json::to_vec(&payload::value(0))?)
+            .timeout(Duration::from_millis(250))
+            .build();
+        if caller.send_query(probe).await.is_ok_and(|r| r.executed) {
+            break;
+        }
         anyhow::ensure!(Instant::now() < ready, "the raw responder never answered");
     }
     let measured = if scenario == Scenario::CmdSeq {
