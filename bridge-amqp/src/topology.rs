@@ -279,7 +279,28 @@ fn int(v: u64) -> AMQPValue {
 
 /// Maps a broker failure during a declaration to a bridge error naming the resource.
 pub(crate) fn broker_error(what: &str, resource: &str, e: &lapin::Error) -> BridgeError {
-    BridgeError::Broker(format!("{what} `{resource}` failed: {e}"))
+    let text = format!("{what} `{resource}` failed: {e}");
+    if connection_lost(e) {
+        // Retryable: the same call can succeed once the bridge has reconnected.
+        BridgeError::Unavailable(text)
+    } else {
+        BridgeError::Broker(text)
+    }
+}
+
+/// Whether `e` is the connection failing (closed by the broker or the network, no heartbeat)
+/// rather than the broker refusing this one request.
+fn connection_lost(e: &lapin::Error) -> bool {
+    match e.kind() {
+        lapin::ErrorKind::IOError(_)
+        | lapin::ErrorKind::InvalidConnectionState(_)
+        | lapin::ErrorKind::InvalidChannelState(..)
+        | lapin::ErrorKind::MissingHeartbeatError => true,
+        lapin::ErrorKind::ProtocolError(amqp) => {
+            matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Hard(_))
+        }
+        _ => false,
+    }
 }
 
 /// One broker round trip of a declaration, bounded by `timeout`; a refusal names the resource.
@@ -622,6 +643,36 @@ mod tests {
     use purista_core::{FailurePolicy, SubscriptionFilter};
 
     use super::*;
+
+    #[test]
+    fn a_lost_connection_is_retryable_and_a_refused_request_is_not() {
+        use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPHardError, AMQPSoftError};
+        let forced: lapin::Error = lapin::ErrorKind::ProtocolError(AMQPError::new(
+            AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED),
+            "CONNECTION_FORCED - test".into(),
+        ))
+        .into();
+        let reset: lapin::Error =
+            std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer").into();
+        let missing: lapin::Error = lapin::ErrorKind::ProtocolError(AMQPError::new(
+            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND),
+            "NOT_FOUND - no queue".into(),
+        ))
+        .into();
+        for lost in [&forced, &reset] {
+            let error = broker_error("reading", "q.dead-letter", lost);
+            assert!(
+                matches!(error, BridgeError::Unavailable(_)) && error.is_retryable(),
+                "{error:?}"
+            );
+            assert!(error.to_string().contains("q.dead-letter"), "{error}");
+        }
+        let error = broker_error("reading", "q.dead-letter", &missing);
+        assert!(
+            matches!(error, BridgeError::Broker(_)) && !error.is_retryable(),
+            "{error:?}"
+        );
+    }
 
     fn spec(shared: bool) -> SubscriptionSpec {
         spec_of(Address::new("billing", "2", "onPaid"), shared)
