@@ -544,11 +544,37 @@ fn write_tls_files(dir: &Path, tls: &TlsListener) -> std::io::Result<()> {
     std::fs::write(files.join("server.key"), &tls.key_pem)
 }
 
+/// A port nothing listens on, reserved for this process: no other test process of ours picks
+/// it while this one runs.
+///
+/// A free port alone is not enough: between the pick and the node's bind (seconds, while it
+/// boots) and while a node is down for a restart, another test process could pick the same
+/// port, and its node would take it. Our boot check would then see a listener on "our" port and
+/// hand out another process's node, whose restarts drop our connections. The reservation is an
+/// abstract Unix socket named after the port, bound for the life of the process: the kernel
+/// refuses a second bind and releases the name when the process ends, however it ends, and no
+/// file is left behind.
 fn free_port() -> Result<u16, String> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener};
+
+    static RESERVED: Mutex<Vec<UnixListener>> = Mutex::new(Vec::new());
     let mut rng = rand::rng();
     for _ in 0..200 {
         let port = rng.random_range(PORTS);
+        let name = format!("purista-conformance-rabbitmq-port-{port}");
+        let Ok(address) = UnixAddr::from_abstract_name(name.as_bytes()) else {
+            continue;
+        };
+        let Ok(reservation) = UnixListener::bind_addr(&address) else {
+            // Another test process holds this port.
+            continue;
+        };
         if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            RESERVED
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(reservation);
             return Ok(port);
         }
     }
