@@ -14,6 +14,8 @@ use serde_json::{Map, Value};
 use crate::error::DecodeError;
 use crate::ids;
 
+mod fast;
+
 /// Default content type of an envelope payload.
 pub const DEFAULT_CONTENT_TYPE: &str = "application/json";
 /// Default content encoding of an envelope payload.
@@ -582,6 +584,19 @@ impl Envelope {
                 limit: max_bytes,
             });
         }
+        // One pass straight into the struct; whatever that does not accept is decided (and
+        // its error worded) by the careful path: parse, check field by field, convert.
+        if let Some(envelope) = fast::decode(bytes) {
+            return Ok(envelope);
+        }
+        Envelope::decode_carefully(bytes)
+    }
+
+    /// The careful path of [`Envelope::decode_with_limit`] (without the size check): the bytes
+    /// parsed into a JSON tree, checked field by field so that an error names its field, then
+    /// converted. Kept public inside the crate for the property test that holds the fast path to
+    /// it.
+    pub(crate) fn decode_carefully(bytes: &[u8]) -> Result<Envelope, DecodeError> {
         let value: Value =
             serde_json::from_slice(bytes).map_err(|e| DecodeError::NotJson(e.to_string()))?;
         Envelope::from_value(value)
