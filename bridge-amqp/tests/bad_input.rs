@@ -23,7 +23,7 @@ use serde_json::json;
 use common::{Echo, Recorder, TestBroker, dead_letters, eventually, logs, spec};
 
 common::runner::test_main! {
-    Broker: [
+    common::BROKER: [
         bad_input_on_a_command_queue_is_dropped_with_a_warning_and_commands_still_run,
         bad_input_on_the_reply_queue_is_dropped_with_a_warning_and_invocations_still_complete,
         bad_input_on_a_shared_subscription_queue_is_dead_lettered_with_reason_and_raw_bytes,

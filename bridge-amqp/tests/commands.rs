@@ -16,7 +16,7 @@ use serde_json::json;
 use common::{Echo, eventually};
 
 common::runner::test_main! {
-    Broker: [
+    common::BROKER: [
         invoke_round_trips_across_two_instances,
         concurrent_invocations_never_cross_correlate,
         invoking_a_command_nobody_serves_fails_fast_with_502,

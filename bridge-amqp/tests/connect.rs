@@ -10,7 +10,7 @@ use purista_bridge_amqp::{AmqpBridge, AmqpConfig};
 use purista_core::{BridgeError, ConnectRequest, EventBridge};
 
 common::runner::test_main! {
-    Broker: [
+    common::BROKER: [
         refused_credentials_fail_start_at_once_and_say_retrying_cannot_help,
         an_unknown_virtual_host_fails_start_at_once,
         the_driver_connect_fails_at_once_on_refused_credentials,

@@ -11,7 +11,7 @@ use serde_json::json;
 use common::{Echo, logs};
 
 common::runner::test_main! {
-    Broker: [
+    common::BROKER: [
         a_returned_command_never_puts_its_body_into_a_warning,
         expected_situations_log_no_error,
     ],

@@ -16,7 +16,7 @@ use serde_json::json;
 use common::{Recorder, eventually, spec};
 
 common::runner::test_main! {
-    Broker: [
+    common::BROKER: [
         addresses_that_join_to_the_same_dotted_name_get_queues_of_their_own,
         subscriptions_whose_names_join_alike_keep_queues_of_their_own,
     ],

@@ -18,7 +18,7 @@ use serde_json::json;
 use common::{Recorder, dead_letters, eventually, spec};
 
 common::runner::test_main! {
-    Broker: [
+    common::BROKER: [
         a_delayed_retry_waits_at_least_the_delay_and_counts_attempts,
         a_dead_lettered_message_carries_reason_attempts_and_origin_headers,
         pause_and_resume_lose_nothing_on_a_durable_subscription,

@@ -22,7 +22,7 @@ use serde_json::json;
 use common::{Echo, Recorder, dead_letters, eventually, logs, spec};
 
 common::runner::test_main! {
-    Broker: [
+    common::BROKER: [
         oversized_metadata_is_refused_at_the_caller_with_400_and_the_connection_stays,
         a_foreign_command_with_an_oversized_principal_is_answered_400_without_a_reconnect,
         near_limit_headers_through_retry_and_dead_letter_paths_never_cost_a_reconnect,

@@ -22,7 +22,7 @@ use serde_json::json;
 use common::{close_connection_named, connection_name, dead_letters, eventually, spec};
 
 common::runner::test_main! {
-    BrokerAndRabbitmqctl: [
+    common::BROKER_AND_RABBITMQCTL: [
         a_delivery_that_closes_the_connection_twice_is_quarantined,
     ],
 }

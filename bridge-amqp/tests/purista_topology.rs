@@ -25,7 +25,7 @@ use serde_json::json;
 use common::{Echo, Recorder, TestBroker, eventually, spec};
 
 common::runner::test_main! {
-    Broker: [
+    common::BROKER: [
         a_rust_instance_in_the_purista_mode_shares_the_queues_a_typescript_instance_declared,
         responses_in_the_purista_mode_carry_purista_s_header_and_timestamp_unit,
     ],

@@ -14,7 +14,7 @@ use serde_json::json;
 use common::{Echo, Recorder, close_connection_of, eventually, spec};
 
 common::runner::test_main! {
-    BrokerAndRabbitmqctl: [
+    common::BROKER_AND_RABBITMQCTL: [
         the_bridge_reconnects_after_the_broker_closes_its_connection,
         right_after_a_reconnect_an_unrouted_command_waits_for_its_server,
         a_command_sent_while_its_server_reconnects_is_served_after_it,

@@ -19,7 +19,7 @@ use serde_json::json;
 use common::{Recorder, dead_letters, eventually, spec};
 
 common::runner::test_main! {
-    Broker: [
+    common::BROKER: [
         a_replayed_dead_letter_comes_back_as_attempt_one_and_leaves_the_queue,
         a_replayed_message_that_still_fails_gets_every_attempt_again,
         a_replay_reaches_only_the_subscription_it_was_dead_lettered_from,

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use common::{dead_letters, dyn_bridge, eventually};
 
 common::runner::test_main! {
-    Broker: [
+    common::BROKER: [
         a_command_served_by_one_service_answers_another_and_its_success_event_reaches_a_subscription,
         a_failing_subscription_is_retried_with_delay_then_dead_lettered,
         a_paused_consumer_turns_service_health_to_warn_until_resumed,

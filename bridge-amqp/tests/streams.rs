@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use common::{close_connection_of, eventually};
 
 common::runner::test_main! {
-    Broker: [
+    common::BROKER: [
         a_stream_nobody_serves_fails_with_502_at_once,
         instances_serving_one_stream_share_its_sessions_and_each_completes_in_order,
         a_consumer_cancel_reaches_the_producer_and_it_stops,
@@ -30,7 +30,7 @@ common::runner::test_main! {
         shutdown_reports_a_session_still_running_at_the_deadline_and_ends_it_for_the_opener,
         no_stream_frame_reaches_a_subscription_queue,
     ],
-    BrokerAndRabbitmqctl: [
+    common::BROKER_AND_RABBITMQCTL: [
         losing_the_openers_connection_ends_its_session_at_once_and_cancels_the_producer,
         losing_the_producers_connection_cancels_its_session_and_the_opener_learns_it_at_once,
     ],

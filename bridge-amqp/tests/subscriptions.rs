@@ -13,7 +13,7 @@ use serde_json::json;
 use common::{Recorder, eventually, spec};
 
 common::runner::test_main! {
-    Broker: [
+    common::BROKER: [
         a_shared_subscription_gives_each_message_to_one_instance,
         a_broadcast_subscription_reaches_every_instance,
         a_durable_subscription_keeps_messages_while_no_consumer_is_connected,

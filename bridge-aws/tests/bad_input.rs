@@ -20,7 +20,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 common::runner::test_main! {
-    Endpoint: [
+    common::ENDPOINT: [
         poison_in_every_queue_kind_is_dropped_and_the_consumers_go_on,
     ],
 }

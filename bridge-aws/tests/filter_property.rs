@@ -28,7 +28,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 common::runner::test_main! {
-    Endpoint: [
+    common::ENDPOINT: [
         random_filters_route_through_real_rules_like_the_reference_matcher,
         core_filter_table_routes_through_real_rules_as_expected,
     ],

@@ -16,7 +16,7 @@ use purista_core::{
 };
 
 common::runner::test_main! {
-    Endpoint: [
+    common::ENDPOINT: [
         a_crashed_instances_queues_and_rules_are_removed_and_a_live_ones_are_kept,
     ],
 }

@@ -26,6 +26,8 @@ use purista_core::{
     Outcome, SubscriptionFilter, SubscriptionOperator, SubscriptionSpec,
 };
 
+use runner::Needs;
+
 /// The broker the tests use.
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -44,6 +46,16 @@ fn host_port(url: &str) -> String {
         format!("{host}:5672")
     }
 }
+
+/// What most tests need: the broker ([`broker_url`]).
+pub const BROKER: Needs = Needs::new("RabbitMQ", broker_reachable);
+
+/// What the connection-loss tests need: the broker, and `rabbitmqctl` reaching its node (they
+/// close connections with it).
+pub const BROKER_AND_RABBITMQCTL: Needs = Needs::new("RabbitMQ and rabbitmqctl", || {
+    broker_reachable()?;
+    rabbitmqctl_usable()
+});
 
 /// `Ok` when the broker accepts TCP connections, else why not.
 pub fn broker_reachable() -> Result<(), String> {

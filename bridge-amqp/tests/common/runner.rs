@@ -16,24 +16,24 @@ use libtest_mimic::{Arguments, Trial};
 /// Set to `1` (CI), a missing prerequisite fails its tests instead of skipping them.
 pub const REQUIRE_ENV: &str = "PURISTA_REQUIRE_BROKERS";
 
-/// What a test needs from the machine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Needs {
-    /// The broker ([`super::broker_url`]).
-    Broker,
-    /// The broker, and `rabbitmqctl` reaching its node: the connection-loss tests close
-    /// connections with it.
-    BrokerAndRabbitmqctl,
+/// What a test needs from the machine: a name for it and its check (`Ok` when it is there,
+/// else why not). The tests define the ones they use.
+#[derive(Clone, Copy)]
+pub struct Needs {
+    what: &'static str,
+    check: fn() -> Result<(), String>,
 }
 
 impl Needs {
-    /// `Ok` when all of it is there, else why not.
-    fn check(self) -> Result<(), String> {
-        super::broker_reachable()?;
-        if self == Needs::BrokerAndRabbitmqctl {
-            super::rabbitmqctl_usable()?;
-        }
-        Ok(())
+    /// A test that needs nothing runs everywhere.
+    pub const NOTHING: Needs = Needs {
+        what: "nothing",
+        check: || Ok(()),
+    };
+
+    /// The prerequisite `what`, present when `check` says so.
+    pub const fn new(what: &'static str, check: fn() -> Result<(), String>) -> Needs {
+        Needs { what, check }
     }
 }
 
@@ -67,8 +67,9 @@ pub fn run(tests: Vec<Test>) -> ExitCode {
     let args = Arguments::from_args();
     let required = std::env::var(REQUIRE_ENV).as_deref() == Ok("1");
     // Each prerequisite is checked once, and only when a test needing it may be selected:
-    // nextest starts the target once per test, and `rabbitmqctl` takes about a second.
-    let mut checked: HashMap<Needs, Result<(), String>> = HashMap::new();
+    // nextest starts the target once per test, and a check such as `rabbitmqctl` takes a
+    // second.
+    let mut checked: HashMap<&'static str, Result<(), String>> = HashMap::new();
     let trials = tests
         .into_iter()
         .map(|Test { name, needs, run }| {
@@ -80,11 +81,8 @@ pub fn run(tests: Vec<Test>) -> ExitCode {
                 // The filter leaves it out whatever it is listed as.
                 return Trial::test(name, runs);
             }
-            match checked
-                .entry(needs)
-                .or_insert_with(|| needs.check())
-                .clone()
-            {
+            let present = checked.entry(needs.what).or_insert_with(needs.check);
+            match present.clone() {
                 Ok(()) => Trial::test(name, runs),
                 Err(why) if required => Trial::test(name, move || {
                     Err(format!("{why}, and {REQUIRE_ENV}=1 requires it").into())
@@ -117,13 +115,13 @@ fn may_be_selected(args: &Arguments, name: &str) -> bool {
     }
 }
 
-/// `fn main` of a test target: `test_main!(Needs: [async_fn, …], …)`; each test is named after
-/// its function.
+/// `fn main` of a test target: `test_main!(NEEDS: [async_fn, …], …)` with [`Needs`] values;
+/// each test is named after its function.
 macro_rules! test_main {
-    ($($needs:ident: [$($test:ident),* $(,)?]),* $(,)?) => {
+    ($($needs:path: [$($test:ident),* $(,)?]),* $(,)?) => {
         fn main() -> std::process::ExitCode {
             common::runner::run(vec![$($(
-                common::runner::test(stringify!($test), common::runner::Needs::$needs, $test),
+                common::runner::test(stringify!($test), $needs, $test),
             )*)*])
         }
     };

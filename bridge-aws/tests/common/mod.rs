@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use purista_bridge_aws::{AwsBridge, AwsConfig};
 
+use runner::Needs;
+
 /// Environment variable with moto's endpoint (set by `scripts/test`).
 pub const ENDPOINT_ENV: &str = "PURISTA_AWS_ENDPOINT";
 
@@ -20,6 +22,9 @@ fn first_endpoint() -> Option<String> {
         .filter(|e| !e.trim().is_empty())
         .and_then(|e| e.split(',').next().map(|e| e.trim().to_string()))
 }
+
+/// What the tests need: an AWS endpoint, moto's, in [`ENDPOINT_ENV`].
+pub const ENDPOINT: Needs = Needs::new("an AWS endpoint", endpoint_set);
 
 /// `Ok` when an endpoint is set, else why not.
 pub fn endpoint_set() -> Result<(), String> {

@@ -17,7 +17,7 @@ use libtest_mimic::{Arguments, Trial};
 pub const REQUIRE_ENV: &str = "PURISTA_REQUIRE_BROKERS";
 
 /// What a test needs from the machine: a name for it and its check (`Ok` when it is there,
-/// else why not). Each target defines the ones it uses.
+/// else why not). The tests define the ones they use.
 #[derive(Clone, Copy)]
 pub struct Needs {
     what: &'static str,
@@ -67,7 +67,8 @@ pub fn run(tests: Vec<Test>) -> ExitCode {
     let args = Arguments::from_args();
     let required = std::env::var(REQUIRE_ENV).as_deref() == Ok("1");
     // Each prerequisite is checked once, and only when a test needing it may be selected:
-    // nextest starts the target once per test.
+    // nextest starts the target once per test, and a check such as `rabbitmqctl` takes a
+    // second.
     let mut checked: HashMap<&'static str, Result<(), String>> = HashMap::new();
     let trials = tests
         .into_iter()
