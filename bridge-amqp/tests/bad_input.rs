@@ -22,6 +22,19 @@ use serde_json::json;
 
 use common::{Echo, Recorder, TestBroker, dead_letters, eventually, logs, spec};
 
+common::runner::test_main! {
+    common::BROKER: [
+        bad_input_on_a_command_queue_is_dropped_with_a_warning_and_commands_still_run,
+        bad_input_on_the_reply_queue_is_dropped_with_a_warning_and_invocations_still_complete,
+        bad_input_on_a_shared_subscription_queue_is_dead_lettered_with_reason_and_raw_bytes,
+        bad_input_on_a_shared_subscription_queue_without_dead_letter_target_is_dropped,
+        bad_input_on_a_broadcast_subscription_queue_is_dropped,
+        bad_input_on_a_durable_subscription_queue_is_dead_lettered,
+        bad_input_in_a_retry_queue_returns_to_its_source_queue_and_is_dead_lettered_there,
+        bad_input_in_a_dead_letter_queue_is_listed_raw_and_hides_no_entry,
+    ],
+}
+
 /// The payload limit of every bridge in this file; the oversized body exceeds it.
 const LIMIT: usize = 4 * 1024;
 
@@ -109,10 +122,9 @@ async fn assert_warned(queue: &str, bad: &[Bad], verdict: &str) {
     }
 }
 
-#[tokio::test]
 async fn bad_input_on_a_command_queue_is_dropped_with_a_warning_and_commands_still_run() {
     logs::install();
-    let broker = broker_or_skip!("bad_command_queue");
+    let broker = common::TestBroker::new("bad_command_queue");
     let bridge = small_bridge(&broker).await;
     let echo = Echo::new();
     let address = Address::new("orders", "1", "place");
@@ -146,10 +158,9 @@ async fn bad_input_on_a_command_queue_is_dropped_with_a_warning_and_commands_sti
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn bad_input_on_the_reply_queue_is_dropped_with_a_warning_and_invocations_still_complete() {
     logs::install();
-    let broker = broker_or_skip!("bad_reply_queue");
+    let broker = common::TestBroker::new("bad_reply_queue");
     let bridge = small_bridge(&broker).await;
     let address = Address::new("orders", "1", "place");
     bridge
@@ -281,34 +292,30 @@ async fn assert_settled(
     }
 }
 
-#[tokio::test]
 async fn bad_input_on_a_shared_subscription_queue_is_dead_lettered_with_reason_and_raw_bytes() {
     logs::install();
-    let broker = broker_or_skip!("bad_shared_dead_letter");
+    let broker = common::TestBroker::new("bad_shared_dead_letter");
     subscription_queue_case(broker, |s| {
         s.policy.dead_letter_target = Some("sold-poison".into());
     })
     .await;
 }
 
-#[tokio::test]
 async fn bad_input_on_a_shared_subscription_queue_without_dead_letter_target_is_dropped() {
     logs::install();
-    let broker = broker_or_skip!("bad_shared_drop");
+    let broker = common::TestBroker::new("bad_shared_drop");
     subscription_queue_case(broker, |_| {}).await;
 }
 
-#[tokio::test]
 async fn bad_input_on_a_broadcast_subscription_queue_is_dropped() {
     logs::install();
-    let broker = broker_or_skip!("bad_broadcast");
+    let broker = common::TestBroker::new("bad_broadcast");
     subscription_queue_case(broker, |s| s.shared = false).await;
 }
 
-#[tokio::test]
 async fn bad_input_on_a_durable_subscription_queue_is_dead_lettered() {
     logs::install();
-    let broker = broker_or_skip!("bad_durable");
+    let broker = common::TestBroker::new("bad_durable");
     subscription_queue_case(broker, |s| {
         s.durable = true;
         s.policy.dead_letter_target = Some("sold-poison".into());
@@ -316,10 +323,9 @@ async fn bad_input_on_a_durable_subscription_queue_is_dead_lettered() {
     .await;
 }
 
-#[tokio::test]
 async fn bad_input_in_a_retry_queue_returns_to_its_source_queue_and_is_dead_lettered_there() {
     logs::install();
-    let broker = broker_or_skip!("bad_retry_queue");
+    let broker = common::TestBroker::new("bad_retry_queue");
     let bridge = small_bridge(&broker).await;
     let mut spec = spec("onSold", SubscriptionFilter::new().event_name("sold"));
     spec.policy.max_attempts = 2;
@@ -352,10 +358,9 @@ async fn bad_input_in_a_retry_queue_returns_to_its_source_queue_and_is_dead_lett
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn bad_input_in_a_dead_letter_queue_is_listed_raw_and_hides_no_entry() {
     logs::install();
-    let broker = broker_or_skip!("bad_dead_letter_queue");
+    let broker = common::TestBroker::new("bad_dead_letter_queue");
     let bridge = small_bridge(&broker).await;
     let mut spec = spec("onSold", SubscriptionFilter::new().event_name("sold"));
     spec.policy.dead_letter_target = Some("sold-failed".into());

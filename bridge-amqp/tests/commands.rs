@@ -15,6 +15,21 @@ use serde_json::json;
 
 use common::{Echo, eventually};
 
+common::runner::test_main! {
+    common::BROKER: [
+        invoke_round_trips_across_two_instances,
+        concurrent_invocations_never_cross_correlate,
+        invoking_a_command_nobody_serves_fails_fast_with_502,
+        a_command_whose_last_server_left_fails_fast_with_502,
+        unregistering_one_of_two_servers_mid_stream_fails_no_invocation,
+        a_timed_out_invocation_is_504_and_its_late_response_is_ignored,
+        no_command_is_served_after_its_caller_gave_up,
+        a_command_the_broker_refuses_fails_at_once_with_502,
+        shutdown_rejects_pending_invocations_with_503_and_removes_the_reply_queue,
+        emit_refuses_commands_and_stream_frames,
+    ],
+}
+
 fn caller() -> SenderAddress {
     SenderAddress {
         service_name: "caller".into(),
@@ -28,9 +43,8 @@ fn command(to: &Address, payload: serde_json::Value) -> Envelope {
     Envelope::command(caller(), to.clone(), payload, json!({}))
 }
 
-#[tokio::test]
 async fn invoke_round_trips_across_two_instances() {
-    let broker = broker_or_skip!("invoke_round_trip");
+    let broker = common::TestBroker::new("invoke_round_trip");
     let server = broker.bridge().await;
     let client = broker.bridge().await;
     let echo = Echo::new();
@@ -63,9 +77,8 @@ async fn invoke_round_trips_across_two_instances() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn concurrent_invocations_never_cross_correlate() {
-    let broker = broker_or_skip!("no_cross_correlation");
+    let broker = common::TestBroker::new("no_cross_correlation");
     let server = broker.bridge().await;
     let client = broker.bridge().await;
     let address = Address::new("echo", "1", "say");
@@ -86,9 +99,8 @@ async fn concurrent_invocations_never_cross_correlate() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn invoking_a_command_nobody_serves_fails_fast_with_502() {
-    let broker = broker_or_skip!("no_handler_502");
+    let broker = common::TestBroker::new("no_handler_502");
     let client = broker.bridge().await;
     let address = Address::new("nobody", "1", "home");
 
@@ -108,9 +120,8 @@ async fn invoking_a_command_nobody_serves_fails_fast_with_502() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn a_command_whose_last_server_left_fails_fast_with_502() {
-    let broker = broker_or_skip!("last_server_left");
+    let broker = common::TestBroker::new("last_server_left");
     let client = broker.bridge().await;
     let address = Address::new("echo", "1", "say");
     // Leaving on purpose, either way: the last server deletes the command queue on its way out.
@@ -153,9 +164,8 @@ async fn a_command_whose_last_server_left_fails_fast_with_502() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn unregistering_one_of_two_servers_mid_stream_fails_no_invocation() {
-    let broker = broker_or_skip!("unregister_mid_stream");
+    let broker = common::TestBroker::new("unregister_mid_stream");
     let (a, b) = (broker.bridge().await, broker.bridge().await);
     let client = broker.bridge().await;
     let address = Address::new("echo", "1", "say");
@@ -188,9 +198,8 @@ async fn unregistering_one_of_two_servers_mid_stream_fails_no_invocation() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn a_timed_out_invocation_is_504_and_its_late_response_is_ignored() {
-    let broker = broker_or_skip!("timeout_504");
+    let broker = common::TestBroker::new("timeout_504");
     let server = broker.bridge().await;
     let client = broker.bridge().await;
     let echo = Echo::slow(Duration::from_millis(1200));
@@ -218,9 +227,8 @@ async fn a_timed_out_invocation_is_504_and_its_late_response_is_ignored() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn no_command_is_served_after_its_caller_gave_up() {
-    let broker = broker_or_skip!("expired_not_served");
+    let broker = common::TestBroker::new("expired_not_served");
     // One command at a time: the second waits in the queue while the first is served.
     let server = broker.bridge_with(|c| c.command_prefetch = 1).await;
     let client = broker.bridge().await;
@@ -250,9 +258,8 @@ async fn no_command_is_served_after_its_caller_gave_up() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn a_command_the_broker_refuses_fails_at_once_with_502() {
-    let broker = broker_or_skip!("nack_502");
+    let broker = common::TestBroker::new("nack_502");
     let client = broker.bridge().await;
     // A queue that refuses every message: commands routed to it are nacked by the broker.
     let conn = broker.raw_connection().await;
@@ -303,9 +310,8 @@ async fn a_command_the_broker_refuses_fails_at_once_with_502() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn shutdown_rejects_pending_invocations_with_503_and_removes_the_reply_queue() {
-    let broker = broker_or_skip!("shutdown_503");
+    let broker = common::TestBroker::new("shutdown_503");
     let server = broker.bridge().await;
     let client = broker.bridge().await;
     let address = Address::new("slow", "1", "work");
@@ -354,9 +360,8 @@ async fn shutdown_rejects_pending_invocations_with_503_and_removes_the_reply_que
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn emit_refuses_commands_and_stream_frames() {
-    let broker = broker_or_skip!("emit_refuses");
+    let broker = common::TestBroker::new("emit_refuses");
     let bridge = broker.bridge().await;
     let cmd = command(&Address::new("a", "1", "b"), json!(1));
     assert!(matches!(

@@ -9,6 +9,14 @@ use std::time::{Duration, Instant};
 use purista_bridge_amqp::{AmqpBridge, AmqpConfig};
 use purista_core::{BridgeError, ConnectRequest, EventBridge};
 
+common::runner::test_main! {
+    common::BROKER: [
+        refused_credentials_fail_start_at_once_and_say_retrying_cannot_help,
+        an_unknown_virtual_host_fails_start_at_once,
+        the_driver_connect_fails_at_once_on_refused_credentials,
+    ],
+}
+
 /// The first answer comes in milliseconds; a second is generous.
 const AT_ONCE: Duration = Duration::from_secs(1);
 
@@ -56,9 +64,8 @@ async fn assert_fails_at_once(config: AmqpConfig, secret: Option<&str>, what: &s
     eprintln!("{what}: failed in {took:?}: {error}");
 }
 
-#[tokio::test]
 async fn refused_credentials_fail_start_at_once_and_say_retrying_cannot_help() {
-    let broker = broker_or_skip!("refused_credentials");
+    let broker = common::TestBroker::new("refused_credentials");
     let mut config = broker.config();
     config.url = with_credentials(&broker.url, "guest", "not-the-password");
     assert_fails_at_once(config, Some("not-the-password"), "refused credentials").await;
@@ -68,18 +75,16 @@ async fn refused_credentials_fail_start_at_once_and_say_retrying_cannot_help() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn an_unknown_virtual_host_fails_start_at_once() {
-    let broker = broker_or_skip!("unknown_vhost");
+    let broker = common::TestBroker::new("unknown_vhost");
     let mut config = broker.config();
     config.url = with_vhost(&broker.url, "no-such-vhost");
     assert_fails_at_once(config, None, "unknown virtual host").await;
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn the_driver_connect_fails_at_once_on_refused_credentials() {
-    let broker = broker_or_skip!("driver_refused");
+    let broker = common::TestBroker::new("driver_refused");
     let driver = purista_bridge_amqp::driver();
     let began = Instant::now();
     let request = ConnectRequest {

@@ -10,6 +10,13 @@ use serde_json::json;
 
 use common::{Echo, logs};
 
+common::runner::test_main! {
+    common::BROKER: [
+        a_returned_command_never_puts_its_body_into_a_warning,
+        expected_situations_log_no_error,
+    ],
+}
+
 /// How a byte buffer shows in a `Debug` rendering (`[115, 51, …]`): a body logged that way
 /// is still the body.
 fn as_debug_bytes(text: &str) -> String {
@@ -17,10 +24,9 @@ fn as_debug_bytes(text: &str) -> String {
     bytes.join(", ")
 }
 
-#[tokio::test]
 async fn a_returned_command_never_puts_its_body_into_a_warning() {
     logs::install();
-    let broker = broker_or_skip!("returned_body");
+    let broker = common::TestBroker::new("returned_body");
     let client = broker.bridge().await;
     let secret = format!("card-4111-{}", broker.prefix);
     let cmd = Envelope::command(
@@ -40,10 +46,9 @@ async fn a_returned_command_never_puts_its_body_into_a_warning() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn expected_situations_log_no_error() {
     logs::install();
-    let broker = broker_or_skip!("no_error_noise");
+    let broker = common::TestBroker::new("no_error_noise");
     let first = broker.bridge().await;
     let second = broker.bridge().await;
     let client = broker.bridge().await;

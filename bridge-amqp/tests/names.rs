@@ -15,6 +15,13 @@ use serde_json::json;
 
 use common::{Recorder, eventually, spec};
 
+common::runner::test_main! {
+    common::BROKER: [
+        addresses_that_join_to_the_same_dotted_name_get_queues_of_their_own,
+        subscriptions_whose_names_join_alike_keep_queues_of_their_own,
+    ],
+}
+
 /// Answers every command with its own name.
 struct Named(&'static str);
 
@@ -25,9 +32,8 @@ impl CommandHandler for Named {
     }
 }
 
-#[tokio::test]
 async fn addresses_that_join_to_the_same_dotted_name_get_queues_of_their_own() {
-    let broker = broker_or_skip!("names_commands");
+    let broker = common::TestBroker::new("names_commands");
     let one = broker.bridge().await;
     let other = broker.bridge().await;
     let client = broker.bridge().await;
@@ -69,9 +75,8 @@ async fn addresses_that_join_to_the_same_dotted_name_get_queues_of_their_own() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn subscriptions_whose_names_join_alike_keep_queues_of_their_own() {
-    let broker = broker_or_skip!("names_subscriptions");
+    let broker = common::TestBroker::new("names_subscriptions");
     let bridge = broker.bridge().await;
     let filter = SubscriptionFilter::new().event_name("sold");
     let mut a = spec("x", filter.clone());

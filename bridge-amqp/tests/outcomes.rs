@@ -17,6 +17,16 @@ use serde_json::json;
 
 use common::{Recorder, dead_letters, eventually, spec};
 
+common::runner::test_main! {
+    common::BROKER: [
+        a_delayed_retry_waits_at_least_the_delay_and_counts_attempts,
+        a_dead_lettered_message_carries_reason_attempts_and_origin_headers,
+        pause_and_resume_lose_nothing_on_a_durable_subscription,
+        a_poison_message_is_dead_lettered_and_the_next_one_is_delivered,
+        a_poison_message_without_dead_letter_target_is_dropped_and_the_next_one_is_delivered,
+    ],
+}
+
 fn event(name: &str, n: usize) -> Envelope {
     let sender = SenderAddress {
         service_name: "shop".into(),
@@ -27,9 +37,8 @@ fn event(name: &str, n: usize) -> Envelope {
     Envelope::custom(sender, name, json!({ "n": n }))
 }
 
-#[tokio::test]
 async fn a_delayed_retry_waits_at_least_the_delay_and_counts_attempts() {
-    let broker = broker_or_skip!("delayed_retry");
+    let broker = common::TestBroker::new("delayed_retry");
     let (bridge, publisher) = (broker.bridge().await, broker.bridge().await);
     let mut spec = spec("onSold", SubscriptionFilter::new().event_name("sold"));
     spec.durable = true;
@@ -81,9 +90,8 @@ async fn a_delayed_retry_waits_at_least_the_delay_and_counts_attempts() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn a_dead_lettered_message_carries_reason_attempts_and_origin_headers() {
-    let broker = broker_or_skip!("dead_letter_headers");
+    let broker = common::TestBroker::new("dead_letter_headers");
     let bridge = broker.bridge().await;
     let mut spec = spec("onSold", SubscriptionFilter::new().event_name("sold"));
     spec.policy.dead_letter_target = Some("sold-bad".into());
@@ -135,9 +143,8 @@ async fn a_dead_lettered_message_carries_reason_attempts_and_origin_headers() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn pause_and_resume_lose_nothing_on_a_durable_subscription() {
-    let broker = broker_or_skip!("pause_resume");
+    let broker = common::TestBroker::new("pause_resume");
     let (bridge, publisher) = (broker.bridge().await, broker.bridge().await);
     let mut spec = spec("onSold", SubscriptionFilter::new().event_name("sold"));
     spec.durable = true;
@@ -219,9 +226,8 @@ async fn publish_garbage_into(broker: &common::TestBroker, queue: &str) {
     let _ = conn.close(200, "OK".into()).await;
 }
 
-#[tokio::test]
 async fn a_poison_message_is_dead_lettered_and_the_next_one_is_delivered() {
-    let broker = broker_or_skip!("poison_dead_letter");
+    let broker = common::TestBroker::new("poison_dead_letter");
     let bridge = broker.bridge().await;
     let mut spec = spec("onSold", SubscriptionFilter::new().event_name("sold"));
     spec.policy.dead_letter_target = Some("sold-poison".into());
@@ -253,9 +259,8 @@ async fn a_poison_message_is_dead_lettered_and_the_next_one_is_delivered() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn a_poison_message_without_dead_letter_target_is_dropped_and_the_next_one_is_delivered() {
-    let broker = broker_or_skip!("poison_drop");
+    let broker = common::TestBroker::new("poison_drop");
     let bridge = broker.bridge().await;
     let spec = spec("onSold", SubscriptionFilter::new().event_name("sold"));
     let recorder = Recorder::acking(&spec);

@@ -21,6 +21,15 @@ use serde_json::json;
 
 use common::{Echo, Recorder, dead_letters, eventually, logs, spec};
 
+common::runner::test_main! {
+    common::BROKER: [
+        oversized_metadata_is_refused_at_the_caller_with_400_and_the_connection_stays,
+        a_foreign_command_with_an_oversized_principal_is_answered_400_without_a_reconnect,
+        near_limit_headers_through_retry_and_dead_letter_paths_never_cost_a_reconnect,
+        the_declared_metadata_limit_is_enforced_to_the_byte,
+    ],
+}
+
 /// A value far over any frame: 200 KB.
 const HUGE: usize = 200 * 1024;
 
@@ -65,9 +74,8 @@ async fn bounded<T>(
         .unwrap_or_else(|_| Err(BridgeError::Unavailable("test bound: no answer".into())))
 }
 
-#[tokio::test]
 async fn oversized_metadata_is_refused_at_the_caller_with_400_and_the_connection_stays() {
-    let broker = broker_or_skip!("oversized_caller");
+    let broker = common::TestBroker::new("oversized_caller");
     let server = broker.bridge().await;
     let client = broker.bridge().await;
     let echo = Address::new("echo", "1", "say");
@@ -135,9 +143,8 @@ async fn oversized_metadata_is_refused_at_the_caller_with_400_and_the_connection
 /// A command from a foreign publisher whose principal is too large to travel back in the
 /// response's headers is answered with 400 (its body carries everything), and the serving
 /// instance keeps its connection and serves the next command.
-#[tokio::test]
 async fn a_foreign_command_with_an_oversized_principal_is_answered_400_without_a_reconnect() {
-    let broker = broker_or_skip!("oversized_foreign_command");
+    let broker = common::TestBroker::new("oversized_foreign_command");
     let server = broker.bridge().await;
     let client = broker.bridge().await;
     let echo = Address::new("echo", "1", "say");
@@ -205,10 +212,9 @@ struct Case {
 /// bridge's re-publishes fits with its own headers: each is dead-lettered without the foreign
 /// headers (body intact, the reason given) or dropped with one warning. The instance keeps its
 /// connection and goes on delivering.
-#[tokio::test]
 async fn near_limit_headers_through_retry_and_dead_letter_paths_never_cost_a_reconnect() {
     logs::install();
-    let broker = broker_or_skip!("near_limit_headers");
+    let broker = common::TestBroker::new("near_limit_headers");
     let subscriber = broker.bridge().await;
     let publisher = broker.bridge().await;
     let target = "big.failed";
@@ -327,9 +333,8 @@ async fn near_limit_headers_through_retry_and_dead_letter_paths_never_cost_a_rec
 }
 
 /// The bridge's configured limit is the one it declares and enforces.
-#[tokio::test]
 async fn the_declared_metadata_limit_is_enforced_to_the_byte() {
-    let broker = broker_or_skip!("metadata_limit");
+    let broker = common::TestBroker::new("metadata_limit");
     let bridge: Arc<AmqpBridge> = broker.bridge().await;
     let limit = bridge
         .capabilities()

@@ -19,9 +19,13 @@ use purista_core::{
 };
 use serde_json::json;
 
-use common::{
-    close_connection_named, connection_name, dead_letters, eventually, rabbitmqctl_usable, spec,
-};
+use common::{close_connection_named, connection_name, dead_letters, eventually, spec};
+
+common::runner::test_main! {
+    common::BROKER_AND_RABBITMQCTL: [
+        a_delivery_that_closes_the_connection_twice_is_quarantined,
+    ],
+}
 
 /// Closes its bridge's connection (as a fatal broker error would) whenever it sees the poison
 /// message; acks everything else.
@@ -52,13 +56,8 @@ impl DeliveryHandler for Killer {
     }
 }
 
-#[tokio::test]
 async fn a_delivery_that_closes_the_connection_twice_is_quarantined() {
-    let broker = broker_or_skip!("poison_quarantine");
-    if !rabbitmqctl_usable() {
-        broker.finish().await;
-        return;
-    }
+    let broker = common::TestBroker::new("poison_quarantine");
     let subscriber = broker.bridge().await;
     let publisher = broker.bridge().await;
     let mut s = spec("fragile", SubscriptionFilter::new().event_name("sold"));

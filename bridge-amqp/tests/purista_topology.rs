@@ -24,6 +24,13 @@ use serde_json::json;
 
 use common::{Echo, Recorder, TestBroker, eventually, spec};
 
+common::runner::test_main! {
+    common::BROKER: [
+        a_rust_instance_in_the_purista_mode_shares_the_queues_a_typescript_instance_declared,
+        responses_in_the_purista_mode_carry_purista_s_header_and_timestamp_unit,
+    ],
+}
+
 fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
@@ -126,9 +133,8 @@ fn durable_shared(name: &str) -> purista_core::SubscriptionSpec {
     s
 }
 
-#[tokio::test]
 async fn a_rust_instance_in_the_purista_mode_shares_the_queues_a_typescript_instance_declared() {
-    let broker = broker_or_skip!("purista_shares");
+    let broker = common::TestBroker::new("purista_shares");
     let raw = broker.raw_connection().await;
     let ch = raw.create_channel().await.expect("channel");
     let ts_consumer = declare_as_purista(&broker, &ch).await;
@@ -249,9 +255,8 @@ async fn queue_exists(broker: &TestBroker, suffix: &str) -> Option<bool> {
 
 /// A response as the PURISTA mode writes it: the receiver's instance under PURISTA's header
 /// name beside ours, and the AMQP timestamp in milliseconds (PURISTA's unit).
-#[tokio::test]
 async fn responses_in_the_purista_mode_carry_purista_s_header_and_timestamp_unit() {
-    let broker = broker_or_skip!("purista_response_shape");
+    let broker = common::TestBroker::new("purista_response_shape");
     let server = broker
         .bridge_with(|c| c.topology = TopologyMode::Purista)
         .await;

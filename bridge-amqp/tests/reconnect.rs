@@ -11,7 +11,15 @@ use std::time::{Duration, Instant};
 use purista_core::{Address, Envelope, EventBridge, SenderAddress, StatusCode, SubscriptionFilter};
 use serde_json::json;
 
-use common::{Echo, Recorder, close_connection_of, eventually, rabbitmqctl_usable, spec};
+use common::{Echo, Recorder, close_connection_of, eventually, spec};
+
+common::runner::test_main! {
+    common::BROKER_AND_RABBITMQCTL: [
+        the_bridge_reconnects_after_the_broker_closes_its_connection,
+        right_after_a_reconnect_an_unrouted_command_waits_for_its_server,
+        a_command_sent_while_its_server_reconnects_is_served_after_it,
+    ],
+}
 
 fn sold(n: usize) -> Envelope {
     let sender = SenderAddress {
@@ -23,13 +31,8 @@ fn sold(n: usize) -> Envelope {
     Envelope::custom(sender, "sold", json!({ "n": n }))
 }
 
-#[tokio::test]
 async fn the_bridge_reconnects_after_the_broker_closes_its_connection() {
-    let broker = broker_or_skip!("reconnect");
-    if !rabbitmqctl_usable() {
-        broker.finish().await;
-        return;
-    }
+    let broker = common::TestBroker::new("reconnect");
     let server = broker.bridge().await;
     let client = broker.bridge().await;
     let slow = Address::new("slow", "1", "work");
@@ -126,13 +129,8 @@ async fn the_bridge_reconnects_after_the_broker_closes_its_connection() {
 /// Right after a reconnect a command without a route is tried again (within its ttl) rather
 /// than failed with 502: the serving instance may still be re-creating its queue. Once the
 /// grace is over, an unserved command fails with 502 at once again.
-#[tokio::test]
 async fn right_after_a_reconnect_an_unrouted_command_waits_for_its_server() {
-    let broker = broker_or_skip!("reconnect_grace");
-    if !rabbitmqctl_usable() {
-        broker.finish().await;
-        return;
-    }
+    let broker = common::TestBroker::new("reconnect_grace");
     const GRACE: Duration = Duration::from_secs(3);
     let client = broker.bridge_with(|c| c.reconnect_grace = GRACE).await;
     let server = broker.bridge().await;
@@ -192,13 +190,8 @@ async fn right_after_a_reconnect_an_unrouted_command_waits_for_its_server() {
 /// A server that loses its connection (a network fault, not a goodbye) keeps its command
 /// queue: a command sent meanwhile waits there and is served once the server is back, instead
 /// of failing with 502.
-#[tokio::test]
 async fn a_command_sent_while_its_server_reconnects_is_served_after_it() {
-    let broker = broker_or_skip!("server_reconnects");
-    if !rabbitmqctl_usable() {
-        broker.finish().await;
-        return;
-    }
+    let broker = common::TestBroker::new("server_reconnects");
     // The server waits a second before reconnecting: the command surely comes while it is away.
     let server = broker
         .bridge_with(|c| c.reconnect_initial_delay = Duration::from_secs(1))

@@ -18,6 +18,21 @@ use serde_json::json;
 
 use common::{Recorder, dead_letters, eventually, spec};
 
+common::runner::test_main! {
+    common::BROKER: [
+        a_replayed_dead_letter_comes_back_as_attempt_one_and_leaves_the_queue,
+        a_replayed_message_that_still_fails_gets_every_attempt_again,
+        a_replay_reaches_only_the_subscription_it_was_dead_lettered_from,
+        undecodable_and_orphaned_dead_letters_stay_in_the_queue_with_their_reasons,
+        a_dead_letter_without_its_source_queue_stays_and_says_so,
+        a_replay_takes_at_most_limit_messages,
+        a_replay_of_a_missing_dead_letter_queue_is_empty,
+        a_replay_refuses_an_invalid_target,
+        a_replay_needs_a_connection,
+        purge_deletes_every_dead_letter_of_a_target_and_an_unknown_target_purges_nothing,
+    ],
+}
+
 const WAIT: Duration = Duration::from_secs(10);
 
 fn event(n: usize) -> Envelope {
@@ -60,9 +75,8 @@ async fn dead_letter_count(bridge: &AmqpBridge, target: &str) -> usize {
         .len()
 }
 
-#[tokio::test]
 async fn a_replayed_dead_letter_comes_back_as_attempt_one_and_leaves_the_queue() {
-    let broker = broker_or_skip!("replay_fresh");
+    let broker = common::TestBroker::new("replay_fresh");
     let (bridge, publisher) = (broker.bridge().await, broker.bridge().await);
     let mut spec = spec("onSold", sold());
     spec.policy.max_attempts = 3;
@@ -95,9 +109,8 @@ async fn a_replayed_dead_letter_comes_back_as_attempt_one_and_leaves_the_queue()
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn a_replayed_message_that_still_fails_gets_every_attempt_again() {
-    let broker = broker_or_skip!("replay_budget");
+    let broker = common::TestBroker::new("replay_budget");
     let (bridge, publisher) = (broker.bridge().await, broker.bridge().await);
     let mut spec = spec("onSold", sold());
     spec.policy.max_attempts = 3;
@@ -128,9 +141,8 @@ async fn a_replayed_message_that_still_fails_gets_every_attempt_again() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn a_replay_reaches_only_the_subscription_it_was_dead_lettered_from() {
-    let broker = broker_or_skip!("replay_one_queue");
+    let broker = common::TestBroker::new("replay_one_queue");
     let (bridge, publisher) = (broker.bridge().await, broker.bridge().await);
     let mut failing = spec("onSold", sold());
     failing.policy.dead_letter_target = Some("sold-failed".into());
@@ -174,9 +186,8 @@ async fn a_replay_reaches_only_the_subscription_it_was_dead_lettered_from() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn undecodable_and_orphaned_dead_letters_stay_in_the_queue_with_their_reasons() {
-    let broker = broker_or_skip!("replay_left");
+    let broker = common::TestBroker::new("replay_left");
     let bridge = broker.bridge().await;
     let mut poisoned = spec("onSold", sold());
     poisoned.policy.dead_letter_target = Some("sold-failed".into());
@@ -242,9 +253,8 @@ async fn undecodable_and_orphaned_dead_letters_stay_in_the_queue_with_their_reas
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn a_dead_letter_without_its_source_queue_stays_and_says_so() {
-    let broker = broker_or_skip!("replay_unknown_source");
+    let broker = common::TestBroker::new("replay_unknown_source");
     let bridge = broker.bridge().await;
     let mut spec = spec("onSold", sold());
     spec.policy.dead_letter_target = Some("sold-failed".into());
@@ -273,9 +283,8 @@ async fn a_dead_letter_without_its_source_queue_stays_and_says_so() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn a_replay_takes_at_most_limit_messages() {
-    let broker = broker_or_skip!("replay_limit");
+    let broker = common::TestBroker::new("replay_limit");
     let (bridge, publisher) = (broker.bridge().await, broker.bridge().await);
     let mut spec = spec("onSold", sold());
     spec.policy.dead_letter_target = Some("sold-failed".into());
@@ -303,9 +312,8 @@ async fn a_replay_takes_at_most_limit_messages() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn a_replay_of_a_missing_dead_letter_queue_is_empty() {
-    let broker = broker_or_skip!("replay_missing");
+    let broker = common::TestBroker::new("replay_missing");
     let bridge = broker.bridge().await;
     let report = bridge
         .replay_dead_letters("nothing-here", 10)
@@ -316,9 +324,8 @@ async fn a_replay_of_a_missing_dead_letter_queue_is_empty() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn a_replay_refuses_an_invalid_target() {
-    let broker = broker_or_skip!("replay_invalid");
+    let broker = common::TestBroker::new("replay_invalid");
     let bridge = broker.bridge().await;
     for target in [String::new(), "x".repeat(300)] {
         let error = bridge.replay_dead_letters(&target, 1).await.unwrap_err();
@@ -327,9 +334,8 @@ async fn a_replay_refuses_an_invalid_target() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn a_replay_needs_a_connection() {
-    let broker = broker_or_skip!("replay_unconnected");
+    let broker = common::TestBroker::new("replay_unconnected");
     let bridge = AmqpBridge::new(broker.config()).unwrap();
     let error = bridge
         .replay_dead_letters("sold-failed", 1)
@@ -339,9 +345,8 @@ async fn a_replay_needs_a_connection() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn purge_deletes_every_dead_letter_of_a_target_and_an_unknown_target_purges_nothing() {
-    let broker = broker_or_skip!("purge");
+    let broker = common::TestBroker::new("purge");
     let (bridge, publisher) = (broker.bridge().await, broker.bridge().await);
     let mut spec = spec("onSold", sold());
     spec.policy.dead_letter_target = Some("sold-failed".into());

@@ -19,16 +19,24 @@ use serde_json::{Value, json};
 
 use common::{dead_letters, dyn_bridge, eventually};
 
+common::runner::test_main! {
+    common::BROKER: [
+        a_command_served_by_one_service_answers_another_and_its_success_event_reaches_a_subscription,
+        a_failing_subscription_is_retried_with_delay_then_dead_lettered,
+        a_paused_consumer_turns_service_health_to_warn_until_resumed,
+        a_stream_served_by_one_service_is_read_by_another,
+    ],
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Order {
     sku: String,
     qty: u32,
 }
 
-#[tokio::test]
 async fn a_command_served_by_one_service_answers_another_and_its_success_event_reaches_a_subscription()
  {
-    let broker = broker_or_skip!("service_round_trip");
+    let broker = common::TestBroker::new("service_round_trip");
     let (orders_bridge, audit_bridge) = (broker.bridge().await, broker.bridge().await);
     let orders = Service::builder("orders", "1")
         .command(
@@ -122,9 +130,8 @@ async fn a_command_served_by_one_service_answers_another_and_its_success_event_r
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn a_failing_subscription_is_retried_with_delay_then_dead_lettered() {
-    let broker = broker_or_skip!("service_retry");
+    let broker = common::TestBroker::new("service_retry");
     let bridge = broker.bridge().await;
     let attempts = Arc::new(AtomicU32::new(0));
     let counter = attempts.clone();
@@ -164,9 +171,8 @@ async fn a_failing_subscription_is_retried_with_delay_then_dead_lettered() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn a_paused_consumer_turns_service_health_to_warn_until_resumed() {
-    let broker = broker_or_skip!("service_pause");
+    let broker = common::TestBroker::new("service_pause");
     let bridge = broker.bridge().await;
     let seen = Arc::new(AtomicU32::new(0));
     let counter = seen.clone();
@@ -215,9 +221,8 @@ async fn a_paused_consumer_turns_service_health_to_warn_until_resumed() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn a_stream_served_by_one_service_is_read_by_another() {
-    let broker = broker_or_skip!("service_streams");
+    let broker = common::TestBroker::new("service_streams");
     let (ticker_bridge, reader_bridge) = (broker.bridge().await, broker.bridge().await);
     let ticker = Service::builder("ticker", "1")
         .stream(StreamDef::new(

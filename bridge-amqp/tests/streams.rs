@@ -17,7 +17,24 @@ use purista_core::{
 };
 use serde_json::{Value, json};
 
-use common::{close_connection_of, eventually, rabbitmqctl_usable};
+use common::{close_connection_of, eventually};
+
+common::runner::test_main! {
+    common::BROKER: [
+        a_stream_nobody_serves_fails_with_502_at_once,
+        instances_serving_one_stream_share_its_sessions_and_each_completes_in_order,
+        a_consumer_cancel_reaches_the_producer_and_it_stops,
+        a_reader_that_falls_behind_fails_its_session_and_the_producer_is_cancelled,
+        a_producer_that_leaves_without_a_terminal_frame_fails_the_session_at_once,
+        shutdown_lets_a_running_session_finish_before_the_deadline,
+        shutdown_reports_a_session_still_running_at_the_deadline_and_ends_it_for_the_opener,
+        no_stream_frame_reaches_a_subscription_queue,
+    ],
+    common::BROKER_AND_RABBITMQCTL: [
+        losing_the_openers_connection_ends_its_session_at_once_and_cancels_the_producer,
+        losing_the_producers_connection_cancels_its_session_and_the_opener_learns_it_at_once,
+    ],
+}
 
 /// How long any single wait in these tests may take.
 const WITHIN: Duration = Duration::from_secs(5);
@@ -160,9 +177,8 @@ impl Endless {
     }
 }
 
-#[tokio::test]
 async fn a_stream_nobody_serves_fails_with_502_at_once() {
-    let broker = broker_or_skip!("stream502");
+    let broker = common::TestBroker::new("stream502");
     let opener = broker.bridge().await;
     let (open, _) = open_frame(&Address::new("nobody", "1", "feed"), json!(1));
     let started = Instant::now();
@@ -181,9 +197,8 @@ async fn a_stream_nobody_serves_fails_with_502_at_once() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn instances_serving_one_stream_share_its_sessions_and_each_completes_in_order() {
-    let broker = broker_or_skip!("streamshare");
+    let broker = common::TestBroker::new("streamshare");
     let feed = Address::new("feed", "1", "count");
     let served = Arc::new(Mutex::new(Vec::new()));
     let mut producers = Vec::new();
@@ -230,9 +245,8 @@ async fn instances_serving_one_stream_share_its_sessions_and_each_completes_in_o
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn a_consumer_cancel_reaches_the_producer_and_it_stops() {
-    let broker = broker_or_skip!("streamcancel");
+    let broker = common::TestBroker::new("streamcancel");
     let producer = broker.bridge().await;
     let opener = broker.bridge().await;
     let endless = Arc::new(Endless::default());
@@ -281,9 +295,8 @@ impl StreamHandler for Flood {
     }
 }
 
-#[tokio::test]
 async fn a_reader_that_falls_behind_fails_its_session_and_the_producer_is_cancelled() {
-    let broker = broker_or_skip!("streamslow");
+    let broker = common::TestBroker::new("streamslow");
     let producer = broker.bridge().await;
     let opener = broker.bridge().await;
     let feed = Address::new("flood", "1", "all");
@@ -328,9 +341,8 @@ impl StreamHandler for Quitter {
     }
 }
 
-#[tokio::test]
 async fn a_producer_that_leaves_without_a_terminal_frame_fails_the_session_at_once() {
-    let broker = broker_or_skip!("streamquit");
+    let broker = common::TestBroker::new("streamquit");
     let producer = broker.bridge().await;
     let opener = broker.bridge().await;
     let feed = Address::new("quitter", "1", "once");
@@ -350,13 +362,8 @@ async fn a_producer_that_leaves_without_a_terminal_frame_fails_the_session_at_on
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn losing_the_openers_connection_ends_its_session_at_once_and_cancels_the_producer() {
-    let broker = broker_or_skip!("streamlost");
-    if !rabbitmqctl_usable() {
-        broker.finish().await;
-        return;
-    }
+    let broker = common::TestBroker::new("streamlost");
     let (_producer, opener, endless, mut reader) =
         endless_session(&broker, "forever", Duration::from_secs(30)).await;
 
@@ -402,9 +409,8 @@ impl StreamHandler for Slow {
     }
 }
 
-#[tokio::test]
 async fn shutdown_lets_a_running_session_finish_before_the_deadline() {
-    let broker = broker_or_skip!("streamdrain");
+    let broker = common::TestBroker::new("streamdrain");
     let producer = broker.bridge().await;
     let opener = broker.bridge().await;
     let feed = Address::new("slow", "1", "drip");
@@ -439,9 +445,8 @@ impl StreamHandler for Stubborn {
     }
 }
 
-#[tokio::test]
 async fn shutdown_reports_a_session_still_running_at_the_deadline_and_ends_it_for_the_opener() {
-    let broker = broker_or_skip!("streamabandon");
+    let broker = common::TestBroker::new("streamabandon");
     let producer = broker.bridge().await;
     let opener = broker.bridge().await;
     let feed = Address::new("stubborn", "1", "hang");
@@ -484,13 +489,8 @@ async fn shutdown_reports_a_session_still_running_at_the_deadline_and_ends_it_fo
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn losing_the_producers_connection_cancels_its_session_and_the_opener_learns_it_at_once() {
-    let broker = broker_or_skip!("streamprodlost");
-    if !rabbitmqctl_usable() {
-        broker.finish().await;
-        return;
-    }
+    let broker = common::TestBroker::new("streamprodlost");
     let (producer, _opener, endless, mut reader) =
         endless_session(&broker, "fragile", Duration::from_secs(30)).await;
 
@@ -516,9 +516,8 @@ async fn losing_the_producers_connection_cancels_its_session_and_the_opener_lear
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn no_stream_frame_reaches_a_subscription_queue() {
-    let broker = broker_or_skip!("streamnosub");
+    let broker = common::TestBroker::new("streamnosub");
     let producer = broker.bridge().await;
     let opener = broker.bridge().await;
     // A durable catch-all subscription without a consumer: whatever is routed to it stays.

@@ -12,6 +12,16 @@ use serde_json::json;
 
 use common::{Recorder, eventually, spec};
 
+common::runner::test_main! {
+    common::BROKER: [
+        a_shared_subscription_gives_each_message_to_one_instance,
+        a_broadcast_subscription_reaches_every_instance,
+        a_durable_subscription_keeps_messages_while_no_consumer_is_connected,
+        registering_the_same_subscription_twice_on_one_instance_is_refused,
+        header_bindings_route_exactly_like_the_reference_matcher,
+    ],
+}
+
 fn event(name: &str, n: usize) -> Envelope {
     let sender = SenderAddress {
         service_name: "shop".into(),
@@ -22,9 +32,8 @@ fn event(name: &str, n: usize) -> Envelope {
     Envelope::custom(sender, name, json!({ "n": n }))
 }
 
-#[tokio::test]
 async fn a_shared_subscription_gives_each_message_to_one_instance() {
-    let broker = broker_or_skip!("shared_once");
+    let broker = common::TestBroker::new("shared_once");
     let (a, b, publisher) = (
         broker.bridge().await,
         broker.bridge().await,
@@ -53,9 +62,8 @@ async fn a_shared_subscription_gives_each_message_to_one_instance() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn a_broadcast_subscription_reaches_every_instance() {
-    let broker = broker_or_skip!("broadcast_all");
+    let broker = common::TestBroker::new("broadcast_all");
     let (a, b, publisher) = (
         broker.bridge().await,
         broker.bridge().await,
@@ -92,9 +100,8 @@ async fn a_broadcast_subscription_reaches_every_instance() {
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn a_durable_subscription_keeps_messages_while_no_consumer_is_connected() {
-    let broker = broker_or_skip!("durable_waits");
+    let broker = common::TestBroker::new("durable_waits");
     let (first, publisher) = (broker.bridge().await, broker.bridge().await);
     let mut spec = spec("onSold", SubscriptionFilter::new().event_name("sold"));
     spec.durable = true;
@@ -117,9 +124,8 @@ async fn a_durable_subscription_keeps_messages_while_no_consumer_is_connected() 
     broker.finish().await;
 }
 
-#[tokio::test]
 async fn registering_the_same_subscription_twice_on_one_instance_is_refused() {
-    let broker = broker_or_skip!("duplicate_key");
+    let broker = common::TestBroker::new("duplicate_key");
     let bridge = broker.bridge().await;
     let spec = spec("onSold", SubscriptionFilter::new().event_name("sold"));
     bridge
@@ -138,9 +144,8 @@ async fn registering_the_same_subscription_twice_on_one_instance_is_refused() {
 
 /// Every filter of core's table against every message of the table: the broker's header
 /// bindings deliver exactly the pairs the reference matcher accepts.
-#[tokio::test]
 async fn header_bindings_route_exactly_like_the_reference_matcher() {
-    let broker = broker_or_skip!("filter_matrix");
+    let broker = common::TestBroker::new("filter_matrix");
     let bridge = broker.bridge().await;
     let rows = filter_table();
     let mut recorders = Vec::new();

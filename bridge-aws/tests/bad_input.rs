@@ -19,6 +19,12 @@ use purista_core::{
 use serde_json::json;
 use tokio::sync::mpsc;
 
+common::runner::test_main! {
+    common::ENDPOINT: [
+        poison_in_every_queue_kind_is_dropped_and_the_consumers_go_on,
+    ],
+}
+
 struct Collect(mpsc::UnboundedSender<Envelope>);
 
 #[async_trait]
@@ -48,13 +54,8 @@ fn poison(max: usize) -> Vec<String> {
     ]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_in_every_queue_kind_is_dropped_and_the_consumers_go_on() {
-    let Some(endpoint) =
-        common::endpoint("poison_in_every_queue_kind_is_dropped_and_the_consumers_go_on")
-    else {
-        return;
-    };
+    let endpoint = common::endpoint();
     let prefix = common::prefix();
     // Moto's own SQS limit is 256 KiB; the oversize poison is just under it but over the
     // bridge's configured 64 KiB.

@@ -27,6 +27,13 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
+common::runner::test_main! {
+    common::ENDPOINT: [
+        random_filters_route_through_real_rules_like_the_reference_matcher,
+        core_filter_table_routes_through_real_rules_as_expected,
+    ],
+}
+
 const RULES: usize = 50;
 const MESSAGES: usize = 200;
 
@@ -175,13 +182,8 @@ fn seed() -> u64 {
     seed
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_filters_route_through_real_rules_like_the_reference_matcher() {
-    let Some(endpoint) =
-        common::endpoint("random_filters_route_through_real_rules_like_the_reference_matcher")
-    else {
-        return;
-    };
+    let endpoint = common::endpoint();
     let mut rng = StdRng::seed_from_u64(seed());
     let pool = pool();
     let messages: Vec<Envelope> = (0..MESSAGES)
@@ -209,13 +211,8 @@ async fn random_filters_route_through_real_rules_like_the_reference_matcher() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_filter_table_routes_through_real_rules_as_expected() {
-    let Some(endpoint) =
-        common::endpoint("core_filter_table_routes_through_real_rules_as_expected")
-    else {
-        return;
-    };
+    let endpoint = common::endpoint();
     let cases: Vec<_> = filter_table()
         .into_iter()
         .filter(|c| c.message.message_type != MessageType::Stream)

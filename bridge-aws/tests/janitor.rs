@@ -15,6 +15,12 @@ use purista_core::{
     SubscriptionFilter, SubscriptionSpec,
 };
 
+common::runner::test_main! {
+    common::ENDPOINT: [
+        a_crashed_instances_queues_and_rules_are_removed_and_a_live_ones_are_kept,
+    ],
+}
+
 struct Ack;
 
 #[async_trait]
@@ -61,13 +67,8 @@ async fn rules(bridge: &AwsBridge) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_instances_queues_and_rules_are_removed_and_a_live_ones_are_kept() {
-    let Some(endpoint) = common::endpoint(
-        "a_crashed_instances_queues_and_rules_are_removed_and_a_live_ones_are_kept",
-    ) else {
-        return;
-    };
+    let endpoint = common::endpoint();
     let prefix = common::prefix();
 
     // The instance that will crash: a reply queue and a broadcast subscription.

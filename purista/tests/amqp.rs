@@ -3,9 +3,11 @@
 //!
 //! These run against the real RabbitMQ at `amqp://guest:guest@127.0.0.1:5672/%2f` (override
 //! with `PURISTA_AMQP_TEST_URL`), each under its own prefix, and delete what they declared. When
-//! the broker cannot be reached a test prints a loud SKIP line and passes, unless
-//! `PURISTA_REQUIRE_BROKERS=1`, which turns that into a failure.
-#![cfg(feature = "amqp")]
+//! the broker cannot be reached a test that needs it is listed as ignored with the reason in its
+//! name (a skip, never a pass; see `common/runner.rs`), unless `PURISTA_REQUIRE_BROKERS=1`,
+//! which makes it run and fail. (A `harness = false` target that needs the `amqp` feature.)
+
+mod common;
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,6 +20,24 @@ use purista::prelude::*;
 use purista::{BridgeError, ConnectError, ConnectOptions, Connection, connect_with};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
+
+use common::runner::Needs;
+
+const BROKER: Needs = Needs::new("RabbitMQ", broker_reachable);
+
+common::runner::test_main! {
+    BROKER: [
+        amqp_url_gives_a_started_rabbitmq_bridge_without_a_queue_bridge,
+        the_prefix_names_the_headers_exchange,
+        a_command_crosses_two_amqp_connections,
+        an_event_reaches_every_instance_of_a_broadcast_subscription,
+        amqps_urls_use_tls_without_a_crypto_provider_panic,
+    ],
+    Needs::NOTHING: [
+        an_invalid_prefix_is_a_config_error_before_any_connection,
+        an_unreachable_broker_is_unavailable_and_the_error_hides_the_password,
+    ],
+}
 
 const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -37,8 +57,8 @@ fn host_port(url: &str) -> String {
     }
 }
 
-/// True when the broker accepts TCP connections; otherwise SKIP (or panic when required).
-fn broker_reachable(test: &str) -> bool {
+/// `Ok` when the broker accepts TCP connections, else why not.
+fn broker_reachable() -> Result<(), String> {
     let url = broker_url();
     let reachable = host_port(&url)
         .to_socket_addrs()
@@ -46,16 +66,13 @@ fn broker_reachable(test: &str) -> bool {
         .and_then(|mut a| a.next())
         .is_some_and(|addr| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok());
     if reachable {
-        return true;
+        Ok(())
+    } else {
+        Err(format!(
+            "RabbitMQ is not reachable at {}",
+            purista::redact_url(&url)
+        ))
     }
-    let shown = purista::redact_url(&url);
-    if std::env::var("PURISTA_REQUIRE_BROKERS").as_deref() == Ok("1") {
-        panic!("RabbitMQ is not reachable at {shown} and PURISTA_REQUIRE_BROKERS=1");
-    }
-    eprintln!(
-        "\n*** SKIP {test}: RabbitMQ is not reachable at {shown} (set PURISTA_REQUIRE_BROKERS=1 to fail instead) ***\n"
-    );
-    false
 }
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -99,11 +116,7 @@ async fn connect_under(prefix: &str) -> Connection {
         .expect("amqp connects")
 }
 
-#[tokio::test]
 async fn amqp_url_gives_a_started_rabbitmq_bridge_without_a_queue_bridge() {
-    if !broker_reachable("amqp_url_gives_a_started_rabbitmq_bridge") {
-        return;
-    }
     let prefix = unique_prefix("started");
     let conn = connect_under(&prefix).await;
     assert_eq!(conn.events.name(), "amqp");
@@ -129,11 +142,7 @@ async fn amqp_url_gives_a_started_rabbitmq_bridge_without_a_queue_bridge() {
     finish(&prefix, &[&conn]).await;
 }
 
-#[tokio::test]
 async fn the_prefix_names_the_headers_exchange() {
-    if !broker_reachable("the_prefix_names_the_headers_exchange") {
-        return;
-    }
     let prefix = unique_prefix("exchange");
     let conn = connect_under(&prefix).await;
     // A passive declaration fails (and closes the channel) when the exchange does not exist.
@@ -157,11 +166,7 @@ async fn the_prefix_names_the_headers_exchange() {
     finish(&prefix, &[&conn]).await;
 }
 
-#[tokio::test]
 async fn a_command_crosses_two_amqp_connections() {
-    if !broker_reachable("a_command_crosses_two_amqp_connections") {
-        return;
-    }
     let prefix = unique_prefix("command");
     let a = connect_under(&prefix).await;
     let b = connect_under(&prefix).await;
@@ -200,11 +205,7 @@ async fn a_command_crosses_two_amqp_connections() {
     finish(&prefix, &[&a, &b]).await;
 }
 
-#[tokio::test]
 async fn an_event_reaches_every_instance_of_a_broadcast_subscription() {
-    if !broker_reachable("an_event_reaches_every_instance_of_a_broadcast_subscription") {
-        return;
-    }
     let prefix = unique_prefix("broadcast");
     let (seen, mut received) = mpsc::unbounded_channel::<String>();
     let mut connections = Vec::new();
@@ -264,7 +265,6 @@ async fn an_event_reaches_every_instance_of_a_broadcast_subscription() {
     finish(&prefix, &all).await;
 }
 
-#[tokio::test]
 async fn an_invalid_prefix_is_a_config_error_before_any_connection() {
     let err =
         connect_with(&ConnectOptions::new("amqp://guest:guest@127.0.0.1:5672/%2f").prefix("a b/c"))
@@ -277,7 +277,6 @@ async fn an_invalid_prefix_is_a_config_error_before_any_connection() {
     assert!(err.to_string().contains("a b/c"), "{err}");
 }
 
-#[tokio::test]
 async fn an_unreachable_broker_is_unavailable_and_the_error_hides_the_password() {
     // Port 1 refuses connections: start gives up after the bridge's connect timeout.
     let err = purista::connect("AMQP://app:s3cret@127.0.0.1:1/%2f")
@@ -293,11 +292,7 @@ async fn an_unreachable_broker_is_unavailable_and_the_error_hides_the_password()
     );
 }
 
-#[tokio::test]
 async fn amqps_urls_use_tls_without_a_crypto_provider_panic() {
-    if !broker_reachable("amqps_urls_use_tls_without_a_crypto_provider_panic") {
-        return;
-    }
     // The plain AMQP port does not speak TLS: the handshake fails, but building the TLS client
     // (where rustls panics when it cannot pick a crypto provider) must not.
     let plain = host_port(&broker_url());

