@@ -1,8 +1,11 @@
 //! What non-strict mode does to a subscription whose need the bridge lacks (DESIGN §3.7):
 //! each [`Need`] documents its degradation, and this file checks the ones that change how a
-//! delivery is settled. The bridge is a fake that hands its deliveries to the test.
+//! delivery is settled. The bridge is a fake that hands its deliveries to the test. The fake
+//! also counts how many unregistrations run at once, for the check that a shutdown unregisters
+//! concurrently, with a bound.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,6 +25,10 @@ use serde_json::{Value, json};
 struct NoManualAck {
     caps: Capabilities,
     handlers: Mutex<Vec<(String, Arc<dyn DeliveryHandler>)>>,
+    /// Subscription unregistrations running now, the most that ran at once, and all done.
+    unregistering: AtomicUsize,
+    most_unregistering: AtomicUsize,
+    unregistered: AtomicUsize,
 }
 
 impl NoManualAck {
@@ -34,6 +41,9 @@ impl NoManualAck {
         Arc::new(NoManualAck {
             caps,
             handlers: Mutex::new(Vec::new()),
+            unregistering: AtomicUsize::new(0),
+            most_unregistering: AtomicUsize::new(0),
+            unregistered: AtomicUsize::new(0),
         })
     }
 
@@ -105,6 +115,12 @@ impl EventBridge for NoManualAck {
         Ok(())
     }
     async fn unregister_subscription(&self, _key: &RegistrationKey) -> Result<(), BridgeError> {
+        let now = self.unregistering.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_unregistering.fetch_max(now, Ordering::SeqCst);
+        // A broker round trip.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.unregistering.fetch_sub(1, Ordering::SeqCst);
+        self.unregistered.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
     async fn register_stream(
@@ -207,4 +223,41 @@ async fn with_manual_ack_not_asked_for_the_outcome_settles_after_the_handler() {
     let log = log.lock().clone();
     assert_eq!(log[0], "handler");
     assert!(log[1].starts_with("settled Redeliver"), "{log:?}");
+}
+
+#[tokio::test]
+async fn shutdown_unregisters_many_subscriptions_at_once_but_at_most_eight() {
+    let bridge = NoManualAck::new();
+    let log: Log = Arc::default();
+    let mut service = Service::builder("billing", "1");
+    for i in 0..20 {
+        let log = log.clone();
+        service = service.subscription(
+            SubscriptionDef::new(
+                format!("on{i}"),
+                move |_ctx: SubscriptionContext, _v: Value| {
+                    let log = log.clone();
+                    async move {
+                        log.lock().push("handler".into());
+                        Ok(Outcome::Ack)
+                    }
+                },
+            )
+            .event_name("orderPaid"),
+        );
+    }
+    let running = service.build().start(bridge.clone()).await.expect("start");
+    running
+        .shutdown(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        bridge.unregistered.load(Ordering::SeqCst),
+        20,
+        "every subscription is unregistered"
+    );
+    let most = bridge.most_unregistering.load(Ordering::SeqCst);
+    assert!(
+        (2..=8).contains(&most),
+        "unregistrations ran {most} at once; expected several, at most 8"
+    );
 }

@@ -27,22 +27,34 @@ pub(super) async fn emit_info(shared: &Shared, t: MessageType, target: &str, pay
     }
 }
 
-/// Unregisters what a service registered: subscriptions, streams, then commands. A failure is
+/// Registrations unregistered at once, at most: a service with many subscriptions does not
+/// wait for one broker round trip chain after another, and the broker is not flooded.
+const UNREGISTER_AT_ONCE: usize = 8;
+
+/// Unregisters what a service registered: subscriptions, streams, then commands (each group
+/// done before the next starts, up to [`UNREGISTER_AT_ONCE`] of a group at once). A failure is
 /// logged and the rest still unregistered.
 pub(super) async fn unregister_all(bridge: &Arc<dyn EventBridge>, registered: &Registered) {
-    for key in &registered.subscriptions {
-        if let Err(e) = bridge.unregister_subscription(key).await {
-            tracing::warn!(registration = %key, error = %e, "unregistering subscription failed");
-        }
-    }
-    for a in &registered.streams {
-        if let Err(e) = bridge.unregister_stream(a).await {
-            tracing::warn!(registration = %a, error = %e, "unregistering stream failed");
-        }
-    }
-    for a in &registered.commands {
-        if let Err(e) = bridge.unregister_command(a).await {
-            tracing::warn!(registration = %a, error = %e, "unregistering command failed");
-        }
-    }
+    use futures::StreamExt;
+    futures::stream::iter(&registered.subscriptions)
+        .for_each_concurrent(UNREGISTER_AT_ONCE, |key| async move {
+            if let Err(e) = bridge.unregister_subscription(key).await {
+                tracing::warn!(registration = %key, error = %e, "unregistering subscription failed");
+            }
+        })
+        .await;
+    futures::stream::iter(&registered.streams)
+        .for_each_concurrent(UNREGISTER_AT_ONCE, |a| async move {
+            if let Err(e) = bridge.unregister_stream(a).await {
+                tracing::warn!(registration = %a, error = %e, "unregistering stream failed");
+            }
+        })
+        .await;
+    futures::stream::iter(&registered.commands)
+        .for_each_concurrent(UNREGISTER_AT_ONCE, |a| async move {
+            if let Err(e) = bridge.unregister_command(a).await {
+                tracing::warn!(registration = %a, error = %e, "unregistering command failed");
+            }
+        })
+        .await;
 }
