@@ -82,22 +82,14 @@ impl Consumer {
                 };
                 let handler = handler.clone();
                 let running = w.running;
-                // The next delivery waits until this one's handler has begun, that is until
-                // its delivery was polled once (core counts the handler as running in that
-                // first poll): handlers start in delivery order, and a service that counts
-                // its running handlers never sees none while a delivery taken before a later
-                // one has not been counted yet.
-                let (started, begun) = tokio::sync::oneshot::channel::<()>();
-                tasks.spawn(WorkKind::Subscription, task_label.clone(), async move {
-                    let _running = running;
-                    let mut delivering = std::pin::pin!(handler.deliver(delivery));
-                    let first = futures::poll!(delivering.as_mut());
-                    let _ = started.send(());
-                    if first.is_pending() {
-                        delivering.await;
-                    }
-                });
-                let _ = begun.await;
+                // The next delivery waits until this one's handler has begun (see
+                // `TaskSet::spawn_started`): handlers start in delivery order.
+                tasks
+                    .spawn_started(WorkKind::Subscription, task_label.clone(), async move {
+                        let _running = running;
+                        handler.deliver(delivery).await;
+                    })
+                    .await;
             }
         });
         Arc::new(Consumer { spec, label, line })

@@ -103,6 +103,29 @@ impl TaskSet {
         }
     }
 
+    /// Spawns `fut` like [`TaskSet::spawn`] and returns once the task has polled it once
+    /// (`false`, at once, when the set is closed). For a bridge that spawns a task per
+    /// delivery: awaiting this before taking the next delivery makes handlers start in
+    /// delivery order, and because core counts a handler as running in its delivery's first
+    /// poll, a service that counts its running handlers never sees none while a delivery taken
+    /// before a later one has not been counted yet.
+    pub async fn spawn_started<F>(self: &Arc<Self>, kind: WorkKind, label: Arc<str>, fut: F) -> bool
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let (started, begun) = tokio::sync::oneshot::channel::<()>();
+        let spawned = self.spawn(kind, label, async move {
+            let mut fut = std::pin::pin!(fut);
+            let first = futures::poll!(fut.as_mut());
+            let _ = started.send(());
+            if first.is_pending() {
+                fut.await;
+            }
+        });
+        // A task dropped before its first poll (aborted) drops the sender: no wait forever.
+        spawned && begun.await.is_ok()
+    }
+
     /// Takes a slot for a task about to be spawned; `None` once the set is closed. The caller
     /// keeps everything it would move into the task until it knows the task will run.
     pub fn reserve(self: &Arc<Self>, kind: WorkKind, label: Arc<str>) -> Option<Reservation> {
@@ -358,5 +381,45 @@ mod tests {
             );
         }
         assert_eq!(set.state.lock().slots.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn spawn_started_returns_once_the_task_began_and_not_before() {
+        let set = TaskSet::new();
+        let began = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let release = std::sync::Arc::new(tokio::sync::Notify::new());
+        let task = {
+            let (began, release) = (began.clone(), release.clone());
+            async move {
+                // Work before the first await: done in the first poll.
+                began.store(true, std::sync::atomic::Ordering::SeqCst);
+                release.notified().await;
+            }
+        };
+        assert!(
+            set.spawn_started(WorkKind::Subscription, "s".into(), task)
+                .await
+        );
+        assert!(
+            began.load(std::sync::atomic::Ordering::SeqCst),
+            "returned before the task's first poll"
+        );
+        assert!(
+            !set.wait_empty(Instant::now() + Duration::from_millis(20))
+                .await,
+            "returned only when the task had finished, not when it began"
+        );
+        release.notify_one();
+        assert!(
+            set.wait_empty(Instant::now() + Duration::from_secs(5))
+                .await
+        );
+
+        set.close();
+        assert!(
+            !set.spawn_started(WorkKind::Subscription, "late".into(), async {})
+                .await,
+            "a closed set spawns nothing and does not wait"
+        );
     }
 }
