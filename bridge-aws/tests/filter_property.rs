@@ -20,12 +20,10 @@ use std::sync::Arc;
 use purista_bridge_aws::aws_sdk_eventbridge::types::PutEventsRequestEntry;
 use purista_bridge_aws::{AwsBridge, event_pattern};
 use purista_core::filter::filter_table;
-use purista_core::{
-    Address, AddressFilter, Envelope, EventBridge, MessageType, SenderAddress, SubscriptionFilter,
-};
+use purista_core::{Envelope, EventBridge, MessageType, SubscriptionFilter};
+use purista_test_runner::filters::{PairGen, copy_from_message, seed};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::json;
 
 common::runner::test_main! {
     common::ENDPOINT: [
@@ -66,14 +64,6 @@ fn pool() -> Vec<String> {
     .collect()
 }
 
-fn pick(rng: &mut StdRng, pool: &[String]) -> String {
-    pool[rng.random_range(0..pool.len())].clone()
-}
-
-fn maybe(rng: &mut StdRng, pool: &[String]) -> Option<String> {
-    rng.random_bool(0.5).then(|| pick(rng, pool))
-}
-
 /// Message types the bridge puts on the bus (stream frames never go there).
 fn bus_types() -> Vec<MessageType> {
     MessageType::ALL
@@ -82,87 +72,8 @@ fn bus_types() -> Vec<MessageType> {
         .collect()
 }
 
-fn random_filter(rng: &mut StdRng, pool: &[String]) -> SubscriptionFilter {
-    let address = |rng: &mut StdRng| AddressFilter {
-        service_name: maybe(rng, pool),
-        service_version: maybe(rng, pool),
-        service_target: maybe(rng, pool),
-        instance_id: maybe(rng, pool),
-    };
-    let types = bus_types();
-    SubscriptionFilter {
-        message_type: rng
-            .random_bool(0.4)
-            .then(|| types[rng.random_range(0..types.len())]),
-        event_name: maybe(rng, pool),
-        principal_id: maybe(rng, pool),
-        tenant_id: maybe(rng, pool),
-        sender: if rng.random_bool(0.4) {
-            address(rng)
-        } else {
-            AddressFilter::default()
-        },
-        receiver: if rng.random_bool(0.4) {
-            address(rng)
-        } else {
-            AddressFilter::default()
-        },
-    }
-}
-
-fn random_message(rng: &mut StdRng, pool: &[String]) -> Envelope {
-    let sender = SenderAddress {
-        service_name: pick(rng, pool),
-        service_version: pick(rng, pool),
-        service_target: pick(rng, pool),
-        instance_id: pick(rng, pool),
-    };
-    let mut e = Envelope::custom(sender, "x", json!({}));
-    let types = bus_types();
-    e.message_type = types[rng.random_range(0..types.len())];
-    e.event_name = maybe(rng, pool);
-    e.principal_id = maybe(rng, pool);
-    e.tenant_id = maybe(rng, pool);
-    e.receiver = rng.random_bool(0.6).then(|| {
-        let a = Address::new(pick(rng, pool), pick(rng, pool), pick(rng, pool));
-        if rng.random_bool(0.5) {
-            a.with_instance(pick(rng, pool))
-        } else {
-            a
-        }
-    });
-    e
-}
-
-/// Every field the filter sets takes the message's value, so that matches are common.
-fn copy_from_message(filter: &mut SubscriptionFilter, m: &Envelope) {
-    fn take(slot: &mut Option<String>, value: Option<&str>) {
-        if slot.is_some()
-            && let Some(v) = value
-        {
-            *slot = Some(v.to_string());
-        }
-    }
-    if filter.message_type.is_some() {
-        filter.message_type = Some(m.message_type);
-    }
-    take(&mut filter.event_name, m.event_name.as_deref());
-    take(&mut filter.principal_id, m.principal_id.as_deref());
-    take(&mut filter.tenant_id, m.tenant_id.as_deref());
-    let s = &m.sender;
-    take(&mut filter.sender.service_name, Some(&s.service_name));
-    take(&mut filter.sender.service_version, Some(&s.service_version));
-    take(&mut filter.sender.service_target, Some(&s.service_target));
-    take(&mut filter.sender.instance_id, Some(&s.instance_id));
-    if let Some(r) = &m.receiver {
-        take(&mut filter.receiver.service_name, Some(&r.service_name));
-        take(
-            &mut filter.receiver.service_version,
-            Some(&r.service_version),
-        );
-        take(&mut filter.receiver.service_target, Some(&r.service_target));
-        take(&mut filter.receiver.instance_id, r.instance_id.as_deref());
-    }
+fn pairs() -> PairGen {
+    PairGen::new(pool()).types(bus_types())
 }
 
 async fn bridge(endpoint: &str) -> AwsBridge {
@@ -173,31 +84,20 @@ async fn bridge(endpoint: &str) -> AwsBridge {
     bridge
 }
 
-fn seed() -> u64 {
-    let seed = std::env::var("PURISTA_PROPERTY_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    eprintln!("aws filter property seed: {seed} (replay with PURISTA_PROPERTY_SEED={seed})");
-    seed
-}
-
 async fn random_filters_route_through_real_rules_like_the_reference_matcher() {
     let endpoint = common::endpoint();
-    let mut rng = StdRng::seed_from_u64(seed());
-    let pool = pool();
-    let messages: Vec<Envelope> = (0..MESSAGES)
-        .map(|_| random_message(&mut rng, &pool))
-        .collect();
+    let mut rng = StdRng::seed_from_u64(seed("aws"));
+    let pairs = pairs();
+    let messages: Vec<Envelope> = (0..MESSAGES).map(|_| pairs.message(&mut rng)).collect();
     // Half the filters are made from a message (some with one field drawn again), so every
     // queue has something to receive and near misses are tried.
     let filters: Vec<SubscriptionFilter> = (0..RULES)
         .map(|i| {
-            let mut f = random_filter(&mut rng, &pool);
+            let mut f = pairs.filter(&mut rng);
             if i % 2 == 0 {
                 copy_from_message(&mut f, &messages[rng.random_range(0..MESSAGES)]);
                 if rng.random_bool(0.3) {
-                    f.principal_id = maybe(&mut rng, &pool);
+                    f.principal_id = pairs.maybe(&mut rng);
                 }
             }
             f

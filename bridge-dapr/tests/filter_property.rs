@@ -27,9 +27,8 @@ use purista_bridge_dapr::cloudevent::{self, CLOUDEVENT_CONTENT_TYPE};
 use purista_bridge_dapr::double::{DaprDouble, DoubleOptions, SidecarOptions};
 use purista_bridge_dapr::routing::cel_match;
 use purista_core::filter::filter_table;
-use purista_core::{
-    Address, AddressFilter, Envelope, MessageType, SenderAddress, SubscriptionFilter,
-};
+use purista_core::{Envelope, SubscriptionFilter};
+use purista_test_runner::filters::{PairGen, copy_from_message, seed};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -71,122 +70,24 @@ fn pool() -> Vec<String> {
     .collect()
 }
 
-fn pick(rng: &mut StdRng, pool: &[String]) -> String {
-    pool[rng.random_range(0..pool.len())].clone()
-}
-
-fn maybe(rng: &mut StdRng, pool: &[String]) -> Option<String> {
-    rng.random_bool(0.5).then(|| pick(rng, pool))
-}
-
-fn random_type(rng: &mut StdRng) -> MessageType {
-    MessageType::ALL[rng.random_range(0..MessageType::ALL.len())]
-}
-
-fn random_filter(rng: &mut StdRng, pool: &[String]) -> SubscriptionFilter {
-    let address = |rng: &mut StdRng| AddressFilter {
-        service_name: maybe(rng, pool),
-        service_version: maybe(rng, pool),
-        service_target: maybe(rng, pool),
-        instance_id: maybe(rng, pool),
-    };
-    SubscriptionFilter {
-        message_type: rng.random_bool(0.4).then(|| random_type(rng)),
-        event_name: maybe(rng, pool),
-        principal_id: maybe(rng, pool),
-        tenant_id: maybe(rng, pool),
-        sender: if rng.random_bool(0.4) {
-            address(rng)
-        } else {
-            AddressFilter::default()
-        },
-        receiver: if rng.random_bool(0.4) {
-            address(rng)
-        } else {
-            AddressFilter::default()
-        },
-    }
-}
-
-fn random_message(rng: &mut StdRng, pool: &[String]) -> Envelope {
-    let sender = SenderAddress {
-        service_name: pick(rng, pool),
-        service_version: pick(rng, pool),
-        service_target: pick(rng, pool),
-        instance_id: pick(rng, pool),
-    };
-    let mut e = Envelope::custom(sender, "x", json!({}));
-    e.message_type = random_type(rng);
-    e.event_name = maybe(rng, pool);
-    e.principal_id = maybe(rng, pool);
-    e.tenant_id = maybe(rng, pool);
-    e.receiver = rng.random_bool(0.6).then(|| {
-        let a = Address::new(pick(rng, pool), pick(rng, pool), pick(rng, pool));
-        if rng.random_bool(0.5) {
-            a.with_instance(pick(rng, pool))
-        } else {
-            a
-        }
-    });
-    e
-}
-
-/// Every field the filter sets takes the message's value, so that matches are common.
-fn copy_from_message(filter: &mut SubscriptionFilter, m: &Envelope) {
-    fn take(slot: &mut Option<String>, value: Option<&str>) {
-        if slot.is_some()
-            && let Some(v) = value
-        {
-            *slot = Some(v.to_string());
-        }
-    }
-    if filter.message_type.is_some() {
-        filter.message_type = Some(m.message_type);
-    }
-    take(&mut filter.event_name, m.event_name.as_deref());
-    take(&mut filter.principal_id, m.principal_id.as_deref());
-    take(&mut filter.tenant_id, m.tenant_id.as_deref());
-    let s = &m.sender;
-    take(&mut filter.sender.service_name, Some(&s.service_name));
-    take(&mut filter.sender.service_version, Some(&s.service_version));
-    take(&mut filter.sender.service_target, Some(&s.service_target));
-    take(&mut filter.sender.instance_id, Some(&s.instance_id));
-    if let Some(r) = &m.receiver {
-        take(&mut filter.receiver.service_name, Some(&r.service_name));
-        take(
-            &mut filter.receiver.service_version,
-            Some(&r.service_version),
-        );
-        take(&mut filter.receiver.service_target, Some(&r.service_target));
-        take(&mut filter.receiver.instance_id, r.instance_id.as_deref());
-    }
-}
-
-fn seed() -> u64 {
-    let seed = std::env::var("PURISTA_PROPERTY_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    eprintln!("dapr filter property seed: {seed} (replay with PURISTA_PROPERTY_SEED={seed})");
-    seed
+fn pairs() -> PairGen {
+    PairGen::new(pool())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_filters_route_through_the_doubles_cel_like_the_reference_matcher() {
-    let mut rng = StdRng::seed_from_u64(seed());
-    let pool = pool();
-    let messages: Vec<Envelope> = (0..MESSAGES)
-        .map(|_| random_message(&mut rng, &pool))
-        .collect();
+    let mut rng = StdRng::seed_from_u64(seed("dapr"));
+    let pairs = pairs();
+    let messages: Vec<Envelope> = (0..MESSAGES).map(|_| pairs.message(&mut rng)).collect();
     // Half the filters are made from a message (some with one field drawn again), so every
     // app has something to receive and near misses are tried.
     let filters: Vec<SubscriptionFilter> = (0..RULES)
         .map(|i| {
-            let mut f = random_filter(&mut rng, &pool);
+            let mut f = pairs.filter(&mut rng);
             if i % 2 == 0 {
                 copy_from_message(&mut f, &messages[rng.random_range(0..MESSAGES)]);
                 if rng.random_bool(0.3) {
-                    f.principal_id = maybe(&mut rng, &pool);
+                    f.principal_id = pairs.maybe(&mut rng);
                 }
             }
             f

@@ -10,9 +10,8 @@
 use purista_bridge_kubemq::channels::Channels;
 use purista_bridge_kubemq::double::channel_matches;
 use purista_core::filter::filter_table;
-use purista_core::{
-    Address, AddressFilter, Envelope, MessageType, SenderAddress, SubscriptionFilter,
-};
+use purista_core::{Envelope, MessageType, SubscriptionFilter};
+use purista_test_runner::filters::{PairGen, copy_from_message, seed};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -53,94 +52,8 @@ fn pool() -> Vec<String> {
     v
 }
 
-fn pick(rng: &mut StdRng, pool: &[String]) -> String {
-    pool[rng.random_range(0..pool.len())].clone()
-}
-
-/// Set with probability 1/2 (wildcard otherwise); biased towards values messages use.
-fn maybe(rng: &mut StdRng, pool: &[String]) -> Option<String> {
-    rng.random_bool(0.5).then(|| pick(rng, pool))
-}
-
-fn random_filter(rng: &mut StdRng, pool: &[String]) -> SubscriptionFilter {
-    let address = |rng: &mut StdRng| AddressFilter {
-        service_name: maybe(rng, pool),
-        service_version: maybe(rng, pool),
-        service_target: maybe(rng, pool),
-        instance_id: maybe(rng, pool),
-    };
-    SubscriptionFilter {
-        message_type: rng
-            .random_bool(0.4)
-            .then(|| MessageType::ALL[rng.random_range(0..MessageType::ALL.len())]),
-        event_name: maybe(rng, pool),
-        principal_id: maybe(rng, pool),
-        tenant_id: maybe(rng, pool),
-        sender: if rng.random_bool(0.5) {
-            address(rng)
-        } else {
-            AddressFilter::default()
-        },
-        receiver: if rng.random_bool(0.5) {
-            address(rng)
-        } else {
-            AddressFilter::default()
-        },
-    }
-}
-
-fn random_message(rng: &mut StdRng, pool: &[String]) -> Envelope {
-    let sender = SenderAddress {
-        service_name: pick(rng, pool),
-        service_version: pick(rng, pool),
-        service_target: pick(rng, pool),
-        instance_id: pick(rng, pool),
-    };
-    let mut e = Envelope::custom(sender, "x", serde_json::json!({}));
-    e.message_type = MessageType::ALL[rng.random_range(0..MessageType::ALL.len())];
-    e.event_name = maybe(rng, pool);
-    e.principal_id = maybe(rng, pool);
-    e.tenant_id = maybe(rng, pool);
-    e.receiver = rng.random_bool(0.6).then(|| {
-        let a = Address::new(pick(rng, pool), pick(rng, pool), pick(rng, pool));
-        if rng.random_bool(0.5) {
-            a.with_instance(pick(rng, pool))
-        } else {
-            a
-        }
-    });
-    e
-}
-
-/// Every field the filter sets takes the message's value (where the message has one).
-fn copy_from_message(filter: &mut SubscriptionFilter, m: &Envelope) {
-    fn take(slot: &mut Option<String>, value: Option<&str>) {
-        if slot.is_some()
-            && let Some(v) = value
-        {
-            *slot = Some(v.to_string());
-        }
-    }
-    if filter.message_type.is_some() {
-        filter.message_type = Some(m.message_type);
-    }
-    take(&mut filter.event_name, m.event_name.as_deref());
-    take(&mut filter.principal_id, m.principal_id.as_deref());
-    take(&mut filter.tenant_id, m.tenant_id.as_deref());
-    let s = &m.sender;
-    take(&mut filter.sender.service_name, Some(&s.service_name));
-    take(&mut filter.sender.service_version, Some(&s.service_version));
-    take(&mut filter.sender.service_target, Some(&s.service_target));
-    take(&mut filter.sender.instance_id, Some(&s.instance_id));
-    if let Some(r) = &m.receiver {
-        take(&mut filter.receiver.service_name, Some(&r.service_name));
-        take(
-            &mut filter.receiver.service_version,
-            Some(&r.service_version),
-        );
-        take(&mut filter.receiver.service_target, Some(&r.service_target));
-        take(&mut filter.receiver.instance_id, r.instance_id.as_deref());
-    }
+fn pairs() -> PairGen {
+    PairGen::new(pool()).address_odds(0.5)
 }
 
 /// What a subscription with `filter` hands its handler of `message`: KubeMQ's routing, then
@@ -152,25 +65,20 @@ fn delivered(channels: &Channels, filter: &SubscriptionFilter, message: &Envelop
 
 #[test]
 fn random_filters_route_through_kubemq_channels_like_the_reference_matcher() {
-    let seed: u64 = std::env::var("PURISTA_PROPERTY_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    eprintln!("kubemq filter property seed: {seed} (replay with PURISTA_PROPERTY_SEED={seed})");
-    let mut rng = StdRng::seed_from_u64(seed);
-    let pool = pool();
+    let mut rng = StdRng::seed_from_u64(seed("kubemq"));
+    let pairs = pairs();
     let channels = Channels::new("purista").unwrap();
     let mut matched = 0;
     for i in 0..PAIRS {
         // Every other pair copies the message's own values into the filter, so that matches
         // are common, not a rarity of random draws.
-        let message = random_message(&mut rng, &pool);
-        let mut filter = random_filter(&mut rng, &pool);
+        let message = pairs.message(&mut rng);
+        let mut filter = pairs.filter(&mut rng);
         if i % 2 == 0 {
             copy_from_message(&mut filter, &message);
             // Now and then one field differs again, so near misses are tried too.
             if rng.random_bool(0.3) {
-                filter.principal_id = maybe(&mut rng, &pool);
+                filter.principal_id = pairs.maybe(&mut rng);
             }
         }
         let reference = filter.matches(&message);

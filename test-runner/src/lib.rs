@@ -7,6 +7,11 @@
 //! (`[skipped: RabbitMQ is not reachable at …] name`): a skip, never a pass. Under
 //! `PURISTA_REQUIRE_BROKERS=1` it runs instead, and fails naming the variable. Run anyway
 //! (`--include-ignored`), a skipped test fails: a test that did not run cannot pass.
+//!
+//! [`filters`] holds what the bridges' filter property tests share: random filters and
+//! messages, and the seed handling.
+
+pub mod filters;
 
 use std::collections::HashMap;
 use std::future::Future;
