@@ -67,7 +67,7 @@ pub async fn concurrent_publishers_into_many_instances_deliver_the_exact_set(h: 
         t.expect("a publisher task panicked");
     }
     let expected: BTreeSet<u64> = (0..PUBLISHERS * per_publisher).collect();
-    let _ = runs
+    let arrived = runs
         .wait_until(BULK_ARRIVAL, |r| {
             r.iter()
                 .map(|(_, n, _)| *n)
@@ -77,6 +77,19 @@ pub async fn concurrent_publishers_into_many_instances_deliver_the_exact_set(h: 
                 >= expected.len()
         })
         .await;
+    if let Err(so_far) = arrived {
+        // Said as it is, rather than as a sentinel stuck behind the messages still on their way.
+        let got: BTreeSet<u64> = so_far
+            .iter()
+            .map(|(_, n, _)| *n)
+            .filter(|n| *n < SENTINEL)
+            .collect();
+        if let Some(diff) = set_difference(&got, &expected) {
+            panic!(
+                "{PUBLISHERS} concurrent publishers into {INSTANCES} instances, {BULK_ARRIVAL:?} after the last emit: {diff}"
+            );
+        }
+    }
     settle_with_sentinels(&publisher, &event, &runs, &consumers).await;
     let got = by_message(&runs.snapshot());
     if let Some(diff) = set_difference(&got.keys().copied().collect(), &expected) {
@@ -142,9 +155,15 @@ pub async fn retry_under_load_acks_the_exact_set(h: Arc<dyn Harness>) {
             .map(|(_, n, _)| *n)
             .collect()
     };
-    let _ = runs
+    if let Err(so_far) = runs
         .wait_until(BULK_ARRIVAL, |r| acked(r).len() >= COUNT as usize)
-        .await;
+        .await
+        && let Some(diff) = set_difference(&acked(&so_far), &(0..COUNT).collect())
+    {
+        panic!(
+            "retries under load, {BULK_ARRIVAL:?} after the last emit: the acknowledged set differs from the published one: {diff}"
+        );
+    }
     settle_with_sentinels(&publisher, &event, &runs, &consumers).await;
     let snapshot = runs.snapshot();
     if let Some(diff) = set_difference(&acked(&snapshot), &(0..COUNT).collect()) {
