@@ -26,24 +26,27 @@
 
 mod cleanup;
 mod cli;
+#[cfg(feature = "dapr")]
+mod dapr;
 mod drive;
 mod measurement;
 mod payload;
 mod raw;
 mod scenarios;
 mod table;
+mod target;
 mod workload;
 
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use purista::ConnectOptions;
 use tokio::time::Instant;
 
 use crate::cli::{CliError, Options};
 use crate::measurement::{Measurement, peak_rss_kb, reset_peak_rss};
 use crate::raw::Baseline;
 use crate::table::Skipped;
+use crate::target::Target;
 use crate::workload::{Scenario, Workload};
 
 fn main() -> ExitCode {
@@ -119,14 +122,15 @@ async fn bench(mut options: Options) -> anyhow::Result<()> {
     };
     let url = purista::redact_url(&options.url);
     let prefix = format!("purista-bench-{}", &purista::ids::new_id()[..8]);
-    let target = ConnectOptions::new(&options.url).prefix(&prefix);
+    // `dapr://double`: Dapr's sidecar double in this process, a sidecar per bridge instance.
+    let target = Target::new(&options.url, &prefix)?;
     let bridge = if options.bridge {
         Some(probe(&target).await?)
     } else {
         None
     };
     let baseline = if options.raw {
-        match Baseline::for_url(&options.url, &prefix) {
+        match Baseline::for_target(&target) {
             Ok(baseline) => Some(baseline),
             // A full run still measures the bridge; only the ratios are missing.
             Err(e) if options.bridge => {
@@ -217,7 +221,7 @@ enum Ran {
 async fn run_bridge(
     bridge: &Probe,
     scenario: Scenario,
-    target: &ConnectOptions,
+    target: &Target,
     options: &Options,
     workload: &Workload,
 ) -> anyhow::Result<Ran> {
@@ -246,8 +250,9 @@ struct Probe {
 }
 
 /// Connects once before any scenario, so a bad URL fails with the facade's own message.
-async fn probe(target: &ConnectOptions) -> anyhow::Result<Probe> {
-    let connection = purista::connect_with(target).await?;
+async fn probe(target: &Target) -> anyhow::Result<Probe> {
+    let instance = target.connect().await?;
+    let connection = &instance.connection;
     let probe = Probe {
         name: connection.events.name().to_string(),
         has_queue_bridge: connection.queues.is_some(),
@@ -256,6 +261,7 @@ async fn probe(target: &ConnectOptions) -> anyhow::Result<Probe> {
         .events
         .shutdown(Instant::now() + std::time::Duration::from_secs(1))
         .await;
+    target::release(instance.keep.into_iter().collect()).await;
     Ok(probe)
 }
 
