@@ -13,7 +13,8 @@
 //!
 //! The layout: [`scenarios`] drives a [`purista::Connection`] and knows no broker; [`raw`] has
 //! one baseline per broker; [`drive`] is the timing harness both share, so the harness's own
-//! cost is on both sides of every ratio. A scenario a bridge cannot run (`queue` on a bridge
+//! cost is on both sides of every ratio; [`target`] says where bridge instances come from (the
+//! URL, or on `dapr://double` a sidecar of the in-process Dapr double each). A scenario a bridge cannot run (`queue` on a bridge
 //! without a queue bridge, e.g. RabbitMQ) is skipped with a line on stderr and a row in the
 //! table, and prints no JSON line.
 //!
@@ -228,7 +229,7 @@ async fn run_bridge(
     let url = purista::redact_url(&options.url);
     if scenario == Scenario::Queue && !bridge.has_queue_bridge {
         let reason = format!(
-            "bridge `{}` has no queue bridge (DESIGN §4: none on RabbitMQ); nothing measured",
+            "bridge `{}` has no queue bridge (DESIGN §4); nothing measured",
             bridge.name
         );
         eprintln!("skipping {scenario} on {url}: {reason}");
