@@ -6,11 +6,14 @@
 //! sidecars from the same double ([`DoubleSidecars::sidecar`]), so both sides of a ratio go
 //! through the same sidecar code.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context as _, bail};
+use purista::Connection;
 use purista::dapr::double::{DaprDouble, DoubleOptions, Sidecar, SidecarOptions};
-use purista::{ConnectOptions, Connection};
+use purista::dapr::{DaprBridge, DaprConfig};
+use purista::prelude::EventBridge;
 
 /// The URL that selects the double.
 pub const DOUBLE_URL: &str = "dapr://double";
@@ -89,26 +92,29 @@ impl DoubleSidecars {
         Ok((sidecar, app_id))
     }
 
-    /// One more bridge instance: a sidecar of its own, pointed at a free app port the bridge
-    /// then serves, connected through the facade with a `dapr://` URL naming both.
+    /// One more bridge instance: a sidecar of its own, and the bridge the facade's `dapr://`
+    /// driver builds for `dapr://<sidecar>?app_id=<id>`, with its app server on a port it
+    /// binds itself (`app_port=0`), the port the sidecar is then pointed at. (A free port
+    /// picked beforehand could be taken, or still reached through a pooled connection to the
+    /// app that had it, before the bridge binds it.)
     pub async fn connect(&self, prefix: &str) -> anyhow::Result<(Connection, Sidecar)> {
         let (sidecar, app_id) = self.sidecar("app")?;
-        let app_port = free_port()?;
-        sidecar.connect_app(app_port);
         let hostport = sidecar.address().trim_start_matches("http://").to_string();
-        let url = format!("dapr://{hostport}?app_id={app_id}&app_port={app_port}");
-        let connection = purista::connect_with(&ConnectOptions::new(&url).prefix(prefix))
+        let url = format!("dapr://{hostport}?app_id={app_id}&app_port=0&prefix={prefix}");
+        let config = DaprConfig::from_url(&url)?;
+        let bridge = DaprBridge::new(config)?;
+        sidecar.connect_app(bridge.app_port());
+        bridge
+            .start()
             .await
-            .with_context(|| format!("connecting app `{app_id}` to its sidecar {hostport}"))?;
+            .with_context(|| format!("starting app `{app_id}` on its sidecar {hostport}"))?;
+        let connection = Connection {
+            events: Arc::new(bridge),
+            queues: None,
+            redacted_url: purista::redact_url(&url),
+        };
         Ok((connection, sidecar))
     }
-}
-
-/// A loopback port nothing listens on now (the bridge binds it right after).
-fn free_port() -> anyhow::Result<u16> {
-    let listener =
-        std::net::TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
-    Ok(listener.local_addr()?.port())
 }
 
 #[cfg(test)]
