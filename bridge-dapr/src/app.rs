@@ -226,8 +226,8 @@ async fn command(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
 mod tests {
     use super::*;
 
-    #[test]
-    fn delivery_answers_are_the_status_objects_dapr_reads() {
+    #[tokio::test]
+    async fn delivery_answers_are_the_status_objects_dapr_reads() {
         for (status, text) in [
             (Status::Success, "SUCCESS"),
             (Status::Retry, "RETRY"),
@@ -239,9 +239,9 @@ mod tests {
                 response.headers().get(header::CONTENT_TYPE).unwrap(),
                 "application/json"
             );
-            let body =
-                futures::executor::block_on(axum::body::to_bytes(response.into_body(), usize::MAX))
-                    .unwrap();
+            let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap();
             let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
             assert_eq!(body, json!({ "status": text }));
         }
