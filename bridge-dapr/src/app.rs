@@ -85,8 +85,31 @@ async fn subscribe(State(shared): State<Arc<Shared>>) -> Response {
     .into_response()
 }
 
-fn reply(status: &'static str) -> Response {
-    (StatusCode::OK, axum::Json(json!({ "status": status }))).into_response()
+/// The answer to a delivery, `{"status": …}`: one of Dapr's three fixed bodies, written as
+/// the bytes they are (no JSON tree per delivery).
+fn reply(status: Status) -> Response {
+    let body: &'static str = match status {
+        Status::Success => r#"{"status":"SUCCESS"}"#,
+        Status::Retry => r#"{"status":"RETRY"}"#,
+        Status::Drop => r#"{"status":"DROP"}"#,
+    };
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
+/// What the app answers Dapr about a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    /// Done: not delivered again.
+    Success,
+    /// Delivered again by the resiliency policy.
+    Retry,
+    /// Not delivered again, nor dead-lettered.
+    Drop,
 }
 
 fn is_json(headers: &HeaderMap, extra: &str) -> bool {
@@ -124,15 +147,15 @@ async fn message(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
             shared.count_poison();
             tracing::warn!(error = %e, "dropped a delivery that is not a PURISTA CloudEvent");
             // DROP: redelivering the same bytes cannot help.
-            return reply("DROP");
+            return reply(Status::Drop);
         }
     };
     match shared
         .dispatch(&delivered.id, Arc::new(delivered.envelope))
         .await
     {
-        crate::subscriptions::Verdict::Done => reply("SUCCESS"),
-        crate::subscriptions::Verdict::Retry => reply("RETRY"),
+        crate::subscriptions::Verdict::Done => reply(Status::Success),
+        crate::subscriptions::Verdict::Retry => reply(Status::Retry),
     }
 }
 
@@ -202,6 +225,27 @@ async fn command(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn delivery_answers_are_the_status_objects_dapr_reads() {
+        for (status, text) in [
+            (Status::Success, "SUCCESS"),
+            (Status::Retry, "RETRY"),
+            (Status::Drop, "DROP"),
+        ] {
+            let response = reply(status);
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(
+                response.headers().get(header::CONTENT_TYPE).unwrap(),
+                "application/json"
+            );
+            let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(body, json!({ "status": text }));
+        }
+    }
 
     #[test]
     fn tokens_compare_by_content_and_length() {

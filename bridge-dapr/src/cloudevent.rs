@@ -2,7 +2,9 @@
 //! PURISTA envelope travels as the JSON `data`, the message id as the CloudEvent `id`.
 
 use purista_core::Envelope;
-use serde_json::{Map, Value, json};
+use serde::Deserialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// Content type of a structured CloudEvent.
 pub const CLOUDEVENT_CONTENT_TYPE: &str = "application/cloudevents+json";
@@ -11,25 +13,37 @@ pub const EVENT_TYPE: &str = "io.purista.message";
 
 /// The CloudEvent of an already encoded envelope. `traceparent` is the W3C trace context of
 /// the message, when it carries one (Dapr reads it from the event).
+///
+/// `encoded` is the envelope's own JSON object ([`Envelope::encode`]) and becomes `data` byte
+/// for byte: parsing it back into a tree only to write it out again cost a parse and a
+/// serialization of every message published.
 pub fn wrap(envelope: &Envelope, encoded: &[u8], source: &str) -> Result<Vec<u8>, String> {
-    let data: Value = serde_json::from_slice(encoded).map_err(|e| e.to_string())?;
-    let mut event = json!({
-        "specversion": "1.0",
-        "id": envelope.id,
-        "source": source,
-        "type": EVENT_TYPE,
-        "datacontenttype": "application/json",
-        "data": data,
-    });
+    if encoded.first() != Some(&b'{') || encoded.last() != Some(&b'}') {
+        return Err("the encoded envelope is not a JSON object".into());
+    }
+    let mut event = Vec::with_capacity(encoded.len() + 192);
+    let mut field = |name: &str, value: &str| -> Result<(), String> {
+        event.extend_from_slice(if event.is_empty() { b"{\"" } else { b",\"" });
+        event.extend_from_slice(name.as_bytes());
+        event.extend_from_slice(b"\":");
+        serde_json::to_writer(&mut event, value).map_err(|e| e.to_string())
+    };
+    field("specversion", "1.0")?;
+    field("id", &envelope.id)?;
+    field("source", source)?;
+    field("type", EVENT_TYPE)?;
+    field("datacontenttype", "application/json")?;
     if let Some(traceparent) = envelope
         .otp
         .as_deref()
         .filter(|t| t.len() < 256 && t.is_ascii())
-        && let Some(obj) = event.as_object_mut()
     {
-        obj.insert("traceparent".into(), Value::String(traceparent.to_string()));
+        field("traceparent", traceparent)?;
     }
-    serde_json::to_vec(&event).map_err(|e| e.to_string())
+    event.extend_from_slice(b",\"data\":");
+    event.extend_from_slice(encoded);
+    event.push(b'}');
+    Ok(event)
 }
 
 /// Why a delivered body is not a PURISTA CloudEvent.
@@ -52,22 +66,47 @@ pub struct Delivered {
     pub envelope: Envelope,
 }
 
-/// The envelope inside a delivered CloudEvent.
+/// The fields of a delivered CloudEvent the bridge reads; `data` stays the bytes it came as.
+#[derive(Deserialize)]
+struct Incoming<'a> {
+    #[serde(default)]
+    specversion: Option<Value>,
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
+}
+
+/// The envelope inside a delivered CloudEvent. `data` is decoded from its own bytes by
+/// [`Envelope::decode_with_limit`] (core's one-pass decoder), not through a JSON tree of the
+/// whole event.
 pub fn unwrap(body: &[u8]) -> Result<Delivered, UnwrapError> {
-    let mut event: Map<String, Value> =
+    let not_object = || UnwrapError::NotCloudEvent("not a JSON object".into());
+    // A derived struct would also take a JSON array, field by field.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(not_object());
+    }
+    let event: Incoming<'_> =
         serde_json::from_slice(body).map_err(|e| UnwrapError::NotCloudEvent(e.to_string()))?;
-    if event.get("specversion").and_then(Value::as_str).is_none() {
+    if !event.specversion.as_ref().is_some_and(Value::is_string) {
         return Err(UnwrapError::NotCloudEvent("no specversion".into()));
     }
-    let Some(id) = event.get("id").and_then(Value::as_str).map(str::to_string) else {
+    let Some(Value::String(id)) = event.id else {
         return Err(UnwrapError::NotCloudEvent("no id".into()));
     };
+    let Some(data) = event.data else {
+        return Err(UnwrapError::NotEnvelope("no data".into()));
+    };
+    let data = data.get();
     // The body's size is bounded by the app server before this runs.
-    let envelope = match event.remove("data") {
-        Some(Value::String(s)) => Envelope::decode_with_limit(s.as_bytes(), usize::MAX),
-        Some(v @ Value::Object(_)) => Envelope::from_value(v),
-        Some(_) => return Err(UnwrapError::NotEnvelope("data is not an object".into())),
-        None => return Err(UnwrapError::NotEnvelope("no data".into())),
+    let envelope = match data.as_bytes().first() {
+        Some(b'"') => {
+            let text: String =
+                serde_json::from_str(data).map_err(|e| UnwrapError::NotEnvelope(e.to_string()))?;
+            Envelope::decode_with_limit(text.as_bytes(), usize::MAX)
+        }
+        Some(b'{') => Envelope::decode_with_limit(data.as_bytes(), usize::MAX),
+        _ => return Err(UnwrapError::NotEnvelope("data is not an object".into())),
     }
     .map_err(|e| UnwrapError::NotEnvelope(e.to_string()))?;
     Ok(Delivered { id, envelope })
@@ -76,6 +115,7 @@ pub fn unwrap(body: &[u8]) -> Result<Delivered, UnwrapError> {
 #[cfg(test)]
 mod tests {
     use purista_core::SenderAddress;
+    use serde_json::json;
 
     use super::*;
 
@@ -92,6 +132,50 @@ mod tests {
         ));
         assert!(matches!(
             unwrap(br#"{"specversion":"1.0","id":"1","data":{"x":1}}"#),
+            Err(UnwrapError::NotEnvelope(_))
+        ));
+    }
+
+    #[test]
+    fn the_wrapped_event_carries_the_cloudevent_fields_and_the_envelope_as_data() {
+        let mut e = Envelope::custom(SenderAddress::default(), "paid", json!({"n": 1.5}));
+        e.otp = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+        let ce: Value = serde_json::from_slice(&wrap(&e, &e.encode(), "a\"pp").unwrap()).unwrap();
+        assert_eq!(ce["specversion"], "1.0");
+        assert_eq!(ce["id"], e.id.as_str());
+        assert_eq!(ce["source"], "a\"pp");
+        assert_eq!(ce["type"], EVENT_TYPE);
+        assert_eq!(ce["datacontenttype"], "application/json");
+        assert_eq!(ce["traceparent"], e.otp.as_deref().unwrap());
+        assert_eq!(ce["data"], serde_json::to_value(&e).unwrap());
+        assert!(wrap(&e, b"[1]", "app").is_err());
+    }
+
+    #[test]
+    fn an_envelope_sent_as_a_json_string_is_read_too() {
+        let e = Envelope::custom(SenderAddress::default(), "paid", json!({"n": 1}));
+        let text = String::from_utf8(e.encode()).unwrap();
+        let ce = json!({"specversion": "1.0", "id": "d-1", "data": text});
+        let delivered = unwrap(&serde_json::to_vec(&ce).unwrap()).unwrap();
+        assert_eq!(delivered.id, "d-1");
+        assert_eq!(delivered.envelope.id, e.id);
+    }
+
+    #[test]
+    fn events_without_a_string_id_or_specversion_or_not_objects_are_refused() {
+        for body in [
+            &br#"["1.0","1",{}]"#[..],
+            br#"{"specversion":"1.0","id":7,"data":{}}"#,
+            br#"{"id":"1","data":{}}"#,
+        ] {
+            assert!(
+                matches!(unwrap(body), Err(UnwrapError::NotCloudEvent(_))),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert!(matches!(
+            unwrap(br#"{"specversion":"1.0","id":"1","data":7}"#),
             Err(UnwrapError::NotEnvelope(_))
         ));
     }

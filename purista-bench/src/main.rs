@@ -13,7 +13,8 @@
 //!
 //! The layout: [`scenarios`] drives a [`purista::Connection`] and knows no broker; [`raw`] has
 //! one baseline per broker; [`drive`] is the timing harness both share, so the harness's own
-//! cost is on both sides of every ratio. A scenario a bridge cannot run (`queue` on a bridge
+//! cost is on both sides of every ratio; [`target`] says where bridge instances come from (the
+//! URL, or on `dapr://double` a sidecar of the in-process Dapr double each). A scenario a bridge cannot run (`queue` on a bridge
 //! without a queue bridge, e.g. RabbitMQ) is skipped with a line on stderr and a row in the
 //! table, and prints no JSON line.
 //!
@@ -26,24 +27,27 @@
 
 mod cleanup;
 mod cli;
+#[cfg(feature = "dapr")]
+mod dapr;
 mod drive;
 mod measurement;
 mod payload;
 mod raw;
 mod scenarios;
 mod table;
+mod target;
 mod workload;
 
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use purista::ConnectOptions;
 use tokio::time::Instant;
 
 use crate::cli::{CliError, Options};
 use crate::measurement::{Measurement, peak_rss_kb, reset_peak_rss};
 use crate::raw::Baseline;
 use crate::table::Skipped;
+use crate::target::Target;
 use crate::workload::{Scenario, Workload};
 
 fn main() -> ExitCode {
@@ -119,14 +123,15 @@ async fn bench(mut options: Options) -> anyhow::Result<()> {
     };
     let url = purista::redact_url(&options.url);
     let prefix = format!("purista-bench-{}", &purista::ids::new_id()[..8]);
-    let target = ConnectOptions::new(&options.url).prefix(&prefix);
+    // `dapr://double`: Dapr's sidecar double in this process, a sidecar per bridge instance.
+    let target = Target::new(&options.url, &prefix)?;
     let bridge = if options.bridge {
         Some(probe(&target).await?)
     } else {
         None
     };
     let baseline = if options.raw {
-        match Baseline::for_url(&options.url, &prefix) {
+        match Baseline::for_target(&target) {
             Ok(baseline) => Some(baseline),
             // A full run still measures the bridge; only the ratios are missing.
             Err(e) if options.bridge => {
@@ -217,14 +222,14 @@ enum Ran {
 async fn run_bridge(
     bridge: &Probe,
     scenario: Scenario,
-    target: &ConnectOptions,
+    target: &Target,
     options: &Options,
     workload: &Workload,
 ) -> anyhow::Result<Ran> {
     let url = purista::redact_url(&options.url);
     if scenario == Scenario::Queue && !bridge.has_queue_bridge {
         let reason = format!(
-            "bridge `{}` has no queue bridge (DESIGN §4: none on RabbitMQ); nothing measured",
+            "bridge `{}` has no queue bridge (DESIGN §4); nothing measured",
             bridge.name
         );
         eprintln!("skipping {scenario} on {url}: {reason}");
@@ -246,8 +251,9 @@ struct Probe {
 }
 
 /// Connects once before any scenario, so a bad URL fails with the facade's own message.
-async fn probe(target: &ConnectOptions) -> anyhow::Result<Probe> {
-    let connection = purista::connect_with(target).await?;
+async fn probe(target: &Target) -> anyhow::Result<Probe> {
+    let instance = target.connect().await?;
+    let connection = &instance.connection;
     let probe = Probe {
         name: connection.events.name().to_string(),
         has_queue_bridge: connection.queues.is_some(),
@@ -256,6 +262,7 @@ async fn probe(target: &ConnectOptions) -> anyhow::Result<Probe> {
         .events
         .shutdown(Instant::now() + std::time::Duration::from_secs(1))
         .await;
+    target::release(instance.keep.into_iter().collect()).await;
     Ok(probe)
 }
 

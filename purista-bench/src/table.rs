@@ -36,6 +36,9 @@ impl Target {
         match (bridge, scenario) {
             ("amqp", Scenario::CmdSeq | Scenario::Fanout) => Target::Ratio(0.7),
             ("amqp", _) => Target::None,
+            // Issue 11: on Dapr every figure within 0.7 of plain HTTP through the same sidecars.
+            ("dapr", Scenario::CmdSeq | Scenario::CmdConc | Scenario::Fanout) => Target::Ratio(0.7),
+            ("dapr", _) => Target::None,
             (_, Scenario::CmdSeq) => Target::Ratio(0.5),
             (_, Scenario::CmdConc) => Target::Ratio(0.4),
             (_, Scenario::Fanout) => Target::Ratio(0.25),
@@ -234,6 +237,14 @@ mod tests {
         assert_eq!(Target::of("amqp", Scenario::Fanout), Target::Ratio(0.7));
         assert_eq!(Target::of("amqp", Scenario::CmdConc), Target::None);
         assert_eq!(Target::of("default", Scenario::CmdSeq), Target::Ratio(0.5));
+    }
+
+    #[test]
+    fn dapr_targets_are_ratios_for_invocations_and_events() {
+        for scenario in [Scenario::CmdSeq, Scenario::CmdConc, Scenario::Fanout] {
+            assert_eq!(Target::of("dapr", scenario), Target::Ratio(0.7));
+        }
+        assert_eq!(Target::of("dapr", Scenario::Queue), Target::None);
     }
 
     #[test]

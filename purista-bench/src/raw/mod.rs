@@ -5,9 +5,12 @@
 //! One module per broker; [`Baseline::for_url`] picks by URL scheme. The in-process bridge's
 //! "broker" is tokio itself, so its baseline is bare tokio channels ([`tokio`](self::tokio));
 //! RabbitMQ's is bare `lapin` publish/consume with the bridge's confirm, ack and prefetch
-//! settings (`lapin`, cargo feature `amqp`). A further broker brings its own module and one arm
+//! settings (`lapin`, cargo feature `amqp`); Dapr's is plain reqwest and axum against the
+//! same sidecar double (`dapr`, cargo feature `dapr`). A further broker brings its own module and one arm
 //! in [`Baseline`].
 
+#[cfg(feature = "dapr")]
+mod dapr;
 #[cfg(feature = "kubemq")]
 mod kubemq;
 #[cfg(feature = "amqp")]
@@ -40,6 +43,14 @@ pub enum Baseline {
         /// The run's channel prefix.
         prefix: String,
     },
+    /// Plain reqwest and axum through sidecars of the `dapr://double` run's sidecar double.
+    #[cfg(feature = "dapr")]
+    Dapr {
+        /// The double the bridge's sidecars come from too.
+        double: std::sync::Arc<crate::dapr::DoubleSidecars>,
+        /// The run's topic prefix.
+        prefix: String,
+    },
 }
 
 impl Baseline {
@@ -69,10 +80,25 @@ impl Baseline {
                     .address(),
                 prefix: prefix.to_string(),
             }),
+            "dapr" => bail!(
+                "the raw Dapr baseline runs only against the sidecar double (`dapr://double`)"
+            ),
             other => bail!(
                 "no raw baseline for `{other}://` yet; it is added together with that bridge's adapter"
             ),
         }
+    }
+
+    /// The baseline for `target`: on `dapr://double`, plain HTTP through the same double.
+    pub fn for_target(target: &crate::target::Target) -> anyhow::Result<Baseline> {
+        #[cfg(feature = "dapr")]
+        if let Some(double) = target.dapr_double() {
+            return Ok(Baseline::Dapr {
+                double,
+                prefix: target.prefix().to_string(),
+            });
+        }
+        Baseline::for_url(target.url(), target.prefix())
     }
 
     /// The `bridge` field of the baseline's JSON lines.
@@ -83,6 +109,8 @@ impl Baseline {
             Baseline::Lapin { .. } => "raw-lapin",
             #[cfg(feature = "kubemq")]
             Baseline::Kubemq { .. } => "raw-kubemq",
+            #[cfg(feature = "dapr")]
+            Baseline::Dapr { .. } => "raw-dapr",
         }
     }
 
@@ -97,6 +125,10 @@ impl Baseline {
             #[cfg(feature = "kubemq")]
             (Baseline::Kubemq { .. }, Scenario::Queue) => {
                 Some("the kubemq bridge has no queue bridge yet, so there is nothing to compare")
+            }
+            #[cfg(feature = "dapr")]
+            (Baseline::Dapr { .. }, Scenario::Queue) => {
+                Some("the Dapr bridge has no queue bridge, so there is nothing to compare")
             }
             _ => None,
         }
@@ -117,6 +149,10 @@ impl Baseline {
             #[cfg(feature = "kubemq")]
             Baseline::Kubemq { address, prefix } => {
                 self::kubemq::run(scenario, workload, address, prefix).await?
+            }
+            #[cfg(feature = "dapr")]
+            Baseline::Dapr { double, prefix } => {
+                self::dapr::run(scenario, workload, double, prefix).await?
             }
         };
         Ok(measured)
@@ -150,8 +186,24 @@ mod tests {
 
     #[test]
     fn brokers_without_a_baseline_say_so() {
-        let err = Baseline::for_url("dapr://localhost", "p").expect_err("no baseline yet");
-        assert!(err.to_string().contains("dapr://"), "{err}");
+        let err = Baseline::for_url("nats://localhost", "p").expect_err("no baseline yet");
+        assert!(err.to_string().contains("nats://"), "{err}");
+    }
+
+    #[test]
+    fn a_real_dapr_sidecar_has_no_baseline_only_the_double_has() {
+        let err = Baseline::for_url("dapr://localhost", "p").expect_err("one real sidecar");
+        assert!(err.to_string().contains("dapr://double"), "{err}");
+    }
+
+    #[cfg(feature = "dapr")]
+    #[test]
+    fn the_dapr_double_uses_the_plain_http_baseline_which_has_no_queue_scenario() {
+        let target = crate::target::Target::new("dapr://double", "bench-1").expect("the double");
+        let baseline = Baseline::for_target(&target).expect("dapr baseline");
+        assert_eq!(baseline.label(), "raw-dapr");
+        assert!(baseline.lacks(Scenario::Queue).is_some());
+        assert!(baseline.lacks(Scenario::Fanout).is_none());
     }
 
     #[cfg(feature = "kubemq")]

@@ -19,10 +19,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use purista::prelude::*;
-use purista::{ConnectOptions, Connection, RunningService};
+use purista::{Connection, RunningService};
 use tokio::time::Instant;
 
 use crate::measurement::Measurement;
+use crate::target::{self, Target};
 use crate::workload::{QueueMode, Scenario, Workload};
 
 /// How long shutting a scenario's services and bridges down may take.
@@ -34,7 +35,7 @@ const SCENARIO_LIMIT: Duration = Duration::from_secs(600);
 /// Runs `scenario` against the bridge `target` names and measures it.
 pub async fn run(
     scenario: Scenario,
-    target: &ConnectOptions,
+    target: &Target,
     workload: &Workload,
     queue_mode: QueueMode,
 ) -> anyhow::Result<Measurement> {
@@ -61,20 +62,23 @@ pub async fn run(
 
 /// The connections and services one scenario started, shut down together at its end.
 pub struct Deployment {
-    target: ConnectOptions,
+    target: Target,
     /// Unique suffix for this scenario's names.
     run_id: String,
     connections: Vec<Connection>,
     services: Vec<Arc<RunningService>>,
+    /// What the connections need until they are shut down (their sidecars, on Dapr).
+    keep: Vec<Box<dyn std::any::Any + Send>>,
 }
 
 impl Deployment {
-    fn new(target: &ConnectOptions, scenario: Scenario) -> Self {
+    fn new(target: &Target, scenario: Scenario) -> Self {
         Deployment {
             target: target.clone(),
             run_id: format!("{}-{}", scenario.name(), &purista::ids::new_id()[..8]),
             connections: Vec::new(),
             services: Vec::new(),
+            keep: Vec::new(),
         }
     }
 
@@ -85,11 +89,10 @@ impl Deployment {
 
     /// Opens one more bridge instance on the URL.
     pub async fn connect(&mut self) -> anyhow::Result<Connection> {
-        let connection = purista::connect_with(&self.target)
-            .await
-            .with_context(|| format!("connecting to {}", purista::redact_url(self.target.url())))?;
-        self.connections.push(connection.clone());
-        Ok(connection)
+        let instance = self.target.connect().await?;
+        self.connections.push(instance.connection.clone());
+        self.keep.extend(instance.keep);
+        Ok(instance.connection)
     }
 
     /// Starts `service` on `connection` and keeps it for shutdown.
@@ -134,5 +137,6 @@ impl Deployment {
         for connection in &self.connections {
             connection.events.shutdown(deadline).await;
         }
+        target::release(self.keep).await;
     }
 }
