@@ -142,3 +142,35 @@ impl Progress {
         }
     }
 }
+
+/// Times the command round trips `call` makes as `scenario` asks, after a warm-up: cmd-seq one
+/// after another (with latency percentiles), cmd-conc with `cmd_conc_in_flight` at once. For
+/// the raw baselines, whose calls are plain closures.
+pub async fn commands<F, Fut>(
+    label: &str,
+    scenario: crate::workload::Scenario,
+    workload: &crate::workload::Workload,
+    call: F,
+) -> anyhow::Result<crate::measurement::Measurement>
+where
+    F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    use crate::measurement::{Measurement, Percentiles};
+    if scenario == crate::workload::Scenario::CmdSeq {
+        sequential(workload.warmup, &call).await?;
+        let timed = sequential(workload.cmd_seq_calls, &call).await?;
+        return Ok(
+            Measurement::new(label, scenario, workload.cmd_seq_calls, timed.elapsed)
+                .with_latency(Percentiles::of(timed.latencies_ns)),
+        );
+    }
+    let in_flight = workload.cmd_conc_in_flight;
+    concurrent(workload.warmup, in_flight, call.clone()).await?;
+    let timed = concurrent(workload.cmd_conc_calls, in_flight, call).await?;
+    Ok(
+        Measurement::new(label, scenario, workload.cmd_conc_calls, timed.elapsed)
+            .with_latency(Percentiles::of(timed.latencies_ns))
+            .with_note(format!("{in_flight} in flight")),
+    )
+}

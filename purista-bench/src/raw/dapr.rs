@@ -32,7 +32,7 @@ use tokio::time::{Duration, Instant};
 
 use crate::dapr::DoubleSidecars;
 use crate::drive::{self, Progress};
-use crate::measurement::{Measurement, Percentiles};
+use crate::measurement::Measurement;
 use crate::payload;
 use crate::workload::{Scenario, Workload};
 
@@ -185,19 +185,7 @@ async fn commands(
             }
         }
     };
-    let measured = if scenario == Scenario::CmdSeq {
-        drive::sequential(workload.warmup, &call).await?;
-        let timed = drive::sequential(workload.cmd_seq_calls, &call).await?;
-        Measurement::new(LABEL, scenario, workload.cmd_seq_calls, timed.elapsed)
-            .with_latency(Percentiles::of(timed.latencies_ns))
-    } else {
-        let in_flight = workload.cmd_conc_in_flight;
-        drive::concurrent(workload.warmup, in_flight, call.clone()).await?;
-        let timed = drive::concurrent(workload.cmd_conc_calls, in_flight, call).await?;
-        Measurement::new(LABEL, scenario, workload.cmd_conc_calls, timed.elapsed)
-            .with_latency(Percentiles::of(timed.latencies_ns))
-            .with_note(format!("{in_flight} in flight"))
-    };
+    let measured = drive::commands(LABEL, scenario, workload, call).await?;
     server.stop().await;
     let _ = tokio::task::spawn_blocking(move || drop(caller_sidecar)).await;
     Ok(measured)

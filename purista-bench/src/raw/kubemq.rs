@@ -13,7 +13,7 @@ use purista::kubemq::kubemq::{Event, KubemqClient, Query, QueryReply, RetryPolic
 use tokio::time::Instant;
 
 use crate::drive::{self, Progress};
-use crate::measurement::{Measurement, Percentiles};
+use crate::measurement::Measurement;
 use crate::payload;
 use crate::workload::{Scenario, Workload};
 
@@ -110,19 +110,7 @@ async fn commands(
         }
         anyhow::ensure!(Instant::now() < ready, "the raw responder never answered");
     }
-    let measured = if scenario == Scenario::CmdSeq {
-        drive::sequential(workload.warmup, &call).await?;
-        let timed = drive::sequential(workload.cmd_seq_calls, &call).await?;
-        Measurement::new(LABEL, scenario, workload.cmd_seq_calls, timed.elapsed)
-            .with_latency(Percentiles::of(timed.latencies_ns))
-    } else {
-        let in_flight = workload.cmd_conc_in_flight;
-        drive::concurrent(workload.warmup, in_flight, call.clone()).await?;
-        let timed = drive::concurrent(workload.cmd_conc_calls, in_flight, call).await?;
-        Measurement::new(LABEL, scenario, workload.cmd_conc_calls, timed.elapsed)
-            .with_latency(Percentiles::of(timed.latencies_ns))
-            .with_note(format!("{in_flight} in flight"))
-    };
+    let measured = drive::commands(LABEL, scenario, workload, call).await?;
     subscription.unsubscribe().await;
     let _ = caller.close().await;
     let _ = server.close().await;
