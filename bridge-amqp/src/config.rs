@@ -289,7 +289,10 @@ pub struct AmqpConfig {
     /// For this long after a reconnect (10 s), an invocation whose command finds no queue is
     /// published again (within its ttl) instead of failing with 502 at once: the serving
     /// instances lost their connections too and may not have re-created their command queues
-    /// yet. Outside this window an unroutable command fails with 502 immediately.
+    /// yet. Outside this window an unroutable command fails with 502 immediately. In
+    /// [`TopologyMode::Purista`] the same holds for this long after a command last reached
+    /// its queue: that queue goes with its server's connection, even when the caller's own
+    /// connection survived.
     pub reconnect_grace: Duration,
     /// A command queue whose serving instances all vanished without unregistering (a crash, a
     /// lost connection) keeps taking commands for this long (60 s), so an instance that comes
@@ -331,9 +334,10 @@ pub struct AmqpConfig {
 /// What the PURISTA mode gives up: an auto-delete command queue disappears, with the commands
 /// waiting in it, as soon as its last consumer goes, also when that consumer merely lost its
 /// connection. While every server of a command reconnects, its commands are unroutable: a Rust
-/// caller gets 502 (or, within [`AmqpConfig::reconnect_grace`] after its own reconnect, a
-/// retry within the ttl), a TypeScript caller waits for its timeout, and commands that were
-/// waiting in the queue are lost (their callers time out). The native mode keeps the queue, and
+/// caller that reached the command within the last [`AmqpConfig::reconnect_grace`] (or
+/// reconnected itself within it) publishes again within its ttl, and fails with 502 only once
+/// the command has had no route for the grace; a TypeScript caller waits for its timeout; and
+/// commands that were waiting in the queue are lost (their callers time out). The native mode keeps the queue, and
 /// its commands, for [`AmqpConfig::command_queue_expiry`]. Everything else holds in both modes
 /// and is proven by the conformance suite in both (`amqp` and `amqp_purista`): commands are
 /// still published `mandatory` with an expiration (PURISTA's servers simply ignore both), so no

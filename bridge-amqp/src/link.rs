@@ -4,6 +4,7 @@
 //! The supervisor (`reconnect.rs`) replaces the session; everyone else reads it here. While no
 //! session is current every broker operation fails at once with 503, naming the last reason.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -20,6 +21,8 @@ use crate::session::Session;
 const UNROUTED_RETRY_FIRST: Duration = Duration::from_millis(20);
 /// Longest wait between those publishes.
 const UNROUTED_RETRY_MAX: Duration = Duration::from_millis(320);
+/// How many receivers [`RecentRoutes`] remembers at most.
+const RECENT_ROUTES_CAP: usize = 4096;
 
 /// What the first connect ended in, for `start` to wait on.
 #[derive(Debug, Clone, Default)]
@@ -44,10 +47,55 @@ pub(crate) struct Link {
     reconnected: Mutex<Option<(u64, Instant)>>,
     /// See [`AmqpConfig::reconnect_grace`](crate::AmqpConfig::reconnect_grace).
     grace: Duration,
+    /// Set where a serving instance's command queue vanishes with its connection
+    /// ([`TopologyMode::Purista`](crate::TopologyMode::Purista)).
+    recent: Option<RecentRoutes>,
+}
+
+/// When a routed publish to each receiver was last confirmed.
+///
+/// In the PURISTA topology a command queue is auto-delete: it goes with its last server's
+/// connection, and comes back when that server has reconnected. A caller whose own connection
+/// survived sees the command come back unroutable meanwhile, although a server is on its way
+/// back. A receiver that took a publish within the reconnect grace is taken to be such a
+/// server, and its unroutable commands are published again (within their ttl) instead of
+/// failing with 502 at once; a receiver never routed to, or not for the grace, is 502 at once.
+struct RecentRoutes {
+    confirmed: Mutex<HashMap<String, Instant>>,
+}
+
+impl RecentRoutes {
+    /// Notes that a publish to `receiver` reached a queue now.
+    fn routed(&self, receiver: &str, grace: Duration) {
+        let now = Instant::now();
+        let mut confirmed = self.confirmed.lock();
+        if let Some(at) = confirmed.get_mut(receiver) {
+            *at = now;
+            return;
+        }
+        if confirmed.len() >= RECENT_ROUTES_CAP {
+            confirmed.retain(|_, at| now.duration_since(*at) < grace);
+        }
+        // Still full of fresh entries: this receiver is not remembered, and its unroutable
+        // commands get the immediate 502 they got before.
+        if confirmed.len() < RECENT_ROUTES_CAP {
+            confirmed.insert(receiver.to_owned(), now);
+        }
+    }
+
+    /// Whether a publish to `receiver` reached a queue within `grace`.
+    fn was_routed_within(&self, receiver: &str, grace: Duration) -> bool {
+        self.confirmed
+            .lock()
+            .get(receiver)
+            .is_some_and(|at| at.elapsed() < grace)
+    }
 }
 
 impl Link {
-    pub(crate) fn new(grace: Duration) -> Self {
+    /// A link whose unroutable commands are retried for `grace` after a reconnect, and, when
+    /// `queues_vanish_with_servers`, also for `grace` after the receiver last took one.
+    pub(crate) fn new(grace: Duration, queues_vanish_with_servers: bool) -> Self {
         Link {
             session: watch::Sender::new(None),
             first: watch::Sender::new(FirstConnect::Pending),
@@ -55,6 +103,9 @@ impl Link {
             reconnects: AtomicU64::new(0),
             reconnected: Mutex::new(None),
             grace,
+            recent: queues_vanish_with_servers.then(|| RecentRoutes {
+                confirmed: Mutex::default(),
+            }),
         }
     }
 
@@ -146,11 +197,22 @@ impl Link {
         }
     }
 
+    /// True while an unroutable publish to `receiver` on `session` may be a server on its way
+    /// back rather than nobody serving it: see [`Link::in_reconnect_grace`] and
+    /// [`RecentRoutes`].
+    fn may_come_back(&self, session: &Session, receiver: &str) -> bool {
+        self.in_reconnect_grace(session)
+            || self
+                .recent
+                .as_ref()
+                .is_some_and(|recent| recent.was_routed_within(receiver, self.grace))
+    }
+
     /// Publishes a `mandatory` message that must reach a queue (a command, a stream's open
-    /// frame) for `receiver`: unroutable is [`BridgeError::NoHandler`] (502) at once, except in
-    /// the reconnect grace, where it is published again after short pauses (a returned message
-    /// reached no queue, so this cannot duplicate it); nacked is [`BridgeError::Refused`]. The
-    /// caller bounds the whole by its ttl.
+    /// frame) for `receiver`: unroutable is [`BridgeError::NoHandler`] (502) at once, except
+    /// while its server may be on its way back ([`Link::may_come_back`]), where it is published
+    /// again after short pauses (a returned message reached no queue, so this cannot duplicate
+    /// it); nacked is [`BridgeError::Refused`]. The caller bounds the whole by its ttl.
     pub(crate) async fn publish_routed(
         &self,
         mut session: Arc<Session>,
@@ -158,15 +220,21 @@ impl Link {
         receiver: &Address,
     ) -> Result<(), BridgeError> {
         let mut pause = UNROUTED_RETRY_FIRST;
+        let name = receiver.to_string();
         loop {
             let attempt = Outgoing {
                 properties: out.properties.clone(),
                 ..out
             };
             match session.publish(attempt).await? {
-                Verdict::Confirmed => return Ok(()),
-                Verdict::Returned { .. } if self.in_reconnect_grace(&session) => {
-                    tracing::debug!(%receiver, retry_in = ?pause, "no route right after a reconnect; trying again");
+                Verdict::Confirmed => {
+                    if let Some(recent) = &self.recent {
+                        recent.routed(&name, self.grace);
+                    }
+                    return Ok(());
+                }
+                Verdict::Returned { .. } if self.may_come_back(&session, &name) => {
+                    tracing::debug!(%receiver, retry_in = ?pause, "no route, but its server may be reconnecting; trying again");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(UNROUTED_RETRY_MAX);
                     session = self.connected()?;

@@ -32,7 +32,10 @@ impl Shared {
         Shared {
             topology: Topology::new(&config, &instance_id),
             instance_id,
-            link: Link::new(config.reconnect_grace),
+            link: Link::new(
+                config.reconnect_grace,
+                config.topology == crate::TopologyMode::Purista,
+            ),
             registry: Registry::default(),
             work: Work::new(),
             ledger: Ledger::default(),

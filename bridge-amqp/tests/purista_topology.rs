@@ -172,8 +172,12 @@ async fn a_rust_instance_in_the_purista_mode_shares_the_queues_a_typescript_inst
     ch.basic_cancel(ts_consumer.tag(), BasicCancelOptions::default())
         .await
         .expect("cancel");
+    // A short reconnect grace: see the end of the case.
     let client = broker
-        .bridge_with(|c| c.topology = TopologyMode::Purista)
+        .bridge_with(|c| {
+            c.topology = TopologyMode::Purista;
+            c.reconnect_grace = Duration::from_secs(1);
+        })
         .await;
     let caller = SenderAddress {
         service_name: "shop".into(),
@@ -200,7 +204,9 @@ async fn a_rust_instance_in_the_purista_mode_shares_the_queues_a_typescript_inst
     assert!(eventually(Duration::from_secs(5), || recorder.count() == 1).await);
 
     // The last server leaves: the broker deletes the auto-delete queue, so the next command
-    // is unroutable and fails at once with 502 instead of waiting for its ttl.
+    // is unroutable. The client reached it a moment ago, and a queue that goes with its
+    // server's connection may be back soon, so it publishes again for the reconnect grace (one
+    // second here) and then fails with 502, well before its ttl.
     server.unregister_command(&pay).await.expect("unregister");
     let mut gone = false;
     for _ in 0..50 {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use purista_bridge_amqp::TopologyMode;
 use purista_core::{Address, Envelope, EventBridge, SenderAddress, StatusCode, SubscriptionFilter};
 use serde_json::json;
 
@@ -18,6 +19,7 @@ common::runner::test_main! {
         the_bridge_reconnects_after_the_broker_closes_its_connection,
         right_after_a_reconnect_an_unrouted_command_waits_for_its_server,
         a_command_sent_while_its_server_reconnects_is_served_after_it,
+        in_the_purista_mode_a_command_whose_server_reconnects_waits_for_it,
     ],
 }
 
@@ -226,5 +228,74 @@ async fn a_command_sent_while_its_server_reconnects_is_served_after_it() {
     assert_eq!(answer.payload, json!("hi"));
     assert!(server.reconnects() >= 1);
     assert_eq!(client.reconnects(), 0, "the client kept its connection");
+    broker.finish().await;
+}
+
+/// In the PURISTA topology a command queue is auto-delete and goes with its server's
+/// connection. A caller whose own connection survived, and which reached the command a moment
+/// ago, publishes again until the server is back instead of failing with 502; a command it
+/// never reached still fails with 502 at once.
+async fn in_the_purista_mode_a_command_whose_server_reconnects_waits_for_it() {
+    let broker = common::TestBroker::new("purista_server_reconnects");
+    let purista = |c: &mut purista_bridge_amqp::AmqpConfig| {
+        c.topology = TopologyMode::Purista;
+        c.reconnect_initial_delay = Duration::from_secs(1);
+    };
+    let server = broker.bridge_with(purista).await;
+    let client = broker.bridge_with(purista).await;
+    let echo = Address::new("echo", "1", "purista");
+    server
+        .register_command(echo.clone(), Echo::new())
+        .await
+        .unwrap();
+    let cmd = |payload: &str| {
+        Envelope::command(
+            SenderAddress::default(),
+            echo.clone(),
+            json!(payload),
+            json!({}),
+        )
+    };
+    let answer = client
+        .invoke(cmd("before"), Duration::from_secs(5))
+        .await
+        .expect("served before the fault");
+    assert_eq!(answer.payload, json!("before"));
+
+    close_connection_of(&server).expect("server connection closed by the broker");
+    assert!(
+        eventually(Duration::from_secs(5), || !server.is_connected()).await,
+        "the server noticed the loss"
+    );
+    assert_eq!(
+        server.reconnects(),
+        0,
+        "still away when the command is sent"
+    );
+    let answer = client
+        .invoke(cmd("during"), Duration::from_secs(10))
+        .await
+        .expect("served once its server is back, not 502 while its queue is gone");
+    assert_eq!(answer.payload, json!("during"));
+    assert!(server.reconnects() >= 1);
+    assert_eq!(client.reconnects(), 0, "the client kept its connection");
+
+    let never = Envelope::command(
+        SenderAddress::default(),
+        Address::new("echo", "1", "never-served"),
+        json!("x"),
+        json!({}),
+    );
+    let started = Instant::now();
+    let err = client
+        .invoke(never, Duration::from_secs(10))
+        .await
+        .expect_err("nobody serves it");
+    assert_eq!(err.status(), StatusCode::BAD_GATEWAY, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a command never reached fails with 502 at once, not after {:?}",
+        started.elapsed()
+    );
     broker.finish().await;
 }
