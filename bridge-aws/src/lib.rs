@@ -44,6 +44,7 @@ mod janitor;
 pub mod names;
 mod pattern;
 mod publish;
+pub mod queues;
 mod receive;
 mod shared;
 mod subscriptions;
@@ -55,6 +56,7 @@ pub use config::{AwsConfig, ConfigError};
 pub use driver::driver;
 pub use pattern::event_pattern;
 pub use publish::MAX_ENTRIES_PER_PUT;
+pub use queues::{AwsQueues, queue_capabilities};
 pub use shared::{ATTR_ATTEMPT, PACK_ITEMS, TAG_OWNER, TAG_RULE, TAG_SEEN, pack_body, unpack};
 pub use subscriptions::{ATTR_AT, ATTR_ATTEMPTS, ATTR_ORIGIN, ATTR_REASON, decode_body};
 /// The SDK crates the bridge is built on.
