@@ -16,8 +16,9 @@ use async_trait::async_trait;
 use purista_bridge_aws::aws_sdk_sqs::types::MessageAttributeValue;
 use purista_bridge_aws::{ATTR_ATTEMPT, AwsBridge};
 use purista_core::{
-    Address, CommandHandler, NewJob, QueueBridge, QueueConfig, QueueDeclaration, QueueError, Delivery, DeliveryHandler, Envelope, EventBridge, FailurePolicy,
-    RegistrationKey, SenderAddress, Settlement, SubscriptionFilter, SubscriptionSpec,
+    Address, CommandHandler, Delivery, DeliveryHandler, Envelope, EventBridge, FailurePolicy,
+    NewJob, QueueBridge, QueueConfig, QueueDeclaration, QueueError, RegistrationKey, SenderAddress,
+    Settlement, SubscriptionFilter, SubscriptionSpec,
 };
 use serde_json::json;
 use tokio::sync::mpsc;

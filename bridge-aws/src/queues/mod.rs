@@ -85,8 +85,6 @@ pub struct AwsQueues {
     max_job_bytes: usize,
     capabilities: QueueCapabilities,
     queues: RwLock<HashMap<String, Arc<QueueState>>>,
-    /// Serialises first declarations on this instance (one SQS round per queue).
-    declaring: tokio::sync::Mutex<()>,
     tasks: Arc<TaskSet>,
     close: watch::Sender<bool>,
     shut: tokio::sync::OnceCell<()>,
@@ -123,7 +121,6 @@ impl AwsQueues {
             max_job_bytes: max_message_bytes.saturating_sub(DEAD_RECORD_OVERHEAD),
             capabilities: queue_capabilities(),
             queues: RwLock::new(HashMap::new()),
-            declaring: tokio::sync::Mutex::new(()),
             tasks: TaskSet::new(),
             close,
             shut: tokio::sync::OnceCell::new(),
@@ -199,7 +196,6 @@ impl QueueBridge for AwsQueues {
         let name = self.sqs_name(queue)?;
         let dead_letter_queue = declaration.config.dead_letter_queue_for(queue);
         let dead_name = self.sqs_name(&dead_letter_queue)?;
-        let _one_at_a_time = self.declaring.lock().await;
         let known = self.queues.read().get(queue).cloned();
         if let Some(known) = known {
             return known.declaration.check_redeclaration(queue, &declaration);
