@@ -16,9 +16,10 @@
 //!   publisher's instance, like a separate process; its job queues are named under the case's
 //!   prefix, so the cleanup removes them with the rest.
 //!
-//! **Status** (issue 10): all 61 cases the `aws` target runs pass on moto 5.2.5 (53 behaviours,
-//! 8 proofs that the strict check refuses undeclared streams; 21 are skipped with their reason:
-//! no queue bridge, no broker-control hooks, no metadata limit), in the default test run
+//! **Status** (issue 10, and the SQS queue bridge): the `aws` target runs 74 cases on moto (65
+//! behaviours, 12 of them the queue bridge's; 9 proofs that the strict check refuses undeclared
+//! streams and enforced idempotency keys; 8 are skipped with their reason: no broker-control
+//! hooks, no metadata limit). The 61 cases before the queue bridge passed in the default run
 //! (`cargo nextest run --workspace`; the `aws` target alone, with `scripts/test`'s 4 moto
 //! servers on a shared 2-core machine at load 7 to 8: 105 to 108 s of wall time, 208 to 217 s
 //! of case time; 195 s and 371 s before the load cases were scaled and teardown parallelised). moto handles one request at a time
