@@ -4,7 +4,7 @@
 //!   80 characters is refused, never cut); the body is the job ([`record`]).
 //! * **Leases** are SQS visibility: the receive hides the message, and the bridge keeps the
 //!   millisecond deadline of the lease while SQS's visibility always outlasts it and takes
-//!   over when the lessee dies (its receive count then counts the expired lease) ([`lease`]).
+//!   over when the lessee dies (its receive count then counts the expired lease) (`lease.rs`).
 //!   `extend_lease` is `ChangeMessageVisibility` when the new deadline passes what SQS was
 //!   told, capped by the queue's `max_lease_extensions`; SQS refuses a visibility longer than
 //!   12 hours from the receive.
@@ -16,7 +16,7 @@
 //!   out the sub-second rest, and a job due later than that is sent on with the rest of its
 //!   delay, so a delay of hours is a chain of 15-minute copies. No job is leased early.
 //! * **Dead letters** go to the SQS queue of `<queue>.dead-letter` (or the configured name)
-//!   with reason and time ([`dead_jobs`]): inspect, replay, purge. A message that is no job
+//!   with reason and time (`dead_jobs.rs`): inspect, replay, purge. A message that is no job
 //!   (not JSON, wrong types, another kind of message) goes there too, with the reason.
 //! * **Declarations**: the first declaration of a queue is in force on every instance; it is
 //!   kept in the job queue's tags ([`declarations`]).
