@@ -1,6 +1,6 @@
 //! Delays past SQS's longest (`DelaySeconds` takes at most 15 minutes): a job due later is not
 //! leased; the instance that receives it sends it on with the rest of its delay, so SQS holds
-//! it as delayed again.
+//! it as delayed again. A lease SQS cannot cover is refused when the queue is declared.
 
 mod common;
 
@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use purista_bridge_aws::AwsBridge;
 use purista_core::envelope::now_ms;
-use purista_core::{QueueBridge, QueueConfig, QueueDeclaration};
+use purista_core::{QueueBridge, QueueConfig, QueueDeclaration, QueueError};
 use serde_json::json;
 
 common::runner::test_main! {
     common::ENDPOINT: [
         a_job_due_after_sqs_longest_delay_is_sent_on_not_leased,
+        a_lease_longer_than_sqs_can_hide_a_message_is_refused_at_declaration,
     ],
 }
 
@@ -68,6 +69,31 @@ async fn a_job_due_after_sqs_longest_delay_is_sent_on_not_leased() {
         (0, 0, 1, 0),
         "{m:?}"
     );
+    jobs.shutdown().await;
+    common::remove_all(&bridge).await;
+}
+
+async fn a_lease_longer_than_sqs_can_hide_a_message_is_refused_at_declaration() {
+    let endpoint = common::endpoint();
+    let prefix = common::prefix();
+    let bridge = AwsBridge::new(common::config(&endpoint, &prefix))
+        .await
+        .unwrap();
+    let jobs = bridge.queue_bridge();
+    let declare = |hours: u64| {
+        QueueDeclaration::new(
+            "long@1",
+            QueueConfig {
+                visibility_timeout: Duration::from_secs(hours * 3600),
+                ..QueueConfig::default()
+            },
+        )
+    };
+    match jobs.declare_queue("long", declare(12)).await {
+        Err(QueueError::InvalidRequest(m)) => assert!(m.contains("43200"), "{m}"),
+        other => panic!("a 12 h lease (plus the margin) was declared: {other:?}"),
+    }
+    jobs.declare_queue("long", declare(11)).await.unwrap();
     jobs.shutdown().await;
     common::remove_all(&bridge).await;
 }

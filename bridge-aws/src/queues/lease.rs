@@ -42,7 +42,7 @@ use purista_core::queue::{JobDisposition, JobSettlement, LeasedJob, QueueDeclara
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::calls::{Sqs, covering_seconds, delay_seconds, receive_count};
+use super::calls::{MAX_VISIBILITY_SECONDS, Sqs, covering_seconds, delay_seconds, receive_count};
 use super::dead_jobs;
 use super::record::{DeadRecord, JobRecord};
 
@@ -268,7 +268,7 @@ pub async fn lease(
 }
 
 /// How long a receive hides a message: the lease, the pool's wait and a margin.
-fn receive_visibility(declaration: &QueueDeclaration) -> Duration {
+pub fn receive_visibility(declaration: &QueueDeclaration) -> Duration {
     declaration.config.visibility_timeout
         + Duration::from_millis(EARLY_LIMIT_MS)
         + POOL_HOLD
@@ -450,7 +450,14 @@ async fn cover(
     until: Instant,
 ) -> Result<Instant, QueueError> {
     let now = Instant::now();
-    let seconds = covering_seconds(until.saturating_duration_since(now) + BROKER_MARGIN);
+    let needed = until.saturating_duration_since(now) + BROKER_MARGIN;
+    if needed > Duration::from_secs(MAX_VISIBILITY_SECONDS) {
+        return Err(QueueError::InvalidRequest(format!(
+            "a lease of {} s: SQS hides a message for at most {MAX_VISIBILITY_SECONDS} s",
+            needed.as_secs()
+        )));
+    }
+    let seconds = covering_seconds(needed);
     link.sqs
         .change_visibility(&queue.url, receipt, seconds)
         .await?;

@@ -6,8 +6,9 @@
 //!   millisecond deadline of the lease while SQS's visibility always outlasts it and takes
 //!   over when the lessee dies (its receive count then counts the expired lease) (`lease.rs`).
 //!   `extend_lease` is `ChangeMessageVisibility` when the new deadline passes what SQS was
-//!   told, capped by the queue's `max_lease_extensions`; SQS refuses a visibility longer than
-//!   12 hours from the receive.
+//!   told, capped by the queue's `max_lease_extensions`. A lease SQS cannot cover (its
+//!   visibility ends at most 12 hours after the receive) is refused with `InvalidRequest`: at
+//!   `declare_queue` for the visibility timeout, at `extend_lease` for an extension.
 //! * **What a settlement means** is decided by core ([`QueueConfig::plan`],
 //!   [`QueueConfig::plan_lease_expiry`]): retries back off exponentially with jitter within
 //!   `max_attempts` and the 24 h retry window (by default), then the dead-letter queue.
@@ -191,6 +192,15 @@ impl QueueBridge for AwsQueues {
         if declaration.config.visibility_timeout.is_zero() {
             return Err(QueueError::InvalidRequest(format!(
                 "queue `{queue}`: visibility_timeout must be greater than zero"
+            )));
+        }
+        let hidden = lease::receive_visibility(&declaration);
+        if hidden > Duration::from_secs(calls::MAX_VISIBILITY_SECONDS) {
+            return Err(QueueError::InvalidRequest(format!(
+                "queue `{queue}`: a visibility_timeout of {} s and the bridge's {} s margin pass SQS's longest visibility of {} s",
+                declaration.config.visibility_timeout.as_secs(),
+                (hidden - declaration.config.visibility_timeout).as_secs(),
+                calls::MAX_VISIBILITY_SECONDS
             )));
         }
         let name = self.sqs_name(queue)?;
