@@ -132,6 +132,18 @@ impl AwsBridge {
         &self.shared.names
     }
 
+    /// A queue bridge on this instance's SQS client, under its prefix (jobs on
+    /// `<prefix>-q-<queue>`). It has a lifecycle of its own: shut it down with
+    /// [`QueueBridge::shutdown`](purista_core::QueueBridge::shutdown).
+    pub fn queue_bridge(&self) -> crate::AwsQueues {
+        crate::AwsQueues::new(
+            self.shared.clients.sqs.clone(),
+            self.shared.config.call_timeout,
+            self.shared.names.clone(),
+            self.shared.config.max_message_bytes,
+        )
+    }
+
     /// This instance's reply queue URL, once started.
     pub fn reply_queue_url(&self) -> Option<&str> {
         self.reply.get().map(|r| r.queue.url.as_str())

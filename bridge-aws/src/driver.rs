@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use futures::FutureExt;
-use purista_core::{ConnectRequest, Connected, Driver, DriverError, EventBridge};
+use purista_core::{ConnectRequest, Connected, Driver, DriverError, EventBridge, QueueBridge};
 
 use crate::bridge::{AwsBridge, BRIDGE_NAME, capabilities};
 use crate::config::{AwsConfig, PREFIX_ENV, URL_ENV};
@@ -21,11 +21,12 @@ pub fn driver() -> Driver {
 async fn connect(request: ConnectRequest) -> Result<Connected, DriverError> {
     let config = config(&request, |name| std::env::var(name).ok())?;
     let bridge = AwsBridge::new(config).await?;
+    let queues: Arc<dyn QueueBridge> = Arc::new(bridge.queue_bridge());
     let events: Arc<dyn EventBridge> = Arc::new(bridge);
     events.start().await?;
     Ok(Connected {
         events,
-        queues: None,
+        queues: Some(queues),
     })
 }
 

@@ -21,8 +21,16 @@
 //!   instance, the caller's expiry carried so that nobody runs a command its caller gave up.
 //!   See `commands.rs`. Stale per-instance queues of crashed instances are removed by the
 //!   janitor (`janitor.rs`).
+//! * **Queue jobs** ([`AwsQueues`], from [`AwsBridge::queue_bridge`]): a job is an SQS
+//!   message on `<prefix>-q-<queue>`; a lease is SQS's visibility (the bridge keeps the
+//!   millisecond deadline, SQS's visibility outlasts it), `extend_lease` is
+//!   `ChangeMessageVisibility` up to the queue's extension cap; retries back off exponentially
+//!   with jitter within `max_attempts` and the 24 h retry window, then `<queue>.dead-letter`
+//!   (inspect, replay, purge); delays past SQS's 15-minute `DelaySeconds` are sent on in
+//!   15-minute copies; metrics come from SQS's queue attributes. Idempotency keys are carried,
+//!   not enforced (declared so). See `queues/mod.rs`.
 //! * Not provided, and refused by the strict startup check: streams; commands are at most
-//!   once (deleted when received, never retried).
+//!   once (deleted when received, never retried); enforced idempotency keys of queue jobs.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), purista_core::BridgeError> {
@@ -44,6 +52,7 @@ mod janitor;
 pub mod names;
 mod pattern;
 mod publish;
+pub mod queues;
 mod receive;
 mod shared;
 mod subscriptions;
@@ -55,6 +64,7 @@ pub use config::{AwsConfig, ConfigError};
 pub use driver::driver;
 pub use pattern::event_pattern;
 pub use publish::MAX_ENTRIES_PER_PUT;
+pub use queues::{AwsQueues, queue_capabilities};
 pub use shared::{ATTR_ATTEMPT, PACK_ITEMS, TAG_OWNER, TAG_RULE, TAG_SEEN, pack_body, unpack};
 pub use subscriptions::{ATTR_AT, ATTR_ATTEMPTS, ATTR_ORIGIN, ATTR_REASON, decode_body};
 /// The SDK crates the bridge is built on.

@@ -100,6 +100,26 @@ impl Names {
         }
     }
 
+    /// The SQS queue of job queue `queue` (its dead-letter queue is a job queue too, by its
+    /// own name): `<prefix>-q-<queue>`. A name that does not fit SQS's 80 characters is
+    /// refused ([`BridgeError::InvalidRequest`] naming the queue and the limit), never cut: an
+    /// operator looking for a job queue finds it under its own name.
+    pub fn job_queue(&self, queue: &str) -> Result<String, BridgeError> {
+        if queue.is_empty() {
+            return Err(BridgeError::InvalidRequest("empty job queue name".into()));
+        }
+        QUEUES
+            .on_overflow(Overflow::Reject)
+            .join(&self.prefix, &["q", queue])
+            .map_err(|_| {
+                BridgeError::InvalidRequest(format!(
+                    "job queue `{queue}` does not fit SQS's {MAX_QUEUE_NAME} characters as `{}-q-{}`",
+                    self.prefix,
+                    QUEUES.component(queue)
+                ))
+            })
+    }
+
     /// The dead-letter queue of a dead-letter target: `<prefix>-d-<target>-dead-letter`.
     pub fn dead_letter_queue(&self, target: &str) -> Result<String, BridgeError> {
         let base = QUEUES
@@ -133,6 +153,28 @@ mod tests {
             .command_queue(&Address::new("orders", "v2-1", "get"))
             .unwrap();
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn job_queues_are_named_under_the_prefix_or_refused_when_too_long() {
+        let n = Names::new("shop");
+        assert_eq!(n.job_queue("emails").unwrap(), "shop-q-emails");
+        assert_ne!(
+            n.job_queue("a.b").unwrap(),
+            n.job_queue("a-b").unwrap(),
+            "two job queues share an SQS queue"
+        );
+        let fits = "j".repeat(MAX_QUEUE_NAME - "shop-q-".len());
+        assert_eq!(n.job_queue(&fits).unwrap().len(), MAX_QUEUE_NAME);
+        let err = n.job_queue(&format!("{fits}j")).unwrap_err();
+        assert!(
+            matches!(&err, BridgeError::InvalidRequest(m) if m.contains("80 characters")),
+            "{err}"
+        );
+        assert!(matches!(
+            n.job_queue(""),
+            Err(BridgeError::InvalidRequest(_))
+        ));
     }
 
     #[test]

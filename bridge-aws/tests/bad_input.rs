@@ -3,6 +3,9 @@
 //! subscription queue (also as a retry copy, with the attempt attribute). Each is dropped with
 //! a warning and counted as poison; the consumers keep consuming (a good message sent after
 //! them is handled).
+//!
+//! The same into a job queue of the queue bridge (plus a job of another queue): each goes to
+//! the queue's dead-letter queue with the reason, and the lessee keeps leasing.
 
 mod common;
 
@@ -14,7 +17,8 @@ use purista_bridge_aws::aws_sdk_sqs::types::MessageAttributeValue;
 use purista_bridge_aws::{ATTR_ATTEMPT, AwsBridge};
 use purista_core::{
     Address, CommandHandler, Delivery, DeliveryHandler, Envelope, EventBridge, FailurePolicy,
-    RegistrationKey, SenderAddress, Settlement, SubscriptionFilter, SubscriptionSpec,
+    NewJob, QueueBridge, QueueConfig, QueueDeclaration, QueueError, RegistrationKey, SenderAddress,
+    Settlement, SubscriptionFilter, SubscriptionSpec,
 };
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -22,6 +26,7 @@ use tokio::sync::mpsc;
 common::runner::test_main! {
     common::ENDPOINT: [
         poison_in_every_queue_kind_is_dropped_and_the_consumers_go_on,
+        poison_in_a_job_queue_is_dead_lettered_with_its_reason_and_leasing_goes_on,
     ],
 }
 
@@ -167,5 +172,107 @@ async fn poison_in_every_queue_kind_is_dropped_and_the_consumers_go_on() {
     bridge
         .shutdown(tokio::time::Instant::now() + Duration::from_secs(5))
         .await;
+    common::remove_all(&bridge).await;
+}
+
+async fn poison_in_a_job_queue_is_dead_lettered_with_its_reason_and_leasing_goes_on() {
+    let endpoint = common::endpoint();
+    let prefix = common::prefix();
+    // The bridge takes jobs of at most 64 KiB less the room of their dead letter; moto's own
+    // SQS limit is 256 KiB, so the oversize body below gets into the queue.
+    let mut config = common::config(&endpoint, &prefix);
+    config.max_message_bytes = 64 * 1024;
+    let bridge = AwsBridge::new(config).await.unwrap();
+    let jobs = bridge.queue_bridge();
+    jobs.declare_queue(
+        "jobs",
+        QueueDeclaration::new("bad-input@1", QueueConfig::default()),
+    )
+    .await
+    .unwrap();
+    let sqs = bridge.sqs().clone();
+    let url = sqs
+        .get_queue_url()
+        .queue_name(bridge.names().job_queue("jobs").unwrap())
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let other_queues_job = json!({
+        "id": "j-other", "queue": "elsewhere", "payload": {}, "parameter": null,
+        "attempt": 1, "enqueuedAtMs": 1, "visibleAtMs": 1
+    })
+    .to_string();
+    let mut bodies = poison(200 * 1024);
+    bodies.push(other_queues_job);
+    for body in &bodies {
+        sqs.send_message()
+            .queue_url(&url)
+            .message_body(body)
+            .send()
+            .await
+            .unwrap();
+    }
+
+    // An enqueue over the bridge's limit is refused before it reaches SQS.
+    let oversize = NewJob {
+        payload: json!("x".repeat(64 * 1024)),
+        ..NewJob::default()
+    };
+    assert!(matches!(
+        jobs.enqueue("jobs", oversize).await,
+        Err(QueueError::InvalidRequest(_))
+    ));
+
+    // Leasing goes on: the good job enqueued after the poison is leased, as attempt 1.
+    let id = jobs
+        .enqueue(
+            "jobs",
+            NewJob {
+                payload: json!({"n": 1}),
+                ..NewJob::default()
+            },
+        )
+        .await
+        .unwrap();
+    let leased = jobs
+        .lease("jobs", Duration::from_secs(20))
+        .await
+        .unwrap()
+        .expect("the lessee still leases after poison");
+    assert_eq!((leased.id.as_str(), leased.attempt), (id.as_str(), 1));
+    assert_eq!(leased.payload, json!({"n": 1}));
+    jobs.settle(&leased, purista_core::JobSettlement::Complete)
+        .await
+        .unwrap();
+
+    // Every poison message is in the dead-letter queue with its reason, the body as it came.
+    let dead = jobs.inspect_dead_letters("jobs", 100).await.unwrap();
+    assert_eq!(dead.len(), bodies.len(), "{dead:?}");
+    for d in &dead {
+        assert!(
+            d.reason.starts_with("not a job: ")
+                || d.reason == "a job of queue `elsewhere` arrived in queue `jobs`",
+            "a dead letter without its reason: {}",
+            d.reason
+        );
+    }
+    let malformed = dead
+        .iter()
+        .find(|d| d.job.payload == json!("{not json"))
+        .expect("the malformed body is kept as it came");
+    assert!(malformed.reason.starts_with("not a job: "));
+    let metrics = jobs.metrics("jobs").await.unwrap();
+    assert_eq!(
+        (metrics.depth, metrics.leased, metrics.dead_lettered),
+        (0, 0, bodies.len()),
+        "{metrics:?}"
+    );
+    // No job of this queue among them: nothing to replay, all to purge.
+    assert_eq!(jobs.replay_dead_letters("jobs", None).await.unwrap(), 0);
+    assert_eq!(jobs.purge_dead_letters("jobs").await.unwrap(), bodies.len());
+    assert_eq!(jobs.metrics("jobs").await.unwrap().dead_lettered, 0);
+    jobs.shutdown().await;
     common::remove_all(&bridge).await;
 }
