@@ -39,7 +39,8 @@ use async_trait::async_trait;
 use purista_bridge_aws::{AwsBridge, AwsConfig};
 use purista_core::{Capabilities, Envelope, EventBridge, QueueCapabilities};
 
-use crate::harness::{Deployment, Harness, RawPublisher, TestMode, Workload};
+use super::aws_faults::FaultProxy;
+use crate::harness::{BrokerControl, Deployment, Harness, Offer, RawPublisher, TestMode, Workload};
 
 /// Environment variable with the emulator endpoint (moto).
 pub const ENDPOINT_ENV: &str = "PURISTA_AWS_ENDPOINT";
@@ -103,7 +104,12 @@ impl AwsHarness {
     /// A bridge config under `prefix`, timed for tests: a forgotten ttl does not stall a case
     /// and receivers poll briefly, so shutdowns are quick.
     pub fn config(prefix: &str) -> AwsConfig {
-        let mut config = match endpoint_for(prefix) {
+        AwsHarness::config_on(endpoint_for(prefix), prefix)
+    }
+
+    /// [`AwsHarness::config`] on `endpoint` (an emulator; real AWS when `None`).
+    fn config_on(endpoint: Option<String>, prefix: &str) -> AwsConfig {
+        let mut config = match endpoint {
             Some(e) => AwsConfig::new(EMULATOR_REGION).with_emulator(e),
             None => AwsConfig::default(),
         }
@@ -301,37 +307,85 @@ impl Harness for AwsHarness {
         }
     }
 
-    async fn deployment(&self, prefix: &str, instances: usize) -> Deployment {
-        let mut bridges = Vec::new();
-        for _ in 0..instances + 1 {
-            let bridge = AwsBridge::new(AwsHarness::config(prefix))
-                .await
-                .unwrap_or_else(|e| panic!("the aws bridge refused its test config: {e}"));
-            bridges.push(Arc::new(bridge));
+    fn broker_control(&self) -> Offer {
+        if endpoint().is_some() {
+            Offer::Available
+        } else {
+            Offer::Absent(
+                "real AWS is not broken from the tests: the fault proxy stands in front of moto"
+                    .into(),
+            )
         }
-        let raw = bridges.pop().expect("one bridge for raw access");
-        let started = futures::future::try_join_all(bridges.iter().map(|b| b.start())).await;
-        let raw_bridge = raw.clone();
-        let deployment = Deployment::new(
-            bridges
-                .into_iter()
-                .map(|b| b as Arc<dyn EventBridge>)
-                .collect(),
-            None,
-            Some(Arc::new(SdkPublisher(raw)) as Arc<dyn RawPublisher>),
-        )
-        .on_cleanup(move || {
-            Box::pin(async move {
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(20), remove_all(&raw_bridge)).await;
-            })
-        });
-        if let Err(e) = started {
-            panic!(
-                "an aws bridge did not start against {:?}: {e}",
-                endpoint_for(prefix)
-            );
-        }
-        deployment
     }
+
+    async fn deployment(&self, prefix: &str, instances: usize) -> Deployment {
+        deploy(endpoint_for(prefix), prefix, instances).await
+    }
+
+    async fn control(&self) -> Result<Arc<dyn BrokerControl>, String> {
+        let all = endpoints();
+        if all.is_empty() {
+            return Err("no moto endpoint to put the fault proxy in front of".into());
+        }
+        let pick = CONTROLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % all.len();
+        let proxy = FaultProxy::start(&all[pick])
+            .await
+            .map_err(|e| format!("the fault proxy did not start: {e}"))?;
+        Ok(Arc::new(ProxiedMoto(proxy)))
+    }
+}
+
+/// Broker controls handed out so far (spreads them over the moto servers).
+static CONTROLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One case's moto behind a fault proxy of its own: the case's bridges reach moto only through
+/// it, so its faults strike that case alone.
+struct ProxiedMoto(FaultProxy);
+
+#[async_trait]
+impl BrokerControl for ProxiedMoto {
+    async fn deployment(&self, prefix: &str, instances: usize) -> Deployment {
+        deploy(Some(self.0.endpoint()), prefix, instances).await
+    }
+
+    async fn drop_connections(&self, _prefix: &str) {
+        self.0.drop_connections();
+    }
+
+    async fn restart(&self) {
+        self.0.outage().await.unwrap_or_else(|e| {
+            panic!("the fault proxy did not listen again after its outage: {e}")
+        });
+    }
+}
+
+/// `instances` started bridges (and one for raw access) under `prefix` on `endpoint`.
+async fn deploy(endpoint: Option<String>, prefix: &str, instances: usize) -> Deployment {
+    let mut bridges = Vec::new();
+    for _ in 0..instances + 1 {
+        let bridge = AwsBridge::new(AwsHarness::config_on(endpoint.clone(), prefix))
+            .await
+            .unwrap_or_else(|e| panic!("the aws bridge refused its test config: {e}"));
+        bridges.push(Arc::new(bridge));
+    }
+    let raw = bridges.pop().expect("one bridge for raw access");
+    let started = futures::future::try_join_all(bridges.iter().map(|b| b.start())).await;
+    let raw_bridge = raw.clone();
+    let deployment = Deployment::new(
+        bridges
+            .into_iter()
+            .map(|b| b as Arc<dyn EventBridge>)
+            .collect(),
+        None,
+        Some(Arc::new(SdkPublisher(raw)) as Arc<dyn RawPublisher>),
+    )
+    .on_cleanup(move || {
+        Box::pin(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(20), remove_all(&raw_bridge)).await;
+        })
+    });
+    if let Err(e) = started {
+        panic!("an aws bridge did not start against {endpoint:?}: {e}");
+    }
+    deployment
 }
