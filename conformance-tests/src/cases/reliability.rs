@@ -41,14 +41,14 @@ async fn inject(control: &Arc<dyn BrokerControl>, env: &TestEnv, fault: Fault) {
     }
 }
 
-/// 10 000 at-least-once events from 4 publishers (the harness's [`Harness::workload`] share of
-/// them); the faults strike one after another, the k-th of n after k/(n+1) of the events were
+/// 10 000 at-least-once events from 4 publishers (the harness's [`Harness::fault_workload`]
+/// share of them); the faults strike one after another, the k-th of n after k/(n+1) of the events were
 /// published. Every event must arrive (duplicates allowed), consumed by the service that was
 /// running before the faults.
 async fn events_survive(h: Arc<dyn Harness>, faults: &[Fault]) {
     const PUBLISHERS: usize = 4;
     const FULL_PER_PUBLISHER: usize = 2_500;
-    let workload = h.workload();
+    let workload = h.fault_workload();
     let per_publisher = workload.of(FULL_PER_PUBLISHER) as u64;
     let total = PUBLISHERS * per_publisher as usize;
     println!(

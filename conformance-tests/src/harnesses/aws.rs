@@ -48,6 +48,9 @@ pub const ENDPOINT_ENV: &str = "PURISTA_AWS_ENDPOINT";
 pub const LIVE_ENV: &str = "PURISTA_AWS_LIVE";
 /// The share of their full size the load cases run on moto ([`Harness::workload`]).
 pub const MOTO_WORKLOAD_PERCENT: u32 = 25;
+/// The share of their full size the reliability cases run on moto
+/// ([`Harness::fault_workload`]): 1 000 of their 10 000 events, through the fault proxy.
+pub const MOTO_FAULT_WORKLOAD_PERCENT: u32 = 10;
 /// Region of the emulator runs.
 const EMULATOR_REGION: &str = "us-east-1";
 
@@ -304,6 +307,17 @@ impl Harness for AwsHarness {
             None => Err(format!(
                 "no AWS endpoint: scripts/test starts moto and sets {ENDPOINT_ENV} (or set {LIVE_ENV}=1 with AWS credentials)"
             )),
+        }
+    }
+
+    fn fault_workload(&self) -> Workload {
+        if endpoint().is_some() {
+            Workload::scaled(
+                MOTO_FAULT_WORKLOAD_PERCENT,
+                "moto serves one request at a time per process, and the faults, not the volume, are under test; real AWS runs the full size",
+            )
+        } else {
+            Workload::full()
         }
     }
 
