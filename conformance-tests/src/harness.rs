@@ -178,6 +178,14 @@ pub trait Harness: Send + Sync + 'static {
         Workload::full()
     }
 
+    /// The share of their full size the reliability cases run at (their 10 000 events across
+    /// broker faults): [`Harness::workload`] unless the harness says otherwise, because the
+    /// faults, not the volume, are what those cases test and an emulator may take minutes for
+    /// the full size. Each case prints the size it ran.
+    fn fault_workload(&self) -> Workload {
+        self.workload()
+    }
+
     /// Whether [`Harness::control`] can hand out a broker to break.
     fn broker_control(&self) -> Offer {
         Offer::Absent(format!(

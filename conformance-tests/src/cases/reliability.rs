@@ -41,13 +41,21 @@ async fn inject(control: &Arc<dyn BrokerControl>, env: &TestEnv, fault: Fault) {
     }
 }
 
-/// 10 000 at-least-once events from 4 publishers; the faults strike one after another, the
-/// k-th of n after k/(n+1) of the events were published. Every event must arrive (duplicates
-/// allowed), consumed by the service that was running before the faults.
+/// 10 000 at-least-once events from 4 publishers (the harness's [`Harness::fault_workload`]
+/// share of them); the faults strike one after another, the k-th of n after k/(n+1) of the events were
+/// published. Every event must arrive (duplicates allowed), consumed by the service that was
+/// running before the faults.
 async fn events_survive(h: Arc<dyn Harness>, faults: &[Fault]) {
     const PUBLISHERS: usize = 4;
-    const PER_PUBLISHER: u64 = 2_500;
-    const TOTAL: usize = PUBLISHERS * PER_PUBLISHER as usize;
+    const FULL_PER_PUBLISHER: usize = 2_500;
+    let workload = h.fault_workload();
+    let per_publisher = workload.of(FULL_PER_PUBLISHER) as u64;
+    let total = PUBLISHERS * per_publisher as usize;
+    println!(
+        "{PUBLISHERS} publishers × {per_publisher} events ({} % of the full {FULL_PER_PUBLISHER} each{}) across {faults:?}",
+        workload.percent(),
+        workload.why().map(|w| format!(": {w}")).unwrap_or_default()
+    );
     let control = broker_control(&h).await;
     let mut env = TestEnv::on_broker(&h, &control, PUBLISHERS + 1).await;
     let event = env.name("reliable");
@@ -92,7 +100,7 @@ async fn events_survive(h: Arc<dyn Harness>, faults: &[Fault]) {
             let (event, published) = (event.clone(), published.clone());
             let recovered_by = recovered_by.clone();
             tokio::spawn(async move {
-                for n in 0..PER_PUBLISHER {
+                for n in 0..per_publisher {
                     // Like a real publisher: retry until the broker takes it (duplicates are
                     // the consumer's business, losses are the bridge's).
                     while let Err(e) = service.emit(&event, json!({ "p": p, "n": n })).await {
@@ -109,7 +117,7 @@ async fn events_survive(h: Arc<dyn Harness>, faults: &[Fault]) {
         })
         .collect();
     for (k, fault) in faults.iter().enumerate() {
-        let share = TOTAL * (k + 1) / (faults.len() + 1);
+        let share = total * (k + 1) / (faults.len() + 1);
         eventually(
             &format!("{share} of the events are published before the {fault:?}"),
             RECOVERY,
@@ -126,7 +134,7 @@ async fn events_survive(h: Arc<dyn Harness>, faults: &[Fault]) {
         t.expect("a publisher task panicked");
     }
     let expected: BTreeSet<(u64, u64)> = (0..PUBLISHERS as u64)
-        .flat_map(|p| (0..PER_PUBLISHER).map(move |n| (p, n)))
+        .flat_map(|p| (0..per_publisher).map(move |n| (p, n)))
         .collect();
     let got = received
         .wait_until(RECOVERY, |r| {
@@ -134,7 +142,7 @@ async fn events_survive(h: Arc<dyn Harness>, faults: &[Fault]) {
                 .filter_map(|x| x.as_ref().ok())
                 .collect::<BTreeSet<_>>()
                 .len()
-                >= TOTAL
+                >= total
         })
         .await;
     let got = match got {
@@ -152,8 +160,9 @@ async fn events_survive(h: Arc<dyn Harness>, faults: &[Fault]) {
     let extra: Vec<_> = distinct.difference(&expected).collect();
     assert!(
         missing.is_empty() && extra.is_empty(),
-        "across {faults:?}, {} of {TOTAL} at-least-once events were lost (e.g. {:?}) and {} arrived that nobody published (e.g. {:?})",
+        "across {faults:?}, {} of {} at-least-once events were lost (e.g. {:?}) and {} arrived that nobody published (e.g. {:?})",
         missing.len(),
+        total,
         missing.iter().take(5).collect::<Vec<_>>(),
         extra.len(),
         extra.iter().take(5).collect::<Vec<_>>()

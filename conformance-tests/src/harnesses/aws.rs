@@ -15,13 +15,19 @@
 //! * **Queue bridge**: the SQS queue bridge ([`AwsBridge::queue_bridge`]) on the raw
 //!   publisher's instance, like a separate process; its job queues are named under the case's
 //!   prefix, so the cleanup removes them with the rest.
+//! * **Broker control**: a fault-injecting HTTP proxy of the case's own in front of one moto
+//!   server ([`super::aws_faults`]); the case's bridges reach moto only through it. Dropping
+//!   connections cuts every open connection; a "restart" is an outage: connections refused for
+//!   2 s, then 503, throttling, cut connections, 500 and slow answers in turn. The reliability
+//!   cases run at [`MOTO_FAULT_WORKLOAD_PERCENT`] % on moto ([`Harness::fault_workload`]).
 //!
-//! **Status** (issue 10, and the SQS queue bridge): the `aws` target runs 74 cases on moto (65
-//! behaviours, 12 of them the queue bridge's; 9 proofs that the strict check refuses undeclared
-//! streams and enforced idempotency keys; 8 are skipped with their reason: no broker-control
-//! hooks, no metadata limit); all 74 pass on moto 5.2.5 (the target alone, 4 moto servers, a
-//! shared 2-core machine at load 10 to 12: 257 s of wall time). The 61 cases before the queue
-//! bridge passed in the default run
+//! **Status** (issue 10, the SQS queue bridge and the fault proxy): the `aws` target runs 79
+//! cases on moto (70 behaviours, 12 of them the queue bridge's and 5 under faults; 9 proofs
+//! that the strict check refuses undeclared streams and enforced idempotency keys; 3 are
+//! skipped with their reason: no metadata limit). Before the fault proxy, 74 passed on moto
+//! 5.2.5 (the target alone, 4 moto servers, a shared 2-core machine at load 10 to 12: 257 s of
+//! wall time); the 5 reliability cases alone take 137 s of wall time there at load 10. The 61
+//! cases before the queue bridge passed in the default run
 //! (`cargo nextest run --workspace`; the `aws` target alone, with `scripts/test`'s 4 moto
 //! servers on a shared 2-core machine at load 7 to 8: 105 to 108 s of wall time, 208 to 217 s
 //! of case time; 195 s and 371 s before the load cases were scaled and teardown parallelised). moto handles one request at a time
@@ -44,7 +50,8 @@ use async_trait::async_trait;
 use purista_bridge_aws::{AwsBridge, AwsConfig};
 use purista_core::{Capabilities, Envelope, EventBridge, QueueBridge, QueueCapabilities};
 
-use crate::harness::{Deployment, Harness, RawPublisher, TestMode, Workload};
+use super::aws_faults::FaultProxy;
+use crate::harness::{BrokerControl, Deployment, Harness, Offer, RawPublisher, TestMode, Workload};
 
 /// Environment variable with the emulator endpoint (moto).
 pub const ENDPOINT_ENV: &str = "PURISTA_AWS_ENDPOINT";
@@ -52,6 +59,9 @@ pub const ENDPOINT_ENV: &str = "PURISTA_AWS_ENDPOINT";
 pub const LIVE_ENV: &str = "PURISTA_AWS_LIVE";
 /// The share of their full size the load cases run on moto ([`Harness::workload`]).
 pub const MOTO_WORKLOAD_PERCENT: u32 = 25;
+/// The share of their full size the reliability cases run on moto
+/// ([`Harness::fault_workload`]): 1 000 of their 10 000 events, through the fault proxy.
+pub const MOTO_FAULT_WORKLOAD_PERCENT: u32 = 10;
 /// Region of the emulator runs.
 const EMULATOR_REGION: &str = "us-east-1";
 
@@ -108,7 +118,12 @@ impl AwsHarness {
     /// A bridge config under `prefix`, timed for tests: a forgotten ttl does not stall a case
     /// and receivers poll briefly, so shutdowns are quick.
     pub fn config(prefix: &str) -> AwsConfig {
-        let mut config = match endpoint_for(prefix) {
+        AwsHarness::config_on(endpoint_for(prefix), prefix)
+    }
+
+    /// [`AwsHarness::config`] on `endpoint` (an emulator; real AWS when `None`).
+    fn config_on(endpoint: Option<String>, prefix: &str) -> AwsConfig {
+        let mut config = match endpoint {
             Some(e) => AwsConfig::new(EMULATOR_REGION).with_emulator(e),
             None => AwsConfig::default(),
         }
@@ -306,38 +321,97 @@ impl Harness for AwsHarness {
         }
     }
 
-    async fn deployment(&self, prefix: &str, instances: usize) -> Deployment {
-        let mut bridges = Vec::new();
-        for _ in 0..instances + 1 {
-            let bridge = AwsBridge::new(AwsHarness::config(prefix))
-                .await
-                .unwrap_or_else(|e| panic!("the aws bridge refused its test config: {e}"));
-            bridges.push(Arc::new(bridge));
+    fn fault_workload(&self) -> Workload {
+        if endpoint().is_some() {
+            Workload::scaled(
+                MOTO_FAULT_WORKLOAD_PERCENT,
+                "moto serves one request at a time per process, and the faults, not the volume, are under test; real AWS runs the full size",
+            )
+        } else {
+            Workload::full()
         }
-        let raw = bridges.pop().expect("one bridge for raw access");
-        let started = futures::future::try_join_all(bridges.iter().map(|b| b.start())).await;
-        let raw_bridge = raw.clone();
-        let queues: Arc<dyn QueueBridge> = Arc::new(raw.queue_bridge());
-        let deployment = Deployment::new(
-            bridges
-                .into_iter()
-                .map(|b| b as Arc<dyn EventBridge>)
-                .collect(),
-            Some(queues),
-            Some(Arc::new(SdkPublisher(raw)) as Arc<dyn RawPublisher>),
-        )
-        .on_cleanup(move || {
-            Box::pin(async move {
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(20), remove_all(&raw_bridge)).await;
-            })
-        });
-        if let Err(e) = started {
-            panic!(
-                "an aws bridge did not start against {:?}: {e}",
-                endpoint_for(prefix)
-            );
-        }
-        deployment
     }
+
+    fn broker_control(&self) -> Offer {
+        if endpoint().is_some() {
+            Offer::Available
+        } else {
+            Offer::Absent(
+                "real AWS is not broken from the tests: the fault proxy stands in front of moto"
+                    .into(),
+            )
+        }
+    }
+
+    async fn deployment(&self, prefix: &str, instances: usize) -> Deployment {
+        deploy(endpoint_for(prefix), prefix, instances).await
+    }
+
+    async fn control(&self) -> Result<Arc<dyn BrokerControl>, String> {
+        let all = endpoints();
+        if all.is_empty() {
+            return Err("no moto endpoint to put the fault proxy in front of".into());
+        }
+        let pick = CONTROLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % all.len();
+        let proxy = FaultProxy::start(&all[pick])
+            .await
+            .map_err(|e| format!("the fault proxy did not start: {e}"))?;
+        Ok(Arc::new(ProxiedMoto(proxy)))
+    }
+}
+
+/// Broker controls handed out so far (spreads them over the moto servers).
+static CONTROLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One case's moto behind a fault proxy of its own: the case's bridges reach moto only through
+/// it, so its faults strike that case alone.
+struct ProxiedMoto(FaultProxy);
+
+#[async_trait]
+impl BrokerControl for ProxiedMoto {
+    async fn deployment(&self, prefix: &str, instances: usize) -> Deployment {
+        deploy(Some(self.0.endpoint()), prefix, instances).await
+    }
+
+    async fn drop_connections(&self, _prefix: &str) {
+        self.0.drop_connections();
+    }
+
+    async fn restart(&self) {
+        self.0.outage().await.unwrap_or_else(|e| {
+            panic!("the fault proxy did not listen again after its outage: {e}")
+        });
+    }
+}
+
+/// `instances` started bridges (and one for raw access) under `prefix` on `endpoint`.
+async fn deploy(endpoint: Option<String>, prefix: &str, instances: usize) -> Deployment {
+    let mut bridges = Vec::new();
+    for _ in 0..instances + 1 {
+        let bridge = AwsBridge::new(AwsHarness::config_on(endpoint.clone(), prefix))
+            .await
+            .unwrap_or_else(|e| panic!("the aws bridge refused its test config: {e}"));
+        bridges.push(Arc::new(bridge));
+    }
+    let raw = bridges.pop().expect("one bridge for raw access");
+    let started = futures::future::try_join_all(bridges.iter().map(|b| b.start())).await;
+    let raw_bridge = raw.clone();
+    let queues: Arc<dyn QueueBridge> = Arc::new(raw.queue_bridge());
+    let deployment = Deployment::new(
+        bridges
+            .into_iter()
+            .map(|b| b as Arc<dyn EventBridge>)
+            .collect(),
+        Some(queues),
+        Some(Arc::new(SdkPublisher(raw)) as Arc<dyn RawPublisher>),
+    )
+    .on_cleanup(move || {
+        Box::pin(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(20), remove_all(&raw_bridge)).await;
+        })
+    });
+    if let Err(e) = started {
+        panic!("an aws bridge did not start against {endpoint:?}: {e}");
+    }
+    deployment
 }

@@ -4,6 +4,7 @@
 
 mod amqp;
 mod aws;
+pub mod aws_faults;
 mod dapr;
 mod default;
 mod kubemq;
