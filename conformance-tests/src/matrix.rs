@@ -203,6 +203,15 @@ pub fn render(harnesses: &[Arc<dyn Harness>], cases: &[Case], results: &[CaseRes
                 workload.percent()
             ));
         }
+        let faults = h.fault_workload();
+        if faults != workload
+            && let Some(why) = faults.why()
+        {
+            out.push_str(&format!(
+                "; fault cases at {} % of their full size ({why})",
+                faults.percent()
+            ));
+        }
         match rejected.get(h.name()) {
             Some(needs) if !needs.is_empty() => {
                 let needs: Vec<&str> = needs.iter().map(String::as_str).collect();
