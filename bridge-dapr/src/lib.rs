@@ -22,6 +22,7 @@ mod bridge;
 pub mod cloudevent;
 pub mod config;
 pub mod copies;
+pub mod dead_letters;
 mod driver;
 mod endpoints;
 pub mod routing;

@@ -33,6 +33,10 @@ pub struct Shared {
     pub commands: RwLock<HashMap<String, Arc<dyn CommandHandler>>>,
     /// Subscription consumers by registration key.
     pub consumers: RwLock<HashMap<RegistrationKey, Arc<Consumer>>>,
+    /// Shared subscriptions unregistered here while the bridge runs: a delivery for one of
+    /// them that the sidecar still had queued for this app is put back for the instances that
+    /// hold it (see [`crate::subscriptions`]).
+    pub leaving: RwLock<HashMap<RegistrationKey, purista_core::SubscriptionSpec>>,
     /// Every task the bridge spawns.
     pub tasks: Arc<TaskSet>,
     /// In-flight work by kind and registration.
@@ -63,6 +67,7 @@ impl Shared {
             sidecar,
             commands: RwLock::new(HashMap::new()),
             consumers: RwLock::new(HashMap::new()),
+            leaving: RwLock::new(HashMap::new()),
             tasks: TaskSet::new(),
             tracker: InFlightTracker::new(),
             subscribe_read: Notify::new(),
