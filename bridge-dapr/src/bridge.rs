@@ -48,10 +48,11 @@ pub const BRIDGE_NAME: &str = "dapr";
 ///
 /// * Broadcast and shared: Dapr delivers a topic message once per consumer group, which is
 ///   the app id unless the component sets `consumerID`. The bridge expects each instance to be
-///   its own consumer group with its own app id, so every instance gets every message:
+///   its own consumer group (its own app id, or `consumerID: "{podName}"`), so every instance
+///   gets every message:
 ///   broadcast subscriptions run on each; a shared subscription runs on the one instance
-///   whose claim of the message in the state store is first (see [`crate::subscriptions`];
-///   the claim is the app id's, so instances must not share one). Instances sharing one
+///   whose claim of the message in the state store is first (see [`crate::subscriptions`]
+///   and [`DaprConfig::consumer`]). Instances sharing one
 ///   consumer group would split the messages of *every* subscription, broadcast ones included.
 /// * Filters: every filter of DESIGN §3.3, matched by the app server with core's matcher.
 /// * Subscriptions are at least once, with manual ack: the sidecar gets its answer to a
@@ -109,9 +110,23 @@ impl std::fmt::Debug for DaprBridge {
     }
 }
 
-/// Characters of a state key part kept as they are; others are escaped.
+/// Characters of a state key part kept as they are; others are escaped. A key travels in the
+/// path of `GET /v1.0/state/<store>/<key>`, so the characters a URL path gives a meaning
+/// (`/`, `?`, `#`, `%`) are escaped too, the same way (`~` and two hex digits): a
+/// registration key `svc@1/sub` unescaped made the read of a claim a 404.
 pub(crate) fn key_part(raw: &str) -> String {
-    kit::NameRules::permissive('|', '~', 1024).component(raw)
+    let escaped = kit::NameRules::permissive('|', '~', 1024).component(raw);
+    let mut out = String::with_capacity(escaped.len());
+    for c in escaped.chars() {
+        match c {
+            '/' => out.push_str("~2f"),
+            '?' => out.push_str("~3f"),
+            '#' => out.push_str("~23"),
+            '%' => out.push_str("~25"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 impl DaprBridge {
@@ -681,5 +696,22 @@ impl EventBridge for DaprBridge {
             .get_or_init(|| self.drain(deadline))
             .await
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_key_parts_carry_no_url_path_characters_and_stay_distinct() {
+        let part = key_part("svc@1/sub?x#y%z");
+        assert!(
+            !part.contains(['/', '?', '#', '%']),
+            "a key part keeps a URL path character: {part}"
+        );
+        assert_ne!(key_part("a/b"), key_part("a~2fb"));
+        assert_ne!(key_part("a/b"), key_part("a|b"));
+        assert_eq!(key_part("orders"), "orders");
     }
 }

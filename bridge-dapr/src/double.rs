@@ -78,7 +78,7 @@ impl Default for Resiliency {
 
 /// How long a delivery is out before the next one of its sidecar may start, when the sidecar
 /// delivers several at once ([`SidecarOptions::concurrency`]).
-pub const OVERTAKE_AFTER: Duration = Duration::from_millis(5);
+pub const OVERTAKE_AFTER: Duration = Duration::from_millis(20);
 
 /// Settings of one double.
 #[derive(Debug, Clone, Default)]

@@ -12,7 +12,8 @@
 //!   note ([`crate::dead_letters`]); done once the sidecar took it.
 //! * A delivery for a shared subscription that was unregistered on this instance (the sidecar
 //!   had it queued for this app, other instances' apps may have answered it before they held
-//!   the subscription) is put back as a copy for the subscription.
+//!   the subscription) is claimed as if the subscription were still here and, when no other
+//!   instance had claimed it, put back as a copy for the subscription.
 //! * A delivery whose handler's task was cut off unsettled (shutdown): put back as a copy for
 //!   its subscription with the same attempt, so another instance, or this app once restarted,
 //!   runs it.
@@ -24,9 +25,10 @@
 //! Every instance is its own consumer group, so every instance receives every message. A
 //! shared subscription is handled by one instance only: each instance that holds it claims the
 //! message in the state store (`<prefix>||claim||<registration>||<message id>`, first-write,
-//! no ETag: exactly one write succeeds) and only the winner runs its handler. The claim is the
-//! app id's, so a redelivery of the same event to the same app (the first try was not answered)
-//! wins it again. Claims expire after [`CLAIM_TTL_SECS`].
+//! no ETag: exactly one write succeeds) and only the winner runs its handler. The claim is held
+//! in the name of the instance's consumer group ([`crate::DaprConfig::consumer`]), so a
+//! redelivery of the same event to the same group (the first try was not answered) wins it
+//! again. Claims expire after [`CLAIM_TTL_SECS`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -261,7 +263,7 @@ impl Shared {
                 let shared = self.clone();
                 let consumer = consumer.clone();
                 let delivery_id = delivery_id.to_string();
-                tokio::spawn(async move { shared.claim(&consumer, &delivery_id).await })
+                tokio::spawn(async move { shared.claim(&consumer.spec, &delivery_id).await })
             });
             let (verdict, heard) = oneshot::channel();
             let waiting = Waiting {
@@ -277,13 +279,19 @@ impl Shared {
             verdicts.push((consumer, heard));
         }
         let mut answer = Verdict::Done;
-        // A shared subscription that left this instance: the delivery goes to the instances
-        // that still hold it (none: the copy is dropped by every app).
+        // A shared subscription that left this instance: claimed as if it were still here;
+        // when this instance wins, nobody else took the delivery and it goes to the instances
+        // that still hold the subscription (none: the copy is dropped by every app).
         for spec in put_back {
-            if let Err(error) = self
-                .publish_retry(&spec, &envelope, 1, Duration::ZERO)
-                .await
-            {
+            let handed_on = match self.claim(&spec, delivery_id).await {
+                Ok(false) => Ok(()),
+                Ok(true) => {
+                    self.publish_retry(&spec, &envelope, 1, Duration::ZERO)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(error) = handed_on {
                 tracing::warn!(%error, subscription = %spec.key, message_id = %envelope.id, "a delivery for a subscription that left this instance could not be put back; the sidecar delivers the event again");
                 answer = Verdict::Retry;
             }
@@ -359,17 +367,23 @@ impl Shared {
     /// published twice is two deliveries, and each retry copy is one more. A failed claim
     /// answers RETRY, and the redelivery claims again.
     ///
-    /// The claim's mark is the app id: a redelivery of the same event to this app (its first
-    /// delivery was not answered, e.g. the app restarted) wins again instead of being left to
-    /// nobody, and a write whose answer was lost but landed counts as won.
-    async fn claim(&self, consumer: &Consumer, delivery_id: &str) -> Result<bool, BridgeError> {
+    /// The claim's mark is the consumer group ([`crate::DaprConfig::consumer`], else this
+    /// instance's id): a redelivery of the same event to this app (its first delivery was not
+    /// answered, e.g. the app restarted) wins again instead of being left to nobody, and a
+    /// write whose answer was lost but landed counts as won.
+    async fn claim(&self, spec: &SubscriptionSpec, delivery_id: &str) -> Result<bool, BridgeError> {
         let key = format!(
             "{}||claim||{}||{}",
             self.config.prefix,
-            crate::bridge::key_part(consumer.spec.key.as_str()),
+            crate::bridge::key_part(spec.key.as_str()),
             crate::bridge::key_part(delivery_id)
         );
-        let mine = serde_json::Value::String(self.config.app_id.clone());
+        let mine = serde_json::Value::String(
+            self.config
+                .consumer
+                .clone()
+                .unwrap_or_else(|| self.instance_id.clone()),
+        );
         let _permit = self
             .claims
             .acquire()

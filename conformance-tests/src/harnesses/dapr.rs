@@ -51,6 +51,8 @@ impl DaprHarness {
         // Cases pass explicit ttls; a short default keeps a forgotten one from stalling.
         config.default_command_timeout = Duration::from_secs(5);
         config.connect_timeout = Duration::from_secs(10);
+        // Each instance is its own consumer group: its app id.
+        config.consumer = Some(app_id.to_string());
         config
     }
 
