@@ -195,6 +195,10 @@ impl Settler for CopySettler {
     }
 }
 
+/// How long after its publication a message for a shared subscription that left this
+/// instance waits before this instance claims it to hand it on.
+pub const HANDOVER_HEAD_START: Duration = Duration::from_millis(500);
+
 /// How long a claim of a shared subscription's message stays in the state store.
 pub const CLAIM_TTL_SECS: u32 = 600;
 
@@ -281,7 +285,15 @@ impl Shared {
         let mut answer = Verdict::Done;
         // A shared subscription that left this instance: claimed as if it were still here;
         // when this instance wins, nobody else took the delivery and it goes to the instances
-        // that still hold the subscription (none: the copy is dropped by every app).
+        // that still hold the subscription (none: the copy is dropped by every app). A young
+        // message gets the instances holding it a head start, so that what they receive
+        // themselves is not detoured through a copy.
+        if !put_back.is_empty() {
+            let age = purista_core::envelope::now_ms().saturating_sub(envelope.timestamp);
+            if let Some(wait) = HANDOVER_HEAD_START.checked_sub(Duration::from_millis(age)) {
+                tokio::time::sleep(wait).await;
+            }
+        }
         for spec in put_back {
             let handed_on = match self.claim(&spec, delivery_id).await {
                 Ok(false) => Ok(()),
