@@ -378,6 +378,7 @@ impl EventBridge for DaprBridge {
                 let listener = tokio::net::TcpListener::from_std(listener)
                     .map_err(|e| BridgeError::Unavailable(format!("app server socket: {e}")))?;
                 let router = app::router(self.shared.clone());
+                let _ = self.shared.serving_since.set(Instant::now());
                 let mut stop = self.stop_server.subscribe();
                 tokio::spawn(async move {
                     let served = axum::serve(

@@ -45,6 +45,8 @@ pub struct Shared {
     pub subscribe_read: Notify,
     /// Set once the sidecar read `/dapr/subscribe`.
     pub subscribe_read_once: AtomicBool,
+    /// When the app server began serving.
+    pub serving_since: std::sync::OnceLock<tokio::time::Instant>,
     /// Set once shutdown began: no new work is taken.
     pub closing: AtomicBool,
     /// Bounds the claims in flight (a burst of deliveries would otherwise open a connection
@@ -72,6 +74,7 @@ impl Shared {
             tracker: InFlightTracker::new(),
             subscribe_read: Notify::new(),
             subscribe_read_once: AtomicBool::new(false),
+            serving_since: std::sync::OnceLock::new(),
             closing: AtomicBool::new(false),
             claims: tokio::sync::Semaphore::new(MAX_CLAIMS_IN_FLIGHT),
             copy_reads: crate::copies::Reads::default(),
