@@ -31,9 +31,6 @@ pub const MESSAGE_ROUTE: &str = "/purista/message";
 pub const DEAD_LETTER_ROUTE: &str = "/purista/dead-letter";
 /// Method (path) of command invocations.
 pub const COMMAND_METHOD: &str = "purista/command";
-/// How long after the app server began serving a delivery waits before it is handed to the
-/// subscriptions registered by then.
-pub const STARTUP_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Header of both Dapr tokens.
 pub const TOKEN_HEADER: &str = "dapr-api-token";
 
@@ -168,12 +165,6 @@ async fn message(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
             return reply(Status::Drop);
         }
     };
-    // The sidecar delivers as soon as the app port is open, and a service registers its
-    // subscriptions right after the bridge started: a delivery of the first moments (what the
-    // sidecar redelivers to a restarted app) waits for them rather than finding none.
-    if let Some(since) = shared.serving_since.get() {
-        tokio::time::sleep_until(*since + STARTUP_GRACE).await;
-    }
     match shared
         .dispatch(&delivered.id, Arc::new(delivered.envelope), delivered.retry)
         .await

@@ -195,6 +195,10 @@ impl Settler for CopySettler {
     }
 }
 
+/// How long after the app server began serving a delivery that no subscription wants waits
+/// for the subscriptions registered right after start.
+pub const STARTUP_GRACE: Duration = Duration::from_secs(1);
+
 /// How long after its publication a message for a shared subscription that left this
 /// instance waits before this instance claims it to hand it on.
 pub const HANDOVER_HEAD_START: Duration = Duration::from_millis(500);
@@ -218,22 +222,23 @@ impl Shared {
         let mut put_back = Vec::new();
         let (matching, attempt): (Vec<Arc<Consumer>>, u32) = match &retry {
             None => {
-                put_back = self
-                    .leaving
-                    .read()
-                    .values()
-                    .filter(|spec| spec.filter.matches(&envelope))
-                    .cloned()
-                    .collect();
-                (
-                    self.consumers
-                        .read()
-                        .values()
-                        .filter(|c| c.spec.filter.matches(&envelope))
-                        .cloned()
-                        .collect(),
-                    1,
-                )
+                let mut found = self.wanting(&envelope);
+                // The sidecar delivers as soon as the app port is open, and a service registers
+                // its subscriptions right after the bridge started: a delivery of the first
+                // moments that finds none (what the sidecar redelivers to a restarted app)
+                // waits for them rather than being answered for nobody.
+                if found.0.is_empty()
+                    && found.1.is_empty()
+                    && let Some(since) = self.serving_since.get()
+                {
+                    let until = *since + STARTUP_GRACE;
+                    if tokio::time::Instant::now() < until {
+                        tokio::time::sleep_until(until).await;
+                        found = self.wanting(&envelope);
+                    }
+                }
+                put_back = found.1;
+                (found.0, 1)
             }
             Some(copy) => {
                 if copy
@@ -330,6 +335,26 @@ impl Shared {
             }
         }
         answer
+    }
+
+    /// The local subscriptions whose filter matches `envelope`, and the shared ones that left
+    /// this instance whose filter matches it.
+    fn wanting(&self, envelope: &Envelope) -> (Vec<Arc<Consumer>>, Vec<SubscriptionSpec>) {
+        let consumers = self
+            .consumers
+            .read()
+            .values()
+            .filter(|c| c.spec.filter.matches(envelope))
+            .cloned()
+            .collect();
+        let leaving = self
+            .leaving
+            .read()
+            .values()
+            .filter(|spec| spec.filter.matches(envelope))
+            .cloned()
+            .collect();
+        (consumers, leaving)
     }
 
     /// Publishes a retry copy of `envelope` for subscription `spec` as attempt `attempt`,
