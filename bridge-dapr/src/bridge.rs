@@ -655,6 +655,17 @@ impl EventBridge for DaprBridge {
                 .leaving
                 .write()
                 .insert(c.spec.key.clone(), c.spec.clone());
+            // What the sidecar still delivers to this app for the subscription is handed on to
+            // the instances that hold it; return once that has gone quiet.
+            let give_up = Instant::now() + crate::subscriptions::HANDOVER_MAX_WAIT;
+            while Instant::now() < give_up
+                && tokio::time::timeout(
+                    crate::subscriptions::HANDOVER_QUIET,
+                    self.shared.handed_on.notified(),
+                )
+                .await
+                .is_ok()
+            {}
         }
         if let Some(c) = consumer
             && copies::wants_copies(&c.spec.filter)

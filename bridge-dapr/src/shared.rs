@@ -37,6 +37,9 @@ pub struct Shared {
     /// them that the sidecar still had queued for this app is put back for the instances that
     /// hold it (see [`crate::subscriptions`]).
     pub leaving: RwLock<HashMap<RegistrationKey, purista_core::SubscriptionSpec>>,
+    /// Woken each time a delivery for a subscription that left is handled (see
+    /// [`crate::subscriptions::HANDOVER_QUIET`]).
+    pub handed_on: Notify,
     /// Every task the bridge spawns.
     pub tasks: Arc<TaskSet>,
     /// In-flight work by kind and registration.
@@ -70,6 +73,7 @@ impl Shared {
             commands: RwLock::new(HashMap::new()),
             consumers: RwLock::new(HashMap::new()),
             leaving: RwLock::new(HashMap::new()),
+            handed_on: Notify::new(),
             tasks: TaskSet::new(),
             tracker: InFlightTracker::new(),
             subscribe_read: Notify::new(),

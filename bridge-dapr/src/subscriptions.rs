@@ -203,6 +203,14 @@ pub const STARTUP_GRACE: Duration = Duration::from_secs(1);
 /// instance waits before this instance claims it to hand it on.
 pub const HANDOVER_HEAD_START: Duration = Duration::from_millis(500);
 
+/// Unregistering a shared subscription returns once no delivery for it reached this instance
+/// for this long (what the sidecar still had queued for this app has been handed on), or
+/// after [`HANDOVER_MAX_WAIT`].
+pub const HANDOVER_QUIET: Duration = Duration::from_millis(200);
+
+/// The longest an unregistration waits for the sidecar's queue for this app to go quiet.
+pub const HANDOVER_MAX_WAIT: Duration = Duration::from_secs(5);
+
 /// How long a claim of a shared subscription's message stays in the state store.
 pub const CLAIM_TTL_SECS: u32 = 600;
 
@@ -300,6 +308,7 @@ impl Shared {
             }
         }
         for spec in put_back {
+            self.handed_on.notify_one();
             let handed_on = match self.claim(&spec, delivery_id).await {
                 Ok(false) => Ok(()),
                 Ok(true) => {
