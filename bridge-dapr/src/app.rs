@@ -1,5 +1,6 @@
 //! The app server the sidecar calls: subscription discovery (`GET /dapr/subscribe`), topic
-//! deliveries (`POST /purista/message`), service invocation of commands
+//! deliveries (`POST /purista/message`), dead letters (`POST /purista/dead-letter`, see
+//! [`crate::dead_letters`]), service invocation of commands
 //! (`POST /purista/command`) and the app's own health (`GET /healthz`).
 //!
 //! Every request but the health check must carry the app token (`dapr-api-token`, Dapr's
@@ -26,6 +27,8 @@ use crate::shared::Shared;
 
 /// Path of topic deliveries.
 pub const MESSAGE_ROUTE: &str = "/purista/message";
+/// Path of the dead-letter topic's deliveries.
+pub const DEAD_LETTER_ROUTE: &str = "/purista/dead-letter";
 /// Method (path) of command invocations.
 pub const COMMAND_METHOD: &str = "purista/command";
 /// Header of both Dapr tokens.
@@ -37,6 +40,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/dapr/subscribe", get(subscribe))
         .route(MESSAGE_ROUTE, post(message))
+        .route(DEAD_LETTER_ROUTE, post(dead_letter))
         .route(&format!("/{COMMAND_METHOD}"), post(command))
         .route_layer(middleware::from_fn_with_state(shared.clone(), app_token))
         .route("/healthz", get(|| async { StatusCode::OK }))
@@ -77,11 +81,22 @@ async fn subscribe(State(shared): State<Arc<Shared>>) -> Response {
     shared
         .subscribe_read_once
         .store(true, std::sync::atomic::Ordering::Release);
-    axum::Json(json!([{
-        "pubsubname": shared.config.pubsub,
-        "topic": shared.topic,
-        "routes": { "default": MESSAGE_ROUTE },
-    }]))
+    // What the sidecar gives up on (its resiliency policy's retries spent) goes to the
+    // dead-letter topic, which every app records for inspection.
+    let dead_letters = shared.dead_letter_topic();
+    axum::Json(json!([
+        {
+            "pubsubname": shared.config.pubsub,
+            "topic": shared.topic,
+            "routes": { "default": MESSAGE_ROUTE },
+            "deadLetterTopic": dead_letters,
+        },
+        {
+            "pubsubname": shared.config.pubsub,
+            "topic": dead_letters,
+            "routes": { "default": DEAD_LETTER_ROUTE },
+        },
+    ]))
     .into_response()
 }
 
@@ -151,11 +166,30 @@ async fn message(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
         }
     };
     match shared
-        .dispatch(&delivered.id, Arc::new(delivered.envelope))
+        .dispatch(&delivered.id, Arc::new(delivered.envelope), delivered.retry)
         .await
     {
         crate::subscriptions::Verdict::Done => reply(Status::Success),
         crate::subscriptions::Verdict::Retry => reply(Status::Retry),
+    }
+}
+
+/// A delivery of the dead-letter topic: kept in the state store for operators.
+async fn dead_letter(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    if shared.is_closing() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    match crate::dead_letters::record(&shared, &body).await {
+        Ok(()) => reply(Status::Success),
+        Err(crate::dead_letters::RecordError::NotCloudEvent(e)) => {
+            shared.count_poison();
+            tracing::warn!(error = %e, "dropped a dead letter that is not a CloudEvent");
+            reply(Status::Drop)
+        }
+        Err(crate::dead_letters::RecordError::Store(e)) => {
+            tracing::warn!(error = %e, "a dead letter could not be recorded; the sidecar delivers it again");
+            reply(Status::Retry)
+        }
     }
 }
 

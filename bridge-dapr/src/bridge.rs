@@ -15,9 +15,9 @@ use async_trait::async_trait;
 use purista_core::kit::{self, endpoint_label};
 use purista_core::{
     Address, BridgeCounters, BridgeError, BridgeHealth, Capabilities, CommandHandler,
-    DeliveryGuarantee, DeliveryHandler, DrainReport, Envelope, EventBridge, FilterSupport,
-    InFlight, PausedConsumer, RegistrationKey, StreamConsumerEnd, StreamHandler,
-    SubscriptionOperator, SubscriptionSpec, WorkKind,
+    DeadLetterEntry, DeliveryGuarantee, DeliveryHandler, DrainReport, Envelope, EventBridge,
+    FilterSupport, InFlight, PausedConsumer, RegistrationKey, ReplayReport, StreamConsumerEnd,
+    StreamHandler, SubscriptionOperator, SubscriptionSpec, WorkKind,
 };
 use rand::Rng;
 use reqwest::StatusCode;
@@ -48,23 +48,42 @@ pub const BRIDGE_NAME: &str = "dapr";
 ///
 /// * Broadcast and shared: Dapr delivers a topic message once per consumer group, which is
 ///   the app id unless the component sets `consumerID`. The bridge expects each instance to be
-///   its own consumer group (its own app id, or `consumerID: "{uuid}"`), so every instance gets
-///   every message: broadcast subscriptions run on each; a shared subscription runs on the one
-///   instance whose claim of the message in the state store is first (see
-///   [`crate::subscriptions`]). Instances sharing one consumer group would split the messages
-///   of *every* subscription, broadcast ones included.
+///   its own consumer group (its own app id, or `consumerID: "{podName}"`), so every instance
+///   gets every message:
+///   broadcast subscriptions run on each; a shared subscription runs on the one instance
+///   whose claim of the message in the state store is first (see [`crate::subscriptions`]
+///   and [`DaprConfig::consumer`]). Instances sharing one
+///   consumer group would split the messages of *every* subscription, broadcast ones included.
 /// * Filters: every filter of DESIGN §3.3, matched by the app server with core's matcher.
-/// * Delivery: a message reaches a handler at most once as far as the bridge is concerned: the
-///   sidecar gets SUCCESS once the handlers settled; handler outcomes beyond ack/drop
-///   (retries, dead letters, pause) are not declared.
+/// * Subscriptions are at least once, with manual ack: the sidecar gets its answer to a
+///   delivery only once every matching subscription has settled it, so a delivery the app
+///   never answered (the app server restarted, the handler's task was cut off) is delivered
+///   again by the sidecar. A handler may run more than once for one message.
+/// * Bounded and delayed retry, in the bridge, with the subscription's own `max_attempts` and
+///   `retry_delay_ms`: a retry is a copy of the message for that one subscription published
+///   on the topic with the attempt and its earliest start as CloudEvent extensions, so the
+///   count lives in the broker, not in the app's memory, and survives a restart. Dapr's
+///   `RETRY` status is not used for this: it redelivers the whole event to every matching
+///   subscription and carries no attempt count, and its count and delay are the deployment's
+///   resiliency policy, not the subscription's. The resiliency policy still governs what the
+///   bridge answers `RETRY` (a copy the sidecar refused, a failed claim).
+/// * Dead letters: on the pub/sub component's dead-letter topic `<prefix>.dead-letters`, also
+///   the app subscription's `deadLetterTopic` (see [`crate::dead_letters`]); inspect, replay
+///   and purge work on what the apps recorded from it.
+/// * Pause/resume is not provided: holding a delivery open while paused ties up the
+///   sidecar's deliveries, and answering `RETRY` while paused is a retry loop.
 pub fn capabilities(config: &DaprConfig) -> Capabilities {
     let mut caps = Capabilities::none(BRIDGE_NAME);
     caps.commands = true;
     caps.filters = FilterSupport::Complex;
     caps.shared_subscriptions = true;
     caps.broadcast_subscriptions = true;
+    caps.manual_ack = true;
+    caps.bounded_retry = true;
+    caps.delayed_retry = true;
+    caps.dead_letter = true;
     caps.command_delivery = DeliveryGuarantee::AtMostOnce;
-    caps.subscription_delivery = DeliveryGuarantee::AtMostOnce;
+    caps.subscription_delivery = DeliveryGuarantee::AtLeastOnce;
     caps.limits.max_payload_bytes = Some(config.max_payload_bytes);
     caps
 }
@@ -91,9 +110,23 @@ impl std::fmt::Debug for DaprBridge {
     }
 }
 
-/// Characters of a state key part kept as they are; others are escaped.
+/// Characters of a state key part kept as they are; others are escaped. A key travels in the
+/// path of `GET /v1.0/state/<store>/<key>`, so the characters a URL path gives a meaning
+/// (`/`, `?`, `#`, `%`) are escaped too, the same way (`~` and two hex digits): a
+/// registration key `svc@1/sub` unescaped made the read of a claim a 404.
 pub(crate) fn key_part(raw: &str) -> String {
-    kit::NameRules::permissive('|', '~', 1024).component(raw)
+    let escaped = kit::NameRules::permissive('|', '~', 1024).component(raw);
+    let mut out = String::with_capacity(escaped.len());
+    for c in escaped.chars() {
+        match c {
+            '/' => out.push_str("~2f"),
+            '?' => out.push_str("~3f"),
+            '#' => out.push_str("~23"),
+            '%' => out.push_str("~25"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 impl DaprBridge {
@@ -291,6 +324,26 @@ impl SubscriptionOperator for DaprBridge {
     ) -> Result<bool, BridgeError> {
         Ok(false)
     }
+
+    async fn inspect_dead_letters(
+        &self,
+        target: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetterEntry>, BridgeError> {
+        crate::dead_letters::inspect(&self.shared, target, limit).await
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        target: &str,
+        limit: usize,
+    ) -> Result<ReplayReport, BridgeError> {
+        crate::dead_letters::replay(&self.shared, target, limit).await
+    }
+
+    async fn purge_dead_letters(&self, target: &str) -> Result<usize, BridgeError> {
+        crate::dead_letters::purge(&self.shared, target).await
+    }
 }
 
 #[async_trait]
@@ -325,6 +378,7 @@ impl EventBridge for DaprBridge {
                 let listener = tokio::net::TcpListener::from_std(listener)
                     .map_err(|e| BridgeError::Unavailable(format!("app server socket: {e}")))?;
                 let router = app::router(self.shared.clone());
+                let _ = self.shared.serving_since.set(Instant::now());
                 let mut stop = self.stop_server.subscribe();
                 tokio::spawn(async move {
                     let served = axum::serve(
@@ -586,6 +640,7 @@ impl EventBridge for DaprBridge {
         if consumers.contains_key(&spec.key) {
             return Err(BridgeError::AlreadyRegistered(spec.key.to_string()));
         }
+        self.shared.leaving.write().remove(&spec.key);
         let consumer = Consumer::new(&self.shared, spec, handler);
         consumers.insert(consumer.spec.key.clone(), consumer);
         Ok(())
@@ -593,6 +648,25 @@ impl EventBridge for DaprBridge {
 
     async fn unregister_subscription(&self, key: &RegistrationKey) -> Result<(), BridgeError> {
         let consumer = self.shared.consumers.write().remove(key);
+        if let Some(c) = &consumer
+            && c.spec.shared
+        {
+            self.shared
+                .leaving
+                .write()
+                .insert(c.spec.key.clone(), c.spec.clone());
+            // What the sidecar still delivers to this app for the subscription is handed on to
+            // the instances that hold it; return once that has gone quiet.
+            let give_up = Instant::now() + crate::subscriptions::HANDOVER_MAX_WAIT;
+            while Instant::now() < give_up
+                && tokio::time::timeout(
+                    crate::subscriptions::HANDOVER_QUIET,
+                    self.shared.handed_on.notified(),
+                )
+                .await
+                .is_ok()
+            {}
+        }
         if let Some(c) = consumer
             && copies::wants_copies(&c.spec.filter)
         {
@@ -634,5 +708,22 @@ impl EventBridge for DaprBridge {
             .get_or_init(|| self.drain(deadline))
             .await
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_key_parts_carry_no_url_path_characters_and_stay_distinct() {
+        let part = key_part("svc@1/sub?x#y%z");
+        assert!(
+            !part.contains(['/', '?', '#', '%']),
+            "a key part keeps a URL path character: {part}"
+        );
+        assert_ne!(key_part("a/b"), key_part("a~2fb"));
+        assert_ne!(key_part("a/b"), key_part("a|b"));
+        assert_eq!(key_part("orders"), "orders");
     }
 }

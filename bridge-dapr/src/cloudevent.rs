@@ -1,5 +1,11 @@
 //! The CloudEvent (structured mode, JSON) the bridge publishes and the sidecar delivers: the
 //! PURISTA envelope travels as the JSON `data`, the message id as the CloudEvent `id`.
+//!
+//! A retry of one subscription travels as a new CloudEvent (its own `id`) with the envelope
+//! unchanged and extension attributes naming the subscription ([`EXT_TARGET`]), the instance's
+//! app for a broadcast subscription ([`EXT_APP`]), the attempt it is ([`EXT_ATTEMPT`]) and
+//! when it may run ([`EXT_NOT_BEFORE`]). A dead letter carries its note in [`EXT_DL_TARGET`],
+//! [`EXT_DL_REASON`], [`EXT_DL_ATTEMPTS`], [`EXT_DL_ORIGIN`] and [`EXT_DL_AT`].
 
 use purista_core::Envelope;
 use serde::Deserialize;
@@ -11,6 +17,25 @@ pub const CLOUDEVENT_CONTENT_TYPE: &str = "application/cloudevents+json";
 /// The CloudEvent `type` of every PURISTA message.
 pub const EVENT_TYPE: &str = "io.purista.message";
 
+/// Extension: registration key of the one subscription a retry copy is for.
+pub const EXT_TARGET: &str = "puristatarget";
+/// Extension: app id of the one instance a retry copy of a broadcast subscription is for.
+pub const EXT_APP: &str = "puristaapp";
+/// Extension: the delivery attempt a retry copy is (decimal, 2 or more).
+pub const EXT_ATTEMPT: &str = "puristaattempt";
+/// Extension: epoch ms before which a retry copy's handler does not run.
+pub const EXT_NOT_BEFORE: &str = "puristanotbefore";
+/// Extension: the dead-letter target of a dead letter.
+pub const EXT_DL_TARGET: &str = "puristadltarget";
+/// Extension: why the message was dead-lettered.
+pub const EXT_DL_REASON: &str = "puristadlreason";
+/// Extension: deliveries made before it was dead-lettered (decimal).
+pub const EXT_DL_ATTEMPTS: &str = "puristadlattempts";
+/// Extension: registration key of the subscription it was dead-lettered from.
+pub const EXT_DL_ORIGIN: &str = "puristadlorigin";
+/// Extension: when it was dead-lettered (epoch ms, decimal).
+pub const EXT_DL_AT: &str = "puristadlat";
+
 /// The CloudEvent of an already encoded envelope. `traceparent` is the W3C trace context of
 /// the message, when it carries one (Dapr reads it from the event).
 ///
@@ -18,6 +43,18 @@ pub const EVENT_TYPE: &str = "io.purista.message";
 /// for byte: parsing it back into a tree only to write it out again cost a parse and a
 /// serialization of every message published.
 pub fn wrap(envelope: &Envelope, encoded: &[u8], source: &str) -> Result<Vec<u8>, String> {
+    wrap_with(envelope, encoded, source, "", &[])
+}
+
+/// [`wrap`] with extension attributes `(name, value)` (names as the `EXT_*` constants). `id`
+/// is the CloudEvent id; empty = the envelope's id.
+pub fn wrap_with(
+    envelope: &Envelope,
+    encoded: &[u8],
+    source: &str,
+    id: &str,
+    extensions: &[(&str, &str)],
+) -> Result<Vec<u8>, String> {
     if encoded.first() != Some(&b'{') || encoded.last() != Some(&b'}') {
         return Err("the encoded envelope is not a JSON object".into());
     }
@@ -29,7 +66,7 @@ pub fn wrap(envelope: &Envelope, encoded: &[u8], source: &str) -> Result<Vec<u8>
         serde_json::to_writer(&mut event, value).map_err(|e| e.to_string())
     };
     field("specversion", "1.0")?;
-    field("id", &envelope.id)?;
+    field("id", if id.is_empty() { &envelope.id } else { id })?;
     field("source", source)?;
     field("type", EVENT_TYPE)?;
     field("datacontenttype", "application/json")?;
@@ -39,6 +76,9 @@ pub fn wrap(envelope: &Envelope, encoded: &[u8], source: &str) -> Result<Vec<u8>
         .filter(|t| t.len() < 256 && t.is_ascii())
     {
         field("traceparent", traceparent)?;
+    }
+    for (name, value) in extensions {
+        field(name, value)?;
     }
     event.extend_from_slice(b",\"data\":");
     event.extend_from_slice(encoded);
@@ -64,6 +104,21 @@ pub struct Delivered {
     pub id: String,
     /// The PURISTA message.
     pub envelope: Envelope,
+    /// Set on a retry copy for one subscription.
+    pub retry: Option<RetryCopy>,
+}
+
+/// What a retry copy says about itself (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryCopy {
+    /// Registration key of its subscription.
+    pub target: String,
+    /// For a broadcast subscription, the app id of the instance it is for.
+    pub app: Option<String>,
+    /// The attempt it is.
+    pub attempt: u32,
+    /// Epoch ms before which its handler does not run.
+    pub not_before: u64,
 }
 
 /// The fields of a delivered CloudEvent the bridge reads; `data` stays the bytes it came as.
@@ -75,6 +130,14 @@ struct Incoming<'a> {
     id: Option<Value>,
     #[serde(default, borrow)]
     data: Option<&'a RawValue>,
+    #[serde(default, rename = "puristatarget")]
+    target: Option<String>,
+    #[serde(default, rename = "puristaapp")]
+    app: Option<String>,
+    #[serde(default, rename = "puristaattempt")]
+    attempt: Option<String>,
+    #[serde(default, rename = "puristanotbefore")]
+    not_before: Option<String>,
 }
 
 /// The envelope inside a delivered CloudEvent. `data` is decoded from its own bytes by
@@ -109,7 +172,29 @@ pub fn unwrap(body: &[u8]) -> Result<Delivered, UnwrapError> {
         _ => return Err(UnwrapError::NotEnvelope("data is not an object".into())),
     }
     .map_err(|e| UnwrapError::NotEnvelope(e.to_string()))?;
-    Ok(Delivered { id, envelope })
+    let retry = match event.target {
+        Some(target) if !target.is_empty() => Some(RetryCopy {
+            target,
+            app: event.app.filter(|a| !a.is_empty()),
+            attempt: event
+                .attempt
+                .as_deref()
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(1)
+                .max(1),
+            not_before: event
+                .not_before
+                .as_deref()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0),
+        }),
+        _ => None,
+    };
+    Ok(Delivered {
+        id,
+        envelope,
+        retry,
+    })
 }
 
 #[cfg(test)]

@@ -47,6 +47,8 @@ pub const PUBSUB_ENV: &str = "PURISTA_DAPR_PUBSUB";
 pub const STATESTORE_ENV: &str = "PURISTA_DAPR_STATESTORE";
 /// The topic prefix.
 pub const PREFIX_ENV: &str = "PURISTA_DAPR_PREFIX";
+/// Environment variable: this instance's consumer group ([`DaprConfig::consumer`]).
+pub const CONSUMER_ENV: &str = "PURISTA_DAPR_CONSUMER";
 /// Dapr's default HTTP port.
 pub const DEFAULT_SIDECAR_PORT: u16 = 3500;
 /// Default app port.
@@ -107,6 +109,13 @@ pub struct DaprConfig {
     pub connect_timeout: Duration,
     /// Deadline of one call to the sidecar (publish, state, health).
     pub call_timeout: Duration,
+    /// This instance's consumer group, as the pub/sub component's `consumerID` names it (the
+    /// app id, or `{podName}`): a shared subscription's claim is held in its name, so the same
+    /// event redelivered to a restarted app of the group wins the claim again and runs (at
+    /// least once across restarts). `None`: this bridge instance's id, so a claim held when
+    /// the app went down is not won by the restarted app; the event is then lost to that
+    /// subscription. Never give two instances of one deployment the same value.
+    pub consumer: Option<String>,
 }
 
 impl std::fmt::Debug for DaprConfig {
@@ -120,6 +129,7 @@ impl std::fmt::Debug for DaprConfig {
             .field("pubsub", &self.pubsub)
             .field("statestore", &self.statestore)
             .field("prefix", &self.prefix)
+            .field("consumer", &self.consumer)
             .finish_non_exhaustive()
     }
 }
@@ -141,6 +151,7 @@ impl DaprConfig {
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             connect_timeout: Duration::from_secs(10),
             call_timeout: Duration::from_secs(5),
+            consumer: None,
         }
     }
 
@@ -275,6 +286,9 @@ impl DaprConfig {
         }
         if let Some(v) = get(PREFIX_ENV) {
             config.prefix = v;
+        }
+        if let Some(v) = get(CONSUMER_ENV) {
+            config.consumer = Some(v);
         }
         config.validate()?;
         Ok(config)

@@ -16,7 +16,8 @@
 //!   the subscription with a warning.
 //! * Delivery: each published event goes once to each consumer group (the app id) subscribed
 //!   to its topic, to one of the group's sidecars (round robin). Each sidecar delivers to its
-//!   app in publish order, one delivery at a time (like one partition of a log). The app answers 2xx with
+//!   app in publish order, one delivery at a time (like one partition of a log), or up to
+//!   [`SidecarOptions::concurrency`] at once (like a component's `concurrency` setting). The app answers 2xx with
 //!   `{"status": "SUCCESS"}` (or no body): done; `"RETRY"` or any non-2xx but 404: retried by
 //!   the resiliency policy ([`Resiliency`]), then sent to the `deadLetterTopic` or dropped;
 //!   `"DROP"` or 404: dropped.
@@ -75,6 +76,10 @@ impl Default for Resiliency {
     }
 }
 
+/// How long a delivery is out before the next one of its sidecar may start, when the sidecar
+/// delivers several at once ([`SidecarOptions::concurrency`]).
+pub const OVERTAKE_AFTER: Duration = Duration::from_millis(20);
+
 /// Settings of one double.
 #[derive(Debug, Clone, Default)]
 pub struct DoubleOptions {
@@ -96,6 +101,12 @@ pub struct SidecarOptions {
     pub api_token: Option<String>,
     /// `APP_API_TOKEN`: what this sidecar sends to its app.
     pub app_api_token: Option<String>,
+    /// Deliveries to the app in flight at once, like a pub/sub component's `concurrency`
+    /// (Redis Streams: 10 by default; daprd's `--app-max-concurrency` bounds it too). 0 or 1:
+    /// one at a time, in publish order (like one partition of a log). With more, deliveries
+    /// start in publish order, each once the one before was answered or has been out for
+    /// [`OVERTAKE_AFTER`]: a delivery the app holds does not hold up the next ones.
+    pub concurrency: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -588,10 +599,31 @@ impl Sidecar {
         *state.queue.lock() = Some(queue);
         {
             let state = state.clone();
+            let concurrency = state.options.concurrency.max(1);
             self.runtime.spawn(async move {
+                if concurrency == 1 {
+                    while let Some((subscription, event)) = deliveries.recv().await {
+                        let cluster = state.cluster.clone();
+                        cluster.deliver(&state, subscription, event).await;
+                    }
+                    return;
+                }
+                let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
                 while let Some((subscription, event)) = deliveries.recv().await {
-                    let cluster = state.cluster.clone();
-                    cluster.deliver(&state, subscription, event).await;
+                    let Ok(slot) = slots.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let state = state.clone();
+                    let (answered, heard) = tokio::sync::oneshot::channel::<()>();
+                    tokio::spawn(async move {
+                        let _slot = slot;
+                        let cluster = state.cluster.clone();
+                        cluster.deliver(&state, subscription, event).await;
+                        let _ = answered.send(());
+                    });
+                    // The next starts once this one was answered or has been out for a
+                    // while: deliveries reach the app in publish order unless one is held.
+                    let _ = tokio::time::timeout(OVERTAKE_AFTER, heard).await;
                 }
             });
         }

@@ -15,6 +15,14 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Subscriptions are at least once: the sidecar gets `SUCCESS` for a delivery only once every
+//! matching subscription settled it, so what the app did not answer (it restarted, a handler
+//! was cut off) is delivered again by the sidecar per its resiliency policy. Bounded and
+//! delayed retries and dead letters are the bridge's, built on the pub/sub topic itself (retry
+//! copies for one subscription, a dead-letter topic that is also the subscription's
+//! `deadLetterTopic`); why the bridge does not lean on Dapr's `RETRY` for them is said in
+//! [`capabilities`], how it works in [`subscriptions`] and [`dead_letters`].
+//!
 //! With the `double` feature, [`double`] is an in-repo sidecar double for tests.
 
 pub mod app;
@@ -22,6 +30,7 @@ mod bridge;
 pub mod cloudevent;
 pub mod config;
 pub mod copies;
+pub mod dead_letters;
 mod driver;
 mod endpoints;
 pub mod routing;

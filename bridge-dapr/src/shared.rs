@@ -33,6 +33,13 @@ pub struct Shared {
     pub commands: RwLock<HashMap<String, Arc<dyn CommandHandler>>>,
     /// Subscription consumers by registration key.
     pub consumers: RwLock<HashMap<RegistrationKey, Arc<Consumer>>>,
+    /// Shared subscriptions unregistered here while the bridge runs: a delivery for one of
+    /// them that the sidecar still had queued for this app is put back for the instances that
+    /// hold it (see [`crate::subscriptions`]).
+    pub leaving: RwLock<HashMap<RegistrationKey, purista_core::SubscriptionSpec>>,
+    /// Woken each time a delivery for a subscription that left is handled (see
+    /// [`crate::subscriptions::HANDOVER_QUIET`]).
+    pub handed_on: Notify,
     /// Every task the bridge spawns.
     pub tasks: Arc<TaskSet>,
     /// In-flight work by kind and registration.
@@ -41,6 +48,8 @@ pub struct Shared {
     pub subscribe_read: Notify,
     /// Set once the sidecar read `/dapr/subscribe`.
     pub subscribe_read_once: AtomicBool,
+    /// When the app server began serving.
+    pub serving_since: std::sync::OnceLock<tokio::time::Instant>,
     /// Set once shutdown began: no new work is taken.
     pub closing: AtomicBool,
     /// Bounds the claims in flight (a burst of deliveries would otherwise open a connection
@@ -63,10 +72,13 @@ impl Shared {
             sidecar,
             commands: RwLock::new(HashMap::new()),
             consumers: RwLock::new(HashMap::new()),
+            leaving: RwLock::new(HashMap::new()),
+            handed_on: Notify::new(),
             tasks: TaskSet::new(),
             tracker: InFlightTracker::new(),
             subscribe_read: Notify::new(),
             subscribe_read_once: AtomicBool::new(false),
+            serving_since: std::sync::OnceLock::new(),
             closing: AtomicBool::new(false),
             claims: tokio::sync::Semaphore::new(MAX_CLAIMS_IN_FLIGHT),
             copy_reads: crate::copies::Reads::default(),

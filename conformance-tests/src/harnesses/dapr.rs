@@ -29,6 +29,12 @@ pub const ENDPOINT_ENV: &str = "DAPR_HTTP_ENDPOINT";
 /// The share of the load cases' full size run on the sidecar double, in percent.
 pub const DOUBLE_WORKLOAD_PERCENT: u32 = 25;
 
+/// Deliveries each sidecar has in flight to its app at once, like a pub/sub component's
+/// `concurrency` (Redis Streams: 10 by default). The bridge answers a delivery once its
+/// handlers settled it (at least once): with one delivery at a time, a subscription holding a
+/// message would hold every other subscription of the app.
+pub const DELIVERY_CONCURRENCY: usize = 10;
+
 /// Harness of `purista-bridge-dapr`.
 #[derive(Debug, Default, Clone)]
 pub struct DaprHarness;
@@ -45,6 +51,8 @@ impl DaprHarness {
         // Cases pass explicit ttls; a short default keeps a forgotten one from stalling.
         config.default_command_timeout = Duration::from_secs(5);
         config.connect_timeout = Duration::from_secs(10);
+        // Each instance is its own consumer group: its app id.
+        config.consumer = Some(app_id.to_string());
         config
     }
 
@@ -173,6 +181,7 @@ impl Harness for DaprHarness {
             let sidecar = double
                 .sidecar(SidecarOptions {
                     app_id: id.clone(),
+                    concurrency: DELIVERY_CONCURRENCY,
                     ..SidecarOptions::default()
                 })
                 .expect("a double sidecar starts");
