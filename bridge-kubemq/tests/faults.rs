@@ -102,26 +102,46 @@ async fn the_double_keeps_its_events_store_and_queues_across_a_restart() {
     restart(&double).await;
 
     assert_eq!(double.stored_events("faults.store"), EVENTS);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let _sub = retrying("subscribing", || {
-        let tx = tx.clone();
-        sdk.subscribe_to_events_store(
-            "faults.store",
-            "",
-            EventsStoreSubscription::StartFromFirst,
-            move |e| {
-                let _ = tx.send((e.sequence, String::from_utf8_lossy(&e.body).into_owned()));
-                Box::pin(async {})
-            },
-            None,
-        )
-    })
-    .await;
+    // The SDK's subscribe returns before its stream is open, and a stream that cannot open (the
+    // client's connection still coming back from the restart) ends the subscription without a
+    // word: subscribe again until the replay begins.
+    let replay_by = Instant::now() + Duration::from_secs(30);
+    let (_sub, mut rx, first) = loop {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let sub = retrying("subscribing", || {
+            let tx = tx.clone();
+            sdk.subscribe_to_events_store(
+                "faults.store",
+                "",
+                EventsStoreSubscription::StartFromFirst,
+                move |e| {
+                    let _ = tx.send((e.sequence, String::from_utf8_lossy(&e.body).into_owned()));
+                    Box::pin(async {})
+                },
+                None,
+            )
+        })
+        .await;
+        let first = tokio::select! {
+            got = rx.recv() => got,
+            () = sub.done() => None,
+            () = tokio::time::sleep(Duration::from_secs(5)) => None,
+        };
+        match first {
+            Some(first) => break (sub, rx, first),
+            None if Instant::now() < replay_by => sub.unsubscribe().await,
+            None => panic!("the stored events are not replayed within 30 s of subscribing"),
+        }
+    };
+    let mut first = Some(first);
     for expected in 0..EVENTS {
-        let (sequence, body) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .expect("the stored events are replayed")
-            .expect("subscription open");
+        let (sequence, body) = match first.take() {
+            Some(first) => first,
+            None => tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("the stored events are replayed")
+                .expect("subscription open"),
+        };
         assert_eq!(
             (sequence, body),
             (expected as u64 + 1, expected.to_string())
