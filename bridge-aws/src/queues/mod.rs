@@ -59,7 +59,7 @@ use tokio::sync::{oneshot, watch};
 
 use self::calls::{Sqs, queue_error};
 use self::lease::{LeaseCommand, QueueLink, QueueState};
-use self::record::{DEAD_RECORD_OVERHEAD, JobRecord};
+use self::record::{DEAD_RECORD_OVERHEAD, JobBody, JobRecord};
 use crate::bridge::BRIDGE_NAME;
 use crate::names::Names;
 

@@ -50,7 +50,7 @@ use purista_core::queue::{
 use tokio::sync::{oneshot, watch};
 
 use self::lease::{LeaseCommand, QueueLink, QueueState};
-use self::record::JobRecord;
+use self::record::{JobBody, JobRecord};
 use crate::bridge::BRIDGE_NAME;
 use crate::channels::Channels;
 use crate::config::KubemqConfig;
