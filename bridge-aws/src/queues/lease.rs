@@ -29,16 +29,14 @@
 //! [`QueueConfig::plan_lease_expiry`]: purista_core::queue::QueueConfig::plan_lease_expiry
 //! [`QueueConfig::plan`]: purista_core::queue::QueueConfig::plan
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_sqs::types::Message;
-use parking_lot::Mutex;
 use purista_core::envelope::now_ms;
-use purista_core::kit::{Claim, JobPool, PoolCounts, millis};
-use purista_core::queue::{JobDisposition, JobSettlement, LeasedJob, QueueDeclaration, QueueError};
-use tokio::sync::{mpsc, oneshot, watch};
+use purista_core::kit::{Claim, JobPool, LeaseCommand, LeaseHolders, PoolCounts, millis};
+use purista_core::queue::{JobDisposition, LeasedJob, QueueDeclaration, QueueError};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::calls::{MAX_VISIBILITY_SECONDS, Sqs, covering_seconds, delay_seconds, receive_count};
@@ -64,25 +62,7 @@ pub struct QueueLink {
     /// Turns true at shutdown.
     pub closed: watch::Receiver<bool>,
     /// Leases handed out, by token.
-    pub leases: Mutex<HashMap<String, mpsc::Sender<LeaseCommand>>>,
-}
-
-/// A request to the task that holds a lease.
-pub enum LeaseCommand {
-    /// `extend_lease`.
-    Extend {
-        /// By how much (the queue's visibility timeout when `None`).
-        by: Option<Duration>,
-        /// The new expiry (epoch ms).
-        reply: oneshot::Sender<Result<u64, QueueError>>,
-    },
-    /// `settle`.
-    Settle {
-        /// How.
-        settlement: JobSettlement,
-        /// Done.
-        reply: oneshot::Sender<Result<(), QueueError>>,
-    },
+    pub leases: LeaseHolders,
 }
 
 /// One declared queue on this instance: its SQS queues, the declaration in force, and the
@@ -300,7 +280,7 @@ struct Registered<'a> {
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        self.link.leases.lock().remove(&self.token);
+        self.link.leases.remove(&self.token);
     }
 }
 
@@ -349,7 +329,7 @@ async fn serve(link: Arc<QueueLink>, queue: Arc<QueueState>, held: Received, cla
         }
     }
     let (tx, mut rx) = mpsc::channel(4);
-    link.leases.lock().insert(token.clone(), tx);
+    link.leases.insert(token.clone(), tx);
     let registered = Registered {
         link: &link,
         token: token.clone(),

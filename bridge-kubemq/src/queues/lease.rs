@@ -22,7 +22,6 @@
 //! [`QueueConfig::plan_lease_expiry`]: purista_core::queue::QueueConfig::plan_lease_expiry
 //! [`QueueConfig::plan`]: purista_core::queue::QueueConfig::plan
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -30,9 +29,9 @@ use std::time::Duration;
 use kubemq::proto::kubemq::{QueueMessage, QueueMessagePolicy};
 use parking_lot::Mutex;
 use purista_core::envelope::now_ms;
-use purista_core::kit::{Claim, JobPool, PoolCounts, millis};
-use purista_core::queue::{JobDisposition, JobSettlement, LeasedJob, QueueDeclaration, QueueError};
-use tokio::sync::{mpsc, oneshot, watch};
+use purista_core::kit::{Claim, JobPool, LeaseCommand, LeaseHolders, PoolCounts, millis};
+use purista_core::queue::{JobDisposition, LeasedJob, QueueDeclaration, QueueError};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::record::{DeadBody, DeadRecord, JobBody, JobRecord};
@@ -62,27 +61,9 @@ pub struct QueueLink {
     /// Turns true at shutdown.
     pub closed: watch::Receiver<bool>,
     /// Leases handed out, by token.
-    pub leases: Mutex<HashMap<String, mpsc::Sender<LeaseCommand>>>,
+    pub leases: LeaseHolders,
     /// Deadline of one broker call.
     pub call_timeout: Duration,
-}
-
-/// A request to the task that holds a lease.
-pub enum LeaseCommand {
-    /// `extend_lease`.
-    Extend {
-        /// By how much (the queue's visibility timeout when `None`).
-        by: Option<Duration>,
-        /// The new expiry (epoch ms).
-        reply: oneshot::Sender<Result<u64, QueueError>>,
-    },
-    /// `settle`.
-    Settle {
-        /// How.
-        settlement: JobSettlement,
-        /// Done.
-        reply: oneshot::Sender<Result<(), QueueError>>,
-    },
 }
 
 /// One declared queue on this instance: its channels, the declaration in force, and the
@@ -338,7 +319,7 @@ struct Registered<'a> {
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        self.link.leases.lock().remove(&self.token);
+        self.link.leases.remove(&self.token);
         self.queue.leased.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -369,7 +350,7 @@ async fn serve(
         broker_until = Instant::now() + Duration::from_secs(u64::try_from(seconds).unwrap_or(1));
     }
     let (tx, mut rx) = mpsc::channel(4);
-    link.leases.lock().insert(token.clone(), tx);
+    link.leases.insert(token.clone(), tx);
     queue.leased.fetch_add(1, Ordering::SeqCst);
     let registered = Registered {
         link: &link,
