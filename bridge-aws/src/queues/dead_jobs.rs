@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use super::calls::Sqs;
 use super::lease::QueueState;
-use super::record::{DeadRecord, MAX_REASON_BYTES, cut};
+use super::record::{DeadBody, DeadRecord, MAX_REASON_BYTES, cut};
 use crate::receive::string_attribute;
 use crate::subscriptions::{ATTR_AT, ATTR_REASON};
 

@@ -29,22 +29,19 @@
 //! [`QueueConfig::plan_lease_expiry`]: purista_core::queue::QueueConfig::plan_lease_expiry
 //! [`QueueConfig::plan`]: purista_core::queue::QueueConfig::plan
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use aws_sdk_sqs::types::Message;
-use parking_lot::Mutex;
 use purista_core::envelope::now_ms;
-use purista_core::kit::millis;
-use purista_core::queue::{JobDisposition, JobSettlement, LeasedJob, QueueDeclaration, QueueError};
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use purista_core::kit::{Claim, JobPool, LeaseCommand, LeaseHolders, PoolCounts, millis};
+use purista_core::queue::{JobDisposition, LeasedJob, QueueDeclaration, QueueError};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::calls::{MAX_VISIBILITY_SECONDS, Sqs, covering_seconds, delay_seconds, receive_count};
 use super::dead_jobs;
-use super::record::{DeadRecord, JobRecord};
+use super::record::{DeadBody, DeadRecord, JobBody, JobRecord};
 
 /// How long a received job waits for a `lease` call after it is due, before it is put back.
 pub const POOL_HOLD: Duration = Duration::from_secs(1);
@@ -65,33 +62,7 @@ pub struct QueueLink {
     /// Turns true at shutdown.
     pub closed: watch::Receiver<bool>,
     /// Leases handed out, by token.
-    pub leases: Mutex<HashMap<String, mpsc::Sender<LeaseCommand>>>,
-}
-
-/// A request to the task that holds a lease.
-pub enum LeaseCommand {
-    /// `extend_lease`.
-    Extend {
-        /// By how much (the queue's visibility timeout when `None`).
-        by: Option<Duration>,
-        /// The new expiry (epoch ms).
-        reply: oneshot::Sender<Result<u64, QueueError>>,
-    },
-    /// `settle`.
-    Settle {
-        /// How.
-        settlement: JobSettlement,
-        /// Done.
-        reply: oneshot::Sender<Result<(), QueueError>>,
-    },
-}
-
-type Claim = oneshot::Sender<Result<LeasedJob, QueueError>>;
-
-struct PoolEntry {
-    id: u64,
-    due_ms: u64,
-    claim: oneshot::Sender<Claim>,
+    pub leases: LeaseHolders,
 }
 
 /// One declared queue on this instance: its SQS queues, the declaration in force, and the
@@ -105,12 +76,7 @@ pub struct QueueState {
     pub dead_url: String,
     /// The declaration in force.
     pub declaration: QueueDeclaration,
-    pool: Mutex<Vec<PoolEntry>>,
-    next_entry: AtomicU64,
-    arrived: Notify,
-    receivers: AtomicUsize,
-    waiting: AtomicUsize,
-    failure: Mutex<Option<String>>,
+    pool: JobPool,
 }
 
 /// Counts this instance holds of one queue.
@@ -130,51 +96,15 @@ impl QueueState {
             url,
             dead_url,
             declaration,
-            pool: Mutex::new(Vec::new()),
-            next_entry: AtomicU64::new(0),
-            arrived: Notify::new(),
-            receivers: AtomicUsize::new(0),
-            waiting: AtomicUsize::new(0),
-            failure: Mutex::new(None),
+            pool: JobPool::new(),
         }
     }
 
     /// What this instance holds of the queue right now.
     pub fn held(&self) -> Held {
         let now = now_ms();
-        let pool = self.pool.lock();
-        let ready = pool.iter().filter(|e| e.due_ms <= now).count();
-        Held {
-            ready,
-            early: pool.len() - ready,
-        }
-    }
-
-    fn pop_due(&self, now: u64) -> Option<PoolEntry> {
-        let mut pool = self.pool.lock();
-        let at = pool
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.due_ms <= now)
-            .min_by_key(|(_, e)| (e.due_ms, e.id))
-            .map(|(i, _)| i)?;
-        Some(pool.remove(at))
-    }
-
-    fn next_due(&self) -> Option<u64> {
-        self.pool.lock().iter().map(|e| e.due_ms).min()
-    }
-
-    /// Takes entry `id` out of the pool; `false` when a `lease` call took it first.
-    fn withdraw(&self, id: u64) -> bool {
-        let mut pool = self.pool.lock();
-        match pool.iter().position(|e| e.id == id) {
-            Some(at) => {
-                pool.remove(at);
-                true
-            }
-            None => false,
-        }
+        let PoolCounts { ready, early } = self.pool.counts(now);
+        Held { ready, early }
     }
 
     /// Sends `record` to the job queue, SQS delaying it for the whole seconds until it is due.
@@ -190,15 +120,6 @@ impl QueueState {
     }
 }
 
-/// Counts a waiting `lease` call until dropped.
-struct Waiting<'a>(&'a QueueState);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 fn shut_down() -> QueueError {
     QueueError::Unavailable("the aws queue bridge is shut down".into())
 }
@@ -210,61 +131,11 @@ pub async fn lease(
     wait: Duration,
     spawn: &(dyn Fn(futures::future::BoxFuture<'static, ()>) -> bool + Sync),
 ) -> Result<Option<LeasedJob>, QueueError> {
-    let deadline = Instant::now().checked_add(wait);
-    queue.waiting.fetch_add(1, Ordering::SeqCst);
-    let _waiting = Waiting(queue);
-    let mut closed = link.closed.clone();
-    loop {
-        if *closed.borrow() {
-            return Err(shut_down());
-        }
-        let arrived = queue.arrived.notified();
-        tokio::pin!(arrived);
-        arrived.as_mut().enable();
-        if let Some(entry) = queue.pop_due(now_ms()) {
-            let (tx, rx) = oneshot::channel();
-            if entry.claim.send(tx).is_err() {
-                continue;
-            }
-            match rx.await {
-                Ok(Ok(job)) => return Ok(Some(job)),
-                Ok(Err(e)) => return Err(e),
-                Err(_) => continue,
-            }
-        }
-        if let Some(failure) = queue.failure.lock().take() {
-            return Err(QueueError::Unavailable(failure));
-        }
-        while queue.receivers.load(Ordering::SeqCst) < queue.waiting.load(Ordering::SeqCst) {
-            queue.receivers.fetch_add(1, Ordering::SeqCst);
-            if !spawn(Box::pin(receive(link.clone(), queue.clone()))) {
-                queue.receivers.fetch_sub(1, Ordering::SeqCst);
-                return Err(shut_down());
-            }
-        }
-        let now = Instant::now();
-        if deadline.is_some_and(|d| d <= now) {
-            return Ok(None);
-        }
-        let next_due = queue
-            .next_due()
-            .map(|due| now + Duration::from_millis(due.saturating_sub(now_ms())));
-        let until = match (deadline, next_due) {
-            (Some(d), Some(n)) => Some(d.min(n)),
-            (d, n) => d.or(n),
-        };
-        let sleep = async {
-            match until {
-                Some(until) => tokio::time::sleep_until(until).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            () = &mut arrived => {}
-            () = sleep => {}
-            _ = closed.changed() => {}
-        }
-    }
+    let start_receiver = || spawn(Box::pin(receive(link.clone(), queue.clone())));
+    queue
+        .pool
+        .lease(wait, &link.closed, start_receiver, shut_down)
+        .await
 }
 
 /// How long a receive hides a message: the lease, the pool's wait and a margin.
@@ -284,10 +155,10 @@ async fn receive(link: Arc<QueueLink>, queue: Arc<QueueState>) {
         _ = closed.wait_for(|c| *c) => Ok(Vec::new()),
     };
     let broker_until = Instant::now() + Duration::from_secs(u64::try_from(visibility).unwrap_or(1));
-    queue.receivers.fetch_sub(1, Ordering::SeqCst);
+    queue.pool.receiver_ended();
     match received {
         Ok(messages) => {
-            queue.arrived.notify_waiters();
+            queue.pool.wake();
             for message in messages {
                 hold(link.clone(), queue.clone(), message, broker_until).await;
             }
@@ -298,8 +169,10 @@ async fn receive(link: Arc<QueueLink>, queue: Arc<QueueState>) {
                 () = tokio::time::sleep(FAILED_RECEIVE_PAUSE) => {}
                 _ = closed.wait_for(|c| *c) => {}
             }
-            *queue.failure.lock() = Some(format!("SQS job queue `{}`: {error}", queue.name));
-            queue.arrived.notify_waiters();
+            queue
+                .pool
+                .fail(format!("SQS job queue `{}`: {error}", queue.name));
+            queue.pool.wake();
         }
     }
 }
@@ -366,41 +239,10 @@ async fn hold(
         }
         return;
     }
-    let id = queue.next_entry.fetch_add(1, Ordering::Relaxed);
-    let (claim_tx, mut claim_rx) = oneshot::channel::<Claim>();
-    queue.pool.lock().push(PoolEntry {
-        id,
-        due_ms: record.visible_at_ms,
-        claim: claim_tx,
-    });
-    queue.arrived.notify_waiters();
-    let give_back_at = Instant::now()
-        + Duration::from_millis(record.visible_at_ms.saturating_sub(now))
-        + POOL_HOLD;
-    let mut closed = link.closed.clone();
-    enum Next {
-        Claimed(Option<Claim>),
-        GiveBackTime,
-        Closing,
-    }
-    let next = tokio::select! {
-        claim = &mut claim_rx => Next::Claimed(claim.ok()),
-        () = tokio::time::sleep_until(give_back_at) => Next::GiveBackTime,
-        _ = closed.wait_for(|c| *c) => Next::Closing,
-    };
-    let claim = match next {
-        Next::Claimed(claim) => claim,
-        Next::GiveBackTime if queue.withdraw(id) => None,
-        // A lease call took it from the pool just now: its claim is on the way.
-        Next::GiveBackTime => tokio::time::timeout(Duration::from_secs(1), claim_rx)
-            .await
-            .ok()
-            .and_then(Result::ok),
-        Next::Closing => {
-            queue.withdraw(id);
-            None
-        }
-    };
+    let claim = queue
+        .pool
+        .hold(record.visible_at_ms, now, POOL_HOLD, &link.closed)
+        .await;
     match claim {
         Some(claim) => {
             let held = Received {
@@ -438,7 +280,7 @@ struct Registered<'a> {
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        self.link.leases.lock().remove(&self.token);
+        self.link.leases.remove(&self.token);
     }
 }
 
@@ -487,7 +329,7 @@ async fn serve(link: Arc<QueueLink>, queue: Arc<QueueState>, held: Received, cla
         }
     }
     let (tx, mut rx) = mpsc::channel(4);
-    link.leases.lock().insert(token.clone(), tx);
+    link.leases.insert(token.clone(), tx);
     let registered = Registered {
         link: &link,
         token: token.clone(),

@@ -46,11 +46,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 use purista_core::WorkKind;
 use purista_core::capabilities::{DeliveryGuarantee, QueueCapabilities};
 use purista_core::envelope::now_ms;
-use purista_core::kit::TaskSet;
+use purista_core::kit::{LeaseCommand, LeaseHolders, TaskSet};
 use purista_core::queue::{
     DeadLetteredJob, JobSettlement, LeasedJob, NewJob, QueueBridge, QueueDeclaration, QueueError,
     QueueMetrics,
@@ -58,8 +58,8 @@ use purista_core::queue::{
 use tokio::sync::{oneshot, watch};
 
 use self::calls::{Sqs, queue_error};
-use self::lease::{LeaseCommand, QueueLink, QueueState};
-use self::record::{DEAD_RECORD_OVERHEAD, JobRecord};
+use self::lease::{QueueLink, QueueState};
+use self::record::{DEAD_RECORD_OVERHEAD, JobBody, JobRecord};
 use crate::bridge::BRIDGE_NAME;
 use crate::names::Names;
 
@@ -116,7 +116,7 @@ impl AwsQueues {
                     timeout: call_timeout,
                 },
                 closed,
-                leases: Mutex::new(HashMap::new()),
+                leases: LeaseHolders::new(),
             }),
             names,
             max_job_bytes: max_message_bytes.saturating_sub(DEAD_RECORD_OVERHEAD),
@@ -150,15 +150,7 @@ impl AwsQueues {
         make: impl FnOnce(oneshot::Sender<Result<T, QueueError>>) -> LeaseCommand,
     ) -> Result<T, QueueError> {
         self.queue(&job.queue)?;
-        let lost = || QueueError::LeaseLost {
-            job_id: job.id.clone(),
-            lease_token: job.lease_token.clone(),
-        };
-        let holder = self.link.leases.lock().get(&job.lease_token).cloned();
-        let holder = holder.ok_or_else(lost)?;
-        let (tx, rx) = oneshot::channel();
-        holder.send(make(tx)).await.map_err(|_| lost())?;
-        rx.await.map_err(|_| lost())?
+        self.link.leases.call(job, make).await
     }
 
     /// The SQS queue name of job queue `queue`.

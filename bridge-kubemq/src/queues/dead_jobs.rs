@@ -17,7 +17,7 @@ use purista_core::envelope::now_ms;
 use purista_core::queue::{DeadLetteredJob, QueueError};
 
 use super::lease::{MAX_RECEIVES, QueueState};
-use super::record::DeadRecord;
+use super::record::{DeadBody, DeadRecord};
 use super::stream::LeaseStream;
 use crate::connection::RawClient;
 

@@ -22,20 +22,19 @@
 //! [`QueueConfig::plan_lease_expiry`]: purista_core::queue::QueueConfig::plan_lease_expiry
 //! [`QueueConfig::plan`]: purista_core::queue::QueueConfig::plan
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use kubemq::proto::kubemq::{QueueMessage, QueueMessagePolicy};
 use parking_lot::Mutex;
 use purista_core::envelope::now_ms;
-use purista_core::kit::millis;
-use purista_core::queue::{JobDisposition, JobSettlement, LeasedJob, QueueDeclaration, QueueError};
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use purista_core::kit::{Claim, JobPool, LeaseCommand, LeaseHolders, PoolCounts, millis};
+use purista_core::queue::{JobDisposition, LeasedJob, QueueDeclaration, QueueError};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::record::{DeadRecord, JobRecord};
+use super::record::{DeadBody, DeadRecord, JobBody, JobRecord};
 use super::stream::{LeaseStream, delay_seconds, visibility_seconds};
 use crate::connection::RawClient;
 
@@ -62,35 +61,9 @@ pub struct QueueLink {
     /// Turns true at shutdown.
     pub closed: watch::Receiver<bool>,
     /// Leases handed out, by token.
-    pub leases: Mutex<HashMap<String, mpsc::Sender<LeaseCommand>>>,
+    pub leases: LeaseHolders,
     /// Deadline of one broker call.
     pub call_timeout: Duration,
-}
-
-/// A request to the task that holds a lease.
-pub enum LeaseCommand {
-    /// `extend_lease`.
-    Extend {
-        /// By how much (the queue's visibility timeout when `None`).
-        by: Option<Duration>,
-        /// The new expiry (epoch ms).
-        reply: oneshot::Sender<Result<u64, QueueError>>,
-    },
-    /// `settle`.
-    Settle {
-        /// How.
-        settlement: JobSettlement,
-        /// Done.
-        reply: oneshot::Sender<Result<(), QueueError>>,
-    },
-}
-
-type Claim = oneshot::Sender<Result<LeasedJob, QueueError>>;
-
-struct PoolEntry {
-    id: u64,
-    due_ms: u64,
-    claim: oneshot::Sender<Claim>,
 }
 
 /// One declared queue on this instance: its channels, the declaration in force, and the
@@ -104,15 +77,10 @@ pub struct QueueState {
     pub dead_letter_channel: String,
     /// The declaration in force.
     pub declaration: QueueDeclaration,
-    pool: Mutex<Vec<PoolEntry>>,
-    next_entry: AtomicU64,
-    arrived: Notify,
-    receivers: AtomicUsize,
-    waiting: AtomicUsize,
+    pool: JobPool,
     leased: AtomicUsize,
     /// When KubeMQ releases the messages this instance delayed (epoch ms).
     delayed_until: Mutex<Vec<u64>>,
-    failure: Mutex<Option<String>>,
 }
 
 /// Counts this instance holds of one queue.
@@ -141,14 +109,9 @@ impl QueueState {
             channel,
             dead_letter_channel,
             declaration,
-            pool: Mutex::new(Vec::new()),
-            next_entry: AtomicU64::new(0),
-            arrived: Notify::new(),
-            receivers: AtomicUsize::new(0),
-            waiting: AtomicUsize::new(0),
+            pool: JobPool::new(),
             leased: AtomicUsize::new(0),
             delayed_until: Mutex::new(Vec::new()),
-            failure: Mutex::new(None),
         }
     }
 
@@ -201,11 +164,10 @@ impl QueueState {
     /// What this instance holds of the queue right now.
     pub fn held(&self) -> Held {
         let now = now_ms();
-        let pool = self.pool.lock();
-        let ready = pool.iter().filter(|e| e.due_ms <= now).count();
+        let PoolCounts { ready, early } = self.pool.counts(now);
         Held {
             ready,
-            early: pool.len() - ready,
+            early,
             leased: self.leased.load(Ordering::SeqCst),
             delayed: self
                 .delayed_until
@@ -214,43 +176,6 @@ impl QueueState {
                 .filter(|t| **t > now)
                 .count(),
         }
-    }
-
-    /// The first held message that is due, taken out of the pool.
-    fn pop_due(&self, now: u64) -> Option<PoolEntry> {
-        let mut pool = self.pool.lock();
-        let at = pool
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.due_ms <= now)
-            .min_by_key(|(_, e)| (e.due_ms, e.id))
-            .map(|(i, _)| i)?;
-        Some(pool.remove(at))
-    }
-
-    fn next_due(&self) -> Option<u64> {
-        self.pool.lock().iter().map(|e| e.due_ms).min()
-    }
-
-    /// Takes entry `id` out of the pool; `false` when a `lease` call took it first.
-    fn withdraw(&self, id: u64) -> bool {
-        let mut pool = self.pool.lock();
-        match pool.iter().position(|e| e.id == id) {
-            Some(at) => {
-                pool.remove(at);
-                true
-            }
-            None => false,
-        }
-    }
-}
-
-/// Counts a waiting `lease` call until dropped.
-struct Waiting<'a>(&'a QueueState);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -261,71 +186,13 @@ pub async fn lease(
     wait: Duration,
     spawn: &(dyn Fn(futures::future::BoxFuture<'static, ()>) -> bool + Sync),
 ) -> Result<Option<LeasedJob>, QueueError> {
-    let deadline = Instant::now().checked_add(wait);
-    queue.waiting.fetch_add(1, Ordering::SeqCst);
-    let _waiting = Waiting(queue);
-    let mut closed = link.closed.clone();
-    loop {
-        if *closed.borrow() {
-            return Err(QueueError::Unavailable(
-                "the queue bridge is shut down".into(),
-            ));
-        }
-        let arrived = queue.arrived.notified();
-        tokio::pin!(arrived);
-        arrived.as_mut().enable();
-        if let Some(entry) = queue.pop_due(now_ms()) {
-            let (tx, rx) = oneshot::channel();
-            if entry.claim.send(tx).is_err() {
-                continue;
-            }
-            match rx.await {
-                Ok(Ok(job)) => return Ok(Some(job)),
-                Ok(Err(e)) => return Err(e),
-                Err(_) => continue,
-            }
-        }
-        if let Some(failure) = queue.failure.lock().take() {
-            return Err(QueueError::Unavailable(failure));
-        }
-        while queue.receivers.load(Ordering::SeqCst) < queue.waiting.load(Ordering::SeqCst) {
-            queue.receivers.fetch_add(1, Ordering::SeqCst);
-            let task = receive(link.clone(), queue.clone());
-            if !spawn(Box::pin(task)) {
-                queue.receivers.fetch_sub(1, Ordering::SeqCst);
-                return Err(QueueError::Unavailable(
-                    "the queue bridge is shut down".into(),
-                ));
-            }
-        }
-        let now = Instant::now();
-        if deadline.is_some_and(|d| d <= now) {
-            return Ok(None);
-        }
-        let next_due = queue.next_due().map(|due| {
-            let ms = due.saturating_sub(now_ms());
-            now + Duration::from_millis(ms)
-        });
-        let until = match (deadline, next_due) {
-            (Some(d), Some(n)) => Some(d.min(n)),
-            (d, n) => d.or(n),
-        };
-        match until {
-            Some(until) => {
-                tokio::select! {
-                    () = &mut arrived => {}
-                    () = tokio::time::sleep_until(until) => {}
-                    _ = closed.changed() => {}
-                }
-            }
-            None => {
-                tokio::select! {
-                    () = &mut arrived => {}
-                    _ = closed.changed() => {}
-                }
-            }
-        }
-    }
+    let start_receiver = || spawn(Box::pin(receive(link.clone(), queue.clone())));
+    queue
+        .pool
+        .lease(wait, &link.closed, start_receiver, || {
+            QueueError::Unavailable("the queue bridge is shut down".into())
+        })
+        .await
 }
 
 /// One receive task: asks KubeMQ for a message and, when one comes, holds and leases it.
@@ -346,15 +213,15 @@ async fn receive(link: Arc<QueueLink>, queue: Arc<QueueState>) {
     let received_at = Instant::now();
     match received {
         Ok(Some((stream, message))) => {
-            queue.receivers.fetch_sub(1, Ordering::SeqCst);
-            queue.arrived.notify_waiters();
+            queue.pool.receiver_ended();
+            queue.pool.wake();
             let broker_until =
                 received_at + Duration::from_secs(u64::try_from(visibility).unwrap_or(1));
             hold(link, queue, stream, message, broker_until).await;
         }
         Ok(None) => {
-            queue.receivers.fetch_sub(1, Ordering::SeqCst);
-            queue.arrived.notify_waiters();
+            queue.pool.receiver_ended();
+            queue.pool.wake();
         }
         Err(error) => {
             tracing::debug!(queue = %queue.name, %error, "receiving from a KubeMQ queue failed");
@@ -362,9 +229,11 @@ async fn receive(link: Arc<QueueLink>, queue: Arc<QueueState>) {
                 () = tokio::time::sleep(FAILED_RECEIVE_PAUSE) => {}
                 _ = closed.wait_for(|c| *c) => {}
             }
-            *queue.failure.lock() = Some(format!("KubeMQ queue `{}`: {error}", queue.channel));
-            queue.receivers.fetch_sub(1, Ordering::SeqCst);
-            queue.arrived.notify_waiters();
+            queue
+                .pool
+                .fail(format!("KubeMQ queue `{}`: {error}", queue.channel));
+            queue.pool.receiver_ended();
+            queue.pool.wake();
         }
     }
 }
@@ -388,7 +257,7 @@ async fn hold(
         }
     };
     let config = &queue.declaration.config;
-    let attempt = record.attempt_at(attributes.receive_count);
+    let attempt = record.attempt_at(u32::try_from(attributes.receive_count).unwrap_or(0));
     let now = now_ms();
     if attempt > record.attempt {
         // Returned unsettled: the previous lease expired with its holder.
@@ -414,41 +283,10 @@ async fn hold(
         let _ = stream.send_modified(sequence, replacement).await;
         return;
     }
-    let id = queue.next_entry.fetch_add(1, Ordering::Relaxed);
-    let (claim_tx, mut claim_rx) = oneshot::channel::<Claim>();
-    queue.pool.lock().push(PoolEntry {
-        id,
-        due_ms: record.visible_at_ms,
-        claim: claim_tx,
-    });
-    queue.arrived.notify_waiters();
-    let give_back_at = Instant::now()
-        + Duration::from_millis(record.visible_at_ms.saturating_sub(now))
-        + POOL_HOLD;
-    let mut closed = link.closed.clone();
-    enum Next {
-        Claimed(Option<Claim>),
-        GiveBackTime,
-        Closing,
-    }
-    let next = tokio::select! {
-        claim = &mut claim_rx => Next::Claimed(claim.ok()),
-        () = tokio::time::sleep_until(give_back_at) => Next::GiveBackTime,
-        _ = closed.wait_for(|c| *c) => Next::Closing,
-    };
-    let claim = match next {
-        Next::Claimed(claim) => claim,
-        Next::GiveBackTime if queue.withdraw(id) => None,
-        // A lease call took it from the pool just now: its claim is on the way.
-        Next::GiveBackTime => tokio::time::timeout(Duration::from_secs(1), claim_rx)
-            .await
-            .ok()
-            .and_then(Result::ok),
-        Next::Closing => {
-            queue.withdraw(id);
-            None
-        }
-    };
+    let claim = queue
+        .pool
+        .hold(record.visible_at_ms, now, POOL_HOLD, &link.closed)
+        .await;
     match claim {
         Some(claim) => {
             serve(
@@ -481,7 +319,7 @@ struct Registered<'a> {
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        self.link.leases.lock().remove(&self.token);
+        self.link.leases.remove(&self.token);
         self.queue.leased.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -512,7 +350,7 @@ async fn serve(
         broker_until = Instant::now() + Duration::from_secs(u64::try_from(seconds).unwrap_or(1));
     }
     let (tx, mut rx) = mpsc::channel(4);
-    link.leases.lock().insert(token.clone(), tx);
+    link.leases.insert(token.clone(), tx);
     queue.leased.fetch_add(1, Ordering::SeqCst);
     let registered = Registered {
         link: &link,

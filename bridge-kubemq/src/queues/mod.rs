@@ -38,19 +38,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 use purista_core::WorkKind;
 use purista_core::capabilities::{DeliveryGuarantee, QueueCapabilities};
 use purista_core::envelope::now_ms;
-use purista_core::kit::TaskSet;
+use purista_core::kit::{LeaseCommand, LeaseHolders, TaskSet};
 use purista_core::queue::{
     DeadLetteredJob, JobSettlement, LeasedJob, NewJob, QueueBridge, QueueDeclaration, QueueError,
     QueueMetrics,
 };
 use tokio::sync::{oneshot, watch};
 
-use self::lease::{LeaseCommand, QueueLink, QueueState};
-use self::record::JobRecord;
+use self::lease::{QueueLink, QueueState};
+use self::record::{JobBody, JobRecord};
 use crate::bridge::BRIDGE_NAME;
 use crate::channels::Channels;
 use crate::config::KubemqConfig;
@@ -99,7 +99,7 @@ impl KubemqQueues {
                 raw: connection.raw.clone(),
                 client_id: connection.client_id.clone(),
                 closed,
-                leases: Mutex::new(HashMap::new()),
+                leases: LeaseHolders::new(),
                 call_timeout: config.publish_timeout,
             }),
             channels,
@@ -129,15 +129,7 @@ impl KubemqQueues {
         make: impl FnOnce(oneshot::Sender<Result<T, QueueError>>) -> LeaseCommand,
     ) -> Result<T, QueueError> {
         self.queue(&job.queue)?;
-        let lost = || QueueError::LeaseLost {
-            job_id: job.id.clone(),
-            lease_token: job.lease_token.clone(),
-        };
-        let holder = self.link.leases.lock().get(&job.lease_token).cloned();
-        let holder = holder.ok_or_else(lost)?;
-        let (tx, rx) = oneshot::channel();
-        holder.send(make(tx)).await.map_err(|_| lost())?;
-        rx.await.map_err(|_| lost())?
+        self.link.leases.call(job, make).await
     }
 }
 

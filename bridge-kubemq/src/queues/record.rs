@@ -7,151 +7,52 @@
 //! above one was received before and returned without the bridge settling it (a lessee that
 //! died, a lost connection). The bridge counts each such return as an expired lease
 //! ([`JobRecord::attempt_at`]).
+//!
+//! The records and what they mean are core's ([`purista_core::kit::JobRecord`]); this file
+//! says how they travel as KubeMQ message bytes ([`JobBody`], [`DeadBody`]).
 
-use purista_core::queue::{DeadLetteredJob, LeasedJob, NewJob};
-use serde::{Deserialize, Serialize};
+pub use purista_core::kit::{DeadRecord, JobRecord};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-/// A job as stored in its queue channel.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct JobRecord {
-    /// Job id (also the KubeMQ message id).
-    pub id: String,
-    /// The queue's name (not its channel).
-    pub queue: String,
-    /// Payload.
-    pub payload: Value,
-    /// Parameter.
-    pub parameter: Value,
-    /// The attempt this copy is for when received the first time (1 for a new job).
-    pub attempt: u32,
-    /// First enqueue (epoch ms): the retry window counts from here.
-    pub enqueued_at_ms: u64,
-    /// Not to be leased before (epoch ms). KubeMQ delays by whole seconds; the rest the
-    /// lessee waits out.
-    #[serde(default)]
-    pub visible_at_ms: u64,
-    /// Idempotency key (kept, not enforced).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idempotency_key: Option<String>,
-    /// Trace id.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub trace_id: Option<String>,
-    /// W3C trace-context carrier.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub otp: Option<String>,
-    /// Principal.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub principal_id: Option<String>,
-    /// Tenant.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tenant_id: Option<String>,
-    /// Per-job attempts override.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_attempts: Option<u32>,
-}
-
-/// A dead-lettered job as stored in the dead-letter queue's channel.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DeadRecord {
-    /// The job as last leased.
-    pub job: JobRecord,
-    /// Why.
-    pub reason: String,
-    /// When (epoch ms).
-    pub dead_lettered_at_ms: u64,
-}
-
-impl JobRecord {
-    /// A new job of `queue`, enqueued now.
-    pub fn new(queue: &str, job: NewJob, now_ms: u64) -> Self {
-        JobRecord {
-            id: purista_core::ids::new_id(),
-            queue: queue.to_string(),
-            payload: job.payload,
-            parameter: job.parameter,
-            attempt: 1,
-            enqueued_at_ms: now_ms,
-            visible_at_ms: job.run_at_ms.unwrap_or(now_ms).max(now_ms),
-            idempotency_key: job.idempotency_key,
-            trace_id: job.trace_id,
-            otp: job.otp,
-            principal_id: job.principal_id,
-            tenant_id: job.tenant_id,
-            max_attempts: job.max_attempts,
-        }
-    }
-
-    /// The attempt of a copy KubeMQ hands out for the `receive_count`-th time: every receive
-    /// before this one ended without the bridge settling it, which counts as an expired lease.
-    pub fn attempt_at(&self, receive_count: i32) -> u32 {
-        let returns = u32::try_from(receive_count.max(1) - 1).unwrap_or(0);
-        self.attempt.saturating_add(returns)
-    }
-
-    /// The job as a worker sees it under a lease.
-    pub fn leased(&self, attempt: u32, lease_token: String, expires_at_ms: u64) -> LeasedJob {
-        LeasedJob {
-            id: self.id.clone(),
-            queue: self.queue.clone(),
-            payload: self.payload.clone(),
-            parameter: self.parameter.clone(),
-            attempt,
-            lease_token,
-            lease_expires_at_ms: expires_at_ms,
-            extensions: 0,
-            enqueued_at_ms: self.enqueued_at_ms,
-            idempotency_key: self.idempotency_key.clone(),
-            trace_id: self.trace_id.clone(),
-            otp: self.otp.clone(),
-            principal_id: self.principal_id.clone(),
-            tenant_id: self.tenant_id.clone(),
-            max_attempts: self.max_attempts,
-        }
-    }
-
-    /// This job again for `attempt`, not before `visible_at_ms`.
-    pub fn next(&self, attempt: u32, visible_at_ms: u64) -> Self {
-        JobRecord {
-            attempt,
-            visible_at_ms,
-            ..self.clone()
-        }
-    }
-
-    /// The job put back by a replay: a fresh attempt budget and retry window.
-    pub fn replayed(&self, now_ms: u64) -> Self {
-        JobRecord {
-            attempt: 1,
-            enqueued_at_ms: now_ms,
-            visible_at_ms: now_ms,
-            ..self.clone()
-        }
-    }
-
+/// A [`JobRecord`] as the bytes of a KubeMQ queue message.
+pub trait JobBody: Sized {
     /// JSON bytes.
-    pub fn encode(&self) -> Vec<u8> {
+    fn encode(&self) -> Vec<u8>;
+    /// From JSON bytes. A record without `visibleAtMs` is due at once.
+    fn decode(bytes: &[u8]) -> Result<Self, serde_json::Error>;
+}
+
+impl JobBody for JobRecord {
+    fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// From JSON bytes.
-    pub fn decode(bytes: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(bytes)
+    fn decode(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        lenient(bytes, |record| Some(record))
     }
 }
 
-impl DeadRecord {
+/// A [`DeadRecord`] as the bytes of a message in a dead-letter channel.
+pub trait DeadBody: Sized {
     /// JSON bytes.
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
-    }
-
+    fn encode(&self) -> Vec<u8>;
     /// From the bytes of a message in a dead-letter channel: a dead record, or a job record
     /// KubeMQ itself moved there after too many receives.
-    pub fn decode(bytes: &[u8], rerouted_reason: &str) -> Option<Self> {
-        if let Ok(dead) = serde_json::from_slice::<DeadRecord>(bytes) {
+    fn decode(bytes: &[u8], rerouted_reason: &str) -> Option<Self>;
+}
+
+impl DeadBody for DeadRecord {
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    fn decode(bytes: &[u8], rerouted_reason: &str) -> Option<Self> {
+        let dead = lenient(bytes, |record| match record {
+            Value::Object(fields) => fields.get_mut("job"),
+            _ => None,
+        });
+        if let Ok(dead) = dead {
             return Some(dead);
         }
         let job = JobRecord::decode(bytes).ok()?;
@@ -161,25 +62,40 @@ impl DeadRecord {
             dead_lettered_at_ms: 0,
         })
     }
+}
 
-    /// As core reports it.
-    pub fn to_dead_lettered(&self) -> DeadLetteredJob {
-        DeadLetteredJob {
-            job: self.job.leased(self.job.attempt, String::new(), 0),
-            reason: self.reason.clone(),
-            dead_lettered_at_ms: self.dead_lettered_at_ms,
+/// `T` from `bytes`. This bridge has always read a job record without `visibleAtMs` as due at
+/// once, while core's record requires the field: when the strict read fails, the job that
+/// `job_of` finds in the JSON gets `visibleAtMs: 0` if it lacks one, and is read again.
+fn lenient<T: DeserializeOwned>(
+    bytes: &[u8],
+    job_of: impl FnOnce(&mut Value) -> Option<&mut Value>,
+) -> Result<T, serde_json::Error> {
+    let error = match serde_json::from_slice(bytes) {
+        Ok(record) => return Ok(record),
+        Err(error) => error,
+    };
+    let Ok(mut record) = serde_json::from_slice::<Value>(bytes) else {
+        return Err(error);
+    };
+    match job_of(&mut record) {
+        Some(Value::Object(job)) if !job.contains_key("visibleAtMs") => {
+            job.insert("visibleAtMs".into(), Value::from(0_u64));
         }
+        _ => return Err(error),
     }
+    serde_json::from_value(record).map_err(|_| error)
 }
 
 #[cfg(test)]
 mod tests {
+    use purista_core::queue::NewJob;
     use serde_json::json;
 
     use super::*;
 
     #[test]
-    fn a_job_survives_its_encoding_and_counts_returns_as_attempts() {
+    fn a_job_survives_its_encoding() {
         let job = JobRecord::new(
             "emails",
             NewJob {
@@ -193,13 +109,6 @@ mod tests {
         let back = JobRecord::decode(&job.encode()).unwrap();
         assert_eq!(back, job);
         assert_eq!(back.visible_at_ms, 5_000);
-        assert_eq!(back.attempt_at(1), 1);
-        assert_eq!(
-            back.attempt_at(3),
-            3,
-            "two unsettled returns are two attempts"
-        );
-        assert_eq!(back.attempt_at(0), 1);
     }
 
     #[test]
@@ -214,5 +123,19 @@ mod tests {
         };
         assert_eq!(DeadRecord::decode(&record.encode(), "x").unwrap(), record);
         assert!(DeadRecord::decode(b"not json", "x").is_none());
+    }
+
+    #[test]
+    fn a_record_without_visible_at_reads_as_due_at_once() {
+        let job = JobRecord::new("q", NewJob::default(), 1);
+        let mut fields = serde_json::to_value(&job).unwrap();
+        fields.as_object_mut().unwrap().remove("visibleAtMs");
+        let bytes = serde_json::to_vec(&fields).unwrap();
+        let back = JobRecord::decode(&bytes).unwrap();
+        assert_eq!(back, job.next(1, 0));
+        let dead = json!({"job": fields, "reason": "bad", "deadLetteredAtMs": 9});
+        let dead = DeadRecord::decode(&serde_json::to_vec(&dead).unwrap(), "x").unwrap();
+        assert_eq!((dead.job, dead.reason.as_str()), (job.next(1, 0), "bad"));
+        assert!(JobRecord::decode(br#"{"id": "x"}"#).is_err());
     }
 }

@@ -16,6 +16,11 @@
 //!   400 at the caller, never a broker protocol error.
 //! * [`NameRules`] — injective resource names: two addresses never share a queue.
 //! * [`FastMap`] — the hash map of a bridge's own lookup tables.
+//! * [`JobPool`] — received jobs held for `lease` calls, for queue bridges whose broker hands
+//!   out one message at a time and counts delays in whole seconds.
+//! * [`LeaseHolders`] — `extend_lease` and `settle` routed to the task holding the lease.
+//! * [`JobRecord`], [`DeadRecord`] — a queue bridge's job and dead letter as stored in a
+//!   broker message (the JSON fields are a wire format).
 //!
 //! A new bridge also implements [`EventBridge`](crate::EventBridge) (and its operator
 //! supertrait [`SubscriptionOperator`](crate::SubscriptionOperator)) and, where the broker has
@@ -24,6 +29,9 @@
 
 mod deadline;
 mod fast_hash;
+mod job_pool;
+mod job_record;
+mod lease_holders;
 mod names;
 mod outgoing;
 mod pending;
@@ -32,6 +40,9 @@ mod tasks;
 
 pub use deadline::{broker_call, deadline_after, millis};
 pub use fast_hash::{FastHasher, FastMap};
+pub use job_pool::{Claim, JobPool, PoolCounts};
+pub use job_record::{DeadRecord, JobRecord, MAX_REASON_BYTES, cut};
+pub use lease_holders::{LeaseCommand, LeaseHolders};
 pub use names::{NameRules, Overflow};
 pub use outgoing::{
     check_command, check_emittable, check_stream_open, correlation_id, endpoint_label, stamp,
