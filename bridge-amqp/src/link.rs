@@ -125,11 +125,16 @@ impl Link {
     }
 
     /// Makes `session` current (or none).
+    ///
+    /// The session is current before `start` hears of the first connect: `start` asks for the
+    /// bridge's health as soon as it does, and must not find the session still missing.
     pub(crate) fn replace(&self, session: Option<Arc<Session>>) -> Option<Arc<Session>> {
-        if session.is_some() {
+        let connected = session.is_some();
+        let previous = self.session.send_replace(session);
+        if connected {
             self.first.send_replace(FirstConnect::Connected);
         }
-        self.session.send_replace(session)
+        previous
     }
 
     /// Watches the current session.
