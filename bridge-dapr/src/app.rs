@@ -77,10 +77,12 @@ async fn app_token(State(shared): State<Arc<Shared>>, request: Request, next: Ne
 }
 
 async fn subscribe(State(shared): State<Arc<Shared>>) -> Response {
-    shared.subscribe_read.notify_waiters();
+    // The flag first: `start` checks it after taking its place in the queue of waiters, so a
+    // wake-up it misses is one it finds the flag set for.
     shared
         .subscribe_read_once
         .store(true, std::sync::atomic::Ordering::Release);
+    shared.subscribe_read.notify_waiters();
     // What the sidecar gives up on (its resiliency policy's retries spent) goes to the
     // dead-letter topic, which every app records for inspection.
     let dead_letters = shared.dead_letter_topic();
