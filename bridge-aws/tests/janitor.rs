@@ -103,12 +103,16 @@ async fn a_crashed_instances_queues_and_rules_are_removed_and_a_live_ones_are_ke
     // The crash: no shutdown, nothing removed.
     drop(crashed);
 
+    // The operator's bridge, not started: a started one runs a janitor round of its own at
+    // start, which on a slow machine can come after the crashed instance went stale and take
+    // its queues before the operator call below could report them.
     let mut janitor_config = common::config(&endpoint, &prefix);
-    janitor_config.stale_after = Duration::from_secs(1);
-    janitor_config.heartbeat_interval = Duration::from_secs(3600);
+    // Ten heartbeats of the live instance: one renewal late under load does not make it stale.
+    janitor_config.stale_after = Duration::from_secs(2);
     let janitor = AwsBridge::new(janitor_config).await.unwrap();
-    janitor.start().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The crashed instance's last-seen tag must grow older than `stale_after`: time itself is
+    // the condition here.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
 
     let mut removed = janitor.clean_stale_queues().await.unwrap();
     removed.sort();

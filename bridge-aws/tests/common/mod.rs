@@ -15,12 +15,22 @@ use runner::Needs;
 /// Environment variable with moto's endpoint (set by `scripts/test`).
 pub const ENDPOINT_ENV: &str = "PURISTA_AWS_ENDPOINT";
 
-/// moto's endpoint: the first of the servers `scripts/test` lists, if any.
+/// moto's endpoint: one of the servers `scripts/test` lists, if any. Under nextest, the one
+/// of this test's slot (`NEXTEST_TEST_GLOBAL_SLOT`: tests running at the same time have
+/// different slots), so that tests running together do not queue at one server, which
+/// serves one request at a time; else the first.
 fn first_endpoint() -> Option<String> {
-    std::env::var(ENDPOINT_ENV)
+    let all: Vec<String> = std::env::var(ENDPOINT_ENV)
+        .ok()?
+        .split(',')
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty())
+        .collect();
+    let slot = std::env::var("NEXTEST_TEST_GLOBAL_SLOT")
         .ok()
-        .filter(|e| !e.trim().is_empty())
-        .and_then(|e| e.split(',').next().map(|e| e.trim().to_string()))
+        .and_then(|s| s.parse::<usize>().ok())
+        .unwrap_or(0);
+    all.get(slot % all.len().max(1)).cloned()
 }
 
 /// What the tests need: an AWS endpoint, moto's, in [`ENDPOINT_ENV`].

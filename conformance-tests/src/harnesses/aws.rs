@@ -85,10 +85,23 @@ fn endpoint() -> Option<String> {
     endpoints().into_iter().next()
 }
 
+/// The slot nextest gives the running test (`NEXTEST_TEST_GLOBAL_SLOT`): tests running at the
+/// same time have different slots. Each test is a process of its own there, so a counter in
+/// the process cannot spread them over the servers; the slot does.
+fn nextest_slot() -> Option<usize> {
+    std::env::var("NEXTEST_TEST_GLOBAL_SLOT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+}
+
 fn endpoint_for(prefix: &str) -> Option<String> {
     let all = endpoints();
     if all.is_empty() {
         return None;
+    }
+    if let Some(slot) = nextest_slot() {
+        let index = slot % all.len();
+        return all.into_iter().nth(index);
     }
     let hash = prefix.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
@@ -352,7 +365,9 @@ impl Harness for AwsHarness {
         if all.is_empty() {
             return Err("no moto endpoint to put the fault proxy in front of".into());
         }
-        let pick = CONTROLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % all.len();
+        let pick = nextest_slot()
+            .unwrap_or_else(|| CONTROLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+            % all.len();
         let proxy = FaultProxy::start(&all[pick])
             .await
             .map_err(|e| format!("the fault proxy did not start: {e}"))?;

@@ -212,9 +212,20 @@ impl PrivateNode {
     /// Freezes the node's process (SIGSTOP): connections stay open, nothing is answered, new
     /// connections are accepted by the kernel but never greeted, as with a broker stalled by
     /// its host. [`PrivateNode::thaw`] lets it go on.
+    /// Returns once every thread of the node is stopped: `kill` only queues the signal, and a
+    /// node running on another core answers on until the kernel next interrupts it.
     pub fn freeze(&self) -> Result<(), String> {
         let pid = self.beam_pid().ok_or("the node has no pid file")?;
         signal(pid, libc::SIGSTOP);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !all_threads_stopped(pid) {
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the node (pid {pid}) did not stop within 10 s of SIGSTOP"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         Ok(())
     }
 
@@ -595,6 +606,25 @@ fn alive(pid: i32) -> bool {
                 after.split_whitespace().next().map(|state| state != "Z")
             })
             .unwrap_or(true)
+}
+
+/// True when every thread of process `pid` is in the stopped state (`T` in its `stat`).
+/// Where `/proc` cannot tell (not Linux), true: the signal has been sent.
+fn all_threads_stopped(pid: i32) -> bool {
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    threads.flatten().all(|thread| {
+        std::fs::read_to_string(thread.path().join("stat"))
+            .ok()
+            // The state follows the command name, which is in parentheses and may hold any
+            // character: look after the last `)`.
+            .and_then(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.trim_start().chars().next())
+            })
+            .is_none_or(|state| state == 'T' || state == 't')
+    })
 }
 
 fn signal(pid: i32, signal: i32) {
