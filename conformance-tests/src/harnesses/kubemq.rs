@@ -11,7 +11,8 @@
 //!   use, through the KubeMQ SDK client of a bridge instance of its own.
 //! * **Queue bridge**: the KubeMQ queue bridge on that same extra instance's connection.
 //! * **Faults** (double only): each case that breaks the broker gets a private double; a
-//!   restart stops it (every connection cut) and serves again with its store kept.
+//!   restart stops it (every connection cut), keeps it down for a second, as a broker's
+//!   restart takes a while, and serves again with its store kept.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -200,6 +201,9 @@ impl Harness for KubemqHarness {
     }
 }
 
+/// How long a restart keeps the private double down.
+const RESTART_DOWNTIME: Duration = Duration::from_secs(1);
+
 /// A double of one case's own, to break.
 struct PrivateDouble(Arc<KubemqDouble>);
 
@@ -218,6 +222,9 @@ impl BrokerControl for PrivateDouble {
         let double = self.0.clone();
         tokio::task::spawn_blocking(move || {
             double.stop();
+            // A broker's restart takes it away for a while; the double's own restart takes
+            // microseconds, too short for a probe (health) to see the broker gone.
+            std::thread::sleep(RESTART_DOWNTIME);
             double.start_again()
         })
         .await
