@@ -24,7 +24,7 @@ use purista_bridge_kubemq::{KubemqBridge, KubemqConfig};
 use purista_core::{Capabilities, Envelope, EventBridge, QueueBridge, QueueCapabilities};
 use tokio::sync::OnceCell;
 
-use crate::harness::{BrokerControl, Deployment, Harness, Offer, RawPublisher, TestMode};
+use crate::harness::{BrokerControl, Deployment, Harness, Offer, RawPublisher, TestMode, Workload};
 
 /// Environment variable naming a real KubeMQ (`host:port`).
 pub const ADDRESS_ENV: &str = "KUBEMQ_ADDRESS";
@@ -176,6 +176,17 @@ impl Harness for KubemqHarness {
         true
     }
 
+    /// The private doubles the fault cases break serve queue jobs at some 150 a second in a
+    /// debug build (leases and settlements each a round trip through the double), so the
+    /// queue's fault case would spend half a minute on its 2 000 jobs; the faults, not the
+    /// volume, are under test.
+    fn fault_workload(&self) -> Workload {
+        Workload::scaled(
+            FAULT_WORKLOAD_PERCENT,
+            "the private double works some 150 queue jobs a second in a debug build, and the faults, not the volume, are under test",
+        )
+    }
+
     fn broker_control(&self) -> Offer {
         if real_address().is_some() {
             Offer::Absent(
@@ -200,6 +211,9 @@ impl Harness for KubemqHarness {
         Ok(Arc::new(PrivateDouble(Arc::new(double))))
     }
 }
+
+/// The share of their full size the fault cases run at ([`Harness::fault_workload`]).
+pub const FAULT_WORKLOAD_PERCENT: u32 = 25;
 
 /// How long a restart keeps the private double down.
 const RESTART_DOWNTIME: Duration = Duration::from_secs(1);

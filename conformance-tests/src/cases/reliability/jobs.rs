@@ -21,6 +21,8 @@ use crate::support::{Collector, eventually};
 
 /// Jobs at the full size.
 const FULL_JOBS: usize = 2_000;
+/// Producers enqueueing at once, each every `PRODUCERS`-th job.
+const PRODUCERS: u64 = 4;
 /// Every job whose number is a multiple of this fails its first attempt (a retry through the
 /// faults).
 const TRANSIENT_EVERY: u64 = 10;
@@ -106,27 +108,29 @@ pub async fn queue_jobs_survive_broker_faults(h: Arc<dyn Harness>) {
     let refused = Arc::new(AtomicUsize::new(0));
     // Enqueueing must work again RECOVERY after the last fault is over (set then).
     let recovered_by: Arc<parking_lot::Mutex<Option<Instant>>> = Arc::default();
-    let enqueuer = {
-        let (service, queue) = (service.clone(), queue.clone());
-        let (enqueued, refused) = (enqueued.clone(), refused.clone());
-        let recovered_by = recovered_by.clone();
-        tokio::spawn(async move {
-            for n in 0..total {
-                // Like a real producer: retry until the broker takes it (a job the broker
-                // took but whose answer a fault swallowed is a duplicate, not a loss).
-                while let Err(e) = service.enqueue(&queue, n, Empty).await {
-                    refused.fetch_add(1, Ordering::Relaxed);
-                    let by = *recovered_by.lock();
-                    assert!(
-                        by.is_none_or(|by| Instant::now() < by),
-                        "enqueueing still fails {RECOVERY:?} after the faults: {e}"
-                    );
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+    let enqueuers: Vec<_> = (0..PRODUCERS)
+        .map(|p| {
+            let (service, queue) = (service.clone(), queue.clone());
+            let (enqueued, refused) = (enqueued.clone(), refused.clone());
+            let recovered_by = recovered_by.clone();
+            tokio::spawn(async move {
+                for n in (p..total).step_by(PRODUCERS as usize) {
+                    // Like a real producer: retry until the broker takes it (a job the broker
+                    // took but whose answer a fault swallowed is a duplicate, not a loss).
+                    while let Err(e) = service.enqueue(&queue, n, Empty).await {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        let by = *recovered_by.lock();
+                        assert!(
+                            by.is_none_or(|by| Instant::now() < by),
+                            "enqueueing still fails {RECOVERY:?} after the faults: {e}"
+                        );
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    enqueued.fetch_add(1, Ordering::Relaxed);
                 }
-                enqueued.fetch_add(1, Ordering::Relaxed);
-            }
+            })
         })
-    };
+        .collect();
     for (k, fault) in faults.iter().enumerate() {
         let share = total as usize * (k + 1) / (faults.len() + 1);
         eventually(
@@ -141,7 +145,9 @@ pub async fn queue_jobs_survive_broker_faults(h: Arc<dyn Harness>) {
         inject(&control, &env, *fault).await;
     }
     *recovered_by.lock() = Some(Instant::now() + RECOVERY);
-    enqueuer.await.expect("the enqueuing task panicked");
+    for e in futures::future::join_all(enqueuers).await {
+        e.expect("an enqueuing task panicked");
+    }
 
     let expected: BTreeSet<u64> = (0..total).filter(|n| !fails_fatally(*n)).collect();
     let runs = completed
