@@ -234,6 +234,8 @@ pub fn all_cases() -> Vec<Case> {
             invocations_during_an_outage_fail_or_complete_within_ttl:
                 needs(&[Commands]).broker_control(),
             a_command_cut_off_mid_handling_is_not_run_twice: needs(&[Commands]).broker_control(),
+            queue_jobs_survive_broker_faults: nothing().queue_bridge().broker_control(),
+            health_turns_unhealthy_during_an_outage_and_back: nothing().broker_control(),
         }
         strict {
             declared_capabilities_are_the_bridges_own: nothing(),

@@ -21,8 +21,9 @@
 //!   2 s, then 503, throttling, cut connections, 500 and slow answers in turn. The reliability
 //!   cases run at [`MOTO_FAULT_WORKLOAD_PERCENT`] % on moto ([`Harness::fault_workload`]).
 //!
-//! **Status** (issue 10, the SQS queue bridge and the fault proxy): the `aws` target runs 79
-//! cases on moto (70 behaviours, 12 of them the queue bridge's and 5 under faults; 9 proofs
+//! **Status** (issue 10, the SQS queue bridge and the fault proxy): the `aws` target runs 81
+//! cases on moto (72 behaviours, 12 of them the queue bridge's and 7 under faults, among them
+//! 200 queue jobs and health through the proxy's outage; 9 proofs
 //! that the strict check refuses undeclared streams and enforced idempotency keys; 3 are
 //! skipped with their reason: no metadata limit). Before the fault proxy, 74 passed on moto
 //! 5.2.5 (the target alone, 4 moto servers, a shared 2-core machine at load 10 to 12: 257 s of

@@ -11,7 +11,8 @@
 //!   use, through the KubeMQ SDK client of a bridge instance of its own.
 //! * **Queue bridge**: the KubeMQ queue bridge on that same extra instance's connection.
 //! * **Faults** (double only): each case that breaks the broker gets a private double; a
-//!   restart stops it (every connection cut) and serves again with its store kept.
+//!   restart stops it (every connection cut), keeps it down for a second, as a broker's
+//!   restart takes a while, and serves again with its store kept.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +24,7 @@ use purista_bridge_kubemq::{KubemqBridge, KubemqConfig};
 use purista_core::{Capabilities, Envelope, EventBridge, QueueBridge, QueueCapabilities};
 use tokio::sync::OnceCell;
 
-use crate::harness::{BrokerControl, Deployment, Harness, Offer, RawPublisher, TestMode};
+use crate::harness::{BrokerControl, Deployment, Harness, Offer, RawPublisher, TestMode, Workload};
 
 /// Environment variable naming a real KubeMQ (`host:port`).
 pub const ADDRESS_ENV: &str = "KUBEMQ_ADDRESS";
@@ -175,6 +176,17 @@ impl Harness for KubemqHarness {
         true
     }
 
+    /// The private doubles the fault cases break serve queue jobs at some 150 a second in a
+    /// debug build (leases and settlements each a round trip through the double), so the
+    /// queue's fault case would spend half a minute on its 2 000 jobs; the faults, not the
+    /// volume, are under test.
+    fn fault_workload(&self) -> Workload {
+        Workload::scaled(
+            FAULT_WORKLOAD_PERCENT,
+            "the private double works some 150 queue jobs a second in a debug build, and the faults, not the volume, are under test",
+        )
+    }
+
     fn broker_control(&self) -> Offer {
         if real_address().is_some() {
             Offer::Absent(
@@ -200,6 +212,12 @@ impl Harness for KubemqHarness {
     }
 }
 
+/// The share of their full size the fault cases run at ([`Harness::fault_workload`]).
+pub const FAULT_WORKLOAD_PERCENT: u32 = 25;
+
+/// How long a restart keeps the private double down.
+const RESTART_DOWNTIME: Duration = Duration::from_secs(1);
+
 /// A double of one case's own, to break.
 struct PrivateDouble(Arc<KubemqDouble>);
 
@@ -218,6 +236,9 @@ impl BrokerControl for PrivateDouble {
         let double = self.0.clone();
         tokio::task::spawn_blocking(move || {
             double.stop();
+            // A broker's restart takes it away for a while; the double's own restart takes
+            // microseconds, too short for a probe (health) to see the broker gone.
+            std::thread::sleep(RESTART_DOWNTIME);
             double.start_again()
         })
         .await

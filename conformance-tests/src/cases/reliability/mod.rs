@@ -1,5 +1,12 @@
 //! Reliability under broker faults (DESIGN §4: reconnect, re-establish topology and consumers,
 //! fail in-flight invocations with 503). Runs only for harnesses with broker-control hooks.
+//! Events and invocations here; queue jobs in [`jobs`], health in [`health`].
+
+mod health;
+mod jobs;
+
+pub use health::health_turns_unhealthy_during_an_outage_and_back;
+pub use jobs::queue_jobs_survive_broker_faults;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
