@@ -77,10 +77,13 @@ async fn app_token(State(shared): State<Arc<Shared>>, request: Request, next: Ne
 }
 
 async fn subscribe(State(shared): State<Arc<Shared>>) -> Response {
-    shared.subscribe_read.notify_waiters();
+    // The flag first, then the wake-up: `start` checks the flag after it began to wait, so a
+    // read between the two is seen one way or the other (the other order lost it, and `start`
+    // waited out its connect timeout although the sidecar had read the subscriptions).
     shared
         .subscribe_read_once
         .store(true, std::sync::atomic::Ordering::Release);
+    shared.subscribe_read.notify_waiters();
     // What the sidecar gives up on (its resiliency policy's retries spent) goes to the
     // dead-letter topic, which every app records for inspection.
     let dead_letters = shared.dead_letter_topic();
