@@ -434,7 +434,8 @@ impl OwnedRuntime {
         &self,
         future: F,
     ) -> Option<tokio::task::AbortHandle> {
-        self.handle().map(|handle| handle.spawn(future).abort_handle())
+        self.handle()
+            .map(|handle| handle.spawn(future).abort_handle())
     }
 }
 
@@ -528,10 +529,11 @@ impl DaprDouble {
         self.cluster.broker.accepted(pubsub, topic)
     }
 
-    /// Deliveries the broker still has for some consumer group: handed to a sidecar and not
-    /// acknowledged yet, or waiting while none of the group's sidecars is subscribed.
-    pub fn unacknowledged(&self) -> usize {
-        self.cluster.broker.unacknowledged()
+    /// Deliveries the broker still has for consumer group `group` (an app id, or the
+    /// sidecars' [`SidecarOptions::consumer_id`]): handed to one of its sidecars and not
+    /// acknowledged yet, or waiting while none of them is subscribed.
+    pub fn unacknowledged(&self, group: &str) -> usize {
+        self.cluster.broker.unacknowledged(group)
     }
 }
 

@@ -241,10 +241,12 @@ impl Broker {
             .unwrap_or(0)
     }
 
-    /// Deliveries not acknowledged yet: held by a sidecar, or waiting for a consumer group.
-    pub(super) fn unacknowledged(&self) -> usize {
+    /// Deliveries to consumer group `group` not acknowledged yet: held by one of its
+    /// sidecars, or waiting while none of them is subscribed.
+    pub(super) fn unacknowledged(&self, group: &str) -> usize {
         let state = self.state.lock();
-        state.held.len() + state.backlog.values().map(BTreeMap::len).sum::<usize>()
+        let held = state.held.values().filter(|h| h.group == group).count();
+        held + state.backlog.get(group).map_or(0, BTreeMap::len)
     }
 }
 
@@ -282,7 +284,7 @@ mod tests {
         broker.unsubscribe(1);
         broker.publish("pubsub", "t", json!({ "n": 1 }));
         broker.publish("pubsub", "other", json!({ "n": 2 }));
-        assert_eq!(broker.unacknowledged(), 1);
+        assert_eq!(broker.unacknowledged("g"), 1);
         let (tx, mut rx) = mpsc::unbounded_channel();
         broker.subscribe(1, "g", vec![subscription("t")], tx);
         broker.publish("pubsub", "t", json!({ "n": 3 }));
@@ -305,7 +307,7 @@ mod tests {
         broker.unsubscribe(1);
         // A late acknowledgement from the process that went away settles nothing.
         broker.ack(first[1].0);
-        assert_eq!(broker.unacknowledged(), 2);
+        assert_eq!(broker.unacknowledged("g"), 2);
         let (tx, mut rx) = mpsc::unbounded_channel();
         broker.subscribe(1, "g", vec![subscription("t")], tx);
         let again = numbers(&mut rx);
@@ -317,7 +319,7 @@ mod tests {
         for (tag, _) in again {
             broker.ack(tag);
         }
-        assert_eq!(broker.unacknowledged(), 0);
+        assert_eq!(broker.unacknowledged("g"), 0);
     }
 
     #[test]
