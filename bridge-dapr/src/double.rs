@@ -16,12 +16,13 @@
 //!   the subscription with a warning.
 //! * Delivery: each published event goes once to each consumer group (the app id) subscribed
 //!   to its topic, to one of the group's sidecars (round robin). The pub/sub broker behind the
-//!   sidecars outlives them ([`broker`]): what a group's sidecars are away for waits for the
-//!   group, and what a sidecar took but had not acknowledged when it stopped is delivered
-//!   again once one of the group subscribes ([`Sidecar::stop`], [`Sidecar::start_again`]),
-//!   as with a durable component (Redis Streams, Kafka). Each sidecar delivers to its
-//!   app in publish order, one delivery at a time (like one partition of a log), or up to
-//!   [`SidecarOptions::concurrency`] at once (like a component's `concurrency` setting). The app answers 2xx with
+//!   sidecars outlives them (`double/broker.rs`): what is published while none of a group's
+//!   sidecars is subscribed waits for the group, and what a sidecar took but had not
+//!   acknowledged when it stopped is delivered again once one of the group subscribes
+//!   ([`Sidecar::stop`], [`Sidecar::start_again`]), as with a durable component (Redis
+//!   Streams, Kafka). Each sidecar delivers to its app in publish order, one delivery at a
+//!   time (like one partition of a log), or up to [`SidecarOptions::concurrency`] at once
+//!   (like a component's `concurrency` setting). The app answers 2xx with
 //!   `{"status": "SUCCESS"}` (or no body): done; `"RETRY"` or any non-2xx but 404: retried by
 //!   the resiliency policy ([`Resiliency`]), then sent to the `deadLetterTopic` or dropped;
 //!   `"DROP"` or 404: dropped.
@@ -687,7 +688,9 @@ impl Sidecar {
         }
     }
 
-    /// Serves again on the same port and reads the app's subscriptions again.
+    /// Serves again on the same port and reads the app's subscriptions again, like daprd
+    /// started again: once subscribed, it delivers what waited for its consumer group (what it
+    /// had not acknowledged when it stopped, and what was published meanwhile), then the rest.
     pub fn start_again(&self) -> std::io::Result<()> {
         let port = *self.port.lock();
         let mut tries = 0;
