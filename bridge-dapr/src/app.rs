@@ -77,8 +77,9 @@ async fn app_token(State(shared): State<Arc<Shared>>, request: Request, next: Ne
 }
 
 async fn subscribe(State(shared): State<Arc<Shared>>) -> Response {
-    // The flag first: `start` checks it after taking its place in the queue of waiters, so a
-    // wake-up it misses is one it finds the flag set for.
+    // The flag first, then the wake-up: `start` checks the flag after it began to wait, so a
+    // read between the two is seen one way or the other (the other order lost it, and `start`
+    // waited out its connect timeout although the sidecar had read the subscriptions).
     shared
         .subscribe_read_once
         .store(true, std::sync::atomic::Ordering::Release);

@@ -15,9 +15,14 @@
 //!   by the resiliency policy, then dead-lettered). An expression that does not parse refuses
 //!   the subscription with a warning.
 //! * Delivery: each published event goes once to each consumer group (the app id) subscribed
-//!   to its topic, to one of the group's sidecars (round robin). Each sidecar delivers to its
-//!   app in publish order, one delivery at a time (like one partition of a log), or up to
-//!   [`SidecarOptions::concurrency`] at once (like a component's `concurrency` setting). The app answers 2xx with
+//!   to its topic, to one of the group's sidecars (round robin). The pub/sub broker behind the
+//!   sidecars outlives them (`double/broker.rs`): what is published while none of a group's
+//!   sidecars is subscribed waits for the group, and what a sidecar took but had not
+//!   acknowledged when it stopped is delivered again once one of the group subscribes
+//!   ([`Sidecar::stop`], [`Sidecar::start_again`]), as with a durable component (Redis
+//!   Streams, Kafka). Each sidecar delivers to its app in publish order, one delivery at a
+//!   time (like one partition of a log), or up to [`SidecarOptions::concurrency`] at once
+//!   (like a component's `concurrency` setting). The app answers 2xx with
 //!   `{"status": "SUCCESS"}` (or no body): done; `"RETRY"` or any non-2xx but 404: retried by
 //!   the resiliency policy ([`Resiliency`]), then sent to the `deadLetterTopic` or dropped;
 //!   `"DROP"` or 404: dropped.
@@ -53,6 +58,10 @@ use tokio::sync::watch;
 
 use crate::app::TOKEN_HEADER;
 use crate::cloudevent::CLOUDEVENT_CONTENT_TYPE;
+
+mod broker;
+
+use broker::{Broker, ConsumerId, Handout};
 
 /// Dapr's default largest request (`--max-body-size`, 4 MiB); larger is 413.
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
@@ -227,14 +236,23 @@ fn rule(source: &str, path: &str) -> Result<Rule, String> {
 }
 
 struct SidecarState {
+    /// This sidecar as a consumer of the broker (the same across restarts).
+    id: ConsumerId,
     options: SidecarOptions,
     app_port: Mutex<Option<u16>>,
     subscriptions: Mutex<Option<Vec<Subscription>>>,
     cluster: Arc<Cluster>,
     /// Bumped when the sidecar stops; a loader of an older generation gives up.
     generation: AtomicU64,
-    /// Deliveries to this sidecar's app, in publish order (one at a time, like a partition).
-    queue: Mutex<Option<tokio::sync::mpsc::UnboundedSender<(Subscription, Value)>>>,
+    /// While the sidecar runs: where the broker hands it messages, and the task delivering
+    /// them to the app (aborted when the sidecar stops, like a process that is gone).
+    delivering: Mutex<Option<Delivering>>,
+}
+
+/// The delivery side of a running sidecar.
+struct Delivering {
+    handouts: tokio::sync::mpsc::UnboundedSender<Handout>,
+    task: tokio::task::AbortHandle,
 }
 
 impl SidecarState {
@@ -255,8 +273,12 @@ impl SidecarState {
 
 #[derive(Default)]
 struct Cluster {
+    /// Sidecars serving (started and not stopped).
     sidecars: Mutex<Vec<Arc<SidecarState>>>,
-    /// Sidecars serving (started and not stopped), by position in `sidecars`.
+    /// The pub/sub broker: outlives every sidecar.
+    broker: Broker,
+    next_sidecar: AtomicU64,
+    /// The state store's items.
     state: Mutex<HashMap<String, StateItem>>,
     etags: AtomicU64,
     round_robin: AtomicUsize,
@@ -300,36 +322,18 @@ impl Cluster {
     }
 
     /// Publishes `event` on `pubsub`/`topic`: one delivery per consumer group.
-    fn publish(self: &Arc<Self>, pubsub: &str, topic: &str, event: Value) {
+    fn publish(&self, pubsub: &str, topic: &str, event: Value) {
         self.published.fetch_add(1, Ordering::Relaxed);
-        let mut groups: HashMap<String, Vec<(Arc<SidecarState>, Subscription)>> = HashMap::new();
-        for sidecar in self.serving() {
-            let subscription = sidecar.subscriptions.lock().as_ref().and_then(|subs| {
-                subs.iter()
-                    .find(|s| s.pubsub == pubsub && s.topic == topic)
-                    .cloned()
-            });
-            if let Some(subscription) = subscription {
-                groups
-                    .entry(sidecar.group().to_string())
-                    .or_default()
-                    .push((sidecar, subscription));
-            }
-        }
-        for (_, members) in groups {
-            if let Some((sidecar, subscription)) = self.pick(&members)
-                && let Some(queue) = sidecar.queue.lock().as_ref()
-            {
-                let _ = queue.send((subscription, event.clone()));
-            }
-        }
+        self.broker.publish(pubsub, topic, event);
     }
 
-    async fn deliver(self: &Arc<Self>, sidecar: &SidecarState, sub: Subscription, event: Value) {
+    /// Delivers `event` to the sidecar's app per the resiliency policy; returns once the
+    /// delivery is done (the broker's acknowledgement is the caller's).
+    async fn deliver(&self, sidecar: &SidecarState, sub: &Subscription, event: &Value) {
         let resiliency = *self.resiliency.lock();
-        let body = serde_json::to_vec(&event).unwrap_or_default();
+        let body = serde_json::to_vec(event).unwrap_or_default();
         let mut last = String::new();
-        let route = sub.route(&event);
+        let route = sub.route(event);
         for attempt in 0..=resiliency.max_retries {
             if attempt > 0 {
                 tokio::time::sleep(resiliency.interval).await;
@@ -358,7 +362,7 @@ impl Cluster {
         self.given_up.fetch_add(1, Ordering::Relaxed);
         if let Some(dead_letter_topic) = &sub.dead_letter_topic {
             self.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            self.publish(&sub.pubsub, dead_letter_topic, event);
+            self.publish(&sub.pubsub, dead_letter_topic, event.clone());
         }
     }
 
@@ -427,10 +431,12 @@ impl OwnedRuntime {
         self.0.as_ref().map(tokio::runtime::Runtime::handle)
     }
 
-    fn spawn<F: std::future::Future<Output = ()> + Send + 'static>(&self, future: F) {
-        if let Some(handle) = self.handle() {
-            handle.spawn(future);
-        }
+    fn spawn<F: std::future::Future<Output = ()> + Send + 'static>(
+        &self,
+        future: F,
+    ) -> Option<tokio::task::AbortHandle> {
+        self.handle()
+            .map(|handle| handle.spawn(future).abort_handle())
     }
 }
 
@@ -474,12 +480,13 @@ impl DaprDouble {
     /// A new sidecar on a free loopback port. Point it at its app with [`Sidecar::connect_app`].
     pub fn sidecar(&self, options: SidecarOptions) -> std::io::Result<Sidecar> {
         let state = Arc::new(SidecarState {
+            id: self.cluster.next_sidecar.fetch_add(1, Ordering::Relaxed),
             options,
             app_port: Mutex::new(None),
             subscriptions: Mutex::new(None),
             cluster: self.cluster.clone(),
             generation: AtomicU64::new(0),
-            queue: Mutex::new(None),
+            delivering: Mutex::new(None),
         });
         let sidecar = Sidecar {
             state,
@@ -515,6 +522,19 @@ impl DaprDouble {
     /// delivered).
     pub fn unrouted(&self) -> u64 {
         self.cluster.unrouted.load(Ordering::Relaxed)
+    }
+
+    /// Events the sidecars accepted on `topic` of the pub/sub component `pubsub` (answered
+    /// 2xx to their publisher), dead letters the double sent there included.
+    pub fn accepted(&self, pubsub: &str, topic: &str) -> u64 {
+        self.cluster.broker.accepted(pubsub, topic)
+    }
+
+    /// Deliveries the broker still has for consumer group `group` (an app id, or the
+    /// sidecars' [`SidecarOptions::consumer_id`]): handed to one of its sidecars and not
+    /// acknowledged yet, or waiting while none of them is subscribed.
+    pub fn unacknowledged(&self, group: &str) -> usize {
+        self.cluster.broker.unacknowledged(group)
     }
 }
 
@@ -584,7 +604,8 @@ impl Sidecar {
     }
 
     /// Points the sidecar at its app on `app_port` and, like daprd, reads the app's
-    /// subscriptions as soon as the app answers.
+    /// subscriptions as soon as the app answers; then the broker hands it what waited for its
+    /// consumer group, and what is published from then on.
     pub fn connect_app(&self, app_port: u16) {
         *self.state.app_port.lock() = Some(app_port);
         {
@@ -595,37 +616,16 @@ impl Sidecar {
         }
         let state = self.state.clone();
         let generation = state.generation.load(Ordering::Acquire);
-        let (queue, mut deliveries) = tokio::sync::mpsc::unbounded_channel();
-        *state.queue.lock() = Some(queue);
         {
-            let state = state.clone();
-            let concurrency = state.options.concurrency.max(1);
-            self.runtime.spawn(async move {
-                if concurrency == 1 {
-                    while let Some((subscription, event)) = deliveries.recv().await {
-                        let cluster = state.cluster.clone();
-                        cluster.deliver(&state, subscription, event).await;
-                    }
-                    return;
+            // Once per run of the sidecar: pointed at its app again (the app restarted), it
+            // goes on delivering what it holds, to the new port.
+            let mut delivering = state.delivering.lock();
+            if delivering.is_none() {
+                let (handouts, deliveries) = tokio::sync::mpsc::unbounded_channel();
+                if let Some(task) = self.runtime.spawn(deliver_all(state.clone(), deliveries)) {
+                    *delivering = Some(Delivering { handouts, task });
                 }
-                let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
-                while let Some((subscription, event)) = deliveries.recv().await {
-                    let Ok(slot) = slots.clone().acquire_owned().await else {
-                        return;
-                    };
-                    let state = state.clone();
-                    let (answered, heard) = tokio::sync::oneshot::channel::<()>();
-                    tokio::spawn(async move {
-                        let _slot = slot;
-                        let cluster = state.cluster.clone();
-                        cluster.deliver(&state, subscription, event).await;
-                        let _ = answered.send(());
-                    });
-                    // The next starts once this one was answered or has been out for a
-                    // while: deliveries reach the app in publish order unless one is held.
-                    let _ = tokio::time::timeout(OVERTAKE_AFTER, heard).await;
-                }
-            });
+            }
         }
         self.runtime.spawn(async move {
             for _ in 0..600 {
@@ -637,7 +637,20 @@ impl Sidecar {
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
-                    *state.subscriptions.lock() = Some(subs);
+                    // Under the lock `stop` takes: a sidecar that stopped meanwhile does not
+                    // subscribe.
+                    let delivering = state.delivering.lock();
+                    if let Some(delivering) = delivering.as_ref()
+                        && state.generation.load(Ordering::Acquire) == generation
+                    {
+                        *state.subscriptions.lock() = Some(subs.clone());
+                        state.cluster.broker.subscribe(
+                            state.id,
+                            state.group(),
+                            subs,
+                            delivering.handouts.clone(),
+                        );
+                    }
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -646,10 +659,26 @@ impl Sidecar {
         });
     }
 
-    /// Stops serving (every connection to it closed) and leaves the cluster: nothing is
-    /// delivered to its app until [`Sidecar::start_again`].
+    /// Stops, as a daprd process that is gone: its deliveries to the app are cut off, what
+    /// it held unacknowledged goes back to the broker (to another sidecar of its consumer
+    /// group, or waits for the group), and it stops serving (every connection to it closed).
+    /// Nothing is delivered to its app until [`Sidecar::start_again`].
     pub fn stop(&self) {
-        self.state.generation.fetch_add(1, Ordering::AcqRel);
+        let delivering = {
+            let mut delivering = self.state.delivering.lock();
+            self.state.generation.fetch_add(1, Ordering::AcqRel);
+            *self.state.subscriptions.lock() = None;
+            delivering.take()
+        };
+        if let Some(delivering) = delivering {
+            delivering.task.abort();
+        }
+        self.state.cluster.broker.unsubscribe(self.state.id);
+        self.state
+            .cluster
+            .sidecars
+            .lock()
+            .retain(|s| !Arc::ptr_eq(s, &self.state));
         let server = self.server.lock().take();
         if let Some((stop, all_closed)) = server {
             let _ = stop.send(true);
@@ -657,17 +686,11 @@ impl Sidecar {
             // returns (the server closes idle ones at once and lets running requests finish).
             let _ = all_closed.recv_timeout(Duration::from_secs(5));
         }
-        self.state
-            .cluster
-            .sidecars
-            .lock()
-            .retain(|s| !Arc::ptr_eq(s, &self.state));
-        *self.state.subscriptions.lock() = None;
-        // What waits for this sidecar's app is lost with it (the double keeps no log).
-        *self.state.queue.lock() = None;
     }
 
-    /// Serves again on the same port and reads the app's subscriptions again.
+    /// Serves again on the same port and reads the app's subscriptions again, like daprd
+    /// started again: once subscribed, it delivers what waited for its consumer group (what it
+    /// had not acknowledged when it stopped, and what was published meanwhile), then the rest.
     pub fn start_again(&self) -> std::io::Result<()> {
         let port = *self.port.lock();
         let mut tries = 0;
@@ -698,6 +721,49 @@ impl Sidecar {
 impl Drop for Sidecar {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A sidecar's deliveries to its app, in the order the broker hands them out: one at a time
+/// (like one partition of a log), or up to [`SidecarOptions::concurrency`] at once, each
+/// acknowledged to the broker once done. Aborting this task cuts off every delivery in flight.
+async fn deliver_all(
+    state: Arc<SidecarState>,
+    mut handouts: tokio::sync::mpsc::UnboundedReceiver<Handout>,
+) {
+    let concurrency = state.options.concurrency.max(1);
+    if concurrency == 1 {
+        while let Some(handout) = handouts.recv().await {
+            let cluster = &state.cluster;
+            cluster
+                .deliver(&state, &handout.subscription, &handout.event)
+                .await;
+            cluster.broker.ack(handout.tag);
+        }
+        return;
+    }
+    let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    // Owned here, so that aborting this task aborts the deliveries in flight too.
+    let mut running = tokio::task::JoinSet::new();
+    while let Some(handout) = handouts.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        while running.try_join_next().is_some() {}
+        let state = state.clone();
+        let (answered, heard) = tokio::sync::oneshot::channel::<()>();
+        running.spawn(async move {
+            let _slot = slot;
+            let cluster = &state.cluster;
+            cluster
+                .deliver(&state, &handout.subscription, &handout.event)
+                .await;
+            cluster.broker.ack(handout.tag);
+            let _ = answered.send(());
+        });
+        // The next starts once this one was answered or has been out for a while:
+        // deliveries reach the app in publish order unless one is held.
+        let _ = tokio::time::timeout(OVERTAKE_AFTER, heard).await;
     }
 }
 
