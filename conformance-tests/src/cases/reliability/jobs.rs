@@ -14,7 +14,7 @@ use purista_core::{
 };
 use tokio::time::Instant;
 
-use super::{Fault, RECOVERY, broker_control, inject};
+use super::{Fault, RECOVERY, broker_control, strike_along};
 use crate::env::TestEnv;
 use crate::harness::Harness;
 use crate::support::{Collector, eventually};
@@ -131,19 +131,15 @@ pub async fn queue_jobs_survive_broker_faults(h: Arc<dyn Harness>) {
             })
         })
         .collect();
-    for (k, fault) in faults.iter().enumerate() {
-        let share = total as usize * (k + 1) / (faults.len() + 1);
-        eventually(
-            &format!("{share} of the jobs are enqueued before the {fault:?}"),
-            RECOVERY,
-            || {
-                let n = enqueued.load(Ordering::Relaxed);
-                async move { n >= share }
-            },
-        )
-        .await;
-        inject(&control, &env, *fault).await;
-    }
+    strike_along(
+        &control,
+        &env,
+        &faults,
+        total as usize,
+        "jobs are enqueued",
+        &enqueued,
+    )
+    .await;
     *recovered_by.lock() = Some(Instant::now() + RECOVERY);
     for e in futures::future::join_all(enqueuers).await {
         e.expect("an enqueuing task panicked");

@@ -41,6 +41,32 @@ enum Fault {
     Restart,
 }
 
+/// Strikes `faults` one after another while work goes on: the k-th of n once `done` (work
+/// finished so far, e.g. events published) reached k/(n+1) of `total`. `what` names the work
+/// in the failure message ("events are published").
+async fn strike_along(
+    control: &Arc<dyn BrokerControl>,
+    env: &TestEnv,
+    faults: &[Fault],
+    total: usize,
+    what: &str,
+    done: &Arc<AtomicUsize>,
+) {
+    for (k, fault) in faults.iter().enumerate() {
+        let share = total * (k + 1) / (faults.len() + 1);
+        eventually(
+            &format!("{share} of the {what} before the {fault:?}"),
+            RECOVERY,
+            || {
+                let n = done.load(Ordering::Relaxed);
+                async move { n >= share }
+            },
+        )
+        .await;
+        inject(control, env, *fault).await;
+    }
+}
+
 async fn inject(control: &Arc<dyn BrokerControl>, env: &TestEnv, fault: Fault) {
     match fault {
         Fault::DropConnections => control.drop_connections(&env.prefix).await,
@@ -123,19 +149,15 @@ async fn events_survive(h: Arc<dyn Harness>, faults: &[Fault]) {
             })
         })
         .collect();
-    for (k, fault) in faults.iter().enumerate() {
-        let share = total * (k + 1) / (faults.len() + 1);
-        eventually(
-            &format!("{share} of the events are published before the {fault:?}"),
-            RECOVERY,
-            || {
-                let n = published.load(Ordering::Relaxed);
-                async move { n >= share }
-            },
-        )
-        .await;
-        inject(&control, &env, *fault).await;
-    }
+    strike_along(
+        &control,
+        &env,
+        faults,
+        total,
+        "events are published",
+        &published,
+    )
+    .await;
     *recovered_by.lock() = Some(Instant::now() + RECOVERY);
     for t in futures::future::join_all(tasks).await {
         t.expect("a publisher task panicked");
