@@ -16,7 +16,10 @@ const CLEANUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Whether the removal also runs after a run of raw baselines alone (a baseline that failed
 /// midway may leave resources on a broker that keeps them).
 pub fn sweeps_baselines(url: &str) -> bool {
-    cfg!(feature = "aws") && url.get(..6).is_some_and(|s| s.eq_ignore_ascii_case("aws://"))
+    cfg!(feature = "aws")
+        && url
+            .get(..6)
+            .is_some_and(|s| s.eq_ignore_ascii_case("aws://"))
 }
 
 /// Removes what a bridge run under `prefix` left on the broker `url` names.

@@ -180,7 +180,12 @@ mod tests {
     #[test]
     fn quick_divides_by_ten_and_divide_by_what_it_is_given() {
         assert_eq!(parse(&["memory://", "--quick"]).expect("valid").divisor, 10);
-        assert_eq!(parse(&["memory://", "--divide", "50"]).expect("valid").divisor, 50);
+        assert_eq!(
+            parse(&["memory://", "--divide", "50"])
+                .expect("valid")
+                .divisor,
+            50
+        );
         assert!(parse(&["memory://", "--divide", "0"]).is_err());
     }
 

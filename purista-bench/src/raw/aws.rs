@@ -20,8 +20,8 @@
 //! Every resource is named `<prefix>-raw-<id>…` and removed at the end of the scenario.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
@@ -98,14 +98,10 @@ async fn create_queue(
     name: &str,
     policy: Option<String>,
 ) -> anyhow::Result<(String, String)> {
-    let mut create = sdk
-        .sqs
-        .create_queue()
-        .queue_name(name)
-        .attributes(
-            QueueAttributeName::VisibilityTimeout,
-            sdk.visibility_seconds.to_string(),
-        );
+    let mut create = sdk.sqs.create_queue().queue_name(name).attributes(
+        QueueAttributeName::VisibilityTimeout,
+        sdk.visibility_seconds.to_string(),
+    );
     if let Some(policy) = policy {
         create = create.attributes(QueueAttributeName::Policy, policy);
     }
@@ -397,9 +393,8 @@ async fn count_events(sdk: Sdk, url: String, delivered: Arc<Progress>) {
         };
         let mut events = 0;
         for message in &messages {
-            let event: Value =
-                serde_json::from_str(message.body.as_deref().unwrap_or_default())
-                    .unwrap_or(Value::Null);
+            let event: Value = serde_json::from_str(message.body.as_deref().unwrap_or_default())
+                .unwrap_or(Value::Null);
             if event.get("detail").and_then(payload::seq_of).is_some() {
                 events += 1;
             }

@@ -175,7 +175,9 @@ impl Baseline {
                 self::kubemq::run(scenario, workload, address, prefix).await?
             }
             #[cfg(feature = "aws")]
-            Baseline::Aws { url, prefix } => self::aws::run(scenario, workload, url, prefix).await?,
+            Baseline::Aws { url, prefix } => {
+                self::aws::run(scenario, workload, url, prefix).await?
+            }
             #[cfg(feature = "dapr")]
             Baseline::Dapr { double, prefix } => {
                 self::dapr::run(scenario, workload, double, prefix).await?
