@@ -363,10 +363,18 @@ pub async fn open_reply_queue(
     Ok((queue, stop_tx))
 }
 
+/// Hands each response of a message to its waiting caller, then deletes the message. The
+/// delete's outcome changes nothing for the callers (a response left behind reappears after the
+/// visibility timeout and is ignored as unmatched), so it is not on their path: awaited first,
+/// it added one SQS round trip to every invocation's latency.
 async fn take_response(shared: &Shared, url: &str, message: Message) {
+    resolve_responses(shared, &message);
     if let Err(error) = receive::delete(shared, url, &message).await {
         tracing::debug!(%error, "a response could not be deleted from the reply queue");
     }
+}
+
+fn resolve_responses(shared: &Shared, message: &Message) {
     let Some(items) = crate::shared::unpack(message.body().unwrap_or_default()) else {
         shared.count_poison();
         tracing::warn!("a message on the reply queue is no response pack; dropped");

@@ -18,8 +18,8 @@ pub struct Options {
     pub bridge: bool,
     /// Run the raw baselines.
     pub raw: bool,
-    /// Divide every count by 10.
-    pub quick: bool,
+    /// Every count is divided by this (1 = the full workload; `--quick` = 10).
+    pub divisor: u64,
     /// How the `queue` scenario's worker takes jobs.
     pub queue_mode: QueueMode,
 }
@@ -44,15 +44,18 @@ impl fmt::Display for CliError {
 
 /// The usage text.
 pub const USAGE: &str = "\
-usage: purista-bench <BRIDGE_URL> [--scenario NAME]... [--raw | --no-raw] [--quick]
+usage: purista-bench <BRIDGE_URL> [--scenario NAME]... [--raw | --no-raw] [--quick | --divide N]
                      [--queue-mode sequential|continuous=N]
 
   BRIDGE_URL          e.g. memory://bench or amqp://guest:guest@127.0.0.1:5672/%2f
-                      (anything purista::connect accepts)
+                      (anything purista::connect accepts); kubemq://double and
+                      dapr://double start an in-process double; aws://REGION?endpoint=URL
+                      (feature aws) runs against AWS or an emulator such as moto
   --scenario NAME     cmd-seq, cmd-conc, fanout or queue; repeatable (default: all)
   --raw               run only the raw baselines (bare broker / tokio primitives)
   --no-raw            skip the raw baselines (and so the ratio table)
   --quick             divide every count by 10 (smoke runs)
+  --divide N          divide every count by N (for slow brokers, e.g. moto: --divide 20)
   --queue-mode MODE   the queue worker's mode (default: sequential)
 
 One JSON line per scenario goes to stdout; progress and tables go to stderr.";
@@ -64,7 +67,7 @@ impl Options {
         let mut scenarios = Vec::new();
         let mut raw_only = false;
         let mut no_raw = false;
-        let mut quick = false;
+        let mut divisor = 1;
         let mut queue_mode = QueueMode::default();
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
@@ -72,7 +75,16 @@ impl Options {
                 "-h" | "--help" => return Err(CliError::Help),
                 "--raw" => raw_only = true,
                 "--no-raw" => no_raw = true,
-                "--quick" => quick = true,
+                "--quick" => divisor = 10,
+                "--divide" => {
+                    divisor = args
+                        .next()
+                        .and_then(|n| n.parse().ok())
+                        .filter(|n| *n >= 1)
+                        .ok_or_else(|| {
+                            CliError::Invalid("--divide needs a number ≥ 1".to_string())
+                        })?;
+                }
                 "--scenario" => {
                     let name = args
                         .next()
@@ -123,7 +135,7 @@ impl Options {
             },
             bridge: !raw_only,
             raw: !no_raw,
-            quick,
+            divisor,
             queue_mode,
         })
     }
@@ -141,7 +153,8 @@ mod tests {
     fn default_runs_every_scenario_and_the_raw_baselines() {
         let o = parse(&["memory://bench"]).expect("valid");
         assert_eq!(o.scenarios, Scenario::ALL.to_vec());
-        assert!(o.bridge && o.raw && !o.quick);
+        assert!(o.bridge && o.raw);
+        assert_eq!(o.divisor, 1);
     }
 
     #[test]
@@ -162,6 +175,18 @@ mod tests {
     #[test]
     fn missing_url_is_rejected() {
         assert!(matches!(parse(&["--quick"]), Err(CliError::Invalid(_))));
+    }
+
+    #[test]
+    fn quick_divides_by_ten_and_divide_by_what_it_is_given() {
+        assert_eq!(parse(&["memory://", "--quick"]).expect("valid").divisor, 10);
+        assert_eq!(
+            parse(&["memory://", "--divide", "50"])
+                .expect("valid")
+                .divisor,
+            50
+        );
+        assert!(parse(&["memory://", "--divide", "0"]).is_err());
     }
 
     #[test]

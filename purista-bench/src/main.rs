@@ -2,7 +2,7 @@
 //! would use, next to a raw baseline of the same broker (DESIGN §6).
 //!
 //! ```text
-//! cargo run --release -p purista-bench -- <BRIDGE_URL> [--scenario NAME]... [--raw | --no-raw] [--quick]
+//! cargo run --release -p purista-bench -- <BRIDGE_URL> [--scenario NAME]... [--raw | --no-raw] [--quick | --divide N]
 //! ```
 //!
 //! Every scenario prints one JSON line on stdout,
@@ -25,6 +25,8 @@
 //! turned logging off. With `PURISTA_BENCH_SPANS=1` a subscriber that keeps every `info` span
 //! (a `tracing-subscriber` registry, no exporter) is installed: the spans' cost (issue 13).
 
+#[cfg(feature = "aws")]
+mod aws;
 mod cleanup;
 mod cli;
 #[cfg(feature = "dapr")]
@@ -99,11 +101,7 @@ fn main() -> ExitCode {
 }
 
 async fn bench(mut options: Options) -> anyhow::Result<()> {
-    let workload = if options.quick {
-        Workload::quick()
-    } else {
-        Workload::FULL
-    };
+    let workload = Workload::divided(options.divisor);
     // `kubemq://double`: KubeMQ's protocol double in this process, for the whole run.
     #[cfg(feature = "kubemq")]
     let _double = if options.url.starts_with("kubemq://double") {
@@ -146,10 +144,10 @@ async fn bench(mut options: Options) -> anyhow::Result<()> {
     let began = Instant::now();
     eprintln!(
         "purista-bench: {url}, {} workload, {} tokio workers, broker resources under `{prefix}`",
-        if options.quick {
-            "quick (1/10)"
+        if options.divisor == 1 {
+            "full".to_string()
         } else {
-            "full"
+            format!("1/{}", options.divisor)
         },
         tokio::runtime::Handle::current().metrics().num_workers(),
     );
@@ -185,7 +183,7 @@ async fn bench(mut options: Options) -> anyhow::Result<()> {
         anyhow::Ok(())
     };
     let result = run.await;
-    if bridge.is_some() {
+    if bridge.is_some() || cleanup::sweeps_baselines(&options.url) {
         // Whatever happened, leave the broker as it was.
         if let Err(e) = cleanup::after_bridge_run(&options.url, &prefix).await {
             eprintln!("purista-bench: warning: cleaning up `{prefix}` failed: {e:#}");

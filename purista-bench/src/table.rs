@@ -39,6 +39,9 @@ impl Target {
             // Issue 11: on Dapr every figure within 0.7 of plain HTTP through the same sidecars.
             ("dapr", Scenario::CmdSeq | Scenario::CmdConc | Scenario::Fanout) => Target::Ratio(0.7),
             ("dapr", _) => Target::None,
+            // Issue 10: on AWS (moto) events and cmd-seq within 0.7 of the bare SDK.
+            ("aws", Scenario::CmdSeq | Scenario::Fanout) => Target::Ratio(0.7),
+            ("aws", _) => Target::None,
             (_, Scenario::CmdSeq) => Target::Ratio(0.5),
             (_, Scenario::CmdConc) => Target::Ratio(0.4),
             (_, Scenario::Fanout) => Target::Ratio(0.25),

@@ -129,15 +129,17 @@ impl Workload {
         warmup: 1_000,
     };
 
-    /// Every count divided by 10 (concurrency and subscribers unchanged): for CI smoke runs.
-    pub fn quick() -> Workload {
+    /// Every count divided by `divisor` and at least 1 (concurrency and subscribers
+    /// unchanged): 10 for CI smoke runs (`--quick`), more for brokers as slow as moto.
+    pub fn divided(divisor: u64) -> Workload {
         let f = Workload::FULL;
+        let d = |n: u64| (n / divisor.max(1)).max(1);
         Workload {
-            cmd_seq_calls: f.cmd_seq_calls / 10,
-            cmd_conc_calls: f.cmd_conc_calls / 10,
-            fanout_events: f.fanout_events / 10,
-            queue_jobs: f.queue_jobs / 10,
-            warmup: f.warmup / 10,
+            cmd_seq_calls: d(f.cmd_seq_calls),
+            cmd_conc_calls: d(f.cmd_conc_calls),
+            fanout_events: d(f.fanout_events),
+            queue_jobs: d(f.queue_jobs),
+            warmup: d(f.warmup),
             ..f
         }
     }

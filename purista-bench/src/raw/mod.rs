@@ -6,9 +6,13 @@
 //! "broker" is tokio itself, so its baseline is bare tokio channels ([`tokio`](self::tokio));
 //! RabbitMQ's is bare `lapin` publish/consume with the bridge's confirm, ack and prefetch
 //! settings (`lapin`, cargo feature `amqp`); Dapr's is plain reqwest and axum against the
-//! same sidecar double (`dapr`, cargo feature `dapr`). A further broker brings its own module and one arm
+//! same sidecar double (`dapr`, cargo feature `dapr`); AWS's is the bare SDK's PutEvents, SendMessage,
+//! ReceiveMessage and DeleteMessageBatch with the bridge's receive settings (`aws`, cargo feature
+//! `aws`). A further broker brings its own module and one arm
 //! in [`Baseline`].
 
+#[cfg(feature = "aws")]
+mod aws;
 #[cfg(feature = "dapr")]
 mod dapr;
 #[cfg(feature = "kubemq")]
@@ -41,6 +45,15 @@ pub enum Baseline {
         /// `host:port`.
         address: String,
         /// The run's channel prefix.
+        prefix: String,
+    },
+    /// The bare AWS SDK against the AWS (or emulator) the `aws://` URL names, resources under
+    /// `<prefix>-raw-…`.
+    #[cfg(feature = "aws")]
+    Aws {
+        /// The `aws://` URL.
+        url: String,
+        /// The run's resource prefix.
         prefix: String,
     },
     /// Plain reqwest and axum through sidecars of the `dapr://double` run's sidecar double.
@@ -80,6 +93,15 @@ impl Baseline {
                     .address(),
                 prefix: prefix.to_string(),
             }),
+            #[cfg(feature = "aws")]
+            "aws" => Ok(Baseline::Aws {
+                url: url.to_string(),
+                prefix: prefix.to_string(),
+            }),
+            #[cfg(not(feature = "aws"))]
+            "aws" => bail!(
+                "the raw baseline for `aws://` needs the cargo feature `aws` of purista-bench"
+            ),
             "dapr" => bail!(
                 "the raw Dapr baseline runs only against the sidecar double (`dapr://double`)"
             ),
@@ -111,6 +133,8 @@ impl Baseline {
             Baseline::Kubemq { .. } => "raw-kubemq",
             #[cfg(feature = "dapr")]
             Baseline::Dapr { .. } => "raw-dapr",
+            #[cfg(feature = "aws")]
+            Baseline::Aws { .. } => "raw-aws",
         }
     }
 
@@ -149,6 +173,10 @@ impl Baseline {
             #[cfg(feature = "kubemq")]
             Baseline::Kubemq { address, prefix } => {
                 self::kubemq::run(scenario, workload, address, prefix).await?
+            }
+            #[cfg(feature = "aws")]
+            Baseline::Aws { url, prefix } => {
+                self::aws::run(scenario, workload, url, prefix).await?
             }
             #[cfg(feature = "dapr")]
             Baseline::Dapr { double, prefix } => {
@@ -204,6 +232,15 @@ mod tests {
         assert_eq!(baseline.label(), "raw-dapr");
         assert!(baseline.lacks(Scenario::Queue).is_some());
         assert!(baseline.lacks(Scenario::Fanout).is_none());
+    }
+
+    #[cfg(feature = "aws")]
+    #[test]
+    fn aws_urls_use_the_sdk_baseline_which_has_every_scenario() {
+        let baseline = Baseline::for_url("aws://us-east-1?endpoint=http://127.0.0.1:1", "bench-1")
+            .expect("aws baseline");
+        assert_eq!(baseline.label(), "raw-aws");
+        assert!(Scenario::ALL.iter().all(|s| baseline.lacks(*s).is_none()));
     }
 
     #[cfg(feature = "kubemq")]
