@@ -3,7 +3,7 @@
 //! * `cmd-seq` / `cmd-conc`: queries on one channel, answered by one responder (a query
 //!   subscription in a group, replying with the query's body), as the bridge does commands.
 //! * `fanout`: events on one channel to 4 subscribers, each its own client, counted on arrival.
-//! * `queue`: none (the kubemq bridge has no queue bridge yet).
+//! * `queue`: none yet (no bare-SDK queue worker to compare the KubeMQ queue bridge with).
 
 use std::sync::Arc;
 use std::time::Duration;

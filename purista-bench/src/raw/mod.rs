@@ -148,7 +148,7 @@ impl Baseline {
             }
             #[cfg(feature = "kubemq")]
             (Baseline::Kubemq { .. }, Scenario::Queue) => {
-                Some("the kubemq bridge has no queue bridge yet, so there is nothing to compare")
+                Some("there is no bare-SDK KubeMQ queue baseline yet, so nothing to compare")
             }
             #[cfg(feature = "dapr")]
             (Baseline::Dapr { .. }, Scenario::Queue) => {
