@@ -635,6 +635,7 @@ impl EventBridge for DaprBridge {
         }
         if copies::wants_copies(&spec.filter) {
             copies::announce(&self.shared, &spec, true).await?;
+            copies::settle_after_adding().await;
         }
         let mut consumers = self.shared.consumers.write();
         if consumers.contains_key(&spec.key) {

@@ -7,10 +7,12 @@
 //! Which filters want copies is kept in the state store under `<prefix>||copies`: one entry
 //! `{key, instance, filter}` per subscription (and instance) whose filter can match a command
 //! or a response, added before the subscription is registered and removed when it leaves.
-//! The responder reads the list while the handler runs.
+//! The responder reads the list while the handler runs, and trusts a read for [`FRESH_FOR`]
+//! (a registration that adds an entry returns only that long after its write).
 
 use purista_core::{BridgeError, Envelope, MessageType, SubscriptionFilter, SubscriptionSpec};
 use serde_json::{Value, json};
+use tokio::time::Instant;
 
 use crate::shared::Shared;
 
@@ -62,24 +64,43 @@ pub async fn announce(
 /// What one read of the registry found (`None`: the read failed).
 pub type Wanted = Option<Vec<SubscriptionFilter>>;
 
-/// Commands arriving while a read of the registry runs share it; the next read starts when
-/// one arrives after it finished (a subscription registered before a command arrived is seen,
-/// unless a read already running then missed it).
+/// How long a read of the registry is trusted, counted from before it was sent. A
+/// registration that adds an entry returns only this long after its write
+/// ([`settle_after_adding`]), so every read a responder still trusts once the registration has
+/// returned was sent after the write and holds the entry: the subscription gets copies of every
+/// command served after its registration, while responders read the registry at most a few
+/// times a second instead of once per command (a round trip through the sidecar each).
+pub const FRESH_FOR: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Waits out [`FRESH_FOR`] after an entry was added: the reads responders made before the
+/// write are no longer trusted when this returns. Time is the condition here (no responder
+/// says when it drops a read), and it is a bound, not a guess.
+pub async fn settle_after_adding() {
+    tokio::time::sleep(FRESH_FOR).await;
+}
+
+/// The last read of the registry, trusted for [`FRESH_FOR`] from before it was sent: commands
+/// arriving meanwhile share it (waiting for it while it runs); a failed read is not shared.
 #[derive(Default)]
 pub struct Reads {
-    current: parking_lot::Mutex<Option<std::sync::Arc<tokio::sync::OnceCell<Wanted>>>>,
+    current: parking_lot::Mutex<Option<(Instant, std::sync::Arc<tokio::sync::OnceCell<Wanted>>)>>,
 }
 
 impl Reads {
-    /// The filters that want copies, read or joined.
+    /// The filters that want copies, from a read still trusted or a new one.
     pub async fn wanted(&self, shared: &Shared) -> Wanted {
         let cell = {
             let mut current = self.current.lock();
             match current.as_ref() {
-                Some(cell) if !cell.initialized() => cell.clone(),
+                Some((sent, cell))
+                    if sent.elapsed() < FRESH_FOR && !matches!(cell.get(), Some(None)) =>
+                {
+                    cell.clone()
+                }
                 _ => {
                     let cell = std::sync::Arc::new(tokio::sync::OnceCell::new());
-                    *current = Some(cell.clone());
+                    // Taken before the read is sent: trusted for less, never for more.
+                    *current = Some((Instant::now(), cell.clone()));
                     cell
                 }
             }
