@@ -719,8 +719,15 @@ impl Sidecar {
 }
 
 impl Drop for Sidecar {
+    /// Dropping a sidecar removes its app for good: when it was the last of its consumer
+    /// group, the group and what waits for it are deleted (a stopped sidecar's group keeps
+    /// its messages for [`Sidecar::start_again`]).
     fn drop(&mut self) {
         self.stop();
+        self.state
+            .cluster
+            .broker
+            .forget_if_unused(self.state.group());
     }
 }
 

@@ -226,6 +226,22 @@ impl Broker {
         }
     }
 
+    /// Deletes consumer group `group`, with what waits for it, unless one of its sidecars is
+    /// subscribed: its last sidecar was removed for good (the app is no longer deployed), as
+    /// an operator deletes a consumer group. Without this, a process that keeps publishing on a
+    /// topic (a test run, a benchmark) would keep every message for apps long gone.
+    pub(super) fn forget_if_unused(&self, group: &str) {
+        let mut state = self.state.lock();
+        if state.consumers.values().any(|c| c.group == group) {
+            return;
+        }
+        for groups in state.groups.values_mut() {
+            groups.remove(group);
+        }
+        state.backlog.remove(group);
+        state.held.retain(|_, h| h.group != group);
+    }
+
     /// The delivery `tag` is done; an unknown tag (a handout given back since) is ignored.
     pub(super) fn ack(&self, tag: u64) {
         self.state.lock().held.remove(&tag);
@@ -291,6 +307,33 @@ mod tests {
         let got: Vec<u64> = numbers(&mut rx).into_iter().map(|(_, n)| n).collect();
         assert_eq!(got, [1, 3], "the kept message first");
         assert_eq!(broker.accepted("pubsub", "t"), 3);
+    }
+
+    #[test]
+    fn a_group_whose_last_sidecar_is_removed_for_good_keeps_nothing() {
+        let broker = Broker::default();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        broker.subscribe(1, "gone", vec![subscription("t")], tx);
+        let (tx2, _rx2) = mpsc::unbounded_channel();
+        broker.subscribe(2, "stays", vec![subscription("t")], tx2);
+        broker.publish("pubsub", "t", json!({ "n": 0 }));
+        assert_eq!(
+            numbers(&mut rx).len(),
+            1,
+            "held by the sidecar, not acknowledged"
+        );
+        // Another group's sidecar still subscribed does not keep this group alive.
+        broker.forget_if_unused("stays");
+        assert_eq!(broker.unacknowledged("stays"), 1);
+        broker.unsubscribe(1);
+        broker.forget_if_unused("gone");
+        broker.publish("pubsub", "t", json!({ "n": 1 }));
+        assert_eq!(
+            broker.unacknowledged("gone"),
+            0,
+            "nothing kept for a deleted group"
+        );
+        assert_eq!(broker.unacknowledged("stays"), 2);
     }
 
     #[test]
