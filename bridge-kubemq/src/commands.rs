@@ -16,7 +16,11 @@
 //!   group, so KubeMQ hands each query to exactly one of them (competing consumers). The
 //!   handler's response is stamped, sent back as the query's response and published as an
 //!   event (subscriptions see responses, and a success `eventName`). A query whose body is no
-//!   envelope is answered with an error and counted as poison.
+//!   envelope is answered with an error and counted as poison. KubeMQ drops an answer that
+//!   comes after the query's timeout without telling anyone, so the responder counts and warns
+//!   about it itself: late is after the ttl counted from the query's arrival, or after the
+//!   caller's own expiry, which the query carries in its `purista-expires-at` tag (Unix epoch
+//!   ms; a query that sat in a busy broker reaches its responder with less than its ttl left).
 //! * **Leaving** (`unregister_command`): KubeMQ confirms no unsubscribe, and a query routed to
 //!   a stream the responder just closed would be lost (its caller waiting for a 504 at its
 //!   ttl). So every responder also answers on the endpoint's hand-off channel
@@ -40,7 +44,7 @@ use tokio::sync::watch;
 use crate::connection::sdk_error;
 use crate::probe::{self, ProbeSeen};
 use crate::publish::{encode_checked, publish_best_effort};
-use crate::shared::{PROBE_TAG, Shared};
+use crate::shared::{EXPIRES_TAG, PROBE_TAG, Shared};
 use crate::stream;
 
 /// The group every responder of an endpoint joins.
@@ -69,11 +73,16 @@ pub async fn invoke(
     let _in_flight = shared.tracker.start(WorkKind::Command, &label);
     let (slot, reply) = shared.pending.wait_for(&correlation_id)?;
     let ttl = ttl.max(Duration::from_millis(1));
+    let expires_at = purista_core::envelope::now_ms().saturating_add(millis(ttl));
     let query = Query::builder()
         .id(command.id.clone())
         .channel(shared.channels.command(&receiver))
         .body(bytes.clone())
         .timeout(ttl)
+        .tags(std::collections::HashMap::from([(
+            EXPIRES_TAG.to_string(),
+            expires_at.to_string(),
+        )]))
         .build();
     let sdk = shared.connection.sdk.clone();
     // Boxed here, where it is made: the SDK's call future is large, and unboxed it made the
@@ -472,7 +481,7 @@ async fn respond(
         }
     };
     let ttl = Duration::from_millis(u64::try_from(request.timeout).unwrap_or(0));
-    if received.elapsed() > ttl {
+    if received.elapsed() > ttl || caller_gave_up(&request) {
         // KubeMQ drops a response whose query timed out; the caller already got its 504.
         shared.count_late_response();
         tracing::warn!(
@@ -487,6 +496,16 @@ async fn respond(
     if let Err(error) = publish_best_effort(shared, &response, bytes).await {
         tracing::debug!(%error, correlation_id = ?response.correlation_id, "the response was not published for subscriptions");
     }
+}
+
+/// Whether the caller's own expiry (its tag; absent from a query another client sent) has
+/// passed: the query may have reached this responder well after it was sent.
+fn caller_gave_up(request: &Request) -> bool {
+    request
+        .tags
+        .get(EXPIRES_TAG)
+        .and_then(|t| t.parse::<u64>().ok())
+        .is_some_and(|expires_at| purista_core::envelope::now_ms() > expires_at)
 }
 
 async fn send_reply(shared: &Shared, reply: QueryReply) {

@@ -16,6 +16,11 @@ use crate::connection::Connection;
 /// a handler.
 pub const PROBE_TAG: &str = "purista-probe";
 
+/// Tag of a command query: the Unix epoch millisecond at which its caller gives up. The
+/// responder judges a late answer by it as well as by its own clock (a query that reached it
+/// late, on a busy broker, is late sooner than its ttl counted from its arrival says).
+pub const EXPIRES_TAG: &str = "purista-expires-at";
+
 /// Shared state of one bridge instance.
 pub struct Shared {
     /// Settings.
