@@ -59,7 +59,7 @@ mod subscriptions;
 mod topology;
 
 pub use bridge::{AwsBridge, BRIDGE_NAME, capabilities};
-pub use client::install_crypto_provider;
+pub use client::{Clients, install_crypto_provider};
 pub use config::{AwsConfig, ConfigError};
 pub use driver::driver;
 pub use pattern::event_pattern;
@@ -67,5 +67,6 @@ pub use publish::MAX_ENTRIES_PER_PUT;
 pub use queues::{AwsQueues, queue_capabilities};
 pub use shared::{ATTR_ATTEMPT, PACK_ITEMS, TAG_OWNER, TAG_RULE, TAG_SEEN, pack_body, unpack};
 pub use subscriptions::{ATTR_AT, ATTR_ATTEMPTS, ATTR_ORIGIN, ATTR_REASON, decode_body};
+pub use topology::rule_policy;
 /// The SDK crates the bridge is built on.
 pub use {aws_sdk_eventbridge, aws_sdk_sqs};

@@ -38,6 +38,18 @@ impl TestMode {
     }
 }
 
+/// Environment variable (`1`) that runs every case at its full size on every harness, an
+/// emulator's scaled ones too: a run by hand, long on moto. Each case's time limit then grows
+/// to [`crate::runner::FULL_SIZE_CASE_TIMEOUT`]; the volume waits of the fault cases are
+/// bounded by a stall (no progress for their recovery time), not by a deadline, so a slow
+/// emulator is not mistaken for a loss.
+pub const FULL_SIZE_ENV: &str = "PURISTA_FULL_SIZE";
+
+/// Whether [`FULL_SIZE_ENV`] asks for the full size.
+pub fn full_size_asked() -> bool {
+    std::env::var(FULL_SIZE_ENV).is_ok_and(|v| v == "1")
+}
+
 /// How much of their full size the load cases (many subscriptions, many messages) run on a
 /// harness: the full size by default. A harness whose broker is an emulator that serves one
 /// request at a time (moto) may declare a smaller share, with why; what the cases assert is the
@@ -58,10 +70,11 @@ impl Workload {
         }
     }
 
-    /// `percent` (1..=100, clamped) of the full size, because `why`.
+    /// `percent` (1..=100, clamped) of the full size, because `why`; the full size all the
+    /// same when [`FULL_SIZE_ENV`] is set (a run by hand).
     pub fn scaled(percent: u32, why: impl Into<String>) -> Self {
         let percent = percent.clamp(1, 100);
-        if percent == 100 {
+        if percent == 100 || full_size_asked() {
             return Workload::full();
         }
         Workload {

@@ -65,6 +65,20 @@ impl Case {
 /// Upper bound of one case; a case that runs longer is broken (something hangs).
 pub const CASE_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Upper bound of one case when [`crate::harness::FULL_SIZE_ENV`] runs every case at its full
+/// size (on moto, 10 000 events through the fault proxy take minutes).
+pub const FULL_SIZE_CASE_TIMEOUT: Duration = Duration::from_secs(1_800);
+
+/// The upper bound of one case in this run: [`CASE_TIMEOUT`], or
+/// [`FULL_SIZE_CASE_TIMEOUT`] when every case runs at its full size.
+pub fn case_timeout() -> Duration {
+    if crate::harness::full_size_asked() {
+        FULL_SIZE_CASE_TIMEOUT
+    } else {
+        CASE_TIMEOUT
+    }
+}
+
 /// Environment variable of the stress mode: `PURISTA_CONFORMANCE_STRESS=N` runs N copies of
 /// each case at once (each on its own deployment), to shake out races the single run misses.
 pub const STRESS_ENV: &str = "PURISTA_CONFORMANCE_STRESS";
@@ -152,7 +166,7 @@ pub fn run_case_isolated(
 }
 
 /// One trial: its own runtime, `copies` copies of the case at once, each bounded by
-/// [`CASE_TIMEOUT`].
+/// [`case_timeout`].
 fn run_trial(
     module: &str,
     case: Case,
@@ -166,13 +180,13 @@ fn run_trial(
         let runs = (0..copies).map(|_| {
             let (h, plan) = (harness.clone(), plan.clone());
             let task = tokio::spawn(tokio::time::timeout(
-                CASE_TIMEOUT,
+                case_timeout(),
                 run_planned(case, h, plan),
             ));
             async move {
                 match task.await {
                     Ok(Ok(verdict)) => Ok(verdict),
-                    Ok(Err(_)) => Err(format!("did not finish within {CASE_TIMEOUT:?}")),
+                    Ok(Err(_)) => Err(format!("did not finish within {:?}", case_timeout())),
                     Err(e) if e.is_panic() => Err(panic_text(&*e.into_panic())),
                     Err(e) => Err(e.to_string()),
                 }
@@ -258,11 +272,11 @@ pub fn run_tests(tests: Vec<ListedTest>) -> ExitCode {
             let trial = Trial::test(t.name, move || {
                 let runtime = case_runtime().map_err(Failed::from)?;
                 let outcome = runtime.block_on(async move {
-                    match tokio::time::timeout(CASE_TIMEOUT, tokio::spawn(run())).await {
+                    match tokio::time::timeout(case_timeout(), tokio::spawn(run())).await {
                         Ok(Ok(())) => Ok(()),
                         Ok(Err(e)) if e.is_panic() => Err(panic_text(&*e.into_panic())),
                         Ok(Err(e)) => Err(e.to_string()),
-                        Err(_) => Err(format!("did not finish within {CASE_TIMEOUT:?}")),
+                        Err(_) => Err(format!("did not finish within {:?}", case_timeout())),
                     }
                 });
                 runtime.shutdown_timeout(Duration::from_secs(1));

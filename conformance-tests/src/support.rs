@@ -103,6 +103,29 @@ impl<T: Clone + Send + 'static> Collector<T> {
         }
     }
 
+    /// Waits until `progress` of the recorded values reaches `target`, for as long as it keeps
+    /// growing: `Err` with what had arrived once it stood still for `stall`. For volume waits
+    /// whose length is the broker's throughput (an emulator at full size): a fixed deadline
+    /// would measure speed, a stall says that something is lost or stuck.
+    pub async fn wait_while_growing(
+        &self,
+        stall: Duration,
+        target: usize,
+        progress: impl Fn(&[T]) -> usize,
+    ) -> Result<Vec<T>, Vec<T>> {
+        let mut reached = progress(&self.snapshot());
+        loop {
+            if reached >= target {
+                return Ok(self.snapshot());
+            }
+            let seen = reached;
+            match self.wait_until(stall, |items| progress(items) > seen).await {
+                Ok(items) => reached = progress(&items),
+                Err(items) => return Err(items),
+            }
+        }
+    }
+
     /// Waits for at least `n` values; panics naming `what` when they do not arrive in time.
     pub async fn wait_for_len(&self, n: usize, timeout: Duration, what: &str) -> Vec<T> {
         match self.wait_until(timeout, |items| items.len() >= n).await {
@@ -131,6 +154,23 @@ where
             panic!("{what}: still not true after {timeout:?}");
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until `count()` reaches `target`, for as long as it keeps growing: panics naming
+/// `what` once it stood still for `stall` (see [`Collector::wait_while_growing`]).
+pub async fn until_reached(what: &str, stall: Duration, target: usize, count: impl Fn() -> usize) {
+    let mut last = count();
+    let mut moved = Instant::now();
+    while last < target {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let now = count();
+        if now != last {
+            last = now;
+            moved = Instant::now();
+        } else if moved.elapsed() >= stall {
+            panic!("{what}: stuck at {last} of {target} for {stall:?}");
+        }
     }
 }
 
@@ -440,4 +480,63 @@ pub fn set_difference(got: &BTreeSet<u64>, expected: &BTreeSet<u64>) -> Option<S
             extra.iter().take(10).collect::<Vec<_>>()
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STALL: Duration = Duration::from_millis(200);
+    const STEP: Duration = Duration::from_millis(40);
+
+    /// Pushes `0..n` into `c`, one every [`STEP`]: taking far longer than [`STALL`] overall.
+    fn trickle(c: &Arc<Collector<usize>>, n: usize) {
+        let c = c.clone();
+        tokio::spawn(async move {
+            for i in 0..n {
+                tokio::time::sleep(STEP).await;
+                c.push(i);
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn a_collection_that_keeps_growing_is_waited_for_past_the_stall_time() {
+        let c = Collector::new();
+        trickle(&c, 15);
+        let got = c
+            .wait_while_growing(STALL, 15, <[usize]>::len)
+            .await
+            .expect("it kept growing");
+        assert_eq!(got.len(), 15);
+    }
+
+    #[tokio::test]
+    async fn a_collection_that_stops_growing_is_given_up_on_after_the_stall_time() {
+        let c = Collector::new();
+        trickle(&c, 3);
+        let clock = Instant::now();
+        let got = c
+            .wait_while_growing(STALL, 5, <[usize]>::len)
+            .await
+            .expect_err("it stopped at 3");
+        assert_eq!(got, vec![0, 1, 2]);
+        assert!(clock.elapsed() >= STALL);
+    }
+
+    #[tokio::test]
+    async fn a_count_that_keeps_growing_is_waited_for_past_the_stall_time() {
+        let c = Collector::new();
+        trickle(&c, 15);
+        until_reached("the count", STALL, 15, || c.len()).await;
+        assert_eq!(c.len(), 15);
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "the count: stuck at 3 of 5")]
+    async fn a_count_that_stops_growing_fails_naming_where_it_stopped() {
+        let c = Collector::new();
+        trickle(&c, 3);
+        until_reached("the count", STALL, 5, || c.len()).await;
+    }
 }

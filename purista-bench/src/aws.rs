@@ -2,17 +2,15 @@
 //! built from the run's URL as the bridge builds its own, and the removal of everything a run
 //! left under its prefix.
 //!
-//! The clients are loaded like the bridge's (`aws-config`'s chain for region and credentials,
-//! the URL's region and endpoint over it, 3 attempts, the bridge's call and connect timeouts),
-//! so both sides of a ratio talk to the same endpoint through the same SDK stack.
+//! The clients are the bridge's own ([`Clients::load`]: `aws-config`'s chain for region and
+//! credentials, the URL's region and endpoint over it, 3 attempts, the bridge's call and
+//! connect timeouts), so both sides of a ratio talk to the same endpoint through the same SDK
+//! stack.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
-use aws_config::BehaviorVersion;
-use aws_config::retry::RetryConfig;
-use aws_config::timeout::TimeoutConfig;
-use purista::aws::AwsConfig;
+use purista::aws::{AwsConfig, Clients};
 
 /// How long the removal of a run's resources may take.
 const SWEEP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -34,25 +32,10 @@ impl Sdk {
     /// Clients for the AWS (or emulator) an `aws://` URL names.
     pub async fn connect(url: &str) -> anyhow::Result<Sdk> {
         let config = AwsConfig::from_url(url).map_err(|e| anyhow::anyhow!("{e}"))?;
-        purista::aws::install_crypto_provider();
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .retry_config(RetryConfig::standard().with_max_attempts(3))
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .operation_attempt_timeout(config.call_timeout)
-                    .connect_timeout(Duration::from_secs(3))
-                    .build(),
-            );
-        if let Some(region) = &config.region {
-            loader = loader.region(aws_config::Region::new(region.clone()));
-        }
-        if let Some(endpoint) = &config.endpoint {
-            loader = loader.endpoint_url(endpoint.clone());
-        }
-        let sdk = loader.load().await;
+        let clients = Clients::load(&config).await;
         Ok(Sdk {
-            events: aws_sdk_eventbridge::Client::new(&sdk),
-            sqs: aws_sdk_sqs::Client::new(&sdk),
+            events: clients.events,
+            sqs: clients.sqs,
             wait_seconds: i32::from(config.wait_seconds),
             visibility_seconds: config.visibility_timeout.as_secs(),
         })

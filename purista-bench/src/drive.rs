@@ -174,3 +174,27 @@ where
             .with_note(format!("{in_flight} in flight")),
     )
 }
+
+/// The fan-out rounds of a raw baseline: the warm-up's events, all delivered to each of the
+/// `subscribers` (counted in `delivered`, a [`Progress`], on top of what it counted before),
+/// then `fanout_events` more, timed until every subscriber has each. `emit(from, count)`, an
+/// async closure, publishes the events numbered `from..from + count`. Evaluates to the
+/// deliveries timed and how long they took, or returns the error from the enclosing function.
+///
+/// A macro, not a function: a function taking the async closure makes the caller's future
+/// lose `Send` (the compiler cannot prove it for every lifetime of the closure's borrow).
+macro_rules! fanout_rounds {
+    ($delivered:expr, $workload:expr, $subscribers:expr, $emit:expr) => {{
+        let (delivered, workload, subscribers) = (&$delivered, $workload, $subscribers);
+        delivered.expect(delivered.done() + workload.warmup * subscribers);
+        $emit(0, workload.warmup).await?;
+        delivered.wait("raw fanout warm-up").await?;
+        let ops = workload.fanout_events * subscribers;
+        delivered.expect(delivered.done() + ops);
+        let start = tokio::time::Instant::now();
+        $emit(workload.warmup, workload.fanout_events).await?;
+        delivered.wait("raw fanout deliveries").await?;
+        (ops, start.elapsed())
+    }};
+}
+pub(crate) use fanout_rounds;

@@ -89,14 +89,13 @@ async fn every_scenario_runs_on_the_bridge_and_the_raw_sdk_and_leaves_nothing_be
 
 /// The queues and buses on moto whose names start with `prefix`.
 async fn left_under(endpoint: &str, prefix: &str) -> (Vec<String>, Vec<String>) {
-    let credentials = aws_sdk_sqs::config::Credentials::new("testing", "testing", None, None, "t");
-    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .credentials_provider(credentials)
-        .load()
-        .await;
-    let queues = aws_sdk_sqs::Client::new(&sdk)
+    let mut config =
+        purista::aws::AwsConfig::from_url(&format!("aws://us-east-1?endpoint={endpoint}"))
+            .expect("an aws:// URL of the endpoint");
+    config.static_credentials = Some(("testing".into(), "testing".into()));
+    let clients = purista::aws::Clients::load(&config).await;
+    let queues = clients
+        .sqs
         .list_queues()
         .queue_name_prefix(prefix)
         .send()
@@ -104,7 +103,8 @@ async fn left_under(endpoint: &str, prefix: &str) -> (Vec<String>, Vec<String>) 
         .expect("ListQueues")
         .queue_urls
         .unwrap_or_default();
-    let buses = aws_sdk_eventbridge::Client::new(&sdk)
+    let buses = clients
+        .events
         .list_event_buses()
         .name_prefix(prefix)
         .send()

@@ -135,7 +135,7 @@ fn main() -> ExitCode {
         &harnesses,
         &cases,
         jobs,
-        runner::CASE_TIMEOUT,
+        runner::case_timeout(),
         recorded.as_deref(),
         |r| {
             let what = match &r.outcome {

@@ -319,22 +319,6 @@ fn pattern() -> String {
     json!({ "source": [SOURCE], "detail-type": [DETAIL_TYPE] }).to_string()
 }
 
-/// The queue policy that lets rule `rule_arn` (and nothing else) send to `queue_arn`, as the
-/// bridge sets it.
-fn policy(queue_arn: &str, rule_arn: &str) -> String {
-    json!({
-        "Version": "2012-10-17",
-        "Statement": [{
-            "Effect": "Allow",
-            "Principal": {"Service": "events.amazonaws.com"},
-            "Action": "sqs:SendMessage",
-            "Resource": queue_arn,
-            "Condition": {"ArnEquals": {"aws:SourceArn": rule_arn}}
-        }]
-    })
-    .to_string()
-}
-
 /// A rule on `bus` with one SQS queue as its target; returns the queue's URL.
 async fn route(sdk: &Sdk, bus: &str, rule: &str, queue: &str) -> anyhow::Result<String> {
     let rule_arn = sdk
@@ -354,7 +338,12 @@ async fn route(sdk: &Sdk, bus: &str, rule: &str, queue: &str) -> anyhow::Result<
         bail!("rule {rule} has an unexpected ARN `{rule_arn}`");
     };
     let queue_arn = format!("arn:{partition}:sqs:{region}:{account}:{queue}");
-    let (_, url) = create_queue(sdk, queue, Some(policy(&queue_arn, &rule_arn))).await?;
+    let (_, url) = create_queue(
+        sdk,
+        queue,
+        Some(purista::aws::rule_policy(&queue_arn, &rule_arn)),
+    )
+    .await?;
     let transformer = InputTransformer::builder()
         .input_paths_map("detail", "$.detail")
         .input_template(r#"{"detail":<detail>}"#)
@@ -443,16 +432,8 @@ async fn fanout(workload: &Workload, sdk: &Sdk, base: &str) -> anyhow::Result<Me
         Ok(())
     };
     // Warm-up doubles as the readiness check, as on the bridge.
-    delivered.expect(workload.warmup * subscribers);
-    emit_all(0, workload.warmup).await?;
-    delivered.wait("raw fanout warm-up").await?;
+    let (ops, elapsed) = drive::fanout_rounds!(delivered, workload, subscribers, emit_all);
     let events = workload.fanout_events;
-    let ops = events * subscribers;
-    delivered.expect(delivered.done() + ops);
-    let start = Instant::now();
-    emit_all(workload.warmup, events).await?;
-    delivered.wait("raw fanout deliveries").await?;
-    let elapsed = start.elapsed();
     drop(loops);
     Ok(Measurement::new(LABEL, Scenario::Fanout, ops, elapsed)
         .with_note(format!("{events} events × {subscribers} rules and queues")))

@@ -230,16 +230,8 @@ async fn fanout(
         }
         Ok(())
     };
-    delivered.expect(workload.warmup * subscribers);
-    emit_all(0, workload.warmup).await?;
-    delivered.wait("raw fanout warm-up").await?;
+    let (ops, elapsed) = drive::fanout_rounds!(delivered, workload, subscribers, emit_all);
     let events = workload.fanout_events;
-    let ops = events * subscribers;
-    delivered.expect(delivered.done() + ops);
-    let start = Instant::now();
-    emit_all(workload.warmup, events).await?;
-    delivered.wait("raw fanout deliveries").await?;
-    let elapsed = start.elapsed();
     for receiver in receivers {
         receiver.stop().await;
     }

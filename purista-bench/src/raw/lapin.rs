@@ -42,7 +42,6 @@ use lapin::{
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 use crate::drive::{self, Progress};
 use crate::measurement::{Measurement, Percentiles};
@@ -637,17 +636,8 @@ async fn fanout(url: &str, names: &Names, workload: &Workload) -> anyhow::Result
         }
         Ok(())
     };
-    delivered.expect(workload.warmup * subscribers);
-    emit_all(0, workload.warmup).await?;
-    delivered.wait("raw fanout warm-up").await?;
-
+    let (ops, elapsed) = drive::fanout_rounds!(delivered, workload, subscribers, emit_all);
     let events = workload.fanout_events;
-    let ops = events * subscribers;
-    delivered.expect(delivered.done() + ops);
-    let start = Instant::now();
-    emit_all(workload.warmup, events).await?;
-    delivered.wait("raw fanout deliveries").await?;
-    let elapsed = start.elapsed();
 
     let _ = producer.close(200, "OK".into()).await;
     for r in receivers {

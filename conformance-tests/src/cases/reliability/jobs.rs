@@ -147,8 +147,8 @@ pub async fn queue_jobs_survive_broker_faults(h: Arc<dyn Harness>) {
 
     let expected: BTreeSet<u64> = (0..total).filter(|n| !fails_fatally(*n)).collect();
     let runs = completed
-        .wait_until(RECOVERY, |r| {
-            r.iter().map(|(n, _)| *n).collect::<BTreeSet<_>>().len() >= expected.len()
+        .wait_while_growing(RECOVERY, expected.len(), |r| {
+            r.iter().map(|(n, _)| *n).collect::<BTreeSet<_>>().len()
         })
         .await;
     let runs = match runs {
