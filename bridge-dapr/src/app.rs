@@ -235,16 +235,11 @@ async fn command(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
         handler.handle(command.clone())
     );
     kit::stamp_response(&mut response, &command, &shared.instance_id);
-    let publish = |message: &Envelope| {
-        let wanted = copies::is_wanted(&wanted, message);
-        let shared = shared.clone();
-        let message = message.clone();
-        async move {
-            if wanted {
-                shared.publish_copy(&message).await
-            } else {
-                Ok(())
-            }
+    let publish = async |message: &Envelope| {
+        if copies::is_wanted(&wanted, message) {
+            shared.publish_copy(message).await
+        } else {
+            Ok(())
         }
     };
     let (c, r) = futures::join!(publish(&command), publish(&response));

@@ -212,44 +212,47 @@ impl DaprBridge {
     async fn attempt(
         &self,
         app_id: &str,
-        body: Vec<u8>,
+        body: axum::body::Bytes,
         correlation: &str,
         deadline: Instant,
         ttl: Duration,
     ) -> Result<crate::sidecar::Invoked, BridgeError> {
         let timeout = || BridgeError::Timeout(kit::millis(ttl));
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let watcher = {
-            let shared = self.shared.clone();
-            let app_id = app_id.to_string();
-            let correlation = correlation.to_string();
-            let within = deadline.saturating_duration_since(Instant::now()) + LATE_RESPONSE_GRACE;
-            async move {
-                let result = shared
-                    .sidecar
-                    .invoke(&app_id, COMMAND_METHOD, body, within)
-                    .await;
-                if let Err(Ok(late)) = reply.send(result)
-                    && late.status == StatusCode::OK
-                {
-                    shared.count_late_response();
-                    tracing::warn!(
-                        correlation_id = %correlation,
-                        app_id = %app_id,
-                        "ignored a command response that came after its caller's ttl"
-                    );
-                }
+        let within = deadline.saturating_duration_since(Instant::now()) + LATE_RESPONSE_GRACE;
+        let shared = self.shared.clone();
+        let app = app_id.to_string();
+        // Boxed, so that a request still open at the ttl can be handed to a task of its own,
+        // which waits for the late answer (and warns about it) while the caller hears 504.
+        let mut request = Box::pin(async move {
+            shared
+                .sidecar
+                .invoke(&app, COMMAND_METHOD, body, within)
+                .await
+        });
+        let answered = tokio::select! {
+            answered = &mut request => answered,
+            () = tokio::time::sleep_until(deadline) => {
+                let shared = self.shared.clone();
+                let (app_id, correlation) = (app_id.to_string(), correlation.to_string());
+                tokio::spawn(async move {
+                    if let Ok(late) = request.await
+                        && late.status == StatusCode::OK
+                    {
+                        shared.count_late_response();
+                        tracing::warn!(
+                            correlation_id = %correlation,
+                            app_id = %app_id,
+                            "ignored a command response that came after its caller's ttl"
+                        );
+                    }
+                });
+                return Err(timeout());
             }
         };
-        tokio::spawn(watcher);
-        match tokio::time::timeout_at(deadline, answer).await {
-            Err(_) => Err(timeout()),
-            Ok(Err(_)) => Err(BridgeError::Unavailable(
-                "the invocation's request task ended without an answer".into(),
-            )),
-            Ok(Ok(Ok(invoked))) => Ok(invoked),
-            Ok(Ok(Err(InvokeFailure::Timeout))) => Err(timeout()),
-            Ok(Ok(Err(InvokeFailure::Unreachable(e)))) => Err(e),
+        match answered {
+            Ok(invoked) => Ok(invoked),
+            Err(InvokeFailure::Timeout) => Err(timeout()),
+            Err(InvokeFailure::Unreachable(e)) => Err(e),
         }
     }
 
@@ -524,7 +527,7 @@ impl EventBridge for DaprBridge {
         let receiver = kit::check_command(&command)?.clone();
         kit::stamp(&mut command, &shared.instance_id);
         kit::correlation_id(&mut command);
-        let body = command.encode();
+        let body = axum::body::Bytes::from(command.encode());
         kit::check_body(body.len(), &self.capabilities.limits)?;
         let label: Arc<str> = endpoint_label(&receiver).into();
         let _pending = shared.tracker.start(WorkKind::Command, &label);

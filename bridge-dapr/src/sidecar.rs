@@ -147,7 +147,7 @@ impl Sidecar {
         &self,
         app_id: &str,
         method: &str,
-        body: Vec<u8>,
+        body: axum::body::Bytes,
         within: Duration,
     ) -> Result<Invoked, InvokeFailure> {
         let response = self

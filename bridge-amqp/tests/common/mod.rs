@@ -358,18 +358,25 @@ pub fn dyn_bridge(b: &Arc<AmqpBridge>) -> Arc<dyn EventBridge> {
     b.clone()
 }
 
-/// Reads a dead-letter target until it holds `n` entries or 5 s pass.
+/// Reads a dead-letter target until it holds `n` entries or 5 s of reading pass. While the
+/// bridge reconnects it cannot read: that is waited out for up to 30 s more (a reconnect after
+/// a forced close can take seconds on a busy machine), then it fails naming the error.
 pub async fn dead_letters(
     bridge: &AmqpBridge,
     target: &str,
     n: usize,
 ) -> Vec<purista_core::DeadLetterEntry> {
-    let end = Instant::now() + Duration::from_secs(5);
+    let mut end = Instant::now() + Duration::from_secs(5);
+    let reconnected_by = Instant::now() + Duration::from_secs(30);
     loop {
-        // While the bridge reconnects, it cannot read: try again until the deadline.
         let entries = match bridge.inspect_dead_letters(target, n + 10).await {
             Ok(entries) => entries,
-            Err(error) if error.is_retryable() && Instant::now() < end => Vec::new(),
+            Err(error) if error.is_retryable() && Instant::now() < reconnected_by => {
+                // Reading starts over once the bridge is back.
+                end = end.max(Instant::now() + Duration::from_secs(5));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
             Err(error) => panic!("dead letters readable: {error:?}"),
         };
         if entries.len() >= n || Instant::now() >= end {

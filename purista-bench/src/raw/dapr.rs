@@ -3,7 +3,8 @@
 //!
 //! * `cmd-seq` / `cmd-conc`: service invocation. The caller posts the JSON payload to its own
 //!   sidecar (`POST /v1.0/invoke/<app>/method/echo`); the sidecar of the echo app proxies it to
-//!   the app, whose handler answers with the request body; the caller reads the reply's `seq`.
+//!   the app, whose handler reads the request's JSON and writes it back (as the RabbitMQ
+//!   baseline's responder does); the caller reads the reply's `seq`.
 //! * `fanout`: 4 receiver apps, each with a sidecar of its own, subscribe to one topic
 //!   (`GET /dapr/subscribe`); the producer publishes each event to its own sidecar
 //!   (`POST /v1.0/publish/pubsub/<topic>`, the JSON payload, which Dapr wraps in a CloudEvent);
@@ -146,10 +147,7 @@ async fn commands(
 ) -> anyhow::Result<Measurement> {
     let echo = Router::new()
         .route("/dapr/subscribe", get(|| async { axum::Json(json!([])) }))
-        .route(
-            "/echo",
-            post(|body: Bytes| async move { ([(header::CONTENT_TYPE, "application/json")], body) }),
-        );
+        .route("/echo", post(echo));
     let server = Deployed::start(double, "raw-echo", echo).await?;
     ready(std::slice::from_ref(&server)).await?;
     // The caller's own sidecar: it serves the sidecar API only (no app behind it).
@@ -238,6 +236,19 @@ async fn fanout(
     let _ = tokio::task::spawn_blocking(move || drop(producer_sidecar)).await;
     Ok(Measurement::new(LABEL, Scenario::Fanout, ops, elapsed)
         .with_note(format!("{events} events × {subscribers} receiver apps")))
+}
+
+/// The echo app's handler: looks at the request, as a handler would, and answers with it (as
+/// the RabbitMQ baseline's responder does: JSON read and written, not bytes passed through).
+async fn echo(body: Bytes) -> axum::response::Response {
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(request) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::to_vec(&request).unwrap_or_default(),
+        )
+            .into_response(),
+        Err(_) => axum::http::StatusCode::BAD_REQUEST.into_response(),
+    }
 }
 
 /// A receiver's delivery: the CloudEvent's `data` is the payload; counted when it has a `seq`.

@@ -1,7 +1,9 @@
 //! The KubeMQ baseline: the same work with the bare `kubemq` SDK and none of purista.
 //!
 //! * `cmd-seq` / `cmd-conc`: queries on one channel, answered by one responder (a query
-//!   subscription in a group, replying with the query's body), as the bridge does commands.
+//!   subscription in a group that reads the query's JSON and writes it back, as the RabbitMQ
+//!   baseline's responder does), as the bridge does commands; the caller checks the reply's
+//!   `seq`.
 //! * `fanout`: events on one channel to 4 subscribers, each its own client, counted on arrival.
 //! * `queue`: none yet (no bare-SDK queue worker to compare the KubeMQ queue bridge with).
 
@@ -67,10 +69,16 @@ async fn commands(
             move |query| {
                 let replier = replier.clone();
                 Box::pin(async move {
+                    // Look at the request, as a handler would, and answer with it (as the
+                    // RabbitMQ baseline's responder does).
+                    let Ok(request) = serde_json::from_slice::<serde_json::Value>(&query.body)
+                    else {
+                        return;
+                    };
                     let reply = QueryReply::builder()
                         .request_id(&query.id)
                         .response_to(&query.response_to)
-                        .body(query.body)
+                        .body(serde_json::to_vec(&request).unwrap_or_default())
                         .build();
                     let _ = replier.send_query_response(reply).await;
                 })
@@ -92,6 +100,11 @@ async fn commands(
                     .build();
                 let reply = caller.send_query(query).await?;
                 anyhow::ensure!(reply.executed, "query {seq} not executed: {}", reply.error);
+                let answer: serde_json::Value = serde_json::from_slice(&reply.body)?;
+                anyhow::ensure!(
+                    payload::seq_of(&answer) == Some(seq),
+                    "query {seq} got a wrong answer: {answer}"
+                );
                 Ok(())
             }
         }
