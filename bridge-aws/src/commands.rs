@@ -6,7 +6,7 @@
 //!   caller's reply queue travel with it. Commands (and responses) sent while others to the same
 //!   queue are on their way share one SQS message (`{"puristaPack":[…]}`, up to 50 items and
 //!   the message limit): under load that divides SQS calls and queue depth. It is also put on
-//!   the bus for the subscriptions that watch commands. The response comes back on
+//!   the bus while a subscription can match it ([`crate::copies`]). The response comes back on
 //!   the instance's reply queue and is matched by `correlationId`
 //!   ([`kit::PendingInvocations`]). A command queue that does not exist means that no service
 //!   ever served the endpoint: 502 at once. Otherwise nobody answering is a 504 at the ttl.
@@ -14,7 +14,7 @@
 //!   (competing consumers: SQS hands each message to one receiver). A command is deleted as
 //!   soon as it is received — commands are not retried, so at most once — and one whose
 //!   expiry has passed is not run (its caller has given up). The response goes to the
-//!   caller's reply queue and, like every message, on the bus.
+//!   caller's reply queue and, while a subscription can match it, on the bus.
 //! * **Reply queue**: one per instance, created at start, deleted at shutdown, tagged with
 //!   its owner and last-seen time so that the janitor removes one a crashed instance left.
 
@@ -28,6 +28,7 @@ use purista_core::kit::{self, deadline_after, endpoint_label, millis};
 use purista_core::{Address, BridgeError, Capabilities, CommandHandler, Envelope, WorkKind};
 use tokio::sync::{Semaphore, watch};
 
+use crate::copies::Copies;
 use crate::publish::{encode_checked, put_event};
 use crate::receive;
 use crate::shared::{Shared, now_ms};
@@ -72,7 +73,13 @@ pub async fn invoke(
         let expires = now_ms().saturating_add(millis(ttl));
         let item = command_item(expires, reply_url, &body);
         let sent = shared.send_packed(&url, item);
-        let announced = put_event(shared, &command, body.clone());
+        let announced = async {
+            if Copies::wanted(shared, &command) {
+                put_event(shared, &command, body.clone()).await
+            } else {
+                Ok(())
+            }
+        };
         let (sent, announced) = futures::join!(sent, announced);
         if let Err(error) = announced {
             tracing::debug!(%error, correlation_id = %correlation_id, "the command was not put on the bus for subscriptions");
@@ -154,7 +161,7 @@ pub async fn serve(
         let url = queue.url.clone();
         let label = label.clone();
         let caps = caps.clone();
-        Arc::new(move |message, permit| {
+        Arc::new(move |message, slot| {
             let shared2 = shared.clone();
             let url = url.clone();
             let handler = handler.clone();
@@ -165,7 +172,7 @@ pub async fn serve(
                 .spawn(WorkKind::Command, label.clone(), async move {
                     let _in_flight = in_flight;
                     take_commands(&shared2, &caps, &url, &handler, message).await;
-                    drop(permit);
+                    drop(slot);
                 });
         })
     };
@@ -182,6 +189,7 @@ pub async fn serve(
                 paused.clone(),
                 stop_rx.clone(),
                 up_tx.clone(),
+                receive::Pace::Eager,
             ),
         );
         if !spawned {
@@ -296,8 +304,15 @@ async fn respond(
             String::from_utf8(response.encode()).unwrap_or_default()
         }
     };
+    let announce = Copies::wanted(shared, &response);
     let sent = shared.send_packed(&reply_to, body.clone());
-    let announced = put_event(shared, &response, body);
+    let announced = async {
+        if announce {
+            put_event(shared, &response, body).await
+        } else {
+            Ok(())
+        }
+    };
     let (sent, announced) = futures::join!(sent, announced);
     if let Err(error) = sent {
         tracing::warn!(%error, correlation_id = ?command.correlation_id, "a response could not be sent; its caller times out");
@@ -330,14 +345,14 @@ pub async fn open_reply_queue(
     let on_message: receive::OnMessage = {
         let shared = shared.clone();
         let url = queue.url.clone();
-        Arc::new(move |message, permit| {
+        Arc::new(move |message, slot| {
             let shared2 = shared.clone();
             let url = url.clone();
             shared
                 .tasks
                 .spawn(WorkKind::Generic, "response".into(), async move {
                     take_response(&shared2, &url, message).await;
-                    drop(permit);
+                    drop(slot);
                 });
         })
     };
@@ -353,6 +368,7 @@ pub async fn open_reply_queue(
             paused,
             stop_rx,
             up_tx,
+            receive::Pace::Eager,
         ),
     );
     if !spawned {

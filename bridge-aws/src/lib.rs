@@ -5,9 +5,10 @@
 //!
 //! ## The mapping
 //!
-//! * **Events**: every message (events, commands, responses, info) is put on a custom bus
-//!   (`PutEvents`; the whole envelope is the event's `detail`, `detail-type` its
-//!   `messageType`, `source` = `purista.<sender service>`).
+//! * **Events**: every event and info message is put on a custom bus (`PutEvents`; the whole
+//!   envelope is the event's `detail`, `detail-type` its `messageType`, `source` =
+//!   `purista.<sender service>`); commands and responses too, while a subscription can match
+//!   them (see `copies.rs`).
 //! * **Subscriptions**: one rule per subscription whose event pattern is built from the whole
 //!   filter ([`event_pattern`]), so EventBridge does all the filtering; its single target is
 //!   an SQS queue — one per subscription when shared (instances compete), one per instance
@@ -46,6 +47,7 @@ mod bridge;
 mod client;
 mod commands;
 pub mod config;
+mod copies;
 mod dead_letters;
 mod driver;
 mod janitor;
@@ -61,6 +63,7 @@ mod topology;
 pub use bridge::{AwsBridge, BRIDGE_NAME, capabilities};
 pub use client::{Clients, install_crypto_provider};
 pub use config::{AwsConfig, ConfigError};
+pub use copies::COPIES_MARK;
 pub use driver::driver;
 pub use pattern::event_pattern;
 pub use publish::MAX_ENTRIES_PER_PUT;

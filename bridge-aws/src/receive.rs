@@ -3,13 +3,22 @@
 //! each message handed over with its slot. It stops at once when told (an open long poll is
 //! abandoned, its messages reappear after their visibility timeout), waits while paused, and
 //! backs off after failed calls (no hot loop against an AWS that throttles or is away).
+//!
+//! On subscription queues ([`Pace::AfterSettle`]), after a receive that brought messages, the
+//! next one waits until those messages are settled (at most [`SETTLE_GRACE`]), as a consumer
+//! that receives, handles and deletes in turn does:
+//! a receive sent while the last batch's deletes are still out finds the queue nearly empty
+//! and brings one message, so quick handlers paid a receive and a delete call per message
+//! (twice the calls, and AWS bills per call). A slow handler holds the next receive up for the
+//! grace only, so the free slots are still filled. Command and reply queues are on a waiting
+//! caller's clock ([`Pace::Eager`]): they receive again at once.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_sqs::types::{Message, MessageSystemAttributeName};
 use purista_core::kit::broker_call;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 
 use crate::client::sdk_error;
 use crate::shared::Shared;
@@ -20,10 +29,27 @@ const MAX_PER_RECEIVE: usize = 10;
 const BACKOFF_START: Duration = Duration::from_millis(100);
 /// …doubling up to this.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Longest a receive waits for the messages of the one before to be settled.
+pub const SETTLE_GRACE: Duration = Duration::from_millis(50);
 
-/// What a receive loop hands a message to. The permit is the message's handler slot: drop it
-/// when the message is settled.
-pub type OnMessage = Arc<dyn Fn(Message, OwnedSemaphorePermit) + Send + Sync>;
+/// When a receive loop sends its next receive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// As soon as a handler slot is free.
+    Eager,
+    /// Once the last receive's messages are settled, or [`SETTLE_GRACE`] after a slot is free.
+    AfterSettle,
+}
+
+/// A received message's handler slot: drop it when the message is settled. The last slot of a
+/// receive's batch to go tells the receive loop that the batch is done.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    _batch: Arc<oneshot::Sender<()>>,
+}
+
+/// What a receive loop hands a message to, with its slot.
+pub type OnMessage = Arc<dyn Fn(Message, Slot) + Send + Sync>;
 
 /// Runs until `stop` turns true. `up` says whether the last receive worked.
 #[allow(clippy::too_many_arguments)]
@@ -36,11 +62,20 @@ pub async fn run(
     mut paused: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
     up: watch::Sender<bool>,
+    pace: Pace,
 ) {
     let mut backoff = BACKOFF_START;
     let mut failing = false;
     let wait = i32::from(shared.config.wait_seconds);
+    // Resolves when every slot of the last receive's batch was dropped.
+    let mut last_batch: Option<oneshot::Receiver<()>> = None;
     loop {
+        if let Some(done) = last_batch.take() {
+            tokio::select! {
+                _ = tokio::time::timeout(SETTLE_GRACE, done) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
         if *stop.borrow() {
             return;
         }
@@ -94,9 +129,23 @@ pub async fn run(
                     release(&shared, &url, &messages).await;
                     continue;
                 }
+                if messages.is_empty() {
+                    continue;
+                }
+                let (batch, done) = oneshot::channel();
+                let batch = Arc::new(batch);
+                if pace == Pace::AfterSettle {
+                    last_batch = Some(done);
+                }
                 for message in messages {
                     match permits.pop() {
-                        Some(permit) => on_message(message, permit),
+                        Some(permit) => on_message(
+                            message,
+                            Slot {
+                                _permit: permit,
+                                _batch: batch.clone(),
+                            },
+                        ),
                         // SQS never hands out more than asked; if it did, the message
                         // reappears after its visibility timeout.
                         None => break,

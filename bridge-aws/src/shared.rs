@@ -61,6 +61,8 @@ pub struct Shared {
     pub own_queues: parking_lot::Mutex<std::collections::HashSet<String>>,
     /// Dead-letter queue URLs by target.
     pub dead_letter_urls: crate::dead_letters::DeadLetterUrls,
+    /// Who wants copies of commands and responses on the bus.
+    pub copies: crate::copies::Copies,
     poison: AtomicU64,
     reconnects: AtomicU64,
     stop_batches: watch::Sender<bool>,
@@ -103,6 +105,7 @@ impl Shared {
             pending: PendingInvocations::default(),
             closing: AtomicBool::new(false),
             dead_letter_urls: Default::default(),
+            copies: Default::default(),
             own_queues: Default::default(),
             poison: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),

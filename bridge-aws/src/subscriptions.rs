@@ -122,10 +122,16 @@ impl Consumer {
             shared,
             &rule,
             &crate::pattern::event_pattern(&spec.filter),
+            &crate::copies::description(&spec.filter),
             &queue_name,
             &tags,
         )
         .await?;
+        if spec.filter.may_match_commands() {
+            // Every instance that read the rules before this one existed stops trusting that
+            // read before the registration returns (see `crate::copies`).
+            crate::copies::settle_after_adding().await;
+        }
         if !spec.shared {
             shared.own_queues.lock().insert(queue.url.clone());
         }
@@ -147,7 +153,7 @@ impl Consumer {
         let on_message: receive::OnMessage = {
             let consumer = Arc::downgrade(&consumer);
             let label = label.clone();
-            Arc::new(move |message, permit| {
+            Arc::new(move |message, slot| {
                 let Some(consumer) = consumer.upgrade() else {
                     return;
                 };
@@ -160,7 +166,7 @@ impl Consumer {
                 tasks.spawn(WorkKind::Subscription, label.clone(), async move {
                     let _in_flight = in_flight;
                     consumer.handle(&*handler, message).await;
-                    drop(permit);
+                    drop(slot);
                 });
             })
         };
@@ -177,6 +183,7 @@ impl Consumer {
                     paused_rx.clone(),
                     stop_rx.clone(),
                     up_tx.clone(),
+                    receive::Pace::AfterSettle,
                 ),
             );
             if !spawned {

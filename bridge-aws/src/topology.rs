@@ -153,6 +153,7 @@ pub async fn ensure_route(
     shared: &Shared,
     rule: &str,
     pattern: &serde_json::Value,
+    description: &str,
     queue_name: &str,
     tags: &[(&str, String)],
 ) -> Result<Queue, BridgeError> {
@@ -164,6 +165,7 @@ pub async fn ensure_route(
         .name(rule)
         .event_bus_name(bus)
         .event_pattern(pattern.to_string())
+        .description(description)
         .send();
     let rule_arn = broker_call(shared.config.call_timeout, "PutRule", async {
         call.await

@@ -87,20 +87,22 @@ async fn subscribe(State(shared): State<Arc<Shared>>) -> Response {
     // What the sidecar gives up on (its resiliency policy's retries spent) goes to the
     // dead-letter topic, which every app records for inspection.
     let dead_letters = shared.dead_letter_topic();
-    axum::Json(json!([
-        {
+    let mut topics = Vec::with_capacity(2);
+    // An app with `events=off` takes no events: the sidecar then delivers it none.
+    if shared.config.receive_events {
+        topics.push(json!({
             "pubsubname": shared.config.pubsub,
             "topic": shared.topic,
             "routes": { "default": MESSAGE_ROUTE },
             "deadLetterTopic": dead_letters,
-        },
-        {
-            "pubsubname": shared.config.pubsub,
-            "topic": dead_letters,
-            "routes": { "default": DEAD_LETTER_ROUTE },
-        },
-    ]))
-    .into_response()
+        }));
+    }
+    topics.push(json!({
+        "pubsubname": shared.config.pubsub,
+        "topic": dead_letters,
+        "routes": { "default": DEAD_LETTER_ROUTE },
+    }));
+    axum::Json(topics).into_response()
 }
 
 /// The answer to a delivery, `{"status": …}`: one of Dapr's three fixed bodies, written as

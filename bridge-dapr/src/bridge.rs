@@ -72,12 +72,15 @@ pub const BRIDGE_NAME: &str = "dapr";
 ///   and purge work on what the apps recorded from it.
 /// * Pause/resume is not provided: holding a delivery open while paused ties up the
 ///   sidecar's deliveries, and answering `RETRY` while paused is a retry loop.
+/// * An app configured with `events=off` ([`DaprConfig::receive_events`]) is not subscribed
+///   to the events topic and declares no subscriptions (neither shared nor broadcast), so the
+///   strict check refuses a service that has one.
 pub fn capabilities(config: &DaprConfig) -> Capabilities {
     let mut caps = Capabilities::none(BRIDGE_NAME);
     caps.commands = true;
     caps.filters = FilterSupport::Complex;
-    caps.shared_subscriptions = true;
-    caps.broadcast_subscriptions = true;
+    caps.shared_subscriptions = config.receive_events;
+    caps.broadcast_subscriptions = config.receive_events;
     caps.manual_ack = true;
     caps.bounded_retry = true;
     caps.delayed_retry = true;
@@ -452,7 +455,7 @@ impl EventBridge for DaprBridge {
                         .metadata(left.min(shared.config.call_timeout))
                         .await;
                     if let Ok(meta) = &meta
-                        && meta.subscribed(&shared.config.pubsub, &shared.topic)
+                        && meta.subscribed(&shared.config.pubsub, &shared.subscribed_topic())
                     {
                         return Ok(());
                     }
@@ -464,7 +467,7 @@ impl EventBridge for DaprBridge {
                         return Err(BridgeError::Unavailable(format!(
                             "the Dapr sidecar at {} did not subscribe the app to topic {} of {} within {} ms: {why}",
                             shared.config.sidecar,
-                            shared.topic,
+                            shared.subscribed_topic(),
                             shared.config.pubsub,
                             kit::millis(shared.config.connect_timeout)
                         )));
@@ -632,6 +635,12 @@ impl EventBridge for DaprBridge {
             return Err(BridgeError::Unsupported(
                 "durable subscriptions on the dapr bridge".into(),
             ));
+        }
+        if !self.shared.config.receive_events {
+            return Err(BridgeError::Unsupported(format!(
+                "subscription {}: this Dapr app is configured with events=off, so the sidecar delivers it no events",
+                spec.key
+            )));
         }
         if self.shared.consumers.read().contains_key(&spec.key) {
             return Err(BridgeError::AlreadyRegistered(spec.key.to_string()));

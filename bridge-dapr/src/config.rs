@@ -3,7 +3,7 @@
 //! ## URL grammar
 //!
 //! ```text
-//! dapr://[:<dapr-api-token>@]<sidecar-host>[:<sidecar-port>][?app_id=<id>&app_port=<port>&pubsub=<name>&statestore=<name>&prefix=<prefix>]
+//! dapr://[:<dapr-api-token>@]<sidecar-host>[:<sidecar-port>][?app_id=<id>&app_port=<port>&pubsub=<name>&statestore=<name>&prefix=<prefix>&events=<on|off>]
 //! ```
 //!
 //! * `sidecar-host`, `sidecar-port`: the sidecar's HTTP API (port default 3500, Dapr's).
@@ -16,14 +16,22 @@
 //! * `statestore`: the state store component that holds the command endpoint registry (default
 //!   `statestore`).
 //! * `prefix`: the first part of every topic and state key (default `purista`).
+//! * `events`: `off` for an app that only publishes and serves commands (default `on`). Dapr
+//!   reads an app's subscriptions once, when the app starts, so an app that may register a
+//!   subscription later is subscribed to the events topic from the start, and the sidecar
+//!   delivers every event of the topic to it. With `off` the app is not subscribed: the
+//!   sidecar delivers no event to it (one HTTP delivery less per event and such app), and
+//!   the bridge declares no subscriptions, so the strict startup check refuses a service
+//!   with one, naming it.
 //!
 //! ## Environment ([`DaprConfig::from_env`])
 //!
 //! Dapr's own variables: `DAPR_HTTP_ENDPOINT` (a full `http://host:port`) or else
 //! `DAPR_HTTP_PORT` (the sidecar on localhost), `APP_ID`, `APP_PORT`, `DAPR_API_TOKEN` (sent to
 //! the sidecar), `APP_API_TOKEN` (required from the sidecar). Then `PURISTA_DAPR_PUBSUB`,
-//! `PURISTA_DAPR_STATESTORE`, `PURISTA_DAPR_PREFIX`. `PURISTA_BRIDGE_URL` (a `dapr://` URL)
-//! is read first; the variables override what it says.
+//! `PURISTA_DAPR_STATESTORE`, `PURISTA_DAPR_PREFIX`, `PURISTA_DAPR_CONSUMER`,
+//! `PURISTA_DAPR_EVENTS` (`on` / `off`, as the URL's `events`). `PURISTA_BRIDGE_URL` (a
+//! `dapr://` URL) is read first; the variables override what it says.
 
 use std::time::Duration;
 
@@ -47,6 +55,8 @@ pub const PUBSUB_ENV: &str = "PURISTA_DAPR_PUBSUB";
 pub const STATESTORE_ENV: &str = "PURISTA_DAPR_STATESTORE";
 /// The topic prefix.
 pub const PREFIX_ENV: &str = "PURISTA_DAPR_PREFIX";
+/// Environment variable: `off` for an app that receives no events ([`DaprConfig::receive_events`]).
+pub const EVENTS_ENV: &str = "PURISTA_DAPR_EVENTS";
 /// Environment variable: this instance's consumer group ([`DaprConfig::consumer`]).
 pub const CONSUMER_ENV: &str = "PURISTA_DAPR_CONSUMER";
 /// Dapr's default HTTP port.
@@ -116,6 +126,10 @@ pub struct DaprConfig {
     /// the app went down is not won by the restarted app; the event is then lost to that
     /// subscription. Never give two instances of one deployment the same value.
     pub consumer: Option<String>,
+    /// Whether the app is subscribed to the events topic (default `true`). `false` (URL
+    /// `events=off`): the sidecar delivers no event to the app, and the bridge declares no
+    /// subscriptions (see the module docs).
+    pub receive_events: bool,
 }
 
 impl std::fmt::Debug for DaprConfig {
@@ -130,6 +144,7 @@ impl std::fmt::Debug for DaprConfig {
             .field("statestore", &self.statestore)
             .field("prefix", &self.prefix)
             .field("consumer", &self.consumer)
+            .field("receive_events", &self.receive_events)
             .finish_non_exhaustive()
     }
 }
@@ -152,6 +167,7 @@ impl DaprConfig {
             connect_timeout: Duration::from_secs(10),
             call_timeout: Duration::from_secs(5),
             consumer: None,
+            receive_events: true,
         }
     }
 
@@ -213,6 +229,10 @@ impl DaprConfig {
                 "pubsub" => config.pubsub = v.to_string(),
                 "statestore" => config.statestore = v.to_string(),
                 "prefix" => config.prefix = v.to_string(),
+                "events" => {
+                    config.receive_events =
+                        on_off(v).ok_or_else(|| bad("events is `on` or `off`"))?
+                }
                 other => return Err(bad(&format!("unknown parameter `{other}`"))),
             }
         }
@@ -290,6 +310,12 @@ impl DaprConfig {
         if let Some(v) = get(CONSUMER_ENV) {
             config.consumer = Some(v);
         }
+        if let Some(v) = get(EVENTS_ENV) {
+            config.receive_events = on_off(&v).ok_or_else(|| ConfigError::Invalid {
+                name: EVENTS_ENV,
+                reason: format!("`{v}`: use `on` or `off`"),
+            })?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -324,6 +350,15 @@ impl DaprConfig {
     }
 }
 
+/// `on` / `off` (and `true` / `false`), any case.
+fn on_off(value: &str) -> Option<bool> {
+    match value.to_ascii_lowercase().as_str() {
+        "on" | "true" => Some(true),
+        "off" | "false" => Some(false),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,5 +387,30 @@ mod tests {
         .unwrap();
         assert_eq!(c.sidecar, "http://dapr:3999");
         assert!(!format!("{c:?}").contains("very-secret"));
+    }
+
+    #[test]
+    fn events_is_on_by_default_and_off_only_when_said_plainly() {
+        assert!(
+            DaprConfig::from_url("dapr://sidecar")
+                .unwrap()
+                .receive_events
+        );
+        assert!(
+            !DaprConfig::from_url("dapr://sidecar?events=off")
+                .unwrap()
+                .receive_events
+        );
+        assert!(
+            DaprConfig::from_url("dapr://sidecar?events=ON")
+                .unwrap()
+                .receive_events
+        );
+        let err = DaprConfig::from_url("dapr://sidecar?events=no").unwrap_err();
+        assert!(err.to_string().contains("events is `on` or `off`"), "{err}");
+        let env = |value: &'static str| move |n: &str| (n == EVENTS_ENV).then(|| value.to_string());
+        assert!(!DaprConfig::from_lookup(env("Off")).unwrap().receive_events);
+        let err = DaprConfig::from_lookup(env("maybe")).unwrap_err();
+        assert!(err.to_string().contains(EVENTS_ENV), "{err}");
     }
 }

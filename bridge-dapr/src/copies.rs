@@ -10,7 +10,7 @@
 //! The responder reads the list while the handler runs, and trusts a read for [`FRESH_FOR`]
 //! (a registration that adds an entry returns only that long after its write).
 
-use purista_core::{BridgeError, Envelope, MessageType, SubscriptionFilter, SubscriptionSpec};
+use purista_core::{BridgeError, Envelope, SubscriptionFilter, SubscriptionSpec};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -18,14 +18,7 @@ use crate::shared::Shared;
 
 /// Whether a subscription with `filter` can receive commands or responses.
 pub fn wants_copies(filter: &SubscriptionFilter) -> bool {
-    matches!(
-        filter.message_type,
-        None | Some(
-            MessageType::Command
-                | MessageType::CommandSuccessResponse
-                | MessageType::CommandErrorResponse
-        )
-    )
+    filter.may_match_commands()
 }
 
 fn registry_key(shared: &Shared) -> String {

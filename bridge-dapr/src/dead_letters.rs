@@ -63,6 +63,16 @@ impl Shared {
         format!("{}.dead-letters", self.config.prefix)
     }
 
+    /// The topic whose subscription `start` waits for: the events topic, or the dead-letter
+    /// topic for an app that receives no events.
+    pub fn subscribed_topic(&self) -> String {
+        if self.config.receive_events {
+            self.topic.clone()
+        } else {
+            self.dead_letter_topic()
+        }
+    }
+
     fn dead_letter_key(&self, target: &str) -> String {
         format!(
             "{}||dl||{}",

@@ -15,6 +15,8 @@ use purista::dapr::double::{DaprDouble, DoubleOptions, Sidecar, SidecarOptions};
 use purista::dapr::{DaprBridge, DaprConfig};
 use purista::prelude::EventBridge;
 
+use crate::target::Role;
+
 /// The URL that selects the double.
 pub const DOUBLE_URL: &str = "dapr://double";
 
@@ -97,10 +99,16 @@ impl DoubleSidecars {
     /// binds itself (`app_port=0`), the port the sidecar is then pointed at. (A free port
     /// picked beforehand could be taken, or still reached through a pooled connection to the
     /// app that had it, before the bridge binds it.)
-    pub async fn connect(&self, prefix: &str) -> anyhow::Result<(Connection, Sidecar)> {
+    /// A [`Role::Publisher`] app is configured `events=off`.
+    pub async fn connect(&self, prefix: &str, role: Role) -> anyhow::Result<(Connection, Sidecar)> {
         let (sidecar, app_id) = self.sidecar("app")?;
         let hostport = sidecar.address().trim_start_matches("http://").to_string();
-        let url = format!("dapr://{hostport}?app_id={app_id}&app_port=0&prefix={prefix}");
+        let events = match role {
+            Role::Any => "on",
+            Role::Publisher => "off",
+        };
+        let url =
+            format!("dapr://{hostport}?app_id={app_id}&app_port=0&prefix={prefix}&events={events}");
         let config = DaprConfig::from_url(&url)?;
         let bridge = DaprBridge::new(config)?;
         sidecar.connect_app(bridge.app_port());

@@ -22,6 +22,17 @@ pub struct Target {
     dapr: Option<std::sync::Arc<crate::dapr::DoubleSidecars>>,
 }
 
+/// What a bridge instance is used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Anything.
+    Any,
+    /// Publishing and calling only: it registers no subscription. On Dapr it is configured
+    /// `events=off`, as such an app is deployed (the sidecar then delivers it no events);
+    /// elsewhere it is an instance like any other.
+    Publisher,
+}
+
 /// One connected bridge instance and what must outlive it (its sidecar, on `dapr://double`).
 pub struct Instance {
     /// The facade's connection.
@@ -70,14 +81,20 @@ impl Target {
 
     /// Opens one more bridge instance.
     pub async fn connect(&self) -> anyhow::Result<Instance> {
+        self.connect_as(Role::Any).await
+    }
+
+    /// Opens one more bridge instance for `role`.
+    pub async fn connect_as(&self, role: Role) -> anyhow::Result<Instance> {
         #[cfg(feature = "dapr")]
         if let Some(double) = &self.dapr {
-            let (connection, sidecar) = double.connect(&self.prefix).await?;
+            let (connection, sidecar) = double.connect(&self.prefix, role).await?;
             return Ok(Instance {
                 connection,
                 keep: Some(Box::new(sidecar)),
             });
         }
+        let _ = role;
         let connection = purista::connect_with(&self.options)
             .await
             .with_context(|| format!("connecting to {}", purista::redact_url(self.url())))?;

@@ -13,6 +13,9 @@
 //!   `ThrottlingException`, connections cut without an answer, 500 `InternalFailure`, and
 //!   answers held back [`SLOW_ANSWER`] each, before it forwards normally again.
 //!
+//! It also counts the calls it forwarded by action and queue ([`FaultProxy::calls`]): what a
+//! bridge costs on AWS, which bills per request.
+//!
 //! Errors are worded as the AWS JSON protocols (EventBridge's and SQS's) word them: an
 //! `x-amzn-ErrorType` header and a `__type` in the body, so the SDK classifies them as it
 //! would classify AWS's own (throttling and 5xx are retried by the SDK, then reach the bridge).
@@ -80,6 +83,9 @@ struct Inner {
     connections: Mutex<HashMap<u64, AbortHandle>>,
     next_connection: AtomicU64,
     struck: Struck,
+    /// Calls forwarded, by action (`X-Amz-Target` after its `.`) and `QueueUrl` (empty for
+    /// calls that name none).
+    calls: Mutex<HashMap<(String, String), u64>>,
 }
 
 /// A proxy on a loopback port in front of one moto server; see the module docs. Dropping it
@@ -115,6 +121,7 @@ impl FaultProxy {
             connections: Mutex::default(),
             next_connection: AtomicU64::new(0),
             struck: Struck::default(),
+            calls: Mutex::default(),
         });
         let accepting = tokio::spawn(accept(listener, inner.clone()));
         Ok(FaultProxy {
@@ -132,6 +139,19 @@ impl FaultProxy {
     /// What the faults did so far.
     pub fn struck(&self) -> &Struck {
         &self.inner.struck
+    }
+
+    /// Calls of `action` (`ReceiveMessage`, `DeleteMessageBatch`, `PutEvents`, …) forwarded so
+    /// far on the queue whose URL ends with `queue` (any queue, and calls without one, when
+    /// `queue` is empty).
+    pub fn calls(&self, action: &str, queue: &str) -> u64 {
+        self.inner
+            .calls
+            .lock()
+            .iter()
+            .filter(|((a, url), _)| a == action && url.ends_with(queue))
+            .map(|(_, n)| *n)
+            .sum()
     }
 
     /// Cuts every open connection; new ones are taken as before.
@@ -237,11 +257,27 @@ impl Inner {
         answered
     }
 
+    /// Counts a call by its action and queue.
+    fn count(&self, headers: &hyper::HeaderMap, body: &[u8]) {
+        let action = headers
+            .get("x-amz-target")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|t| t.rsplit_once('.'))
+            .map_or("", |(_, a)| a)
+            .to_string();
+        let queue = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v.get("QueueUrl")?.as_str().map(str::to_string))
+            .unwrap_or_default();
+        *self.calls.lock().entry((action, queue)).or_default() += 1;
+    }
+
     /// Sends `request` to moto as it came (method, path, headers, body) and returns moto's
     /// answer as it came. A failure to reach moto cuts the connection, as a dead upstream would.
     async fn forward(&self, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, CutOff> {
         let (parts, body) = request.into_parts();
         let body = body.collect().await.map_err(|_| CutOff)?.to_bytes();
+        self.count(&parts.headers, &body);
         let path = parts
             .uri
             .path_and_query()

@@ -15,7 +15,7 @@ pub use amqp::AmqpHarness;
 /// Private RabbitMQ nodes (restart faults, TLS listeners), for tests beyond the suite.
 #[cfg(unix)]
 pub use amqp::private_node;
-pub use aws::AwsHarness;
+pub use aws::{AwsHarness, remove_all as remove_aws_resources};
 pub use dapr::DaprHarness;
 pub use default::DefaultHarness;
 pub use kubemq::KubemqHarness;

@@ -8,8 +8,9 @@
 //!   `SendMessage` to a command queue; one responder receives, deletes the batch and answers each
 //!   request with its body on the caller's reply queue (`SendMessageBatch`); the caller's
 //!   reply loop receives, hands each reply to its waiting call by `id` and deletes the batch.
-//!   The bridge also puts every command and response on the bus (so that subscriptions can see
-//!   them) and packs concurrent sends to one queue into one message: both stay in the ratio.
+//!   The bridge also puts commands and responses on the bus while a subscription can match them
+//!   (none does here; it then looks at the bus's rules at most twice a second) and packs
+//!   concurrent sends to one queue into one message: both stay in the ratio.
 //! * `fanout`: `PutEvents` (one entry per call, as a service emits one event at a time) on a bus
 //!   of its own with 4 rules, each with one SQS queue as its target (the bridge's input
 //!   transformer, `{"detail": <detail>}`); 4 receivers count and delete.

@@ -13,6 +13,7 @@ use super::Deployment;
 use crate::drive::Progress;
 use crate::measurement::Measurement;
 use crate::payload::Payload;
+use crate::target::Role;
 use crate::workload::{Scenario, Workload};
 
 /// Runs `fanout`: `fanout_events` events, each delivered to `fanout_subscribers` instances.
@@ -45,7 +46,7 @@ pub async fn run(deployment: &mut Deployment, workload: &Workload) -> anyhow::Re
             )
             .await?;
     }
-    let connection = deployment.connect().await?;
+    let connection = deployment.connect_as(Role::Publisher).await?;
     let producer = deployment
         .start(
             Service::builder(deployment.name("source"), "1").build(),

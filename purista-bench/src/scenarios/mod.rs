@@ -23,7 +23,7 @@ use purista::{Connection, RunningService};
 use tokio::time::Instant;
 
 use crate::measurement::Measurement;
-use crate::target::{self, Target};
+use crate::target::{self, Role, Target};
 use crate::workload::{QueueMode, Scenario, Workload};
 
 /// How long shutting a scenario's services and bridges down may take.
@@ -89,7 +89,12 @@ impl Deployment {
 
     /// Opens one more bridge instance on the URL.
     pub async fn connect(&mut self) -> anyhow::Result<Connection> {
-        let instance = self.target.connect().await?;
+        self.connect_as(Role::Any).await
+    }
+
+    /// Opens one more bridge instance for `role` and keeps it for shutdown.
+    pub async fn connect_as(&mut self, role: Role) -> anyhow::Result<Connection> {
+        let instance = self.target.connect_as(role).await?;
         self.connections.push(instance.connection.clone());
         self.keep.extend(instance.keep);
         Ok(instance.connection)

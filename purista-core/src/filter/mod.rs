@@ -165,6 +165,19 @@ impl SubscriptionFilter {
             && self.receiver.is_empty()
     }
 
+    /// Whether this filter can match a command or a command response: what a bridge that
+    /// carries commands off the event path must copy to the subscription.
+    pub fn may_match_commands(&self) -> bool {
+        matches!(
+            self.message_type,
+            None | Some(
+                MessageType::Command
+                    | MessageType::CommandSuccessResponse
+                    | MessageType::CommandErrorResponse
+            )
+        )
+    }
+
     /// The reference matcher: does `msg` pass this filter?
     ///
     /// Stream frames are point-to-point session traffic and never match a subscription.
