@@ -329,17 +329,17 @@ impl Cluster {
 
     /// Delivers `event` to the sidecar's app per the resiliency policy; returns once the
     /// delivery is done (the broker's acknowledgement is the caller's).
-    async fn deliver(&self, sidecar: &SidecarState, sub: &Subscription, event: &Value) {
+    async fn deliver(&self, sidecar: &SidecarState, sub: &Subscription, event: &broker::Event) {
         let resiliency = *self.resiliency.lock();
-        let body = serde_json::to_vec(event).unwrap_or_default();
+        let body = &event.body;
         let mut last = String::new();
-        let route = sub.route(event);
+        let route = sub.route(&event.value);
         for attempt in 0..=resiliency.max_retries {
             if attempt > 0 {
                 tokio::time::sleep(resiliency.interval).await;
             }
             let answer = match &route {
-                Ok(Route::To(path)) => self.attempt(sidecar, path, &body).await,
+                Ok(Route::To(path)) => self.attempt(sidecar, path, body).await,
                 Ok(Route::Nowhere) => {
                     self.unrouted.fetch_add(1, Ordering::Relaxed);
                     return;
@@ -362,11 +362,11 @@ impl Cluster {
         self.given_up.fetch_add(1, Ordering::Relaxed);
         if let Some(dead_letter_topic) = &sub.dead_letter_topic {
             self.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            self.publish(&sub.pubsub, dead_letter_topic, event.clone());
+            self.publish(&sub.pubsub, dead_letter_topic, event.value.clone());
         }
     }
 
-    async fn attempt(&self, sidecar: &SidecarState, path: &str, body: &[u8]) -> Answer {
+    async fn attempt(&self, sidecar: &SidecarState, path: &str, body: &Bytes) -> Answer {
         let Some(url) = sidecar.app_url(path) else {
             return Answer::Retry("no app connected".into());
         };
@@ -374,7 +374,7 @@ impl Cluster {
             .client()
             .post(url)
             .header(header::CONTENT_TYPE, CLOUDEVENT_CONTENT_TYPE)
-            .body(body.to_vec());
+            .body(body.clone());
         if let Some(token) = &sidecar.options.app_api_token {
             request = request.header(TOKEN_HEADER, token);
         }

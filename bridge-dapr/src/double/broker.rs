@@ -15,11 +15,21 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use parking_lot::Mutex;
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::Subscription;
+
+/// A published CloudEvent: its JSON tree (what routing rules read) and its bytes, written once
+/// for all its deliveries.
+pub(super) struct Event {
+    /// The CloudEvent as JSON.
+    pub value: Value,
+    /// The CloudEvent as it is posted to an app.
+    pub body: Bytes,
+}
 
 /// A sidecar subscribed to the broker (one per sidecar; it keeps its id across restarts).
 pub(super) type ConsumerId = u64;
@@ -33,7 +43,7 @@ pub(super) struct Handout {
     /// The subscription of the sidecar the message is delivered for.
     pub subscription: Subscription,
     /// The CloudEvent.
-    pub event: Arc<Value>,
+    pub event: Arc<Event>,
 }
 
 /// A published message on its way to one consumer group.
@@ -43,7 +53,7 @@ struct Message {
     seq: u64,
     pubsub: String,
     topic: String,
-    event: Arc<Value>,
+    event: Arc<Event>,
 }
 
 impl Message {
@@ -152,7 +162,10 @@ impl Broker {
             seq: state.next_seq,
             pubsub: key.0.clone(),
             topic: key.1.clone(),
-            event: Arc::new(event),
+            event: Arc::new(Event {
+                body: serde_json::to_vec(&event).unwrap_or_default().into(),
+                value: event,
+            }),
         };
         let groups: Vec<String> = state
             .groups
@@ -285,7 +298,7 @@ mod tests {
     fn numbers(handouts: &mut mpsc::UnboundedReceiver<Handout>) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
         while let Ok(h) = handouts.try_recv() {
-            out.push((h.tag, h.event["n"].as_u64().unwrap_or(u64::MAX)));
+            out.push((h.tag, h.event.value["n"].as_u64().unwrap_or(u64::MAX)));
         }
         out
     }
