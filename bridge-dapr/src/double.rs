@@ -158,7 +158,9 @@ impl Subscription {
     /// daprd's routing: the rules in order, the first whose expression is true (or that has
     /// none) wins. An expression that fails to evaluate, or whose result is not a boolean, is
     /// an error of the delivery.
-    fn route(&self, event: &Value) -> Result<Route, String> {
+    /// `event` gives the CloudEvent as JSON, asked only when a rule has an expression.
+    fn route_with(&self, event: impl FnOnce() -> Value) -> Result<Route, String> {
+        let mut event = Some(event);
         let mut context: Option<cel::Context<'_, '_>> = None;
         for rule in &self.rules {
             let Some(matcher) = &rule.matcher else {
@@ -166,7 +168,8 @@ impl Subscription {
             };
             let context = context.get_or_insert_with(|| {
                 let mut context = cel::Context::default();
-                context.add_variable_from_value("event", cel_value(event));
+                let json = event.take().map_or(Value::Null, |event| event());
+                context.add_variable_from_value("event", cel_value(&json));
                 context
             });
             match matcher.execute(context) {
@@ -333,7 +336,7 @@ impl Cluster {
         let resiliency = *self.resiliency.lock();
         let body = &event.body;
         let mut last = String::new();
-        let route = sub.route(&event.value);
+        let route = sub.route_with(|| event.value());
         for attempt in 0..=resiliency.max_retries {
             if attempt > 0 {
                 tokio::time::sleep(resiliency.interval).await;
@@ -362,7 +365,7 @@ impl Cluster {
         self.given_up.fetch_add(1, Ordering::Relaxed);
         if let Some(dead_letter_topic) = &sub.dead_letter_topic {
             self.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            self.publish(&sub.pubsub, dead_letter_topic, event.value.clone());
+            self.publish(&sub.pubsub, dead_letter_topic, event.value());
         }
     }
 
@@ -1140,6 +1143,12 @@ mod tests {
                 .map(|(m, p)| rule(m, p).expect("the rule compiles"))
                 .collect(),
             dead_letter_topic: None,
+        }
+    }
+
+    impl Subscription {
+        fn route(&self, event: &Value) -> Result<Route, String> {
+            self.route_with(|| event.clone())
         }
     }
 

@@ -22,13 +22,18 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::Subscription;
 
-/// A published CloudEvent: its JSON tree (what routing rules read) and its bytes, written once
-/// for all its deliveries.
+/// A published CloudEvent, written to bytes once for all its deliveries. Only its bytes are
+/// kept while it waits (a JSON tree is several times their size); routing rules read it again.
 pub(super) struct Event {
-    /// The CloudEvent as JSON.
-    pub value: Value,
     /// The CloudEvent as it is posted to an app.
     pub body: Bytes,
+}
+
+impl Event {
+    /// The CloudEvent as JSON (`null` if its bytes were no JSON, which the double never writes).
+    pub fn value(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
 }
 
 /// A sidecar subscribed to the broker (one per sidecar; it keeps its id across restarts).
@@ -164,7 +169,6 @@ impl Broker {
             topic: key.1.clone(),
             event: Arc::new(Event {
                 body: serde_json::to_vec(&event).unwrap_or_default().into(),
-                value: event,
             }),
         };
         let groups: Vec<String> = state
@@ -298,7 +302,7 @@ mod tests {
     fn numbers(handouts: &mut mpsc::UnboundedReceiver<Handout>) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
         while let Ok(h) = handouts.try_recv() {
-            out.push((h.tag, h.event.value["n"].as_u64().unwrap_or(u64::MAX)));
+            out.push((h.tag, h.event.value()["n"].as_u64().unwrap_or(u64::MAX)));
         }
         out
     }
