@@ -18,7 +18,7 @@ use crate::shared::Shared;
 /// How long a non-empty list of apps is reused.
 pub const CACHE_FOR: Duration = Duration::from_secs(2);
 
-type Entry = (Instant, Arc<OnceCell<Vec<String>>>);
+type Entry = (Instant, Arc<OnceCell<Arc<[String]>>>);
 
 /// Endpoint lists by state key.
 #[derive(Default)]
@@ -28,7 +28,7 @@ pub struct EndpointCache {
 
 impl EndpointCache {
     /// The apps serving the endpoint under `key`.
-    pub async fn lookup(&self, shared: &Shared, key: &str) -> Result<Vec<String>, BridgeError> {
+    pub async fn lookup(&self, shared: &Shared, key: &str) -> Result<Arc<[String]>, BridgeError> {
         let cell = {
             let mut entries = self.entries.lock();
             let fresh = entries
@@ -55,8 +55,9 @@ impl EndpointCache {
                         .iter()
                         .filter_map(Value::as_str)
                         .map(str::to_string)
-                        .collect(),
-                    _ => Vec::new(),
+                        .collect::<Vec<_>>()
+                        .into(),
+                    _ => Arc::from(Vec::new()),
                 })
             })
             .await;
@@ -64,7 +65,7 @@ impl EndpointCache {
             Ok(apps) if !apps.is_empty() => Ok(apps.clone()),
             Ok(_) => {
                 self.forget(key);
-                Ok(Vec::new())
+                Ok(Arc::from(Vec::new()))
             }
             Err(e) => {
                 self.forget(key);

@@ -1,8 +1,11 @@
 //! Calls to the sidecar's HTTP API: publish, service invocation, state, health. Every call
 //! carries `dapr-api-token` when one is configured and is bounded by a deadline.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use purista_core::BridgeError;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -10,12 +13,18 @@ use serde_json::Value;
 use crate::app::TOKEN_HEADER;
 use crate::cloudevent::CLOUDEVENT_CONTENT_TYPE;
 
+/// Invocation URLs kept at most (one per app id invoked; more are parsed each time).
+const INVOKE_URLS_KEPT: usize = 256;
+
 /// The sidecar's HTTP API.
 #[derive(Clone)]
 pub struct Sidecar {
     base: String,
     token: Option<String>,
     client: reqwest::Client,
+    /// The parsed invocation URL by app id, with its method: an invocation clones it instead
+    /// of formatting and parsing the URL again.
+    invoke_urls: Arc<Mutex<HashMap<String, (String, reqwest::Url)>>>,
 }
 
 /// What a service invocation returned.
@@ -50,7 +59,24 @@ impl Sidecar {
             base: base.trim_end_matches('/').to_string(),
             token,
             client,
+            invoke_urls: Arc::default(),
         })
+    }
+
+    /// The URL of `method` of `app_id`, parsed once per app id.
+    fn invoke_url(&self, app_id: &str, method: &str) -> Result<reqwest::Url, String> {
+        if let Some((kept_method, url)) = self.invoke_urls.lock().get(app_id)
+            && kept_method == method
+        {
+            return Ok(url.clone());
+        }
+        let text = format!("{}/v1.0/invoke/{app_id}/method/{method}", self.base);
+        let url = reqwest::Url::parse(&text).map_err(|e| format!("`{text}`: {e}"))?;
+        let mut kept = self.invoke_urls.lock();
+        if kept.len() < INVOKE_URLS_KEPT {
+            kept.insert(app_id.to_string(), (method.to_string(), url.clone()));
+        }
+        Ok(url)
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -150,11 +176,16 @@ impl Sidecar {
         body: axum::body::Bytes,
         within: Duration,
     ) -> Result<Invoked, InvokeFailure> {
-        let response = self
-            .request(
-                reqwest::Method::POST,
-                &format!("/v1.0/invoke/{app_id}/method/{method}"),
-            )
+        let url = self.invoke_url(app_id, method).map_err(|e| {
+            InvokeFailure::Unreachable(BridgeError::Unavailable(format!(
+                "app id `{app_id}` makes no invocation URL: {e}"
+            )))
+        })?;
+        let mut request = self.client.request(reqwest::Method::POST, url);
+        if let Some(token) = &self.token {
+            request = request.header(TOKEN_HEADER, token);
+        }
+        let response = request
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body)
             .timeout(within)
@@ -328,6 +359,30 @@ mod tests {
         );
         let none_yet = Metadata::from_json(&json!({ "id": "app-1", "subscriptions": [] }));
         assert!(!none_yet.subscribed("pubsub", "orders"));
+    }
+
+    #[test]
+    fn an_invocation_url_is_kept_per_app_and_method_and_a_bad_app_id_is_refused() {
+        let sidecar = super::Sidecar::new("http://127.0.0.1:3500/", None).expect("a client");
+        let first = sidecar
+            .invoke_url("orders", "purista/command")
+            .expect("a URL");
+        assert_eq!(
+            first.as_str(),
+            "http://127.0.0.1:3500/v1.0/invoke/orders/method/purista/command"
+        );
+        assert_eq!(sidecar.invoke_url("orders", "purista/command"), Ok(first));
+        let other = sidecar.invoke_url("orders", "echo").expect("a URL");
+        assert_eq!(
+            other.as_str(),
+            "http://127.0.0.1:3500/v1.0/invoke/orders/method/echo"
+        );
+        for i in 0..super::INVOKE_URLS_KEPT + 10 {
+            sidecar.invoke_url(&format!("app-{i}"), "m").expect("a URL");
+        }
+        assert_eq!(sidecar.invoke_urls.lock().len(), super::INVOKE_URLS_KEPT);
+        let bad = super::Sidecar::new("http://", None).expect("a client");
+        assert!(bad.invoke_url("orders", "m").is_err());
     }
 
     #[test]
