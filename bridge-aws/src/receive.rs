@@ -6,12 +6,12 @@
 //!
 //! On subscription queues ([`Pace::AfterSettle`]), after a receive that brought messages, the
 //! next one waits until those messages are settled (at most [`SETTLE_GRACE`]), as a consumer
-//! that receives, handles and deletes in turn does:
-//! a receive sent while the last batch's deletes are still out finds the queue nearly empty
-//! and brings one message, so quick handlers paid a receive and a delete call per message
-//! (twice the calls, and AWS bills per call). A slow handler holds the next receive up for the
-//! grace only, so the free slots are still filled. Command and reply queues are on a waiting
-//! caller's clock ([`Pace::Eager`]): they receive again at once.
+//! that receives, handles and deletes in turn does: a receive sent while the last batch's
+//! deletes are still out finds the queue nearly empty and brings one message, so quick
+//! handlers paid a receive and a delete call per message (twice the calls, and AWS bills per
+//! call). A slow handler holds the next receive up for the grace only, so the free slots are
+//! still filled. Command and reply queues are on a waiting caller's clock ([`Pace::Eager`]):
+//! they receive again at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +37,8 @@ pub const SETTLE_GRACE: Duration = Duration::from_millis(50);
 pub enum Pace {
     /// As soon as a handler slot is free.
     Eager,
-    /// Once the last receive's messages are settled, or [`SETTLE_GRACE`] after a slot is free.
+    /// Once the last receive's messages are settled or [`SETTLE_GRACE`] after they were handed
+    /// out, whichever comes first, and a handler slot is free.
     AfterSettle,
 }
 
