@@ -41,7 +41,7 @@ use async_trait::async_trait;
 use purista_bridge_aws::aws_sdk_sqs::types::QueueAttributeName;
 use purista_bridge_aws::{AwsBridge, AwsConfig};
 use purista_conformance::harnesses::aws_faults::FaultProxy;
-use purista_conformance::support::new_prefix;
+use purista_conformance::support::{eventually, new_prefix};
 use purista_core::{
     Address, AddressFilter, CommandHandler, Delivery, DeliveryHandler, Envelope, EventBridge,
     FailurePolicy, MessageType, RegistrationKey, SenderAddress, Settlement, SubscriptionFilter,
@@ -124,12 +124,7 @@ async fn quick_subscription_handlers_take_a_batch_per_receive_and_per_delete() {
 
     // The shared subscription's queue and rule, then the messages, with no receiver running:
     // the subscriber below starts with all of them waiting.
-    let filler = Arc::new(
-        AwsBridge::new(config(&upstream, &prefix))
-            .await
-            .expect("the bridge"),
-    );
-    filler.start().await.expect("the filling bridge starts");
+    let filler = started(&upstream, &prefix).await;
     let untouched = Arc::new(Untouched::default());
     filler
         .register_subscription(spec(), untouched.clone())
@@ -152,8 +147,11 @@ async fn quick_subscription_handlers_take_a_batch_per_receive_and_per_delete() {
     for sent in futures::future::join_all(sends).await {
         sent.expect("the event is put");
     }
-    let waiting = async {
-        loop {
+    // SQS tells nobody when a message arrives: its queue's depth is asked until it is full.
+    eventually(
+        "the events reach the subscription's queue",
+        Duration::from_secs(60),
+        || async {
             let attributes = filler
                 .sqs()
                 .get_queue_attributes()
@@ -167,24 +165,14 @@ async fn quick_subscription_handlers_take_a_batch_per_receive_and_per_delete() {
                 .and_then(|a| a.get(&QueueAttributeName::ApproximateNumberOfMessages))
                 .and_then(|v| v.parse::<u64>().ok())
                 .unwrap_or(0);
-            if ready >= MESSAGES {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(60), waiting)
-        .await
-        .expect("the events reach the subscription's queue within 60 s");
+            ready >= MESSAGES
+        },
+    )
+    .await;
 
     // The subscriber, through the counting proxy.
     let proxy = FaultProxy::start(&upstream).await.expect("the proxy");
-    let subscriber = Arc::new(
-        AwsBridge::new(config(&proxy.endpoint(), &prefix))
-            .await
-            .expect("the bridge"),
-    );
-    subscriber.start().await.expect("the subscriber starts");
+    let subscriber = started(&proxy.endpoint(), &prefix).await;
     let quick = Arc::new(Quick::default());
     subscriber
         .register_subscription(spec(), quick.clone())
