@@ -15,6 +15,7 @@ use crate::error::DecodeError;
 use crate::ids;
 
 mod fast;
+mod write;
 
 /// Default content type of an envelope payload.
 pub const DEFAULT_CONTENT_TYPE: &str = "application/json";
@@ -560,10 +561,10 @@ impl Envelope {
         }
     }
 
-    /// Serializes to JSON bytes.
+    /// Serializes to JSON bytes: the same bytes as `serde_json::to_vec(&envelope)`, written
+    /// by a faster path.
     pub fn encode(&self) -> Vec<u8> {
-        // Serializing a tree of strings, numbers and `serde_json::Value` cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+        write::encode(self)
     }
 
     /// Decodes JSON bytes with the default size limit. Total: every failure is a [`DecodeError`].

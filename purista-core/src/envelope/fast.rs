@@ -25,7 +25,10 @@ use super::{
 /// `Some(envelope)` when `bytes` are a valid envelope read in one pass; `None` when the careful
 /// path must decide (and word the error).
 pub(super) fn decode(bytes: &[u8]) -> Option<Envelope> {
-    let Fast(envelope) = serde_json::from_slice::<Fast>(bytes).ok()?;
+    // One UTF-8 check of the whole text, so that each string is not checked again on its own
+    // (what reading from bytes does); text that is not UTF-8 is the careful path's to word.
+    let text = std::str::from_utf8(bytes).ok()?;
+    let Fast(envelope) = serde_json::from_str::<Fast>(text).ok()?;
     family_rules_hold(&envelope).then_some(envelope)
 }
 
