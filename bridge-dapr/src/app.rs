@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -132,28 +133,45 @@ enum Status {
     Drop,
 }
 
-fn is_json(headers: &HeaderMap, extra: &str) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
-        .is_some_and(|v| v == "application/json" || v == extra)
+/// A request's `Content-Type`, the one header the app server reads (taking the whole
+/// `HeaderMap` would copy every header of every request).
+struct ContentType(Option<HeaderValue>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ContentType {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(ContentType(
+            parts.headers.get(header::CONTENT_TYPE).cloned(),
+        ))
+    }
+}
+
+impl ContentType {
+    /// `application/json` or `extra`, parameters (`; charset=…`) and case aside.
+    fn is_json(&self, extra: &str) -> bool {
+        self.0
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim())
+            .is_some_and(|v| {
+                v.eq_ignore_ascii_case("application/json") || v.eq_ignore_ascii_case(extra)
+            })
+    }
 }
 
 /// A topic delivery: the envelope goes to every local subscription whose filter matches.
-async fn message(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn message(
+    State(shared): State<Arc<Shared>>,
+    content_type: ContentType,
+    body: Bytes,
+) -> Response {
     if shared.is_closing() {
         // Dapr retries a non-2xx delivery; another instance, or this one after a restart,
         // takes it.
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
-    if !is_json(&headers, CLOUDEVENT_CONTENT_TYPE) {
+    if !content_type.is_json(CLOUDEVENT_CONTENT_TYPE) {
         shared.count_poison();
         return (
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -200,11 +218,15 @@ async fn dead_letter(State(shared): State<Arc<Shared>>, body: Bytes) -> Response
 
 /// A command through service invocation: the response envelope is the body (status 200; the
 /// handler's status travels inside, as DESIGN §3.1 says).
-async fn command(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn command(
+    State(shared): State<Arc<Shared>>,
+    content_type: ContentType,
+    body: Bytes,
+) -> Response {
     if shared.is_closing() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
-    if !is_json(&headers, "application/json") {
+    if !content_type.is_json("application/json") {
         return (
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "expected application/json",

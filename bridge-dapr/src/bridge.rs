@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use axum::http::StatusCode;
 use purista_core::kit::{self, endpoint_label};
 use purista_core::{
     Address, BridgeCounters, BridgeError, BridgeHealth, Capabilities, CommandHandler,
@@ -20,7 +21,6 @@ use purista_core::{
     StreamHandler, SubscriptionOperator, SubscriptionSpec, WorkKind,
 };
 use rand::Rng;
-use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::sync::{OnceCell, watch};
 use tokio::time::Instant;
@@ -118,6 +118,19 @@ impl std::fmt::Debug for DaprBridge {
 /// (`/`, `?`, `#`, `%`) are escaped too, the same way (`~` and two hex digits): a
 /// registration key `svc@1/sub` unescaped made the read of a claim a 404.
 pub(crate) fn key_part(raw: &str) -> String {
+    // Most names are letters, digits, `-`, `_` and `.`, which both steps below keep as they
+    // are: every invocation computes its endpoint's key, so that case skips them.
+    if raw
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return raw.to_string();
+    }
+    escaped_key_part(raw)
+}
+
+/// [`key_part`] without its shortcut for plain names.
+fn escaped_key_part(raw: &str) -> String {
     let escaped = kit::NameRules::permissive('|', '~', 1024).component(raw);
     let mut out = String::with_capacity(escaped.len());
     for c in escaped.chars() {
@@ -738,5 +751,25 @@ mod tests {
         assert_ne!(key_part("a/b"), key_part("a~2fb"));
         assert_ne!(key_part("a/b"), key_part("a|b"));
         assert_eq!(key_part("orders"), "orders");
+    }
+
+    #[test]
+    fn a_plain_name_makes_the_key_part_the_escaping_makes() {
+        for name in [
+            "orders",
+            "Orders-v2.1_x",
+            "0",
+            "",
+            "a.b.c",
+            "UPPER_lower-09",
+        ] {
+            assert_eq!(key_part(name), escaped_key_part(name), "{name}");
+        }
+        assert_eq!(key_part("a~b"), escaped_key_part("a~b"));
+        assert_ne!(
+            key_part("a~b"),
+            "a~b",
+            "the escape character itself is escaped"
+        );
     }
 }

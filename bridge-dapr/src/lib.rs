@@ -33,6 +33,7 @@ pub mod copies;
 pub mod dead_letters;
 mod driver;
 mod endpoints;
+mod http;
 pub mod routing;
 mod shared;
 pub mod sidecar;

@@ -5,13 +5,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
+use axum::http::{HeaderValue, Method, Request, StatusCode, Uri, header};
+use http_body_util::Full;
 use parking_lot::Mutex;
 use purista_core::BridgeError;
-use reqwest::StatusCode;
 use serde_json::Value;
 
 use crate::app::TOKEN_HEADER;
 use crate::cloudevent::CLOUDEVENT_CONTENT_TYPE;
+use crate::http::{Answer, Failure, HttpClient};
 
 /// Invocation URLs kept at most (one per app id invoked; more are parsed each time).
 const INVOKE_URLS_KEPT: usize = 256;
@@ -20,11 +23,12 @@ const INVOKE_URLS_KEPT: usize = 256;
 #[derive(Clone)]
 pub struct Sidecar {
     base: String,
-    token: Option<String>,
-    client: reqwest::Client,
+    /// `dapr-api-token`, marked sensitive (never printed).
+    token: Option<HeaderValue>,
+    client: HttpClient,
     /// The parsed invocation URL by app id, with its method: an invocation clones it instead
     /// of formatting and parsing the URL again.
-    invoke_urls: Arc<Mutex<HashMap<String, (String, reqwest::Url)>>>,
+    invoke_urls: Arc<Mutex<HashMap<String, (String, Uri)>>>,
 }
 
 /// What a service invocation returned.
@@ -32,46 +36,54 @@ pub struct Invoked {
     /// HTTP status (the app's, passed through by Dapr, or Dapr's own on its errors).
     pub status: StatusCode,
     /// The body.
-    pub body: axum::body::Bytes,
+    pub body: Bytes,
 }
 
-fn unreachable(what: &str, e: &reqwest::Error) -> BridgeError {
-    // The error's text names the URL (no credentials travel in it); its causes say why.
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    BridgeError::Unavailable(format!("the Dapr sidecar did not answer {what}: {text}"))
+/// The error of a call that brought no answer.
+fn unreachable(what: &str, failure: Failure, within: Duration) -> BridgeError {
+    BridgeError::Unavailable(match failure {
+        Failure::Timeout => format!(
+            "the Dapr sidecar did not answer {what} within {} ms",
+            within.as_millis()
+        ),
+        Failure::Failed(text) => format!("the Dapr sidecar did not answer {what}: {text}"),
+    })
 }
 
 impl Sidecar {
     /// A client of the sidecar at `base` (`http://host:port`).
+    ///
+    /// # Errors
+    /// [`BridgeError::InvalidRequest`] when `token` cannot travel in a header.
     pub fn new(base: &str, token: Option<String>) -> Result<Self, BridgeError> {
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| BridgeError::Broker(format!("building the HTTP client: {e}")))?;
+        let token = token
+            .map(|t| {
+                let mut value = HeaderValue::from_str(&t).map_err(|_| {
+                    BridgeError::InvalidRequest(
+                        "the Dapr API token holds characters a header cannot carry".into(),
+                    )
+                })?;
+                value.set_sensitive(true);
+                Ok::<_, BridgeError>(value)
+            })
+            .transpose()?;
         Ok(Sidecar {
             base: base.trim_end_matches('/').to_string(),
             token,
-            client,
+            client: HttpClient::new(),
             invoke_urls: Arc::default(),
         })
     }
 
     /// The URL of `method` of `app_id`, parsed once per app id.
-    fn invoke_url(&self, app_id: &str, method: &str) -> Result<reqwest::Url, String> {
+    fn invoke_url(&self, app_id: &str, method: &str) -> Result<Uri, String> {
         if let Some((kept_method, url)) = self.invoke_urls.lock().get(app_id)
             && kept_method == method
         {
             return Ok(url.clone());
         }
         let text = format!("{}/v1.0/invoke/{app_id}/method/{method}", self.base);
-        let url = reqwest::Url::parse(&text).map_err(|e| format!("`{text}`: {e}"))?;
+        let url = parse_url(&text)?;
         let mut kept = self.invoke_urls.lock();
         if kept.len() < INVOKE_URLS_KEPT {
             kept.insert(app_id.to_string(), (method.to_string(), url.clone()));
@@ -79,28 +91,63 @@ impl Sidecar {
         Ok(url)
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let mut request = self.client.request(method, format!("{}{path}", self.base));
+    /// A request to `url` with the API token, when one is configured.
+    fn request(
+        &self,
+        method: Method,
+        url: Uri,
+        content_type: Option<&'static str>,
+        body: Bytes,
+    ) -> Result<Request<Full<Bytes>>, BridgeError> {
+        let mut request = Request::builder().method(method).uri(url);
         if let Some(token) = &self.token {
-            request = request.header(TOKEN_HEADER, token);
+            request = request.header(TOKEN_HEADER, token.clone());
+        }
+        if let Some(content_type) = content_type {
+            request = request.header(header::CONTENT_TYPE, content_type);
         }
         request
+            .body(Full::new(body))
+            .map_err(|e| BridgeError::InvalidRequest(format!("a request to the sidecar: {e}")))
+    }
+
+    /// Sends a request to `path` of the sidecar API and reads the answer, within `within`.
+    async fn call(
+        &self,
+        what: &str,
+        method: Method,
+        path: &str,
+        json_body: Option<Vec<u8>>,
+        within: Duration,
+    ) -> Result<Answer, BridgeError> {
+        let url = parse_url(&format!("{}{path}", self.base))
+            .map_err(|e| BridgeError::Unavailable(format!("{what}: {e}")))?;
+        let content_type = json_body.is_some().then_some("application/json");
+        let body = json_body.map(Bytes::from).unwrap_or_default();
+        let request = self.request(method, url, content_type, body)?;
+        self.client
+            .send(request, within)
+            .await
+            .map_err(|failure| unreachable(what, failure, within))
     }
 
     /// `GET /v1.0/healthz`: `Ok` when the sidecar answers 2xx.
     pub async fn healthz(&self, within: Duration) -> Result<(), BridgeError> {
-        let response = self
-            .request(reqwest::Method::GET, "/v1.0/healthz")
-            .timeout(within)
-            .send()
-            .await
-            .map_err(|e| unreachable("its health check", &e))?;
-        if response.status().is_success() {
+        let answer = self
+            .call(
+                "its health check",
+                Method::GET,
+                "/v1.0/healthz",
+                None,
+                within,
+            )
+            .await?;
+        if answer.status.is_success() {
             Ok(())
         } else {
             Err(BridgeError::Unavailable(format!(
                 "the Dapr sidecar reports itself unhealthy ({})",
-                response.status()
+                answer.status
             )))
         }
     }
@@ -108,18 +155,17 @@ impl Sidecar {
     /// `GET /v1.0/metadata`: the sidecar's app id. It needs the API token, so a sidecar that
     /// refuses the bridge's token says so here (health checks go without a token).
     pub async fn metadata(&self, within: Duration) -> Result<Metadata, BridgeError> {
-        let response = self
-            .request(reqwest::Method::GET, "/v1.0/metadata")
-            .timeout(within)
-            .send()
-            .await
-            .map_err(|e| unreachable("a metadata request", &e))?;
-        match response.status() {
+        let what = "a metadata request";
+        let answer = self
+            .call(what, Method::GET, "/v1.0/metadata", None, within)
+            .await?;
+        match answer.status {
             s if s.is_success() => {
-                let body: Value = response
-                    .json()
-                    .await
-                    .map_err(|e| unreachable("a metadata request", &e))?;
+                let body: Value = serde_json::from_slice(&answer.body).map_err(|e| {
+                    BridgeError::Unavailable(format!(
+                        "the Dapr sidecar answered {what} with no JSON: {e}"
+                    ))
+                })?;
                 Ok(Metadata::from_json(&body))
             }
             StatusCode::UNAUTHORIZED => Err(BridgeError::Broker(
@@ -140,29 +186,34 @@ impl Sidecar {
         cloudevent: Vec<u8>,
         within: Duration,
     ) -> Result<(), BridgeError> {
-        let response = self
-            .request(
-                reqwest::Method::POST,
-                &format!("/v1.0/publish/{pubsub}/{topic}"),
-            )
-            .header(reqwest::header::CONTENT_TYPE, CLOUDEVENT_CONTENT_TYPE)
-            .body(cloudevent)
-            .timeout(within)
-            .send()
+        let what = "a publish";
+        let url = parse_url(&format!("{}/v1.0/publish/{pubsub}/{topic}", self.base))
+            .map_err(|e| BridgeError::Unavailable(format!("{what}: {e}")))?;
+        let request = self.request(
+            Method::POST,
+            url,
+            Some(CLOUDEVENT_CONTENT_TYPE),
+            Bytes::from(cloudevent),
+        )?;
+        let answer = self
+            .client
+            .send(request, within)
             .await
-            .map_err(|e| unreachable("a publish", &e))?;
-        let status = response.status();
+            .map_err(|failure| unreachable(what, failure, within))?;
+        let status = answer.status;
         if status.is_success() {
             return Ok(());
         }
-        let text = response.text().await.unwrap_or_default();
         Err(match status {
             StatusCode::UNAUTHORIZED => BridgeError::Broker(
                 "the Dapr sidecar refused the API token (dapr-api-token)".into(),
             ),
             StatusCode::NOT_FOUND | StatusCode::BAD_REQUEST => BridgeError::Refused(format!(
                 "pub/sub {pubsub}: {}",
-                text.chars().take(200).collect::<String>()
+                String::from_utf8_lossy(&answer.body)
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
             )),
             _ => BridgeError::Unavailable(format!("the Dapr sidecar failed a publish ({status})")),
         })
@@ -173,40 +224,30 @@ impl Sidecar {
         &self,
         app_id: &str,
         method: &str,
-        body: axum::body::Bytes,
+        body: Bytes,
         within: Duration,
     ) -> Result<Invoked, InvokeFailure> {
-        let url = self.invoke_url(app_id, method).map_err(|e| {
+        let unusable = |e: String| {
             InvokeFailure::Unreachable(BridgeError::Unavailable(format!(
-                "app id `{app_id}` makes no invocation URL: {e}"
+                "app id `{app_id}` makes no invocation request: {e}"
             )))
-        })?;
-        let mut request = self.client.request(reqwest::Method::POST, url);
-        if let Some(token) = &self.token {
-            request = request.header(TOKEN_HEADER, token);
+        };
+        let url = self.invoke_url(app_id, method).map_err(unusable)?;
+        let request = self
+            .request(Method::POST, url, Some("application/json"), body)
+            .map_err(|e| unusable(e.to_string()))?;
+        match self.client.send(request, within).await {
+            Ok(answer) => Ok(Invoked {
+                status: answer.status,
+                body: answer.body,
+            }),
+            Err(Failure::Timeout) => Err(InvokeFailure::Timeout),
+            Err(failure) => Err(InvokeFailure::Unreachable(unreachable(
+                "an invocation",
+                failure,
+                within,
+            ))),
         }
-        let response = request
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .timeout(within)
-            .send()
-            .await
-            .map_err(|e| {
-                if e.is_timeout() {
-                    InvokeFailure::Timeout
-                } else {
-                    InvokeFailure::Unreachable(unreachable("an invocation", &e))
-                }
-            })?;
-        let status = response.status();
-        let body = response.bytes().await.map_err(|e| {
-            if e.is_timeout() {
-                InvokeFailure::Timeout
-            } else {
-                InvokeFailure::Unreachable(unreachable("an invocation", &e))
-            }
-        })?;
-        Ok(Invoked { status, body })
     }
 
     /// `GET /v1.0/state/{store}/{key}`: the value and its ETag, `None` when absent.
@@ -216,13 +257,16 @@ impl Sidecar {
         key: &str,
         within: Duration,
     ) -> Result<Option<(Value, Option<String>)>, BridgeError> {
-        let response = self
-            .request(reqwest::Method::GET, &format!("/v1.0/state/{store}/{key}"))
-            .timeout(within)
-            .send()
-            .await
-            .map_err(|e| unreachable("a state read", &e))?;
-        let status = response.status();
+        let answer = self
+            .call(
+                "a state read",
+                Method::GET,
+                &format!("/v1.0/state/{store}/{key}"),
+                None,
+                within,
+            )
+            .await?;
+        let status = answer.status;
         if status == StatusCode::NO_CONTENT {
             return Ok(None);
         }
@@ -231,19 +275,15 @@ impl Sidecar {
                 "the Dapr state store {store} failed a read ({status})"
             )));
         }
-        let etag = response
-            .headers()
-            .get(reqwest::header::ETAG)
+        let etag = answer
+            .headers
+            .get(header::ETAG)
             .and_then(|v| v.to_str().ok())
             .map(|s| s.trim_matches('"').to_string());
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| unreachable("a state read", &e))?;
-        if bytes.is_empty() {
+        if answer.body.is_empty() {
             return Ok(None);
         }
-        let value = serde_json::from_slice(&bytes)
+        let value = serde_json::from_slice(&answer.body)
             .map_err(|e| BridgeError::Broker(format!("state {key} is not JSON: {e}")))?;
         Ok(Some((value, etag)))
     }
@@ -276,14 +316,18 @@ impl Sidecar {
                 );
             }
         }
-        let response = self
-            .request(reqwest::Method::POST, &format!("/v1.0/state/{store}"))
-            .json(&[item])
-            .timeout(within)
-            .send()
-            .await
-            .map_err(|e| unreachable("a state write", &e))?;
-        match response.status() {
+        let body = serde_json::to_vec(&[item])
+            .map_err(|e| BridgeError::InvalidRequest(format!("state {key}: {e}")))?;
+        let answer = self
+            .call(
+                "a state write",
+                Method::POST,
+                &format!("/v1.0/state/{store}"),
+                Some(body),
+                within,
+            )
+            .await?;
+        match answer.status {
             s if s.is_success() => Ok(true),
             StatusCode::CONFLICT => Ok(false),
             s => Err(BridgeError::Broker(format!(
@@ -291,6 +335,15 @@ impl Sidecar {
             ))),
         }
     }
+}
+
+/// `text` as a URL the client can send to (`http://host:port/path`).
+fn parse_url(text: &str) -> Result<Uri, String> {
+    let url: Uri = text.parse().map_err(|e| format!("`{text}`: {e}"))?;
+    if url.scheme().is_none() || url.host().is_none() {
+        return Err(format!("`{text}` is not an absolute URL"));
+    }
+    Ok(url)
 }
 
 /// What `GET /v1.0/metadata` says about the sidecar.
@@ -368,13 +421,13 @@ mod tests {
             .invoke_url("orders", "purista/command")
             .expect("a URL");
         assert_eq!(
-            first.as_str(),
+            first.to_string(),
             "http://127.0.0.1:3500/v1.0/invoke/orders/method/purista/command"
         );
         assert_eq!(sidecar.invoke_url("orders", "purista/command"), Ok(first));
         let other = sidecar.invoke_url("orders", "echo").expect("a URL");
         assert_eq!(
-            other.as_str(),
+            other.to_string(),
             "http://127.0.0.1:3500/v1.0/invoke/orders/method/echo"
         );
         for i in 0..super::INVOKE_URLS_KEPT + 10 {
