@@ -540,16 +540,16 @@ impl EventBridge for DaprBridge {
             return Err(BridgeError::Unavailable("the bridge is shut down".into()));
         }
         let deadline = kit::deadline_after(ttl);
-        let receiver = kit::check_command(&command)?.clone();
+        let receiver = kit::check_command(&command)?;
+        let label: Arc<str> = endpoint_label(receiver).into();
+        let key = self.endpoint_key(receiver);
         kit::stamp(&mut command, &shared.instance_id);
         kit::correlation_id(&mut command);
         let body = axum::body::Bytes::from(command.encode());
         kit::check_body(body.len(), &self.capabilities.limits)?;
-        let label: Arc<str> = endpoint_label(&receiver).into();
         let _pending = shared.tracker.start(WorkKind::Command, &label);
         let timeout = || BridgeError::Timeout(kit::millis(ttl));
         let left = || deadline.saturating_duration_since(Instant::now());
-        let key = self.endpoint_key(&receiver);
         let correlation = command.correlation_id.clone().unwrap_or_default();
         // An app that answers 404 (it no longer serves the endpoint), 503 (it is shutting
         // down) or that Dapr cannot reach did not run the command: another is tried, with a

@@ -119,7 +119,8 @@ async fn bad_requests_get_clear_statuses_run_no_handler_and_the_server_keeps_ser
         assert!(text.contains("DROP"), "{text}");
     }
     // Oversize bodies are 413 before anything is parsed.
-    let huge = vec![b'x'; 64 * 1024 + 64 * 1024 + 1];
+    let huge_again = || vec![b'x'; 64 * 1024 + 64 * 1024 + 1];
+    let huge = huge_again();
     let (status, _) = post(&client, port, route, Some(APP_TOKEN), ce, huge.clone()).await;
     assert_eq!(status, 413);
     let (status, _) = post(
@@ -132,6 +133,21 @@ async fn bad_requests_get_clear_statuses_run_no_handler_and_the_server_keeps_ser
     )
     .await;
     assert_eq!(status, 413);
+    // Without its length announced (chunked), an oversize body is refused all the same.
+    let chunks =
+        futures::stream::iter((0..3).map(|_| Ok::<_, std::io::Error>(vec![b'x'; 64 * 1024 + 1])));
+    let response = client
+        .post(format!("http://127.0.0.1:{port}/purista/command"))
+        .header("content-type", "application/json")
+        .header("dapr-api-token", APP_TOKEN)
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .expect("the app server answers");
+    assert_eq!(response.status().as_u16(), 413, "a chunked oversize body");
+    // The token is checked before the body: an oversize body without it is 401, not 413.
+    let (status, _) = post(&client, port, route, None, ce, huge_again()).await;
+    assert_eq!(status, 401, "the token comes first");
     // A command that is not a command, or not JSON, is 400.
     let (status, _) = post(
         &client,

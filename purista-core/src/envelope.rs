@@ -534,8 +534,12 @@ impl Envelope {
     }
 
     fn response_skeleton(&self, message_type: MessageType) -> Envelope {
-        let receiver = self.receiver.clone().unwrap_or_default();
-        let mut r = Envelope::new(message_type, SenderAddress::from(&receiver));
+        let sender = self
+            .receiver
+            .as_ref()
+            .map(SenderAddress::from)
+            .unwrap_or_default();
+        let mut r = Envelope::new(message_type, sender);
         r.correlation_id = self.correlation_id.clone();
         r.trace_id = self.trace_id.clone();
         r.principal_id = self.principal_id.clone();
