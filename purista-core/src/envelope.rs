@@ -15,6 +15,7 @@ use crate::error::DecodeError;
 use crate::ids;
 
 mod fast;
+mod scan;
 mod write;
 
 /// Default content type of an envelope payload.

@@ -28,7 +28,11 @@ pub(super) fn decode(bytes: &[u8]) -> Option<Envelope> {
     // One UTF-8 check of the whole text, so that each string is not checked again on its own
     // (what reading from bytes does); text that is not UTF-8 is the careful path's to word.
     let text = std::str::from_utf8(bytes).ok()?;
-    let Fast(envelope) = serde_json::from_str::<Fast>(text).ok()?;
+    // The scanner first (the envelope's usual shape), serde's one pass for what it leaves.
+    let envelope = match super::scan::decode(text) {
+        Some(envelope) => envelope,
+        None => serde_json::from_str::<Fast>(text).ok()?.0,
+    };
     family_rules_hold(&envelope).then_some(envelope)
 }
 
@@ -287,6 +291,13 @@ mod tests {
                 Just(r#"{"payload":{"a":[1,2.5,null]},"parameter":{}}"#.to_string()),
                 Just("null".to_string()),
                 Just("[1]".to_string()),
+                // Numbers of every shape, escaped keys, a repeated key, nesting, whitespace.
+                Just(r#"{"payload":{"n":[-0,1e3,1E+2,0.1,-12,18446744073709551615,18446744073709551616,123456789012345678901234,-9223372036854775809]},"parameter":{}}"#.to_string()),
+                Just(r#"{"payload":{"k\"ey":"\u0041\ud83d\ude80","dup":1,"dup":[2]},"parameter":{ }}"#.to_string()),
+                Just(r#"{ "payload" : [ [ [ ] ] , { "a" : { "b" : { } } } ] , "parameter" : { } }"#.to_string()),
+                Just(r#"{"payload":{"bad":01},"parameter":{}}"#.to_string()),
+                Just(r#"{"payload":{"bad":[1,]},"parameter":{}}"#.to_string()),
+                Just(r#"{"payload":{"bad":tru},"parameter":{}}"#.to_string()),
             ]
             .boxed(),
             "isHandledError" => Just("false".to_string()).boxed(),
@@ -331,8 +342,42 @@ mod tests {
         }
     }
 
+    /// The same text with whitespace after some structural characters (both parsers must
+    /// skip it alike; inside strings it changes the string for both).
+    fn spaced(text: &str, every: usize) -> String {
+        let mut out = String::with_capacity(text.len() * 2);
+        for (i, c) in text.chars().enumerate() {
+            out.push(c);
+            if matches!(c, '{' | ',' | ':' | '[') && i % every == 0 {
+                out.push_str(if i % 2 == 0 { " " } else { "\n\t " });
+            }
+        }
+        out
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        /// Whatever the scanner accepts (and the family rules pass), the careful path accepts
+        /// as the same envelope.
+        #[test]
+        fn the_scanner_agrees_with_the_careful_path(text in envelope_text(), every in 1usize..4) {
+            for text in [text.clone(), spaced(&text, every)] {
+                let careful = Envelope::decode_carefully(text.as_bytes());
+                let scanned = crate::envelope::scan::decode(&text).filter(family_rules_hold);
+                if let Some(scanned) = scanned {
+                    prop_assert!(
+                        matches!(&careful, Ok(c) if *c == scanned),
+                        "the scanner read {text} as {scanned:?}; careful path: {careful:?}"
+                    );
+                }
+                let decoded = Envelope::decode(text.as_bytes());
+                prop_assert!(
+                    same_outcome(&decoded, &careful),
+                    "decode({text}) = {decoded:?}, careful path = {careful:?}"
+                );
+            }
+        }
 
         /// Whatever the fast path accepts, the careful path accepts as the same envelope; and
         /// `decode` answers exactly what the careful path answers, errors included.
@@ -351,6 +396,60 @@ mod tests {
                 same_outcome(&decoded, &careful),
                 "decode({text}) = {decoded:?}, careful path = {careful:?}"
             );
+        }
+    }
+
+    /// The scanner takes what bridges carry every day, escapes in `otp` included (else it
+    /// would be dead weight), and hands on what it does not expect.
+    #[test]
+    fn the_scanner_takes_ordinary_envelopes() {
+        let mut command = Envelope::command(
+            SenderAddress {
+                service_name: "s".into(),
+                service_version: "1".into(),
+                service_target: "t".into(),
+                instance_id: "i".into(),
+            },
+            Address::new("r", "1", "go"),
+            serde_json::json!({"n": 1, "s": "é\"q\""}),
+            serde_json::json!({}),
+        );
+        command.otp = Some(
+            r#"{"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}"#.into(),
+        );
+        let text = String::from_utf8(command.encode()).expect("UTF-8");
+        assert_eq!(crate::envelope::scan::decode(&text), Some(command.clone()));
+        let response = command.success_response(serde_json::Value::Null, Some("done".into()));
+        let text = String::from_utf8(response.encode()).expect("UTF-8");
+        let scanned = crate::envelope::scan::decode(&text).expect("the scanner takes a response");
+        assert!(scanned.payload_is_explicit_null());
+        assert_eq!(scanned, response);
+        // Handed on: an unknown field in an address, an escaped key, a timestamp with a
+        // fraction or a leading zero, a raw control character in a string (not JSON), a
+        // payload nested deeper than the scanner reads.
+        let sender =
+            r#"{"serviceName":"s","serviceVersion":"1","serviceTarget":"t","instanceId":"i"}"#;
+        let nested = format!("{}1{}", "[".repeat(70), "]".repeat(70));
+        for text in [
+            r#"{"id":"1","timestamp":1,"messageType":"infoServiceReady","sender":{"serviceName":"s","serviceVersion":"1","serviceTarget":"t","instanceId":"i","x":1}}"#
+                .to_string(),
+            format!(
+                r#"{{"\u0069d":"1","timestamp":1,"messageType":"infoServiceReady","sender":{sender}}}"#
+            ),
+            format!(
+                r#"{{"id":"1","timestamp":1.0,"messageType":"infoServiceReady","sender":{sender}}}"#
+            ),
+            format!(
+                r#"{{"id":"1","timestamp":01,"messageType":"infoServiceReady","sender":{sender}}}"#
+            ),
+            format!(
+                "{{\"id\":\"a\u{1}b\",\"timestamp\":1,\"messageType\":\"infoServiceReady\",\"sender\":{sender}}}"
+            ),
+            format!(
+                r#"{{"id":"1","timestamp":1,"messageType":"infoServiceReady","sender":{sender},"payload":{nested}}}"#
+            ),
+        ] {
+            assert_eq!(crate::envelope::scan::decode(&text), None, "{text}");
         }
     }
 
