@@ -118,15 +118,23 @@ impl std::fmt::Debug for DaprBridge {
 /// (`/`, `?`, `#`, `%`) are escaped too, the same way (`~` and two hex digits): a
 /// registration key `svc@1/sub` unescaped made the read of a claim a 404.
 pub(crate) fn key_part(raw: &str) -> String {
+    let mut part = String::with_capacity(raw.len());
+    push_key_part(&mut part, raw);
+    part
+}
+
+/// [`key_part`], written at the end of `out`.
+fn push_key_part(out: &mut String, raw: &str) {
     // Most names are letters, digits, `-`, `_` and `.`, which both steps below keep as they
     // are: every invocation computes its endpoint's key, so that case skips them.
     if raw
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     {
-        return raw.to_string();
+        out.push_str(raw);
+    } else {
+        out.push_str(&escaped_key_part(raw));
     }
-    escaped_key_part(raw)
 }
 
 /// [`key_part`] without its shortcut for plain names.
@@ -194,13 +202,22 @@ impl DaprBridge {
     }
 
     fn endpoint_key(&self, address: &Address) -> String {
-        format!(
-            "{}||cmd||{}||{}||{}",
-            self.shared.config.prefix,
-            key_part(&address.service_name),
-            key_part(&address.service_version),
-            key_part(&address.service_target)
-        )
+        let prefix = &self.shared.config.prefix;
+        let parts = [
+            &address.service_name,
+            &address.service_version,
+            &address.service_target,
+        ];
+        let mut key = String::with_capacity(
+            prefix.len() + 7 + parts.iter().map(|p| p.len() + 2).sum::<usize>(),
+        );
+        key.push_str(prefix);
+        key.push_str("||cmd");
+        for part in parts {
+            key.push_str("||");
+            push_key_part(&mut key, part);
+        }
+        key
     }
 
     /// Adds (`add = true`) or removes this app id in the endpoint's list in the state store.

@@ -489,9 +489,21 @@ impl Envelope {
         payload: Value,
         parameter: Value,
     ) -> Self {
+        let mut e = Envelope::untraced_command(sender, receiver, payload, parameter);
+        e.trace_id = Some(ids::new_id());
+        e
+    }
+
+    /// [`Envelope::command`] without a trace id, for a caller that sets the flow's own (no
+    /// random one made up only to be replaced).
+    pub(crate) fn untraced_command(
+        sender: SenderAddress,
+        receiver: Address,
+        payload: Value,
+        parameter: Value,
+    ) -> Self {
         let mut e = Envelope::new(MessageType::Command, sender);
         e.correlation_id = Some(ids::new_id());
-        e.trace_id = Some(ids::new_id());
         e.receiver = Some(receiver);
         let mut body = Map::with_capacity(2);
         body.insert("payload".into(), payload);

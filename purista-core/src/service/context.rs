@@ -240,10 +240,10 @@ impl Context {
         opts: InvokeOptions,
     ) -> Result<Value, CommandError> {
         let shared = &self.shared;
-        let mut cmd = Envelope::command(shared.sender(&self.target), receiver, payload, parameter);
+        // No trace id yet: the flow's, or else the W3C one, is stamped below.
+        let mut cmd =
+            Envelope::untraced_command(shared.sender(&self.target), receiver, payload, parameter);
         let traced = spans::invoke(&shared.site, &self.target, &cmd, self.trace.as_ref());
-        // The flow's trace id, or else the W3C one: not the random one `command` made up.
-        cmd.trace_id = None;
         self.flow.stamp(&mut cmd, &traced.cx);
         if opts.trace_id.is_some() {
             cmd.trace_id = opts.trace_id;
