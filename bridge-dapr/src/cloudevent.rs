@@ -149,8 +149,11 @@ pub fn unwrap(body: &[u8]) -> Result<Delivered, UnwrapError> {
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(not_object());
     }
+    // One UTF-8 check of the whole body, not one per string of it (what reading bytes does).
+    let text = std::str::from_utf8(body)
+        .map_err(|e| UnwrapError::NotCloudEvent(format!("not UTF-8: {e}")))?;
     let event: Incoming<'_> =
-        serde_json::from_slice(body).map_err(|e| UnwrapError::NotCloudEvent(e.to_string()))?;
+        serde_json::from_str(text).map_err(|e| UnwrapError::NotCloudEvent(e.to_string()))?;
     if !event.specversion.as_ref().is_some_and(Value::is_string) {
         return Err(UnwrapError::NotCloudEvent("no specversion".into()));
     }
@@ -263,5 +266,12 @@ mod tests {
             unwrap(br#"{"specversion":"1.0","id":"1","data":7}"#),
             Err(UnwrapError::NotEnvelope(_))
         ));
+        assert!(
+            matches!(
+                unwrap(b"{\"specversion\":\"1.0\",\"id\":\"\xff\"}"),
+                Err(UnwrapError::NotCloudEvent(_))
+            ),
+            "bytes that are not UTF-8"
+        );
     }
 }
