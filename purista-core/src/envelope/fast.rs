@@ -399,17 +399,21 @@ mod tests {
         }
     }
 
+    fn sender() -> SenderAddress {
+        SenderAddress {
+            service_name: "s".into(),
+            service_version: "1".into(),
+            service_target: "t".into(),
+            instance_id: "i".into(),
+        }
+    }
+
     /// The scanner takes what bridges carry every day, escapes in `otp` included (else it
     /// would be dead weight), and hands on what it does not expect.
     #[test]
     fn the_scanner_takes_ordinary_envelopes() {
         let mut command = Envelope::command(
-            SenderAddress {
-                service_name: "s".into(),
-                service_version: "1".into(),
-                service_target: "t".into(),
-                instance_id: "i".into(),
-            },
+            sender(),
             Address::new("r", "1", "go"),
             serde_json::json!({"n": 1, "s": "é\"q\""}),
             serde_json::json!({}),
@@ -457,12 +461,7 @@ mod tests {
     #[test]
     fn the_fast_path_takes_ordinary_envelopes() {
         let command = Envelope::command(
-            SenderAddress {
-                service_name: "s".into(),
-                service_version: "1".into(),
-                service_target: "t".into(),
-                instance_id: "i".into(),
-            },
+            sender(),
             Address::new("r", "1", "go"),
             serde_json::json!({"n": 1}),
             serde_json::json!({}),

@@ -34,25 +34,7 @@ pub(super) fn decode(text: &str) -> Option<Envelope> {
     };
     let mut f = Fields::default();
     c.ws();
-    c.eat(b'{')?;
-    c.ws();
-    if c.peek()? == b'}' {
-        c.pos += 1;
-    } else {
-        loop {
-            let key = c.key()?;
-            c.ws();
-            c.eat(b':')?;
-            c.ws();
-            f.read(key, &mut c)?;
-            c.ws();
-            match c.next()? {
-                b',' => c.ws(),
-                b'}' => break,
-                _ => return None,
-            }
-        }
-    }
+    c.object(|c, key| f.read(key, c))?;
     c.ws();
     if c.pos != c.bytes.len() {
         return None;
@@ -283,36 +265,42 @@ impl<'a> Cursor<'a> {
         Some(n)
     }
 
+    /// An object whose keys have no escapes: `field` reads the value of each key at the
+    /// cursor (and answers `None` for one it does not take).
+    fn object(&mut self, mut field: impl FnMut(&mut Self, &'a str) -> Option<()>) -> Option<()> {
+        self.eat(b'{')?;
+        self.ws();
+        if self.peek()? == b'}' {
+            self.pos += 1;
+            return Some(());
+        }
+        loop {
+            let key = self.key()?;
+            self.ws();
+            self.eat(b':')?;
+            self.ws();
+            field(self, key)?;
+            self.ws();
+            match self.next()? {
+                b',' => self.ws(),
+                b'}' => return Some(()),
+                _ => return None,
+            }
+        }
+    }
+
     /// An address object: the three names as strings, `instanceId` a string, `null` or
     /// absent. Any other key is left to the other paths.
     fn address(&mut self) -> Option<Address> {
         let (mut name, mut version, mut target) = (None, None, None);
         let mut instance: Option<Option<String>> = None;
-        self.eat(b'{')?;
-        self.ws();
-        if self.peek()? == b'}' {
-            self.pos += 1;
-        } else {
-            loop {
-                let key = self.key()?;
-                self.ws();
-                self.eat(b':')?;
-                self.ws();
-                match key {
-                    "serviceName" => once(&mut name, self.string()?)?,
-                    "serviceVersion" => once(&mut version, self.string()?)?,
-                    "serviceTarget" => once(&mut target, self.string()?)?,
-                    "instanceId" => once(&mut instance, self.optional_string()?)?,
-                    _ => return None,
-                }
-                self.ws();
-                match self.next()? {
-                    b',' => self.ws(),
-                    b'}' => break,
-                    _ => return None,
-                }
-            }
-        }
+        self.object(|c, key| match key {
+            "serviceName" => once(&mut name, c.string()?),
+            "serviceVersion" => once(&mut version, c.string()?),
+            "serviceTarget" => once(&mut target, c.string()?),
+            "instanceId" => once(&mut instance, c.optional_string()?),
+            _ => None,
+        })?;
         Some(Address {
             service_name: name?,
             service_version: version?,

@@ -93,26 +93,26 @@ fn strings_len(e: &Envelope) -> usize {
 }
 
 fn sender(out: &mut Vec<u8>, s: &SenderAddress) {
-    out.extend_from_slice(b"{\"serviceName\":");
-    string(out, &s.service_name);
-    out.extend_from_slice(b",\"serviceVersion\":");
-    string(out, &s.service_version);
-    out.extend_from_slice(b",\"serviceTarget\":");
-    string(out, &s.service_target);
-    out.extend_from_slice(b",\"instanceId\":");
-    string(out, &s.instance_id);
+    names(out, &s.service_name, &s.service_version, &s.service_target);
+    optional(out, b",\"instanceId\":", Some(&s.instance_id));
     out.push(b'}');
 }
 
 fn address(out: &mut Vec<u8>, a: &Address) {
-    out.extend_from_slice(b"{\"serviceName\":");
-    string(out, &a.service_name);
-    out.extend_from_slice(b",\"serviceVersion\":");
-    string(out, &a.service_version);
-    out.extend_from_slice(b",\"serviceTarget\":");
-    string(out, &a.service_target);
+    names(out, &a.service_name, &a.service_version, &a.service_target);
     optional(out, b",\"instanceId\":", a.instance_id.as_deref());
     out.push(b'}');
+}
+
+/// An address object's opening and its three names (the instance and the closing brace are
+/// the caller's).
+fn names(out: &mut Vec<u8>, name: &str, version: &str, target: &str) {
+    out.extend_from_slice(b"{\"serviceName\":");
+    string(out, name);
+    out.extend_from_slice(b",\"serviceVersion\":");
+    string(out, version);
+    out.extend_from_slice(b",\"serviceTarget\":");
+    string(out, target);
 }
 
 /// `key` and the string, when there is one (the derived encoding skips `None`).
