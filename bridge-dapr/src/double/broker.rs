@@ -45,8 +45,9 @@ pub(super) struct Handout {
     /// The delivery tag, unique per handout: an acknowledgement of an earlier handout of the
     /// same message (by a sidecar process since gone) does not settle this one.
     pub tag: u64,
-    /// The subscription of the sidecar the message is delivered for.
-    pub subscription: Subscription,
+    /// The subscription of the sidecar the message is delivered for (shared by its
+    /// handouts: a waiting handout costs a pointer, not a copy of the routing rules).
+    pub subscription: Arc<Subscription>,
     /// The CloudEvent.
     pub event: Arc<Event>,
 }
@@ -56,28 +57,28 @@ pub(super) struct Handout {
 struct Message {
     /// Publish order.
     seq: u64,
-    pubsub: String,
-    topic: String,
+    pubsub: Arc<str>,
+    topic: Arc<str>,
     event: Arc<Event>,
 }
 
 impl Message {
     fn is_on(&self, subscription: &Subscription) -> bool {
-        subscription.pubsub == self.pubsub && subscription.topic == self.topic
+        *subscription.pubsub == *self.pubsub && *subscription.topic == *self.topic
     }
 }
 
 /// A subscribed sidecar.
 struct Consumer {
-    group: String,
-    subscriptions: Vec<Subscription>,
+    group: Arc<str>,
+    subscriptions: Vec<Arc<Subscription>>,
     deliveries: UnboundedSender<Handout>,
 }
 
 /// A message handed to a sidecar and not acknowledged yet.
 struct Held {
     consumer: ConsumerId,
-    group: String,
+    group: Arc<str>,
     message: Message,
 }
 
@@ -108,13 +109,13 @@ impl State {
     /// Hands `message` to one sidecar of `group` subscribed to its topic (round robin), or
     /// keeps it for the group when none is.
     fn route(&mut self, group: &str, message: Message) {
-        let candidates: Vec<(ConsumerId, Subscription)> = self
+        let candidates: Vec<(ConsumerId, Arc<str>, Arc<Subscription>)> = self
             .consumers
             .iter()
-            .filter(|(_, c)| c.group == group)
+            .filter(|(_, c)| *c.group == *group)
             .filter_map(|(id, c)| {
                 let subscription = c.subscriptions.iter().find(|s| message.is_on(s))?;
-                Some((*id, subscription.clone()))
+                Some((*id, c.group.clone(), subscription.clone()))
             })
             .collect();
         if candidates.is_empty() {
@@ -122,7 +123,8 @@ impl State {
             return;
         }
         self.round_robin = self.round_robin.wrapping_add(1);
-        let (id, subscription) = candidates[self.round_robin % candidates.len()].clone();
+        let (id, group_name, subscription) =
+            candidates[self.round_robin % candidates.len()].clone();
         let tag = self.next_tag;
         self.next_tag += 1;
         let handout = Handout {
@@ -139,7 +141,7 @@ impl State {
                 tag,
                 Held {
                     consumer: id,
-                    group: group.to_string(),
+                    group: group_name,
                     message,
                 },
             );
@@ -165,8 +167,8 @@ impl Broker {
         state.next_seq += 1;
         let message = Message {
             seq: state.next_seq,
-            pubsub: key.0.clone(),
-            topic: key.1.clone(),
+            pubsub: Arc::from(pubsub),
+            topic: Arc::from(topic),
             event: Arc::new(Event {
                 body: serde_json::to_vec(&event).unwrap_or_default().into(),
             }),
@@ -213,8 +215,8 @@ impl Broker {
         state.consumers.insert(
             id,
             Consumer {
-                group: group.to_string(),
-                subscriptions,
+                group: Arc::from(group),
+                subscriptions: subscriptions.into_iter().map(Arc::new).collect(),
                 deliveries,
             },
         );
@@ -249,14 +251,14 @@ impl Broker {
     /// topic (a test run, a benchmark) would keep every message for apps long gone.
     pub(super) fn forget_if_unused(&self, group: &str) {
         let mut state = self.state.lock();
-        if state.consumers.values().any(|c| c.group == group) {
+        if state.consumers.values().any(|c| *c.group == *group) {
             return;
         }
         for groups in state.groups.values_mut() {
             groups.remove(group);
         }
         state.backlog.remove(group);
-        state.held.retain(|_, h| h.group != group);
+        state.held.retain(|_, h| *h.group != *group);
     }
 
     /// The delivery `tag` is done; an unknown tag (a handout given back since) is ignored.
@@ -278,7 +280,7 @@ impl Broker {
     /// sidecars, or waiting while none of them is subscribed.
     pub(super) fn unacknowledged(&self, group: &str) -> usize {
         let state = self.state.lock();
-        let held = state.held.values().filter(|h| h.group == group).count();
+        let held = state.held.values().filter(|h| *h.group == *group).count();
         held + state.backlog.get(group).map_or(0, BTreeMap::len)
     }
 }
