@@ -268,22 +268,35 @@ impl<'a> Cursor<'a> {
     /// An object whose keys have no escapes: `field` reads the value of each key at the
     /// cursor (and answers `None` for one it does not take).
     fn object(&mut self, mut field: impl FnMut(&mut Self, &'a str) -> Option<()>) -> Option<()> {
-        self.eat(b'{')?;
+        self.sequence(b'{', b'}', |c| {
+            let key = c.key()?;
+            c.ws();
+            c.eat(b':')?;
+            c.ws();
+            field(c, key)
+        })
+    }
+
+    /// `open`, elements separated by commas, `close`: each element read by `element` (the
+    /// one walk of objects and arrays alike).
+    fn sequence(
+        &mut self,
+        open: u8,
+        close: u8,
+        mut element: impl FnMut(&mut Self) -> Option<()>,
+    ) -> Option<()> {
+        self.eat(open)?;
         self.ws();
-        if self.peek()? == b'}' {
+        if self.peek()? == close {
             self.pos += 1;
             return Some(());
         }
         loop {
-            let key = self.key()?;
-            self.ws();
-            self.eat(b':')?;
-            self.ws();
-            field(self, key)?;
+            element(self)?;
             self.ws();
             match self.next()? {
                 b',' => self.ws(),
-                b'}' => return Some(()),
+                b if b == close => return Some(()),
                 _ => return None,
             }
         }
@@ -321,46 +334,26 @@ impl<'a> Cursor<'a> {
             b'"' => self.string().map(Value::String),
             b'{' => {
                 let depth = depth.checked_sub(1)?;
-                self.pos += 1;
-                self.ws();
                 let mut fields = Map::new();
-                if self.peek()? == b'}' {
-                    self.pos += 1;
-                    return Some(Value::Object(fields));
-                }
-                loop {
-                    let key = self.string()?;
-                    self.ws();
-                    self.eat(b':')?;
-                    self.ws();
+                self.sequence(b'{', b'}', |c| {
+                    let key = c.string()?;
+                    c.ws();
+                    c.eat(b':')?;
+                    c.ws();
                     // A repeated key keeps its last value, as serde_json's map does.
-                    fields.insert(key, self.value_within(depth)?);
-                    self.ws();
-                    match self.next()? {
-                        b',' => self.ws(),
-                        b'}' => return Some(Value::Object(fields)),
-                        _ => return None,
-                    }
-                }
+                    fields.insert(key, c.value_within(depth)?);
+                    Some(())
+                })?;
+                Some(Value::Object(fields))
             }
             b'[' => {
                 let depth = depth.checked_sub(1)?;
-                self.pos += 1;
-                self.ws();
                 let mut items = Vec::new();
-                if self.peek()? == b']' {
-                    self.pos += 1;
-                    return Some(Value::Array(items));
-                }
-                loop {
-                    items.push(self.value_within(depth)?);
-                    self.ws();
-                    match self.next()? {
-                        b',' => self.ws(),
-                        b']' => return Some(Value::Array(items)),
-                        _ => return None,
-                    }
-                }
+                self.sequence(b'[', b']', |c| {
+                    items.push(c.value_within(depth)?);
+                    Some(())
+                })?;
+                Some(Value::Array(items))
             }
             b't' if self.literal(b"true") => Some(Value::Bool(true)),
             b'f' if self.literal(b"false") => Some(Value::Bool(false)),
@@ -373,19 +366,19 @@ impl<'a> Cursor<'a> {
     /// A number: a plain non-negative integer that fits a `u64` directly, any other by
     /// serde_json from its characters.
     fn number(&mut self) -> Option<Value> {
+        let number_byte =
+            |b: Option<u8>| matches!(b, Some(b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'));
         let start = self.pos;
-        while matches!(
-            self.peek(),
-            Some(b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
-        ) {
+        if let Some(n) = self.integer()
+            && !number_byte(self.peek())
+        {
+            return Some(Value::from(n));
+        }
+        self.pos = start;
+        while number_byte(self.peek()) {
             self.pos += 1;
         }
         let token = self.text.get(start..self.pos)?;
-        let plain = token.bytes().all(|b| b.is_ascii_digit())
-            && (token.len() == 1 || !token.starts_with('0'));
-        if plain && let Ok(n) = token.parse::<u64>() {
-            return Some(Value::from(n));
-        }
         match serde_json::from_str::<Value>(token).ok()? {
             number @ Value::Number(_) => Some(number),
             _ => None,
