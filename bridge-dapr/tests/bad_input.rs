@@ -119,8 +119,7 @@ async fn bad_requests_get_clear_statuses_run_no_handler_and_the_server_keeps_ser
         assert!(text.contains("DROP"), "{text}");
     }
     // Oversize bodies are 413 before anything is parsed.
-    let huge_again = || vec![b'x'; 64 * 1024 + 64 * 1024 + 1];
-    let huge = huge_again();
+    let huge = vec![b'x'; 64 * 1024 + 64 * 1024 + 1];
     let (status, _) = post(&client, port, route, Some(APP_TOKEN), ce, huge.clone()).await;
     assert_eq!(status, 413);
     let (status, _) = post(
@@ -145,9 +144,6 @@ async fn bad_requests_get_clear_statuses_run_no_handler_and_the_server_keeps_ser
         .await
         .expect("the app server answers");
     assert_eq!(response.status().as_u16(), 413, "a chunked oversize body");
-    // The token is checked before the body: an oversize body without it is 401, not 413.
-    let (status, _) = post(&client, port, route, None, ce, huge_again()).await;
-    assert_eq!(status, 401, "the token comes first");
     // A command that is not a command, or not JSON, is 400.
     let (status, _) = post(
         &client,
